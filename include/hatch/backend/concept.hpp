@@ -1,0 +1,58 @@
+#pragma once
+// The Backend concept: the complete list of primitives a layer may call. A backend is an empty
+// policy type (Cpu, Cpu64, Cuda) with static member functions over raw pointers into its own
+// memory. Matrices are row-major; ld* are leading dimensions (elements between rows).
+// Layers are written once against this list; everything device-specific lives in backend/.
+#include <concepts>
+#include <cstddef>
+#include <cstdint>
+
+namespace hatch {
+
+template <class B>
+concept Backend = requires(typename B::Scalar* y, const typename B::Scalar* x, typename B::Scalar a,
+                           std::size_t n, int i, bool t, std::uint64_t u) {
+  typename B::Scalar;
+  { B::name } -> std::convertible_to<const char*>;
+  // memory
+  { B::allocate(n) } -> std::same_as<typename B::Scalar*>;
+  B::deallocate(y, n);
+  B::upload(y, x, n);
+  B::download(y, x, n);
+  B::copy(y, x, n);
+  B::fill(y, n, a);
+  B::synchronize();
+  // C = alpha op(A) op(B) + beta C, and its two-level strided batched form (outer x inner)
+  B::gemm(t, t, i, i, i, a, x, i, x, i, a, y, i);
+  B::gemm_batched(t, t, i, i, i, a, x, i, n, n, x, i, n, n, a, y, i, n, n, i, i);
+  // elementwise and reductions
+  B::axpy(y, a, x, n);                       // y += a x
+  B::add(y, x, x, n);                        // y = x1 + x2
+  B::mul(y, x, x, n);                        // y = x1 * x2
+  B::scale(y, a, n);                         // y *= a
+  B::add_bias_rows(y, x, i, i);              // y[r, c] += b[c]
+  B::sum_rows(y, x, i, i, i, a);             // y[c] = a y[c] + sum_r x[r, c] (rows at stride ld)
+  B::copy_2d(y, i, x, i, i, i);              // rows x cols block copy; ld_src 0 broadcasts one row
+  B::scale_rows(y, x, x, i, i);              // y[r, c] = x[r, c] * s[r]
+  { B::sum_squares(x, n) } -> std::convertible_to<double>;
+  { B::all_finite(x, n) } -> std::convertible_to<bool>;
+  // activations, normalisation, softmax
+  B::gelu_forward(y, x, n);
+  B::gelu_backward(y, x, x, n);              // dx = dy * gelu'(x)
+  B::layer_norm_forward(y, y, y, x, x, x, i, i, a);   // y, mean, rstd <- x, gamma, beta
+  B::layer_norm_backward(y, y, y, x, x, x, x, x, i, i);  // dx, dgamma, dbeta (nullable) <- dy, x, mean, rstd, gamma
+  B::softmax_forward(y, x, i, i, a);         // y = softmax(a x) per row
+  B::softmax_backward(y, x, x, i, i, a);     // dx = a * y * (dy - sum(dy y))
+  // random masks: mask[j] = keep ? 1/keep_prob : 0, a counter-based hash of (seed, offset + j),
+  // so every backend draws the same mask for the same seed
+  B::bernoulli_mask(y, n, a, u, u);
+  // patch embedding: images (B, C, H, W) <-> patches (B, H/p * W/p, C p p)
+  B::im2patch(y, x, i, i, i, i, i);
+  B::patch2im(y, x, i, i, i, i, i);
+  // losses over logits (rows x classes): returns the summed loss, writes dlogits = scale * grad
+  { B::softmax_cross_entropy(y, x, x, i, i, a) } -> std::convertible_to<double>;
+  // AdamW step on n values
+  B::adamw_update(y, y, y, x, n, a, a, a, a, a, a, a);
+};
+
+}  // namespace hatch

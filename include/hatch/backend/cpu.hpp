@@ -1,0 +1,323 @@
+#pragma once
+// The Cpu backend policy: Eigen 3.4 for GEMMs, OpenMP for everything else. Cpu trains in
+// float32; Cpu64 is the same code in double precision, for finite-difference gradient checks.
+#include <omp.h>
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+
+#include "hatch/backend/concept.hpp"
+#include "hatch/backend/random.hpp"
+
+namespace hatch {
+
+namespace detail {
+// Loops with fewer elements than this run on one thread: a parallel region costs microseconds.
+inline constexpr std::int64_t kParallelGrain = 1 << 15;
+}  // namespace detail
+
+template <class T>
+struct CpuBackend {
+  using Scalar = T;
+  static constexpr const char* name = std::is_same_v<T, float> ? "cpu" : "cpu64";
+
+  // ---- memory ------------------------------------------------------------------------------
+  // Counts allocations so tests can prove a steady-state step allocates nothing.
+  static std::atomic<std::int64_t>& allocation_count() {
+    static std::atomic<std::int64_t> c{0};
+    return c;
+  }
+  static T* allocate(std::size_t n) {
+    ++allocation_count();
+    const std::size_t bytes = ((n * sizeof(T) + 63) / 64) * 64;
+    void* p = std::aligned_alloc(64, bytes ? bytes : 64);
+    if (!p) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  static void deallocate(T* p, std::size_t) { std::free(p); }
+  static void upload(T* dst, const T* src, std::size_t n) { std::memcpy(dst, src, n * sizeof(T)); }
+  static void download(T* dst, const T* src, std::size_t n) { std::memcpy(dst, src, n * sizeof(T)); }
+  static void copy(T* dst, const T* src, std::size_t n) { std::memcpy(dst, src, n * sizeof(T)); }
+  static void fill(T* y, std::size_t n, T v) { std::fill(y, y + n, v); }
+  static void synchronize() {}
+
+  // ---- GEMM --------------------------------------------------------------------------------
+  using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using MapC = Eigen::Map<const Mat, Eigen::Unaligned, Eigen::OuterStride<>>;
+  using MapM = Eigen::Map<Mat, Eigen::Unaligned, Eigen::OuterStride<>>;
+
+  // Row-major C(m x n) = alpha op(A) op(B) + beta C. Eigen threads this GEMM through OpenMP,
+  // and runs it single-threaded when called inside a parallel region.
+  static void gemm(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b,
+                   int ldb, T beta, T* c, int ldc) {
+    MapC A(a, ta ? k : m, ta ? m : k, Eigen::OuterStride<>(lda));
+    MapC Bm(b, tb ? n : k, tb ? k : n, Eigen::OuterStride<>(ldb));
+    MapM C(c, m, n, Eigen::OuterStride<>(ldc));
+    if (beta == T(0))
+      C.setZero();
+    else if (beta != T(1))
+      C *= beta;
+    if (!ta && !tb) C.noalias() += alpha * A * Bm;
+    else if (ta && !tb) C.noalias() += alpha * A.transpose() * Bm;
+    else if (!ta && tb) C.noalias() += alpha * A * Bm.transpose();
+    else C.noalias() += alpha * A.transpose() * Bm.transpose();
+  }
+
+  // outer x inner independent GEMMs; matrix (o, i) of X starts at x + o * sx_outer + i * sx_inner.
+  // Attention uses the two levels as (batch, head) and reads heads in place from the fused qkv
+  // buffer, so no permute is ever materialised.
+  static void gemm_batched(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda,
+                           std::size_t sa_outer, std::size_t sa_inner, const T* b, int ldb,
+                           std::size_t sb_outer, std::size_t sb_inner, T beta, T* c, int ldc,
+                           std::size_t sc_outer, std::size_t sc_inner, int outer, int inner) {
+    const int total = outer * inner;
+#pragma omp parallel for schedule(static) if (total > 1 && std::int64_t(m) * n * k * total > detail::kParallelGrain)
+    for (int j = 0; j < total; ++j) {
+      const int o = j / inner, i = j % inner;
+      gemm(ta, tb, m, n, k, alpha, a + o * sa_outer + i * sa_inner, lda, b + o * sb_outer + i * sb_inner,
+           ldb, beta, c + o * sc_outer + i * sc_inner, ldc);
+    }
+  }
+
+  // ---- elementwise and reductions ----------------------------------------------------------
+  template <class F>
+  static void parallel_for(std::int64_t n, F&& f) {
+#pragma omp parallel for schedule(static) if (n > detail::kParallelGrain)
+    for (std::int64_t j = 0; j < n; ++j) f(j);
+  }
+  template <class F>
+  static void parallel_rows(std::int64_t rows, std::int64_t cols, F&& f) {
+#pragma omp parallel for schedule(static) if (rows > 1 && rows * cols > detail::kParallelGrain)
+    for (std::int64_t r = 0; r < rows; ++r) f(r);
+  }
+
+  static void axpy(T* y, T a, const T* x, std::size_t n) {
+    parallel_for(n, [&](std::int64_t j) { y[j] += a * x[j]; });
+  }
+  static void add(T* y, const T* a, const T* b, std::size_t n) {
+    parallel_for(n, [&](std::int64_t j) { y[j] = a[j] + b[j]; });
+  }
+  static void mul(T* y, const T* a, const T* b, std::size_t n) {
+    parallel_for(n, [&](std::int64_t j) { y[j] = a[j] * b[j]; });
+  }
+  static void scale(T* y, T a, std::size_t n) {
+    parallel_for(n, [&](std::int64_t j) { y[j] *= a; });
+  }
+  static void add_bias_rows(T* y, const T* bias, int rows, int cols) {
+    parallel_rows(rows, cols, [&](std::int64_t r) {
+      T* yr = y + r * cols;
+      for (int c = 0; c < cols; ++c) yr[c] += bias[c];
+    });
+  }
+  static void sum_rows(T* out, const T* x, int rows, int cols, int ld, T beta) {
+    // Columns are split across threads so that each thread owns its outputs.
+    const int nt = (std::int64_t(rows) * cols > detail::kParallelGrain) ? omp_get_max_threads() : 1;
+#pragma omp parallel num_threads(nt)
+    {
+      const int t = omp_get_thread_num(), nth = omp_get_num_threads();
+      const int c0 = int(std::int64_t(cols) * t / nth), c1 = int(std::int64_t(cols) * (t + 1) / nth);
+      for (int c = c0; c < c1; ++c) out[c] = beta == T(0) ? T(0) : out[c] * beta;
+      for (int r = 0; r < rows; ++r) {
+        const T* xr = x + std::int64_t(r) * ld;
+        for (int c = c0; c < c1; ++c) out[c] += xr[c];
+      }
+    }
+  }
+  static void copy_2d(T* dst, int ld_dst, const T* src, int ld_src, int rows, int cols) {
+    parallel_rows(rows, cols, [&](std::int64_t r) {
+      std::memcpy(dst + r * ld_dst, src + r * ld_src, sizeof(T) * cols);
+    });
+  }
+  static void scale_rows(T* y, const T* x, const T* s, int rows, int cols) {
+    parallel_rows(rows, cols, [&](std::int64_t r) {
+      const T sr = s[r];
+      for (int c = 0; c < cols; ++c) y[r * cols + c] = x[r * cols + c] * sr;
+    });
+  }
+  static double sum_squares(const T* x, std::size_t n) {
+    double s = 0;
+#pragma omp parallel for reduction(+ : s) if (n > std::size_t(detail::kParallelGrain))
+    for (std::int64_t j = 0; j < std::int64_t(n); ++j) s += double(x[j]) * double(x[j]);
+    return s;
+  }
+  static bool all_finite(const T* x, std::size_t n) {
+    int bad = 0;
+#pragma omp parallel for reduction(+ : bad) if (n > std::size_t(detail::kParallelGrain))
+    for (std::int64_t j = 0; j < std::int64_t(n); ++j) bad += !std::isfinite(x[j]);
+    return bad == 0;
+  }
+
+  // ---- activations, normalisation, softmax -------------------------------------------------
+  static void gelu_forward(T* y, const T* x, std::size_t n) {
+    parallel_for(n, [&](std::int64_t j) {
+      const T v = x[j];
+      y[j] = T(0.5) * v * (T(1) + std::erf(v * T(M_SQRT1_2)));
+    });
+  }
+  static void gelu_backward(T* dx, const T* dy, const T* x, std::size_t n) {
+    parallel_for(n, [&](std::int64_t j) {
+      const T v = x[j];
+      const T cdf = T(0.5) * (T(1) + std::erf(v * T(M_SQRT1_2)));
+      const T pdf = std::exp(T(-0.5) * v * v) * T(0.3989422804014327);
+      dx[j] = dy[j] * (cdf + v * pdf);
+    });
+  }
+  static void layer_norm_forward(T* y, T* mean, T* rstd, const T* x, const T* gamma, const T* beta,
+                                 int rows, int cols, T eps) {
+    parallel_rows(rows, cols, [&](std::int64_t r) {
+      const T* xr = x + r * cols;
+      T* yr = y + r * cols;
+      T mu = 0;
+      for (int c = 0; c < cols; ++c) mu += xr[c];
+      mu /= cols;
+      T var = 0;
+      for (int c = 0; c < cols; ++c) var += (xr[c] - mu) * (xr[c] - mu);
+      const T rs = T(1) / std::sqrt(var / cols + eps);
+      mean[r] = mu;
+      rstd[r] = rs;
+      for (int c = 0; c < cols; ++c) yr[c] = (xr[c] - mu) * rs * gamma[c] + beta[c];
+    });
+  }
+  // dgamma/dbeta (accumulated) may be null when the parameters are frozen.
+  static void layer_norm_backward(T* dx, T* dgamma, T* dbeta, const T* dy, const T* x, const T* mean,
+                                  const T* rstd, const T* gamma, int rows, int cols) {
+    if (dx)
+      parallel_rows(rows, cols, [&](std::int64_t r) {
+        const T* xr = x + r * cols;
+        const T* dyr = dy + r * cols;
+        T* dxr = dx + r * cols;
+        const T mu = mean[r], rs = rstd[r];
+        T s1 = 0, s2 = 0;  // mean of g and of g * xhat, with g = dy * gamma
+        for (int c = 0; c < cols; ++c) {
+          const T g = dyr[c] * gamma[c];
+          s1 += g;
+          s2 += g * (xr[c] - mu) * rs;
+        }
+        s1 /= cols;
+        s2 /= cols;
+        for (int c = 0; c < cols; ++c) {
+          const T xh = (xr[c] - mu) * rs;
+          dxr[c] = rs * (dyr[c] * gamma[c] - s1 - xh * s2);
+        }
+      });
+    if (dgamma) {
+      const int nt = (std::int64_t(rows) * cols > detail::kParallelGrain) ? omp_get_max_threads() : 1;
+#pragma omp parallel num_threads(nt)
+      {
+        const int t = omp_get_thread_num(), nth = omp_get_num_threads();
+        const int c0 = int(std::int64_t(cols) * t / nth), c1 = int(std::int64_t(cols) * (t + 1) / nth);
+        for (int r = 0; r < rows; ++r) {
+          const T* xr = x + std::int64_t(r) * cols;
+          const T* dyr = dy + std::int64_t(r) * cols;
+          const T mu = mean[r], rs = rstd[r];
+          for (int c = c0; c < c1; ++c) {
+            dgamma[c] += dyr[c] * (xr[c] - mu) * rs;
+            dbeta[c] += dyr[c];
+          }
+        }
+      }
+    }
+  }
+  static void softmax_forward(T* y, const T* x, int rows, int cols, T scale) {
+    parallel_rows(rows, cols, [&](std::int64_t r) {
+      const T* xr = x + r * cols;
+      T* yr = y + r * cols;
+      T mx = xr[0];
+      for (int c = 1; c < cols; ++c) mx = std::max(mx, xr[c]);
+      T s = 0;
+      for (int c = 0; c < cols; ++c) s += (yr[c] = std::exp(scale * (xr[c] - mx)));
+      const T inv = T(1) / s;
+      for (int c = 0; c < cols; ++c) yr[c] *= inv;
+    });
+  }
+  static void softmax_backward(T* dx, const T* dy, const T* y, int rows, int cols, T scale) {
+    parallel_rows(rows, cols, [&](std::int64_t r) {
+      const T* yr = y + r * cols;
+      const T* dyr = dy + r * cols;
+      T* dxr = dx + r * cols;
+      T dot = 0;
+      for (int c = 0; c < cols; ++c) dot += dyr[c] * yr[c];
+      for (int c = 0; c < cols; ++c) dxr[c] = scale * yr[c] * (dyr[c] - dot);
+    });
+  }
+
+  static void bernoulli_mask(T* mask, std::size_t n, T keep_prob, std::uint64_t seed, std::uint64_t offset) {
+    const T inv = T(1) / keep_prob;
+    parallel_for(n, [&](std::int64_t j) {
+      mask[j] = uniform01(seed, offset + std::uint64_t(j)) < double(keep_prob) ? inv : T(0);
+    });
+  }
+
+  // ---- patch embedding ---------------------------------------------------------------------
+  // patch vector index = (c * p + ky) * p + kx, the layout of a Conv2d weight (D, C, p, p).
+  static void im2patch(T* patches, const T* img, int batch, int ch, int h, int w, int p) {
+    const int gh = h / p, gw = w / p, pd = ch * p * p;
+    parallel_rows(std::int64_t(batch) * gh * gw, pd, [&](std::int64_t r) {
+      const int b = int(r / (gh * gw)), g = int(r % (gh * gw)), py = g / gw, px = g % gw;
+      T* out = patches + r * pd;
+      for (int c = 0; c < ch; ++c)
+        for (int ky = 0; ky < p; ++ky)
+          std::memcpy(out + (c * p + ky) * p,
+                      img + ((std::int64_t(b) * ch + c) * h + py * p + ky) * w + px * p, sizeof(T) * p);
+    });
+  }
+  static void patch2im(T* img, const T* patches, int batch, int ch, int h, int w, int p) {
+    const int gh = h / p, gw = w / p, pd = ch * p * p;
+    // Non-overlapping patches: each pixel is written by exactly one patch (rest stays zero).
+    std::fill(img, img + std::int64_t(batch) * ch * h * w, T(0));
+    parallel_rows(std::int64_t(batch) * gh * gw, pd, [&](std::int64_t r) {
+      const int b = int(r / (gh * gw)), g = int(r % (gh * gw)), py = g / gw, px = g % gw;
+      const T* in = patches + r * pd;
+      for (int c = 0; c < ch; ++c)
+        for (int ky = 0; ky < p; ++ky)
+          std::memcpy(img + ((std::int64_t(b) * ch + c) * h + py * p + ky) * w + px * p,
+                      in + (c * p + ky) * p, sizeof(T) * p);
+    });
+  }
+
+  // ---- loss and optimizer --------------------------------------------------------------------
+  // Soft-target cross-entropy: returns sum_r -sum_c t log softmax(z); dz = scale (softmax(z) - t)
+  // (targets summing to one per row).
+  static double softmax_cross_entropy(T* dz, const T* z, const T* t, int rows, int cols, T scale) {
+    double total = 0;
+    for (int r = 0; r < rows; ++r) {
+      const T* zr = z + std::int64_t(r) * cols;
+      const T* tr = t + std::int64_t(r) * cols;
+      T mx = zr[0];
+      for (int c = 1; c < cols; ++c) mx = std::max(mx, zr[c]);
+      double s = 0;
+      for (int c = 0; c < cols; ++c) s += std::exp(double(zr[c] - mx));
+      const double lse = std::log(s) + mx;
+      double tsum = 0;
+      for (int c = 0; c < cols; ++c) {
+        total -= double(tr[c]) * (double(zr[c]) - lse);
+        tsum += tr[c];
+      }
+      if (dz)
+        for (int c = 0; c < cols; ++c)
+          dz[std::int64_t(r) * cols + c] = scale * T(std::exp(double(zr[c]) - lse) * tsum - tr[c]);
+    }
+    return total;
+  }
+  static void adamw_update(T* w, T* m, T* v, const T* g, std::size_t n, T lr, T beta1, T beta2, T eps,
+                           T weight_decay, T bias_corr1, T bias_corr2) {
+    parallel_for(n, [&](std::int64_t j) {
+      w[j] -= lr * weight_decay * w[j];
+      m[j] = beta1 * m[j] + (T(1) - beta1) * g[j];
+      v[j] = beta2 * v[j] + (T(1) - beta2) * g[j] * g[j];
+      w[j] -= lr * (m[j] / bias_corr1) / (std::sqrt(v[j] / bias_corr2) + eps);
+    });
+  }
+};
+
+using Cpu = CpuBackend<float>;
+using Cpu64 = CpuBackend<double>;
+static_assert(Backend<Cpu> && Backend<Cpu64>);
+
+}  // namespace hatch

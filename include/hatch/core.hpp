@@ -1,0 +1,16 @@
+#pragma once
+// Everything that does not depend on a particular backend.
+#include "hatch/backend/concept.hpp"
+#include "hatch/compose/sequential.hpp"
+#include "hatch/compose/stages.hpp"
+#include "hatch/core/error.hpp"
+#include "hatch/core/parameter.hpp"
+#include "hatch/layers/activation.hpp"
+#include "hatch/layers/attention.hpp"
+#include "hatch/layers/block.hpp"
+#include "hatch/layers/embed.hpp"
+#include "hatch/layers/head.hpp"
+#include "hatch/layers/linear.hpp"
+#include "hatch/layers/norm.hpp"
+#include "hatch/models/vit.hpp"
+#include "hatch/tensor.hpp"

@@ -1,0 +1,147 @@
+#pragma once
+// Fashion-MNIST as a normalised in-memory Dataset, plus deterministic subsets of it.
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "hatch/core/error.hpp"
+#include "hatch/data/idx.hpp"
+
+namespace hatch::data {
+
+inline constexpr const char* kFashionMnistDir = "/usr/share/datasets/fashion-mnist";
+// The statistics the PyTorch reference normalises with, so both see the same inputs.
+inline constexpr float kFashionMnistMean = 0.2860f;
+inline constexpr float kFashionMnistStd = 0.3530f;
+// A black pixel after normalisation: what zero padding must be to look like the background.
+inline constexpr float kFashionMnistBlack = (0.0f - kFashionMnistMean) / kFashionMnistStd;
+
+struct Dataset {
+  int n = 0, channels = 1, height = 0, width = 0, classes = 10;
+  std::vector<float> images;  // n*C*H*W, normalised
+  std::vector<int> labels;    // n, each in [0, classes)
+
+  std::size_t sample_size() const {
+    return static_cast<std::size_t>(channels) * height * width;
+  }
+};
+
+namespace detail {
+
+// mt19937_64 and seed_seq are fully specified by the standard, unlike std::shuffle and the
+// integer distributions, so these give the same streams with every standard library.
+inline std::mt19937_64 make_rng(std::uint64_t seed, std::uint64_t a = 0, std::uint64_t b = 0) {
+  std::seed_seq seq{static_cast<std::uint32_t>(seed), static_cast<std::uint32_t>(seed >> 32),
+                    static_cast<std::uint32_t>(a),    static_cast<std::uint32_t>(a >> 32),
+                    static_cast<std::uint32_t>(b),    static_cast<std::uint32_t>(b >> 32)};
+  return std::mt19937_64(seq);
+}
+
+// Unbiased integer in [0, n) by rejection.
+inline std::uint64_t uniform_below(std::mt19937_64& rng, std::uint64_t n) {
+  const std::uint64_t limit = UINT64_MAX - UINT64_MAX % n;
+  std::uint64_t r;
+  do r = rng();
+  while (r >= limit);
+  return r % n;
+}
+
+inline double uniform01(std::mt19937_64& rng) { return static_cast<double>(rng() >> 11) * 0x1.0p-53; }
+
+inline void shuffle(std::vector<int>& v, std::mt19937_64& rng) {
+  for (std::size_t i = v.size(); i > 1; --i) std::swap(v[i - 1], v[uniform_below(rng, i)]);
+}
+
+inline std::filesystem::path find_idx(const std::filesystem::path& dir, const std::string& stem) {
+  for (const auto& file : {stem + ".gz", stem})
+    if (std::filesystem::exists(dir / file)) return dir / file;
+  throw Error((dir / (stem + ".gz")).string() + ": no such file (nor " + stem +
+              " without .gz); expected the Fashion-MNIST IDX files in " + dir.string());
+}
+
+inline Dataset gather(const Dataset& d, const std::vector<int>& indices) {
+  Dataset out{.n = static_cast<int>(indices.size()), .channels = d.channels,
+              .height = d.height, .width = d.width, .classes = d.classes};
+  const std::size_t s = d.sample_size();
+  out.images.resize(indices.size() * s);
+  out.labels.resize(indices.size());
+  for (std::size_t i = 0; i < indices.size(); ++i) {
+    std::copy_n(d.images.begin() + indices[i] * s, s, out.images.begin() + i * s);
+    out.labels[i] = d.labels[indices[i]];
+  }
+  return out;
+}
+
+}  // namespace detail
+
+// Reads <dir>/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]. limit > 0 keeps the first
+// `limit` samples (all of them if there are fewer).
+inline Dataset load_fashion_mnist(const std::filesystem::path& dir = kFashionMnistDir,
+                                  bool train = true, int limit = 0) {
+  const std::string prefix = train ? "train" : "t10k";
+  const auto images_path = detail::find_idx(dir, prefix + "-images-idx3-ubyte");
+  const auto labels_path = detail::find_idx(dir, prefix + "-labels-idx1-ubyte");
+  require(limit >= 0, "load_fashion_mnist",
+          "limit is " + std::to_string(limit) + ", expected >= 0 (0 = all samples)");
+
+  const IdxArray images = read_idx(images_path);
+  const IdxArray labels = read_idx(labels_path);
+  require(images.dims.size() == 3, images_path.string(),
+          "expected 3 dimensions (count x height x width), header has " +
+              std::to_string(images.dims.size()));
+  require(labels.dims.size() == 1, labels_path.string(),
+          "expected 1 dimension (count), header has " + std::to_string(labels.dims.size()));
+  require(images.dims[0] == labels.dims[0], images_path.string(),
+          "has " + std::to_string(images.dims[0]) + " images but " + labels_path.string() +
+              " has " + std::to_string(labels.dims[0]) + " labels; the counts must agree");
+
+  Dataset d{.n = images.dims[0], .channels = 1, .height = images.dims[1],
+            .width = images.dims[2], .classes = 10};
+  for (int i = 0; i < d.n; ++i)
+    require(labels.data[i] < d.classes, labels_path.string(),
+            "label " + std::to_string(labels.data[i]) + " at index " + std::to_string(i) +
+                " is outside [0, " + std::to_string(d.classes) + ")");
+  if (limit > 0) d.n = std::min(d.n, limit);
+
+  std::array<float, 256> lut;
+  for (int v = 0; v < 256; ++v) lut[v] = (v / 255.0f - kFashionMnistMean) / kFashionMnistStd;
+  const std::size_t count = d.n * d.sample_size();
+  d.images.resize(count);
+  std::transform(images.data.begin(), images.data.begin() + count, d.images.begin(),
+                 [&](std::uint8_t v) { return lut[v]; });
+  d.labels.assign(labels.data.begin(), labels.data.begin() + d.n);
+  return d;
+}
+
+// Samples [first, first + count) in order.
+inline Dataset subset(const Dataset& d, int first, int count) {
+  require(first >= 0 && count >= 0 && first <= d.n - count, "subset",
+          "samples [" + std::to_string(first) + ", " +
+              std::to_string(std::int64_t{first} + count) + ") do not lie within the " +
+              std::to_string(d.n) + " samples of the dataset");
+  std::vector<int> indices(count);
+  for (int i = 0; i < count; ++i) indices[i] = first + i;
+  return detail::gather(d, indices);
+}
+
+// round(frac * n) samples (at least one) chosen by a shuffle seeded with `seed`, kept in
+// their original order so that e.g. "25% of the training set" is the same set everywhere.
+inline Dataset fraction(const Dataset& d, double frac, std::uint64_t seed) {
+  require(frac > 0 && frac <= 1, "fraction",
+          "fraction is " + std::to_string(frac) + ", expected a value in (0, 1]");
+  const int count = d.n == 0 ? 0 : std::clamp(static_cast<int>(std::llround(frac * d.n)), 1, d.n);
+  std::vector<int> indices(d.n);
+  for (int i = 0; i < d.n; ++i) indices[i] = i;
+  auto rng = detail::make_rng(seed);
+  detail::shuffle(indices, rng);
+  indices.resize(count);
+  std::sort(indices.begin(), indices.end());
+  return detail::gather(d, indices);
+}
+
+}  // namespace hatch::data

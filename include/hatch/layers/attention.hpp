@@ -1,0 +1,91 @@
+#pragma once
+// Multi-head self-attention with a fused qkv projection (timm's Attention).
+// Heads are read in place from the (B, N, 3, H, dh) qkv buffer and written in place into the
+// (B, N, H, dh) output: the two-level batched GEMM makes every permute unnecessary.
+#include <cmath>
+#include <string>
+
+#include "hatch/layers/linear.hpp"
+
+namespace hatch {
+
+template <Backend B, int D, int Heads, bool QkvBias = true>
+class AttentionLayer {
+  static_assert(D % Heads == 0, "hatch::Attention: the width must be divisible by the number of heads");
+
+ public:
+  using backend = B;
+  using T = typename B::Scalar;
+  static constexpr int in = D, out = D, head_dim = D / Heads;
+
+  void reset_parameters(Initializer& init) {
+    qkv.reset_parameters(init);
+    proj.reset_parameters(init);
+  }
+
+  const Tensor<B>& forward(const Tensor<B>& x, Context& ctx) {
+    require(x.shape().rank == 3, "Attention", "expected tokens (batch, tokens, width), got " + x.shape().str());
+    batch_ = int(x.dim(0));
+    n_ = int(x.dim(1));
+    const Tensor<B>& q = qkv.forward(x, ctx);
+    const T* base = q.data();
+    probs_.resize({batch_, Heads, n_, n_});
+    heads_.resize(x.shape());
+    const std::size_t sx = std::size_t(n_) * 3 * D, sp = std::size_t(n_) * n_, so = std::size_t(n_) * D;
+    // scores = Q K^T (scaled inside the softmax)
+    B::gemm_batched(false, true, n_, n_, head_dim, T(1), base, 3 * D, sx, head_dim, base + D, 3 * D, sx,
+                    head_dim, T(0), probs_.data(), n_, Heads * sp, sp, batch_, Heads);
+    B::softmax_forward(probs_.data(), probs_.data(), batch_ * Heads * n_, n_, scale());
+    B::gemm_batched(false, false, n_, head_dim, n_, T(1), probs_.data(), n_, Heads * sp, sp, base + 2 * D,
+                    3 * D, sx, head_dim, T(0), heads_.data(), D, so, head_dim, batch_, Heads);
+    return proj.forward(heads_, ctx);
+  }
+
+  const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
+    const bool outer = ctx.input_grad;
+    ctx.input_grad = true;
+    const Tensor<B>& dheads = proj.backward(dy, ctx);
+    const T* base = qkv_out().data();
+    dprobs_.resize(probs_.shape());
+    dqkv_.resize({batch_, n_, 3 * D});
+    const std::size_t sx = std::size_t(n_) * 3 * D, sp = std::size_t(n_) * n_, so = std::size_t(n_) * D;
+    // dP = dO V^T ; dV = P^T dO
+    B::gemm_batched(false, true, n_, n_, head_dim, T(1), dheads.data(), D, so, head_dim, base + 2 * D, 3 * D,
+                    sx, head_dim, T(0), dprobs_.data(), n_, Heads * sp, sp, batch_, Heads);
+    B::gemm_batched(true, false, n_, head_dim, n_, T(1), probs_.data(), n_, Heads * sp, sp, dheads.data(), D,
+                    so, head_dim, T(0), dqkv_.data() + 2 * D, 3 * D, sx, head_dim, batch_, Heads);
+    B::softmax_backward(dprobs_.data(), dprobs_.data(), probs_.data(), batch_ * Heads * n_, n_, scale());
+    // dQ = dS K ; dK = dS^T Q
+    B::gemm_batched(false, false, n_, head_dim, n_, T(1), dprobs_.data(), n_, Heads * sp, sp, base + D, 3 * D,
+                    sx, head_dim, T(0), dqkv_.data(), 3 * D, sx, head_dim, batch_, Heads);
+    B::gemm_batched(true, false, n_, head_dim, n_, T(1), dprobs_.data(), n_, Heads * sp, sp, base, 3 * D, sx,
+                    head_dim, T(0), dqkv_.data() + D, 3 * D, sx, head_dim, batch_, Heads);
+    ctx.input_grad = outer;
+    return qkv.backward(dqkv_, ctx);
+  }
+
+  template <class F>
+  void visit(F&& f, const std::string& prefix) {
+    qkv.visit(f, prefix + "qkv.");
+    proj.visit(f, prefix + "proj.");
+  }
+  template <class F>
+  void for_each_layer(F&& f) { f(*this); }
+
+  LinearLayer<B, D, 3 * D, QkvBias> qkv;
+  LinearLayer<B, D, D> proj;
+
+ private:
+  static T scale() { return T(1) / std::sqrt(T(head_dim)); }
+  const Tensor<B>& qkv_out() const { return qkv.output(); }  // forward's q, k, v, kept by qkv
+  int batch_ = 0, n_ = 0;
+  Tensor<B> probs_, heads_, dprobs_, dqkv_;
+};
+
+template <int D, int Heads, bool QkvBias = true>
+struct Attention {
+  static constexpr int in = D, out = D;
+  template <Backend B> using bind = AttentionLayer<B, D, Heads, QkvBias>;
+};
+
+}  // namespace hatch

@@ -1,0 +1,138 @@
+#pragma once
+// Tensor<B>: a dense, row-major array in the memory of backend B (host memory for Cpu, device
+// memory for Cuda). Layers never touch elements: they pass data() to B's primitives. A tensor
+// owns a buffer that only grows, so re-shaping to the same or a smaller size in a steady-state
+// training step allocates nothing.
+#include <algorithm>
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <initializer_list>
+#include <span>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "hatch/backend/concept.hpp"
+#include "hatch/core/error.hpp"
+
+namespace hatch {
+
+struct Shape {
+  static constexpr int kMaxRank = 5;
+  std::array<std::int64_t, kMaxRank> dims{};
+  int rank = 0;
+
+  Shape() = default;
+  Shape(std::initializer_list<std::int64_t> d) {
+    if (d.size() > kMaxRank) throw Error("Shape: rank " + std::to_string(d.size()) + " exceeds 5");
+    for (auto v : d) dims[rank++] = v;
+  }
+  std::int64_t operator[](int i) const { return dims[i < 0 ? rank + i : i]; }
+  std::int64_t numel() const {
+    std::int64_t n = 1;
+    for (int i = 0; i < rank; ++i) n *= dims[i];
+    return n;
+  }
+  // Product of all dims but the last: the number of rows when the tensor is read as a matrix.
+  std::int64_t rows() const { return rank == 0 ? 1 : numel() / dims[rank - 1]; }
+  std::int64_t cols() const { return rank == 0 ? 1 : dims[rank - 1]; }
+  std::vector<std::int64_t> vec() const { return {dims.begin(), dims.begin() + rank}; }
+  friend bool operator==(const Shape& a, const Shape& b) {
+    return a.rank == b.rank && std::equal(a.dims.begin(), a.dims.begin() + a.rank, b.dims.begin());
+  }
+  std::string str() const {
+    std::ostringstream s;
+    s << '[';
+    for (int i = 0; i < rank; ++i) s << (i ? "," : "") << dims[i];
+    s << ']';
+    return s.str();
+  }
+};
+
+template <Backend B>
+class Tensor {
+ public:
+  using Scalar = typename B::Scalar;
+
+  Tensor() = default;
+  explicit Tensor(Shape s) { resize(s); }
+  Tensor(const Tensor& o) { *this = o; }
+  Tensor(Tensor&& o) noexcept { swap(o); }
+  Tensor& operator=(const Tensor& o) {
+    if (this != &o) {
+      resize(o.shape_);
+      if (numel()) B::copy(data_, o.data_, numel());
+    }
+    return *this;
+  }
+  Tensor& operator=(Tensor&& o) noexcept {
+    swap(o);
+    return *this;
+  }
+  ~Tensor() { release(); }
+
+  // Re-shapes; reallocates only when the buffer is too small. Contents are unspecified after
+  // a reallocation.
+  void resize(Shape s) {
+    const auto n = static_cast<std::size_t>(s.numel());
+    if (n > capacity_) {
+      release();
+      data_ = B::allocate(n);
+      capacity_ = n;
+    }
+    shape_ = s;
+  }
+  void zero() {
+    if (numel()) B::fill(data_, numel(), Scalar(0));
+  }
+  void fill(Scalar v) {
+    if (numel()) B::fill(data_, numel(), v);
+  }
+
+  Scalar* data() { return data_; }
+  const Scalar* data() const { return data_; }
+  const Shape& shape() const { return shape_; }
+  std::int64_t numel() const { return shape_.numel(); }
+  std::int64_t rows() const { return shape_.rows(); }
+  std::int64_t cols() const { return shape_.cols(); }
+  std::int64_t dim(int i) const { return shape_[i]; }
+
+  std::vector<Scalar> to_host() const {
+    std::vector<Scalar> h(static_cast<std::size_t>(numel()));
+    if (!h.empty()) B::download(h.data(), data_, h.size());
+    return h;
+  }
+  void from_host(std::span<const Scalar> h, Shape s) {
+    require(static_cast<std::int64_t>(h.size()) == s.numel(), "Tensor::from_host",
+            "got " + std::to_string(h.size()) + " values for shape " + s.str());
+    resize(s);
+    if (!h.empty()) B::upload(data_, h.data(), h.size());
+  }
+  void from_host(std::span<const Scalar> h) { from_host(h, shape_); }
+
+  void swap(Tensor& o) noexcept {
+    std::swap(data_, o.data_);
+    std::swap(capacity_, o.capacity_);
+    std::swap(shape_, o.shape_);
+  }
+
+ private:
+  void release() {
+    if (data_) B::deallocate(data_, capacity_);
+    data_ = nullptr;
+    capacity_ = 0;
+  }
+  Scalar* data_ = nullptr;
+  std::size_t capacity_ = 0;
+  Shape shape_;
+};
+
+// Throws a hatch::Error naming `where` when a tensor's shape is not the expected one.
+template <Backend B>
+void expect_shape(const Tensor<B>& t, const Shape& s, const std::string& where) {
+  require(t.shape() == s, where, "expected shape " + s.str() + ", got " + t.shape().str());
+}
+
+}  // namespace hatch
