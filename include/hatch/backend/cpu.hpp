@@ -10,7 +10,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <new>
+#include <vector>
 
 #include "hatch/backend/concept.hpp"
 #include "hatch/backend/random.hpp"
@@ -48,25 +50,75 @@ struct CpuBackend {
   static void synchronize() {}
 
   // ---- GEMM --------------------------------------------------------------------------------
-  using Mat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  using MapC = Eigen::Map<const Mat, Eigen::Unaligned, Eigen::OuterStride<>>;
-  using MapM = Eigen::Map<Mat, Eigen::Unaligned, Eigen::OuterStride<>>;
-
-  // Row-major C(m x n) = alpha op(A) op(B) + beta C. Eigen threads this GEMM through OpenMP,
-  // and runs it single-threaded when called inside a parallel region.
+  // Row-major C(m x n) = alpha op(A) op(B) + beta C. Threads split C into row or column panels,
+  // each multiplied by Eigen's single-threaded GEMM kernel; inside a parallel region (batched
+  // attention) it runs on the calling thread alone.
   static void gemm(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b,
                    int ldb, T beta, T* c, int ldc) {
-    MapC A(a, ta ? k : m, ta ? m : k, Eigen::OuterStride<>(lda));
-    MapC Bm(b, tb ? n : k, tb ? k : n, Eigen::OuterStride<>(ldb));
-    MapM C(c, m, n, Eigen::OuterStride<>(ldc));
+    if (m <= 0 || n <= 0) return;
+    const std::int64_t work = std::int64_t(m) * n * k;
+    const int nt = (work < (1 << 18) || omp_in_parallel()) ? 1 : std::min(omp_get_max_threads(), std::max(m, n) / 16);
+    if (nt <= 1) return gemm_serial(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    const bool by_rows = m >= n;
+#pragma omp parallel num_threads(nt)
+    {
+      const int t = omp_get_thread_num(), nth = omp_get_num_threads();
+      const int total = by_rows ? m : n;
+      // panel edges on multiples of 16 keep the kernels' register blocks whole
+      const int lo = int(std::int64_t(total / 16) * t / nth) * 16;
+      const int hi = t + 1 == nth ? total : int(std::int64_t(total / 16) * (t + 1) / nth) * 16;
+      if (hi > lo) {
+        if (by_rows)
+          gemm_serial(ta, tb, hi - lo, n, k, alpha, ta ? a + lo : a + std::int64_t(lo) * lda, lda, b, ldb, beta,
+                      c + std::int64_t(lo) * ldc, ldc);
+        else
+          gemm_serial(ta, tb, m, hi - lo, k, alpha, a, lda, tb ? b + std::int64_t(lo) * ldb : b + lo, ldb, beta,
+                      c + lo, ldc);
+      }
+    }
+  }
+
+  // One thread's GEMM through Eigen's blocked kernel with a packing workspace cached per shape,
+  // so that a steady-state step never allocates (Eigen's own product allocates it per call).
+  static void gemm_serial(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b,
+                          int ldb, T beta, T* c, int ldc) {
     if (beta == T(0))
-      C.setZero();
+      for (int r = 0; r < m; ++r) std::fill(c + std::int64_t(r) * ldc, c + std::int64_t(r) * ldc + n, T(0));
     else if (beta != T(1))
-      C *= beta;
-    if (!ta && !tb) C.noalias() += alpha * A * Bm;
-    else if (ta && !tb) C.noalias() += alpha * A.transpose() * Bm;
-    else if (!ta && tb) C.noalias() += alpha * A * Bm.transpose();
-    else C.noalias() += alpha * A.transpose() * Bm.transpose();
+      for (int r = 0; r < m; ++r)
+        for (int j = 0; j < n; ++j) c[std::int64_t(r) * ldc + j] *= beta;
+    if (k <= 0) return;
+    auto& blocking = blocking_for(m, n, k);
+    using namespace Eigen;
+    using Eigen::internal::general_matrix_matrix_product;
+    if (!ta && !tb)
+      general_matrix_matrix_product<Index, T, RowMajor, false, T, RowMajor, false, RowMajor, 1>::run(
+          m, n, k, a, lda, b, ldb, c, 1, ldc, alpha, blocking, nullptr);
+    else if (ta && !tb)
+      general_matrix_matrix_product<Index, T, ColMajor, false, T, RowMajor, false, RowMajor, 1>::run(
+          m, n, k, a, lda, b, ldb, c, 1, ldc, alpha, blocking, nullptr);
+    else if (!ta && tb)
+      general_matrix_matrix_product<Index, T, RowMajor, false, T, ColMajor, false, RowMajor, 1>::run(
+          m, n, k, a, lda, b, ldb, c, 1, ldc, alpha, blocking, nullptr);
+    else
+      general_matrix_matrix_product<Index, T, ColMajor, false, T, ColMajor, false, RowMajor, 1>::run(
+          m, n, k, a, lda, b, ldb, c, 1, ldc, alpha, blocking, nullptr);
+  }
+
+  using Blocking = Eigen::internal::gemm_blocking_space<Eigen::RowMajor, T, T, Eigen::Dynamic, Eigen::Dynamic,
+                                                         Eigen::Dynamic>;
+  static Blocking& blocking_for(int m, int n, int k) {
+    struct Entry {
+      int m, n, k;
+      std::unique_ptr<Blocking> blocking;
+    };
+    thread_local std::vector<Entry> cache;
+    for (auto& e : cache)
+      if (e.m == m && e.n == n && e.k == k) return *e.blocking;
+    auto bl = std::make_unique<Blocking>(m, n, k, 1, true);
+    bl->allocateAll();
+    cache.push_back({m, n, k, std::move(bl)});
+    return *cache.back().blocking;
   }
 
   // outer x inner independent GEMMs; matrix (o, i) of X starts at x + o * sx_outer + i * sx_inner.

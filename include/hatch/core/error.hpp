@@ -16,3 +16,10 @@ inline void require(bool cond, const std::string& where, const std::string& what
 }
 
 }  // namespace hatch
+
+// require() for hot paths: the message is built only when the check fails.
+#define HATCH_CHECK(cond, where, what)                   \
+  do {                                                   \
+    if (!(cond)) [[unlikely]]                            \
+      throw ::hatch::Error(std::string(where) + ": " + (what)); \
+  } while (0)

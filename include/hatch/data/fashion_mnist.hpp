@@ -65,8 +65,9 @@ inline std::filesystem::path find_idx(const std::filesystem::path& dir, const st
 }
 
 inline Dataset gather(const Dataset& d, const std::vector<int>& indices) {
-  Dataset out{.n = static_cast<int>(indices.size()), .channels = d.channels,
-              .height = d.height, .width = d.width, .classes = d.classes};
+  Dataset out;
+  out.n = static_cast<int>(indices.size());
+  out.channels = d.channels, out.height = d.height, out.width = d.width, out.classes = d.classes;
   const std::size_t s = d.sample_size();
   out.images.resize(indices.size() * s);
   out.labels.resize(indices.size());
@@ -100,8 +101,9 @@ inline Dataset load_fashion_mnist(const std::filesystem::path& dir = kFashionMni
           "has " + std::to_string(images.dims[0]) + " images but " + labels_path.string() +
               " has " + std::to_string(labels.dims[0]) + " labels; the counts must agree");
 
-  Dataset d{.n = images.dims[0], .channels = 1, .height = images.dims[1],
-            .width = images.dims[2], .classes = 10};
+  Dataset d;
+  d.n = images.dims[0], d.channels = 1, d.height = images.dims[1], d.width = images.dims[2];
+  d.classes = 10;
   for (int i = 0; i < d.n; ++i)
     require(labels.data[i] < d.classes, labels_path.string(),
             "label " + std::to_string(labels.data[i]) + " at index " + std::to_string(i) +

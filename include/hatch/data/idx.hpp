@@ -58,9 +58,9 @@ inline bool is_gzip(const std::uint8_t* bytes, std::size_t n) {
 }
 
 // Streams through zlib (gzip wrapper, concatenated members allowed) into a buffer that grows
-// by doubling up to kMaxIdxBytes.
+// by doubling up to max_bytes.
 inline std::vector<std::uint8_t> gunzip(const std::uint8_t* bytes, std::size_t n,
-                                        const std::string& name) {
+                                        const std::string& name, std::size_t max_bytes) {
   z_stream zs{};
   require(inflateInit2(&zs, 16 + MAX_WBITS) == Z_OK, name, "zlib could not start inflating");
   struct End {
@@ -70,7 +70,7 @@ inline std::vector<std::uint8_t> gunzip(const std::uint8_t* bytes, std::size_t n
 
   // zlib counts in uInt, so feed and drain in pieces that fit.
   constexpr std::size_t kPiece = std::size_t{1} << 30;
-  std::vector<std::uint8_t> out(std::min(kMaxIdxBytes + 1, std::max<std::size_t>(4 * n, 1 << 16)));
+  std::vector<std::uint8_t> out(std::min(max_bytes + 1, std::max<std::size_t>(4 * n, 1 << 16)));
   std::size_t fed = 0, produced = 0;
   for (;;) {
     if (zs.avail_in == 0 && fed < n) {
@@ -80,10 +80,10 @@ inline std::vector<std::uint8_t> gunzip(const std::uint8_t* bytes, std::size_t n
       fed += piece;
     }
     if (produced == out.size()) {
-      require(out.size() <= kMaxIdxBytes, name,
-              "gzip data decompresses to more than " + std::to_string(kMaxIdxBytes) +
+      require(out.size() <= max_bytes, name,
+              "gzip data decompresses to more than " + std::to_string(max_bytes) +
                   " bytes; not a plausible IDX file");
-      out.resize(std::min(2 * out.size(), kMaxIdxBytes + 1));
+      out.resize(std::min(2 * out.size(), max_bytes + 1));
     }
     zs.next_out = out.data() + produced;
     zs.avail_out = static_cast<uInt>(std::min(out.size() - produced, kPiece));
@@ -117,7 +117,7 @@ inline std::vector<std::uint8_t> gunzip(const std::uint8_t* bytes, std::size_t n
 }
 
 inline IdxArray parse_idx_plain(const std::uint8_t* p, std::size_t n, const std::string& name,
-                                const char* has) {
+                                std::size_t max_bytes, const char* has) {
   require(n >= 4, name,
           "too short for an IDX header: " + std::to_string(n) + " bytes, expected at least 4");
   require(p[0] == 0 && p[1] == 0, name,
@@ -142,11 +142,11 @@ inline IdxArray parse_idx_plain(const std::uint8_t* p, std::size_t n, const std:
     require(dims[i] <= 0x7fffffffu, name,
             "dimension " + std::to_string(i) + " is negative as a signed int32 (" +
                 std::to_string(static_cast<std::int64_t>(dims[i]) - (std::int64_t{1} << 32)) + ")");
-    // total <= 2^30 and dims[i] < 2^31, so this cannot overflow.
+    // total <= max_bytes <= 2^32 and dims[i] < 2^31, so this cannot overflow.
     total *= dims[i];
-    require(total <= kMaxIdxBytes, name,
+    require(total <= max_bytes, name,
             "header dimensions " + dims_string({dims.begin(), dims.begin() + i + 1}) +
-                " exceed " + std::to_string(kMaxIdxBytes) + " bytes; the header looks corrupt");
+                " exceed " + std::to_string(max_bytes) + " bytes; the header looks corrupt");
   }
   const std::size_t payload = n - header;
   const std::string says = "header says " + dims_string(dims) + " = " + std::to_string(total) +
@@ -163,14 +163,17 @@ inline IdxArray parse_idx_plain(const std::uint8_t* p, std::size_t n, const std:
 
 }  // namespace detail
 
-// Parses an IDX image already in memory; `name` is only used in error messages.
-inline IdxArray parse_idx(const std::uint8_t* bytes, std::size_t n, const std::string& name) {
+// Parses an IDX image already in memory; `name` is only used in error messages. Payloads
+// (and decompressed files) over max_bytes are refused.
+inline IdxArray parse_idx(const std::uint8_t* bytes, std::size_t n, const std::string& name,
+                          std::size_t max_bytes = kMaxIdxBytes) {
   if (bytes == nullptr) n = 0;
+  max_bytes = std::min<std::size_t>(max_bytes, std::uint64_t{1} << 32);
   if (detail::is_gzip(bytes, n)) {
-    const auto raw = detail::gunzip(bytes, n, name);
-    return detail::parse_idx_plain(raw.data(), raw.size(), name, "decompressed file has");
+    const auto raw = detail::gunzip(bytes, n, name, max_bytes);
+    return detail::parse_idx_plain(raw.data(), raw.size(), name, max_bytes, "decompressed file has");
   }
-  return detail::parse_idx_plain(bytes, n, name, "file has");
+  return detail::parse_idx_plain(bytes, n, name, max_bytes, "file has");
 }
 
 inline IdxArray read_idx(const std::filesystem::path& path) {

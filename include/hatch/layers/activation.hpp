@@ -42,7 +42,7 @@ class DropLayer {
   static constexpr int in = kAnyWidth, out = kAnyWidth;
   void reset_parameters(Initializer&) {}
   void set_rate(double p) {
-    require(p >= 0 && p < 1, PerSample ? "DropPath" : "Dropout", "rate must be in [0, 1), got " + std::to_string(p));
+    HATCH_CHECK(p >= 0 && p < 1, PerSample ? "DropPath" : "Dropout", "rate must be in [0, 1), got " + std::to_string(p));
     rate_ = p;
   }
   double rate() const { return rate_; }

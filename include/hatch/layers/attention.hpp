@@ -24,7 +24,7 @@ class AttentionLayer {
   }
 
   const Tensor<B>& forward(const Tensor<B>& x, Context& ctx) {
-    require(x.shape().rank == 3, "Attention", "expected tokens (batch, tokens, width), got " + x.shape().str());
+    HATCH_CHECK(x.shape().rank == 3, "Attention", "expected tokens (batch, tokens, width), got " + x.shape().str());
     batch_ = int(x.dim(0));
     n_ = int(x.dim(1));
     const Tensor<B>& q = qkv.forward(x, ctx);

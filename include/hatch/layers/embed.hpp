@@ -23,7 +23,7 @@ class PatchEmbedLayer {
     bias.value.zero();
   }
   const Tensor<B>& forward(const Tensor<B>& x, Context&) {
-    require(x.shape().rank == 4 && x.dim(1) == C && x.dim(2) == Img && x.dim(3) == Img, "PatchEmbed",
+    HATCH_CHECK(x.shape().rank == 4 && x.dim(1) == C && x.dim(2) == Img && x.dim(3) == Img, "PatchEmbed",
             "expected images (batch, " + std::to_string(C) + ", " + std::to_string(Img) + ", " +
                 std::to_string(Img) + "), got " + x.shape().str());
     batch_ = int(x.dim(0));
@@ -77,7 +77,7 @@ class ClassPosLayer {
     init.trunc_normal(pos_embed, 0.02);
   }
   const Tensor<B>& forward(const Tensor<B>& x, Context&) {
-    require(x.shape().rank == 3 && x.dim(1) == N && x.dim(2) == D, "ClassPos",
+    HATCH_CHECK(x.shape().rank == 3 && x.dim(1) == N && x.dim(2) == D, "ClassPos",
             "expected tokens (batch, " + std::to_string(N) + ", " + std::to_string(D) + "), got " + x.shape().str());
     batch_ = int(x.dim(0));
     y_.resize({batch_, N + 1, D});
@@ -118,7 +118,7 @@ class ClassTokenLayer {
   static constexpr int in = D, out = D;
   void reset_parameters(Initializer&) {}
   const Tensor<B>& forward(const Tensor<B>& x, Context&) {
-    require(x.shape().rank == 3 && x.dim(2) == D, "ClassToken", "expected tokens (batch, tokens, " +
+    HATCH_CHECK(x.shape().rank == 3 && x.dim(2) == D, "ClassToken", "expected tokens (batch, tokens, " +
                                                                     std::to_string(D) + "), got " + x.shape().str());
     in_shape_ = x.shape();
     y_.resize({x.dim(0), D});

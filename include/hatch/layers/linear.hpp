@@ -21,7 +21,7 @@ class LinearLayer {
   }
 
   const Tensor<B>& forward(const Tensor<B>& x, Context&) {
-    require(x.cols() == In, "Linear", "input width " + std::to_string(x.cols()) + ", expected " + std::to_string(In));
+    HATCH_CHECK(x.cols() == In, "Linear", "input width " + std::to_string(x.cols()) + ", expected " + std::to_string(In));
     x_ = &x;
     Shape s = x.shape();
     s.dims[s.rank - 1] = Out;

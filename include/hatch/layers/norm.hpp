@@ -21,7 +21,7 @@ class LayerNormLayer {
   }
 
   const Tensor<B>& forward(const Tensor<B>& x, Context&) {
-    require(x.cols() == D, "LayerNorm", "input width " + std::to_string(x.cols()) + ", expected " + std::to_string(D));
+    HATCH_CHECK(x.cols() == D, "LayerNorm", "input width " + std::to_string(x.cols()) + ", expected " + std::to_string(D));
     x_ = &x;
     y_.resize(x.shape());
     mean_.resize({x.rows()});

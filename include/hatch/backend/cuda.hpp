@@ -1,0 +1,549 @@
+#pragma once
+// The Cuda backend policy: cuBLAS for GEMMs, Thrust for whole-array reductions, the kernels of
+// cuda_kernels.cuh for everything else. Semantics match backend/cpu.hpp primitive by primitive.
+//
+// Execution model: all work is issued on the legacy default stream of the current device, so
+// kernels, cuBLAS calls and cudaMemcpy are ordered with respect to each other. That ordering is
+// what lets the caching allocator hand a block back for reuse as soon as the host is done with
+// it, without events. Primitives that return a value to the host (sum_squares, all_finite,
+// softmax_cross_entropy) synchronise; the others return as soon as the work is enqueued.
+//
+// Include <hatch/cuda.hpp> from .cu files; this header never includes Eigen or the Cpu backend.
+#if !defined(__CUDACC__)
+#error "hatch/backend/cuda.hpp must be compiled by nvcc: include <hatch/cuda.hpp> from a .cu file"
+#endif
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <thrust/functional.h>
+#include <thrust/reduce.h>
+#include <thrust/system/cuda/execution_policy.h>
+#include <thrust/system_error.h>
+#include <thrust/transform_reduce.h>
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <map>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "hatch/backend/concept.hpp"
+#include "hatch/backend/cuda_kernels.cuh"
+#include "hatch/backend/random.hpp"
+#include "hatch/core/error.hpp"
+
+namespace hatch {
+
+// ---- error checking ----------------------------------------------------------------------------
+namespace cuda_detail {
+
+[[noreturn]] inline void throw_cuda_error(const char* what, const char* call, const char* file, int line) {
+  throw Error(std::string(file) + ":" + std::to_string(line) + ": " + call + " failed: " + what);
+}
+inline void check_cuda(cudaError_t e, const char* call, const char* file, int line) {
+  if (e == cudaSuccess) return;
+  // Clear a non-sticky error so that the next, unrelated check does not report it again.
+  (void)cudaGetLastError();
+  throw_cuda_error((std::string(cudaGetErrorName(e)) + " (" + cudaGetErrorString(e) + ")").c_str(), call, file,
+                   line);
+}
+inline void check_cublas(cublasStatus_t s, const char* call, const char* file, int line) {
+  if (s == CUBLAS_STATUS_SUCCESS) return;
+  throw_cuda_error(cublasGetStatusString(s), call, file, line);
+}
+
+}  // namespace cuda_detail
+
+// Throw hatch::Error("<file>:<line>: <call> failed: <error name> (<error string>)").
+#define HATCH_CUDA_CHECK(call) ::hatch::cuda_detail::check_cuda((call), #call, __FILE__, __LINE__)
+#define HATCH_CUBLAS_CHECK(call) ::hatch::cuda_detail::check_cublas((call), #call, __FILE__, __LINE__)
+// Launch errors (bad configuration, no device) surface at the launch; faults inside a kernel
+// surface at the next synchronising call, which is checked too.
+#define HATCH_CUDA_LAUNCH(kernel, grid, block, ...)                          \
+  do {                                                                       \
+    kernel<<<(grid), (block)>>>(__VA_ARGS__);                                \
+    ::hatch::cuda_detail::check_cuda(cudaGetLastError(), "launch of " #kernel, __FILE__, __LINE__); \
+  } while (0)
+
+namespace cuda_detail {
+
+// ---- caching allocator -------------------------------------------------------------------------
+// cudaMalloc and cudaFree synchronise the device and cost tens of microseconds, so freed blocks
+// are kept in free lists keyed by (device, rounded size) and handed out again. Rounding: 512-byte
+// steps up to 1 MiB, then eight steps per power of two (at most 12.5% waste). Memory goes back to
+// the driver only on release_cache() or when a cudaMalloc fails for lack of memory.
+class DeviceCache {
+ public:
+  // Never destroyed: tensors with static storage may free their blocks after every other static
+  // is gone, and freeing at exit would race the driver's own teardown.
+  static DeviceCache& instance() {
+    static DeviceCache* cache = new DeviceCache;
+    return *cache;
+  }
+
+  static std::size_t round_size(std::size_t bytes) {
+    constexpr std::size_t kStep = 512, kSmall = std::size_t(1) << 20;
+    if (bytes <= kStep) return kStep;
+    if (bytes <= kSmall) return (bytes + kStep - 1) / kStep * kStep;
+    const std::size_t step = std::bit_floor(bytes) / 8;
+    return (bytes + step - 1) / step * step;
+  }
+
+  void* allocate(std::size_t bytes) {
+    const std::size_t size = round_size(bytes);
+    int device = 0;
+    HATCH_CUDA_CHECK(cudaGetDevice(&device));
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = free_.find({device, size});
+    if (it != free_.end() && !it->second.empty()) {
+      void* p = it->second.back();
+      it->second.pop_back();
+      cached_bytes_ -= size;
+      live_.emplace(p, Block{device, size});
+      return p;
+    }
+    void* p = nullptr;
+    cudaError_t e = cudaMalloc(&p, size);
+    if (e == cudaErrorMemoryAllocation) {
+      // Blocks of other sizes may be what is missing: give them back and try once more.
+      (void)cudaGetLastError();
+      release_locked();
+      e = cudaMalloc(&p, size);
+    }
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();
+      throw Error(std::string(__FILE__) + ":" + std::to_string(__LINE__) + ": cudaMalloc(" + std::to_string(size) +
+                  " bytes) failed: " + cudaGetErrorName(e) + " (" + cudaGetErrorString(e) + "); " +
+                  std::to_string(live_bytes_) + " bytes in use by hatch on device " + std::to_string(device));
+    }
+    ++mallocs_;
+    live_.emplace(p, Block{device, size});
+    live_bytes_ += size;
+    return p;
+  }
+
+  // noexcept: called from destructors. A pointer this cache did not hand out is a caller bug;
+  // it is reported and otherwise ignored rather than terminating the program from a destructor.
+  void deallocate(void* p) noexcept {
+    if (!p) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = live_.find(p);
+    if (it == live_.end()) {
+      std::fprintf(stderr, "hatch::Cuda::deallocate: %p was not allocated by hatch::Cuda (ignored)\n", p);
+      return;
+    }
+    const Block b = it->second;
+    live_.erase(it);
+    try {
+      free_[{b.device, b.size}].push_back(p);
+      cached_bytes_ += b.size;
+    } catch (...) {
+      // Out of host memory for the free list: the block is leaked, which is harmless.
+    }
+  }
+
+  void release() {
+    std::lock_guard<std::mutex> lock(mu_);
+    release_locked();
+  }
+
+  std::atomic<std::int64_t>& malloc_count() { return mallocs_; }
+  std::size_t cached_bytes() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return cached_bytes_;
+  }
+  std::size_t live_bytes() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return live_bytes_;
+  }
+
+ private:
+  struct Block {
+    int device;
+    std::size_t size;
+  };
+  void release_locked() {
+    int current = 0;
+    HATCH_CUDA_CHECK(cudaGetDevice(&current));
+    for (auto& [key, blocks] : free_) {
+      if (blocks.empty()) continue;
+      HATCH_CUDA_CHECK(cudaSetDevice(key.first));
+      for (void* p : blocks) HATCH_CUDA_CHECK(cudaFree(p));
+      live_bytes_ -= key.second * blocks.size();
+      cached_bytes_ -= key.second * blocks.size();
+      blocks.clear();
+    }
+    HATCH_CUDA_CHECK(cudaSetDevice(current));
+  }
+
+  std::mutex mu_;
+  std::map<std::pair<int, std::size_t>, std::vector<void*>> free_;
+  std::unordered_map<void*, Block> live_;
+  std::size_t live_bytes_ = 0;    // held from the driver, in use or cached
+  std::size_t cached_bytes_ = 0;  // of which in the free lists
+  std::atomic<std::int64_t> mallocs_{0};
+};
+
+// Scratch memory for one primitive call, returned to the cache at scope exit. Reuse by the next
+// call is safe because everything runs on one stream (see the top of this file).
+template <class T>
+class Scratch {
+ public:
+  explicit Scratch(std::size_t n) : p_(static_cast<T*>(DeviceCache::instance().allocate(n * sizeof(T)))) {}
+  ~Scratch() { DeviceCache::instance().deallocate(p_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  T* get() const { return p_; }
+
+ private:
+  T* p_;
+};
+
+// Thrust's temporary storage (reduction partials) comes from the cache too, so a reduction in
+// a training step does not cudaMalloc either.
+struct ThrustAllocator {
+  using value_type = char;
+  char* allocate(std::ptrdiff_t n) { return static_cast<char*>(DeviceCache::instance().allocate(std::size_t(n))); }
+  void deallocate(char* p, std::size_t) noexcept { DeviceCache::instance().deallocate(p); }
+};
+
+// Functors of the Thrust reductions (kernel arguments must be namespace-scope types for nvcc's stubs).
+struct Square {
+  __host__ __device__ double operator()(float v) const { return double(v) * double(v); }
+};
+struct NotFinite {
+  __host__ __device__ std::size_t operator()(float v) const { return isfinite(v) ? 0 : 1; }
+};
+
+// Runs a Thrust algorithm, turning its exceptions into hatch::Error like every other check.
+template <class F>
+auto thrust_call(const char* what, const char* file, int line, F&& f) {
+  try {
+    return f();
+  } catch (const thrust::system_error& e) {
+    (void)cudaGetLastError();
+    throw_cuda_error(e.what(), what, file, line);
+  }
+}
+
+// ---- cuBLAS handles ------------------------------------------------------------------------------
+inline std::atomic<bool>& tf32_flag() {
+  static std::atomic<bool> on{false};
+  return on;
+}
+
+// One handle per device, created on first use and never destroyed (see DeviceCache::instance).
+// Each handle gets a 32 MiB workspace from the cache (NVIDIA's recommendation for Hopper), so
+// cuBLAS does not allocate behind the allocator's back.
+inline cublasHandle_t cublas_handle() {
+  struct Entry {
+    cublasHandle_t handle = nullptr;
+    bool tf32 = false;
+  };
+  static std::mutex mu;
+  static auto* entries = new std::vector<Entry>;
+  int device = 0;
+  HATCH_CUDA_CHECK(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mu);
+  if (std::size_t(device) >= entries->size()) entries->resize(std::size_t(device) + 1);
+  Entry& e = (*entries)[std::size_t(device)];
+  const bool want = tf32_flag().load();
+  if (!e.handle) {
+    constexpr std::size_t kWorkspace = std::size_t(32) << 20;
+    void* ws = DeviceCache::instance().allocate(kWorkspace);
+    cublasHandle_t h = nullptr;
+    HATCH_CUBLAS_CHECK(cublasCreate(&h));
+    HATCH_CUBLAS_CHECK(cublasSetWorkspace(h, ws, kWorkspace));
+    HATCH_CUBLAS_CHECK(cublasSetMathMode(h, want ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+    e.handle = h;
+    e.tf32 = want;
+  } else if (e.tf32 != want) {
+    HATCH_CUBLAS_CHECK(cublasSetMathMode(e.handle, want ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+    e.tf32 = want;
+  }
+  return e.handle;
+}
+
+// Launch geometry. Element kernels loop grid-stride, so the grid is capped well below the limit.
+inline unsigned element_blocks(std::size_t n) {
+  return unsigned(std::min<std::size_t>((n + cuda_kernels::kThreads - 1) / cuda_kernels::kThreads, 1u << 16));
+}
+inline unsigned row_blocks(int rows) { return unsigned((rows + cuda_kernels::kRowsPerBlock - 1) / cuda_kernels::kRowsPerBlock); }
+inline const dim3 kRowBlock{32, cuda_kernels::kRowsPerBlock};
+inline const dim3 kColBlock{32, cuda_kernels::kColLanes};
+// Column reductions split the rows into chunks of at least 256 and at most 64 chunks.
+inline int rows_per_chunk(int rows) { return std::max(256, (rows + 63) / 64); }
+
+// Row-major C = alpha op(A) op(B) + beta C is column-major C^T = alpha op(B)^T op(A)^T + beta C^T:
+// swap the operands and their dimensions, keep the transpose flags.
+inline cublasOperation_t op(bool t) { return t ? CUBLAS_OP_T : CUBLAS_OP_N; }
+
+}  // namespace cuda_detail
+
+// ---- the policy --------------------------------------------------------------------------------
+struct Cuda {
+  using Scalar = float;
+  using T = float;
+  static constexpr const char* name = "cuda";
+
+  // ---- device and settings -----------------------------------------------------------------------
+  // True when a usable device and driver are present; never throws, so tests and programs can
+  // decide to skip or fall back to Cpu.
+  static bool device_available() noexcept {
+    int n = 0;
+    const cudaError_t e = cudaGetDeviceCount(&n);
+    (void)cudaGetLastError();
+    return e == cudaSuccess && n > 0;
+  }
+  static std::string device_name() {
+    if (!device_available()) return "no CUDA device";
+    int device = 0;
+    HATCH_CUDA_CHECK(cudaGetDevice(&device));
+    cudaDeviceProp prop{};
+    HATCH_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+    return prop.name;
+  }
+  // TF32 tensor cores for gemm/gemm_batched: ~10 mantissa bits per product, much faster on
+  // Ampere and later. Off by default so that results match the Cpu backend to float rounding.
+  static void set_tf32(bool on) { cuda_detail::tf32_flag() = on; }
+  static bool tf32() { return cuda_detail::tf32_flag().load(); }
+
+  // ---- memory ------------------------------------------------------------------------------------
+  // Real cudaMalloc calls (cache misses); a steady-state training step leaves it unchanged.
+  static std::atomic<std::int64_t>& allocation_count() { return cuda_detail::DeviceCache::instance().malloc_count(); }
+  // Frees every cached (unused) block back to the driver.
+  static void release_cache() { cuda_detail::DeviceCache::instance().release(); }
+  static std::size_t cached_bytes() { return cuda_detail::DeviceCache::instance().cached_bytes(); }
+
+  static T* allocate(std::size_t n) {
+    return static_cast<T*>(cuda_detail::DeviceCache::instance().allocate((n ? n : 1) * sizeof(T)));
+  }
+  static void deallocate(T* p, std::size_t) noexcept { cuda_detail::DeviceCache::instance().deallocate(p); }
+  static void upload(T* dst, const T* src, std::size_t n) {
+    if (n) HATCH_CUDA_CHECK(cudaMemcpy(dst, src, n * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  static void download(T* dst, const T* src, std::size_t n) {
+    if (n) HATCH_CUDA_CHECK(cudaMemcpy(dst, src, n * sizeof(T), cudaMemcpyDeviceToHost));
+  }
+  static void copy(T* dst, const T* src, std::size_t n) {
+    if (n && dst != src) HATCH_CUDA_CHECK(cudaMemcpy(dst, src, n * sizeof(T), cudaMemcpyDeviceToDevice));
+  }
+  static void fill(T* y, std::size_t n, T v) {
+    if (n) HATCH_CUDA_LAUNCH(cuda_kernels::fill<T>, cuda_detail::element_blocks(n), cuda_kernels::kThreads, y, n, v);
+  }
+  static void synchronize() { HATCH_CUDA_CHECK(cudaDeviceSynchronize()); }
+
+  // ---- GEMM --------------------------------------------------------------------------------------
+  static void gemm(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta,
+                   T* c, int ldc) {
+    if (m <= 0 || n <= 0) return;
+    using cuda_detail::op;
+    HATCH_CUBLAS_CHECK(cublasSgemm(cuda_detail::cublas_handle(), op(tb), op(ta), n, m, k, &alpha, b, ldb, a, lda,
+                                   &beta, c, ldc));
+  }
+
+  // outer x inner GEMMs; matrix (o, i) of X starts at x + o * sx_outer + i * sx_inner. When the two
+  // levels collapse into one stride (one level of size 1, or s_outer == inner * s_inner for A, B
+  // and C) this is one strided-batched call. Otherwise (attention reading heads in place from the
+  // fused qkv buffer) the matrix pointers are built on the device and cublasSgemmBatched runs all
+  // outer * inner GEMMs in one call.
+  static void gemm_batched(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda,
+                           std::size_t sa_outer, std::size_t sa_inner, const T* b, int ldb, std::size_t sb_outer,
+                           std::size_t sb_inner, T beta, T* c, int ldc, std::size_t sc_outer,
+                           std::size_t sc_inner, int outer, int inner) {
+    if (m <= 0 || n <= 0 || outer <= 0 || inner <= 0) return;
+    using cuda_detail::op;
+    const cublasHandle_t h = cuda_detail::cublas_handle();
+    auto strided = [&](std::size_t sa, std::size_t sb, std::size_t sc, int count) {
+      HATCH_CUBLAS_CHECK(cublasSgemmStridedBatched(h, op(tb), op(ta), n, m, k, &alpha, b, ldb, (long long)sb, a, lda,
+                                                   (long long)sa, &beta, c, ldc, (long long)sc, count));
+    };
+    if (outer == 1) return strided(sa_inner, sb_inner, sc_inner, inner);
+    if (inner == 1) return strided(sa_outer, sb_outer, sc_outer, outer);
+    const std::size_t in = std::size_t(inner);
+    if (sa_outer == in * sa_inner && sb_outer == in * sb_inner && sc_outer == in * sc_inner)
+      return strided(sa_inner, sb_inner, sc_inner, outer * inner);
+    const std::size_t total = std::size_t(outer) * in;
+    cuda_detail::Scratch<const T*> ab(2 * total);
+    cuda_detail::Scratch<T*> cs(total);
+    const T** pa = ab.get();
+    const T** pb = ab.get() + total;
+    T** pc = cs.get();
+    HATCH_CUDA_LAUNCH(cuda_kernels::batched_pointers<T>, cuda_detail::element_blocks(total), cuda_kernels::kThreads,
+                      pa, pb, pc, a, sa_outer, sa_inner, b, sb_outer, sb_inner, c, sc_outer, sc_inner, outer, inner);
+    HATCH_CUBLAS_CHECK(cublasSgemmBatched(h, op(tb), op(ta), n, m, k, &alpha, pb, ldb, pa, lda, &beta, pc, ldc,
+                                          int(total)));
+  }
+
+  // ---- elementwise and reductions ----------------------------------------------------------------
+  static void axpy(T* y, T a, const T* x, std::size_t n) {
+    if (n) HATCH_CUDA_LAUNCH(cuda_kernels::axpy<T>, cuda_detail::element_blocks(n), cuda_kernels::kThreads, y, a, x, n);
+  }
+  static void add(T* y, const T* a, const T* b, std::size_t n) {
+    if (n) HATCH_CUDA_LAUNCH(cuda_kernels::add<T>, cuda_detail::element_blocks(n), cuda_kernels::kThreads, y, a, b, n);
+  }
+  static void mul(T* y, const T* a, const T* b, std::size_t n) {
+    if (n) HATCH_CUDA_LAUNCH(cuda_kernels::mul<T>, cuda_detail::element_blocks(n), cuda_kernels::kThreads, y, a, b, n);
+  }
+  static void scale(T* y, T a, std::size_t n) {
+    if (n) HATCH_CUDA_LAUNCH(cuda_kernels::scale<T>, cuda_detail::element_blocks(n), cuda_kernels::kThreads, y, a, n);
+  }
+  static void add_bias_rows(T* y, const T* bias, int rows, int cols) {
+    const std::size_t total = std::size_t(std::max(rows, 0)) * std::size_t(std::max(cols, 0));
+    if (total)
+      HATCH_CUDA_LAUNCH(cuda_kernels::add_bias_rows<T>, cuda_detail::element_blocks(total), cuda_kernels::kThreads, y,
+                        bias, total, cols);
+  }
+  static void sum_rows(T* out, const T* x, int rows, int cols, int ld, T beta) {
+    if (cols <= 0) return;
+    if (rows <= 0) return scale_or_zero(out, std::size_t(cols), beta);
+    const int rpc = cuda_detail::rows_per_chunk(rows), chunks = (rows + rpc - 1) / rpc;
+    const dim3 grid(unsigned((cols + 31) / 32), unsigned(chunks));
+    if (chunks == 1) {
+      HATCH_CUDA_LAUNCH(cuda_kernels::sum_rows_partial<T>, grid, cuda_detail::kColBlock, out, nullptr, x, rows, cols,
+                        ld, beta, rpc);
+      return;
+    }
+    cuda_detail::Scratch<T> partial(std::size_t(chunks) * cols);
+    HATCH_CUDA_LAUNCH(cuda_kernels::sum_rows_partial<T>, grid, cuda_detail::kColBlock, out, partial.get(), x, rows,
+                      cols, ld, beta, rpc);
+    HATCH_CUDA_LAUNCH(cuda_kernels::sum_rows_finish<T>, cuda_detail::element_blocks(std::size_t(cols)),
+                      cuda_kernels::kThreads, out, partial.get(), chunks, cols, beta);
+  }
+  static void copy_2d(T* dst, int ld_dst, const T* src, int ld_src, int rows, int cols) {
+    const std::size_t total = std::size_t(std::max(rows, 0)) * std::size_t(std::max(cols, 0));
+    if (total)
+      HATCH_CUDA_LAUNCH(cuda_kernels::copy_2d<T>, cuda_detail::element_blocks(total), cuda_kernels::kThreads, dst,
+                        ld_dst, src, ld_src, total, cols);
+  }
+  static void scale_rows(T* y, const T* x, const T* s, int rows, int cols) {
+    const std::size_t total = std::size_t(std::max(rows, 0)) * std::size_t(std::max(cols, 0));
+    if (total)
+      HATCH_CUDA_LAUNCH(cuda_kernels::scale_rows<T>, cuda_detail::element_blocks(total), cuda_kernels::kThreads, y, x,
+                        s, total, cols);
+  }
+  // Squares summed in double, as on the CPU (gradient-norm clipping over millions of values).
+  static double sum_squares(const T* x, std::size_t n) {
+    if (!n) return 0.0;
+    cuda_detail::ThrustAllocator alloc;
+    return cuda_detail::thrust_call("thrust::transform_reduce (sum_squares)", __FILE__, __LINE__, [&] {
+      return thrust::transform_reduce(thrust::cuda::par(alloc), x, x + n, cuda_detail::Square{}, 0.0, thrust::plus<double>());
+    });
+  }
+  static bool all_finite(const T* x, std::size_t n) {
+    if (!n) return true;
+    cuda_detail::ThrustAllocator alloc;
+    const std::size_t bad = cuda_detail::thrust_call("thrust::transform_reduce (all_finite)", __FILE__, __LINE__, [&] {
+      return thrust::transform_reduce(thrust::cuda::par(alloc), x, x + n, cuda_detail::NotFinite{}, std::size_t(0),
+                                      thrust::plus<std::size_t>());
+    });
+    return bad == 0;
+  }
+
+  // ---- activations, normalisation, softmax -------------------------------------------------------
+  static void gelu_forward(T* y, const T* x, std::size_t n) {
+    if (n)
+      HATCH_CUDA_LAUNCH(cuda_kernels::gelu_forward<T>, cuda_detail::element_blocks(n), cuda_kernels::kThreads, y, x, n);
+  }
+  static void gelu_backward(T* dx, const T* dy, const T* x, std::size_t n) {
+    if (n)
+      HATCH_CUDA_LAUNCH(cuda_kernels::gelu_backward<T>, cuda_detail::element_blocks(n), cuda_kernels::kThreads, dx, dy,
+                        x, n);
+  }
+  static void layer_norm_forward(T* y, T* mean, T* rstd, const T* x, const T* gamma, const T* beta, int rows,
+                                 int cols, T eps) {
+    if (rows <= 0 || cols <= 0) return;
+    HATCH_CUDA_LAUNCH(cuda_kernels::layer_norm_forward<T>, cuda_detail::row_blocks(rows), cuda_detail::kRowBlock, y,
+                      mean, rstd, x, gamma, beta, rows, cols, eps);
+  }
+  // dx, dgamma and dbeta may each be null; dgamma and dbeta accumulate.
+  static void layer_norm_backward(T* dx, T* dgamma, T* dbeta, const T* dy, const T* x, const T* mean, const T* rstd,
+                                  const T* gamma, int rows, int cols) {
+    if (rows <= 0 || cols <= 0) return;
+    if (dx)
+      HATCH_CUDA_LAUNCH(cuda_kernels::layer_norm_backward_dx<T>, cuda_detail::row_blocks(rows),
+                        cuda_detail::kRowBlock, dx, dy, x, mean, rstd, gamma, rows, cols);
+    if (!dgamma && !dbeta) return;
+    const int rpc = cuda_detail::rows_per_chunk(rows), chunks = (rows + rpc - 1) / rpc;
+    const dim3 grid(unsigned((cols + 31) / 32), unsigned(chunks));
+    if (chunks == 1) {
+      HATCH_CUDA_LAUNCH(cuda_kernels::layer_norm_param_partial<T>, grid, cuda_detail::kColBlock, dgamma, dbeta,
+                        nullptr, dy, x, mean, rstd, rows, cols, rpc);
+      return;
+    }
+    cuda_detail::Scratch<T> partial(2 * std::size_t(chunks) * cols);
+    HATCH_CUDA_LAUNCH(cuda_kernels::layer_norm_param_partial<T>, grid, cuda_detail::kColBlock, dgamma, dbeta,
+                      partial.get(), dy, x, mean, rstd, rows, cols, rpc);
+    HATCH_CUDA_LAUNCH(cuda_kernels::layer_norm_param_finish<T>, cuda_detail::element_blocks(std::size_t(cols)),
+                      cuda_kernels::kThreads, dgamma, dbeta, partial.get(), chunks, cols);
+  }
+  // In place allowed (y == x).
+  static void softmax_forward(T* y, const T* x, int rows, int cols, T scale) {
+    if (rows <= 0 || cols <= 0) return;
+    HATCH_CUDA_LAUNCH(cuda_kernels::softmax_forward<T>, cuda_detail::row_blocks(rows), cuda_detail::kRowBlock, y, x,
+                      rows, cols, scale);
+  }
+  // In place allowed (dx == dy).
+  static void softmax_backward(T* dx, const T* dy, const T* y, int rows, int cols, T scale) {
+    if (rows <= 0 || cols <= 0) return;
+    HATCH_CUDA_LAUNCH(cuda_kernels::softmax_backward<T>, cuda_detail::row_blocks(rows), cuda_detail::kRowBlock, dx,
+                      dy, y, rows, cols, scale);
+  }
+
+  static void bernoulli_mask(T* mask, std::size_t n, T keep_prob, std::uint64_t seed, std::uint64_t offset) {
+    if (n)
+      HATCH_CUDA_LAUNCH(cuda_kernels::bernoulli_mask<T>, cuda_detail::element_blocks(n), cuda_kernels::kThreads, mask,
+                        n, double(keep_prob), T(1) / keep_prob, seed, offset);
+  }
+
+  // ---- patch embedding ---------------------------------------------------------------------------
+  static void im2patch(T* patches, const T* img, int batch, int ch, int h, int w, int p) {
+    const std::size_t total = std::size_t(std::max(batch, 0)) * (h / p) * (w / p) * ch * p * p;
+    if (total)
+      HATCH_CUDA_LAUNCH(cuda_kernels::im2patch<T>, cuda_detail::element_blocks(total), cuda_kernels::kThreads, patches,
+                        img, batch, ch, h, w, p);
+  }
+  static void patch2im(T* img, const T* patches, int batch, int ch, int h, int w, int p) {
+    const std::size_t total = std::size_t(std::max(batch, 0)) * ch * h * w;
+    if (total)
+      HATCH_CUDA_LAUNCH(cuda_kernels::patch2im<T>, cuda_detail::element_blocks(total), cuda_kernels::kThreads, img,
+                        patches, batch, ch, h, w, p);
+  }
+
+  // ---- loss and optimizer ------------------------------------------------------------------------
+  // Returns the summed loss (copied to the host, so this synchronises); dz may be null.
+  static double softmax_cross_entropy(T* dz, const T* z, const T* t, int rows, int cols, T scale) {
+    if (rows <= 0 || cols <= 0) return 0.0;
+    cuda_detail::Scratch<double> loss{std::size_t(rows)};
+    HATCH_CUDA_LAUNCH(cuda_kernels::softmax_cross_entropy<T>, cuda_detail::row_blocks(rows), cuda_detail::kRowBlock,
+                      loss.get(), dz, z, t, rows, cols, scale);
+    cuda_detail::ThrustAllocator alloc;
+    const double* l = loss.get();
+    return cuda_detail::thrust_call("thrust::reduce (softmax_cross_entropy)", __FILE__, __LINE__, [&] {
+      return thrust::reduce(thrust::cuda::par(alloc), l, l + rows, 0.0, thrust::plus<double>());
+    });
+  }
+  static void adamw_update(T* w, T* m, T* v, const T* g, std::size_t n, T lr, T beta1, T beta2, T eps,
+                           T weight_decay, T bias_corr1, T bias_corr2) {
+    if (n)
+      HATCH_CUDA_LAUNCH(cuda_kernels::adamw_update<T>, cuda_detail::element_blocks(n), cuda_kernels::kThreads, w, m, v,
+                        g, n, lr, beta1, beta2, eps, weight_decay, bias_corr1, bias_corr2);
+  }
+
+ private:
+  static void scale_or_zero(T* y, std::size_t n, T beta) {
+    if (beta == T(0)) fill(y, n, T(0));
+    else scale(y, beta, n);
+  }
+};
+
+static_assert(Backend<Cuda>);
+
+}  // namespace hatch

@@ -1,0 +1,361 @@
+#pragma once
+// Device kernels of the Cuda backend. Each one mirrors a loop of backend/cpu.hpp with the same
+// arithmetic, so the two backends agree to rounding. Every kernel is a template: templates may be
+// defined in every translation unit that includes this header, so the library stays header-only.
+//
+// Two shapes of kernel recur:
+//  - element kernels: a grid-stride loop over n values (any n, any grid);
+//  - row kernels: one warp per row (blockDim (32, kRowsPerBlock)); a lane owns columns
+//    lane, lane + 32, ... and reads each of its elements before it writes that element, which is
+//    why the in-place forms (softmax y == x, softmax_backward dx == dy) are safe.
+//  - column reductions (bias gradients, LayerNorm dgamma/dbeta): blocks of (32, kColLanes)
+//    threads own 32 columns and a chunk of rows; chunks are summed in a fixed order by a second
+//    kernel, so results are deterministic (no atomics).
+#if !defined(__CUDACC__)
+#error "hatch/backend/cuda_kernels.cuh holds CUDA kernels: compile this translation unit with nvcc (a .cu file)"
+#endif
+
+#include <cstddef>
+#include <cstdint>
+
+#include "hatch/backend/random.hpp"
+
+namespace hatch::cuda_kernels {
+
+inline constexpr int kThreads = 256;      // element kernels
+inline constexpr int kRowsPerBlock = 8;   // row kernels: 8 warps, one row each
+inline constexpr int kColLanes = 16;      // column reductions: 32 columns x 16 row lanes
+inline constexpr unsigned kFullMask = 0xffffffffu;
+
+// Overloads so the kernels read like the CPU code for float and double alike.
+__device__ inline float d_sqrt(float v) { return sqrtf(v); }
+__device__ inline double d_sqrt(double v) { return sqrt(v); }
+__device__ inline float d_exp(float v) { return expf(v); }
+__device__ inline double d_exp(double v) { return exp(v); }
+__device__ inline float d_erf(float v) { return erff(v); }
+__device__ inline double d_erf(double v) { return erf(v); }
+
+template <class V>
+__device__ inline V warp_sum(V v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+template <class V>
+__device__ inline V warp_max(V v) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const V u = __shfl_xor_sync(kFullMask, v, o);
+    v = u > v ? u : v;
+  }
+  return v;
+}
+
+__device__ inline std::size_t global_index() { return std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; }
+__device__ inline std::size_t global_stride() { return std::size_t(gridDim.x) * blockDim.x; }
+// The row of a row kernel; the same for all 32 lanes of a warp, so a warp exits as a whole.
+__device__ inline int warp_row() { return int(blockIdx.x) * kRowsPerBlock + int(threadIdx.y); }
+
+// ---- elementwise ---------------------------------------------------------------------------------
+template <class T>
+__global__ void fill(T* y, std::size_t n, T v) {
+  for (std::size_t j = global_index(); j < n; j += global_stride()) y[j] = v;
+}
+template <class T>
+__global__ void axpy(T* y, T a, const T* x, std::size_t n) {
+  for (std::size_t j = global_index(); j < n; j += global_stride()) y[j] += a * x[j];
+}
+template <class T>
+__global__ void add(T* y, const T* a, const T* b, std::size_t n) {
+  for (std::size_t j = global_index(); j < n; j += global_stride()) y[j] = a[j] + b[j];
+}
+template <class T>
+__global__ void mul(T* y, const T* a, const T* b, std::size_t n) {
+  for (std::size_t j = global_index(); j < n; j += global_stride()) y[j] = a[j] * b[j];
+}
+template <class T>
+__global__ void scale(T* y, T a, std::size_t n) {
+  for (std::size_t j = global_index(); j < n; j += global_stride()) y[j] *= a;
+}
+template <class T>
+__global__ void add_bias_rows(T* y, const T* bias, std::size_t total, int cols) {
+  for (std::size_t j = global_index(); j < total; j += global_stride()) y[j] += bias[j % cols];
+}
+template <class T>
+__global__ void copy_2d(T* dst, int ld_dst, const T* src, int ld_src, std::size_t total, int cols) {
+  for (std::size_t j = global_index(); j < total; j += global_stride()) {
+    const std::size_t r = j / cols, c = j % cols;
+    dst[r * ld_dst + c] = src[r * ld_src + c];  // ld_src 0: every row reads row 0
+  }
+}
+template <class T>
+__global__ void scale_rows(T* y, const T* x, const T* s, std::size_t total, int cols) {
+  for (std::size_t j = global_index(); j < total; j += global_stride()) y[j] = x[j] * s[j / cols];
+}
+template <class T>
+__global__ void gelu_forward(T* y, const T* x, std::size_t n) {
+  for (std::size_t j = global_index(); j < n; j += global_stride()) {
+    const T v = x[j];
+    y[j] = T(0.5) * v * (T(1) + d_erf(v * T(0.70710678118654752440)));
+  }
+}
+template <class T>
+__global__ void gelu_backward(T* dx, const T* dy, const T* x, std::size_t n) {
+  for (std::size_t j = global_index(); j < n; j += global_stride()) {
+    const T v = x[j];
+    const T cdf = T(0.5) * (T(1) + d_erf(v * T(0.70710678118654752440)));
+    const T pdf = d_exp(T(-0.5) * v * v) * T(0.3989422804014327);
+    dx[j] = dy[j] * (cdf + v * pdf);
+  }
+}
+// keep_prob is compared in double and inv computed on the host, exactly as the Cpu backend does,
+// so both draw bit-identical masks.
+template <class T>
+__global__ void bernoulli_mask(T* mask, std::size_t n, double keep_prob, T inv, std::uint64_t seed,
+                               std::uint64_t offset) {
+  for (std::size_t j = global_index(); j < n; j += global_stride())
+    mask[j] = uniform01(seed, offset + std::uint64_t(j)) < keep_prob ? inv : T(0);
+}
+template <class T>
+__global__ void adamw_update(T* w, T* m, T* v, const T* g, std::size_t n, T lr, T beta1, T beta2, T eps,
+                             T weight_decay, T bias_corr1, T bias_corr2) {
+  for (std::size_t j = global_index(); j < n; j += global_stride()) {
+    T wj = w[j];
+    wj -= lr * weight_decay * wj;
+    const T mj = beta1 * m[j] + (T(1) - beta1) * g[j];
+    const T vj = beta2 * v[j] + (T(1) - beta2) * g[j] * g[j];
+    m[j] = mj;
+    v[j] = vj;
+    w[j] = wj - lr * (mj / bias_corr1) / (d_sqrt(vj / bias_corr2) + eps);
+  }
+}
+
+// ---- patches -------------------------------------------------------------------------------------
+// One thread per patch element (coalesced writes); the patch vector index is (c * p + ky) * p + kx.
+template <class T>
+__global__ void im2patch(T* patches, const T* img, int batch, int ch, int h, int w, int p) {
+  const int gh = h / p, gw = w / p, pd = ch * p * p;
+  const std::size_t total = std::size_t(batch) * gh * gw * pd;
+  for (std::size_t j = global_index(); j < total; j += global_stride()) {
+    const std::size_t r = j / pd;
+    const int e = int(j % pd), c = e / (p * p), ky = (e / p) % p, kx = e % p;
+    const std::size_t b = r / (std::size_t(gh) * gw);
+    const int g = int(r % (std::size_t(gh) * gw)), py = g / gw, px = g % gw;
+    patches[j] = img[((b * ch + c) * h + py * p + ky) * w + px * p + kx];
+  }
+}
+// One thread per pixel (a gather): every pixel is written, so no separate zero fill is needed;
+// pixels outside the patch grid (h or w not a multiple of p) get zero, as on the CPU.
+template <class T>
+__global__ void patch2im(T* img, const T* patches, int batch, int ch, int h, int w, int p) {
+  const int gh = h / p, gw = w / p, pd = ch * p * p;
+  const std::size_t total = std::size_t(batch) * ch * h * w;
+  for (std::size_t j = global_index(); j < total; j += global_stride()) {
+    const int x = int(j % w), y = int((j / w) % h), c = int((j / (std::size_t(w) * h)) % ch);
+    const std::size_t b = j / (std::size_t(w) * h * ch);
+    const int py = y / p, px = x / p;
+    img[j] = (py < gh && px < gw)
+                 ? patches[((b * gh + py) * gw + px) * pd + (c * p + y % p) * p + x % p]
+                 : T(0);
+  }
+}
+
+// ---- column reductions ---------------------------------------------------------------------------
+// Sums a (rows_per_chunk x 32) tile of the block's columns; lanes of threadIdx.y take every
+// kColLanes-th row, and the partial sums are combined in shared memory in a fixed order.
+template <class T, class F>
+__device__ inline T column_chunk_sum(F&& value, int rows, int rows_per_chunk, int c, bool in_range,
+                                     T (&tile)[kColLanes][33]) {
+  const int r0 = int(blockIdx.y) * rows_per_chunk;
+  const int r1 = r0 + rows_per_chunk < rows ? r0 + rows_per_chunk : rows;
+  T acc = T(0);
+  if (in_range)
+    for (int r = r0 + int(threadIdx.y); r < r1; r += kColLanes) acc += value(r);
+  tile[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  T s = T(0);
+  if (threadIdx.y == 0)
+    for (int l = 0; l < kColLanes; ++l) s += tile[l][threadIdx.x];
+  return s;  // meaningful in row lane 0 only
+}
+
+// out[c] = beta out[c] + sum_r x[r * ld + c]; with one chunk the result goes straight to out,
+// otherwise partial[chunk * cols + c] is written and sum_rows_finish adds the chunks.
+template <class T>
+__global__ void sum_rows_partial(T* out, T* partial, const T* x, int rows, int cols, int ld, T beta,
+                                 int rows_per_chunk) {
+  __shared__ T tile[kColLanes][33];
+  const int c = int(blockIdx.x) * 32 + int(threadIdx.x);
+  const bool in_range = c < cols;
+  const T s = column_chunk_sum<T>([&](int r) { return x[std::size_t(r) * ld + c]; }, rows, rows_per_chunk, c,
+                                  in_range, tile);
+  if (threadIdx.y != 0 || !in_range) return;
+  if (gridDim.y == 1)
+    out[c] = (beta == T(0) ? T(0) : beta * out[c]) + s;
+  else
+    partial[std::size_t(blockIdx.y) * cols + c] = s;
+}
+template <class T>
+__global__ void sum_rows_finish(T* out, const T* partial, int chunks, int cols, T beta) {
+  const int c = int(global_index());
+  if (c >= cols) return;
+  T s = T(0);
+  for (int k = 0; k < chunks; ++k) s += partial[std::size_t(k) * cols + c];
+  out[c] = (beta == T(0) ? T(0) : beta * out[c]) + s;
+}
+
+// dgamma[c] += sum_r dy xhat, dbeta[c] += sum_r dy (either may be null). Partials: the dgamma
+// chunks at partial[0 .. chunks*cols), the dbeta chunks after them.
+template <class T>
+__global__ void layer_norm_param_partial(T* dgamma, T* dbeta, T* partial, const T* dy, const T* x, const T* mean,
+                                         const T* rstd, int rows, int cols, int rows_per_chunk) {
+  __shared__ T tile[kColLanes][33];
+  const int c = int(blockIdx.x) * 32 + int(threadIdx.x);
+  const bool in_range = c < cols;
+  T sg = T(0), sb = T(0);
+  if (dgamma)
+    sg = column_chunk_sum<T>(
+        [&](int r) {
+          const std::size_t j = std::size_t(r) * cols + c;
+          return dy[j] * (x[j] - mean[r]) * rstd[r];
+        },
+        rows, rows_per_chunk, c, in_range, tile);
+  __syncthreads();  // the tile is reused
+  if (dbeta)
+    sb = column_chunk_sum<T>([&](int r) { return dy[std::size_t(r) * cols + c]; }, rows, rows_per_chunk, c,
+                             in_range, tile);
+  if (threadIdx.y != 0 || !in_range) return;
+  if (gridDim.y == 1) {
+    if (dgamma) dgamma[c] += sg;
+    if (dbeta) dbeta[c] += sb;
+  } else {
+    const std::size_t chunks = gridDim.y;
+    partial[std::size_t(blockIdx.y) * cols + c] = sg;
+    partial[(chunks + blockIdx.y) * cols + c] = sb;
+  }
+}
+template <class T>
+__global__ void layer_norm_param_finish(T* dgamma, T* dbeta, const T* partial, int chunks, int cols) {
+  const int c = int(global_index());
+  if (c >= cols) return;
+  T sg = T(0), sb = T(0);
+  for (int k = 0; k < chunks; ++k) {
+    sg += partial[std::size_t(k) * cols + c];
+    sb += partial[(std::size_t(chunks) + k) * cols + c];
+  }
+  if (dgamma) dgamma[c] += sg;
+  if (dbeta) dbeta[c] += sb;
+}
+
+// ---- row kernels ---------------------------------------------------------------------------------
+template <class T>
+__global__ void layer_norm_forward(T* y, T* mean, T* rstd, const T* x, const T* gamma, const T* beta, int rows,
+                                   int cols, T eps) {
+  const int row = warp_row();
+  if (row >= rows) return;
+  const int lane = int(threadIdx.x);
+  const T* xr = x + std::size_t(row) * cols;
+  T* yr = y + std::size_t(row) * cols;
+  T s = T(0);
+  for (int c = lane; c < cols; c += 32) s += xr[c];
+  const T mu = warp_sum(s) / T(cols);
+  T v = T(0);
+  for (int c = lane; c < cols; c += 32) v += (xr[c] - mu) * (xr[c] - mu);
+  // Two passes (mean, then centred squares) as on the CPU: no cancellation for large means.
+  const T rs = T(1) / d_sqrt(warp_sum(v) / T(cols) + eps);
+  if (lane == 0) {
+    mean[row] = mu;
+    rstd[row] = rs;
+  }
+  for (int c = lane; c < cols; c += 32) yr[c] = (xr[c] - mu) * rs * gamma[c] + beta[c];
+}
+template <class T>
+__global__ void layer_norm_backward_dx(T* dx, const T* dy, const T* x, const T* mean, const T* rstd,
+                                       const T* gamma, int rows, int cols) {
+  const int row = warp_row();
+  if (row >= rows) return;
+  const int lane = int(threadIdx.x);
+  const std::size_t o = std::size_t(row) * cols;
+  const T mu = mean[row], rs = rstd[row];
+  T s1 = T(0), s2 = T(0);  // sums of g and of g * xhat, with g = dy * gamma
+  for (int c = lane; c < cols; c += 32) {
+    const T g = dy[o + c] * gamma[c];
+    s1 += g;
+    s2 += g * (x[o + c] - mu) * rs;
+  }
+  s1 = warp_sum(s1) / T(cols);
+  s2 = warp_sum(s2) / T(cols);
+  for (int c = lane; c < cols; c += 32) {
+    const T xh = (x[o + c] - mu) * rs;
+    dx[o + c] = rs * (dy[o + c] * gamma[c] - s1 - xh * s2);
+  }
+}
+template <class T>
+__global__ void softmax_forward(T* y, const T* x, int rows, int cols, T scale) {
+  const int row = warp_row();
+  if (row >= rows) return;
+  const int lane = int(threadIdx.x);
+  const T* xr = x + std::size_t(row) * cols;
+  T* yr = y + std::size_t(row) * cols;
+  T mx = xr[0];
+  for (int c = lane; c < cols; c += 32) mx = xr[c] > mx ? xr[c] : mx;
+  mx = warp_max(mx);
+  T s = T(0);
+  for (int c = lane; c < cols; c += 32) {
+    const T e = d_exp(scale * (xr[c] - mx));
+    yr[c] = e;
+    s += e;
+  }
+  const T inv = T(1) / warp_sum(s);
+  for (int c = lane; c < cols; c += 32) yr[c] *= inv;
+}
+template <class T>
+__global__ void softmax_backward(T* dx, const T* dy, const T* y, int rows, int cols, T scale) {
+  const int row = warp_row();
+  if (row >= rows) return;
+  const int lane = int(threadIdx.x);
+  const std::size_t o = std::size_t(row) * cols;
+  T dot = T(0);
+  for (int c = lane; c < cols; c += 32) dot += dy[o + c] * y[o + c];
+  dot = warp_sum(dot);
+  for (int c = lane; c < cols; c += 32) dx[o + c] = scale * y[o + c] * (dy[o + c] - dot);
+}
+// Per-row soft-target cross-entropy in double, as on the CPU; the rows are summed afterwards.
+template <class T>
+__global__ void softmax_cross_entropy(double* loss, T* dz, const T* z, const T* t, int rows, int cols, T scale) {
+  const int row = warp_row();
+  if (row >= rows) return;
+  const int lane = int(threadIdx.x);
+  const std::size_t o = std::size_t(row) * cols;
+  T mx = z[o];
+  for (int c = lane; c < cols; c += 32) mx = z[o + c] > mx ? z[o + c] : mx;
+  mx = warp_max(mx);
+  double s = 0;
+  for (int c = lane; c < cols; c += 32) s += exp(double(z[o + c] - mx));
+  const double lse = log(warp_sum(s)) + double(mx);
+  double l = 0, tsum = 0;
+  for (int c = lane; c < cols; c += 32) {
+    l -= double(t[o + c]) * (double(z[o + c]) - lse);
+    tsum += double(t[o + c]);
+  }
+  l = warp_sum(l);
+  tsum = warp_sum(tsum);
+  if (dz)
+    for (int c = lane; c < cols; c += 32) dz[o + c] = scale * T(exp(double(z[o + c]) - lse) * tsum - double(t[o + c]));
+  if (lane == 0) loss[row] = l;
+}
+
+// ---- batched GEMM pointers -----------------------------------------------------------------------
+// The pointer arrays of cublasSgemmBatched for the two-level (outer x inner) strided layout.
+template <class T>
+__global__ void batched_pointers(const T** pa, const T** pb, T** pc, const T* a, std::size_t sa_outer,
+                                 std::size_t sa_inner, const T* b, std::size_t sb_outer, std::size_t sb_inner,
+                                 T* c, std::size_t sc_outer, std::size_t sc_inner, int outer, int inner) {
+  const std::size_t total = std::size_t(outer) * inner;
+  for (std::size_t j = global_index(); j < total; j += global_stride()) {
+    const std::size_t o = j / inner, i = j % inner;
+    pa[j] = a + o * sa_outer + i * sa_inner;
+    pb[j] = b + o * sb_outer + i * sb_inner;
+    pc[j] = c + o * sc_outer + i * sc_inner;
+  }
+}
+
+}  // namespace hatch::cuda_kernels

@@ -1,0 +1,66 @@
+// A steady-state forward + backward step of a Block allocates nothing: no tensor buffer, no
+// operator new, no malloc (Eigen's GEMM workspace included). malloc is interposed here, which
+// is why this test is a program of its own.
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <hatch/hatch.hpp>
+#include <new>
+
+namespace {
+std::atomic<bool> counting{false};
+std::atomic<long> mallocs{0}, news{0};
+}  // namespace
+
+extern "C" void* __libc_malloc(std::size_t);
+extern "C" void* malloc(std::size_t n) {
+  if (counting) ++mallocs;
+  return __libc_malloc(n);
+}
+void* operator new(std::size_t n) {
+  if (counting) ++news;
+  if (void* p = std::malloc(n ? n : 1)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+
+using namespace hatch;
+
+template <class L>
+void step(L& block, const Tensor<Cpu>& x, const Tensor<Cpu>& dy, std::uint64_t seed) {
+  Context ctx;
+  ctx.training = true;
+  ctx.seed = seed;
+  block.forward(x, ctx);
+  block.backward(dy, ctx);
+}
+
+TEST_CASE("a steady-state Block step allocates nothing") {
+  Model<Block<128, 4>, Cpu> block;
+  Initializer init(1);
+  block.reset_parameters(init);
+  set_drop_path(block, 0.1);
+  block.for_each_layer([](auto& l) {
+    if constexpr (requires { l.set_rate(0.0); }) l.set_rate(0.1);
+  });
+  Tensor<Cpu> x({64, 17, 128}), dy({64, 17, 128});
+  x.fill(0.1f);
+  dy.fill(0.01f);
+  for (int i = 0; i < 3; ++i) step(block, x, dy, i);  // warm-up: buffers grow, threads start
+  const auto buffers = Cpu::allocation_count().load();
+  counting = true;
+  for (int i = 3; i < 8; ++i) step(block, x, dy, i);
+  counting = false;
+  CHECK(Cpu::allocation_count().load() == buffers);
+  CHECK(news.load() == 0);
+  CHECK(mallocs.load() == 0);
+  // A smaller batch reuses the grown buffers.
+  Tensor<Cpu> xs({16, 17, 128}), dys({16, 17, 128});
+  xs.fill(0.2f);
+  dys.fill(0.02f);
+  step(block, xs, dys, 9);
+  CHECK(Cpu::allocation_count().load() == buffers + 2);  // only the two new input tensors
+}
