@@ -214,7 +214,8 @@ struct ThrustAllocator {
   void deallocate(char* p, std::size_t) noexcept { DeviceCache::instance().deallocate(p); }
 };
 
-// Functors of the Thrust reductions (kernel arguments must be namespace-scope types for nvcc's stubs).
+// Functors of the Thrust reductions. They are public namespace-scope types because the launch
+// stubs nvcc generates for the reduction kernels name them.
 struct Square {
   __host__ __device__ double operator()(float v) const { return double(v) * double(v); }
 };
