@@ -3,6 +3,7 @@
 #include <zlib.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
@@ -39,7 +40,9 @@ struct TempDir {
   TempDir() {
     static int counter = 0;
     path = fs::temp_directory_path() /
-           ("hatch_test_data_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
+           ("hatch_test_data_" +
+            std::to_string(std::chrono::steady_clock::now().time_since_epoch().count()) + "_" +
+            std::to_string(counter++));
     fs::create_directories(path);
   }
   ~TempDir() {

@@ -14,3 +14,5 @@
 #include "hatch/layers/norm.hpp"
 #include "hatch/models/vit.hpp"
 #include "hatch/tensor.hpp"
+#include "hatch/train/loss.hpp"
+#include "hatch/train/optimizer.hpp"

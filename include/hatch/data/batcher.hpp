@@ -95,11 +95,10 @@ class Batcher {
     if (remaining <= 0 || (drop_last_ && remaining < batch_)) return false;
     const int size = std::min(batch_, remaining);
     const std::size_t s = d.sample_size(), k = d.classes;
-    if (out.labels.capacity() < static_cast<std::size_t>(batch_)) {
-      out.images.reserve(batch_ * s);
-      out.targets.reserve(batch_ * k);
-      out.labels.reserve(batch_);
-    }
+    // Room for a full batch up front, so the last, partial batch and later epochs reuse it.
+    out.images.reserve(batch_ * s);
+    out.targets.reserve(batch_ * k);
+    out.labels.reserve(batch_);
     out.size = size;
     out.images.resize(size * s);
     out.targets.resize(size * k);

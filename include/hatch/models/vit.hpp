@@ -2,7 +2,9 @@
 // The Vision Transformer as a staged type: Vit<spec, Depths<d0, ..., dK-1>>. Stage 0 owns the
 // patch and position embeddings and the class token; the last stage owns the final norm and
 // the head; every stage maps tokens (B, N+1, D) to tokens of the same shape in between.
+#include <string>
 #include <string_view>
+#include <type_traits>
 
 #include "hatch/compose/stages.hpp"
 #include "hatch/layers/block.hpp"
@@ -99,6 +101,19 @@ using VitBase = Vit<base, Depths<3, 3, 3, 3>>;
 // The meta model of a preset: same patch, width and heads, one block per stage.
 template <class V>
 using MetaOf = Vit<V::spec, Depths<1, 1, 1, 1>>;
+
+inline constexpr const char* names = "vit-micro, vit-tiny, vit-small, vit-base";
 }  // namespace presets
+
+// Presets chosen by name at run time, instantiated at compile time: f receives
+// std::type_identity<Vit...>{} for the named preset.
+template <class F>
+decltype(auto) with_preset(std::string_view name, F&& f) {
+  if (name == "vit-micro") return f(std::type_identity<presets::VitMicro>{});
+  if (name == "vit-tiny") return f(std::type_identity<presets::VitTiny>{});
+  if (name == "vit-small") return f(std::type_identity<presets::VitSmall>{});
+  if (name == "vit-base") return f(std::type_identity<presets::VitBase>{});
+  throw Error("--preset: unknown preset '" + std::string(name) + "', expected one of " + presets::names);
+}
 
 }  // namespace hatch
