@@ -16,3 +16,4 @@
 #include "hatch/tensor.hpp"
 #include "hatch/train/loss.hpp"
 #include "hatch/train/optimizer.hpp"
+#include "hatch/train/checkpoint.hpp"

@@ -106,7 +106,7 @@ class DeviceCache {
       void* p = it->second.back();
       it->second.pop_back();
       cached_bytes_ -= size;
-      live_.emplace(p, Block{device, size});
+      track(p, Block{device, size});
       return p;
     }
     void* p = nullptr;
@@ -124,7 +124,12 @@ class DeviceCache {
                   std::to_string(live_bytes_) + " bytes in use by hatch on device " + std::to_string(device));
     }
     ++mallocs_;
-    live_.emplace(p, Block{device, size});
+    try {
+      track(p, Block{device, size});
+    } catch (...) {
+      (void)cudaFree(p);
+      throw;
+    }
     live_bytes_ += size;
     return p;
   }
@@ -139,9 +144,10 @@ class DeviceCache {
       std::fprintf(stderr, "hatch::Cuda::deallocate: %p was not allocated by hatch::Cuda (ignored)\n", p);
       return;
     }
-    const Block b = it->second;
-    live_.erase(it);
+    auto node = live_.extract(it);
+    const Block b = node.mapped();
     try {
+      spare_nodes_.push_back(std::move(node));
       free_[{b.device, b.size}].push_back(p);
       cached_bytes_ += b.size;
     } catch (...) {
@@ -169,6 +175,21 @@ class DeviceCache {
     int device;
     std::size_t size;
   };
+  using LiveMap = std::unordered_map<void*, Block>;
+
+  // Records a block in use. Map nodes released by deallocate are recycled, so that in a steady
+  // state (the same sizes allocated and freed every step) the cache makes no host allocation either.
+  void track(void* p, Block b) {
+    if (spare_nodes_.empty()) {
+      live_.emplace(p, b);
+      return;
+    }
+    LiveMap::node_type node = std::move(spare_nodes_.back());
+    spare_nodes_.pop_back();
+    node.key() = p;
+    node.mapped() = b;
+    live_.insert(std::move(node));
+  }
   void release_locked() {
     int current = 0;
     HATCH_CUDA_CHECK(cudaGetDevice(&current));
@@ -185,7 +206,8 @@ class DeviceCache {
 
   std::mutex mu_;
   std::map<std::pair<int, std::size_t>, std::vector<void*>> free_;
-  std::unordered_map<void*, Block> live_;
+  LiveMap live_;
+  std::vector<LiveMap::node_type> spare_nodes_;
   std::size_t live_bytes_ = 0;    // held from the driver, in use or cached
   std::size_t cached_bytes_ = 0;  // of which in the free lists
   std::atomic<std::int64_t> mallocs_{0};

@@ -30,8 +30,8 @@ auto trainable_parameters(M& model) {
 
 // Freezing a sub-module: its parameters keep their values and get no gradients.
 template <class M>
-void set_trainable(M& module, bool trainable) {
-  module.visit([&](const std::string&, Parameter<typename M::backend>& p) { p.trainable = trainable; }, "");
+void set_trainable(M& part, bool trainable) {
+  part.visit([&](const std::string&, Parameter<typename M::backend>& p) { p.trainable = trainable; }, "");
 }
 
 template <Backend B>

@@ -1,0 +1,168 @@
+#!/usr/bin/python3
+"""Images per second of one full training step (forward, cross-entropy, backward, AdamW) of a
+preset ViT in PyTorch on random data: the peer of build/bench/train_step.
+
+The model is hatch's ViT written the timm way: a stride-p convolution as patch embedding, a
+class token and a position embedding, pre-norm blocks (LayerNorm eps 1e-6, fused qkv attention
+with bias, MLP ratio 4 with exact GELU), a final LayerNorm on the class token and a linear head.
+Parameter names are timm's. AdamW decays weights only (not norms, biases, tokens), as hatch's.
+
+  /usr/bin/python3 bench/torch_vit_step.py --preset vit-small --batch 128 --threads 2 --steps 20
+  /usr/bin/python3 bench/torch_vit_step.py DIM DEPTH HEADS BATCH PATCH [THREADS]
+
+Prints the median time per step, then a last line "images_per_second=N".
+Needs Debian's python3-torch.
+"""
+import argparse
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# name: (patch, dim, heads, depth = total blocks over the four stages)
+PRESETS = {
+    "vit-micro": (7, 32, 2, 4),
+    "vit-tiny": (7, 64, 4, 4),
+    "vit-small": (7, 128, 4, 8),
+    "vit-base": (4, 192, 6, 12),
+}
+IMAGE, CHANNELS, CLASSES, MLP_RATIO, LN_EPS = 28, 1, 10, 4, 1e-6
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.scale = self.head_dim ** -0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp = Mlp(dim, MLP_RATIO * dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(CHANNELS, dim, patch, patch)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class ViT(nn.Module):
+    def __init__(self, dim, depth, heads, patch):
+        super().__init__()
+        tokens = (IMAGE // patch) ** 2 + 1
+        self.patch_embed = PatchEmbed(patch, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, tokens, dim))
+        self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=LN_EPS)
+        self.head = nn.Linear(dim, CLASSES)
+        for name, p in self.named_parameters():  # timm: trunc_normal(0.02) weights, zero biases
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "norm" in name:
+                nn.init.ones_(p)
+            elif name == "cls_token":
+                nn.init.trunc_normal_(p, std=1e-6)
+            else:
+                nn.init.trunc_normal_(p, std=0.02)
+
+    def forward(self, x):
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.blocks(x)
+        # Normalising token 0 alone gives timm's output (it normalises all, then takes token 0).
+        return self.head(self.norm(x[:, 0]))
+
+
+def parse(argv):
+    if argv and not argv[0].startswith("-"):  # the positional form of the reference peer
+        if len(argv) not in (5, 6):
+            sys.exit("usage: torch_vit_step.py DIM DEPTH HEADS BATCH PATCH [THREADS]")
+        try:
+            vals = [int(v) for v in argv]
+        except ValueError:
+            sys.exit(f"torch_vit_step.py: positional arguments must be integers, got {argv}")
+        dim, depth, heads, batch, patch = vals[:5]
+        return argparse.Namespace(preset=f"dim{dim}-depth{depth}-heads{heads}-patch{patch}", dim=dim, depth=depth,
+                                  heads=heads, batch=batch, patch=patch, threads=vals[5] if len(vals) > 5 else 2,
+                                  steps=20, warmup=3)
+    ap = argparse.ArgumentParser(description="PyTorch training-step throughput (peer of hatch's train_step)")
+    ap.add_argument("--preset", default="vit-small", choices=sorted(PRESETS))
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    a = ap.parse_args(argv)
+    a.patch, a.dim, a.heads, a.depth = PRESETS[a.preset]
+    return a
+
+
+def main(argv):
+    a = parse(argv)
+    for k in ("dim", "depth", "heads", "batch", "patch", "threads", "steps"):
+        if getattr(a, k) < 1:
+            sys.exit(f"torch_vit_step.py: {k} must be positive, got {getattr(a, k)}")
+    if a.dim % a.heads or IMAGE % a.patch:
+        sys.exit(f"torch_vit_step.py: dim {a.dim} must divide by heads {a.heads}, {IMAGE} by patch {a.patch}")
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    model = ViT(a.dim, a.depth, a.heads, a.patch)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and n not in ("cls_token", "pos_embed")]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and n not in ("cls_token", "pos_embed"))]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+    x = torch.randn(a.batch, CHANNELS, IMAGE, IMAGE)
+    y = torch.randint(0, CLASSES, (a.batch,))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    for _ in range(a.warmup):
+        step()
+    times = []
+    for _ in range(a.steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    median = times[len(times) // 2]
+    print(f"torch {torch.__version__} {a.preset} batch={a.batch} threads={a.threads}: "
+          f"median {median * 1e3:.1f} ms/step (min {times[0] * 1e3:.1f})")
+    print(f"images_per_second={a.batch / median:.1f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

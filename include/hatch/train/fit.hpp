@@ -1,0 +1,170 @@
+#pragma once
+// The fit loop: epochs of mini-batch training with augmentation, AdamW, warmup + cosine
+// schedule, clipping; evaluation after each epoch; metrics; a stop with a clear message on a
+// non-finite loss; a training state after each epoch from which a killed run resumes exactly.
+//
+// Works on anything with the layer contract (forward, backward, visit): a whole model, or the
+// Incubator's hybrid with its frozen stages.
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <optional>
+#include <string>
+
+#include "hatch/backend/random.hpp"
+#include "hatch/data/batcher.hpp"
+#include "hatch/data/fashion_mnist.hpp"
+#include "hatch/train/checkpoint.hpp"
+#include "hatch/train/loss.hpp"
+#include "hatch/train/optimizer.hpp"
+#include "hatch/train/progress.hpp"
+
+namespace hatch {
+
+struct FitOptions {
+  int epochs = 10, batch = 128, eval_batch = 500;
+  double lr = 5e-4, min_lr = 1e-5, warmup_lr = 1e-6;
+  double warmup_epochs = 0;
+  double weight_decay = 0.05, clip = 0;  // clip: max global gradient norm, 0 = off
+  data::AugmentOptions augment{};
+  std::uint64_t seed = 0;
+  std::string phase = "train";           // written into every metrics line
+  std::filesystem::path out;             // metrics.jsonl and <phase>.state.safetensors; empty = none
+  bool resume = true;                    // continue from out/<phase>.state.safetensors if present
+  bool progress = true;
+  double images_before = 0;              // training images seen by earlier phases (for compute plots)
+};
+
+struct EvalResult {
+  double loss = 0, accuracy = 0;
+};
+struct FitResult {
+  EvalResult test;
+  int epochs = 0;
+  double seconds = 0, images = 0;
+};
+
+inline std::uint64_t step_seed(std::uint64_t seed, std::int64_t step) {
+  return mix64(seed * 0x9e3779b97f4a7c15ULL + std::uint64_t(step));
+}
+
+template <class M>
+EvalResult evaluate(M& model, const data::Dataset& set, int batch) {
+  using B = typename M::backend;
+  data::Batcher batches(set, batch, false, 0);
+  data::Batch b;
+  Tensor<B> x, t;
+  SoftTargetCrossEntropy<B> ce;
+  std::vector<typename B::Scalar> host;
+  double loss = 0;
+  std::int64_t correct = 0;
+  while (batches.next(b)) {
+    host.assign(b.images.begin(), b.images.end());
+    x.from_host(host, {b.size, set.channels, set.height, set.width});
+    host.assign(b.targets.begin(), b.targets.end());
+    t.from_host(host, {b.size, set.classes});
+    Context ctx;
+    ctx.training = false;
+    const auto& logits = model.forward(x, ctx);
+    loss += ce.forward_backward(logits, t) * b.size;
+    const auto z = logits.to_host();
+    for (int r = 0; r < b.size; ++r) {
+      const auto* row = z.data() + std::size_t(r) * set.classes;
+      correct += int(std::max_element(row, row + set.classes) - row) == b.labels[r];
+    }
+  }
+  return {loss / set.n, double(correct) / set.n};
+}
+
+template <class M>
+FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, const FitOptions& o) {
+  using B = typename M::backend;
+  using T = typename B::Scalar;
+  require(o.epochs >= 0 && o.batch > 0, "fit", "epochs must be >= 0 and batch > 0");
+  auto params = trainable_parameters(model);
+  AdamW<B> opt(params, {.weight_decay = o.weight_decay});
+  data::Batcher batches(train, o.batch, true, o.seed, o.augment);
+  const std::int64_t per_epoch = batches.batches_per_epoch();
+  WarmupCosine schedule{o.lr, o.min_lr, o.warmup_lr, std::int64_t(o.warmup_epochs * per_epoch),
+                        std::max<std::int64_t>(1, per_epoch * o.epochs)};
+  MetricsLog log(o.out);
+  const auto state_file = o.out.empty() ? std::filesystem::path() : o.out / (o.phase + ".state.safetensors");
+
+  int first_epoch = 0;
+  FitResult result;
+  if (o.resume && !state_file.empty() && std::filesystem::exists(state_file)) {
+    const auto st = load_training_state(model, opt, state_file);
+    first_epoch = st.at("epoch").template get<int>();
+    result.seconds = st.value("seconds", 0.0);
+    result.images = st.value("images", 0.0);
+    if (o.progress) std::fprintf(stderr, "%s: resuming after epoch %d from %s\n", o.phase.c_str(), first_epoch,
+                                 state_file.string().c_str());
+  }
+
+  data::Batch b;
+  Tensor<B> x, t;
+  std::vector<T> host;
+  SoftTargetCrossEntropy<B> ce;
+  for (int epoch = first_epoch; epoch < o.epochs; ++epoch) {
+    const auto t0 = std::chrono::steady_clock::now();
+    batches.start_epoch(epoch);
+    ProgressBar bar(o.phase + " " + std::to_string(epoch + 1) + "/" + std::to_string(o.epochs), int(per_epoch),
+                    o.progress);
+    double loss_sum = 0, seen = 0, correct = 0, lr = 0;
+    std::int64_t step = std::int64_t(epoch) * per_epoch;
+    for (int i = 0; batches.next(b); ++i, ++step) {
+      host.assign(b.images.begin(), b.images.end());
+      x.from_host(host, {b.size, train.channels, train.height, train.width});
+      host.assign(b.targets.begin(), b.targets.end());
+      t.from_host(host, {b.size, train.classes});
+      Context ctx;
+      ctx.training = true;
+      ctx.input_grad = false;
+      ctx.seed = step_seed(o.seed, step);
+      opt.zero_grad();
+      const auto& logits = model.forward(x, ctx);
+      const double loss = ce.forward_backward(logits, t);
+      if (!std::isfinite(loss))
+        throw Error(o.phase + ": training diverged: the loss is " + std::to_string(loss) + " at epoch " +
+                    std::to_string(epoch + 1) + ", step " + std::to_string(i + 1) + " (lr " + std::to_string(lr) +
+                    "); lower --lr or set a gradient clip");
+      const auto z = logits.to_host();
+      for (int r = 0; r < b.size; ++r) {
+        const auto* row = z.data() + std::size_t(r) * train.classes;
+        const auto* trow = b.targets.data() + std::size_t(r) * train.classes;
+        correct += std::max_element(row, row + train.classes) - row == std::max_element(trow, trow + train.classes) - trow;
+      }
+      model.backward(ce.grad(), ctx);
+      if (o.clip > 0) clip_grad_norm(params, o.clip);
+      lr = schedule.at(step);
+      opt.step(lr);
+      loss_sum += loss * b.size;
+      seen += b.size;
+      const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      bar.update(i + 1, loss_sum / seen, correct / seen, seen / secs);
+    }
+    const double train_secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    result.seconds += train_secs;
+    result.images += seen;
+    result.test = evaluate(model, test, o.eval_batch);
+    result.epochs = epoch + 1;
+    char extra[128];
+    std::snprintf(extra, sizeof extra, "| test loss %.4f acc %.4f", result.test.loss, result.test.accuracy);
+    bar.finish(loss_sum / seen, correct / seen, seen / train_secs, extra);
+    log.write({{"phase", o.phase}, {"epoch", epoch + 1}, {"train_loss", loss_sum / seen},
+               {"train_accuracy", correct / seen}, {"test_loss", result.test.loss},
+               {"test_accuracy", result.test.accuracy}, {"lr", lr}, {"images_per_second", seen / train_secs},
+               {"seconds", result.seconds}, {"images", o.images_before + result.images}});
+    if (!state_file.empty())
+      save_training_state(model, opt, state_file,
+                          {{"epoch", epoch + 1}, {"seconds", result.seconds}, {"images", result.images},
+                           {"phase", o.phase}});
+  }
+  if (result.epochs == 0 || first_epoch == o.epochs) {
+    result.test = evaluate(model, test, o.eval_batch);
+    result.epochs = o.epochs;
+  }
+  return result;
+}
+
+}  // namespace hatch

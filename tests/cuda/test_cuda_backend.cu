@@ -1,0 +1,693 @@
+// The Cuda backend: every primitive against a straightforward host reference (in double), and
+// every layer, forward and backward, against the same layer on the Cpu backend (cpu_side.cpp).
+// Without a device every test prints "no CUDA device: skipped" and passes, except the error
+// check test, which needs no device.
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cpu_side.hpp"
+#include "hatch/cuda.hpp"
+#include "layer_runners.hpp"
+
+using hatch::Cuda;
+using Dev = hatch::Tensor<Cuda>;
+using HostVec = std::vector<float>;
+using RefVec = std::vector<double>;
+
+#define HATCH_REQUIRE_CUDA_DEVICE()            \
+  do {                                         \
+    if (!::hatch::Cuda::device_available()) {  \
+      MESSAGE("no CUDA device: skipped");      \
+      return;                                  \
+    }                                          \
+  } while (0)
+
+namespace {
+
+constexpr double kTol = 1e-5;      // primitives, float32 vs a double reference
+constexpr double kTf32Tol = 1e-2;  // GEMMs with TF32 tensor cores
+// Layers: Cpu vs Cuda, both float32 with different summation orders. Cpu vs Cpu64 differs by at
+// most ~1.5e-6 on these cases, so 1e-4 leaves ample room while any real bug is far above it.
+constexpr double kLayerTol = 1e-4;
+
+HostVec randn(std::size_t n, std::uint64_t seed, double mean = 0, double sd = 1) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<double> nd(mean, sd);
+  HostVec v(n);
+  for (auto& x : v) x = float(nd(rng));
+  return v;
+}
+Dev dev(const HostVec& h) {
+  Dev t;
+  t.from_host(h, {std::int64_t(h.size())});
+  return t;
+}
+// max |got - ref| / max |ref|: a relative error that is not fooled by reference values near zero.
+template <class A, class Bv>
+double rel_err(const A& got, const Bv& ref) {
+  REQUIRE(got.size() == ref.size());
+  double diff = 0, scale = 0;
+  for (std::size_t j = 0; j < got.size(); ++j) {
+    const double d = std::abs(double(got[j]) - double(ref[j]));
+    if (std::isnan(d)) return std::numeric_limits<double>::infinity();  // std::max would drop a NaN
+    diff = std::max(diff, d);
+    scale = std::max(scale, std::abs(double(ref[j])));
+  }
+  return diff / std::max(scale, 1e-30);
+}
+#define CHECK_CLOSE(got, ref, tol)                                                   \
+  do {                                                                               \
+    const double e_ = rel_err((got), (ref));                                         \
+    CHECK_MESSAGE(e_ <= (tol), #got " vs " #ref ": relative error " << e_);          \
+  } while (0)
+
+struct Tf32Guard {
+  explicit Tf32Guard(bool on) { Cuda::set_tf32(on); }
+  ~Tf32Guard() { Cuda::set_tf32(false); }
+};
+
+// ---- host references -----------------------------------------------------------------------------
+// Row-major C(m x n) = alpha op(A) op(B) + beta C, leaving the padding of ldc untouched.
+void gemm_ref(bool ta, bool tb, int m, int n, int k, double alpha, const float* a, int lda, const float* b, int ldb,
+              double beta, const float* c_in, double* c, int ldc) {
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < n; ++j) {
+      double s = 0;
+      for (int p = 0; p < k; ++p) {
+        const double av = ta ? a[std::size_t(p) * lda + i] : a[std::size_t(i) * lda + p];
+        const double bv = tb ? b[std::size_t(j) * ldb + p] : b[std::size_t(p) * ldb + j];
+        s += av * bv;
+      }
+      const std::size_t o = std::size_t(i) * ldc + j;
+      c[o] = alpha * s + (beta == 0 ? 0.0 : beta * c_in[o]);
+    }
+}
+RefVec to_ref(const HostVec& h) { return RefVec(h.begin(), h.end()); }
+
+}  // namespace
+
+// ---- no device needed -----------------------------------------------------------------------------
+TEST_CASE("cuda: failing CUDA and cuBLAS calls throw hatch::Error naming the call, file and error") {
+  // Runs with or without a device: an absurd device index fails either way.
+  try {
+    HATCH_CUDA_CHECK(cudaSetDevice(1 << 20));
+    FAIL("cudaSetDevice(1 << 20) did not fail");
+  } catch (const hatch::Error& e) {
+    const std::string msg = e.what();
+    CHECK(msg.find("cudaSetDevice(1 << 20)") != std::string::npos);
+    CHECK(msg.find("test_cuda_backend.cu:") != std::string::npos);
+    CHECK(msg.find("failed: cuda") != std::string::npos);  // the error's name, e.g. cudaErrorInvalidDevice
+  }
+  try {
+    HATCH_CUBLAS_CHECK(CUBLAS_STATUS_INVALID_VALUE);
+    FAIL("a failing cuBLAS status did not throw");
+  } catch (const hatch::Error& e) {
+    const std::string msg = e.what();
+    CHECK(msg.find("CUBLAS_STATUS_INVALID_VALUE") != std::string::npos);
+    CHECK(msg.find(cublasGetStatusString(CUBLAS_STATUS_INVALID_VALUE)) != std::string::npos);
+  }
+  if (!Cuda::device_available()) {
+    // Without a device the first allocation fails with a hatch::Error rather than crashing.
+    CHECK_THROWS_AS(Cuda::allocate(16), hatch::Error);
+    CHECK(Cuda::device_name() == "no CUDA device");
+    MESSAGE("no CUDA device: device-side checks skipped");
+  }
+}
+
+// ---- memory -----------------------------------------------------------------------------------------
+TEST_CASE("cuda: upload, download, copy and fill") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  MESSAGE("device: " << Cuda::device_name());
+  for (std::size_t n : {std::size_t(1), std::size_t(1000), (std::size_t(1) << 20) + 3}) {
+    const HostVec h = randn(n, n);
+    Dev a = dev(h), b;
+    b = a;  // Tensor copy -> Cuda::copy
+    CHECK(b.to_host() == h);
+    b.fill(2.5f);
+    const HostVec filled = b.to_host();
+    CHECK(std::all_of(filled.begin(), filled.end(), [](float v) { return v == 2.5f; }));
+    CHECK(a.to_host() == h);
+  }
+}
+
+TEST_CASE("cuda: the caching allocator reuses blocks and releases them on request") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  Cuda::synchronize();
+  float* p = Cuda::allocate(1000);
+  Cuda::deallocate(p, 1000);
+  const std::int64_t before = Cuda::allocation_count();
+  for (int i = 0; i < 10; ++i) {
+    float* q = Cuda::allocate(1000);
+    CHECK(q == p);  // the same block comes back
+    Cuda::deallocate(q, 1000);
+  }
+  float* r = Cuda::allocate(1010);  // 4040 bytes rounds to the same 4096-byte class
+  Cuda::deallocate(r, 1010);
+  CHECK(Cuda::allocation_count() == before);
+  CHECK(Cuda::cached_bytes() > 0);
+  Cuda::release_cache();
+  CHECK(Cuda::cached_bytes() == 0);
+  float* s = Cuda::allocate(1000);
+  CHECK(Cuda::allocation_count() == before + 1);
+  Cuda::deallocate(s, 1000);
+  CHECK(hatch::cuda_detail::DeviceCache::round_size(1) == 512);
+  CHECK(hatch::cuda_detail::DeviceCache::round_size((1u << 20) + 1) == (1u << 20) + (1u << 17));
+}
+
+// ---- GEMM -------------------------------------------------------------------------------------------
+namespace {
+void check_gemm(bool ta, bool tb, int m, int n, int k, float alpha, float beta, bool nan_c, double tol) {
+  CAPTURE(ta);
+  CAPTURE(tb);
+  CAPTURE(beta);
+  const int lda = (ta ? m : k) + 3, ldb = (tb ? k : n) + 2, ldc = n + 5;
+  const HostVec a = randn(std::size_t(ta ? k : m) * lda, 1), b = randn(std::size_t(tb ? n : k) * ldb, 2);
+  HostVec c = randn(std::size_t(m) * ldc, 3);
+  if (nan_c)
+    for (auto& v : c) v = std::numeric_limits<float>::quiet_NaN();
+  RefVec ref = to_ref(c);
+  gemm_ref(ta, tb, m, n, k, alpha, a.data(), lda, b.data(), ldb, beta, c.data(), ref.data(), ldc);
+  Dev da = dev(a), db = dev(b), dc = dev(c);
+  Cuda::gemm(ta, tb, m, n, k, alpha, da.data(), lda, db.data(), ldb, beta, dc.data(), ldc);
+  const HostVec got = dc.to_host();
+  // Compare the m x n block only; the padding columns must be untouched.
+  HostVec g_block, pad_got, pad_ref;
+  RefVec r_block;
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < ldc; ++j) {
+      const std::size_t o = std::size_t(i) * ldc + j;
+      if (j < n) {
+        g_block.push_back(got[o]);
+        r_block.push_back(ref[o]);
+      } else if (!nan_c) {
+        pad_got.push_back(got[o]);
+        pad_ref.push_back(c[o]);
+      }
+    }
+  CHECK_CLOSE(g_block, r_block, tol);
+  CHECK(pad_got == pad_ref);
+}
+}  // namespace
+
+TEST_CASE("cuda: gemm matches the host reference for every transpose combination") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  for (bool ta : {false, true})
+    for (bool tb : {false, true}) {
+      check_gemm(ta, tb, 37, 29, 53, 0.7f, 0.3f, false, kTol);
+      check_gemm(ta, tb, 64, 48, 32, 1.0f, 1.0f, false, kTol);
+      check_gemm(ta, tb, 17, 5, 9, 1.0f, 0.0f, true, kTol);  // beta 0 ignores (NaN) C
+    }
+}
+
+TEST_CASE("cuda: gemm with TF32 tensor cores") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  Tf32Guard tf32(true);
+  CHECK(Cuda::tf32());
+  for (bool ta : {false, true})
+    for (bool tb : {false, true}) check_gemm(ta, tb, 128, 96, 256, 1.0f, 0.5f, false, kTf32Tol);
+}
+
+TEST_CASE("cuda: gemm_batched over two levels, collapsed and pointer-array paths") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  struct Layout {
+    const char* what;
+    int outer, inner;
+    bool collapsed;  // one stride (or else the attention layout, heads interleaved with tokens)
+  };
+  for (const Layout l : {Layout{"attention layout", 3, 4, false}, Layout{"contiguous", 3, 4, true},
+                         Layout{"outer 1", 1, 5, false}, Layout{"inner 1", 4, 1, false}})
+    for (bool ta : {false, true})
+      for (bool tb : {false, true}) {
+        CAPTURE(l.what);
+        CAPTURE(ta);
+        CAPTURE(tb);
+        const int m = 11, n = 7, k = 6, total = l.outer * l.inner;
+        const int ra = ta ? k : m, ca = ta ? m : k, rb = tb ? n : k, cb = tb ? k : n;
+        // Interleaved: row r of matrix (o, i) lives at o * rows * ld + r * ld + i * cols, as the heads
+        // of a (batch, tokens, heads, head_dim) buffer do. Contiguous: matrix j at j * rows * cols.
+        auto strides = [&](int rows, int cols, int& ld, std::size_t& so, std::size_t& si) {
+          if (l.collapsed) {
+            ld = cols;
+            si = std::size_t(rows) * cols;
+            so = si * l.inner;
+          } else {
+            ld = cols * l.inner + 1;
+            si = std::size_t(cols);
+            so = std::size_t(rows) * ld;
+          }
+        };
+        int lda, ldb, ldc;
+        std::size_t sao, sai, sbo, sbi, sco, sci;
+        strides(ra, ca, lda, sao, sai);
+        strides(rb, cb, ldb, sbo, sbi);
+        strides(m, n, ldc, sco, sci);
+        const HostVec a = randn(sao * l.outer + 64, 4), b = randn(sbo * l.outer + 64, 5);
+        const HostVec c = randn(sco * l.outer + 64, 6);
+        RefVec ref = to_ref(c);
+        for (int j = 0; j < total; ++j) {
+          const int o = j / l.inner, i = j % l.inner;
+          gemm_ref(ta, tb, m, n, k, 0.5, a.data() + o * sao + i * sai, lda, b.data() + o * sbo + i * sbi, ldb, 0.25,
+                   c.data() + o * sco + i * sci, ref.data() + o * sco + i * sci, ldc);
+        }
+        Dev da = dev(a), db = dev(b), dc = dev(c);
+        Cuda::gemm_batched(ta, tb, m, n, k, 0.5f, da.data(), lda, sao, sai, db.data(), ldb, sbo, sbi, 0.25f, dc.data(),
+                           ldc, sco, sci, l.outer, l.inner);
+        CHECK_CLOSE(dc.to_host(), ref, kTol);
+      }
+}
+
+TEST_CASE("cuda: a failing cuBLAS call throws hatch::Error") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  Dev a = dev(randn(64, 1)), b = dev(randn(64, 2)), c = dev(randn(64, 3));
+  try {
+    Cuda::gemm(false, false, 4, 4, 8, 1.0f, a.data(), 2, b.data(), 4, 0.0f, c.data(), 4);  // lda < k
+    FAIL("gemm with lda < k did not throw");
+  } catch (const hatch::Error& e) {
+    const std::string msg = e.what();
+    CHECK(msg.find("cublasSgemm") != std::string::npos);
+    CHECK(msg.find("cuda.hpp:") != std::string::npos);
+  }
+}
+
+// ---- elementwise ------------------------------------------------------------------------------------
+TEST_CASE("cuda: elementwise primitives") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  const std::size_t n = 100003;
+  const HostVec x = randn(n, 7), y0 = randn(n, 8);
+  RefVec ref(n);
+  {
+    Dev y = dev(y0), dx = dev(x);
+    Cuda::axpy(y.data(), -1.5f, dx.data(), n);
+    for (std::size_t j = 0; j < n; ++j) ref[j] = double(y0[j]) - 1.5 * x[j];
+    CHECK_CLOSE(y.to_host(), ref, kTol);
+  }
+  {
+    Dev a = dev(x), b = dev(y0), out = dev(HostVec(n));
+    Cuda::add(out.data(), a.data(), b.data(), n);
+    for (std::size_t j = 0; j < n; ++j) ref[j] = double(x[j]) + y0[j];
+    CHECK_CLOSE(out.to_host(), ref, kTol);
+    Cuda::mul(out.data(), a.data(), b.data(), n);
+    for (std::size_t j = 0; j < n; ++j) ref[j] = double(x[j]) * y0[j];
+    CHECK_CLOSE(out.to_host(), ref, kTol);
+    Cuda::scale(out.data(), 0.25f, n);
+    for (std::size_t j = 0; j < n; ++j) ref[j] *= 0.25;
+    CHECK_CLOSE(out.to_host(), ref, kTol);
+  }
+  {
+    Dev dx = dev(x), y = dev(HostVec(n)), dy = dev(y0), dxo = dev(HostVec(n));
+    Cuda::gelu_forward(y.data(), dx.data(), n);
+    Cuda::gelu_backward(dxo.data(), dy.data(), dx.data(), n);
+    RefVec gd(n);
+    for (std::size_t j = 0; j < n; ++j) {
+      const double v = x[j], cdf = 0.5 * (1 + std::erf(v / std::sqrt(2.0)));
+      ref[j] = v * cdf;
+      gd[j] = y0[j] * (cdf + v * std::exp(-0.5 * v * v) / std::sqrt(2 * M_PI));
+    }
+    CHECK_CLOSE(y.to_host(), ref, kTol);
+    CHECK_CLOSE(dxo.to_host(), gd, kTol);
+  }
+}
+
+TEST_CASE("cuda: row-wise primitives: add_bias_rows, scale_rows, copy_2d") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  const int rows = 37, cols = 45;
+  const HostVec x = randn(std::size_t(rows) * cols, 9), bias = randn(cols, 10), s = randn(rows, 11);
+  {
+    Dev y = dev(x), b = dev(bias);
+    Cuda::add_bias_rows(y.data(), b.data(), rows, cols);
+    RefVec ref(x.size());
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < cols; ++c) ref[r * cols + c] = double(x[r * cols + c]) + bias[c];
+    CHECK_CLOSE(y.to_host(), ref, kTol);
+  }
+  {
+    Dev dx = dev(x), ds = dev(s), y = dev(HostVec(x.size()));
+    Cuda::scale_rows(y.data(), dx.data(), ds.data(), rows, cols);
+    RefVec ref(x.size());
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < cols; ++c) ref[r * cols + c] = double(x[r * cols + c]) * s[r];
+    CHECK_CLOSE(y.to_host(), ref, kTol);
+    Cuda::scale_rows(dx.data(), dx.data(), ds.data(), rows, cols);  // in place
+    CHECK_CLOSE(dx.to_host(), ref, kTol);
+  }
+  {
+    // Strided block copy, then a broadcast of one row (ld_src 0).
+    const int ld_dst = 50, ld_src = 47, rc = 30, cc = 40;
+    const HostVec src = randn(std::size_t(rc) * ld_src, 12), dst0 = randn(std::size_t(rc) * ld_dst, 13);
+    Dev dsrc = dev(src), ddst = dev(dst0);
+    Cuda::copy_2d(ddst.data(), ld_dst, dsrc.data(), ld_src, rc, cc);
+    RefVec ref = to_ref(dst0);
+    for (int r = 0; r < rc; ++r)
+      for (int c = 0; c < cc; ++c) ref[r * ld_dst + c] = src[r * ld_src + c];
+    CHECK(rel_err(ddst.to_host(), ref) == 0);
+    Cuda::copy_2d(ddst.data(), ld_dst, dsrc.data(), 0, rc, cc);
+    for (int r = 0; r < rc; ++r)
+      for (int c = 0; c < cc; ++c) ref[r * ld_dst + c] = src[c];
+    CHECK(rel_err(ddst.to_host(), ref) == 0);
+  }
+}
+
+TEST_CASE("cuda: sum_rows with leading dimension and beta") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  struct Case {
+    int rows, cols, ld;
+    float beta;
+    bool nan_out;
+  };
+  // 1000 and 3000 rows reduce in several row chunks; beta 0 must ignore (NaN) outputs.
+  for (const Case k : {Case{7, 33, 40, 0.0f, true}, Case{1000, 45, 45, 1.0f, false}, Case{3000, 70, 80, 0.5f, false},
+                       Case{0, 10, 10, 0.5f, false}, Case{5, 600, 610, 0.0f, false}, Case{300, 1, 1, 2.0f, false}}) {
+    CAPTURE(k.rows);
+    CAPTURE(k.cols);
+    const HostVec x = randn(std::size_t(std::max(k.rows, 1)) * k.ld, 14);
+    HostVec out0 = randn(k.cols, 15);
+    if (k.nan_out)
+      for (auto& v : out0) v = std::numeric_limits<float>::quiet_NaN();
+    RefVec ref(k.cols);
+    for (int c = 0; c < k.cols; ++c) {
+      double s = k.beta == 0 ? 0.0 : double(k.beta) * out0[c];
+      for (int r = 0; r < k.rows; ++r) s += x[std::size_t(r) * k.ld + c];
+      ref[c] = s;
+    }
+    Dev dx = dev(x), out = dev(out0);
+    Cuda::sum_rows(out.data(), dx.data(), k.rows, k.cols, k.ld, k.beta);
+    CHECK_CLOSE(out.to_host(), ref, kTol);
+  }
+}
+
+TEST_CASE("cuda: sum_squares and all_finite") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  const std::size_t n = 1000007;
+  HostVec x = randn(n, 16);
+  double ref = 0;
+  for (float v : x) ref += double(v) * v;
+  Dev d = dev(x);
+  CHECK(std::abs(Cuda::sum_squares(d.data(), n) - ref) <= 1e-9 * ref);  // double sums in another order
+  CHECK(Cuda::sum_squares(d.data(), 0) == 0.0);
+  CHECK(Cuda::all_finite(d.data(), n));
+  CHECK(Cuda::all_finite(d.data(), 0));
+  x[n - 1] = std::numeric_limits<float>::infinity();
+  d = dev(x);
+  CHECK_FALSE(Cuda::all_finite(d.data(), n));
+  CHECK(Cuda::all_finite(d.data(), n - 1));
+  x[n - 1] = 0;
+  x[0] = std::numeric_limits<float>::quiet_NaN();
+  d = dev(x);
+  CHECK_FALSE(Cuda::all_finite(d.data(), n));
+}
+
+// ---- normalisation and softmax -----------------------------------------------------------------------
+TEST_CASE("cuda: layer_norm forward and backward, with every output optional") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  for (const auto& [rows, cols] : {std::pair{5, 32}, std::pair{700, 45}, std::pair{9, 300}}) {
+    CAPTURE(rows);
+    CAPTURE(cols);
+    const std::size_t n = std::size_t(rows) * cols;
+    const HostVec x = randn(n, 17, 0.5, 2.0), g = randn(cols, 18, 1.0, 0.2), b = randn(cols, 19);
+    const HostVec dy = randn(n, 20), dg0 = randn(cols, 21), db0 = randn(cols, 22);
+    const float eps = 1e-6f;
+    RefVec y(n), mean(rows), rstd(rows), dx(n), dg = to_ref(dg0), db = to_ref(db0);
+    for (int r = 0; r < rows; ++r) {
+      double mu = 0, var = 0;
+      for (int c = 0; c < cols; ++c) mu += x[r * cols + c];
+      mu /= cols;
+      for (int c = 0; c < cols; ++c) var += (x[r * cols + c] - mu) * (x[r * cols + c] - mu);
+      const double rs = 1 / std::sqrt(var / cols + eps);
+      mean[r] = mu;
+      rstd[r] = rs;
+      double s1 = 0, s2 = 0;
+      for (int c = 0; c < cols; ++c) {
+        const double xh = (x[r * cols + c] - mu) * rs, gg = double(dy[r * cols + c]) * g[c];
+        y[r * cols + c] = xh * g[c] + b[c];
+        s1 += gg;
+        s2 += gg * xh;
+        dg[c] += double(dy[r * cols + c]) * xh;
+        db[c] += dy[r * cols + c];
+      }
+      for (int c = 0; c < cols; ++c) {
+        const double xh = (x[r * cols + c] - mu) * rs;
+        dx[r * cols + c] = rs * (double(dy[r * cols + c]) * g[c] - s1 / cols - xh * s2 / cols);
+      }
+    }
+    Dev dx_d = dev(x), dg_d = dev(g), db_d = dev(b), y_d = dev(HostVec(n)), mean_d = dev(HostVec(rows)),
+        rstd_d = dev(HostVec(rows));
+    Cuda::layer_norm_forward(y_d.data(), mean_d.data(), rstd_d.data(), dx_d.data(), dg_d.data(), db_d.data(), rows,
+                             cols, eps);
+    CHECK_CLOSE(y_d.to_host(), y, kTol);
+    CHECK_CLOSE(mean_d.to_host(), mean, kTol);
+    CHECK_CLOSE(rstd_d.to_host(), rstd, kTol);
+
+    Dev dy_d = dev(dy), gx = dev(HostVec(n)), gg = dev(dg0), gb = dev(db0);
+    Cuda::layer_norm_backward(gx.data(), gg.data(), gb.data(), dy_d.data(), dx_d.data(), mean_d.data(), rstd_d.data(),
+                              dg_d.data(), rows, cols);
+    CHECK_CLOSE(gx.to_host(), dx, kTol);
+    CHECK_CLOSE(gg.to_host(), dg, kTol);
+    CHECK_CLOSE(gb.to_host(), db, kTol);
+    // Only dgamma; then only dbeta; then only dx (the others untouched).
+    gg = dev(dg0);
+    gb = dev(db0);
+    Cuda::layer_norm_backward(nullptr, gg.data(), nullptr, dy_d.data(), dx_d.data(), mean_d.data(), rstd_d.data(),
+                              dg_d.data(), rows, cols);
+    CHECK_CLOSE(gg.to_host(), dg, kTol);
+    CHECK(gb.to_host() == db0);
+    Cuda::layer_norm_backward(nullptr, nullptr, gb.data(), dy_d.data(), dx_d.data(), mean_d.data(), rstd_d.data(),
+                              dg_d.data(), rows, cols);
+    CHECK_CLOSE(gb.to_host(), db, kTol);
+    gx.zero();
+    Cuda::layer_norm_backward(gx.data(), nullptr, nullptr, dy_d.data(), dx_d.data(), mean_d.data(), rstd_d.data(),
+                              dg_d.data(), rows, cols);
+    CHECK_CLOSE(gx.to_host(), dx, kTol);
+  }
+}
+
+TEST_CASE("cuda: softmax forward and backward, in place and out of place") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  struct Case {
+    int rows, cols;
+    float scale;
+  };
+  for (const Case k : {Case{40, 17, 0.25f}, Case{9, 100, 1.0f}, Case{3, 1, 1.0f}, Case{1000, 33, 0.5f}}) {
+    CAPTURE(k.rows);
+    CAPTURE(k.cols);
+    const std::size_t n = std::size_t(k.rows) * k.cols;
+    const HostVec x = randn(n, 23, 0, 3), dy = randn(n, 24);
+    RefVec y(n), dx(n);
+    for (int r = 0; r < k.rows; ++r) {
+      double mx = x[r * k.cols], s = 0, dot = 0;
+      for (int c = 0; c < k.cols; ++c) mx = std::max(mx, double(x[r * k.cols + c]));
+      for (int c = 0; c < k.cols; ++c) s += std::exp(k.scale * (x[r * k.cols + c] - mx));
+      for (int c = 0; c < k.cols; ++c) {
+        y[r * k.cols + c] = std::exp(k.scale * (x[r * k.cols + c] - mx)) / s;
+        dot += y[r * k.cols + c] * dy[r * k.cols + c];
+      }
+      for (int c = 0; c < k.cols; ++c) dx[r * k.cols + c] = k.scale * y[r * k.cols + c] * (dy[r * k.cols + c] - dot);
+    }
+    Dev xd = dev(x), yd = dev(HostVec(n));
+    Cuda::softmax_forward(yd.data(), xd.data(), k.rows, k.cols, k.scale);
+    CHECK_CLOSE(yd.to_host(), y, kTol);
+    Cuda::softmax_forward(xd.data(), xd.data(), k.rows, k.cols, k.scale);  // in place
+    CHECK_CLOSE(xd.to_host(), y, kTol);
+    Dev dyd = dev(dy), dxd = dev(HostVec(n));
+    Cuda::softmax_backward(dxd.data(), dyd.data(), yd.data(), k.rows, k.cols, k.scale);
+    CHECK_CLOSE(dxd.to_host(), dx, kTol);
+    Cuda::softmax_backward(dyd.data(), dyd.data(), yd.data(), k.rows, k.cols, k.scale);  // in place
+    CHECK_CLOSE(dyd.to_host(), dx, kTol);
+  }
+}
+
+// ---- randomness, patches, loss, optimizer ------------------------------------------------------------
+TEST_CASE("cuda: bernoulli_mask draws exactly the CPU's values") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  const std::size_t n = 10007;
+  const float keep = 0.7f;
+  const std::uint64_t seed = 99, offset = 12345;
+  Dev m = dev(HostVec(n));
+  Cuda::bernoulli_mask(m.data(), n, keep, seed, offset);
+  const HostVec got = m.to_host();
+  std::size_t kept = 0, mismatched = 0;
+  for (std::size_t j = 0; j < n; ++j) {
+    const float want = hatch::uniform01(seed, offset + j) < double(keep) ? 1.0f / keep : 0.0f;
+    mismatched += got[j] != want;
+    kept += got[j] != 0;
+  }
+  CHECK(mismatched == 0);
+  CHECK(std::abs(double(kept) / n - keep) < 0.02);
+}
+
+TEST_CASE("cuda: im2patch and patch2im") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  struct Case {
+    int batch, ch, h, w, p;
+  };
+  // 13 x 11 with p = 4: the pixels outside the 3 x 2 patch grid are dropped / written as zero.
+  for (const Case k : {Case{2, 3, 12, 12, 4}, Case{1, 1, 28, 28, 7}, Case{2, 2, 13, 11, 4}}) {
+    CAPTURE(k.h);
+    CAPTURE(k.w);
+    const int gh = k.h / k.p, gw = k.w / k.p, pd = k.ch * k.p * k.p;
+    const std::size_t ni = std::size_t(k.batch) * k.ch * k.h * k.w, np = std::size_t(k.batch) * gh * gw * pd;
+    const HostVec img = randn(ni, 25), pat = randn(np, 26);
+    RefVec pref(np), iref(ni, 0.0);
+    for (int b = 0; b < k.batch; ++b)
+      for (int py = 0; py < gh; ++py)
+        for (int px = 0; px < gw; ++px)
+          for (int c = 0; c < k.ch; ++c)
+            for (int ky = 0; ky < k.p; ++ky)
+              for (int kx = 0; kx < k.p; ++kx) {
+                const std::size_t pi = ((std::size_t(b) * gh + py) * gw + px) * pd + (c * k.p + ky) * k.p + kx;
+                const std::size_t ii = ((std::size_t(b) * k.ch + c) * k.h + py * k.p + ky) * k.w + px * k.p + kx;
+                pref[pi] = img[ii];
+                iref[ii] = pat[pi];
+              }
+    Dev di = dev(img), dp = dev(HostVec(np));
+    Cuda::im2patch(dp.data(), di.data(), k.batch, k.ch, k.h, k.w, k.p);
+    CHECK(rel_err(dp.to_host(), pref) == 0);
+    Dev dp2 = dev(pat), di2 = dev(HostVec(ni, std::numeric_limits<float>::quiet_NaN()));
+    Cuda::patch2im(di2.data(), dp2.data(), k.batch, k.ch, k.h, k.w, k.p);
+    CHECK(rel_err(di2.to_host(), iref) == 0);
+  }
+}
+
+TEST_CASE("cuda: softmax_cross_entropy returns the summed loss and scaled gradients") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  for (const auto& [rows, cols] : {std::pair{6, 10}, std::pair{5, 70}, std::pair{300, 3}}) {
+    CAPTURE(rows);
+    CAPTURE(cols);
+    const std::size_t n = std::size_t(rows) * cols;
+    const HostVec z = randn(n, 27, 0, 3);
+    HostVec t = randn(n, 28);
+    for (auto& v : t) v = std::abs(v) / cols;  // soft targets; rows need not sum to one
+    const float scale = 0.5f;
+    double loss = 0;
+    RefVec dz(n);
+    for (int r = 0; r < rows; ++r) {
+      double mx = z[r * cols], s = 0, tsum = 0;
+      for (int c = 0; c < cols; ++c) mx = std::max(mx, double(z[r * cols + c]));
+      for (int c = 0; c < cols; ++c) s += std::exp(z[r * cols + c] - mx);
+      const double lse = std::log(s) + mx;
+      for (int c = 0; c < cols; ++c) {
+        loss -= t[r * cols + c] * (z[r * cols + c] - lse);
+        tsum += t[r * cols + c];
+      }
+      for (int c = 0; c < cols; ++c)
+        dz[r * cols + c] = scale * (std::exp(z[r * cols + c] - lse) * tsum - t[r * cols + c]);
+    }
+    Dev zd = dev(z), td = dev(t), dzd = dev(HostVec(n));
+    const double got = Cuda::softmax_cross_entropy(dzd.data(), zd.data(), td.data(), rows, cols, scale);
+    CHECK(std::abs(got - loss) <= kTol * std::abs(loss));
+    CHECK_CLOSE(dzd.to_host(), dz, kTol);
+    const double got_no_grad = Cuda::softmax_cross_entropy(nullptr, zd.data(), td.data(), rows, cols, scale);
+    CHECK(got_no_grad == got);
+  }
+}
+
+TEST_CASE("cuda: adamw_update") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  const std::size_t n = 4099;
+  const HostVec w0 = randn(n, 29), m0 = randn(n, 30, 0, 0.1), g = randn(n, 32);
+  HostVec v0 = randn(n, 31, 0, 0.1);
+  for (auto& v : v0) v = v * v;
+  const double lr = 1e-2, b1 = 0.9, b2 = 0.999, eps = 1e-8, wd = 0.05, bc1 = 1 - std::pow(b1, 3),
+               bc2 = 1 - std::pow(b2, 3);
+  RefVec w(n), m(n), v(n);
+  for (std::size_t j = 0; j < n; ++j) {
+    double wj = w0[j] - lr * wd * w0[j];
+    m[j] = b1 * m0[j] + (1 - b1) * g[j];
+    v[j] = b2 * v0[j] + (1 - b2) * double(g[j]) * g[j];
+    w[j] = wj - lr * (m[j] / bc1) / (std::sqrt(v[j] / bc2) + eps);
+  }
+  Dev wd_ = dev(w0), md = dev(m0), vd = dev(v0), gd = dev(g);
+  Cuda::adamw_update(wd_.data(), md.data(), vd.data(), gd.data(), n, float(lr), float(b1), float(b2), float(eps),
+                     float(wd), float(bc1), float(bc2));
+  CHECK_CLOSE(wd_.to_host(), w, kTol);
+  CHECK_CLOSE(md.to_host(), m, kTol);
+  CHECK_CLOSE(vd.to_host(), v, kTol);
+}
+
+// ---- layers: Cuda vs Cpu ------------------------------------------------------------------------------
+namespace {
+// Runs one parity case on both backends and compares every result by name. "allocs.steady" must
+// be zero on Cuda: the second training step made no cudaMalloc call.
+void check_parity(const std::string& name, double tol = kLayerTol, std::uint64_t seed = 1234) {
+  CAPTURE(name);
+  const hatch_test::Results cpu = hatch_test::run_case_cpu(name, seed);
+  const hatch_test::Results gpu = hatch_test::run_case<Cuda>(name, seed);
+  CHECK(cpu.size() == gpu.size());
+  for (const auto& [key, want] : cpu) {
+    CAPTURE(key);
+    const auto it = gpu.find(key);
+    REQUIRE(it != gpu.end());
+    if (hatch_test::is_run_property(key)) {
+      CHECK(it->second.at(0) == 0.0f);
+      continue;
+    }
+    REQUIRE(it->second.size() == want.size());
+    CHECK_CLOSE(it->second, want, tol);
+  }
+}
+}  // namespace
+
+TEST_CASE("cuda parity: Linear") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  for (const char* c : {"linear", "linear_nobias", "linear_many_rows", "linear_frozen_suffix"}) check_parity(c);
+}
+TEST_CASE("cuda parity: LayerNorm") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  for (const char* c : {"layernorm", "layernorm_many_rows", "layernorm_bias_frozen", "layernorm_no_input_grad"})
+    check_parity(c);
+}
+TEST_CASE("cuda parity: GELU and Dropout") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  check_parity("gelu");
+  check_parity("dropout");
+}
+TEST_CASE("cuda parity: Attention") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  check_parity("attention");
+  check_parity("attention_nobias");
+}
+TEST_CASE("cuda parity: Block, in evaluation and in training with drop path") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  check_parity("block");
+  check_parity("block_train");
+}
+TEST_CASE("cuda parity: Block with TF32 GEMMs") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  Tf32Guard tf32(true);
+  check_parity("block", kTf32Tol);
+}
+TEST_CASE("cuda parity: PatchEmbed") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  check_parity("patch_embed");
+  check_parity("patch_embed_rgb");
+}
+TEST_CASE("cuda parity: ClassPos") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  check_parity("class_pos");
+}
+TEST_CASE("cuda parity: ClassHead") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  check_parity("class_head");
+}
+TEST_CASE("cuda parity: Model<VitMicro> training step (loss, backward, AdamW)") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  check_parity("vit_micro");
+  check_parity("vit_micro_train");
+}
+TEST_CASE("cuda parity: every case is covered") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  // A case added to case_names() but to none of the tests above still runs here.
+  const std::vector<std::string> tested{"linear", "linear_nobias", "linear_many_rows", "linear_frozen_suffix",
+                                        "layernorm", "layernorm_many_rows", "layernorm_bias_frozen",
+                                        "layernorm_no_input_grad", "gelu", "dropout", "attention", "attention_nobias",
+                                        "block", "block_train", "patch_embed", "patch_embed_rgb", "class_pos",
+                                        "class_head", "vit_micro", "vit_micro_train"};
+  for (const auto& name : hatch_test::case_names())
+    if (std::find(tested.begin(), tested.end(), name) == tested.end()) check_parity(name);
+}
