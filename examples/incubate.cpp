@@ -54,6 +54,7 @@ int main(int argc, char** argv) {
           o.clip = finetune_clip;
         }
         o.images_before = images;
+        o.seconds_before = seconds;
         return o;
       };
       if (phase == "meta" || phase == "all") account(inc.pretrain_meta(train, test, options(epochs_meta, false)));

@@ -4,6 +4,7 @@
 #include <omp.h>
 
 #include <Eigen/Core>
+#include <unsupported/Eigen/SpecialFunctions>
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -206,18 +207,28 @@ struct CpuBackend {
   }
 
   // ---- activations, normalisation, softmax -------------------------------------------------
+  // GELU through Eigen's vectorised erf and exp, in chunks across threads.
+  using Arr = Eigen::Array<T, Eigen::Dynamic, 1>;
+  template <class F>
+  static void chunked(std::size_t n, F&& f) {
+    constexpr std::int64_t chunk = 4096;
+    const std::int64_t chunks = (std::int64_t(n) + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) if (std::int64_t(n) > detail::kParallelGrain)
+    for (std::int64_t c = 0; c < chunks; ++c) f(c * chunk, std::min<std::int64_t>(chunk, std::int64_t(n) - c * chunk));
+  }
   static void gelu_forward(T* y, const T* x, std::size_t n) {
-    parallel_for(n, [&](std::int64_t j) {
-      const T v = x[j];
-      y[j] = T(0.5) * v * (T(1) + std::erf(v * T(M_SQRT1_2)));
+    chunked(n, [&](std::int64_t off, std::int64_t len) {
+      Eigen::Map<const Arr> xv(x + off, len);
+      Eigen::Map<Arr> yv(y + off, len);
+      yv = T(0.5) * xv * (T(1) + (xv * T(M_SQRT1_2)).erf());
     });
   }
   static void gelu_backward(T* dx, const T* dy, const T* x, std::size_t n) {
-    parallel_for(n, [&](std::int64_t j) {
-      const T v = x[j];
-      const T cdf = T(0.5) * (T(1) + std::erf(v * T(M_SQRT1_2)));
-      const T pdf = std::exp(T(-0.5) * v * v) * T(0.3989422804014327);
-      dx[j] = dy[j] * (cdf + v * pdf);
+    chunked(n, [&](std::int64_t off, std::int64_t len) {
+      Eigen::Map<const Arr> xv(x + off, len), dyv(dy + off, len);
+      Eigen::Map<Arr> dxv(dx + off, len);
+      dxv = dyv * (T(0.5) * (T(1) + (xv * T(M_SQRT1_2)).erf()) +
+                   xv * (T(-0.5) * xv.square()).exp() * T(0.3989422804014327));
     });
   }
   static void layer_norm_forward(T* y, T* mean, T* rstd, const T* x, const T* gamma, const T* beta,

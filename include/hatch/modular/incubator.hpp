@@ -133,12 +133,12 @@ class Incubator {
     return r;
   }
 
-  // Phase 3: module i into stage i of the target; writes assembled/stage<i>.
+  // Phase 3: module i into stage i of the target; writes assembled/stage<i>. Every module file
+  // is loaded (and checked) before any assembled file is written, so a missing or foreign
+  // module leaves assembled/ as it was instead of half replaced.
   void assemble(Target& target) {
-    target.for_each_stage([&](auto& stage, std::size_t i) {
-      load(stage, files_.module(i), "module", i);
-      save(stage, files_.assembled(i), "assembled", i);
-    });
+    target.for_each_stage([&](auto& stage, std::size_t i) { load(stage, files_.module(i), "module", i); });
+    target.for_each_stage([&](auto& stage, std::size_t i) { save(stage, files_.assembled(i), "assembled", i); });
   }
 
   // Phase 4: reads assembled/stage<i>, trains end to end, writes finetuned/stage<i>.
@@ -171,6 +171,7 @@ class Incubator {
     require(std::filesystem::exists(file), file.string(),
             "missing: the " + phase + " phase must run first and write stage " + std::to_string(i) + " here");
     expect_metadata(file, "tag", opt_.tag);
+    expect_metadata(file, "phase", phase);  // e.g. a meta file copied into modules/
     expect_metadata(file, "stage", std::to_string(i));
     load_parameters(stage, file);
   }

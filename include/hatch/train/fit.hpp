@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <functional>
 #include <optional>
 #include <string>
 
@@ -21,6 +22,10 @@
 
 namespace hatch {
 
+struct EvalResult {
+  double loss = 0, accuracy = 0;
+};
+
 struct FitOptions {
   int epochs = 10, batch = 128, eval_batch = 500;
   double lr = 5e-4, min_lr = 1e-5, warmup_lr = 1e-6;
@@ -33,11 +38,10 @@ struct FitOptions {
   bool resume = true;                    // continue from out/<phase>.state.safetensors if present
   bool progress = true;
   double images_before = 0;              // training images seen by earlier phases (for compute plots)
+  double seconds_before = 0;             // training seconds spent by earlier phases
+  std::function<void(int epoch, const EvalResult& test)> on_epoch_end;  // after the state is saved
 };
 
-struct EvalResult {
-  double loss = 0, accuracy = 0;
-};
 struct FitResult {
   EvalResult test;
   int epochs = 0;
@@ -154,11 +158,13 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
     log.write({{"phase", o.phase}, {"epoch", epoch + 1}, {"train_loss", loss_sum / seen},
                {"train_accuracy", correct / seen}, {"test_loss", result.test.loss},
                {"test_accuracy", result.test.accuracy}, {"lr", lr}, {"images_per_second", seen / train_secs},
-               {"seconds", result.seconds}, {"images", o.images_before + result.images}});
+               {"seconds", result.seconds}, {"total_seconds", o.seconds_before + result.seconds},
+               {"images", o.images_before + result.images}});
     if (!state_file.empty())
       save_training_state(model, opt, state_file,
                           {{"epoch", epoch + 1}, {"seconds", result.seconds}, {"images", result.images},
                            {"phase", o.phase}});
+    if (o.on_epoch_end) o.on_epoch_end(epoch + 1, result.test);
   }
   if (result.epochs == 0 || first_epoch == o.epochs) {
     result.test = evaluate(model, test, o.eval_batch);

@@ -1,0 +1,158 @@
+// What incubating one module costs against training the same network end to end: for vit-small
+// (Depths<2,2,2,2>) over its meta model (Depths<1,1,1,1>), for each module i,
+//   module<i>/incubate  one incubation step of the hybrid (meta stages, module i of the target):
+//                       FrozenExcept<Hybrid, i> forward, cross-entropy, backward (the prefix does
+//                       no backward work, the suffix only input gradients), AdamW on module i only;
+//   module<i>/e2e       the same hybrid with everything trainable: plain forward, backward, AdamW
+//                       on all of its parameters;
+// plus one end-to-end step of the full vit-small target and of the meta model, for reference.
+// Batch 128 of random images; items = images, per second of wall time (UseRealTime). Drop-path
+// as in the Incubator: linspace(0, 0.1) over the hybrid's and the target's blocks, none in the
+// meta model (its pre-training runs without). Threads: HATCH_THREADS (default 2).
+//   build/bench/incubation --benchmark_min_time=0.2
+#include <benchmark/benchmark.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <hatch/hatch.hpp>
+#include <hatch/modular/incubator.hpp>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+using namespace hatch;
+using Target = presets::VitSmall;
+using Meta = presets::MetaOf<Target>;
+using Inc = Incubator<Meta, Target, Cpu>;
+
+constexpr int kBatch = 128;
+constexpr VitSpec kSpec = Target::spec;
+
+// Random images and random one-hot targets, made once.
+struct Batch {
+  Tensor<Cpu> x, t;
+  Batch() {
+    std::mt19937_64 rng(0);
+    std::normal_distribution<float> nd;
+    std::vector<float> xh(std::size_t(kBatch) * kSpec.channels * kSpec.image * kSpec.image);
+    for (auto& v : xh) v = nd(rng);
+    std::vector<int> labels(kBatch);
+    for (auto& l : labels) l = int(rng() % kSpec.classes);
+    x.from_host(xh, {kBatch, kSpec.channels, kSpec.image, kSpec.image});
+    t.from_host(smoothed_one_hot(labels, kSpec.classes, 0.1f), {kBatch, kSpec.classes});
+  }
+};
+const Batch& batch() {
+  static const Batch b;
+  return b;
+}
+
+// One training step as fit() takes it, on `net` (a model or a FrozenExcept view of one): the
+// optimizer holds what net.visit shows.
+template <class Net>
+struct Stepper {
+  Net& net;
+  AdamW<Cpu> opt;
+  SoftTargetCrossEntropy<Cpu> loss;
+  std::int64_t step = 0;
+  explicit Stepper(Net& n) : net(n), opt(trainable_parameters(n), {.weight_decay = 0.05}) {}
+  void operator()() {
+    Context ctx;
+    ctx.training = true;
+    ctx.input_grad = false;
+    ctx.seed = step_seed(0, step++);
+    opt.zero_grad();
+    const auto& logits = net.forward(batch().x, ctx);
+    loss.forward_backward(logits, batch().t);
+    net.backward(loss.grad(), ctx);
+    opt.step(1e-4);
+  }
+};
+
+template <class Net>
+void run(benchmark::State& state, Net& net, std::size_t parameters) {
+  Stepper<Net> step(net);
+  step();  // sizes every buffer before timing
+  for (auto _ : state) {
+    step();
+    benchmark::ClobberMemory();
+  }
+  state.SetItemsProcessed(state.iterations() * kBatch);
+  state.counters["trained_params"] = double(parameters);
+}
+
+template <class M>
+std::size_t count_parameters(M& m) {
+  std::size_t n = 0;
+  m.visit([&](const std::string&, Parameter<Cpu>& p) { n += std::size_t(p.value.numel()); }, "");
+  return n;
+}
+
+template <class Arch>
+std::unique_ptr<Model<Arch, Cpu>> make_model(double drop_path) {
+  auto m = std::make_unique<Model<Arch, Cpu>>();
+  Initializer init(0);
+  m->reset_parameters(init);
+  set_drop_path(*m, drop_path);
+  return m;
+}
+
+template <std::size_t I>
+void incubate(benchmark::State& state) {
+  auto hybrid = make_model<Inc::HybridArch<I>>(0.1);
+  FrozenExcept<Model<Inc::HybridArch<I>, Cpu>, I> view(*hybrid);
+  run(state, view, count_parameters(view));
+}
+
+template <std::size_t I>
+void hybrid_e2e(benchmark::State& state) {
+  auto hybrid = make_model<Inc::HybridArch<I>>(0.1);
+  run(state, *hybrid, count_parameters(*hybrid));
+}
+
+template <class Arch>
+void e2e(benchmark::State& state, double drop_path) {
+  auto m = make_model<Arch>(drop_path);
+  run(state, *m, count_parameters(*m));
+}
+void target_e2e(benchmark::State& state) { e2e<Target>(state, 0.1); }
+void meta_e2e(benchmark::State& state) { e2e<Meta>(state, 0.0); }
+
+// OpenMP threads do the work, so throughput is measured against wall time.
+void configure(benchmark::internal::Benchmark* b) { b->UseRealTime()->Unit(benchmark::kMillisecond); }
+
+}  // namespace
+
+#define HATCH_INCUBATION_BENCH(I)                                                              \
+  BENCHMARK_TEMPLATE(incubate, I)->Name("vit-small/module" #I "/incubate")->Apply(configure); \
+  BENCHMARK_TEMPLATE(hybrid_e2e, I)->Name("vit-small/module" #I "/e2e")->Apply(configure)
+HATCH_INCUBATION_BENCH(0);
+HATCH_INCUBATION_BENCH(1);
+HATCH_INCUBATION_BENCH(2);
+HATCH_INCUBATION_BENCH(3);
+BENCHMARK(target_e2e)->Name("vit-small/target/e2e")->Apply(configure);
+BENCHMARK(meta_e2e)->Name("vit-small/meta/e2e")->Apply(configure);
+
+int main(int argc, char** argv) {
+  int threads = 2;
+  if (const char* env = std::getenv("HATCH_THREADS")) {
+    char* end = nullptr;
+    const long v = std::strtol(env, &end, 10);
+    if (end == env || *end != '\0' || v < 1 || v > 1024) {
+      std::fprintf(stderr, "incubation: HATCH_THREADS must be an integer in [1, 1024], got '%s'\n", env);
+      return 2;
+    }
+    threads = int(v);
+  }
+  omp_set_num_threads(threads);
+  benchmark::AddCustomContext("hatch_threads", std::to_string(threads));
+  benchmark::AddCustomContext("batch", std::to_string(kBatch));
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Deep Incubation run as separate processes gives byte-identical checkpoints to one process.
+#   incubate_processes.sh <path to build/examples/incubate> <work dir>
+# Runs vit-micro on a small Fashion-MNIST subset once with --phase all (into <work>/all) and
+# once phase by phase (meta; module --index 0..3; assemble; finetune) into <work>/split, then
+# compares every per-stage file of every phase byte for byte with cmp.
+set -euo pipefail
+
+if [[ $# -ne 2 ]]; then
+  echo "usage: $0 <incubate binary> <work dir>" >&2
+  exit 2
+fi
+bin=$1
+work=$2
+[[ -x "$bin" ]] || { echo "$0: $bin is not an executable" >&2; exit 2; }
+
+a="$work/all"
+b="$work/split"
+rm -rf "$a" "$b"
+mkdir -p "$a" "$b"
+
+common=(--preset vit-micro --train-limit 256 --test-limit 128 --epochs-meta 1 --epochs-module 1
+        --epochs-finetune 1 --no-progress)
+
+"$bin" "${common[@]}" --out "$a" --phase all > "$a/stdout.txt"
+
+"$bin" "${common[@]}" --out "$b" --phase meta > "$b/stdout.meta.txt"
+for i in 0 1 2 3; do
+  "$bin" "${common[@]}" --out "$b" --phase module --index "$i" > "$b/stdout.module$i.txt"
+done
+"$bin" "${common[@]}" --out "$b" --phase assemble > "$b/stdout.assemble.txt"
+"$bin" "${common[@]}" --out "$b" --phase finetune > "$b/stdout.finetune.txt"
+
+status=0
+compared=0
+for phase in meta modules assembled finetuned; do
+  for i in 0 1 2 3; do
+    f="$phase/stage$i.safetensors"
+    for d in "$a" "$b"; do
+      [[ -f "$d/$f" ]] || { echo "FAIL: $d/$f was not written" >&2; status=1; }
+    done
+    if [[ -f "$a/$f" && -f "$b/$f" ]]; then
+      compared=$((compared + 1))
+      if ! cmp "$a/$f" "$b/$f"; then
+        echo "FAIL: $f differs between one process and separate processes" >&2
+        status=1
+      fi
+    fi
+  done
+done
+
+# The final accuracy line must agree as well.
+acc_a=$(grep '^test_accuracy=' "$a/stdout.txt" | tail -n1)
+acc_b=$(grep '^test_accuracy=' "$b/stdout.finetune.txt" | tail -n1)
+if [[ "$acc_a" != "$acc_b" ]]; then
+  echo "FAIL: one process says '$acc_a', separate processes say '$acc_b'" >&2
+  status=1
+fi
+
+if [[ $status -eq 0 ]]; then
+  echo "OK: $compared stage files identical ($acc_a)"
+fi
+exit $status

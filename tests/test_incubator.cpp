@@ -1,0 +1,629 @@
+// Deep Incubation (modular/incubator.hpp, /work/shared/ALGORITHMS.md §1): incubating module i
+// trains module i only and leaves every meta parameter bitwise unchanged; gradients of module i
+// through the frozen suffix are exact (finite differences, double) while the frozen stages get
+// none and the prefix does no backward work at all; assembly puts exactly the incubated weights
+// into the target; fresh Incubator objects per phase reproduce one object's files bitwise; a
+// non-ViT module plugs into the meta model; missing or foreign inputs stop with the file named.
+//
+// Everything runs vit-micro (or a vit-micro-width model) on a tiny synthetic data set, so the
+// whole file takes about a second.
+#include <hatch/modular/incubator.hpp>
+
+#include <atomic>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+
+#include <omp.h>
+#include <unistd.h>
+
+#include "support.hpp"
+
+using namespace hatch;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct IncubatorTempDir {
+  fs::path path;
+  IncubatorTempDir() {
+    static int counter = 0;
+    path = fs::temp_directory_path() /
+           ("hatch_incubator_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
+    fs::remove_all(path);
+    fs::create_directories(path);
+  }
+  ~IncubatorTempDir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+};
+
+// These models are tiny: one thread is faster than two, and much faster than two on a loaded
+// machine, where OpenMP's barriers wait for a descheduled thread. Restores the count after.
+struct OneThread {
+  int before = omp_get_max_threads();
+  OneThread() { omp_set_num_threads(1); }
+  ~OneThread() { omp_set_num_threads(before); }
+};
+
+template <class F>
+std::string error_message(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no hatch::Error thrown)";
+}
+bool has(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+
+// n random 28x28 single-channel "images" in 10 classes.
+data::Dataset synthetic(int n, std::uint64_t seed) {
+  data::Dataset d;
+  d.n = n;
+  d.channels = 1;
+  d.height = d.width = 28;
+  d.classes = 10;
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> nd;
+  d.images.resize(std::size_t(n) * d.sample_size());
+  for (auto& v : d.images) v = nd(rng);
+  d.labels.resize(n);
+  for (auto& l : d.labels) l = int(rng() % 10);
+  return d;
+}
+
+FitOptions quick(int epochs = 1) {
+  FitOptions o;
+  o.epochs = epochs;
+  o.batch = 32;
+  o.eval_batch = 64;
+  o.lr = 2e-3;
+  o.warmup_epochs = 0;
+  o.augment.label_smoothing = 0.1f;
+  o.progress = false;
+  o.seed = 3;
+  return o;
+}
+
+using Bytes = std::vector<std::uint8_t>;
+using TensorBytes = std::map<std::string, Bytes>;
+
+// Every parameter's bytes by name (host float = the file's little-endian F32): equality is bitwise.
+template <class M>
+TensorBytes snapshot(M& module) {
+  using B = typename M::backend;
+  TensorBytes out;
+  module.visit(
+      [&](const std::string& name, Parameter<B>& p) {
+        const auto h = p.value.to_host();
+        Bytes bytes(h.size() * sizeof(h[0]));
+        if (!h.empty()) std::memcpy(bytes.data(), h.data(), bytes.size());
+        out[name] = std::move(bytes);
+      },
+      "");
+  return out;
+}
+TensorBytes file_tensors(const fs::path& file) {
+  const auto f = io::SafeTensorsFile::read(file);
+  TensorBytes out;
+  for (const auto& n : f.names()) out[n] = f.at(n).bytes;
+  return out;
+}
+Bytes file_bytes(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  REQUIRE(in);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+std::string meta_entry(const fs::path& file, const std::string& key) {
+  const auto m = read_metadata(file);
+  auto it = m.find(key);
+  return it == m.end() ? "(absent)" : it->second;
+}
+
+template <class M>
+std::vector<std::string> names_of(M& module) {
+  std::vector<std::string> out;
+  module.visit([&](const std::string& n, Parameter<typename M::backend>&) { out.push_back(n); }, "");
+  return out;
+}
+template <class M>
+std::set<const void*> params_of(M& module) {
+  std::set<const void*> out;
+  module.visit([&](const std::string&, Parameter<typename M::backend>& p) { out.insert(&p); }, "");
+  return out;
+}
+bool unique(std::vector<std::string> v) {
+  std::sort(v.begin(), v.end());
+  return std::adjacent_find(v.begin(), v.end()) == v.end();
+}
+template <class M>
+double max_abs_grad(M& module) {
+  double m = 0;
+  module.visit(
+      [&](const std::string&, Parameter<typename M::backend>& p) {
+        for (double g : p.grad.to_host()) m = std::max(m, std::abs(g));
+      },
+      "");
+  return m;
+}
+
+template <class F, std::size_t... I>
+void for_indices(F&& f, std::index_sequence<I...>) {
+  (f(std::integral_constant<std::size_t, I>{}), ...);
+}
+template <std::size_t K, class F>
+void for_each_index(F&& f) {
+  for_indices(f, std::make_index_sequence<K>{});
+}
+
+using MicroMeta = presets::MetaOf<presets::VitMicro>;
+using MicroInc = Incubator<MicroMeta, presets::VitMicro, Cpu>;
+constexpr std::size_t kStages = MicroInc::K;
+
+// Cpu64 with a count of the layers' GEMM calls: beta != 0 is a weight-gradient GEMM (Linear and
+// PatchEmbed accumulate into .grad; every other GEMM overwrites its output).
+struct CountingCpu64 : CpuBackend<double> {
+  static inline std::atomic<std::int64_t> gemms{0}, weight_gemms{0}, batched{0};
+  static void reset() { gemms = weight_gemms = batched = 0; }
+  static void gemm(bool ta, bool tb, int m, int n, int k, double alpha, const double* a, int lda, const double* b,
+                   int ldb, double beta, double* c, int ldc) {
+    ++gemms;
+    if (beta != 0) ++weight_gemms;
+    CpuBackend<double>::gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+  static void gemm_batched(bool ta, bool tb, int m, int n, int k, double alpha, const double* a, int lda,
+                           std::size_t sa_o, std::size_t sa_i, const double* b, int ldb, std::size_t sb_o,
+                           std::size_t sb_i, double beta, double* c, int ldc, std::size_t sc_o, std::size_t sc_i,
+                           int outer, int inner) {
+    ++batched;
+    CpuBackend<double>::gemm_batched(ta, tb, m, n, k, alpha, a, lda, sa_o, sa_i, b, ldb, sb_o, sb_i, beta, c, ldc,
+                                     sc_o, sc_i, outer, inner);
+  }
+};
+static_assert(Backend<CountingCpu64>);
+
+// A vit-micro-width target deeper than its meta, so module i is not a copy of the meta layer's
+// architecture (stage 0 and stage 3 hold two blocks).
+using DeepMicro = Vit<presets::micro, Depths<2, 1, 1, 2>>;
+template <std::size_t I>
+using DeepHybrid = Model<typename Incubator<presets::MetaOf<DeepMicro>, DeepMicro, Cpu>::template HybridArch<I>,
+                         CountingCpu64>;
+
+}  // namespace
+
+// ---- a. incubating module i trains module i only ---------------------------------------------
+TEST_CASE("incubator: incubating module i changes module i and leaves every meta parameter bitwise unchanged") {
+  OneThread one_thread;
+  IncubatorTempDir dir;
+  const auto train = synthetic(64, 1), test = synthetic(32, 2);
+  MicroInc inc({.dir = dir.path / "run", .tag = "vit-micro", .seed = 5});
+  inc.pretrain_meta(train, test, quick());
+  std::vector<Bytes> meta_files;
+  for (std::size_t j = 0; j < kStages; ++j) meta_files.push_back(file_bytes(inc.files().meta(j)));
+
+  for_each_index<kStages>([&](auto ic) {
+    constexpr std::size_t I = decltype(ic)::value;
+    CAPTURE(I);
+    // The library's own phase: writes modules/stage<I> and touches no meta file.
+    inc.incubate(I, train, test, quick());
+    REQUIRE(fs::exists(inc.files().module(I)));
+    for (std::size_t j = 0; j < kStages; ++j) CHECK(file_bytes(inc.files().meta(j)) == meta_files[j]);
+    CHECK(meta_entry(inc.files().module(I), "tag") == "vit-micro");
+    CHECK(meta_entry(inc.files().module(I), "phase") == "module");
+    CHECK(meta_entry(inc.files().module(I), "stage") == std::to_string(I));
+
+    // The same phase spelled out, to look at the hybrid after training.
+    auto fresh = inc.template make_hybrid<I>();
+    auto hybrid = inc.template make_hybrid<I>();
+    using Hybrid = std::remove_reference_t<decltype(*hybrid)>;
+    FrozenExcept<Hybrid, I> view(*hybrid);
+
+    // The optimizer fit builds holds exactly module I's parameters.
+    const auto params = trainable_parameters(view);
+    const auto module_params = params_of(hybrid->template stage<I>());
+    const auto module_names = names_of(hybrid->template stage<I>());
+    REQUIRE(params.size() == module_params.size());
+    std::vector<std::string> opt_names;
+    for (const auto& p : params) {
+      CHECK(module_params.count(p.param) == 1);
+      opt_names.push_back(p.name);
+    }
+    CHECK(opt_names == module_names);
+
+    auto fo = quick();
+    fo.phase = "module" + std::to_string(I);
+    fo.out = dir.path / ("manual" + std::to_string(I));
+    fit(view, train, test, fo);
+
+    // ... and fit's own optimizer state says so: module I's parameters and their moments only.
+    std::set<std::string> expected;
+    for (const auto& n : module_names) {
+      expected.insert(n);
+      expected.insert("exp_avg." + n);
+      expected.insert("exp_avg_sq." + n);
+    }
+    const auto state = io::SafeTensorsFile::read(fo.out / (fo.phase + ".state.safetensors")).names();
+    CHECK(std::set<std::string>(state.begin(), state.end()) == expected);
+
+    // Module I trained: every one of its tensors moved away from its fresh initialisation.
+    const auto before = snapshot(fresh->template stage<I>());
+    const auto after = snapshot(hybrid->template stage<I>());
+    for (const auto& [name, bytes] : after) {
+      CAPTURE(name);
+      CHECK(bytes != before.at(name));
+    }
+    // The library wrote exactly what the spelled-out phase computes.
+    CHECK(file_tensors(inc.files().module(I)) == after);
+
+    // Every frozen stage still equals its meta file, and never received a gradient.
+    hybrid->for_each_stage([&](auto& stage, std::size_t j) {
+      if (j == I) {
+        CHECK(max_abs_grad(stage) > 0);
+        return;
+      }
+      CAPTURE(j);
+      CHECK(snapshot(stage) == file_tensors(inc.files().meta(j)));
+      CHECK(max_abs_grad(stage) == 0);
+    });
+  });
+}
+
+// ---- b. exact gradients of module i through the frozen suffix --------------------------------
+TEST_CASE("incubator: module i's gradients through the frozen suffix match finite differences") {
+  OneThread one_thread;
+  for_each_index<kStages>([&](auto ic) {
+    constexpr std::size_t I = decltype(ic)::value;
+    using B = CountingCpu64;
+    CAPTURE(I);
+    DeepHybrid<I> m;
+    test::randomize_parameters(m, 21 + I);
+    set_drop_path(m, 0.3);  // drop-path stays active in the frozen meta blocks
+    FrozenExcept<DeepHybrid<I>, I> view(m);
+
+    std::mt19937_64 rng(100 + I);
+    const Tensor<B> x = test::random_tensor<B>({2, 1, 28, 28}, rng);
+    auto make_ctx = [] {
+      Context c;
+      c.training = true;
+      c.input_grad = false;  // as fit() calls it
+      c.seed = 77;           // the same drop-path masks in every pass
+      return c;
+    };
+    Context ctx = make_ctx();
+    const Tensor<B> r = test::random_tensor<B>(view.forward(x, ctx).shape(), rng);
+    const auto rh = r.to_host();
+    auto loss = [&] {
+      Context c = make_ctx();
+      const auto y = m.forward(x, c).to_host();
+      double s = 0;
+      for (std::size_t k = 0; k < y.size(); ++k) s += y[k] * rh[k];
+      return s;
+    };
+
+    test::zero_grads(m);
+    ctx = make_ctx();
+    view.forward(x, ctx);
+    view.backward(r, ctx);
+
+    // The frozen stages (prefix and suffix) get no parameter gradient at all; module I does.
+    m.for_each_stage([&](auto& stage, std::size_t j) {
+      CAPTURE(j);
+      if (j == I) CHECK(max_abs_grad(stage) > 0);
+      else CHECK(max_abs_grad(stage) == 0);
+    });
+
+    // Central differences of sum(logits * r) for what the view shows: module I's parameters.
+    double worst = 0;
+    std::string worst_at;
+    const double h = 1e-5;
+    view.visit(
+        [&](const std::string& name, Parameter<B>& p) {
+          auto v = p.value.to_host();
+          const auto g = p.grad.to_host();
+          std::vector<std::size_t> idx(v.size());
+          for (std::size_t k = 0; k < idx.size(); ++k) idx[k] = k;
+          std::shuffle(idx.begin(), idx.end(), rng);
+          idx.resize(std::min<std::size_t>(idx.size(), 6));
+          for (auto k : idx) {
+            const double orig = v[k];
+            v[k] = orig + h;
+            p.value.from_host(v);
+            const double lp = loss();
+            v[k] = orig - h;
+            p.value.from_host(v);
+            const double lm = loss();
+            v[k] = orig;
+            p.value.from_host(v);
+            const double num = (lp - lm) / (2 * h);
+            const double rel = std::abs(num - g[k]) / std::max({std::abs(num), std::abs(g[k]), 1e-3});
+            if (rel > worst) {
+              worst = rel;
+              worst_at = name + "[" + std::to_string(k) + "] numeric " + std::to_string(num) + " analytic " +
+                         std::to_string(g[k]);
+            }
+          }
+        },
+        "");
+    INFO("worst: " << worst_at);
+    CHECK(worst <= 1e-6);
+
+    // The same gradients as a plain backward of the whole hybrid (which also fills the others).
+    std::map<std::string, std::vector<double>> frozen_view;
+    view.visit([&](const std::string& n, Parameter<B>& p) { frozen_view[n] = p.grad.to_host(); }, "");
+    test::zero_grads(m);
+    ctx = make_ctx();
+    m.forward(x, ctx);
+    m.backward(r, ctx);
+    double diff = 0;
+    m.template stage<I>().visit(
+        [&](const std::string& n, Parameter<B>& p) {
+          const auto g = p.grad.to_host();
+          const auto& f = frozen_view.at(n);
+          for (std::size_t k = 0; k < g.size(); ++k) diff = std::max(diff, std::abs(g[k] - f[k]));
+        },
+        "");
+    CHECK(diff <= 1e-12);
+  });
+}
+
+// ---- g. the frozen stages cost no weight-gradient work, the prefix no backward work ----------
+TEST_CASE("incubator: FrozenExcept skips the prefix and the suffix's weight gradients") {
+  OneThread one_thread;
+  using B = CountingCpu64;
+  std::mt19937_64 rng(7);
+  const Tensor<B> x = test::random_tensor<B>({2, 1, 28, 28}, rng);
+  for_each_index<kStages>([&](auto ic) {
+    constexpr std::size_t I = decltype(ic)::value;
+    CAPTURE(I);
+    DeepHybrid<I> m;
+    test::randomize_parameters(m, 3);
+    FrozenExcept<DeepHybrid<I>, I> view(m);
+    // Weight matrices (one weight-gradient GEMM each) and attention layers per stage.
+    std::array<std::int64_t, kStages> matrices{}, attentions{};
+    m.for_each_stage([&](auto& stage, std::size_t j) {
+      stage.visit(
+          [&](const std::string& n, Parameter<B>& p) {
+            if (n.ends_with("weight") && p.value.shape().rank >= 2) ++matrices[j];
+            if (n.ends_with("attn.qkv.weight")) ++attentions[j];
+          },
+          "");
+    });
+    auto run = [&](auto& model) {
+      Context ctx;
+      ctx.training = true;
+      ctx.input_grad = false;
+      const auto& y = model.forward(x, ctx);
+      const Tensor<B> r = test::random_tensor<B>(y.shape(), rng);
+      test::zero_grads(m);
+      B::reset();
+      model.backward(r, ctx);
+    };
+
+    run(view);
+    std::int64_t suffix_matrices = 0, suffix_attn = 0;
+    for (std::size_t j = I + 1; j < kStages; ++j) suffix_matrices += matrices[j], suffix_attn += attentions[j];
+    // Weight gradients for module I's matrices only.
+    CHECK(B::weight_gemms == matrices[I]);
+    // Input gradients through the suffix and module I; nothing at all for the prefix (module 0
+    // has no input gradient to compute for its patch embedding).
+    CHECK(B::gemms == suffix_matrices + 2 * matrices[I] - (I == 0 ? 1 : 0));
+    CHECK(B::batched == 4 * (suffix_attn + attentions[I]));
+    m.for_each_stage([&](auto& stage, std::size_t j) {
+      CAPTURE(j);
+      if (j == I) CHECK(max_abs_grad(stage) > 0);
+      else CHECK(max_abs_grad(stage) == 0);
+    });
+
+    // For reference: everything trainable.
+    run(m);
+    std::int64_t all_matrices = 0;
+    for (auto c : matrices) all_matrices += c;
+    CHECK(B::weight_gemms == all_matrices);
+    CHECK(B::gemms == 2 * all_matrices - 1);
+  });
+}
+
+// ---- c. assembly -----------------------------------------------------------------------------
+TEST_CASE("incubator: assembly puts exactly the incubated modules into the target") {
+  OneThread one_thread;
+  IncubatorTempDir dir;
+  const auto train = synthetic(64, 11), test = synthetic(32, 12);
+  MicroInc inc({.dir = dir.path, .tag = "vit-micro", .seed = 9});
+  inc.pretrain_meta(train, test, quick());
+  for (std::size_t i = 0; i < kStages; ++i) inc.incubate(i, train, test, quick());
+
+  auto target = std::make_unique<MicroInc::Target>();
+  test::randomize_parameters(*target, 99);  // whatever was there must be overwritten
+  inc.assemble(*target);
+  std::size_t covered = 0;
+  target->for_each_stage([&](auto& stage, std::size_t i) {
+    CAPTURE(i);
+    const auto module = file_tensors(inc.files().module(i));
+    CHECK(snapshot(stage) == module);
+    CHECK(file_tensors(inc.files().assembled(i)) == module);
+    CHECK(meta_entry(inc.files().assembled(i), "phase") == "assembled");
+    CHECK(meta_entry(inc.files().assembled(i), "tag") == "vit-micro");
+    CHECK(meta_entry(inc.files().assembled(i), "stage") == std::to_string(i));
+    covered += module.size();
+  });
+  // The module files together hold every parameter of the target, under its whole-model names.
+  const auto all = names_of(*target);
+  CHECK(covered == all.size());
+  CHECK(unique(all));
+
+  // Fine-tuning starts from the assembled files and writes finetuned/.
+  auto other = std::make_unique<MicroInc::Target>();
+  const auto r = inc.finetune(*other, train, test, quick());
+  CHECK(r.epochs == 1);
+  other->for_each_stage([&](auto& stage, std::size_t i) {
+    CHECK(snapshot(stage) == file_tensors(inc.files().finetuned(i)));
+    CHECK(snapshot(stage) != file_tensors(inc.files().assembled(i)));
+  });
+}
+
+// ---- d. fresh objects per phase == one object ------------------------------------------------
+TEST_CASE("incubator: a fresh Incubator per phase writes the same files as one Incubator") {
+  IncubatorTempDir dir;
+  const auto train = synthetic(64, 21), test = synthetic(32, 22);
+  const MicroInc::Options base{.tag = "vit-micro", .seed = 13};
+  auto opts = [&](const fs::path& d) {
+    auto o = base;
+    o.dir = d;
+    return o;
+  };
+  auto fit_opts = [&](const fs::path& d) {
+    auto o = quick();
+    o.out = d;  // training states and metrics too, as the example program writes them
+    return o;
+  };
+  const fs::path a = dir.path / "one", b = dir.path / "fresh";
+  {
+    MicroInc inc(opts(a));
+    inc.pretrain_meta(train, test, fit_opts(a));
+    for (std::size_t i = 0; i < kStages; ++i) inc.incubate(i, train, test, fit_opts(a));
+    auto target = std::make_unique<MicroInc::Target>();
+    inc.assemble(*target);
+    inc.finetune(*target, train, test, fit_opts(a));
+  }
+  MicroInc(opts(b)).pretrain_meta(train, test, fit_opts(b));
+  for (std::size_t i : {3, 1, 0, 2})  // independent jobs, any order
+    MicroInc(opts(b)).incubate(i, train, test, fit_opts(b));
+  {
+    auto target = std::make_unique<MicroInc::Target>();
+    MicroInc(opts(b)).assemble(*target);
+  }
+  {
+    auto target = std::make_unique<MicroInc::Target>();
+    MicroInc(opts(b)).finetune(*target, train, test, fit_opts(b));
+  }
+  const IncubationLayout la{a}, lb{b};
+  for (std::size_t i = 0; i < kStages; ++i) {
+    CAPTURE(i);
+    CHECK(file_bytes(la.meta(i)) == file_bytes(lb.meta(i)));
+    CHECK(file_bytes(la.module(i)) == file_bytes(lb.module(i)));
+    CHECK(file_bytes(la.assembled(i)) == file_bytes(lb.assembled(i)));
+    CHECK(file_bytes(la.finetuned(i)) == file_bytes(lb.finetuned(i)));
+  }
+}
+
+// ---- e. a non-ViT module in a meta model -----------------------------------------------------
+namespace {
+// Stage 1: a transformer block followed by an extra residual MLP (width 32 in and out), with
+// names of its own that collide with nothing in the rest of the target.
+using CustomModule = Sequential<Block<32, 2>, Residual<Sequential<Named<"extra_norm", LayerNorm<32>>,
+                                                                  Named<"extra_mlp", Mlp<32, 64>>>>>;
+using CustomTarget = Stages<MicroMeta::stage<0>, CustomModule, MicroMeta::stage<2>, MicroMeta::stage<3>>;
+using CustomInc = Incubator<MicroMeta, CustomTarget, Cpu>;
+}  // namespace
+
+TEST_CASE("incubator: a non-ViT module incubated in the vit-micro meta model and assembled") {
+  OneThread one_thread;
+  IncubatorTempDir dir;
+  const auto train = synthetic(64, 31), test = synthetic(32, 32);
+  // The target's and the hybrid's parameter names are unique.
+  {
+    auto t = std::make_unique<CustomInc::Target>();
+    const auto names = names_of(*t);
+    CHECK(unique(names));
+    CHECK(std::count(names.begin(), names.end(), "extra_mlp.fc1.weight") == 1);
+    CHECK(std::count(names.begin(), names.end(), "attn.qkv.weight") == 1);
+    auto h = std::make_unique<Model<CustomInc::HybridArch<1>, Cpu>>();
+    CHECK(unique(names_of(*h)));
+  }
+  CustomInc inc({.dir = dir.path, .tag = "custom", .seed = 17});
+  inc.pretrain_meta(train, test, quick());
+  for (std::size_t i = 0; i < kStages; ++i) inc.incubate(i, train, test, quick());
+  const auto module1 = file_tensors(inc.files().module(1));
+  CHECK(module1.count("extra_norm.weight") == 1);
+  CHECK(module1.count("extra_mlp.fc2.bias") == 1);
+  CHECK(module1.count("blocks.1.attn.qkv.weight") == 0);
+
+  auto target = std::make_unique<CustomInc::Target>();
+  inc.assemble(*target);
+  target->for_each_stage([&](auto& stage, std::size_t i) {
+    CAPTURE(i);
+    CHECK(snapshot(stage) == file_tensors(inc.files().module(i)));
+  });
+  // Module 1 moved away from its fresh initialisation; it was trained on the meta's stages.
+  auto fresh = inc.make_hybrid<1>();
+  CHECK(snapshot(fresh->stage<1>()) != module1);
+  const auto r = inc.finetune(*target, train, test, quick());
+  CHECK(std::isfinite(r.test.loss));
+}
+
+// ---- f. missing and foreign inputs -----------------------------------------------------------
+TEST_CASE("incubator: a phase whose inputs are missing or written for another tag names the file") {
+  OneThread one_thread;
+  IncubatorTempDir dir;
+  const auto train = synthetic(32, 41), test = synthetic(16, 42);
+  MicroInc inc({.dir = dir.path, .tag = "vit-micro", .seed = 1});
+
+  SUBCASE("no meta files") {
+    for (std::size_t i = 0; i < kStages; ++i) {
+      CAPTURE(i);
+      const auto msg = error_message([&] { inc.incubate(i, train, test, quick()); });
+      const std::size_t first_needed = i == 0 ? 1 : 0;
+      CHECK(has(msg, inc.files().meta(first_needed).string()));
+      CHECK(has(msg, "missing"));
+      CHECK(!fs::exists(inc.files().module(i)));
+    }
+    CHECK(has(error_message([&] { inc.incubate(kStages, train, test, quick()); }), "out of range"));
+  }
+  SUBCASE("one meta file missing") {
+    inc.pretrain_meta(train, test, quick());
+    fs::remove(inc.files().meta(2));
+    const auto msg = error_message([&] { inc.incubate(0, train, test, quick()); });
+    CHECK(has(msg, inc.files().meta(2).string()));
+    CHECK(has(msg, "meta"));
+    // Module 2 itself does not need meta stage 2.
+    inc.incubate(2, train, test, quick());
+    CHECK(fs::exists(inc.files().module(2)));
+    // Assembly without every module names the first one missing; fine-tuning without assembly too.
+    auto target = std::make_unique<MicroInc::Target>();
+    CHECK(has(error_message([&] { inc.assemble(*target); }), inc.files().module(0).string()));
+    CHECK(has(error_message([&] { inc.finetune(*target, train, test, quick()); }), inc.files().assembled(0).string()));
+  }
+  SUBCASE("meta files written for another tag") {
+    MicroInc other({.dir = dir.path, .tag = "vit-tiny", .seed = 1});
+    other.pretrain_meta(train, test, quick());
+    for (std::size_t i = 0; i < kStages; ++i) {
+      CAPTURE(i);
+      const auto msg = error_message([&] { inc.incubate(i, train, test, quick()); });
+      CHECK(has(msg, inc.files().meta(i == 0 ? 1 : 0).string()));
+      CHECK(has(msg, "'vit-tiny'"));
+      CHECK(has(msg, "'vit-micro'"));
+      CHECK(!fs::exists(inc.files().module(i)));
+    }
+  }
+  SUBCASE("assembly checks every module file before it writes any assembled file") {
+    inc.pretrain_meta(train, test, quick());
+    for (std::size_t i = 0; i < kStages; ++i) inc.incubate(i, train, test, quick());
+    auto target = std::make_unique<MicroInc::Target>();
+    inc.assemble(*target);
+    std::vector<Bytes> assembled;
+    for (std::size_t i = 0; i < kStages; ++i) assembled.push_back(file_bytes(inc.files().assembled(i)));
+    // Module 0 incubated again (another seed: another module), module 2 lost.
+    MicroInc({.dir = dir.path, .tag = "vit-micro", .seed = 2}).incubate(0, train, test, quick());
+    fs::remove(inc.files().module(2));
+    CHECK(has(error_message([&] { inc.assemble(*target); }), inc.files().module(2).string()));
+    for (std::size_t i = 0; i < kStages; ++i) CHECK(file_bytes(inc.files().assembled(i)) == assembled[i]);
+    // A file of another phase in its place (a meta stage has the module's shapes in vit-micro).
+    fs::copy_file(inc.files().meta(2), inc.files().module(2));
+    const auto msg = error_message([&] { inc.assemble(*target); });
+    CHECK(has(msg, inc.files().module(2).string()));
+    CHECK(has(msg, "'meta'"));
+    CHECK(has(msg, "'module'"));
+    for (std::size_t i = 0; i < kStages; ++i) CHECK(file_bytes(inc.files().assembled(i)) == assembled[i]);
+  }
+  SUBCASE("a meta file of another stage") {
+    inc.pretrain_meta(train, test, quick());
+    fs::copy_file(inc.files().meta(2), inc.files().meta(1), fs::copy_options::overwrite_existing);
+    const auto msg = error_message([&] { inc.incubate(0, train, test, quick()); });
+    CHECK(has(msg, inc.files().meta(1).string()));
+    CHECK(has(msg, "'2'"));
+  }
+}
