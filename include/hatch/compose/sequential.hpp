@@ -157,10 +157,9 @@ class ResidualLayer {
     return y_;
   }
   const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
+    // The branch's input gradient is needed exactly when the block's is: dx = dy + branch dx.
     const bool outer = ctx.input_grad;
-    ctx.input_grad = true;
     const Tensor<B>& d = inner_.backward(dy, ctx);
-    ctx.input_grad = outer;
     if (outer) {
       dx_.resize(dy.shape());
       B::add(dx_.data(), dy.data(), d.data(), dy.numel());
