@@ -45,6 +45,9 @@ class StagesLayer : public SequentialLayer<B, Specs...> {
 template <class... Specs>
 struct Stages {
   static_assert(sizeof...(Specs) > 0, "hatch::Stages needs at least one stage");
+  static_assert((!requires { Specs::name; } && ...),
+                "hatch::Stages: a stage cannot be Named: stage files are saved and loaded without a "
+                "prefix, so the stage's own layers must carry their full names");
   static_assert(widths_agree<Specs...>());
   static constexpr std::size_t num_stages = sizeof...(Specs);
   static constexpr int in = first_width<Specs...>(), out = last_width<Specs...>();
