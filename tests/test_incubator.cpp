@@ -413,6 +413,21 @@ TEST_CASE("incubator: a phase whose inputs are missing or written for another ta
       CHECK(!fs::exists(inc.files().module(i)));
     }
   }
+  SUBCASE("a saved training state is not resumed over changed inputs") {
+    // A module phase whose state survives (out set, a kill after its epoch) while the meta
+    // model is trained again: resuming would mix the new meta stages with the old module.
+    auto o = quick();
+    o.out = dir.path / "states";
+    inc.pretrain_meta(train, test, quick());
+    inc.incubate(1, train, test, o);
+    MicroInc retrained({.dir = dir.path, .tag = "vit-micro", .seed = 99});
+    retrained.pretrain_meta(train, test, quick());
+    const auto msg = error_message([&] { retrained.incubate(1, train, test, o); });
+    CHECK(has(msg, "module1.state.safetensors"));
+    CHECK(has(msg, "inputs"));
+    o.resume = false;  // starting afresh is always possible
+    retrained.incubate(1, train, test, o);
+  }
   SUBCASE("assembly checks every module file before it writes any assembled file") {
     inc.pretrain_meta(train, test, quick());
     for (std::size_t i = 0; i < kStages; ++i) inc.incubate(i, train, test, quick());

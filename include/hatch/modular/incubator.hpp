@@ -9,7 +9,12 @@
 //   4. finetune       — train the assembled target end to end.
 // Every phase reads and writes per-stage safetensors files under one directory, so each can
 // run as its own process (or machine) and one process can run them all.
+#include <zlib.h>
+
+#include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <vector>
 #include <map>
 #include <string>
 #include <utility>
@@ -128,6 +133,8 @@ class Incubator {
     auto hybrid = make_hybrid<I>();
     FrozenExcept<Model<HybridArch<I>, B>, I> view(*hybrid);
     fo.phase = "module" + std::to_string(I);
+    for (std::size_t j = 0; j < K; ++j)
+      if (j != I) fo.inputs += fingerprint(files_.meta(j));
     const auto r = fit(view, train, test, fo);
     save(hybrid->template stage<I>(), files_.module(I), "module", I);
     return r;
@@ -146,6 +153,7 @@ class Incubator {
     target.for_each_stage([&](auto& stage, std::size_t i) { load(stage, files_.assembled(i), "assembled", i); });
     set_drop_path(target, opt_.target_drop_path);
     fo.phase = "finetune";
+    for (std::size_t i = 0; i < K; ++i) fo.inputs += fingerprint(files_.assembled(i));
     const auto r = fit(target, train, test, fo);
     target.for_each_stage([&](auto& stage, std::size_t i) { save(stage, files_.finetuned(i), "finetuned", i); });
     return r;
@@ -160,6 +168,20 @@ class Incubator {
   static decltype(auto) dispatch_impl(std::size_t i, F& f) {
     if constexpr (I + 1 == K) return f(std::integral_constant<std::size_t, I>{});
     else return i == I ? f(std::integral_constant<std::size_t, I>{}) : dispatch_impl<I + 1>(i, f);
+  }
+  // CRC-32 of a file's bytes: ties a resumable training state to the files it started from.
+  static std::string fingerprint(const std::filesystem::path& file) {
+    std::ifstream in(file, std::ios::binary);
+    require(bool(in), file.string(), "cannot open for reading");
+    std::vector<char> buf(1 << 16);
+    uLong crc = crc32(0L, Z_NULL, 0);
+    while (in) {
+      in.read(buf.data(), std::streamsize(buf.size()));
+      crc = crc32(crc, reinterpret_cast<const Bytef*>(buf.data()), uInt(in.gcount()));
+    }
+    char hex[16];
+    std::snprintf(hex, sizeof hex, "%08lx", static_cast<unsigned long>(crc));
+    return hex;
   }
   template <class S>
   void save(S& stage, const std::filesystem::path& file, const std::string& phase, std::size_t i) {

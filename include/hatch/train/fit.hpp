@@ -36,6 +36,8 @@ struct FitOptions {
   std::string phase = "train";           // written into every metrics line
   std::filesystem::path out;             // metrics.jsonl and <phase>.state.safetensors; empty = none
   bool resume = true;                    // continue from out/<phase>.state.safetensors if present
+  std::string inputs;                    // fingerprint of the phase's input files; a state saved
+                                         // for other inputs is refused instead of resumed
   bool progress = true;
   double images_before = 0;              // training images seen by earlier phases (for compute plots)
   double seconds_before = 0;             // training seconds spent by earlier phases
@@ -97,7 +99,9 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
   int first_epoch = 0;
   FitResult result;
   if (o.resume && !state_file.empty() && std::filesystem::exists(state_file)) {
-    const auto st = load_training_state(model, opt, state_file);
+    LoadOptions lo;
+    if (!o.inputs.empty()) lo.require_metadata["inputs"] = o.inputs;
+    const auto st = load_training_state(model, opt, state_file, lo);
     first_epoch = st.at("epoch").template get<int>();
     result.seconds = st.value("seconds", 0.0);
     result.images = st.value("images", 0.0);
@@ -163,7 +167,9 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
     if (!state_file.empty())
       save_training_state(model, opt, state_file,
                           {{"epoch", epoch + 1}, {"seconds", result.seconds}, {"images", result.images},
-                           {"phase", o.phase}});
+                           {"phase", o.phase}},
+                          o.inputs.empty() ? std::map<std::string, std::string>{}
+                                           : std::map<std::string, std::string>{{"inputs", o.inputs}});
     if (o.on_epoch_end) o.on_epoch_end(epoch + 1, result.test);
   }
   if (result.epochs == 0 || first_epoch == o.epochs) {
