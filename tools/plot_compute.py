@@ -1,13 +1,15 @@
 #!/usr/bin/python3
-"""Test accuracy against training compute (training seconds, all phases counted) for one or
-more runs, drawn with gnuplot from the runs' metrics.jsonl files.
+"""Test accuracy against training compute for one or more runs, drawn with gnuplot from the
+runs' metrics.jsonl files.
 
-  tools/plot_compute.py OUT.png LABEL=RUN_DIR [LABEL=RUN_DIR ...]
+  tools/plot_compute.py [--cost PHASE=MS_PER_IMAGE,...] OUT.png LABEL=RUN_DIR [LABEL=RUN_DIR ...]
 
-Each RUN_DIR holds the metrics.jsonl written by train_e2e or incubate. For an incubation run
-the phases are chained in file order (meta, module0..3, finetune): the x value of a point is
-the training time of every earlier phase plus its own. Module phases evaluate the hybrid, so
-their points show the hybrid's accuracy.
+Each RUN_DIR holds the metrics.jsonl written by train_e2e or incubate. Phases are chained in
+file order (meta, module0..3, finetune): a point's x is the compute of every earlier phase plus
+its own. Without --cost, compute is the training wall time the runs measured. With --cost, it
+is images trained in each phase times that phase's cost per image (ms, from a benchmark on a
+quiet machine, e.g. build/bench/incubation), which does not depend on what else the machine
+was doing. Module phases evaluate the hybrid, so their points show the hybrid's accuracy.
 """
 import json
 import os
@@ -16,20 +18,34 @@ import sys
 import tempfile
 
 
-def series(run_dir):
-    points, offset, phase, last = [], 0.0, None, 0.0
+def series(run_dir, cost):
+    """(compute, test accuracy, phase) per metrics line. `images` in the log is cumulative over
+    the phases of a run, so consecutive lines differ by the images trained in that epoch."""
+    points, x, prev_images, offset, phase, last = [], 0.0, 0.0, 0.0, None, 0.0
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         for line in f:
             m = json.loads(line)
-            if m["phase"] != phase:
-                offset += last
-                phase, last = m["phase"], 0.0
-            last = m["seconds"]
-            points.append((offset + m["seconds"], m["test_accuracy"], m["phase"]))
+            if cost:
+                if m["phase"] not in cost:
+                    sys.exit(f"plot_compute: no --cost given for phase '{m['phase']}'")
+                x += (m["images"] - prev_images) * cost[m["phase"]] / 1000.0
+                prev_images = m["images"]
+            else:  # seconds restart at each phase
+                if m["phase"] != phase:
+                    offset, phase = offset + last, m["phase"]
+                last = m["seconds"]
+                x = offset + last
+            points.append((x, m["test_accuracy"], m["phase"]))
     return points
 
 
 def main(argv):
+    cost = {}
+    if len(argv) > 1 and argv[1] == "--cost":
+        for item in argv[2].split(","):
+            k, v = item.split("=")
+            cost[k] = float(v)
+        argv = argv[:1] + argv[3:]
     if len(argv) < 3:
         sys.exit(__doc__)
     out, runs = argv[1], [a.split("=", 1) for a in argv[2:]]
@@ -38,12 +54,14 @@ def main(argv):
     for i, (label, run_dir) in enumerate(runs):
         dat = os.path.join(tmp, f"{i}.dat")
         with open(dat, "w") as f:
-            for x, y, phase in series(run_dir):
+            for x, y, phase in series(run_dir, cost):
                 f.write(f"{x:.1f} {y:.4f} {phase}\n")
         plots.append(f"'{dat}' using 1:2 with linespoints title '{label}'")
+    xlabel = ("training compute (seconds of quiet-machine step time, all phases)" if cost
+              else "training compute (measured training seconds on 2 cores, all phases)")
     script = f"""set terminal pngcairo size 900,600 enhanced font 'sans,11'
 set output '{out}'
-set xlabel 'training compute (seconds on 2 cores, all phases)'
+set xlabel '{xlabel}'
 set ylabel 'test accuracy'
 set key bottom right
 set grid
