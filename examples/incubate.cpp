@@ -15,7 +15,7 @@ int main(int argc, char** argv) {
   flags.warmup_epochs = 0.5;
   std::string phase = "all";
   int index = -1, epochs_meta = 2, epochs_module = 1, epochs_finetune = 2;
-  double hybrid_drop_path = 0.1, finetune_drop_path = 0.1, finetune_clip = 1.0;
+  double hybrid_drop_path = 0.1, finetune_drop_path = 0.1, finetune_clip = 1.0, finetune_lr = 5e-4;
   flags.add_to(app);
   app.add_option("--phase", phase, "meta, module, assemble, finetune or all")
       ->check(CLI::IsMember({"meta", "module", "assemble", "finetune", "all"}));
@@ -27,6 +27,8 @@ int main(int argc, char** argv) {
   app.add_option("--hybrid-drop-path", hybrid_drop_path, "max drop-path rate in the hybrid")->check(CLI::Range(0.0, 0.99));
   app.add_option("--finetune-drop-path", finetune_drop_path, "max drop-path rate when fine-tuning")
       ->check(CLI::Range(0.0, 0.99));
+  app.add_option("--finetune-lr", finetune_lr, "peak learning rate when fine-tuning the assembled model")
+      ->check(CLI::PositiveNumber);
   app.add_option("--finetune-clip", finetune_clip, "gradient clip when fine-tuning")->check(CLI::NonNegativeNumber);
   CLI11_PARSE(app, argc, argv);
   omp_set_num_threads(flags.threads);
@@ -50,6 +52,7 @@ int main(int argc, char** argv) {
       auto options = [&](int epochs, bool finetune) {
         auto o = flags.fit_options(epochs, "");
         if (finetune) {
+          o.lr = finetune_lr;
           o.warmup_epochs = 0;
           o.clip = finetune_clip;
         }
