@@ -12,6 +12,8 @@
 //   build/bench/incubation --benchmark_min_time=0.2
 #include <benchmark/benchmark.h>
 
+#include "bench_main.hpp"
+
 #include <cstdio>
 #include <cstdlib>
 #include <hatch/hatch.hpp>
@@ -136,23 +138,4 @@ HATCH_INCUBATION_BENCH(3);
 BENCHMARK(target_e2e)->Name("vit-small/target/e2e")->Apply(configure);
 BENCHMARK(meta_e2e)->Name("vit-small/meta/e2e")->Apply(configure);
 
-int main(int argc, char** argv) {
-  int threads = 2;
-  if (const char* env = std::getenv("HATCH_THREADS")) {
-    char* end = nullptr;
-    const long v = std::strtol(env, &end, 10);
-    if (end == env || *end != '\0' || v < 1 || v > 1024) {
-      std::fprintf(stderr, "incubation: HATCH_THREADS must be an integer in [1, 1024], got '%s'\n", env);
-      return 2;
-    }
-    threads = int(v);
-  }
-  omp_set_num_threads(threads);
-  benchmark::AddCustomContext("hatch_threads", std::to_string(threads));
-  benchmark::AddCustomContext("batch", std::to_string(kBatch));
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
-}
+int main(int argc, char** argv) { return bench::benchmark_main("incubation", kBatch, argc, argv); }

@@ -7,6 +7,8 @@
 // it binds, what input it takes and whether its backward must produce an input gradient.
 #include <benchmark/benchmark.h>
 
+#include "bench_main.hpp"
+
 #include <cstdio>
 #include <cstdlib>
 #include <hatch/hatch.hpp>
@@ -187,23 +189,4 @@ BENCHMARK_TEMPLATE(forward_backward, Whole, VitSmall)
     ->Name(bench_name<Whole, VitSmall>("forward_backward"))
     ->Apply(configure);
 
-int main(int argc, char** argv) {
-  int threads = 2;
-  if (const char* env = std::getenv("HATCH_THREADS")) {
-    char* end = nullptr;
-    const long v = std::strtol(env, &end, 10);
-    if (end == env || *end != '\0' || v < 1 || v > 1024) {
-      std::fprintf(stderr, "layers: HATCH_THREADS must be an integer in [1, 1024], got '%s'\n", env);
-      return 2;
-    }
-    threads = int(v);
-  }
-  omp_set_num_threads(threads);
-  benchmark::AddCustomContext("hatch_threads", std::to_string(threads));
-  benchmark::AddCustomContext("batch", std::to_string(kBatch));
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
-}
+int main(int argc, char** argv) { return bench::benchmark_main("layers", kBatch, argc, argv); }

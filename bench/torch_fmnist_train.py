@@ -56,7 +56,7 @@ def init_timm(model):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="vit-tiny", choices=sorted(PRESETS))
+    ap.add_argument("--preset", default="vit-tiny", choices=sorted(k for k, v in PRESETS.items() if v[4] == 28))
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -74,7 +74,7 @@ def main():
     torch.manual_seed(a.seed)
     xtr, ytr = load(a.data, "train", a.train_limit)
     xte, yte = load(a.data, "test", a.test_limit)
-    patch, dim, heads, depth = PRESETS[a.preset]
+    patch, dim, heads, depth = PRESETS[a.preset][:4]
     model = ViT(dim, depth, heads, patch)
     init_timm(model)
     decay = [p for n, p in model.named_parameters() if p.dim() > 1 and n not in ("cls_token", "pos_embed")]

@@ -8,6 +8,7 @@ with bias, MLP ratio 4 with exact GELU), a final LayerNorm on the class token an
 Parameter names are timm's. AdamW decays weights only (not norms, biases, tokens), as hatch's.
 
   /usr/bin/python3 bench/torch_vit_step.py --preset vit-small --batch 128 --threads 2 --steps 20
+  python3 bench/torch_vit_step.py --preset vit-b16 --batch 64 --device cuda [--tf32]
   /usr/bin/python3 bench/torch_vit_step.py DIM DEPTH HEADS BATCH PATCH [THREADS]
 
 Prints the median time per step, then a last line "images_per_second=N".
@@ -21,14 +22,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# name: (patch, dim, heads, depth = total blocks over the four stages)
+# name: (patch, dim, heads, depth = total blocks over the four stages, image, channels, classes)
 PRESETS = {
-    "vit-micro": (7, 32, 2, 4),
-    "vit-tiny": (7, 64, 4, 4),
-    "vit-small": (7, 128, 4, 8),
-    "vit-base": (4, 192, 6, 12),
+    "vit-micro": (7, 32, 2, 4, 28, 1, 10),
+    "vit-tiny": (7, 64, 4, 4, 28, 1, 10),
+    "vit-small": (7, 128, 4, 8, 28, 1, 10),
+    "vit-base": (4, 192, 6, 12, 28, 1, 10),
+    "vit-b16": (16, 768, 12, 12, 224, 3, 1000),  # ViT-B/16, the GPU benchmark
 }
-IMAGE, CHANNELS, CLASSES, MLP_RATIO, LN_EPS = 28, 1, 10, 4, 1e-6
+MLP_RATIO, LN_EPS = 4, 1e-6
 
 
 class Attention(nn.Module):
@@ -69,24 +71,24 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, patch, dim):
+    def __init__(self, patch, dim, channels):
         super().__init__()
-        self.proj = nn.Conv2d(CHANNELS, dim, patch, patch)
+        self.proj = nn.Conv2d(channels, dim, patch, patch)
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
 class ViT(nn.Module):
-    def __init__(self, dim, depth, heads, patch):
+    def __init__(self, dim, depth, heads, patch, image=28, channels=1, classes=10):
         super().__init__()
-        tokens = (IMAGE // patch) ** 2 + 1
-        self.patch_embed = PatchEmbed(patch, dim)
+        tokens = (image // patch) ** 2 + 1
+        self.patch_embed = PatchEmbed(patch, dim, channels)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, tokens, dim))
         self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
-        self.head = nn.Linear(dim, CLASSES)
+        self.head = nn.Linear(dim, classes)
         for name, p in self.named_parameters():  # timm: trunc_normal(0.02) weights, zero biases
             if name.endswith("bias"):
                 nn.init.zeros_(p)
@@ -116,15 +118,17 @@ def parse(argv):
         dim, depth, heads, batch, patch = vals[:5]
         return argparse.Namespace(preset=f"dim{dim}-depth{depth}-heads{heads}-patch{patch}", dim=dim, depth=depth,
                                   heads=heads, batch=batch, patch=patch, threads=vals[5] if len(vals) > 5 else 2,
-                                  steps=20, warmup=3)
+                                  steps=20, warmup=3, image=28, channels=1, classes=10, device="cpu", tf32=False)
     ap = argparse.ArgumentParser(description="PyTorch training-step throughput (peer of hatch's train_step)")
     ap.add_argument("--preset", default="vit-small", choices=sorted(PRESETS))
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=20, help="timed steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions (cuda)")
     a = ap.parse_args(argv)
-    a.patch, a.dim, a.heads, a.depth = PRESETS[a.preset]
+    a.patch, a.dim, a.heads, a.depth, a.image, a.channels, a.classes = PRESETS[a.preset]
     return a
 
 
@@ -133,22 +137,29 @@ def main(argv):
     for k in ("dim", "depth", "heads", "batch", "patch", "threads", "steps"):
         if getattr(a, k) < 1:
             sys.exit(f"torch_vit_step.py: {k} must be positive, got {getattr(a, k)}")
-    if a.dim % a.heads or IMAGE % a.patch:
-        sys.exit(f"torch_vit_step.py: dim {a.dim} must divide by heads {a.heads}, {IMAGE} by patch {a.patch}")
+    if a.dim % a.heads or a.image % a.patch:
+        sys.exit(f"torch_vit_step.py: dim {a.dim} must divide by heads {a.heads}, {a.image} by patch {a.patch}")
+    if a.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("torch_vit_step.py: --device cuda but torch sees no CUDA device")
     torch.set_num_threads(a.threads)
+    torch.backends.cuda.matmul.allow_tf32 = a.tf32
+    torch.backends.cudnn.allow_tf32 = a.tf32
     torch.manual_seed(0)
-    model = ViT(a.dim, a.depth, a.heads, a.patch)
+    dev = torch.device(a.device)
+    model = ViT(a.dim, a.depth, a.heads, a.patch, a.image, a.channels, a.classes).to(dev)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and n not in ("cls_token", "pos_embed")]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and n not in ("cls_token", "pos_embed"))]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
-    x = torch.randn(a.batch, CHANNELS, IMAGE, IMAGE)
-    y = torch.randint(0, CLASSES, (a.batch,))
+    x = torch.randn(a.batch, a.channels, a.image, a.image, device=dev)
+    y = torch.randint(0, a.classes, (a.batch,), device=dev)
 
     def step():
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
 
     for _ in range(a.warmup):
         step()
@@ -159,7 +170,9 @@ def main(argv):
         times.append(time.perf_counter() - t0)
     times.sort()
     median = times[len(times) // 2]
-    print(f"torch {torch.__version__} {a.preset} batch={a.batch} threads={a.threads}: "
+    where = (f"cuda {'tf32' if a.tf32 else 'fp32'} ({torch.cuda.get_device_name()})" if dev.type == "cuda"
+             else f"threads={a.threads}")
+    print(f"torch {torch.__version__} {a.preset} batch={a.batch} {where}: "
           f"median {median * 1e3:.1f} ms/step (min {times[0] * 1e3:.1f})")
     print(f"images_per_second={a.batch / median:.1f}")
 

@@ -1,67 +1,41 @@
 // Images per second of one full training step (forward, loss, backward, AdamW) of a preset ViT
 // on random data; the peer of bench/torch_vit_step.py. Last line: images_per_second=N.
+//   build/bench/train_step --preset vit-small --batch 128 --threads 2
+//   build/bench/train_step --device cuda --preset vit-b16 --batch 64 [--tf32]
 #include <CLI/CLI.hpp>
-#include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <hatch/hatch.hpp>
-#include <random>
-#include <vector>
+
+#include "train_step.hpp"
 
 int main(int argc, char** argv) {
   CLI::App app{"hatch training-step throughput"};
-  std::string preset = "vit-small";
-  int batch = 128, threads = 2, steps = 20, warmup = 3;
-  app.add_option("--preset", preset, std::string("model preset: ") + hatch::presets::names);
-  app.add_option("--batch", batch, "batch size")->check(CLI::Range(1, 1 << 16));
-  app.add_option("--threads", threads, "OpenMP threads")->check(CLI::Range(1, 1024));
-  app.add_option("--steps", steps, "timed steps")->check(CLI::Range(1, 1 << 20));
-  app.add_option("--warmup", warmup, "untimed steps first")->check(CLI::Range(0, 1 << 20));
+  bench::StepOptions o;
+  std::string device = "cpu";
+  int threads = 2;
+  app.add_option("--preset", o.preset, std::string("model preset: ") + hatch::presets::names + ", vit-b16 (224x224x3)")
+      ->check(CLI::IsMember({"vit-micro", "vit-tiny", "vit-small", "vit-base", "vit-b16"}));
+  app.add_option("--device", device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_flag("--tf32", o.tf32, "with --device cuda: TF32 tensor-core GEMMs");
+  app.add_option("--batch", o.batch, "batch size")->check(CLI::Range(1, 1 << 16));
+  app.add_option("--threads", threads, "OpenMP threads (cpu)")->check(CLI::Range(1, 1024));
+  app.add_option("--steps", o.steps, "timed steps")->check(CLI::Range(1, 1 << 20));
+  app.add_option("--warmup", o.warmup, "untimed steps first")->check(CLI::Range(0, 1 << 20));
   CLI11_PARSE(app, argc, argv);
   omp_set_num_threads(threads);
-  using namespace hatch;
   try {
-    return with_preset(preset, [&]<class V>(std::type_identity<V>) {
-      Model<V, Cpu> model;
-      Initializer init(0);
-      model.reset_parameters(init);
-      AdamW<Cpu> opt(trainable_parameters(model), {});
-      SoftTargetCrossEntropy<Cpu> loss;
-      std::mt19937_64 rng(0);
-      std::normal_distribution<float> nd;
-      std::vector<float> xh(std::size_t(batch) * V::spec.channels * V::spec.image * V::spec.image);
-      for (auto& v : xh) v = nd(rng);
-      std::vector<int> labels(batch);
-      for (auto& l : labels) l = int(rng() % V::spec.classes);
-      Tensor<Cpu> x, t;
-      x.from_host(xh, {batch, V::spec.channels, V::spec.image, V::spec.image});
-      t.from_host(smoothed_one_hot(labels, V::spec.classes, 0.0), {batch, V::spec.classes});
-      auto step = [&] {
-        Context ctx;
-        ctx.training = true;
-        ctx.input_grad = false;
-        opt.zero_grad();
-        const auto& logits = model.forward(x, ctx);
-        loss.forward_backward(logits, t);
-        model.backward(loss.grad(), ctx);
-        opt.step(1e-3);
-      };
-      for (int i = 0; i < warmup; ++i) step();
-      std::vector<double> times;
-      for (int i = 0; i < steps; ++i) {
-        const auto t0 = std::chrono::steady_clock::now();
-        step();
-        times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-      }
-      std::sort(times.begin(), times.end());
-      const double median = times[times.size() / 2];
-      std::printf("hatch %s batch=%d threads=%d: median %.1f ms/step (min %.1f)\n", preset.c_str(), batch, threads,
-                  median * 1e3, times.front() * 1e3);
-      std::printf("images_per_second=%.1f\n", batch / median);
-      return 0;
-    });
+    if (device == "cuda") return bench::time_train_step_cuda(o);
+    hatch::require(!o.tf32, "--tf32", "applies only to --device cuda");
+    o.label = "hatch cpu threads=" + std::to_string(threads);
+    return bench::time_train_step<hatch::Cpu>(o);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "train_step: %s\n", e.what());
     return 2;
   }
 }
+
+#if !defined(HATCH_BENCH_CUDA)
+int bench::time_train_step_cuda(const StepOptions&) {
+  throw hatch::Error("--device cuda: this build has no CUDA backend (configure with nvcc on PATH)");
+}
+#endif

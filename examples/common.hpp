@@ -1,76 +1,55 @@
 #pragma once
-// Flags shared by the example programs, and their mapping onto FitOptions.
+// Command-line side of the example programs: the shared flags, the device dispatch and the
+// error guard. What the programs do is in programs.hpp.
 #include <omp.h>
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <hatch/hatch.hpp>
-#include <hatch/train/fit.hpp>
 #include <string>
+
+#include "programs.hpp"
 
 namespace examples {
 
-struct CommonFlags {
-  std::string preset = "vit-tiny";
-  std::string data = hatch::data::kFashionMnistDir;
-  std::string out = "out";
-  int batch = 128, threads = 2, train_limit = 0, test_limit = 0;
-  double lr = 2e-3, min_lr = 1e-5, warmup_epochs = 1, weight_decay = 0.05, clip = 0;
-  double label_smoothing = 0.1, drop_path = 0, mixup = 0, cutmix = 0, mix_prob = 1.0;
-  int crop_padding = 0;
-  bool hflip = false, no_progress = false, no_resume = false;
-  std::uint64_t seed = 0;
+inline void add_common_flags(CLI::App& app, CommonOptions& o) {
+  app.add_option("--preset", o.preset, std::string("model preset: ") + hatch::presets::names)
+      ->check(CLI::IsMember({"vit-micro", "vit-tiny", "vit-small", "vit-base"}));
+  app.add_option("--device", o.device, "cpu, or cuda (the first CUDA device)")->check(CLI::IsMember({"cpu", "cuda"}));
+  app.add_flag("--tf32", o.tf32, "with --device cuda: TF32 tensor-core GEMMs");
+  app.add_option("--data", o.data, "directory with the Fashion-MNIST IDX files (.gz or plain)");
+  app.add_option("--out", o.out, "output directory: checkpoints, metrics.jsonl");
+  app.add_option("--batch", o.batch, "batch size")->check(CLI::Range(1, 65536));
+  app.add_option("--lr", o.lr, "peak learning rate (AdamW)")->check(CLI::PositiveNumber);
+  app.add_option("--min-lr", o.min_lr, "final learning rate of the cosine schedule")->check(CLI::NonNegativeNumber);
+  app.add_option("--warmup-epochs", o.warmup_epochs, "linear warmup length in epochs")->check(CLI::NonNegativeNumber);
+  app.add_option("--weight-decay", o.weight_decay, "AdamW weight decay")->check(CLI::NonNegativeNumber);
+  app.add_option("--clip", o.clip, "max global gradient norm (0 = off)")->check(CLI::NonNegativeNumber);
+  app.add_option("--label-smoothing", o.label_smoothing, "label smoothing")->check(CLI::Range(0.0, 0.99));
+  app.add_option("--drop-path", o.drop_path, "max drop-path rate (linspace over blocks)")->check(CLI::Range(0.0, 0.99));
+  app.add_option("--mixup", o.mixup, "mixup alpha (0 = off)")->check(CLI::NonNegativeNumber);
+  app.add_option("--cutmix", o.cutmix, "cutmix alpha (0 = off)")->check(CLI::NonNegativeNumber);
+  app.add_option("--mix-prob", o.mix_prob, "probability of mixing a batch")->check(CLI::Range(0.0, 1.0));
+  app.add_option("--crop-padding", o.crop_padding, "random crop padding in pixels")->check(CLI::Range(0, 14));
+  app.add_flag("--hflip", o.hflip, "random horizontal flips");
+  app.add_option("--train-limit", o.train_limit, "use only the first N training images (0 = all)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--test-limit", o.test_limit, "use only the first N test images (0 = all)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--threads", o.threads, "CPU threads")->check(CLI::Range(1, 1024));
+  app.add_option("--seed", o.seed, "random seed");
+  app.add_flag("--no-progress", o.no_progress, "no progress bar on stderr");
+  app.add_flag("--no-resume", o.no_resume, "start afresh even if a training state exists in --out");
+}
 
-  void add_to(CLI::App& app) {
-    app.add_option("--preset", preset, std::string("model preset: ") + hatch::presets::names)
-        ->check(CLI::IsMember({"vit-micro", "vit-tiny", "vit-small", "vit-base"}));
-    app.add_option("--data", data, "directory with the Fashion-MNIST IDX files (.gz or plain)");
-    app.add_option("--out", out, "output directory: checkpoints, metrics.jsonl");
-    app.add_option("--batch", batch, "batch size")->check(CLI::Range(1, 65536));
-    app.add_option("--lr", lr, "peak learning rate (AdamW)")->check(CLI::PositiveNumber);
-    app.add_option("--min-lr", min_lr, "final learning rate of the cosine schedule")->check(CLI::NonNegativeNumber);
-    app.add_option("--warmup-epochs", warmup_epochs, "linear warmup length in epochs")->check(CLI::NonNegativeNumber);
-    app.add_option("--weight-decay", weight_decay, "AdamW weight decay")->check(CLI::NonNegativeNumber);
-    app.add_option("--clip", clip, "max global gradient norm (0 = off)")->check(CLI::NonNegativeNumber);
-    app.add_option("--label-smoothing", label_smoothing, "label smoothing")->check(CLI::Range(0.0, 0.99));
-    app.add_option("--drop-path", drop_path, "max drop-path rate (linspace over blocks)")->check(CLI::Range(0.0, 0.99));
-    app.add_option("--mixup", mixup, "mixup alpha (0 = off)")->check(CLI::NonNegativeNumber);
-    app.add_option("--cutmix", cutmix, "cutmix alpha (0 = off)")->check(CLI::NonNegativeNumber);
-    app.add_option("--mix-prob", mix_prob, "probability of mixing a batch")->check(CLI::Range(0.0, 1.0));
-    app.add_option("--crop-padding", crop_padding, "random crop padding in pixels")->check(CLI::Range(0, 14));
-    app.add_flag("--hflip", hflip, "random horizontal flips");
-    app.add_option("--train-limit", train_limit, "use only the first N training images (0 = all)")
-        ->check(CLI::NonNegativeNumber);
-    app.add_option("--test-limit", test_limit, "use only the first N test images (0 = all)")->check(CLI::NonNegativeNumber);
-    app.add_option("--threads", threads, "CPU threads")->check(CLI::Range(1, 1024));
-    app.add_option("--seed", seed, "random seed");
-    app.add_flag("--no-progress", no_progress, "no progress bar on stderr");
-    app.add_flag("--no-resume", no_resume, "start afresh even if a training state exists in --out");
-  }
-
-  hatch::FitOptions fit_options(int epochs, const std::string& phase) const {
-    hatch::FitOptions o;
-    o.epochs = epochs;
-    o.batch = batch;
-    o.lr = lr;
-    o.min_lr = min_lr;
-    o.warmup_epochs = warmup_epochs;
-    o.weight_decay = weight_decay;
-    o.clip = clip;
-    o.augment = {.crop_padding = crop_padding, .hflip = hflip, .mixup_alpha = float(mixup),
-                 .cutmix_alpha = float(cutmix), .mix_prob = float(mix_prob),
-                 .label_smoothing = float(label_smoothing)};
-    o.seed = seed;
-    o.phase = phase;
-    o.out = out;
-    o.resume = !no_resume;
-    o.progress = !no_progress;
-    return o;
-  }
-  hatch::data::Dataset load(bool train) const {
-    return hatch::data::load_fashion_mnist(data, train, train ? train_limit : test_limit);
-  }
-};
+// Runs the program on the device the flags name: cpu(options) or cuda(options).
+template <class Options, class CpuRun, class CudaRun>
+int on_device(const Options& o, CpuRun cpu, CudaRun cuda) {
+  omp_set_num_threads(o.common.threads);  // host threads: data, and the Cpu backend
+  if (o.common.device == "cuda") return cuda(o);
+  hatch::require(!o.common.tf32, "--tf32", "applies only to --device cuda");
+  return cpu(o);
+}
 
 // Runs body(); a hatch::Error or other exception becomes one line on stderr and exit code 1.
 template <class F>

@@ -1,13 +1,17 @@
 #pragma once
-// Helpers shared by the tests: random tensors, parameter randomisation, finite differences.
+// Helpers shared by the tests: random tensors, parameter randomisation, finite differences,
+// relative errors, per-stage loops.
 #include <doctest/doctest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <functional>
 #include <hatch/hatch.hpp>
+#include <omp.h>
+
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace hatch::test {
@@ -112,5 +116,81 @@ GradReport gradcheck(L& layer, Shape in_shape, bool training, std::uint64_t seed
   layer.visit([&](const std::string& name, Parameter<B>& p) { check(name, p.value, p.grad.to_host()); }, "");
   return rep;
 }
+
+// Central differences of loss() against the gradients already in .grad, for every parameter
+// module.visit shows (at most `samples` entries of each, chosen at random). Double precision.
+template <class M, class Loss>
+GradReport check_parameter_grads(M& module, Loss&& loss, std::mt19937_64& rng, int samples, double h = 1e-5) {
+  using B = typename M::backend;
+  static_assert(std::is_same_v<typename B::Scalar, double>, "gradient checks run in double precision");
+  GradReport rep;
+  module.visit(
+      [&](const std::string& name, Parameter<B>& p) {
+        auto v = p.value.to_host();
+        const auto g = p.grad.to_host();
+        std::vector<std::size_t> idx(v.size());
+        for (std::size_t k = 0; k < idx.size(); ++k) idx[k] = k;
+        std::shuffle(idx.begin(), idx.end(), rng);
+        idx.resize(std::min<std::size_t>(idx.size(), std::size_t(samples)));
+        for (auto k : idx) {
+          const double orig = v[k];
+          v[k] = orig + h;
+          p.value.from_host(v);
+          const double lp = loss();
+          v[k] = orig - h;
+          p.value.from_host(v);
+          const double lm = loss();
+          v[k] = orig;
+          p.value.from_host(v);
+          const double num = (lp - lm) / (2 * h);
+          const double rel = std::abs(num - g[k]) / std::max({std::abs(num), std::abs(g[k]), 1e-3});
+          if (rel > rep.max_rel) {
+            rep.max_rel = rel;
+            rep.worst = name + "[" + std::to_string(k) + "] numeric " + std::to_string(num) + " analytic " +
+                        std::to_string(g[k]);
+          }
+        }
+      },
+      "");
+  return rep;
+}
+
+// max |a - b| / max |b|: relative to the tensor's scale, so entries near zero do not dominate.
+inline double rel_error(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    num = std::max(num, std::abs(double(a[i]) - double(b[i])));
+    den = std::max(den, std::abs(double(b[i])));
+  }
+  return num / std::max(den, 1e-30);
+}
+
+// The largest |gradient| over a module's parameters (0 when it received none).
+template <class M>
+double max_abs_grad(M& module) {
+  double m = 0;
+  module.visit(
+      [&](const std::string&, Parameter<typename M::backend>& p) {
+        for (double g : p.grad.to_host()) m = std::max(m, std::abs(g));
+      },
+      "");
+  return m;
+}
+
+// f(std::integral_constant<std::size_t, I>{}) for I = 0..K-1: a loop over a model's stages.
+template <std::size_t K, class F>
+void for_each_index(F&& f) {
+  [&]<std::size_t... I>(std::index_sequence<I...>) {
+    (f(std::integral_constant<std::size_t, I>{}), ...);
+  }(std::make_index_sequence<K>{});
+}
+
+// Tiny models run faster on one thread than on two, and much faster than on two on a loaded
+// machine, where OpenMP's barriers wait for a descheduled thread. Restores the count after.
+struct OneThread {
+  int before = omp_get_max_threads();
+  OneThread() { omp_set_num_threads(1); }
+  ~OneThread() { omp_set_num_threads(before); }
+};
 
 }  // namespace hatch::test

@@ -19,6 +19,7 @@
 #endif
 
 using namespace hatch;
+using test::rel_error;
 namespace fs = std::filesystem;
 
 namespace {
@@ -77,14 +78,6 @@ std::vector<float> forward(M& model, const Tensor<Cpu>& x) {
   return model.forward(x, ctx).to_host();
 }
 
-double rel_error(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    num = std::max(num, std::abs(double(a[i]) - double(b[i])));
-    den = std::max(den, std::abs(double(b[i])));
-  }
-  return num / std::max(den, 1e-30);
-}
 
 std::vector<std::uint8_t> file_bytes(const fs::path& p) {
   std::ifstream in(p, std::ios::binary);

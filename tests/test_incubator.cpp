@@ -17,110 +17,13 @@
 #include <omp.h>
 #include <unistd.h>
 
-#include "support.hpp"
+#include "modular_support.hpp"
 
 using namespace hatch;
+using namespace hatch::test;
 namespace fs = std::filesystem;
 
 namespace {
-
-struct IncubatorTempDir {
-  fs::path path;
-  IncubatorTempDir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           ("hatch_incubator_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~IncubatorTempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
-
-// These models are tiny: one thread is faster than two, and much faster than two on a loaded
-// machine, where OpenMP's barriers wait for a descheduled thread. Restores the count after.
-struct OneThread {
-  int before = omp_get_max_threads();
-  OneThread() { omp_set_num_threads(1); }
-  ~OneThread() { omp_set_num_threads(before); }
-};
-
-template <class F>
-std::string error_message(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no hatch::Error thrown)";
-}
-bool has(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
-
-// n random 28x28 single-channel "images" in 10 classes.
-data::Dataset synthetic(int n, std::uint64_t seed) {
-  data::Dataset d;
-  d.n = n;
-  d.channels = 1;
-  d.height = d.width = 28;
-  d.classes = 10;
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> nd;
-  d.images.resize(std::size_t(n) * d.sample_size());
-  for (auto& v : d.images) v = nd(rng);
-  d.labels.resize(n);
-  for (auto& l : d.labels) l = int(rng() % 10);
-  return d;
-}
-
-FitOptions quick(int epochs = 1) {
-  FitOptions o;
-  o.epochs = epochs;
-  o.batch = 32;
-  o.eval_batch = 64;
-  o.lr = 2e-3;
-  o.warmup_epochs = 0;
-  o.augment.label_smoothing = 0.1f;
-  o.progress = false;
-  o.seed = 3;
-  return o;
-}
-
-using Bytes = std::vector<std::uint8_t>;
-using TensorBytes = std::map<std::string, Bytes>;
-
-// Every parameter's bytes by name (host float = the file's little-endian F32): equality is bitwise.
-template <class M>
-TensorBytes snapshot(M& module) {
-  using B = typename M::backend;
-  TensorBytes out;
-  module.visit(
-      [&](const std::string& name, Parameter<B>& p) {
-        const auto h = p.value.to_host();
-        Bytes bytes(h.size() * sizeof(h[0]));
-        if (!h.empty()) std::memcpy(bytes.data(), h.data(), bytes.size());
-        out[name] = std::move(bytes);
-      },
-      "");
-  return out;
-}
-TensorBytes file_tensors(const fs::path& file) {
-  const auto f = io::SafeTensorsFile::read(file);
-  TensorBytes out;
-  for (const auto& n : f.names()) out[n] = f.at(n).bytes;
-  return out;
-}
-Bytes file_bytes(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  REQUIRE(in);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-std::string meta_entry(const fs::path& file, const std::string& key) {
-  const auto m = read_metadata(file);
-  auto it = m.find(key);
-  return it == m.end() ? "(absent)" : it->second;
-}
 
 template <class M>
 std::vector<std::string> names_of(M& module) {
@@ -138,25 +41,6 @@ bool unique(std::vector<std::string> v) {
   std::sort(v.begin(), v.end());
   return std::adjacent_find(v.begin(), v.end()) == v.end();
 }
-template <class M>
-double max_abs_grad(M& module) {
-  double m = 0;
-  module.visit(
-      [&](const std::string&, Parameter<typename M::backend>& p) {
-        for (double g : p.grad.to_host()) m = std::max(m, std::abs(g));
-      },
-      "");
-  return m;
-}
-
-template <class F, std::size_t... I>
-void for_indices(F&& f, std::index_sequence<I...>) {
-  (f(std::integral_constant<std::size_t, I>{}), ...);
-}
-template <std::size_t K, class F>
-void for_each_index(F&& f) {
-  for_indices(f, std::make_index_sequence<K>{});
-}
 
 using MicroMeta = presets::MetaOf<presets::VitMicro>;
 using MicroInc = Incubator<MicroMeta, presets::VitMicro, Cpu>;
@@ -167,7 +51,7 @@ constexpr std::size_t kStages = MicroInc::K;
 // ---- incubating module i trains module i only ---------------------------------------------------
 TEST_CASE("incubator: incubating module i changes module i and leaves every meta parameter bitwise unchanged") {
   OneThread one_thread;
-  IncubatorTempDir dir;
+  TempRunDir dir;
   const auto train = synthetic(64, 1), test = synthetic(32, 2);
   MicroInc inc({.dir = dir.path / "run", .tag = "vit-micro", .seed = 5});
   inc.pretrain_meta(train, test, quick());
@@ -244,7 +128,7 @@ TEST_CASE("incubator: incubating module i changes module i and leaves every meta
 // ---- assembly -----------------------------------------------------------------------------------
 TEST_CASE("incubator: assembly puts exactly the incubated modules into the target") {
   OneThread one_thread;
-  IncubatorTempDir dir;
+  TempRunDir dir;
   const auto train = synthetic(64, 11), test = synthetic(32, 12);
   MicroInc inc({.dir = dir.path, .tag = "vit-micro", .seed = 9});
   inc.pretrain_meta(train, test, quick());
@@ -281,7 +165,7 @@ TEST_CASE("incubator: assembly puts exactly the incubated modules into the targe
 
 // ---- fresh objects per phase == one object ------------------------------------------------------
 TEST_CASE("incubator: a fresh Incubator per phase writes the same files as one Incubator") {
-  IncubatorTempDir dir;
+  TempRunDir dir;
   const auto train = synthetic(64, 21), test = synthetic(32, 22);
   const MicroInc::Options base{.tag = "vit-micro", .seed = 13};
   auto opts = [&](const fs::path& d) {
@@ -336,7 +220,7 @@ using CustomInc = Incubator<MicroMeta, CustomTarget, Cpu>;
 
 TEST_CASE("incubator: a non-ViT module incubated in the vit-micro meta model and assembled") {
   OneThread one_thread;
-  IncubatorTempDir dir;
+  TempRunDir dir;
   const auto train = synthetic(64, 31), test = synthetic(32, 32);
   // The target's and the hybrid's parameter names are unique.
   {
@@ -372,7 +256,7 @@ TEST_CASE("incubator: a non-ViT module incubated in the vit-micro meta model and
 // ---- missing and foreign inputs -----------------------------------------------------------------
 TEST_CASE("incubator: a phase whose inputs are missing or written for another tag names the file") {
   OneThread one_thread;
-  IncubatorTempDir dir;
+  TempRunDir dir;
   const auto train = synthetic(32, 41), test = synthetic(16, 42);
   MicroInc inc({.dir = dir.path, .tag = "vit-micro", .seed = 1});
 

@@ -17,36 +17,13 @@
 #include "support.hpp"
 
 using namespace hatch;
+using test::for_each_index;
+using test::max_abs_grad;
+using test::OneThread;
 
 namespace {
 
-// These models are tiny: one thread is faster than two, and much faster than two on a loaded
-// machine, where OpenMP's barriers wait for a descheduled thread. Restores the count after.
-struct OneThread {
-  int before = omp_get_max_threads();
-  OneThread() { omp_set_num_threads(1); }
-  ~OneThread() { omp_set_num_threads(before); }
-};
 
-template <class M>
-double max_abs_grad(M& module) {
-  double m = 0;
-  module.visit(
-      [&](const std::string&, Parameter<typename M::backend>& p) {
-        for (double g : p.grad.to_host()) m = std::max(m, std::abs(g));
-      },
-      "");
-  return m;
-}
-
-template <class F, std::size_t... I>
-void for_indices(F&& f, std::index_sequence<I...>) {
-  (f(std::integral_constant<std::size_t, I>{}), ...);
-}
-template <std::size_t K, class F>
-void for_each_index(F&& f) {
-  for_indices(f, std::make_index_sequence<K>{});
-}
 
 // Cpu64 with a count of the layers' GEMM calls: beta != 0 is a weight-gradient GEMM (Linear and
 // PatchEmbed accumulate into .grad; every other GEMM overwrites its output).
@@ -123,39 +100,9 @@ TEST_CASE("incubator: module i's gradients through the frozen suffix match finit
     });
 
     // Central differences of sum(logits * r) for what the view shows: module I's parameters.
-    double worst = 0;
-    std::string worst_at;
-    const double h = 1e-5;
-    view.visit(
-        [&](const std::string& name, Parameter<B>& p) {
-          auto v = p.value.to_host();
-          const auto g = p.grad.to_host();
-          std::vector<std::size_t> idx(v.size());
-          for (std::size_t k = 0; k < idx.size(); ++k) idx[k] = k;
-          std::shuffle(idx.begin(), idx.end(), rng);
-          idx.resize(std::min<std::size_t>(idx.size(), 6));
-          for (auto k : idx) {
-            const double orig = v[k];
-            v[k] = orig + h;
-            p.value.from_host(v);
-            const double lp = loss();
-            v[k] = orig - h;
-            p.value.from_host(v);
-            const double lm = loss();
-            v[k] = orig;
-            p.value.from_host(v);
-            const double num = (lp - lm) / (2 * h);
-            const double rel = std::abs(num - g[k]) / std::max({std::abs(num), std::abs(g[k]), 1e-3});
-            if (rel > worst) {
-              worst = rel;
-              worst_at = name + "[" + std::to_string(k) + "] numeric " + std::to_string(num) + " analytic " +
-                         std::to_string(g[k]);
-            }
-          }
-        },
-        "");
-    INFO("worst: " << worst_at);
-    CHECK(worst <= 1e-6);
+    const auto rep = test::check_parameter_grads(view, loss, rng, 6);
+    INFO("worst: " << rep.worst);
+    CHECK(rep.max_rel <= 1e-6);
 
     // The same gradients as a plain backward of the whole hybrid (which also fills the others).
     std::map<std::string, std::vector<double>> frozen_view;

@@ -9,19 +9,11 @@
 #endif
 
 using namespace hatch;
+using test::rel_error;
 
 namespace {
 constexpr double kTol = 1e-5;
 
-// max |a - b| / max |b|: relative to the tensor's scale, so entries near zero do not dominate.
-double rel_error(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (std::size_t i = 0; i < a.size(); ++i) {
-    num = std::max(num, std::abs(double(a[i]) - double(b[i])));
-    den = std::max(den, std::abs(double(b[i])));
-  }
-  return num / std::max(den, 1e-30);
-}
 
 template <class L>
 void expect_parity(L& layer, const std::string& fixture) {

@@ -7,6 +7,9 @@
 // (Initializer) and then perturbed on the host (so LayerNorm gains are not all one and biases not
 // all zero), and gradients start from non-zero values (so accumulation is checked too).
 #include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <map>
 #include <memory>
 #include <random>
@@ -14,6 +17,8 @@
 #include <vector>
 
 #include "hatch/core.hpp"
+#include "hatch/modular/incubator.hpp"
+#include "hatch/train/fit.hpp"
 
 namespace hatch_test {
 
@@ -27,8 +32,11 @@ struct RunOptions {
   std::string frozen{};   // a parameter name to mark trainable = false
 };
 
-// Keys that are properties of one run (compared against an expected value, not across backends).
-inline bool is_run_property(const std::string& key) { return key.rfind("allocs.", 0) == 0; }
+// Keys that are properties of one run, expected to be zero on each backend instead of compared
+// across them: allocations in a steady step, bytes that must not change.
+inline bool is_run_property(const std::string& key) {
+  return key.rfind("allocs.", 0) == 0 || key.rfind("changed.", 0) == 0;
+}
 
 template <class Scalar>
 std::vector<Scalar> normal_values(std::mt19937_64& rng, std::size_t n, double mean, double stddev) {
@@ -190,6 +198,98 @@ Results run_vit_micro(std::uint64_t seed, bool training) {
   return r;
 }
 
+// A small labelled data set drawn from the seed: each class has its own mean image, so a few
+// epochs of training move accuracy well above chance.
+inline hatch::data::Dataset synthetic_images(std::uint64_t seed, int n) {
+  hatch::data::Dataset d;
+  d.n = n;
+  d.height = d.width = 28;
+  std::mt19937_64 rng(seed);
+  const auto means = normal_values<float>(rng, std::size_t(d.classes) * d.sample_size(), 0.0, 1.0);
+  const auto noise = normal_values<float>(rng, std::size_t(n) * d.sample_size(), 0.0, 1.0);
+  d.images.resize(noise.size());
+  for (int i = 0; i < n; ++i) {
+    const int label = int(rng() % std::uint64_t(d.classes));
+    d.labels.push_back(label);
+    for (std::size_t j = 0; j < d.sample_size(); ++j)
+      d.images[std::size_t(i) * d.sample_size() + j] =
+          0.5f * means[std::size_t(label) * d.sample_size() + j] + noise[std::size_t(i) * d.sample_size() + j];
+  }
+  return d;
+}
+
+inline hatch::FitOptions small_fit(int epochs) {
+  hatch::FitOptions o;
+  o.epochs = epochs;
+  o.batch = 32;
+  o.eval_batch = 50;
+  o.lr = 1e-3;
+  o.warmup_epochs = 0.5;
+  o.clip = 1.0;
+  o.progress = false;
+  o.augment = {.crop_padding = 2, .hflip = true, .mixup_alpha = 0.8f, .mix_prob = 0.5f, .label_smoothing = 0.1f};
+  return o;
+}
+
+inline std::string file_bytes(const std::filesystem::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+template <hatch::Backend B, class M>
+void record_parameters(Results& r, M& model, const std::string& prefix) {
+  model.visit([&](const std::string& name, hatch::Parameter<B>& p) { r[prefix + name] = as_float(p.value.to_host()); },
+              "");
+}
+
+// The fit loop (augmentation, mixup, drop path, AdamW, schedule, clipping, evaluation) for two
+// epochs of a vit-micro: final parameters and test loss.
+template <hatch::Backend B>
+Results run_fit(std::uint64_t seed) {
+  const auto train = synthetic_images(seed, 128), test = synthetic_images(seed + 1, 100);
+  auto model = std::make_unique<hatch::Model<hatch::presets::VitMicro, B>>();
+  hatch::Initializer init(seed);
+  model->reset_parameters(init);
+  hatch::set_drop_path(*model, 0.1);
+  auto o = small_fit(2);
+  o.seed = seed;
+  const auto result = hatch::fit(*model, train, test, o);
+  Results r;
+  r["test_loss"] = {float(result.test.loss)};  // not accuracy: one flipped argmax is 1 point
+  record_parameters<B>(r, *model, "value.");
+  return r;
+}
+
+// The Incubator's four phases on a micro target (2 blocks in stage 1) and its meta model, each
+// phase one epoch, through its files in a fresh directory: the fine-tuned target's parameters and
+// test loss, and the frozen meta model's check (the meta files are unchanged by incubation).
+template <hatch::Backend B>
+Results run_incubator(std::uint64_t seed) {
+  using Target = hatch::Vit<hatch::presets::micro, hatch::Depths<1, 2, 1, 1>>;
+  using Meta = hatch::presets::MetaOf<Target>;
+  const auto dir = std::filesystem::temp_directory_path() /
+                   ("hatch_parity_incubator_" + std::string(B::name) + "_" + std::to_string(seed));
+  std::filesystem::remove_all(dir);
+  const auto train = synthetic_images(seed, 96), test = synthetic_images(seed + 1, 50);
+  hatch::Incubator<Meta, Target, B> inc({.dir = dir, .tag = "parity", .seed = seed});
+  auto o = small_fit(1);
+  o.seed = seed;
+  o.augment = {};
+  inc.pretrain_meta(train, test, o);
+  const auto meta_file = inc.files().meta(0);
+  const auto meta_before = file_bytes(meta_file);
+  for (std::size_t i = 0; i < Target::num_stages; ++i) inc.incubate(i, train, test, o);
+  auto target = std::make_unique<hatch::Model<Target, B>>();
+  inc.assemble(*target);
+  const auto result = inc.finetune(*target, train, test, o);
+  Results r;
+  r["changed.meta_file"] = {file_bytes(meta_file) == meta_before ? 0.0f : 1.0f};
+  r["test_loss"] = {float(result.test.loss)};
+  record_parameters<B>(r, *target, "value.");
+  std::filesystem::remove_all(dir);
+  return r;
+}
+
 // The parity cases, by name; both sides dispatch through run_case so they cannot drift apart.
 inline const std::vector<std::string>& case_names() {
   static const std::vector<std::string> names{
@@ -197,7 +297,8 @@ inline const std::vector<std::string>& case_names() {
       "layernorm",       "layernorm_many_rows", "layernorm_bias_frozen", "layernorm_no_input_grad",
       "gelu",            "dropout",            "attention",        "attention_nobias",
       "block",           "block_train",        "patch_embed",      "patch_embed_rgb",
-      "class_pos",       "class_head",         "vit_micro",        "vit_micro_train"};
+      "class_pos",       "class_head",         "vit_micro",        "vit_micro_train",
+      "fit",             "incubator"};
   return names;
 }
 
@@ -226,6 +327,8 @@ Results run_case(const std::string& name, std::uint64_t seed) {
   if (name == "class_head") return run_layer<B, ClassHead<32, 10>>(seed, {2, 17, 32});
   if (name == "vit_micro") return run_vit_micro<B>(seed, false);
   if (name == "vit_micro_train") return run_vit_micro<B>(seed, true);
+  if (name == "fit") return run_fit<B>(seed);
+  if (name == "incubator") return run_incubator<B>(seed);
   throw hatch::Error("run_case: unknown case '" + name + "'");
 }
 

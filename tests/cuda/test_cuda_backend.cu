@@ -36,6 +36,9 @@ constexpr double kTf32Tol = 1e-2;  // GEMMs with TF32 tensor cores
 // Layers: Cpu vs Cuda, both float32 with different summation orders. Cpu vs Cpu64 differs by at
 // most ~1.5e-6 on these cases, so 1e-4 leaves ample room while any real bug is far above it.
 constexpr double kLayerTol = 1e-4;
+// Whole training runs (tens of AdamW steps): rounding differences grow step by step. Cpu vs
+// Cpu64 on the "fit" and "incubator" cases: KTRAIN_CALIBRATION.
+constexpr double kTrainTol = 1e-3;
 
 HostVec randn(std::size_t n, std::uint64_t seed, double mean = 0, double sd = 1) {
   std::mt19937_64 rng(seed);
@@ -680,6 +683,14 @@ TEST_CASE("cuda parity: Model<VitMicro> training step (loss, backward, AdamW)") 
   check_parity("vit_micro");
   check_parity("vit_micro_train");
 }
+TEST_CASE("cuda parity: the fit loop, two epochs with augmentation, mixup, drop path and clipping") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  check_parity("fit", kTrainTol);
+}
+TEST_CASE("cuda parity: the Incubator's four phases through their files") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  check_parity("incubator", kTrainTol);
+}
 TEST_CASE("cuda parity: every case is covered") {
   HATCH_REQUIRE_CUDA_DEVICE();
   // A case added to case_names() but to none of the tests above still runs here.
@@ -687,7 +698,7 @@ TEST_CASE("cuda parity: every case is covered") {
                                         "layernorm", "layernorm_many_rows", "layernorm_bias_frozen",
                                         "layernorm_no_input_grad", "gelu", "dropout", "attention", "attention_nobias",
                                         "block", "block_train", "patch_embed", "patch_embed_rgb", "class_pos",
-                                        "class_head", "vit_micro", "vit_micro_train"};
+                                        "class_head", "vit_micro", "vit_micro_train", "fit", "incubator"};
   for (const auto& name : hatch_test::case_names())
     if (std::find(tested.begin(), tested.end(), name) == tested.end()) check_parity(name);
 }

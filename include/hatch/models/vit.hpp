@@ -98,6 +98,10 @@ using VitMicro = Vit<micro, Depths<1, 1, 1, 1>>;
 using VitTiny = Vit<tiny, Depths<1, 1, 1, 1>>;
 using VitSmall = Vit<small, Depths<2, 2, 2, 2>>;
 using VitBase = Vit<base, Depths<3, 3, 3, 3>>;
+// ViT-B/16 on ImageNet-sized input (224x224x3, 1000 classes): the GPU benchmark's model, not a
+// Fashion-MNIST preset, so with_preset leaves it out (no example instantiates it).
+inline constexpr VitSpec b16{.image = 224, .channels = 3, .patch = 16, .dim = 768, .heads = 12, .mlp_ratio = 4, .classes = 1000};
+using VitB16 = Vit<b16, Depths<3, 3, 3, 3>>;
 // The meta model of a preset: same patch, width and heads, one block per stage.
 template <class V>
 using MetaOf = Vit<V::spec, Depths<1, 1, 1, 1>>;

@@ -82,8 +82,34 @@ EvalResult evaluate(M& model, const data::Dataset& set, int batch) {
   return {loss / set.n, double(correct) / set.n};
 }
 
+// What fit minimises. An objective maps the model's logits for a training batch to a loss and
+// its gradient w.r.t. the logits:
+//   double forward_backward(const Tensor<B>& logits, const Tensor<B>& targets, const Tensor<B>& images);
+//   const Tensor<B>& grad() const;
+// images is the (augmented) batch the logits came from, for objectives that run another model on
+// it, such as a distillation teacher. The default is soft-target cross-entropy.
+template <Backend B>
+struct CrossEntropyObjective {
+  SoftTargetCrossEntropy<B> ce;
+  double forward_backward(const Tensor<B>& logits, const Tensor<B>& targets, const Tensor<B>&) {
+    return ce.forward_backward(logits, targets);
+  }
+  const Tensor<B>& grad() const { return ce.grad(); }
+};
+
+template <class M, class Objective>
+FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, const FitOptions& o,
+              Objective& objective);
+
 template <class M>
 FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, const FitOptions& o) {
+  CrossEntropyObjective<typename M::backend> objective;
+  return fit(model, train, test, o, objective);
+}
+
+template <class M, class Objective>
+FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, const FitOptions& o,
+              Objective& objective) {
   using B = typename M::backend;
   using T = typename B::Scalar;
   require(o.epochs >= 0 && o.batch > 0, "fit", "epochs must be >= 0 and batch > 0");
@@ -112,7 +138,6 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
   data::Batch b;
   Tensor<B> x, t;
   std::vector<T> host;
-  SoftTargetCrossEntropy<B> ce;
   for (int epoch = first_epoch; epoch < o.epochs; ++epoch) {
     const auto t0 = std::chrono::steady_clock::now();
     batches.start_epoch(epoch);
@@ -131,7 +156,7 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
       ctx.seed = step_seed(o.seed, step);
       opt.zero_grad();
       const auto& logits = model.forward(x, ctx);
-      const double loss = ce.forward_backward(logits, t);
+      const double loss = objective.forward_backward(logits, t, x);
       if (!std::isfinite(loss))
         throw Error(o.phase + ": training diverged: the loss is " + std::to_string(loss) + " at epoch " +
                     std::to_string(epoch + 1) + ", step " + std::to_string(i + 1) + " (lr " + std::to_string(lr) +
@@ -142,7 +167,7 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
         const auto* trow = b.targets.data() + std::size_t(r) * train.classes;
         correct += std::max_element(row, row + train.classes) - row == std::max_element(trow, trow + train.classes) - trow;
       }
-      model.backward(ce.grad(), ctx);
+      model.backward(objective.grad(), ctx);
       if (o.clip > 0) clip_grad_norm(params, o.clip);
       lr = schedule.at(step);
       opt.step(lr);

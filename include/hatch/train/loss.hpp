@@ -1,6 +1,7 @@
 #pragma once
 // Losses over logits (rows x classes). Targets are soft (each row sums to one): hard labels
 // with label smoothing, mixup and cutmix all arrive here as soft targets.
+#include <string>
 #include <vector>
 
 #include "hatch/core/parameter.hpp"
@@ -62,6 +63,38 @@ class DistillationLoss {
  private:
   double temp_;
   Tensor<B> p_teacher_, scaled_, grad_;
+};
+
+// m2mKD's objective (ALGORITHMS.md §2): (1 - a) CE(z_S; targets) + a KD_T(z_S, z_T).
+template <Backend B>
+class DistilledCrossEntropy {
+ public:
+  using T = typename B::Scalar;
+  explicit DistilledCrossEntropy(double alpha = 0.5, double temperature = 1.0) : alpha_(alpha), kd_(temperature) {
+    require(alpha >= 0 && alpha <= 1, "DistilledCrossEntropy", "alpha must be in [0, 1], got " + std::to_string(alpha));
+    require(temperature > 0, "DistilledCrossEntropy", "the temperature must be positive");
+  }
+  double forward_backward(const Tensor<B>& student, const Tensor<B>& targets, const Tensor<B>& teacher) {
+    const double ce = ce_.forward_backward(student, targets);
+    const double kd = kd_.forward_backward(student, teacher);
+    grad_.resize(student.shape());
+    B::copy(grad_.data(), ce_.grad().data(), grad_.numel());
+    B::scale(grad_.data(), T(1 - alpha_), grad_.numel());
+    B::axpy(grad_.data(), T(alpha_), kd_.grad().data(), grad_.numel());
+    last_ce_ = ce;
+    last_kd_ = kd;
+    return (1 - alpha_) * ce + alpha_ * kd;
+  }
+  const Tensor<B>& grad() const { return grad_; }
+  double last_cross_entropy() const { return last_ce_; }
+  double last_distillation() const { return last_kd_; }
+
+ private:
+  double alpha_;
+  SoftTargetCrossEntropy<B> ce_;
+  DistillationLoss<B> kd_;
+  Tensor<B> grad_;
+  double last_ce_ = 0, last_kd_ = 0;
 };
 
 }  // namespace hatch

@@ -1,0 +1,80 @@
+#pragma once
+// One full training step (forward, loss, backward, AdamW) of a ViT on random data, timed; the
+// body of build/bench/train_step for any backend. Backend-independent headers only, so that the
+// Cuda instantiation (train_step_cuda.cu) compiles under nvcc.
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <memory>
+#include <random>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include <hatch/core.hpp>
+
+namespace bench {
+
+struct StepOptions {
+  std::string preset = "vit-small";
+  int batch = 128, steps = 20, warmup = 3;
+  bool tf32 = false;
+  std::string label = "hatch";  // first word of the report line, e.g. "hatch cuda"
+};
+
+// Names the bench accepts: the Fashion-MNIST presets, plus ViT-B/16 at 224x224x3 for GPUs.
+template <class F>
+decltype(auto) with_bench_preset(const std::string& name, F&& f) {
+  if (name == "vit-b16") return f(std::type_identity<hatch::presets::VitB16>{});
+  return hatch::with_preset(name, std::forward<F>(f));
+}
+
+template <class B>
+int time_train_step(const StepOptions& o) {
+  using namespace hatch;
+  return with_bench_preset(o.preset, [&]<class V>(std::type_identity<V>) {
+    constexpr auto s = V::spec;
+    auto model = std::make_unique<Model<V, B>>();
+    Initializer init(0);
+    model->reset_parameters(init);
+    AdamW<B> opt(trainable_parameters(*model), {});
+    SoftTargetCrossEntropy<B> loss;
+    std::mt19937_64 rng(0);
+    std::normal_distribution<float> nd;
+    std::vector<float> xh(std::size_t(o.batch) * s.channels * s.image * s.image);
+    for (auto& v : xh) v = nd(rng);
+    std::vector<int> labels(o.batch);
+    for (auto& l : labels) l = int(rng() % s.classes);
+    Tensor<B> x, t;
+    x.from_host(xh, {o.batch, s.channels, s.image, s.image});
+    t.from_host(smoothed_one_hot(labels, s.classes, 0.0), {o.batch, s.classes});
+    auto step = [&] {
+      Context ctx;
+      ctx.training = true;
+      ctx.input_grad = false;
+      opt.zero_grad();
+      const auto& logits = model->forward(x, ctx);
+      loss.forward_backward(logits, t);  // returns the loss to the host: the step's sync point
+      model->backward(loss.grad(), ctx);
+      opt.step(1e-3);
+      B::synchronize();
+    };
+    for (int i = 0; i < o.warmup; ++i) step();
+    std::vector<double> times;
+    for (int i = 0; i < o.steps; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      step();
+      times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    std::sort(times.begin(), times.end());
+    const double median = times[times.size() / 2];
+    std::printf("%s %s batch=%d: median %.1f ms/step (min %.1f)\n", o.label.c_str(), o.preset.c_str(), o.batch,
+                median * 1e3, times.front() * 1e3);
+    std::printf("images_per_second=%.1f\n", o.batch / median);
+    return 0;
+  });
+}
+
+int time_train_step_cuda(const StepOptions& o);  // train_step_cuda.cu, when built with CUDA
+
+}  // namespace bench

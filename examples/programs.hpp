@@ -1,0 +1,146 @@
+#pragma once
+// What the example programs do, written once for any backend. train_e2e.cpp and incubate.cpp
+// parse flags into the option structs below and call the Cpu instantiation, or, for
+// `--device cuda`, the Cuda one compiled by nvcc in cuda_programs.cu. This header therefore
+// includes only backend-independent parts of hatch (no Eigen, no CLI11).
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <type_traits>
+
+#include <hatch/core.hpp>
+#include <hatch/modular/incubator.hpp>
+#include <hatch/train/fit.hpp>
+
+namespace examples {
+
+// Flags every example shares.
+struct CommonOptions {
+  std::string preset = "vit-tiny";
+  std::string data = hatch::data::kFashionMnistDir;
+  std::string out = "out";
+  std::string device = "cpu";
+  int batch = 128, threads = 2, train_limit = 0, test_limit = 0;
+  double lr = 2e-3, min_lr = 1e-5, warmup_epochs = 1, weight_decay = 0.05, clip = 0;
+  double label_smoothing = 0.1, drop_path = 0, mixup = 0, cutmix = 0, mix_prob = 1.0;
+  int crop_padding = 0;
+  bool hflip = false, no_progress = false, no_resume = false, tf32 = false;
+  std::uint64_t seed = 0;
+
+  hatch::FitOptions fit_options(int epochs, const std::string& phase) const {
+    hatch::FitOptions o;
+    o.epochs = epochs;
+    o.batch = batch;
+    o.lr = lr;
+    o.min_lr = min_lr;
+    o.warmup_epochs = warmup_epochs;
+    o.weight_decay = weight_decay;
+    o.clip = clip;
+    o.augment = {.crop_padding = crop_padding, .hflip = hflip, .mixup_alpha = float(mixup),
+                 .cutmix_alpha = float(cutmix), .mix_prob = float(mix_prob),
+                 .label_smoothing = float(label_smoothing)};
+    o.seed = seed;
+    o.phase = phase;
+    o.out = out;
+    o.resume = !no_resume;
+    o.progress = !no_progress;
+    return o;
+  }
+  hatch::data::Dataset load(bool train) const {
+    return hatch::data::load_fashion_mnist(data, train, train ? train_limit : test_limit);
+  }
+};
+
+struct E2eOptions {
+  CommonOptions common;
+  int epochs = 3;
+};
+
+struct IncubateOptions {
+  CommonOptions common;
+  std::string phase = "all";
+  int index = -1, epochs_meta = 2, epochs_module = 1, epochs_finetune = 2;
+  double hybrid_drop_path = 0.1, finetune_drop_path = 0.1, finetune_clip = 1.0, finetune_lr = 5e-4;
+};
+
+// End-to-end training. Last stdout line: test_accuracy=0.XXXX
+template <class B>
+int train_e2e(const E2eOptions& a) {
+  const auto& c = a.common;
+  const auto train = c.load(true), test = c.load(false);
+  return hatch::with_preset(c.preset, [&]<class V>(std::type_identity<V>) {
+    using namespace hatch;
+    auto model = std::make_unique<Model<V, B>>();
+    Initializer init(c.seed);
+    model->reset_parameters(init);
+    set_drop_path(*model, c.drop_path);
+    const auto result = fit(*model, train, test, c.fit_options(a.epochs, "e2e"));
+    save_parameters(*model, std::filesystem::path(c.out) / "model.safetensors", {{"preset", c.preset}});
+    std::printf("epochs=%d train_images=%d seconds=%.1f\n", result.epochs, train.n, result.seconds);
+    std::printf("test_accuracy=%.4f\n", result.test.accuracy);
+    return 0;
+  });
+}
+
+// Deep Incubation, one phase or all. Last stdout line: test_accuracy=0.XXXX (or, for
+// --phase assemble, where the assembled model went).
+template <class B>
+int incubate(const IncubateOptions& a) {
+  const auto& c = a.common;
+  const bool needs_data = a.phase != "assemble";
+  const auto train = needs_data ? c.load(true) : hatch::data::Dataset{};
+  const auto test = needs_data ? c.load(false) : hatch::data::Dataset{};
+  return hatch::with_preset(c.preset, [&]<class V>(std::type_identity<V>) {
+    using namespace hatch;
+    using Inc = Incubator<presets::MetaOf<V>, V, B>;
+    Inc inc({.dir = std::filesystem::path(c.out), .tag = c.preset, .seed = c.seed,
+             .hybrid_drop_path = a.hybrid_drop_path, .target_drop_path = a.finetune_drop_path});
+    double images = 0, seconds = 0;
+    FitResult last;
+    auto account = [&](const FitResult& r) {
+      images += r.images;
+      seconds += r.seconds;
+      last = r;
+    };
+    auto options = [&](int epochs, bool finetune) {
+      auto o = c.fit_options(epochs, "");
+      if (finetune) {
+        o.lr = a.finetune_lr;
+        o.warmup_epochs = 0;
+        o.clip = a.finetune_clip;
+      }
+      o.images_before = images;
+      o.seconds_before = seconds;
+      return o;
+    };
+    const auto& phase = a.phase;
+    if (phase == "meta" || phase == "all") account(inc.pretrain_meta(train, test, options(a.epochs_meta, false)));
+    if (phase == "module" || phase == "all") {
+      require(phase == "all" || a.index < int(Inc::K), "--index",
+              "must be below the number of stages, " + std::to_string(Inc::K));
+      for (std::size_t i = 0; i < Inc::K; ++i)
+        if (a.index < 0 || std::size_t(a.index) == i)
+          account(inc.incubate(i, train, test, options(a.epochs_module, false)));
+    }
+    if (phase == "assemble" || phase == "finetune" || phase == "all") {
+      auto target = std::make_unique<Model<V, B>>();
+      if (phase != "finetune") inc.assemble(*target);
+      if (phase != "assemble") account(inc.finetune(*target, train, test, options(a.epochs_finetune, true)));
+    }
+    std::printf("phase=%s train_images_processed=%.0f training_seconds=%.1f\n", phase.c_str(), images, seconds);
+    if (phase == "assemble") {
+      std::printf("assembled %zu modules into %s\n", Inc::K, (std::filesystem::path(c.out) / "assembled").c_str());
+      return 0;
+    }
+    std::printf("test_accuracy=%.4f\n", last.test.accuracy);
+    return 0;
+  });
+}
+
+// The Cuda instantiations, defined in cuda_programs.cu; without a CUDA build (no_cuda.cpp) they
+// throw a hatch::Error that says so.
+int train_e2e_cuda(const E2eOptions& a);
+int incubate_cuda(const IncubateOptions& a);
+
+}  // namespace examples

@@ -1,0 +1,134 @@
+#pragma once
+// m2mKD, module-to-module knowledge distillation (ALGORITHMS.md §2), as a generic template over
+// three staged models with the same number of stages K: a small meta model, a trained
+// monolithic teacher and a modular student.
+//   0. split_teacher — the trained teacher into per-stage files teacher/stage<i>;
+//   1. pretrain_meta — the meta model end to end (or reuse another run's, Options::meta_dir);
+//   2. distill(i)    — two hybrids share the frozen meta stages: the teacher's with teacher
+//                      module i, the student's with a fresh student module i. On each batch the
+//                      teacher hybrid runs in evaluation mode, and only student module i trains,
+//                      on (1 - a) CE(z_S, y) + a T^2 KL(p_T || p_S); gradients flow through the
+//                      frozen meta stages after i. One independent job per module;
+//   3. assemble      — the student modules into the student;
+//   4. finetune      — the assembled student end to end.
+// The files, their tags and checks are ModularRun's (modular_run.hpp), as in Deep Incubation.
+#include "hatch/modular/modular_run.hpp"
+
+namespace hatch {
+
+// fit's objective for distillation: runs the teacher (evaluation mode, no gradients) on the
+// batch the student saw and applies DistilledCrossEntropy to the two sets of logits.
+template <class TeacherModel>
+class TeacherObjective {
+ public:
+  using B = typename TeacherModel::backend;
+  TeacherObjective(TeacherModel& teacher, double alpha, double temperature)
+      : teacher_(teacher), loss_(alpha, temperature) {}
+  double forward_backward(const Tensor<B>& logits, const Tensor<B>& targets, const Tensor<B>& images) {
+    Context ctx;
+    ctx.training = false;
+    ctx.param_grads = false;
+    ctx.input_grad = false;
+    return loss_.forward_backward(logits, targets, teacher_.forward(images, ctx));
+  }
+  const Tensor<B>& grad() const { return loss_.grad(); }
+  const DistilledCrossEntropy<B>& loss() const { return loss_; }
+
+ private:
+  TeacherModel& teacher_;
+  DistilledCrossEntropy<B> loss_;
+};
+
+template <class MetaArch, class TeacherArch, class StudentArch, Backend B>
+class ModuleDistiller : public ModularRun<MetaArch, B> {
+  using Base = ModularRun<MetaArch, B>;
+  using Base::files_;
+  using Base::seed_;
+
+ public:
+  static constexpr std::size_t K = Base::K;
+  static_assert(K == TeacherArch::num_stages && K == StudentArch::num_stages,
+                "hatch::ModuleDistiller: the meta model, the teacher and the student must have the same "
+                "number of stages");
+  // A student module of another width than the meta model's stage fails here with ReplaceStage's
+  // message; wrap it in Stitched<Module, In, Out>.
+  template <std::size_t I>
+  using TeacherHybridArch = ReplaceStage<MetaArch, I, typename TeacherArch::template stage<I>>;
+  template <std::size_t I>
+  using StudentHybridArch = ReplaceStage<MetaArch, I, typename StudentArch::template stage<I>>;
+  using Teacher = Model<TeacherArch, B>;
+  using Student = Model<StudentArch, B>;
+
+  struct Options {
+    std::filesystem::path dir = "out/distillation";
+    std::filesystem::path meta_dir{};  // a meta model trained elsewhere; empty: dir / "meta"
+    std::string tag = "model";         // written into every file; checked when a phase reads it
+    std::uint64_t seed = 0;
+    double alpha = 0.5;                // weight of the distillation term
+    double temperature = 1.0;
+    double student_drop_path = 0.1;    // for fine-tuning (the hybrids have none: ALGORITHMS.md §2)
+  };
+
+  explicit ModuleDistiller(Options o) : Base(o.dir, o.meta_dir, o.tag, o.seed), opt_(std::move(o)) {}
+
+  // Phase 0: the teacher's stages to teacher/stage<i>.
+  void split_teacher(Teacher& teacher) {
+    teacher.for_each_stage([&](auto& stage, std::size_t i) { this->save(stage, files_.teacher(i), "teacher", i); });
+  }
+  // ... from a whole-model checkpoint (as train_e2e writes it), checked strictly.
+  void split_teacher(const std::filesystem::path& checkpoint) {
+    auto teacher = std::make_unique<Teacher>();
+    load_parameters(*teacher, checkpoint);
+    split_teacher(*teacher);
+  }
+
+  // Phase 2 for module i (chosen at run time): reads the meta stages and teacher stage i, writes
+  // modules/stage<i>.
+  FitResult distill(std::size_t i, const data::Dataset& train, const data::Dataset& test, FitOptions fo) {
+    require(i < K, "distill", "module index " + std::to_string(i) + " is out of range [0, " + std::to_string(K) + ")");
+    return Base::dispatch(i, [&]<std::size_t I>(std::integral_constant<std::size_t, I>) {
+      return distill_module<I>(train, test, fo);
+    });
+  }
+
+  // The teacher's hybrid for module I: meta stages with teacher module I.
+  template <std::size_t I>
+  std::unique_ptr<Model<TeacherHybridArch<I>, B>> make_teacher_hybrid(std::string& inputs) {
+    auto hybrid = std::make_unique<Model<TeacherHybridArch<I>, B>>();
+    inputs += this->template load_meta_except<I>(*hybrid);
+    this->load(hybrid->template stage<I>(), files_.teacher(I), "teacher", I);
+    inputs += this->fingerprint(files_.teacher(I));
+    return hybrid;
+  }
+  // The student's hybrid for module I: meta stages with a fresh student module I.
+  template <std::size_t I>
+  std::unique_ptr<Model<StudentHybridArch<I>, B>> make_student_hybrid(std::string& inputs) {
+    auto hybrid = std::make_unique<Model<StudentHybridArch<I>, B>>();
+    Initializer init(seed_ + 2000 + I);
+    hybrid->template stage<I>().reset_parameters(init);
+    inputs += this->template load_meta_except<I>(*hybrid);
+    return hybrid;
+  }
+
+  template <std::size_t I>
+  FitResult distill_module(const data::Dataset& train, const data::Dataset& test, FitOptions fo) {
+    auto teacher = make_teacher_hybrid<I>(fo.inputs);
+    auto student = make_student_hybrid<I>(fo.inputs);
+    FrozenExcept<Model<StudentHybridArch<I>, B>, I> view(*student);
+    TeacherObjective objective(*teacher, opt_.alpha, opt_.temperature);
+    fo.phase = "distill" + std::to_string(I);
+    const auto r = fit(view, train, test, fo, objective);
+    this->save(student->template stage<I>(), files_.module(I), "module", I);
+    return r;
+  }
+
+  // Phase 4: reads assembled/stage<i>, trains the student end to end, writes finetuned/stage<i>.
+  FitResult finetune(Student& student, const data::Dataset& train, const data::Dataset& test, FitOptions fo) {
+    return this->finetune_target(student, train, test, std::move(fo), opt_.student_drop_path);
+  }
+
+ private:
+  Options opt_;
+};
+
+}  // namespace hatch
