@@ -8,39 +8,48 @@
 #      data set is installed),
 # and prints a table (also written to $OUT/gpu.md when OUT is set).
 #
-#   bench/gpu.sh [--build build-gpu] [--batch 64] [--steps 20] [--python python3]
+#   bench/gpu.sh [--build build-gpu] [--no-build] [--batch 64] [--steps 20] [--python python3]
+#
+# --no-build uses the binaries already in the build directory (for example built with CUDA on
+# another machine and copied over, when this one lacks the Debian packages the build needs).
 set -uo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"
-build="$root/build-gpu" batch=64 steps=20 python=python3
+build="$root/build-gpu" batch=64 steps=20 python=python3 no_build=0
 die() { echo "gpu.sh: $*" >&2; exit 2; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --build|--batch|--steps|--python)
       [[ $# -ge 2 ]] || die "$1 needs a value"
       declare "${1#--}=$2"; shift 2 ;;
-    -h|--help) sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --no-build) no_build=1; shift ;;
+    -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
 for k in batch steps; do [[ "${!k}" =~ ^[1-9][0-9]*$ ]] || die "--$k must be a positive integer, got '${!k}'"; done
 command -v nvidia-smi >/dev/null || die "no nvidia-smi: this script needs a machine with an NVIDIA GPU"
 command -v nvcc >/dev/null || export PATH="/usr/local/cuda/bin:$PATH"
-command -v nvcc >/dev/null || die "no nvcc on PATH or in /usr/local/cuda/bin"
 
 card="$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1)"
-echo "== $(date -u +%F\ %H:%M) UTC, $card, $(nvcc --version | tail -1)"
+echo "== $(date -u +%F\ %H:%M) UTC, $card"
 start=$SECONDS
 jobs="$(nproc)"
 
-echo "== configure + build ($build, -j$jobs)"
-cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DHATCH_ENABLE_CUDA=ON -DHATCH_BUILD_TESTS=ON \
-  -DHATCH_BUILD_EXAMPLES=ON -DHATCH_BUILD_BENCHMARKS=ON >"$build.configure.log" 2>&1 \
-  || { tail -30 "$build.configure.log"; die "configure failed (log: $build.configure.log)"; }
-cmake --build "$build" -j"$jobs" --target hatch_cuda_tests train_step train_e2e >"$build.build.log" 2>&1 \
-  || { grep -m20 -B2 -A6 "error" "$build.build.log"; die "build failed (log: $build.build.log)"; }
-echo "   built in $((SECONDS - start)) s"
+if [[ $no_build == 0 ]]; then
+  command -v nvcc >/dev/null || die "no nvcc on PATH or in /usr/local/cuda/bin (or pass --no-build)"
+  echo "== configure + build ($build, -j$jobs, $(nvcc --version | tail -1))"
+  cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DHATCH_ENABLE_CUDA=ON -DHATCH_BUILD_TESTS=ON \
+    -DHATCH_BUILD_EXAMPLES=ON -DHATCH_BUILD_BENCHMARKS=ON >"$build.configure.log" 2>&1 \
+    || { tail -30 "$build.configure.log"; die "configure failed (log: $build.configure.log)"; }
+  cmake --build "$build" -j"$jobs" --target hatch_cuda_tests train_step train_e2e >"$build.build.log" 2>&1 \
+    || { grep -m20 -B2 -A6 "error" "$build.build.log"; die "build failed (log: $build.build.log)"; }
+  echo "   built in $((SECONDS - start)) s"
+fi
+for bin in tests/hatch_cuda_tests bench/train_step examples/train_e2e; do
+  [[ -x "$build/$bin" ]] || die "missing $build/$bin"
+done
 
 echo "== CUDA tests"
 tests_status=passed

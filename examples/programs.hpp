@@ -55,6 +55,7 @@ struct CommonOptions {
 struct E2eOptions {
   CommonOptions common;
   int epochs = 3;
+  std::string init;  // a model.safetensors to start from instead of a fresh initialisation
 };
 
 struct IncubateOptions {
@@ -74,6 +75,10 @@ int train_e2e(const E2eOptions& a) {
     auto model = std::make_unique<Model<V, B>>();
     Initializer init(c.seed);
     model->reset_parameters(init);
+    if (!a.init.empty()) {
+      expect_metadata(a.init, "preset", c.preset);
+      load_parameters(*model, a.init);
+    }
     set_drop_path(*model, c.drop_path);
     const auto result = fit(*model, train, test, c.fit_options(a.epochs, "e2e"));
     save_parameters(*model, std::filesystem::path(c.out) / "model.safetensors", {{"preset", c.preset}});

@@ -54,6 +54,36 @@ struct GradReport {
   std::string worst;
 };
 
+// Central differences of loss() w.r.t. at most `samples` random entries of t against the analytic
+// gradient; the worst relative error goes into rep.
+template <class B, class Loss>
+void compare_central_differences(const std::string& what, Tensor<B>& t, const std::vector<double>& analytic,
+                                 Loss& loss, std::mt19937_64& rng, int samples, double h, GradReport& rep) {
+  auto v = t.to_host();
+  std::vector<std::size_t> idx(v.size());
+  for (std::size_t i = 0; i < idx.size(); ++i) idx[i] = i;
+  std::shuffle(idx.begin(), idx.end(), rng);
+  idx.resize(std::min<std::size_t>(idx.size(), std::size_t(samples)));
+  for (auto i : idx) {
+    const double orig = v[i];
+    v[i] = orig + h;
+    t.from_host(v);
+    const double lp = loss();
+    v[i] = orig - h;
+    t.from_host(v);
+    const double lm = loss();
+    v[i] = orig;
+    t.from_host(v);
+    const double num = (lp - lm) / (2 * h);
+    const double rel = std::abs(num - analytic[i]) / std::max({std::abs(num), std::abs(analytic[i]), 1e-3});
+    if (rel > rep.max_rel) {
+      rep.max_rel = rel;
+      rep.worst = what + "[" + std::to_string(i) + "] numeric " + std::to_string(num) + " analytic " +
+                  std::to_string(analytic[i]);
+    }
+  }
+}
+
 // Checks d(sum(forward(x) * r)) against central differences, for the input and for every
 // parameter (at most `samples` entries of each tensor, chosen at random). Double precision.
 template <class L>
@@ -88,29 +118,7 @@ GradReport gradcheck(L& layer, Shape in_shape, bool training, std::uint64_t seed
 
   GradReport rep;
   auto check = [&](const std::string& what, Tensor<B>& t, const std::vector<double>& analytic) {
-    auto v = t.to_host();
-    std::vector<std::size_t> idx(v.size());
-    for (std::size_t i = 0; i < idx.size(); ++i) idx[i] = i;
-    std::shuffle(idx.begin(), idx.end(), rng);
-    idx.resize(std::min<std::size_t>(idx.size(), samples));
-    for (auto i : idx) {
-      const double orig = v[i];
-      v[i] = orig + h;
-      t.from_host(v);
-      const double lp = loss();
-      v[i] = orig - h;
-      t.from_host(v);
-      const double lm = loss();
-      v[i] = orig;
-      t.from_host(v);
-      const double num = (lp - lm) / (2 * h);
-      const double rel = std::abs(num - analytic[i]) / std::max({std::abs(num), std::abs(analytic[i]), 1e-3});
-      if (rel > rep.max_rel) {
-        rep.max_rel = rel;
-        rep.worst = what + "[" + std::to_string(i) + "] numeric " + std::to_string(num) + " analytic " +
-                    std::to_string(analytic[i]);
-      }
-    }
+    compare_central_differences(what, t, analytic, loss, rng, samples, h, rep);
   };
   check("input", x, dx);
   layer.visit([&](const std::string& name, Parameter<B>& p) { check(name, p.value, p.grad.to_host()); }, "");
@@ -126,30 +134,7 @@ GradReport check_parameter_grads(M& module, Loss&& loss, std::mt19937_64& rng, i
   GradReport rep;
   module.visit(
       [&](const std::string& name, Parameter<B>& p) {
-        auto v = p.value.to_host();
-        const auto g = p.grad.to_host();
-        std::vector<std::size_t> idx(v.size());
-        for (std::size_t k = 0; k < idx.size(); ++k) idx[k] = k;
-        std::shuffle(idx.begin(), idx.end(), rng);
-        idx.resize(std::min<std::size_t>(idx.size(), std::size_t(samples)));
-        for (auto k : idx) {
-          const double orig = v[k];
-          v[k] = orig + h;
-          p.value.from_host(v);
-          const double lp = loss();
-          v[k] = orig - h;
-          p.value.from_host(v);
-          const double lm = loss();
-          v[k] = orig;
-          p.value.from_host(v);
-          const double num = (lp - lm) / (2 * h);
-          const double rel = std::abs(num - g[k]) / std::max({std::abs(num), std::abs(g[k]), 1e-3});
-          if (rel > rep.max_rel) {
-            rep.max_rel = rel;
-            rep.worst = name + "[" + std::to_string(k) + "] numeric " + std::to_string(num) + " analytic " +
-                        std::to_string(g[k]);
-          }
-        }
+        compare_central_differences(name, p.value, p.grad.to_host(), loss, rng, samples, h, rep);
       },
       "");
   return rep;

@@ -267,11 +267,11 @@ void check_stage_index(M&, std::size_t i, const std::string& where) {
 }
 
 template <class M>
-void save_module(M& module, const std::filesystem::path& file, const std::map<std::string, std::string>& metadata,
+void save_module(M& layer, const std::filesystem::path& file, const std::map<std::string, std::string>& metadata,
                  std::map<std::string, std::string> owned) {
   using B = typename M::backend;
   io::SafeTensorsWriter w;
-  module.visit([&](const std::string& name, Parameter<B>& p) { add_tensor(w, name, p.value); }, "");
+  layer.visit([&](const std::string& name, Parameter<B>& p) { add_tensor(w, name, p.value); }, "");
   owned["format"] = kCheckpointFormat;
   set_metadata(w, file, metadata, owned);
   w.write(file);
