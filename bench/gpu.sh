@@ -66,6 +66,12 @@ ips() {
     echo "$out" >>"$build/gpu-runs.log"; echo "$out" | tail -3 >&2; echo failed
   fi
 }
+# The better of two images/s results, either of which may be empty or "failed".
+better() {
+  if [[ -z "$1" || "$1" == failed ]]; then echo "$2"
+  elif [[ -z "$2" || "$2" == failed ]]; then echo "$1"
+  else "$python" -c "print(max($1, $2))"; fi
+}
 ratio() { if [[ "$1" == failed || "$2" == failed || -z "$1" || -z "$2" ]]; then echo "-"; else
   "$python" -c "print(f'{$1 / $2:.2f}')"; fi; }
 
@@ -79,10 +85,8 @@ for prec in fp32 tf32; do
     t="$(ips "$python" "$here/torch_vit_step.py" --device cuda --preset vit-b16 --batch "$batch" --steps "$steps" --warmup 5 "${flag[@]}")"
     echo "   round $round: hatch $h, torch $t images/s"
     # keep the better round of each (the first may pay for cuBLAS heuristics and clocks)
-    [[ -z "${H[$prec]:-}" || "${H[$prec]}" == failed ]] && H[$prec]=$h
-    [[ "$h" != failed && "${H[$prec]}" != failed ]] && H[$prec]="$("$python" -c "print(max($h, ${H[$prec]}))")"
-    [[ -z "${T[$prec]:-}" || "${T[$prec]}" == failed ]] && T[$prec]=$t
-    [[ "$t" != failed && "${T[$prec]}" != failed ]] && T[$prec]="$("$python" -c "print(max($t, ${T[$prec]}))")"
+    H[$prec]="$(better "${H[$prec]:-}" "$h")"
+    T[$prec]="$(better "${T[$prec]:-}" "$t")"
   done
 done
 

@@ -1,7 +1,7 @@
 #pragma once
 // Helpers shared by the tests of the modular methods (test_incubator.cpp, test_distiller.cpp):
 // a temporary run directory, synthetic data, a quick fit recipe, bitwise parameter snapshots and
-// file contents, error messages.
+// file contents (error messages: error_message.hpp).
 #include <unistd.h>
 
 #include <cstring>
@@ -35,17 +35,6 @@ struct TempRunDir {
   }
 };
 
-
-template <class F>
-std::string error_message(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no hatch::Error thrown)";
-}
-inline bool has(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 
 // n random 28x28 single-channel "images" in 10 classes.
 inline data::Dataset synthetic(int n, std::uint64_t seed) {

@@ -14,6 +14,8 @@
 #include <utility>
 #include <vector>
 
+#include "error_message.hpp"
+
 namespace hatch::test {
 
 template <Backend B>

@@ -19,6 +19,8 @@
 #endif
 
 using namespace hatch;
+using test::error_message;
+using test::has;
 using test::rel_error;
 namespace fs = std::filesystem;
 
@@ -45,16 +47,6 @@ struct TempDir {
   }
 };
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no hatch::Error thrown)";
-}
-bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 
 // Every parameter's bytes, by name: equality is bitwise.
 template <class M>
@@ -127,7 +119,7 @@ TEST_CASE("checkpoint: save then load reproduces every parameter bitwise") {
     CHECK(snapshot(c) == snapshot(d));
   }
   SUBCASE("a caller's metadata may not contradict hatch's own") {
-    CHECK(contains(error_of([&] { save_parameters(a, file, {{"format", "mine"}}); }), "'format'"));
+    CHECK(has(error_message([&] { save_parameters(a, file, {{"format", "mine"}}); }), "'format'"));
     save_parameters(a, file, {{"format", "hatch-1"}});  // repeating it is fine
   }
 }
@@ -178,14 +170,14 @@ TEST_CASE("checkpoint: one file per stage, global names, assembly reproduces the
   }
   SUBCASE("a stage's file into another stage is rejected, the model untouched") {
     const auto before = snapshot(b);
-    CHECK(error_of([&] { load_stage(b, 2, stage_file(dir.path, 1)); }) ==
+    CHECK(error_message([&] { load_stage(b, 2, stage_file(dir.path, 1)); }) ==
           stage_file(dir.path, 1).string() + ": was written for stage '1', expected '2'");
-    CHECK(contains(error_of([&] { load_stage(b, 4, stage_file(dir.path, 1)); }), "stage 4 does not exist"));
+    CHECK(has(error_message([&] { load_stage(b, 4, stage_file(dir.path, 1)); }), "stage 4 does not exist"));
     // load_stages validates every file before changing any stage.
     auto bytes = file_bytes(stage_file(dir.path, 3));
     bytes.resize(bytes.size() - 4);
     put(stage_file(dir.path, 3), bytes);
-    CHECK(contains(error_of([&] { load_stages(b, dir.path); }), stage_file(dir.path, 3).string() + ": "));
+    CHECK(has(error_message([&] { load_stages(b, dir.path); }), stage_file(dir.path, 3).string() + ": "));
     CHECK(snapshot(b) == before);
   }
 }
@@ -201,11 +193,11 @@ TEST_CASE("checkpoint: a file that does not fit is rejected before the model cha
     Tiny tiny;
     test::randomize_parameters(tiny, 22);
     const auto before = snapshot(tiny);
-    const std::string msg = error_of([&] { load_parameters(tiny, file); });
+    const std::string msg = error_message([&] { load_parameters(tiny, file); });
     INFO(msg);
     CHECK(msg.starts_with(file.string() + ": "));
-    CHECK(contains(msg, "tensor 'patch_embed.proj.weight' has shape [32,1,7,7], expected [64,1,7,7]"));
-    CHECK(contains(msg, "written for preset 'vit-micro'"));
+    CHECK(has(msg, "tensor 'patch_embed.proj.weight' has shape [32,1,7,7], expected [64,1,7,7]"));
+    CHECK(has(msg, "written for preset 'vit-micro'"));
     CHECK(snapshot(tiny) == before);
   }
   SUBCASE("missing tensors: a 3-block checkpoint into a 4-block model") {
@@ -216,22 +208,22 @@ TEST_CASE("checkpoint: a file that does not fit is rejected before the model cha
     Micro m;
     test::randomize_parameters(m, 24);
     const auto before = snapshot(m);
-    const std::string msg = error_of([&] { load_parameters(m, small); });
+    const std::string msg = error_message([&] { load_parameters(m, small); });
     INFO(msg);
     CHECK(msg.starts_with(small.string() + ": missing 12 of the "));
-    CHECK(contains(msg, "'blocks.3.norm1.weight' [32]"));
-    CHECK(contains(msg, "(7 more)"));
+    CHECK(has(msg, "'blocks.3.norm1.weight' [32]"));
+    CHECK(has(msg, "(7 more)"));
     CHECK(snapshot(m) == before);
   }
   SUBCASE("extra tensors: a 4-block checkpoint into a 3-block model, unless allowed") {
     Micro3 three;
     test::randomize_parameters(three, 25);
     const auto before = snapshot(three);
-    const std::string msg = error_of([&] { load_parameters(three, file); });
+    const std::string msg = error_message([&] { load_parameters(three, file); });
     INFO(msg);
     CHECK(msg.starts_with(file.string() + ": 12 unexpected tensors that the model does not have: "
                                           "'blocks.3.attn.proj.bias', 'blocks.3.attn.proj.weight'"));
-    CHECK(contains(msg, "allow_extra"));
+    CHECK(has(msg, "allow_extra"));
     CHECK(snapshot(three) == before);
     load_parameters(three, file, {.allow_extra = true});
     auto want = snapshot(micro);
@@ -247,14 +239,14 @@ TEST_CASE("checkpoint: a file that does not fit is rejected before the model cha
     auto truncated = bytes;
     truncated.resize(truncated.size() / 2);
     put(bad, truncated);
-    CHECK(error_of([&] { load_parameters(m, bad); }).starts_with(bad.string() + ": "));
+    CHECK(error_message([&] { load_parameters(m, bad); }).starts_with(bad.string() + ": "));
     auto corrupt = bytes;
     for (std::size_t i = 8; i < 40; ++i) corrupt[i] = '#';  // the JSON header
     put(bad, corrupt);
-    CHECK(contains(error_of([&] { load_parameters(m, bad); }), bad.string() + ": header is not valid JSON"));
+    CHECK(has(error_message([&] { load_parameters(m, bad); }), bad.string() + ": header is not valid JSON"));
     put(bad, {1, 2, 3});
-    CHECK(error_of([&] { load_parameters(m, bad); }).starts_with(bad.string() + ": file is 3 bytes"));
-    CHECK(contains(error_of([&] { load_parameters(m, dir.path / "none.safetensors"); }), "cannot open"));
+    CHECK(error_message([&] { load_parameters(m, bad); }).starts_with(bad.string() + ": file is 3 bytes"));
+    CHECK(has(error_message([&] { load_parameters(m, dir.path / "none.safetensors"); }), "cannot open"));
     CHECK(snapshot(m) == before);
   }
   SUBCASE("a file of another hatch format version") {
@@ -267,7 +259,7 @@ TEST_CASE("checkpoint: a file that does not fit is rejected before the model cha
     const fs::path v2 = dir.path / "v2.safetensors";
     w.write(v2);
     Micro m;
-    CHECK(contains(error_of([&] { load_parameters(m, v2); }), "format 'hatch-2' is not one this hatch reads"));
+    CHECK(has(error_message([&] { load_parameters(m, v2); }), "format 'hatch-2' is not one this hatch reads"));
   }
 }
 
@@ -280,19 +272,19 @@ TEST_CASE("checkpoint: metadata checks") {
   CHECK(read_metadata(file).at("preset") == "vit-tiny");
   CHECK(read_metadata(file).at("content") == "parameters");
   expect_metadata(file, "preset", "vit-tiny");
-  CHECK(error_of([&] { expect_metadata(file, "preset", "vit-small"); }) ==
+  CHECK(error_message([&] { expect_metadata(file, "preset", "vit-small"); }) ==
         file.string() + ": was written for preset 'vit-tiny', expected 'vit-small'");
-  CHECK(error_of([&] { expect_metadata(file, "phase", "finetune"); }) ==
+  CHECK(error_message([&] { expect_metadata(file, "phase", "finetune"); }) ==
         file.string() + ": has no 'phase' metadata, expected phase 'finetune'");
   // The same check as a load option, before anything else is looked at.
   Tiny other;
   const auto before = snapshot(other);
-  CHECK(error_of([&] { load_parameters(other, file, {.require_metadata = {{"preset", "vit-small"}}}); }) ==
+  CHECK(error_message([&] { load_parameters(other, file, {.require_metadata = {{"preset", "vit-small"}}}); }) ==
         file.string() + ": was written for preset 'vit-tiny', expected 'vit-small'");
   CHECK(snapshot(other) == before);
   load_parameters(other, file, {.require_metadata = {{"preset", "vit-tiny"}}});
   CHECK(snapshot(other) == snapshot(tiny));
-  CHECK(contains(error_of([&] { (void)read_metadata(dir.path / "none"); }), "cannot open"));
+  CHECK(has(error_message([&] { (void)read_metadata(dir.path / "none"); }), "cannot open"));
 }
 
 TEST_CASE("checkpoint: writes are atomic") {
@@ -310,20 +302,20 @@ TEST_CASE("checkpoint: writes are atomic") {
 
   SUBCASE("a missing directory") {
     const fs::path p = dir.path / "no_such_dir" / "m.safetensors";
-    CHECK(error_of([&] { save_parameters(a, p); }).starts_with(p.string() + ": "));
+    CHECK(error_message([&] { save_parameters(a, p); }).starts_with(p.string() + ": "));
     CHECK_FALSE(fs::exists(dir.path / "no_such_dir"));
   }
   SUBCASE("a parent that is a file") {
     const fs::path p = file / "m.safetensors";
-    CHECK(error_of([&] { save_parameters(a, p); }).starts_with(p.string() + ": "));
+    CHECK(error_message([&] { save_parameters(a, p); }).starts_with(p.string() + ": "));
   }
   SUBCASE("a read-only directory keeps the previous checkpoint") {
     fs::permissions(dir.path, fs::perms::owner_read | fs::perms::owner_exec, fs::perm_options::replace);
     if (::access(dir.path.c_str(), W_OK) == 0) {
       MESSAGE("skipped: running as root, permissions do not stop writes");
     } else {
-      CHECK(error_of([&] { save_parameters(a, file); }).starts_with(file.string() + ": "));
-      CHECK(error_of([&] { save_parameters(a, dir.path / "new.safetensors"); })
+      CHECK(error_message([&] { save_parameters(a, file); }).starts_with(file.string() + ": "));
+      CHECK(error_message([&] { save_parameters(a, dir.path / "new.safetensors"); })
                 .starts_with((dir.path / "new.safetensors").string() + ": "));
       fs::permissions(dir.path, fs::perms::owner_all, fs::perm_options::replace);
       load_parameters(c, file);
@@ -400,9 +392,9 @@ TEST_CASE("checkpoint: a resumed AdamW run matches an uninterrupted one bitwise"
 
   SUBCASE("a training state also loads as parameters when extras are allowed") {
     Micro m;
-    const std::string msg = error_of([&] { load_parameters(m, file); });
-    CHECK(contains(msg, "unexpected tensors"));
-    CHECK(contains(msg, "training state"));
+    const std::string msg = error_message([&] { load_parameters(m, file); });
+    CHECK(has(msg, "unexpected tensors"));
+    CHECK(has(msg, "training state"));
     load_parameters(m, file, {.allow_extra = true});
   }
   SUBCASE("a parameters-only file is not a training state; nothing changes") {
@@ -411,7 +403,7 @@ TEST_CASE("checkpoint: a resumed AdamW run matches an uninterrupted one bitwise"
     Trainer d(3);
     d.opt.steps() = 5;
     const auto before = snapshot(d.model);
-    CHECK(contains(error_of([&] { (void)load_training_state(d.model, d.opt, params); }), "has no 'state' metadata"));
+    CHECK(has(error_message([&] { (void)load_training_state(d.model, d.opt, params); }), "has no 'state' metadata"));
     // Moments missing from the file: checked before anything is changed.
     io::SafeTensorsWriter w;
     a.model.visit([&](const std::string& n, Parameter<Cpu>& p) {
@@ -421,7 +413,7 @@ TEST_CASE("checkpoint: a resumed AdamW run matches an uninterrupted one bitwise"
     w.set_metadata("state", "{}");
     w.set_metadata("optimizer_steps", "3");
     w.write(params);
-    CHECK(contains(error_of([&] { (void)load_training_state(d.model, d.opt, params); }), "'exp_avg."));
+    CHECK(has(error_message([&] { (void)load_training_state(d.model, d.opt, params); }), "'exp_avg."));
     CHECK(snapshot(d.model) == before);
     CHECK(d.opt.steps() == 5);
   }

@@ -13,12 +13,14 @@
 #include <string>
 #include <vector>
 
+#include "error_message.hpp"
 #include "hatch/data/batcher.hpp"
 #include "hatch/data/fashion_mnist.hpp"
 #include "hatch/data/idx.hpp"
 
 namespace fs = std::filesystem;
 using namespace hatch::data;
+using hatch::test::error_message;
 using Bytes = std::vector<std::uint8_t>;
 
 namespace {
@@ -89,20 +91,11 @@ Bytes raw_real(const std::string& file) {
   return idx_bytes({a.dims.begin(), a.dims.end()}, a.data);
 }
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const hatch::Error& e) {
-    return e.what();
-  }
-  return "<no hatch::Error thrown>";
-}
 
 // The message must start with `where` and contain every one of `phrases`.
 template <class F>
 void check_error(F&& f, const std::string& where, std::initializer_list<std::string> phrases) {
-  const std::string msg = error_of(f);
+  const std::string msg = error_message(f);
   INFO("message: " << msg);
   CHECK(msg.rfind(where, 0) == 0);
   for (const auto& p : phrases) CHECK(msg.find(p) != std::string::npos);

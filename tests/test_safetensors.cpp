@@ -14,6 +14,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "error_message.hpp"
 #include "hatch/io/safetensors.hpp"
 
 #ifndef HATCH_FIXTURE_DIR
@@ -22,6 +23,8 @@
 
 namespace fs = std::filesystem;
 using hatch::io::DType;
+using hatch::test::error_message;
+using hatch::test::has;
 using hatch::io::SafeTensorsFile;
 using hatch::io::SafeTensorsWriter;
 
@@ -48,23 +51,6 @@ struct TempDir {
   }
 };
 
-// The message of the hatch::Error that f throws; a marker string if it throws nothing or
-// something else, so CHECKs on the message fail readably.
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const hatch::Error& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    return std::string("<not a hatch::Error: ") + e.what() + ">";
-  }
-  return "<no exception>";
-}
-
-bool contains(const std::string& s, const std::string& part) {
-  return s.find(part) != std::string::npos;
-}
 
 std::vector<std::uint8_t> raw_file(const std::string& header, std::size_t data_bytes,
                                    std::uint64_t header_len) {
@@ -91,7 +77,7 @@ std::vector<std::uint8_t> get(const fs::path& p) {
 std::string read_error(const TempDir& dir, const std::vector<std::uint8_t>& bytes) {
   const fs::path p = dir.path / "bad.safetensors";
   put(p, bytes);
-  return error_of([&] { (void)SafeTensorsFile::read(p); });
+  return error_message([&] { (void)SafeTensorsFile::read(p); });
 }
 
 }  // namespace
@@ -160,12 +146,12 @@ TEST_CASE("safetensors: lookups and conversions name the file, tensor and expect
   const auto f = SafeTensorsFile::read(p);
   CHECK(f.metadata().empty());
 
-  CHECK(error_of([&] { (void)f.at("x"); }) == p.string() + ": no tensor named 'x'");
-  CHECK(error_of([&] { (void)f.to_float("blocks.0.attn.qkv.weight", {48, 16}); }) ==
+  CHECK(error_message([&] { (void)f.at("x"); }) == p.string() + ": no tensor named 'x'");
+  CHECK(error_message([&] { (void)f.to_float("blocks.0.attn.qkv.weight", {48, 16}); }) ==
         p.string() + ": tensor 'blocks.0.attn.qkv.weight' has shape [96,32], expected [48,16]");
-  CHECK(error_of([&] { (void)f.to_float("labels", {2}); }) ==
+  CHECK(error_message([&] { (void)f.to_float("labels", {2}); }) ==
         p.string() + ": tensor 'labels' has dtype I64, expected F32 or F64");
-  CHECK(error_of([&] { (void)f.to_int64("blocks.0.attn.qkv.weight", {96, 32}); }) ==
+  CHECK(error_message([&] { (void)f.to_int64("blocks.0.attn.qkv.weight", {96, 32}); }) ==
         p.string() + ": tensor 'blocks.0.attn.qkv.weight' has dtype F32, expected I64");
 }
 
@@ -173,11 +159,11 @@ TEST_CASE("safetensors: writer rejects bad input before touching the disk") {
   const std::vector<float> v = {1, 2, 3};
   SafeTensorsWriter wr;
   wr.add("a", {3}, std::span<const float>(v));
-  CHECK(contains(error_of([&] { wr.add("a", {3}, std::span<const float>(v)); }), "added twice"));
-  CHECK(contains(error_of([&] { wr.add("b", {2, 2}, std::span<const float>(v)); }),
+  CHECK(has(error_message([&] { wr.add("a", {3}, std::span<const float>(v)); }), "added twice"));
+  CHECK(has(error_message([&] { wr.add("b", {2, 2}, std::span<const float>(v)); }),
                  "shape [2,2] but 3 values"));
-  CHECK(contains(error_of([&] { wr.add("c", DType::F32, {-1}, v.data()); }), "invalid shape"));
-  CHECK(contains(error_of([&] { wr.add("__metadata__", {3}, std::span<const float>(v)); }),
+  CHECK(has(error_message([&] { wr.add("c", DType::F32, {-1}, v.data()); }), "invalid shape"));
+  CHECK(has(error_message([&] { wr.add("__metadata__", {3}, std::span<const float>(v)); }),
                  "reserved"));
 }
 
@@ -189,7 +175,7 @@ TEST_CASE("safetensors: writes are atomic") {
 
   SUBCASE("a missing directory throws, names the path and leaves nothing behind") {
     const fs::path p = dir.path / "no_such_dir" / "a.safetensors";
-    const std::string msg = error_of([&] { wr.write(p); });
+    const std::string msg = error_message([&] { wr.write(p); });
     CHECK(msg.rfind(p.string() + ": ", 0) == 0);
     CHECK_FALSE(fs::exists(dir.path / "no_such_dir"));
     CHECK(dir.entries().empty());
@@ -211,9 +197,9 @@ TEST_CASE("safetensors: writes are atomic") {
     // Renaming a file onto a non-empty directory fails after the temporary file was written.
     const fs::path p = dir.path / "taken";
     fs::create_directories(p / "inside");
-    const std::string msg = error_of([&] { wr.write(p); });
+    const std::string msg = error_message([&] { wr.write(p); });
     CHECK(msg.rfind(p.string() + ": ", 0) == 0);
-    CHECK(contains(msg, "rename"));
+    CHECK(has(msg, "rename"));
     CHECK(dir.entries() == std::vector<std::string>{"taken"});
   }
 }
@@ -225,7 +211,7 @@ TEST_CASE("safetensors: every corruption is a hatch::Error naming the file") {
     const std::string msg = read_error(dir, bytes);
     INFO("message: " << msg);
     CHECK(msg.rfind(file + ": ", 0) == 0);
-    CHECK(contains(msg, expect));
+    CHECK(has(msg, expect));
   };
   const std::string ok_entry = R"("t":{"dtype":"F32","shape":[2],"data_offsets":[0,8]})";
 
@@ -234,7 +220,7 @@ TEST_CASE("safetensors: every corruption is a hatch::Error naming the file") {
     CHECK(SafeTensorsFile::read(file).to_float("t", {2}).size() == 2);
   }
   SUBCASE("missing file") {
-    CHECK(error_of([&] { (void)SafeTensorsFile::read(dir.path / "nope.safetensors"); })
+    CHECK(error_message([&] { (void)SafeTensorsFile::read(dir.path / "nope.safetensors"); })
               .rfind((dir.path / "nope.safetensors").string() + ": cannot open", 0) == 0);
   }
   SUBCASE("shorter than 8 bytes") { check({1, 2, 3, 4, 5}, "expected at least 8"); }
@@ -332,7 +318,7 @@ TEST_CASE("safetensors: every corruption is a hatch::Error naming the file") {
   }
   SUBCASE("parse() uses the given name") {
     const std::uint8_t tiny[3] = {0, 0, 0};
-    CHECK(error_of([&] { (void)SafeTensorsFile::parse(tiny, 3, "memory"); })
+    CHECK(error_message([&] { (void)SafeTensorsFile::parse(tiny, 3, "memory"); })
               .rfind("memory: ", 0) == 0);
   }
 }
