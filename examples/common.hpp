@@ -2,9 +2,13 @@
 // Command-line side of the example programs: the shared flags, the device dispatch and the
 // error guard. What the programs do is in programs.hpp.
 #include <omp.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <hatch/hatch.hpp>
 #include <string>
 
@@ -12,40 +16,104 @@
 
 namespace examples {
 
+// The cores this process may use (its affinity mask, as OpenMP sees it).
+inline int usable_cores() { return std::max(1, omp_get_num_procs()); }
+
+// A finite number in [lo, hi]; the message prints the bounds readably (1e+06, not 300 digits)
+// and refuses nan and inf, which CLI11's own range checks let through.
+inline CLI::Validator finite_in(double lo, double hi) {
+  char desc[96];
+  std::snprintf(desc, sizeof desc, "NUMBER in [%g, %g]", lo, hi);
+  return CLI::Validator(
+      [lo, hi](std::string& s) -> std::string {
+        char* end = nullptr;
+        const double v = std::strtod(s.c_str(), &end);
+        char msg[160];
+        if (s.empty() || end != s.c_str() + s.size() || !std::isfinite(v) || v < lo || v > hi) {
+          std::snprintf(msg, sizeof msg, "expected a finite number in [%g, %g], got '%s'", lo, hi, s.c_str());
+          return msg;
+        }
+        return {};
+      },
+      desc);
+}
+// An integer in [lo, hi] ("-1" for an unsigned seed is refused, not wrapped around).
+inline CLI::Validator integer_in(long double lo, long double hi) {
+  char desc[96];
+  std::snprintf(desc, sizeof desc, "INTEGER in [%.0Lf, %.0Lf]", lo, hi);
+  return CLI::Validator(
+      [lo, hi](std::string& s) -> std::string {
+        const bool digits = !s.empty() && s.find_first_not_of("0123456789", s[0] == '-' ? 1 : 0) == std::string::npos &&
+                            s != "-";
+        const long double v = digits ? std::strtold(s.c_str(), nullptr) : 0;
+        if (!digits || v < lo || v > hi) {
+          char msg[160];
+          std::snprintf(msg, sizeof msg, "expected an integer in [%.0Lf, %.0Lf], got '%s'", lo, hi, s.c_str());
+          return msg;
+        }
+        return {};
+      },
+      desc);
+}
+inline const CLI::Validator kNotEmpty(
+    [](std::string& s) -> std::string { return s.empty() ? "expected a non-empty path" : std::string(); }, "PATH");
+
 inline void add_common_flags(CLI::App& app, CommonOptions& o) {
+  app.option_defaults()->always_capture_default();  // --help shows every default: the recipe is visible
+  if (o.threads <= 0) o.threads = usable_cores();
+  constexpr double kBig = 1e6;
   app.add_option("--preset", o.preset, std::string("model preset: ") + hatch::presets::names)
       ->check(CLI::IsMember({"vit-micro", "vit-tiny", "vit-small", "vit-base"}));
   app.add_option("--device", o.device, "cpu, or cuda (the first CUDA device)")->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_flag("--tf32", o.tf32, "with --device cuda: TF32 tensor-core GEMMs");
-  app.add_option("--data", o.data, "directory with the Fashion-MNIST IDX files (.gz or plain)");
-  app.add_option("--out", o.out, "output directory: checkpoints, metrics.jsonl");
-  app.add_option("--batch", o.batch, "batch size")->check(CLI::Range(1, 65536));
-  app.add_option("--lr", o.lr, "peak learning rate (AdamW)")->check(CLI::PositiveNumber);
-  app.add_option("--min-lr", o.min_lr, "final learning rate of the cosine schedule")->check(CLI::NonNegativeNumber);
-  app.add_option("--warmup-epochs", o.warmup_epochs, "linear warmup length in epochs")->check(CLI::NonNegativeNumber);
-  app.add_option("--weight-decay", o.weight_decay, "AdamW weight decay")->check(CLI::NonNegativeNumber);
-  app.add_option("--clip", o.clip, "max global gradient norm (0 = off)")->check(CLI::NonNegativeNumber);
-  app.add_option("--label-smoothing", o.label_smoothing, "label smoothing")->check(CLI::Range(0.0, 0.99));
-  app.add_option("--drop-path", o.drop_path, "max drop-path rate (linspace over blocks)")->check(CLI::Range(0.0, 0.99));
-  app.add_option("--mixup", o.mixup, "mixup alpha (0 = off)")->check(CLI::NonNegativeNumber);
-  app.add_option("--cutmix", o.cutmix, "cutmix alpha (0 = off)")->check(CLI::NonNegativeNumber);
-  app.add_option("--mix-prob", o.mix_prob, "probability of mixing a batch")->check(CLI::Range(0.0, 1.0));
-  app.add_option("--crop-padding", o.crop_padding, "random crop padding in pixels")->check(CLI::Range(0, 14));
+  app.add_option("--data", o.data, "directory with the Fashion-MNIST IDX files (.gz or plain)")->check(kNotEmpty);
+  app.add_option("--out", o.out, "output directory: checkpoints, training states, metrics.jsonl")->check(kNotEmpty);
+  app.add_option("--batch", o.batch, "batch size")->check(integer_in(1, 65536));
+  app.add_option("--lr", o.lr, "peak learning rate (AdamW)")->check(finite_in(1e-12, 10));
+  app.add_option("--min-lr", o.min_lr, "final learning rate of the cosine schedule")->check(finite_in(0, 10));
+  app.add_option("--warmup-epochs", o.warmup_epochs, "linear warmup length in epochs")->check(finite_in(0, 1e5));
+  app.add_option("--weight-decay", o.weight_decay, "AdamW weight decay")->check(finite_in(0, kBig));
+  app.add_option("--clip", o.clip, "max global gradient norm (0 = off)")->check(finite_in(0, kBig));
+  app.add_option("--label-smoothing", o.label_smoothing, "label smoothing")->check(finite_in(0, 0.99));
+  app.add_option("--drop-path", o.drop_path, "max drop-path rate (linspace over blocks)")->check(finite_in(0, 0.99));
+  app.add_option("--mixup", o.mixup, "mixup alpha (0 = off)")->check(finite_in(0, kBig));
+  app.add_option("--cutmix", o.cutmix, "cutmix alpha (0 = off)")->check(finite_in(0, kBig));
+  app.add_option("--mix-prob", o.mix_prob, "probability of mixing a batch")->check(finite_in(0, 1));
+  app.add_option("--crop-padding", o.crop_padding, "random crop padding in pixels")->check(integer_in(0, 14));
   app.add_flag("--hflip", o.hflip, "random horizontal flips");
   app.add_option("--train-limit", o.train_limit, "use only the first N training images (0 = all)")
-      ->check(CLI::NonNegativeNumber);
-  app.add_option("--test-limit", o.test_limit, "use only the first N test images (0 = all)")
-      ->check(CLI::NonNegativeNumber);
-  app.add_option("--threads", o.threads, "CPU threads")->check(CLI::Range(1, 1024));
-  app.add_option("--seed", o.seed, "random seed");
+      ->check(integer_in(0, 1e9));
+  app.add_option("--test-limit", o.test_limit, "use only the first N test images (0 = all)")->check(integer_in(0, 1e9));
+  app.add_option("--threads", o.threads,
+                 "CPU threads (at most the cores this process may use; the default is all of them)")
+      ->check(integer_in(1, 1 << 20));
+  app.add_option("--seed", o.seed, "random seed")->check(integer_in(0, 1.8446744073709551615e19L));
   app.add_flag("--no-progress", o.no_progress, "no progress bar on stderr");
-  app.add_flag("--no-resume", o.no_resume, "start afresh even if a training state exists in --out");
+  app.add_flag("--no-resume", o.no_resume,
+               "start afresh even if a training state exists in --out (the state is overwritten)");
+}
+
+// OpenMP threads that finish a parallel region spin for a while before sleeping; two such
+// programs on the same cores (parallel module jobs) spin against each other and run many times
+// slower. The wait policy is read when the OpenMP runtime loads, before main(), so the programs
+// call this first: unless the user chose a policy, it re-executes the program once with
+// OMP_WAIT_POLICY=passive (docs/performance.md has the measurements).
+inline void share_cores_politely(char** argv) {
+  if (std::getenv("OMP_WAIT_POLICY")) return;
+  ::setenv("OMP_WAIT_POLICY", "passive", 1);
+  ::execv("/proc/self/exe", argv);  // returns only if it failed: then run with the default policy
 }
 
 // Runs the program on the device the flags name: cpu(options) or cuda(options).
 template <class Options, class CpuRun, class CudaRun>
 int on_device(const Options& o, CpuRun cpu, CudaRun cuda) {
-  omp_set_num_threads(o.common.threads);  // host threads: data, and the Cpu backend
+  int threads = o.common.threads;
+  if (threads > usable_cores()) {
+    std::fprintf(stderr, "warning: --threads %d is more than the %d cores this process may use; using %d\n", threads,
+                 usable_cores(), usable_cores());
+    threads = usable_cores();
+  }
+  omp_set_num_threads(threads);  // host threads: data, and the Cpu backend
   if (o.common.device == "cuda") return cuda(o);
   hatch::require(!o.common.tf32, "--tf32", "applies only to --device cuda");
   return cpu(o);

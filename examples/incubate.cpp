@@ -6,6 +6,7 @@
 #include "common.hpp"
 
 int main(int argc, char** argv) {
+  examples::share_cores_politely(argv);
   CLI::App app{"Deep Incubation of a ViT on Fashion-MNIST"};
   examples::IncubateOptions o;
   auto& c = o.common;
@@ -17,17 +18,17 @@ int main(int argc, char** argv) {
   app.add_option("--phase", o.phase, "meta, module, assemble, finetune or all")
       ->check(CLI::IsMember({"meta", "module", "assemble", "finetune", "all"}));
   app.add_option("--index", o.index, "the module to incubate (--phase module); -1 = every module in turn")
-      ->check(CLI::Range(-1, 63));
-  app.add_option("--epochs-meta", o.epochs_meta, "meta-model pre-training epochs")->check(CLI::Range(0, 100000));
-  app.add_option("--epochs-module", o.epochs_module, "incubation epochs per module")->check(CLI::Range(0, 100000));
-  app.add_option("--epochs-finetune", o.epochs_finetune, "fine-tuning epochs")->check(CLI::Range(0, 100000));
+      ->check(examples::integer_in(-1, 63));
+  app.add_option("--epochs-meta", o.epochs_meta, "meta-model pre-training epochs")->check(examples::integer_in(0, 100000));
+  app.add_option("--epochs-module", o.epochs_module, "incubation epochs per module")->check(examples::integer_in(0, 100000));
+  app.add_option("--epochs-finetune", o.epochs_finetune, "fine-tuning epochs")->check(examples::integer_in(0, 100000));
   app.add_option("--hybrid-drop-path", o.hybrid_drop_path, "max drop-path rate in the hybrid")
-      ->check(CLI::Range(0.0, 0.99));
+      ->check(examples::finite_in(0, 0.99));
   app.add_option("--finetune-drop-path", o.finetune_drop_path, "max drop-path rate when fine-tuning")
-      ->check(CLI::Range(0.0, 0.99));
+      ->check(examples::finite_in(0, 0.99));
   app.add_option("--finetune-lr", o.finetune_lr, "peak learning rate when fine-tuning the assembled model")
-      ->check(CLI::PositiveNumber);
-  app.add_option("--finetune-clip", o.finetune_clip, "gradient clip when fine-tuning")->check(CLI::NonNegativeNumber);
+      ->check(examples::finite_in(1e-12, 10));
+  app.add_option("--finetune-clip", o.finetune_clip, "gradient clip when fine-tuning")->check(examples::finite_in(0, 1e6));
   CLI11_PARSE(app, argc, argv);
   return examples::guarded("incubate", [&] {
     return examples::on_device(o, examples::incubate<hatch::Cpu>, examples::incubate_cuda);

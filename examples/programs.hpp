@@ -21,7 +21,7 @@ struct CommonOptions {
   std::string data = hatch::data::kFashionMnistDir;
   std::string out = "out";
   std::string device = "cpu";
-  int batch = 128, threads = 2, train_limit = 0, test_limit = 0;
+  int batch = 128, threads = 0, train_limit = 0, test_limit = 0;  // threads 0: every usable core
   double lr = 2e-3, min_lr = 1e-5, warmup_epochs = 1, weight_decay = 0.05, clip = 0;
   double label_smoothing = 0.1, drop_path = 0, mixup = 0, cutmix = 0, mix_prob = 1.0;
   int crop_padding = 0;
@@ -45,10 +45,18 @@ struct CommonOptions {
     o.out = out;
     o.resume = !no_resume;
     o.progress = !no_progress;
+    o.resume_hint = "pass --no-resume to start afresh (the state is overwritten)";
+    o.recipe["preset"] = preset;
     return o;
   }
   hatch::data::Dataset load(bool train) const {
     return hatch::data::load_fashion_mnist(data, train, train ? train_limit : test_limit);
+  }
+  // Before any training: a data set whose images are not the preset's is refused at once.
+  template <class V>
+  void check_images(const hatch::data::Dataset& set) const {
+    if (set.n == 0) return;
+    hatch::data::expect_image_shape(set, V::spec.channels, V::spec.image, V::spec.image, "preset " + preset);
   }
 };
 
@@ -72,15 +80,21 @@ int train_e2e(const E2eOptions& a) {
   const auto train = c.load(true), test = c.load(false);
   return hatch::with_preset(c.preset, [&]<class V>(std::type_identity<V>) {
     using namespace hatch;
+    c.check_images<V>(train);
+    c.check_images<V>(test);
     auto model = std::make_unique<Model<V, B>>();
     Initializer init(c.seed);
     model->reset_parameters(init);
+    auto fo = c.fit_options(a.epochs, "e2e");
     if (!a.init.empty()) {
       expect_metadata(a.init, "preset", c.preset);
       load_parameters(*model, a.init);
+      fo.recipe["init"] = a.init + " (crc32 " + file_fingerprint(a.init) + ")";
+      std::fprintf(stderr, "e2e: starting from the weights in %s\n", a.init.c_str());
     }
     set_drop_path(*model, c.drop_path);
-    const auto result = fit(*model, train, test, c.fit_options(a.epochs, "e2e"));
+    fo.recipe["drop-path"] = c.drop_path;
+    const auto result = fit(*model, train, test, fo);
     save_parameters(*model, std::filesystem::path(c.out) / "model.safetensors", {{"preset", c.preset}});
     std::printf("epochs=%d train_images=%d seconds=%.1f\n", result.epochs, train.n, result.seconds);
     std::printf("test_accuracy=%.4f\n", result.test.accuracy);
@@ -98,6 +112,8 @@ int incubate(const IncubateOptions& a) {
   const auto test = needs_data ? c.load(false) : hatch::data::Dataset{};
   return hatch::with_preset(c.preset, [&]<class V>(std::type_identity<V>) {
     using namespace hatch;
+    c.check_images<V>(train);
+    c.check_images<V>(test);
     using Inc = Incubator<presets::MetaOf<V>, V, B>;
     Inc inc({.dir = std::filesystem::path(c.out), .tag = c.preset, .seed = c.seed,
              .hybrid_drop_path = a.hybrid_drop_path, .target_drop_path = a.finetune_drop_path});
@@ -114,6 +130,9 @@ int incubate(const IncubateOptions& a) {
         o.lr = a.finetune_lr;
         o.warmup_epochs = 0;
         o.clip = a.finetune_clip;
+        o.recipe["finetune-drop-path"] = a.finetune_drop_path;
+      } else {
+        o.recipe["hybrid-drop-path"] = a.hybrid_drop_path;
       }
       o.images_before = images;
       o.seconds_before = seconds;

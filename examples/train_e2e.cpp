@@ -4,10 +4,11 @@
 #include "common.hpp"
 
 int main(int argc, char** argv) {
+  examples::share_cores_politely(argv);
   CLI::App app{"Train a ViT end to end on Fashion-MNIST"};
   examples::E2eOptions o;
   examples::add_common_flags(app, o.common);
-  app.add_option("--epochs", o.epochs, "training epochs")->check(CLI::Range(0, 100000));
+  app.add_option("--epochs", o.epochs, "training epochs")->check(examples::integer_in(0, 100000));
   app.add_option("--init", o.init, "start from this model.safetensors (written by train_e2e for the same preset)");
   CLI11_PARSE(app, argc, argv);
   return examples::guarded("train_e2e", [&] {

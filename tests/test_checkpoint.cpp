@@ -8,6 +8,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 
 #include <sys/wait.h>
 #include <unistd.h>
@@ -466,4 +467,53 @@ TEST_CASE("checkpoint: PyTorch loads hatch's checkpoint and hands back its own" 
   m.visit([&](const std::string& n, Parameter<Cpu>& p) { CHECK_MESSAGE(p.value.to_host() == expected[n], n); }, "");
   CHECK(rel_error(forward(m, x), logits.to_float("logits_modified", {3, 10})) <= 1e-5);
   expect_metadata(dir.path / "torch_checkpoint.safetensors", "dim", "32");
+}
+
+TEST_CASE("checkpoint: non-finite values are refused, naming the tensor") {
+  TempDir dir;
+  Micro m;
+  test::randomize_parameters(m, 51);
+  for (const float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    Micro poisoned;
+    test::randomize_parameters(poisoned, 52);
+    poisoned.visit([&](const std::string& name, Parameter<Cpu>& p) {
+      if (name == "blocks.2.mlp.fc1.bias") {
+        auto h = p.value.to_host();
+        h[3] = bad;
+        p.value.from_host(h);
+      }
+    }, "");
+    const fs::path file = dir.path / "poisoned.safetensors";
+    save_parameters(poisoned, file);
+    const auto before = snapshot(m);
+    const std::string msg = error_message([&] { load_parameters(m, file); });
+    INFO(msg);
+    CHECK(msg.starts_with(file.string() + ": tensor 'blocks.2.mlp.fc1.bias' holds a non-finite value"));
+    CHECK(has(msg, "flat index 3"));
+    CHECK(snapshot(m) == before);
+  }
+}
+
+TEST_CASE("checkpoint: temporaries of killed writers are cleaned up, live ones are kept") {
+  TempDir dir;
+  const pid_t child = ::fork();
+  if (child == 0) ::_exit(0);
+  ::waitpid(child, nullptr, 0);  // a pid that is certainly dead now
+  const std::string host = io::detail::host_name();
+  const fs::path dead = dir.path / ("a.safetensors.tmp." + host + "." + std::to_string(child));
+  const fs::path dead_old_style = dir.path / ("b.safetensors.tmp." + std::to_string(child));
+  const fs::path dead_dir = dir.path / "sub" / ("meta.tmp." + host + "." + std::to_string(child));
+  const fs::path live = io::temporary_path(dir.path / "c.safetensors");  // this process's own
+  const fs::path other_host = dir.path / ("d.safetensors.tmp.some-other-host." + std::to_string(child));
+  const fs::path not_temporary = dir.path / "e.tmp.notapid";
+  fs::create_directories(dead_dir);
+  for (const auto& p : {dead, dead_old_style, live, other_host, not_temporary, dead_dir / "stage0.safetensors"})
+    put(p, {1, 2, 3});
+  CHECK(io::remove_stale_temporaries(dir.path) == 3);
+  CHECK_FALSE(fs::exists(dead));
+  CHECK_FALSE(fs::exists(dead_old_style));
+  CHECK_FALSE(fs::exists(dead_dir));
+  CHECK(fs::exists(live));
+  CHECK(fs::exists(other_host));  // it may be alive on the machine that wrote it
+  CHECK(fs::exists(not_temporary));
 }

@@ -2,6 +2,8 @@
 #include <hatch/train/fit.hpp>
 
 #include <filesystem>
+#include <fstream>
+#include <set>
 
 #include "support.hpp"
 
@@ -115,5 +117,171 @@ TEST_CASE("a diverging run stops with a clear message") {
   o.epochs = 1;
   o.batch = 32;
   o.progress = false;
-  CHECK_THROWS_WITH_AS(fit(model, train, test, o), doctest::Contains("training diverged"), Error);
+  CHECK_THROWS_WITH_AS(fit(model, train, test, o),
+                       doctest::Contains("at the first step, before any update: the model's weights or the data"),
+                       Error);
+  Model<presets::VitMicro, Cpu> fine;  // finite weights, an absurd learning rate
+  fine.reset_parameters(init);
+  o.lr = 1e30;
+  o.warmup_epochs = 0;
+  CHECK_THROWS_WITH_AS(fit(fine, train, test, o), doctest::Contains("training diverged"), Error);
+}
+
+namespace {
+std::vector<nlohmann::json> metrics_lines(const std::filesystem::path& dir) {
+  std::vector<nlohmann::json> out;
+  std::ifstream log(dir / "metrics.jsonl");
+  for (std::string l; std::getline(log, l);) out.push_back(nlohmann::json::parse(l));
+  return out;
+}
+std::unique_ptr<Model<presets::VitMicro, Cpu>> micro_model(std::uint64_t seed = 5) {
+  auto m = std::make_unique<Model<presets::VitMicro, Cpu>>();
+  Initializer init(seed);
+  m->reset_parameters(init);
+  return m;
+}
+}  // namespace
+
+TEST_CASE("fit resumes only a run of the same recipe, and says so") {
+  const auto train = synthetic(128, 7), test = synthetic(32, 8);
+  const auto dir = fresh_dir("recipe");
+  auto o = options(dir);
+  o.epochs = 1;
+  o.recipe["preset"] = "vit-micro";
+  fit(*micro_model(), train, test, o);
+
+  SUBCASE("another learning rate and seed") {
+    auto changed = o;
+    changed.lr = 1e-4;
+    changed.seed = 3;
+    const std::string msg = test::error_message([&] { fit(*micro_model(), train, test, changed); });
+    INFO(msg);
+    CHECK(msg.starts_with((dir / "train.state.safetensors").string() + ": a training state of another recipe"));
+    CHECK(test::has(msg, "lr 0.002 in the state, 0.0001 now"));
+    CHECK(test::has(msg, "seed 11 in the state, 3 now"));
+    CHECK(test::has(msg, "FitOptions::resume = false"));
+  }
+  SUBCASE("fewer or more epochs") {
+    auto changed = o;
+    changed.epochs = 2;
+    CHECK(test::has(test::error_message([&] { fit(*micro_model(), train, test, changed); }),
+                    "epochs 1 in the state, 2 now"));
+  }
+  SUBCASE("another data set size, another caller entry") {
+    auto changed = o;
+    changed.recipe["preset"] = "vit-tiny";
+    CHECK(test::has(test::error_message([&] { fit(*micro_model(), synthetic(96, 7), test, changed); }),
+                    "train-images 128 in the state, 96 now"));
+    CHECK(test::has(test::error_message([&] { fit(*micro_model(), train, test, changed); }),
+                    "preset \"vit-micro\" in the state, \"vit-tiny\" now"));
+  }
+  SUBCASE("the same recipe resumes (nothing left to train) and a fresh start overwrites") {
+    const auto r = fit(*micro_model(), train, test, o);
+    CHECK(r.epochs == 1);
+    auto fresh = o;
+    fresh.resume = false;
+    fresh.lr = 1e-4;
+    fit(*micro_model(), train, test, fresh);
+    auto again = o;
+    again.lr = 1e-4;
+    CHECK_NOTHROW(fit(*micro_model(), train, test, again));  // the state is the new run's now
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("fit refuses a hand-edited training state with the file's name") {
+  const auto train = synthetic(64, 9), test = synthetic(32, 10);
+  const auto dir = fresh_dir("state");
+  auto o = options(dir);
+  o.epochs = 1;
+  fit(*micro_model(), train, test, o);
+  const auto file = dir / "train.state.safetensors";
+  auto rewrite_state = [&](const nlohmann::json& state) {
+    const auto f = io::SafeTensorsFile::read(file);
+    io::SafeTensorsWriter w;
+    for (const auto& name : f.names()) {
+      const auto shape = f.at(name).shape;
+      const auto values = f.to_float(name, shape);
+      w.add(name, shape, std::span<const float>(values));
+    }
+    for (const auto& [k, v] : f.metadata().items()) w.set_metadata(k, k == "state" ? state.dump() : v.get<std::string>());
+    w.write(file);
+  };
+  const auto state = nlohmann::json::parse(read_metadata(file).at("state"));
+  SUBCASE("a negative epoch") {
+    auto bad = state;
+    bad["epoch"] = -5;
+    rewrite_state(bad);
+    const std::string msg = test::error_message([&] { fit(*micro_model(), train, test, o); });
+    CHECK(msg == file.string() + ": the training state's 'epoch' is -5, expected an integer in [0, 1]");
+  }
+  SUBCASE("no epoch") {
+    auto bad = state;
+    bad.erase("epoch");
+    rewrite_state(bad);
+    CHECK(test::error_message([&] { fit(*micro_model(), train, test, o); }) ==
+          file.string() + ": the training state has no 'epoch' entry");
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("metrics.jsonl holds one line per epoch of the run that made the model") {
+  const auto train = synthetic(64, 11), test = synthetic(32, 12);
+  const auto dir = fresh_dir("metrics");
+  auto o = options(dir);
+  o.epochs = 3;
+  auto other = o;
+  other.phase = "meta";  // another phase sharing the directory keeps its lines
+  other.epochs = 1;
+  fit(*micro_model(), train, test, other);
+
+  struct Killed {};
+  o.on_epoch_end = [](int epoch, const EvalResult&) {
+    if (epoch == 1) throw Killed{};
+  };
+  CHECK_THROWS_AS(fit(*micro_model(), train, test, o), Killed);
+  {  // killed after writing epoch 2's line, before saving its state
+    std::ofstream log(dir / "metrics.jsonl", std::ios::app);
+    log << nlohmann::json{{"phase", "train"}, {"epoch", 2}, {"test_accuracy", 0.5}}.dump() << '\n';
+  }
+  o.on_epoch_end = nullptr;
+  fit(*micro_model(), train, test, o);
+  auto epochs_of = [&](const std::string& phase) {
+    std::vector<int> e;
+    std::set<std::string> runs;
+    for (const auto& j : metrics_lines(dir))
+      if (j["phase"] == phase) {
+        e.push_back(j["epoch"].get<int>());
+        runs.insert(j["run"].get<std::string>());
+      }
+    CHECK(runs.size() == 1);  // one run id, kept across the resume
+    return e;
+  };
+  CHECK(epochs_of("train") == std::vector<int>{1, 2, 3});
+  CHECK(epochs_of("meta") == std::vector<int>{1});
+
+  o.resume = false;  // a fresh run replaces the phase's lines
+  o.epochs = 2;
+  fit(*micro_model(), train, test, o);
+  CHECK(epochs_of("train") == std::vector<int>{1, 2});
+  CHECK(epochs_of("meta") == std::vector<int>{1});
+  std::filesystem::remove_all(dir);
+}
+
+TEST_CASE("fit refuses a test set whose images differ from the training set's before training") {
+  const auto train = synthetic(64, 13);
+  auto test = synthetic(32, 14);
+  test.height = test.width = 32;
+  test.images.resize(std::size_t(32) * 32 * 32);
+  test.source = "/data/t10k-images-idx3-ubyte.gz";
+  auto o = options({});
+  bool trained = false;
+  o.on_epoch_end = [&](int, const EvalResult&) { trained = true; };
+  CHECK(test::error_message([&] { fit(*micro_model(), train, test, o); }) ==
+        "/data/t10k-images-idx3-ubyte.gz: test images are 1x32x32, the training images 1x28x28; both sets must "
+        "have the same image shape and classes");
+  CHECK_FALSE(trained);
+  CHECK(test::error_message([&] { data::expect_image_shape(test, 1, 28, 28, "preset vit-micro"); }) ==
+        "/data/t10k-images-idx3-ubyte.gz: images are 1x32x32 (channels x height x width), preset vit-micro "
+        "expects 1x28x28");
 }

@@ -25,11 +25,26 @@ struct Dataset {
   int n = 0, channels = 1, height = 0, width = 0, classes = 10;
   std::vector<float> images;  // n*C*H*W, normalised
   std::vector<int> labels;    // n, each in [0, classes)
+  std::string source;         // the images file, for messages ("" for sets made in memory)
 
   std::size_t sample_size() const {
     return static_cast<std::size_t>(channels) * height * width;
   }
 };
+
+// "1x28x28" (channels x height x width).
+inline std::string shape_string(const Dataset& d) {
+  return std::to_string(d.channels) + "x" + std::to_string(d.height) + "x" + std::to_string(d.width);
+}
+
+// Throws hatch::Error("<images file>: images are 1x32x32 (channels x height x width), <model>
+// expects 1x28x28") unless the set's images have the model's shape; call it before training,
+// so a wrong file costs nothing.
+inline void expect_image_shape(const Dataset& d, int channels, int height, int width, const std::string& model) {
+  require(d.channels == channels && d.height == height && d.width == width, d.source.empty() ? "dataset" : d.source,
+          "images are " + shape_string(d) + " (channels x height x width), " + model + " expects " +
+              std::to_string(channels) + "x" + std::to_string(height) + "x" + std::to_string(width));
+}
 
 namespace detail {
 
@@ -68,6 +83,7 @@ inline Dataset gather(const Dataset& d, const std::vector<int>& indices) {
   Dataset out;
   out.n = static_cast<int>(indices.size());
   out.channels = d.channels, out.height = d.height, out.width = d.width, out.classes = d.classes;
+  out.source = d.source;
   const std::size_t s = d.sample_size();
   out.images.resize(indices.size() * s);
   out.labels.resize(indices.size());
@@ -104,6 +120,7 @@ inline Dataset load_fashion_mnist(const std::filesystem::path& dir = kFashionMni
   Dataset d;
   d.n = images.dims[0], d.channels = 1, d.height = images.dims[1], d.width = images.dims[2];
   d.classes = 10;
+  d.source = images_path.string();
   for (int i = 0; i < d.n; ++i)
     require(labels.data[i] < d.classes, labels_path.string(),
             "label " + std::to_string(labels.data[i]) + " at index " + std::to_string(i) +

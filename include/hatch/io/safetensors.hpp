@@ -30,6 +30,7 @@
 #include <nlohmann/json.hpp>
 
 #include "hatch/core/error.hpp"
+#include "hatch/io/atomic_file.hpp"
 
 namespace hatch::io {
 
@@ -426,57 +427,8 @@ class SafeTensorsWriter {
   // Atomic: the file at `path` is either the old one or the complete new one, never a torn
   // write, so a run killed mid-checkpoint resumes from the previous checkpoint.
   void write(const std::filesystem::path& path) const {
-    const std::string where = path.string();
     const std::vector<std::uint8_t> image = serialize();
-    const std::string tmp = where + ".tmp." + std::to_string(::getpid());
-
-    auto fail = [&](const std::string& what) {
-      const int err = errno;
-      std::error_code ec;
-      std::filesystem::remove(tmp, ec);
-      throw Error(where + ": " + what + " (" + std::strerror(err) + ")");
-    };
-
-    const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) {
-      // Nothing was created, so there is nothing to clean up.
-      throw Error(where + ": cannot create temporary file '" + tmp + "' (" +
-                  std::strerror(errno) + ")");
-    }
-    std::size_t done = 0;
-    while (done < image.size()) {
-      const ssize_t w = ::write(fd, image.data() + done, image.size() - done);
-      if (w < 0) {
-        if (errno == EINTR) continue;
-        const int err = errno;
-        ::close(fd);
-        errno = err;
-        fail("write to temporary file '" + tmp + "' failed");
-      }
-      done += static_cast<std::size_t>(w);
-    }
-    // fsync before rename: otherwise a crash can leave the renamed file with no data in it.
-    if (::fsync(fd) != 0) {
-      const int err = errno;
-      ::close(fd);
-      errno = err;
-      fail("fsync of temporary file '" + tmp + "' failed");
-    }
-    if (::close(fd) != 0) fail("close of temporary file '" + tmp + "' failed");
-
-    std::error_code ec;
-    std::filesystem::rename(tmp, path, ec);
-    if (ec) {
-      errno = ec.value();
-      fail("rename from '" + tmp + "' failed");
-    }
-    // Make the rename itself durable; best effort, the data is already safe in the file.
-    const auto dir = path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
-    const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dfd >= 0) {
-      ::fsync(dfd);
-      ::close(dfd);
-    }
+    write_file_atomically(path, image.data(), image.size());
   }
 
  private:

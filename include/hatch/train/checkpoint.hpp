@@ -9,9 +9,12 @@
 // checkpoint. Loading validates the whole file first -- every expected tensor present with
 // exactly its shape, no unexpected ones, the metadata asked for -- into host buffers, and only
 // then uploads; a file that fails any check leaves the model (and optimizer) untouched.
+#include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -24,6 +27,7 @@
 #include <vector>
 
 #include <nlohmann/json.hpp>
+#include <zlib.h>
 
 #include "hatch/core/error.hpp"
 #include "hatch/core/parameter.hpp"
@@ -68,6 +72,22 @@ std::map<std::string, std::string> vit_metadata() {
 // The file of stage i in a checkpoint directory: dir/"stage<i>.safetensors".
 inline std::filesystem::path stage_file(const std::filesystem::path& dir, std::size_t i) {
   return dir / ("stage" + std::to_string(i) + ".safetensors");
+}
+
+// A short fingerprint of a file's bytes (CRC-32, hex): ties a training state or a phase's
+// output to the files it was made from.
+inline std::string file_fingerprint(const std::filesystem::path& file) {
+  std::ifstream in(file, std::ios::binary);
+  require(bool(in), file.string(), std::string("cannot open for reading (") + std::strerror(errno) + ")");
+  std::vector<char> buf(1 << 16);
+  uLong crc = crc32(0L, Z_NULL, 0);
+  while (in) {
+    in.read(buf.data(), std::streamsize(buf.size()));
+    crc = crc32(crc, reinterpret_cast<const Bytef*>(buf.data()), uInt(in.gcount()));
+  }
+  char hex[16];
+  std::snprintf(hex, sizeof hex, "%08lx", static_cast<unsigned long>(crc));
+  return hex;
 }
 
 // ---- metadata --------------------------------------------------------------------------------
@@ -224,6 +244,11 @@ std::vector<PendingUpload<B>> prepare(const io::SafeTensorsFile& f, const std::v
     } catch (const Error& e) {
       throw Error(std::string(e.what()) + written_for);
     }
+    const auto& h = out.back().host;
+    if (auto bad = std::find_if(h.begin(), h.end(), [](auto v) { return !std::isfinite(v); }); bad != h.end())
+      throw Error(f.source() + ": tensor '" + s.name + "' holds a non-finite value (" + std::to_string(*bad) +
+                  " at flat index " + std::to_string(bad - h.begin()) +
+                  "); a checkpoint must hold finite numbers: retrain or restore it from a good copy");
   }
 
   if (!opt.allow_extra) {

@@ -10,11 +10,13 @@
 #include <filesystem>
 #include <functional>
 #include <optional>
+#include <set>
 #include <string>
 
 #include "hatch/backend/random.hpp"
 #include "hatch/data/batcher.hpp"
 #include "hatch/data/fashion_mnist.hpp"
+#include "hatch/io/atomic_file.hpp"
 #include "hatch/train/checkpoint.hpp"
 #include "hatch/train/loss.hpp"
 #include "hatch/train/optimizer.hpp"
@@ -38,6 +40,11 @@ struct FitOptions {
   bool resume = true;                    // continue from out/<phase>.state.safetensors if present
   std::string inputs;                    // fingerprint of the phase's input files; a state saved
                                          // for other inputs is refused instead of resumed
+  nlohmann::json recipe = nlohmann::json::object();  // the caller's part of the recipe (preset,
+                                         // --init file, drop-path, ...): with fit's own part
+                                         // (fit_recipe) it is saved in the state, and a state
+                                         // saved with another recipe is refused, not resumed
+  std::string resume_hint = "set FitOptions::resume = false to start afresh";  // said on a refusal
   bool progress = true;
   double images_before = 0;              // training images seen by earlier phases (for compute plots)
   double seconds_before = 0;             // training seconds spent by earlier phases
@@ -49,6 +56,87 @@ struct FitResult {
   int epochs = 0;
   double seconds = 0, images = 0;
 };
+
+// Everything that changes what a fit run computes, as flag-like names -> values: the options
+// above that matter, the sizes of the data, and the caller's own entries (FitOptions::recipe).
+// A saved training state records it; resuming with any entry changed is refused.
+inline nlohmann::json fit_recipe(const FitOptions& o, const data::Dataset& train, const data::Dataset& test) {
+  nlohmann::json r = {{"epochs", o.epochs},
+                      {"batch", o.batch},
+                      {"lr", o.lr},
+                      {"min-lr", o.min_lr},
+                      {"warmup-lr", o.warmup_lr},
+                      {"warmup-epochs", o.warmup_epochs},
+                      {"weight-decay", o.weight_decay},
+                      {"clip", o.clip},
+                      {"crop-padding", o.augment.crop_padding},
+                      {"hflip", o.augment.hflip},
+                      {"mixup", o.augment.mixup_alpha},
+                      {"cutmix", o.augment.cutmix_alpha},
+                      {"mix-prob", o.augment.mix_prob},
+                      {"switch-prob", o.augment.switch_prob},
+                      {"label-smoothing", o.augment.label_smoothing},
+                      {"seed", o.seed},
+                      {"train-images", train.n},
+                      {"test-images", test.n},
+                      {"inputs", o.inputs}};
+  for (const auto& [k, v] : o.recipe.items()) r[k] = v;
+  return r;
+}
+
+namespace detail {
+// "lr 0.002 (saved) -> 0.0001 (now), seed 0 -> 3" for the entries that differ; empty if none.
+inline std::string recipe_difference(const nlohmann::json& saved, const nlohmann::json& now) {
+  std::string out;
+  auto value = [](const nlohmann::json& j, const std::string& k) {
+    return j.contains(k) ? j.at(k).dump() : std::string("(none)");
+  };
+  std::set<std::string> keys;
+  for (const auto& [k, v] : saved.items()) keys.insert(k);
+  for (const auto& [k, v] : now.items()) keys.insert(k);
+  for (const auto& k : keys) {
+    if (saved.contains(k) && now.contains(k) && saved.at(k) == now.at(k)) continue;
+    out += (out.empty() ? "" : ", ") + k + " " + value(saved, k) + " in the state, " + value(now, k) + " now";
+  }
+  return out;
+}
+
+// The loop's own entries of a state file, checked: a hand-edited or foreign state is refused
+// with the file's name instead of training with, say, a negative epoch.
+struct ResumePoint {
+  int epoch = 0;
+  double seconds = 0, images = 0;
+  std::string run;
+};
+inline ResumePoint resume_point(const nlohmann::json& st, const std::string& where, int epochs) {
+  ResumePoint p;
+  auto field = [&](const char* key) -> const nlohmann::json& {
+    require(st.is_object() && st.contains(key), where, std::string("the training state has no '") + key + "' entry");
+    return st.at(key);
+  };
+  const auto& e = field("epoch");
+  require(e.is_number_integer() && e.get<std::int64_t>() >= 0 && e.get<std::int64_t>() <= epochs, where,
+          "the training state's 'epoch' is " + e.dump() + ", expected an integer in [0, " + std::to_string(epochs) +
+              "]");
+  p.epoch = e.get<int>();
+  for (auto [key, out] : {std::pair{"seconds", &p.seconds}, std::pair{"images", &p.images}}) {
+    const auto& v = field(key);
+    require(v.is_number() && std::isfinite(v.get<double>()) && v.get<double>() >= 0, where,
+            std::string("the training state's '") + key + "' is " + v.dump() + ", expected a number >= 0");
+    *out = v.get<double>();
+  }
+  if (st.contains("run") && st.at("run").is_string()) p.run = st.at("run").get<std::string>();
+  return p;
+}
+
+inline std::string new_run_id() {
+  const auto now = std::chrono::system_clock::now().time_since_epoch().count();
+  char id[17];
+  std::snprintf(id, sizeof id, "%016llx",
+                static_cast<unsigned long long>(mix64(std::uint64_t(now) ^ (std::uint64_t(::getpid()) << 32))));
+  return id;
+}
+}  // namespace detail
 
 inline std::uint64_t step_seed(std::uint64_t seed, std::int64_t step) {
   return mix64(seed * 0x9e3779b97f4a7c15ULL + std::uint64_t(step));
@@ -119,21 +207,48 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
   const std::int64_t per_epoch = batches.batches_per_epoch();
   WarmupCosine schedule{o.lr, o.min_lr, o.warmup_lr, std::int64_t(o.warmup_epochs * per_epoch),
                         std::max<std::int64_t>(1, per_epoch * o.epochs)};
-  MetricsLog log(o.out);
+  require(train.n > 0, "fit", "the training set is empty");
+  require(test.n == 0 || (test.channels == train.channels && test.height == train.height &&
+                          test.width == train.width && test.classes == train.classes),
+          test.source.empty() ? "fit" : test.source,
+          "test images are " + data::shape_string(test) + ", the training images " + data::shape_string(train) +
+              "; both sets must have the same image shape and classes");
   const auto state_file = o.out.empty() ? std::filesystem::path() : o.out / (o.phase + ".state.safetensors");
+  if (!o.out.empty()) {
+    std::filesystem::create_directories(o.out);
+    if (const int n = io::remove_stale_temporaries(o.out))
+      std::fprintf(stderr, "%s: removed %d temporary file(s) left by killed runs in %s\n", o.phase.c_str(), n,
+                   o.out.string().c_str());
+  }
 
+  const nlohmann::json recipe = fit_recipe(o, train, test);
   int first_epoch = 0;
+  std::string run = detail::new_run_id();
   FitResult result;
   if (o.resume && !state_file.empty() && std::filesystem::exists(state_file)) {
-    LoadOptions lo;
-    if (!o.inputs.empty()) lo.require_metadata["inputs"] = o.inputs;
-    const auto st = load_training_state(model, opt, state_file, lo);
-    first_epoch = st.at("epoch").template get<int>();
-    result.seconds = st.value("seconds", 0.0);
-    result.images = st.value("images", 0.0);
-    if (o.progress) std::fprintf(stderr, "%s: resuming after epoch %d from %s\n", o.phase.c_str(), first_epoch,
-                                 state_file.string().c_str());
+    const std::string where = state_file.string();
+    const auto meta = read_metadata(state_file);
+    require(meta.count("recipe"), where,
+            "has no recipe (written by an older hatch), so whether it belongs to this run is unknown; " +
+                o.resume_hint);
+    nlohmann::json saved;
+    try {
+      saved = nlohmann::json::parse(meta.at("recipe"));
+    } catch (const nlohmann::json::exception& e) {
+      throw Error(where + ": metadata 'recipe' is not valid JSON (" + e.what() + ")");
+    }
+    if (const auto diff = detail::recipe_difference(saved, recipe); !diff.empty())
+      throw Error(where + ": a training state of another recipe is in the way (" + diff +
+                  "); rerun with the state's settings to resume it, or " + o.resume_hint);
+    const auto point = detail::resume_point(load_training_state(model, opt, state_file), where, o.epochs);
+    first_epoch = point.epoch;
+    result.seconds = point.seconds;
+    result.images = point.images;
+    if (!point.run.empty()) run = point.run;
+    std::fprintf(stderr, "%s: resuming after epoch %d of %d from %s%s\n", o.phase.c_str(), first_epoch, o.epochs,
+                 where.c_str(), first_epoch == o.epochs ? " (already complete: evaluating only)" : "");
   }
+  MetricsLog log(o.out, o.phase, first_epoch);
 
   data::Batch b;
   Tensor<B> x, t;
@@ -157,6 +272,9 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
       opt.zero_grad();
       const auto& logits = model.forward(x, ctx);
       const double loss = objective.forward_backward(logits, t, x);
+      if (!std::isfinite(loss) && step == std::int64_t(first_epoch) * per_epoch)
+        throw Error(o.phase + ": the loss is " + std::to_string(loss) +
+                    " at the first step, before any update: the model's weights or the data hold non-finite values");
       if (!std::isfinite(loss))
         throw Error(o.phase + ": training diverged: the loss is " + std::to_string(loss) + " at epoch " +
                     std::to_string(epoch + 1) + ", step " + std::to_string(i + 1) + " (lr " + std::to_string(lr) +
@@ -184,7 +302,7 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
     char extra[128];
     std::snprintf(extra, sizeof extra, "| test loss %.4f acc %.4f", result.test.loss, result.test.accuracy);
     bar.finish(loss_sum / seen, correct / seen, seen / train_secs, extra);
-    log.write({{"phase", o.phase}, {"epoch", epoch + 1}, {"train_loss", loss_sum / seen},
+    log.write({{"phase", o.phase}, {"run", run}, {"epoch", epoch + 1}, {"train_loss", loss_sum / seen},
                {"train_accuracy", correct / seen}, {"test_loss", result.test.loss},
                {"test_accuracy", result.test.accuracy}, {"lr", lr}, {"images_per_second", seen / train_secs},
                {"seconds", result.seconds}, {"total_seconds", o.seconds_before + result.seconds},
@@ -192,9 +310,8 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
     if (!state_file.empty())
       save_training_state(model, opt, state_file,
                           {{"epoch", epoch + 1}, {"seconds", result.seconds}, {"images", result.images},
-                           {"phase", o.phase}},
-                          o.inputs.empty() ? std::map<std::string, std::string>{}
-                                           : std::map<std::string, std::string>{{"inputs", o.inputs}});
+                           {"phase", o.phase}, {"run", run}},
+                          {{"recipe", recipe.dump()}});
     if (o.on_epoch_end) o.on_epoch_end(epoch + 1, result.test);
   }
   if (result.epochs == 0 || first_epoch == o.epochs) {

@@ -1,9 +1,15 @@
 #pragma once
 // A progress bar on stderr (redrawn in place on a terminal, one line per epoch otherwise) and
 // metrics as JSON lines.
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -11,6 +17,7 @@
 #include <string>
 
 #include "hatch/core/error.hpp"
+#include "hatch/io/atomic_file.hpp"
 
 namespace hatch {
 
@@ -54,27 +61,73 @@ class ProgressBar {
   std::chrono::steady_clock::time_point start_, last_;
 };
 
-// Appends one JSON object per line to <dir>/metrics.jsonl (flushed per line, so a killed run
-// keeps every finished epoch).
+// <dir>/metrics.jsonl: one JSON object per line and epoch, each with its "phase" and "run".
+// The file holds, per phase, the epochs of the run that produced that phase's current model:
+// opening the log for a fresh run drops the phase's earlier lines, and opening it to resume
+// after epoch E drops the lines after E (written by a run killed between its metrics line and
+// its state). Other phases' lines are kept, so the parallel module jobs of an incubation share
+// one file: every access holds an flock on it, and a rewrite is atomic (temporary, rename).
 class MetricsLog {
  public:
   MetricsLog() = default;
-  explicit MetricsLog(const std::filesystem::path& dir) {
+  MetricsLog(const std::filesystem::path& dir, const std::string& phase, int keep_epochs) {
     if (dir.empty()) return;
     std::filesystem::create_directories(dir);
     path_ = dir / "metrics.jsonl";
-    out_.open(path_, std::ios::app);
-    require(bool(out_), path_.string(), "cannot open for appending");
+    with_lock([&](int fd) {
+      std::string text, kept;
+      char buf[1 << 14];
+      for (ssize_t n; (n = ::pread(fd, buf, sizeof buf, off_t(text.size()))) > 0;) text.append(buf, std::size_t(n));
+      std::size_t at = 0;
+      bool dropped = false;
+      while (at < text.size()) {
+        const auto end = std::min(text.find('\n', at), text.size());
+        const std::string line = text.substr(at, end - at);
+        at = end + 1;
+        if (line.empty()) continue;
+        const auto j = nlohmann::json::parse(line, nullptr, false);
+        const bool ours = !j.is_discarded() && j.is_object() && j.value("phase", "") == phase;
+        if (ours && !(j.contains("epoch") && j["epoch"].is_number_integer() && j["epoch"].get<int>() <= keep_epochs)) {
+          dropped = true;
+          continue;
+        }
+        kept += line + '\n';
+      }
+      if (dropped) io::write_file_atomically(path_, kept.data(), kept.size());
+    });
   }
   void write(const nlohmann::json& j) {
-    if (!out_.is_open()) return;
-    out_ << j.dump() << '\n';
-    out_.flush();
+    if (path_.empty()) return;
+    const std::string line = j.dump() + '\n';
+    with_lock([&](int fd) {
+      require(::write(fd, line.data(), line.size()) == ssize_t(line.size()), path_.string(),
+              std::string("cannot append a metrics line (") + std::strerror(errno) + ")");
+    });
   }
 
  private:
+  // f(fd) with fd open for appending and exclusively locked, and still the file at path_ (a
+  // rewrite by another process replaces the file; then open the new one).
+  template <class F>
+  void with_lock(F&& f) {
+    for (;;) {
+      const int fd = ::open(path_.c_str(), O_RDWR | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+      require(fd >= 0, path_.string(), std::string("cannot open for appending (") + std::strerror(errno) + ")");
+      struct Closer {
+        int fd;
+        ~Closer() { ::close(fd); }  // also releases the lock
+      } closer{fd};
+      while (::flock(fd, LOCK_EX) != 0)
+        require(errno == EINTR, path_.string(), std::string("cannot lock (") + std::strerror(errno) + ")");
+      struct stat open_st {}, path_st {};
+      if (::fstat(fd, &open_st) == 0 && ::stat(path_.c_str(), &path_st) == 0 && open_st.st_ino == path_st.st_ino &&
+          open_st.st_dev == path_st.st_dev) {
+        f(fd);
+        return;
+      }
+    }
+  }
   std::filesystem::path path_;
-  std::ofstream out_;
 };
 
 }  // namespace hatch
