@@ -1,30 +1,32 @@
 #!/usr/bin/env bash
-# The GPU check, in one run on a machine with an NVIDIA GPU (about 5 minutes on 16 cores):
-#   1. configures and builds the CUDA targets (CUDA tests, train_step, train_e2e) in build-gpu/,
-#   2. runs the CUDA tests (CPU-vs-CUDA parity of every primitive, layer and a training step),
-#   3. times a ViT-B/16 training step (224x224x3 random data, 1000 classes, batch 64) in hatch
-#      and in PyTorch eager on the same GPU, float32 and TF32, alternating hatch and torch,
-#   4. trains vit-tiny on Fashion-MNIST for one epoch with `train_e2e --device cuda` (if the
-#      data set is installed),
-# and prints a table (also written to $OUT/gpu.md when OUT is set).
+# The GPU check, in one run on a machine with an NVIDIA GPU (at most about 6 minutes):
+#   1. builds the CUDA targets in build-gpu/ -- or, with --bundle DIR, uses the binaries that
+#      bench/gpu-bundle.sh built and packed on another machine (the GPU machines have no
+#      package registry, so nothing can be built there),
+#   2. runs the CUDA tests with HATCH_EXPECT_GPU=1 (a test that skips for want of a device is a
+#      failure here),
+#   3. times a ViT-B/16 training step (224x224x3 random data, 1000 classes, batch 64) in hatch,
+#      in its PyTorch twin and in timm's vit_base_patch16_224 (fused attention), float32 and
+#      TF32, alternating, and prints each timed run's first and last loss (about ln 1000 = 6.91
+#      at the start, never NaN) and PyTorch's matmul precision setting,
+#   4. trains vit-tiny on Fashion-MNIST for one epoch with `train_e2e --device cuda`,
+# and prints a markdown table (also written to $OUT/gpu.md when OUT is set), even when a step
+# fails or times out: every step has its own time-out.
 #
-#   bench/gpu.sh [--build build-gpu] [--no-build] [--batch 64] [--steps 20] [--python python3]
-#
-# --no-build uses the binaries already in the build directory (for example built with CUDA on
-# another machine and copied over, when this one lacks the Debian packages the build needs).
+#   bench/gpu.sh [--bundle DIR | --build build-gpu [--no-build]] [--batch 64] [--steps 20] [--python python3]
 set -uo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"
-build="$root/build-gpu" batch=64 steps=20 python=python3 no_build=0
+build="$root/build-gpu" batch=64 steps=20 python=python3 no_build=0 bundle=""
 die() { echo "gpu.sh: $*" >&2; exit 2; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --build|--batch|--steps|--python)
+    --build|--batch|--steps|--python|--bundle)
       [[ $# -ge 2 ]] || die "$1 needs a value"
       declare "${1#--}=$2"; shift 2 ;;
     --no-build) no_build=1; shift ;;
-    -h|--help) sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
@@ -37,6 +39,24 @@ echo "== $(date -u +%F\ %H:%M) UTC, $card"
 start=$SECONDS
 jobs="$(nproc)"
 
+# Where each binary is: the build tree's layout, or the bundle's bin/.
+tests_bin="$build/tests/hatch_cuda_tests" step_bin="$build/bench/train_step" e2e_bin="$build/examples/train_e2e"
+if [[ -n $bundle ]]; then
+  bundle="$(cd "$bundle" && pwd)" || die "--bundle: no directory '$bundle'"
+  no_build=1 build="$bundle"
+  tests_bin="$bundle/bin/hatch_cuda_tests" step_bin="$bundle/bin/train_step" e2e_bin="$bundle/bin/train_e2e"
+  export HATCH_FMNIST="${HATCH_FMNIST:-$bundle/data}"
+  export LD_LIBRARY_PATH="$bundle/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  # cuBLAS and the CUDA runtime are the machine's own: the toolkit's, or the ones PyTorch ships.
+  if ldd "$step_bin" | grep -q "not found"; then
+    for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib /usr/local/cuda-*/lib64 \
+             $("$python" -c 'import nvidia; b = list(nvidia.__path__)[0]; print(b + "/cublas/lib", b + "/cuda_runtime/lib")' 2>/dev/null); do
+      [[ -d $d ]] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$d"
+    done
+  fi
+  echo "== bundle $bundle; libraries still missing: $(ldd "$step_bin" | grep "not found" | awk '{print $1}' | tr '\n' ' ')"
+fi
+
 if [[ $no_build == 0 ]]; then
   command -v nvcc >/dev/null || die "no nvcc on PATH or in /usr/local/cuda/bin (or pass --no-build)"
   echo "== configure + build ($build, -j$jobs, $(nvcc --version | tail -1))"
@@ -47,20 +67,21 @@ if [[ $no_build == 0 ]]; then
     || { grep -m20 -B2 -A6 "error" "$build.build.log"; die "build failed (log: $build.build.log)"; }
   echo "   built in $((SECONDS - start)) s"
 fi
-for bin in tests/hatch_cuda_tests bench/train_step examples/train_e2e; do
-  [[ -x "$build/$bin" ]] || die "missing $build/$bin"
+for bin in "$tests_bin" "$step_bin" "$e2e_bin"; do
+  [[ -x "$bin" ]] || die "missing $bin"
 done
 
-echo "== CUDA tests"
+echo "== CUDA tests (HATCH_EXPECT_GPU=1)"
 tests_status=passed
-timeout 300 "$build/tests/hatch_cuda_tests" 2>&1 | tail -25
+HATCH_EXPECT_GPU=1 timeout 150 "$tests_bin" 2>&1 | tail -25
 [[ ${PIPESTATUS[0]} -eq 0 ]] || tests_status=FAILED
 
 # images/s of one run, or "failed"; the run's own output goes to the log.
 ips() {
   local out
-  if out="$(timeout 180 "$@" 2>&1)"; then
+  if out="$(timeout 60 "$@" 2>&1)"; then
     echo "$out" >>"$build/gpu-runs.log"
+    echo "$out" | grep -E "^first_loss=|matmul precision" | sed 's/^/     /' >&2
     echo "$out" | sed -n 's/^images_per_second=//p' | tail -1
   else
     echo "$out" >>"$build/gpu-runs.log"; echo "$out" | tail -3 >&2; echo failed
@@ -76,34 +97,37 @@ ratio() { if [[ "$1" == failed || "$2" == failed || -z "$1" || -z "$2" ]]; then 
   "$python" -c "print(f'{$1 / $2:.2f}')"; fi; }
 
 : >"$build/gpu-runs.log"
-declare -A H T
+declare -A H T M
 for prec in fp32 tf32; do
   flag=(); [[ $prec == tf32 ]] && flag=(--tf32)
   echo "== ViT-B/16 training step, batch $batch, $prec"
-  for round in 1 2; do  # alternate so that a change in the machine's state hits both
-    h="$(ips "$build/bench/train_step" --device cuda --preset vit-b16 --batch "$batch" --steps "$steps" --warmup 5 "${flag[@]}")"
-    t="$(ips "$python" "$here/torch_vit_step.py" --device cuda --preset vit-b16 --batch "$batch" --steps "$steps" --warmup 5 "${flag[@]}")"
-    echo "   round $round: hatch $h, torch $t images/s"
+  for round in 1 2; do  # alternate so that a change in the machine's state hits all three
+    torch_args=("$here/torch_vit_step.py" --device cuda --preset vit-b16 --batch "$batch" --steps "$steps" --warmup 5 "${flag[@]}")
+    h="$(ips "$step_bin" --device cuda --preset vit-b16 --batch "$batch" --steps "$steps" --warmup 5 "${flag[@]}")"
+    t="$(ips "$python" "${torch_args[@]}")"
+    m="$(ips "$python" "${torch_args[@]}" --model timm)"
+    echo "   round $round: hatch $h, torch twin $t, timm $m images/s"
     # keep the better round of each (the first may pay for cuBLAS heuristics and clocks)
     H[$prec]="$(better "${H[$prec]:-}" "$h")"
     T[$prec]="$(better "${T[$prec]:-}" "$t")"
+    M[$prec]="$(better "${M[$prec]:-}" "$m")"
   done
 done
 
 acc="-"
 if [[ -d /usr/share/datasets/fashion-mnist || -n "${HATCH_FMNIST:-}" ]]; then
   echo "== train_e2e --device cuda (vit-tiny, 1 epoch, full Fashion-MNIST)"
-  e2e_out="$(timeout 240 "$build/examples/train_e2e" --device cuda --preset vit-tiny --epochs 1 --no-progress --no-resume \
+  e2e_out="$(timeout 120 "$e2e_bin" --device cuda --preset vit-tiny --epochs 1 --no-progress --no-resume \
     --out "$build/e2e-gpu" ${HATCH_FMNIST:+--data "$HATCH_FMNIST"} 2>&1)"
   echo "$e2e_out" | tail -3
   acc="$(echo "$e2e_out" | sed -n 's/^test_accuracy=//p')"; acc="${acc:-failed}"
 fi
 
 table="$(cat <<EOT
-| $(date -u +%F), ${card%%,*} | hatch img/s | PyTorch $("$python" -c 'import torch; print(torch.__version__)' 2>/dev/null) img/s | hatch / PyTorch |
-|---|---:|---:|---:|
-| ViT-B/16 step, batch $batch, fp32 | ${H[fp32]} | ${T[fp32]} | $(ratio "${H[fp32]}" "${T[fp32]}") |
-| ViT-B/16 step, batch $batch, TF32 | ${H[tf32]} | ${T[tf32]} | $(ratio "${H[tf32]}" "${T[tf32]}") |
+| $(date -u +%F), ${card%%,*} | hatch img/s | PyTorch $("$python" -c 'import torch; print(torch.__version__)' 2>/dev/null) twin img/s | timm img/s | hatch / twin | hatch / timm |
+|---|---:|---:|---:|---:|---:|
+| ViT-B/16 step, batch $batch, fp32 | ${H[fp32]} | ${T[fp32]} | ${M[fp32]} | $(ratio "${H[fp32]}" "${T[fp32]}") | $(ratio "${H[fp32]}" "${M[fp32]}") |
+| ViT-B/16 step, batch $batch, TF32 | ${H[tf32]} | ${T[tf32]} | ${M[tf32]} | $(ratio "${H[tf32]}" "${T[tf32]}") | $(ratio "${H[tf32]}" "${M[tf32]}") |
 
 CUDA tests: $tests_status. train_e2e --device cuda, vit-tiny 1 epoch: test_accuracy $acc. Total $((SECONDS - start)) s.
 EOT

@@ -15,6 +15,7 @@ Prints the median time per step, then a last line "images_per_second=N".
 Needs Debian's python3-torch.
 """
 import argparse
+import math
 import sys
 import time
 
@@ -118,7 +119,8 @@ def parse(argv):
         dim, depth, heads, batch, patch = vals[:5]
         return argparse.Namespace(preset=f"dim{dim}-depth{depth}-heads{heads}-patch{patch}", dim=dim, depth=depth,
                                   heads=heads, batch=batch, patch=patch, threads=vals[5] if len(vals) > 5 else 2,
-                                  steps=20, warmup=3, image=28, channels=1, classes=10, device="cpu", tf32=False)
+                                  steps=20, warmup=3, image=28, channels=1, classes=10, device="cpu", tf32=False,
+                                  model="twin")
     ap = argparse.ArgumentParser(description="PyTorch training-step throughput (peer of hatch's train_step)")
     ap.add_argument("--preset", default="vit-small", choices=sorted(PRESETS))
     ap.add_argument("--batch", type=int, default=128)
@@ -127,6 +129,9 @@ def parse(argv):
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--tf32", action="store_true", help="TF32 matmuls and convolutions (cuda)")
+    ap.add_argument("--model", default="twin", choices=["twin", "timm"],
+                    help="twin: hatch's ViT written in PyTorch; timm: timm's vit_base_patch16_224 "
+                         "(fused scaled_dot_product_attention), for --preset vit-b16 only")
     a = ap.parse_args(argv)
     a.patch, a.dim, a.heads, a.depth, a.image, a.channels, a.classes = PRESETS[a.preset]
     return a
@@ -146,7 +151,13 @@ def main(argv):
     torch.backends.cudnn.allow_tf32 = a.tf32
     torch.manual_seed(0)
     dev = torch.device(a.device)
-    model = ViT(a.dim, a.depth, a.heads, a.patch, a.image, a.channels, a.classes).to(dev)
+    if a.model == "timm":
+        if a.preset != "vit-b16":
+            sys.exit("torch_vit_step.py: --model timm is ViT-B/16: use --preset vit-b16")
+        import timm  # not a Debian package: present on the GPU machines
+        model = timm.create_model("vit_base_patch16_224", num_classes=a.classes).to(dev)
+    else:
+        model = ViT(a.dim, a.depth, a.heads, a.patch, a.image, a.channels, a.classes).to(dev)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and n not in ("cls_token", "pos_embed")]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and n not in ("cls_token", "pos_embed"))]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
@@ -154,10 +165,14 @@ def main(argv):
     x = torch.randn(a.batch, a.channels, a.image, a.image, device=dev)
     y = torch.randint(0, a.classes, (a.batch,), device=dev)
 
+    losses = []
+
     def step():
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
+        losses.append(loss.detach())
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
@@ -172,7 +187,12 @@ def main(argv):
     median = times[len(times) // 2]
     where = (f"cuda {'tf32' if a.tf32 else 'fp32'} ({torch.cuda.get_device_name()})" if dev.type == "cuda"
              else f"threads={a.threads}")
-    print(f"torch {torch.__version__} {a.preset} batch={a.batch} {where}: "
+    if dev.type == "cuda":
+        where += (f", matmul precision '{torch.get_float32_matmul_precision()}'"
+                  f", allow_tf32 {torch.backends.cuda.matmul.allow_tf32}")
+    print(f"first_loss={losses[0].item():.4f} last_loss={losses[-1].item():.4f} "
+          f"(ln {a.classes} = {math.log(a.classes):.4f})")
+    print(f"torch {torch.__version__} {a.preset} ({a.model}) batch={a.batch} {where}: "
           f"median {median * 1e3:.1f} ms/step (min {times[0] * 1e3:.1f})")
     print(f"images_per_second={a.batch / median:.1f}")
 

@@ -3,6 +3,7 @@
 // body of build/bench/train_step for any backend. Backend-independent headers only, so that the
 // Cuda instantiation (train_step_cuda.cu) compiles under nvcc.
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <cstdio>
 #include <memory>
@@ -48,13 +49,15 @@ int time_train_step(const StepOptions& o) {
     Tensor<B> x, t;
     x.from_host(xh, {o.batch, s.channels, s.image, s.image});
     t.from_host(smoothed_one_hot(labels, s.classes, 0.0), {o.batch, s.classes});
+    double first_loss = -1, last_loss = 0;
     auto step = [&] {
       Context ctx;
       ctx.training = true;
       ctx.input_grad = false;
       opt.zero_grad();
       const auto& logits = model->forward(x, ctx);
-      loss.forward_backward(logits, t);  // returns the loss to the host: the step's sync point
+      last_loss = loss.forward_backward(logits, t);  // returns the loss to the host: the step's sync point
+      if (first_loss < 0) first_loss = last_loss;
       model->backward(loss.grad(), ctx);
       opt.step(1e-3);
       B::synchronize();
@@ -70,6 +73,9 @@ int time_train_step(const StepOptions& o) {
     const double median = times[times.size() / 2];
     std::printf("%s %s batch=%d: median %.1f ms/step (min %.1f)\n", o.label.c_str(), o.preset.c_str(), o.batch,
                 median * 1e3, times.front() * 1e3);
+    // A sanity check of the timed work: about ln(classes) at the start, finite, falling.
+    std::printf("first_loss=%.4f last_loss=%.4f (ln %d = %.4f)\n", first_loss, last_loss, s.classes,
+                std::log(double(s.classes)));
     std::printf("images_per_second=%.1f\n", o.batch / median);
     return 0;
   });

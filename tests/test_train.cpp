@@ -158,3 +158,32 @@ TEST_CASE("warmup + cosine schedule") {
   CHECK(s.at(110) == doctest::Approx(1e-5));
   CHECK(s.at(500) == doctest::Approx(1e-5));
 }
+
+// A frozen LayerNorm asks for neither parameter gradient, a half-frozen one for one of them:
+// the concept lets dgamma and dbeta be null independently.
+TEST_CASE("Cpu::layer_norm_backward honours a null dgamma or dbeta on its own") {
+  constexpr int rows = 1000, cols = 40;  // above the parallel grain: the threaded path
+  std::mt19937_64 rng(7);
+  std::normal_distribution<float> nd;
+  std::vector<float> x(rows * cols), dy(rows * cols), gamma(cols), mean(rows), rstd(rows);
+  for (auto* v : {&x, &dy, &gamma})
+    for (auto& e : *v) e = nd(rng);
+  for (int r = 0; r < rows; ++r) {
+    double m = 0, q = 0;
+    for (int c = 0; c < cols; ++c) m += x[r * cols + c];
+    m /= cols;
+    for (int c = 0; c < cols; ++c) q += (x[r * cols + c] - m) * (x[r * cols + c] - m);
+    mean[r] = float(m);
+    rstd[r] = float(1 / std::sqrt(q / cols + 1e-6));
+  }
+  std::vector<float> dg_ref(cols, 0.5f), db_ref(cols, 0.25f);
+  Cpu::layer_norm_backward(nullptr, dg_ref.data(), db_ref.data(), dy.data(), x.data(), mean.data(), rstd.data(),
+                           gamma.data(), rows, cols);
+  std::vector<float> dg(cols, 0.5f), db(cols, 0.25f);
+  Cpu::layer_norm_backward(nullptr, dg.data(), nullptr, dy.data(), x.data(), mean.data(), rstd.data(), gamma.data(),
+                           rows, cols);
+  CHECK(dg == dg_ref);
+  Cpu::layer_norm_backward(nullptr, nullptr, db.data(), dy.data(), x.data(), mean.data(), rstd.data(), gamma.data(),
+                           rows, cols);
+  CHECK(db == db_ref);
+}

@@ -269,7 +269,7 @@ struct CpuBackend {
           dxr[c] = rs * (dyr[c] * gamma[c] - s1 - xh * s2);
         }
       });
-    if (dgamma) {
+    if (dgamma || dbeta) {  // either may be null (the concept's contract)
       const int nt = (std::int64_t(rows) * cols > detail::kParallelGrain) ? omp_get_max_threads() : 1;
 #pragma omp parallel num_threads(nt)
       {
@@ -279,10 +279,10 @@ struct CpuBackend {
           const T* xr = x + std::int64_t(r) * cols;
           const T* dyr = dy + std::int64_t(r) * cols;
           const T mu = mean[r], rs = rstd[r];
-          for (int c = c0; c < c1; ++c) {
-            dgamma[c] += dyr[c] * (xr[c] - mu) * rs;
-            dbeta[c] += dyr[c];
-          }
+          if (dgamma)
+            for (int c = c0; c < c1; ++c) dgamma[c] += dyr[c] * (xr[c] - mu) * rs;
+          if (dbeta)
+            for (int c = c0; c < c1; ++c) dbeta[c] += dyr[c];
         }
       }
     }

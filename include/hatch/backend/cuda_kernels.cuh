@@ -195,11 +195,12 @@ __global__ void sum_rows_partial(T* out, T* partial, const T* x, int rows, int c
 }
 template <class T>
 __global__ void sum_rows_finish(T* out, const T* partial, int chunks, int cols, T beta) {
-  const int c = int(global_index());
-  if (c >= cols) return;
-  T s = T(0);
-  for (int k = 0; k < chunks; ++k) s += partial[std::size_t(k) * cols + c];
-  out[c] = (beta == T(0) ? T(0) : beta * out[c]) + s;
+  // Grid-stride: the launch caps the grid (element_blocks), and cols may exceed it.
+  for (std::size_t c = global_index(); c < std::size_t(cols); c += global_stride()) {
+    T s = T(0);
+    for (int k = 0; k < chunks; ++k) s += partial[std::size_t(k) * cols + c];
+    out[c] = (beta == T(0) ? T(0) : beta * out[c]) + s;
+  }
 }
 
 // dgamma[c] += sum_r dy xhat, dbeta[c] += sum_r dy (either may be null). Partials: the dgamma
@@ -234,15 +235,15 @@ __global__ void layer_norm_param_partial(T* dgamma, T* dbeta, T* partial, const 
 }
 template <class T>
 __global__ void layer_norm_param_finish(T* dgamma, T* dbeta, const T* partial, int chunks, int cols) {
-  const int c = int(global_index());
-  if (c >= cols) return;
-  T sg = T(0), sb = T(0);
-  for (int k = 0; k < chunks; ++k) {
-    sg += partial[std::size_t(k) * cols + c];
-    sb += partial[(std::size_t(chunks) + k) * cols + c];
+  for (std::size_t c = global_index(); c < std::size_t(cols); c += global_stride()) {  // grid-stride, as above
+    T sg = T(0), sb = T(0);
+    for (int k = 0; k < chunks; ++k) {
+      sg += partial[std::size_t(k) * cols + c];
+      sb += partial[(std::size_t(chunks) + k) * cols + c];
+    }
+    if (dgamma) dgamma[c] += sg;
+    if (dbeta) dbeta[c] += sb;
   }
-  if (dgamma) dgamma[c] += sg;
-  if (dbeta) dbeta[c] += sb;
 }
 
 // ---- row kernels ---------------------------------------------------------------------------------

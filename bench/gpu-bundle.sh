@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Builds, on a machine without a GPU, everything bench/gpu.sh runs on a GPU machine that has
+# CUDA, PyTorch and timm but no package registry (no Eigen, doctest, CLI11, data set there):
+#
+#   bench/gpu-bundle.sh [--build build-bundle] [--out gpu-bundle]
+#
+# The CUDA test binary, train_step, train_e2e and incubate are built for sm_90 (+ PTX) with
+# -DHATCH_NATIVE=OFF (the GPU machine's CPU may lack this one's instructions) and packed with
+# the Fashion-MNIST files, the scripts gpu.sh needs, the host libraries the binaries need that
+# a bare machine may lack (not glibc, not the CUDA libraries: those must be the machine's own),
+# and libs.txt (what each binary needs, from ldd). Then, there:
+#
+#   gpu-bundle/bench/gpu.sh --bundle gpu-bundle        (or the device tool's carry: gpu-bundle)
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+root="$(cd "$here/.." && pwd)"
+build="$root/build-bundle" out="$root/gpu-bundle"
+die() { echo "gpu-bundle.sh: $*" >&2; exit 2; }
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --build|--out) [[ $# -ge 2 ]] || die "$1 needs a value"; declare "${1#--}=$2"; shift 2 ;;
+    -h|--help) sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown argument '$1' (see --help)" ;;
+  esac
+done
+command -v nvcc >/dev/null || export PATH="/usr/local/cuda/bin:$PATH"
+command -v nvcc >/dev/null || die "no nvcc on PATH or in /usr/local/cuda/bin: the bundle needs the CUDA toolkit"
+data=/usr/share/datasets/fashion-mnist
+[[ -f $data/train-images-idx3-ubyte.gz ]] || die "no Fashion-MNIST in $data (tools/setup-debian.sh installs it)"
+
+cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DHATCH_ENABLE_CUDA=ON -DHATCH_NATIVE=OFF \
+  -DCMAKE_CUDA_ARCHITECTURES=90 -DHATCH_BUILD_TESTS=ON -DHATCH_BUILD_EXAMPLES=ON -DHATCH_BUILD_BENCHMARKS=ON >/dev/null
+targets=(hatch_cuda_tests train_step train_e2e incubate)
+cmake --build "$build" -j"$(nproc)" --target "${targets[@]}"
+
+rm -rf "$out" && mkdir -p "$out/bin" "$out/lib" "$out/data" "$out/bench"
+cp "$build/tests/hatch_cuda_tests" "$build/bench/train_step" "$build/examples/train_e2e" "$build/examples/incubate" \
+  "$out/bin/"
+strip --strip-unneeded "$out"/bin/*
+cp "$data"/*.gz "$out/data/"
+cp "$here/gpu.sh" "$here/gpu-sanitize.sh" "$here/torch_vit_step.py" "$out/bench/"
+
+: >"$out/libs.txt"
+for b in "$out"/bin/*; do
+  echo "== $(basename "$b")" >>"$out/libs.txt"
+  ldd "$b" | sed 's/ (0x[0-9a-f]*)//' >>"$out/libs.txt"
+  # Host libraries a bare machine may lack or have older; glibc and CUDA stay the machine's own.
+  ldd "$b" | awk '/=> \//{print $1, $3}' | while read -r name path; do
+    case "$name" in
+      libc.so*|libm.so*|libdl.so*|librt.so*|libpthread.so*|ld-linux*|libcuda.so*|libcudart.so*|libcublas*) ;;
+      *) cp -n "$path" "$out/lib/" ;;
+    esac
+  done
+done
+size=$(du -sm "$out" | cut -f1)
+echo "gpu-bundle.sh: $out is ${size} MiB ($(ls "$out/bin" | tr '\n' ' '))"
+((size <= 60)) || die "$out is ${size} MiB, more than the 60 MiB the device tool carries with room to spare"

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# compute-sanitizer memcheck and racecheck over the CUDA primitive and kernel tests (not the
+# layer-parity cases, which take too long under the sanitizer), on a GPU machine:
+#
+#   bench/gpu-sanitize.sh --bundle DIR      (binaries from bench/gpu-bundle.sh)
+#   bench/gpu-sanitize.sh --build build-gpu (a build tree)
+#
+# About 3 minutes; each tool has its own time-out. Exit status: non-zero if either tool reports.
+set -uo pipefail
+die() { echo "gpu-sanitize.sh: $*" >&2; exit 2; }
+bin=""
+case "${1:-}" in
+  --bundle) [[ $# -ge 2 ]] || die "--bundle needs a directory"; bin="$2/bin/hatch_cuda_tests"
+            export LD_LIBRARY_PATH="$2/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;;
+  --build) [[ $# -ge 2 ]] || die "--build needs a directory"; bin="$2/tests/hatch_cuda_tests" ;;
+  *) die "usage: gpu-sanitize.sh --bundle DIR | --build DIR" ;;
+esac
+[[ -x $bin ]] || die "missing $bin"
+sanitizer="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
+[[ -x $sanitizer ]] || die "no compute-sanitizer on PATH or in /usr/local/cuda/bin"
+status=0
+for tool in memcheck racecheck; do
+  echo "== compute-sanitizer --tool $tool"
+  HATCH_EXPECT_GPU=1 timeout 90 "$sanitizer" --tool "$tool" --error-exitcode 3 "$bin" -tc='cuda: *,cuda kernels*' \
+    2>&1 | tail -15
+  rc=${PIPESTATUS[0]}
+  echo "   $tool: exit $rc"; ((rc == 0)) || status=1
+done
+exit $status
