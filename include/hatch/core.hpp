@@ -12,6 +12,7 @@
 #include "hatch/layers/head.hpp"
 #include "hatch/layers/linear.hpp"
 #include "hatch/layers/norm.hpp"
+#include "hatch/layers/reshape.hpp"
 #include "hatch/models/vit.hpp"
 #include "hatch/tensor.hpp"
 #include "hatch/train/loss.hpp"
