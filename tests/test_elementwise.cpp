@@ -19,6 +19,15 @@ struct LeakyReluFn {
   template <class T> HATCH_HD T df(T x) const { return x > T(0) ? T(1) : T(slope); }
 };
 
+// The README's example, verbatim.
+struct SoftplusFn {
+  template <class T> HATCH_HD static T f(T x) { return hd::log1p(hd::exp(x)); }
+  template <class T> HATCH_HD static T df(T x) { return hd::sigmoid(x); }
+};
+using Softplus = Elementwise<SoftplusFn>;  // a spec like Gelu; hatch's Silu is written this way
+using Net = Sequential<Flatten<28 * 28>, Named<"fc1", Linear<784, 256>>, Softplus,
+                       Named<"fc2", Linear<256, 10>>>;  // Flatten and Reshape<...> copy nothing
+
 template <class B>
 Tensor<B> tensor_of(std::vector<typename B::Scalar> v, Shape s) {
   Tensor<B> t;
@@ -152,12 +161,12 @@ TEST_CASE("Flatten and Reshape: zero-copy forward and backward") {
   auto odd = tensor_of<Cpu>(std::vector<float>(10, 0), {2, 5});
   CHECK(has(error_message([&] { flat.forward(odd, ctx); }), "Flatten<12>: input [2,5] flattens to width 5"));
   CHECK(has(error_message([&] { re.forward(odd, ctx); }), "Reshape: input [2,5] has 10 elements, not a multiple of 12"));
-  FlattenLayer<Cpu> any;
-  CHECK(any.forward(odd, ctx).shape() == Shape{2, 5});
+  FlattenLayer<Cpu, 5> five;
+  CHECK(five.forward(odd, ctx).shape() == Shape{2, 5});
+  CHECK(five.forward(odd, ctx).data() == odd.data());
 
   // Widths for Sequential's compile-time checks: Flatten<W> and Reshape<..., W> produce W.
   static_assert(Flatten<12>::in == kAnyWidth && Flatten<12>::out == 12);
-  static_assert(Flatten<>::out == kAnyWidth);
   static_assert(Reshape<3, 2, 2>::out == 2);
   using Net = Sequential<Reshape<4, 3>, Flatten<12>, Named<"fc", Linear<12, 5>>, Silu>;
   static_assert(Net::in == kAnyWidth && Net::out == 5);
@@ -177,4 +186,13 @@ TEST_CASE("a small model with Reshape, Flatten and SiLU trains a step on Cpu") {
   const auto& dx = m.backward(dy, ctx);
   CHECK(dx.shape() == Shape{8, 12});
   CHECK(Cpu::all_finite(dx.data(), std::size_t(dx.numel())));
+}
+
+TEST_CASE("the README's Softplus and Flatten network: gradients match central differences") {
+  Model<Net, Cpu64> net;
+  test::randomize_parameters(net, 11);
+  const auto rep = test::gradcheck(net, {2, 1, 28, 28}, false, 3, 20);
+  INFO("worst: " << rep.worst);
+  CHECK(rep.max_rel <= 1e-6);
+  CHECK(SoftplusFn::f(0.0) == doctest::Approx(std::log(2.0)));
 }

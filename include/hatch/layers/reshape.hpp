@@ -10,11 +10,14 @@
 
 namespace hatch {
 
-// Flatten: (N, d1, ..., dk) -> (N, d1 ... dk), as torch.nn.Flatten(start_dim=1). Width is the
-// flattened width when it is known (e.g. Flatten<28 * 28>): it lets Sequential check the next
-// layer's width at compile time, and forward checks it at run time.
-template <Backend B, int Width = kAnyWidth>
+// Flatten<Width>: (N, d1, ..., dk) -> (N, Width) with Width = d1 ... dk, as
+// torch.nn.Flatten(start_dim=1). The width is part of the type, as Linear's are, so Sequential
+// checks the next layer at compile time (a width-less Flatten would read as width-keeping to
+// those checks); forward checks it against the input at run time.
+template <Backend B, int Width>
 class FlattenLayer {
+  static_assert(Width > 0, "hatch::Flatten<Width>: give the flattened width d1 * ... * dk, e.g. Flatten<28 * 28>");
+
  public:
   using backend = B;
   static constexpr int in = kAnyWidth, out = Width;
@@ -24,9 +27,8 @@ class FlattenLayer {
     in_shape_ = x.shape();
     const std::int64_t n = x.dim(0);
     const std::int64_t w = n ? x.numel() / n : 0;
-    if constexpr (Width != kAnyWidth)
-      require(w == Width, "Flatten<" + std::to_string(Width) + ">",
-              "input " + x.shape().str() + " flattens to width " + std::to_string(w));
+    require(w == Width, "Flatten<" + std::to_string(Width) + ">",
+            "input " + x.shape().str() + " flattens to width " + std::to_string(w));
     y_.view_of(x, Shape{n, w});
     return y_;
   }
@@ -75,7 +77,7 @@ class ReshapeLayer {
   Tensor<B> y_, dx_;  // views
 };
 
-template <int Width = kAnyWidth>
+template <int Width>
 struct Flatten {
   static constexpr int in = kAnyWidth, out = Width;
   template <Backend B> using bind = FlattenLayer<B, Width>;
