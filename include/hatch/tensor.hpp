@@ -95,9 +95,9 @@ class Tensor {
   // a reshape in place when src is this tensor). Allocates nothing. The view reads and writes
   // src's memory: a layer hands it on as `const Tensor&`.
   void view_of(const Tensor& src, Shape s) {
-    require(s.numel() == src.numel(), "Tensor::view_of",
-            "shape " + s.str() + " has " + std::to_string(s.numel()) + " elements, the source " +
-                src.shape_.str() + " has " + std::to_string(src.numel()));
+    HATCH_CHECK(s.numel() == src.numel(), "Tensor::view_of",
+                "shape " + s.str() + " has " + std::to_string(s.numel()) + " elements, the source " +
+                    src.shape_.str() + " has " + std::to_string(src.numel()));
     if (&src != this) {
       release();
       data_ = src.data_;

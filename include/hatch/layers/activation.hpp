@@ -49,7 +49,8 @@ class ElementwiseLayer {
     return y_;
   }
   const Tensor<B>& backward(const Tensor<B>& dy, Context&) {
-    expect_shape(dy, x_->shape(), "Elementwise::backward (gradient of the output)");
+    HATCH_CHECK(dy.shape() == x_->shape(), "Elementwise::backward",
+                "expected shape " + x_->shape().str() + ", got " + dy.shape().str() + " (gradient of the output)");
     dx_.resize(x_->shape());
     B::map_binary(dx_.data(), dy.data(), x_->data(), std::size_t(dy.numel()), detail::ApplyDf<Fn>{fn_});
     return dx_;

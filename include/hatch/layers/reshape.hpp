@@ -23,12 +23,12 @@ class FlattenLayer {
   static constexpr int in = kAnyWidth, out = Width;
   void reset_parameters(Initializer&) {}
   const Tensor<B>& forward(const Tensor<B>& x, Context&) {
-    require(x.shape().rank >= 1, "Flatten", "expects a tensor with a batch dimension, got shape " + x.shape().str());
+    HATCH_CHECK(x.shape().rank >= 1, "Flatten", "expects a tensor with a batch dimension, got shape " + x.shape().str());
     in_shape_ = x.shape();
     const std::int64_t n = x.dim(0);
     const std::int64_t w = n ? x.numel() / n : 0;
-    require(w == Width, "Flatten<" + std::to_string(Width) + ">",
-            "input " + x.shape().str() + " flattens to width " + std::to_string(w));
+    HATCH_CHECK(w == Width, "Flatten<" + std::to_string(Width) + ">",
+                "input " + x.shape().str() + " flattens to width " + std::to_string(w));
     y_.view_of(x, Shape{n, w});
     return y_;
   }
@@ -58,9 +58,9 @@ class ReshapeLayer {
   static constexpr int in = kAnyWidth, out = std::array<int, sizeof...(Dims)>{Dims...}.back();
   void reset_parameters(Initializer&) {}
   const Tensor<B>& forward(const Tensor<B>& x, Context&) {
-    require(x.numel() % sample == 0, "Reshape",
-            "input " + x.shape().str() + " has " + std::to_string(x.numel()) + " elements, not a multiple of " +
-                std::to_string(sample) + " (the per-sample shape's size)");
+    HATCH_CHECK(x.numel() % sample == 0, "Reshape",
+                "input " + x.shape().str() + " has " + std::to_string(x.numel()) + " elements, not a multiple of " +
+                    std::to_string(sample) + " (the per-sample shape's size)");
     in_shape_ = x.shape();
     y_.view_of(x, Shape{x.numel() / sample, std::int64_t(Dims)...});
     return y_;
