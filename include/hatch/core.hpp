@@ -3,8 +3,9 @@
 // <hatch/hatch.hpp> (Cpu) and <hatch/cuda.hpp> (Cuda) add a backend to this; include one of
 // them rather than this file.
 //
-// What it brings (one include is the whole library; parsing it adds about a second to a
-// translation unit, and templates cost only when instantiated):
+// What it brings (one include is the whole library; templates cost only when instantiated, and
+// the training, data and modular headers add about 0.5 s of compile time to a program that uses
+// only layers and models: 8.6 s -> 9.1 s for tests/consumer/main.cpp at -O2):
 //   tensors, parameters, errors          Tensor (and zero-copy views), Shape, Parameter, Context
 //   layers                               Linear, LayerNorm, Gelu, Silu, Elementwise<Fn>, Dropout,
 //                                        DropPath, Attention, Mlp, Block, PatchEmbed, ClassPos,
