@@ -64,3 +64,22 @@ TEST_CASE("a steady-state Block step allocates nothing") {
   step(block, xs, dys, 9);
   CHECK(Cpu::allocation_count().load() == buffers + 2);  // only the two new input tensors
 }
+
+TEST_CASE("a steady-state step through Silu, Reshape and Flatten allocates nothing") {
+  Model<Sequential<Reshape<8, 16>, Named<"fc1", Linear<16, 32>>, Silu, Flatten<256>, Named<"fc2", Linear<256, 10>>>,
+        Cpu>
+      net;
+  Initializer init(2);
+  net.reset_parameters(init);
+  Tensor<Cpu> x({32, 128}), dy({32, 10});
+  x.fill(0.3f);
+  dy.fill(0.01f);
+  for (int i = 0; i < 3; ++i) step(net, x, dy, i);
+  const auto buffers = Cpu::allocation_count().load();
+  counting = true;
+  for (int i = 3; i < 8; ++i) step(net, x, dy, i);
+  counting = false;
+  CHECK(Cpu::allocation_count().load() == buffers);
+  CHECK(news.load() == 0);
+  CHECK(mallocs.load() == 0);
+}

@@ -34,6 +34,16 @@ TEST_CASE("gradcheck: GELU") {
   GeluLayer<B> l;
   expect_gradients(l, {3, 11});
 }
+TEST_CASE("gradcheck: SiLU (Elementwise<SiluFn>)") {
+  SiluLayer<B> l;
+  expect_gradients(l, {3, 11});
+}
+TEST_CASE("gradcheck: Flatten and Reshape between layers") {
+  Model<Sequential<Flatten<12>, Named<"fc", Linear<12, 5>>>, B> flat;
+  expect_gradients(flat, {2, 3, 4});
+  Model<Sequential<Named<"fc1", Linear<6, 6>>, Reshape<2, 3>, Silu, Flatten<6>, Named<"fc2", Linear<6, 4>>>, B> re;
+  expect_gradients(re, {4, 6});
+}
 TEST_CASE("gradcheck: Dropout and DropPath in training") {
   DropoutLayer<B> d;
   d.set_rate(0.3);

@@ -68,6 +68,8 @@ TEST_CASE("parity with PyTorch: layers") {
   expect_parity(ln, "layernorm");
   GeluLayer<Cpu> gelu;
   expect_parity(gelu, "gelu");
+  SiluLayer<Cpu> silu;  // Elementwise<SiluFn> against torch.nn.functional.silu
+  expect_parity(silu, "silu");
   AttentionLayer<Cpu, 8, 2, true> attn;
   expect_parity(attn, "attention");
   AttentionLayer<Cpu, 8, 2, false> attn_nobias;

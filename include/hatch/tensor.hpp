@@ -3,6 +3,11 @@
 // memory for Cuda). Layers never touch elements: they pass data() to B's primitives. A tensor
 // owns a buffer that only grows, so re-shaping to the same or a smaller size in a steady-state
 // training step allocates nothing.
+//
+// A tensor can also be a view (view_of): a new shape over another tensor's elements, without a
+// copy. Flatten and Reshape return views. A view owns nothing and is valid while its source
+// keeps its buffer; resizing or assigning to a view detaches it first (it gets its own buffer),
+// so it never writes into the source through resize() or operator=.
 #include <algorithm>
 #include <array>
 #include <cstddef>
@@ -62,6 +67,7 @@ class Tensor {
   Tensor(Tensor&& o) noexcept { swap(o); }
   Tensor& operator=(const Tensor& o) {
     if (this != &o) {
+      if (!owner_) release();  // a copy of anything (a view too) is an owning tensor
       resize(o.shape_);
       if (numel()) B::copy(data_, o.data_, numel());
     }
@@ -77,6 +83,7 @@ class Tensor {
   // a reallocation.
   void resize(Shape s) {
     const auto n = static_cast<std::size_t>(s.numel());
+    if (!owner_) release();  // detach a view from its source
     if (n > capacity_) {
       release();
       data_ = B::allocate(n);
@@ -84,6 +91,22 @@ class Tensor {
     }
     shape_ = s;
   }
+  // Makes this tensor a zero-copy view of src's elements with shape s (same number of elements;
+  // a reshape in place when src is this tensor). Allocates nothing. The view reads and writes
+  // src's memory: a layer hands it on as `const Tensor&`.
+  void view_of(const Tensor& src, Shape s) {
+    HATCH_CHECK(s.numel() == src.numel(), "Tensor::view_of",
+                "shape " + s.str() + " has " + std::to_string(s.numel()) + " elements, the source " +
+                    src.shape_.str() + " has " + std::to_string(src.numel()));
+    if (&src != this) {
+      release();
+      data_ = src.data_;
+      owner_ = false;
+    }
+    shape_ = s;
+  }
+  bool is_view() const { return !owner_; }
+
   void zero() {
     if (numel()) B::fill(data_, numel(), Scalar(0));
   }
@@ -116,17 +139,20 @@ class Tensor {
     std::swap(data_, o.data_);
     std::swap(capacity_, o.capacity_);
     std::swap(shape_, o.shape_);
+    std::swap(owner_, o.owner_);
   }
 
  private:
   void release() {
-    if (data_) B::deallocate(data_, capacity_);
+    if (data_ && owner_) B::deallocate(data_, capacity_);
     data_ = nullptr;
     capacity_ = 0;
+    owner_ = true;
   }
   Scalar* data_ = nullptr;
-  std::size_t capacity_ = 0;
+  std::size_t capacity_ = 0;  // 0 for a view
   Shape shape_;
+  bool owner_ = true;
 };
 
 // Throws a hatch::Error naming `where` when a tensor's shape is not the expected one.

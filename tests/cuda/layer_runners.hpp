@@ -30,6 +30,7 @@ struct RunOptions {
   bool input_grad = true;
   double drop = 0;        // rate for every Dropout / DropPath in the layer
   std::string frozen{};   // a parameter name to mark trainable = false
+  double input_scale = 1; // standard deviation of the random input
 };
 
 // Keys that are properties of one run, expected to be zero on each backend instead of compared
@@ -52,9 +53,9 @@ std::vector<float> as_float(const std::vector<Scalar>& v) {
 }
 
 template <hatch::Backend B>
-hatch::Tensor<B> random_tensor(std::mt19937_64& rng, hatch::Shape s) {
+hatch::Tensor<B> random_tensor(std::mt19937_64& rng, hatch::Shape s, double stddev = 1.0) {
   hatch::Tensor<B> t;
-  t.from_host(normal_values<typename B::Scalar>(rng, std::size_t(s.numel()), 0.0, 1.0), s);
+  t.from_host(normal_values<typename B::Scalar>(rng, std::size_t(s.numel()), 0.0, stddev), s);
   return t;
 }
 
@@ -100,7 +101,7 @@ Results run_layer(std::uint64_t seed, hatch::Shape in_shape, const RunOptions& o
   prepare_parameters<B>(*layer, rng, o);
   if (o.drop > 0) set_drop_rates(*layer, o.drop);
 
-  const hatch::Tensor<B> x = random_tensor<B>(rng, in_shape);
+  const hatch::Tensor<B> x = random_tensor<B>(rng, in_shape, o.input_scale);
   hatch::Context ctx{.training = o.training, .param_grads = o.param_grads, .input_grad = o.input_grad,
                      .seed = seed + 17};
   Results r;
@@ -298,7 +299,7 @@ inline const std::vector<std::string>& case_names() {
       "gelu",            "dropout",            "attention",        "attention_nobias",
       "block",           "block_train",        "patch_embed",      "patch_embed_rgb",
       "class_pos",       "class_head",         "vit_micro",        "vit_micro_train",
-      "fit",             "incubator"};
+      "fit",             "incubator",          "silu",             "reshape_flatten"};
   return names;
 }
 
@@ -316,6 +317,12 @@ Results run_case(const std::string& name, std::uint64_t seed) {
   if (name == "layernorm_no_input_grad")
     return run_layer<B, LayerNorm<45>>(seed, {4, 9, 45}, {.input_grad = false});
   if (name == "gelu") return run_layer<B, Gelu>(seed, {3, 50});
+  // Elementwise<SiluFn>: the user-functor path (B::map / B::map_binary, a CUDA kernel per functor).
+  if (name == "silu") return run_layer<B, Silu>(seed, {3, 50}, {.input_scale = 4});
+  // Views: Reshape and Flatten pass the same memory on; gradients flow back through them.
+  if (name == "reshape_flatten")
+    return run_layer<B, Sequential<Reshape<5, 8>, Named<"fc1", Linear<8, 8>>, Silu, Flatten<40>,
+                                   Named<"fc2", Linear<40, 12>>>>(seed, {6, 40});
   if (name == "dropout") return run_layer<B, Dropout>(seed, {4, 33}, {.training = true, .drop = 0.3});
   if (name == "attention") return run_layer<B, Attention<32, 2>>(seed, {2, 17, 32});
   if (name == "attention_nobias") return run_layer<B, Attention<48, 3, false>>(seed, {3, 10, 48});

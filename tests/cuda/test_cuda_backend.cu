@@ -320,6 +320,59 @@ TEST_CASE("cuda: elementwise primitives") {
   }
 }
 
+namespace hatch_test {
+// User functors for map / map_binary: namespace-scope types with HATCH_HD operator(); this one
+// carries state, which travels to the kernel by value.
+struct AffineMap {
+  float a = 2, b = 1;
+  template <class T> HATCH_HD T operator()(T x) const { return T(a) * x + T(b); }
+  template <class T> HATCH_HD T operator()(T u, T v) const { return u * hatch::hd::tanh(v) - T(b); }
+};
+}  // namespace hatch_test
+
+TEST_CASE("cuda: map and map_binary run a user functor (and SiLU's) in a kernel") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  const std::size_t n = 100003;
+  const HostVec x = randn(n, 21, 0, 4), u = randn(n, 22);
+  RefVec ref(n);
+  {
+    Dev dx = dev(x), du = dev(u), y = dev(HostVec(n));
+    Cuda::map(y.data(), dx.data(), n, hatch_test::AffineMap{-3, 0.5f});
+    for (std::size_t j = 0; j < n; ++j) ref[j] = -3.0 * x[j] + 0.5;
+    CHECK_CLOSE(y.to_host(), ref, kTol);
+    Cuda::map_binary(y.data(), du.data(), dx.data(), n, hatch_test::AffineMap{0, 2});
+    for (std::size_t j = 0; j < n; ++j) ref[j] = double(u[j]) * std::tanh(double(x[j])) - 2;
+    CHECK_CLOSE(y.to_host(), ref, kTol);
+    Cuda::map(dx.data(), dx.data(), n, hatch_test::AffineMap{});  // in place
+    for (std::size_t j = 0; j < n; ++j) ref[j] = 2.0 * x[j] + 1;
+    CHECK_CLOSE(dx.to_host(), ref, kTol);
+    Cuda::map(y.data(), dx.data(), 0, hatch_test::AffineMap{});  // n = 0 launches nothing
+  }
+  {
+    Dev dx = dev(x), du = dev(u), y = dev(HostVec(n)), g = dev(HostVec(n));
+    Cuda::map(y.data(), dx.data(), n, hatch::detail::ApplyF<hatch::SiluFn>{});
+    Cuda::map_binary(g.data(), du.data(), dx.data(), n, hatch::detail::ApplyDf<hatch::SiluFn>{});
+    RefVec gd(n);
+    for (std::size_t j = 0; j < n; ++j) {
+      const double v = x[j], s = 1 / (1 + std::exp(-v));
+      ref[j] = v * s;
+      gd[j] = u[j] * s * (1 + v * (1 - s));
+    }
+    CHECK_CLOSE(y.to_host(), ref, kTol);
+    CHECK_CLOSE(g.to_host(), gd, kTol);
+  }
+}
+
+TEST_CASE("cuda: Flatten and Reshape are views of device memory") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  Dev x({4, 3, 5}), dy({4, 15});
+  hatch::FlattenLayer<Cuda, 15> flat;
+  hatch::Context ctx;
+  CHECK(flat.forward(x, ctx).data() == x.data());
+  CHECK(flat.backward(dy, ctx).data() == dy.data());
+  CHECK(flat.backward(dy, ctx).shape() == hatch::Shape{4, 3, 5});
+}
+
 TEST_CASE("cuda: row-wise primitives: add_bias_rows, scale_rows, copy_2d") {
   HATCH_REQUIRE_CUDA_DEVICE();
   const int rows = 37, cols = 45;
@@ -652,6 +705,11 @@ TEST_CASE("cuda parity: GELU and Dropout") {
   check_parity("gelu");
   check_parity("dropout");
 }
+TEST_CASE("cuda parity: SiLU (Elementwise) and a Reshape/Flatten network") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  check_parity("silu");
+  check_parity("reshape_flatten");
+}
 TEST_CASE("cuda parity: Attention") {
   HATCH_REQUIRE_CUDA_DEVICE();
   check_parity("attention");
@@ -700,7 +758,8 @@ TEST_CASE("cuda parity: every case is covered") {
                                         "layernorm", "layernorm_many_rows", "layernorm_bias_frozen",
                                         "layernorm_no_input_grad", "gelu", "dropout", "attention", "attention_nobias",
                                         "block", "block_train", "patch_embed", "patch_embed_rgb", "class_pos",
-                                        "class_head", "vit_micro", "vit_micro_train", "fit", "incubator"};
+                                        "class_head", "vit_micro", "vit_micro_train", "fit", "incubator",
+                                        "silu", "reshape_flatten"};
   for (const auto& name : hatch_test::case_names())
     if (std::find(tested.begin(), tested.end(), name) == tested.end()) check_parity(name);
 }

@@ -7,7 +7,18 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "hatch/core/host_device.hpp"
+
 namespace hatch {
+
+namespace detail {
+// Stands for a user's element-wise functor in the concept below: map and map_binary are
+// templates over the functor type, so the concept checks them with this one.
+struct MapProbe {
+  template <class T> HATCH_HD T operator()(T x) const { return x; }
+  template <class T> HATCH_HD T operator()(T a, T b) const { return a * b; }
+};
+}  // namespace detail
 
 template <class B>
 concept Backend = requires(typename B::Scalar* y, const typename B::Scalar* x, typename B::Scalar a,
@@ -36,6 +47,11 @@ concept Backend = requires(typename B::Scalar* y, const typename B::Scalar* x, t
   B::scale_rows(y, x, x, i, i);              // y[r, c] = x[r, c] * s[r]
   { B::sum_squares(x, n) } -> std::convertible_to<double>;
   { B::all_finite(x, n) } -> std::convertible_to<bool>;
+  // user-defined element-wise maps: f is a copyable functor whose operator() is HATCH_HD
+  // (core/host_device.hpp) and a namespace-scope type (nvcc instantiates kernels with it).
+  // y may alias x (or a); these are how Elementwise<Fn> layers run on every backend.
+  B::map(y, x, n, detail::MapProbe{});                 // y[j] = f(x[j])
+  B::map_binary(y, x, x, n, detail::MapProbe{});       // y[j] = f(a[j], b[j]), e.g. dx = g(dy, x)
   // activations, normalisation, softmax
   B::gelu_forward(y, x, n);
   B::gelu_backward(y, x, x, n);              // dx = dy * gelu'(x)

@@ -231,6 +231,16 @@ struct CpuBackend {
                    xv * (T(-0.5) * xv.square()).exp() * T(0.3989422804014327));
     });
   }
+  // User-defined element-wise functions (see concept.hpp): a plain loop the compiler can inline
+  // the functor into, split across threads for large n.
+  template <class F>
+  static void map(T* y, const T* x, std::size_t n, F f) {
+    parallel_for(std::int64_t(n), [&](std::int64_t j) { y[j] = f(x[j]); });
+  }
+  template <class F>
+  static void map_binary(T* y, const T* a, const T* b, std::size_t n, F f) {
+    parallel_for(std::int64_t(n), [&](std::int64_t j) { y[j] = f(a[j], b[j]); });
+  }
   static void layer_norm_forward(T* y, T* mean, T* rstd, const T* x, const T* gamma, const T* beta,
                                  int rows, int cols, T eps) {
     parallel_rows(rows, cols, [&](std::int64_t r) {

@@ -480,6 +480,19 @@ struct Cuda {
       HATCH_CUDA_LAUNCH(cuda_kernels::gelu_backward<T>, cuda_detail::element_blocks(n), cuda_kernels::kThreads, dx, dy,
                         x, n);
   }
+  // User-defined element-wise functions (see concept.hpp). F must be a namespace-scope type (a
+  // kernel cannot be instantiated with a function-local one) with a HATCH_HD operator().
+  template <class F>
+  static void map(T* y, const T* x, std::size_t n, F f) {
+    if (n)
+      HATCH_CUDA_LAUNCH((cuda_kernels::map<T, F>), cuda_detail::element_blocks(n), cuda_kernels::kThreads, y, x, n, f);
+  }
+  template <class F>
+  static void map_binary(T* y, const T* a, const T* b, std::size_t n, F f) {
+    if (n)
+      HATCH_CUDA_LAUNCH((cuda_kernels::map_binary<T, F>), cuda_detail::element_blocks(n), cuda_kernels::kThreads, y, a,
+                        b, n, f);
+  }
   static void layer_norm_forward(T* y, T* mean, T* rstd, const T* x, const T* gamma, const T* beta, int rows,
                                  int cols, T eps) {
     if (rows <= 0 || cols <= 0) return;

@@ -106,6 +106,16 @@ __global__ void gelu_backward(T* dx, const T* dy, const T* x, std::size_t n) {
     dx[j] = dy[j] * (cdf + v * pdf);
   }
 }
+// User functors (B::map, B::map_binary): F's operator() is __host__ __device__ (HATCH_HD); F is
+// passed by value as a kernel argument, so it may carry parameters (a slope, a temperature).
+template <class T, class F>
+__global__ void map(T* y, const T* x, std::size_t n, F f) {
+  for (std::size_t j = global_index(); j < n; j += global_stride()) y[j] = f(x[j]);
+}
+template <class T, class F>
+__global__ void map_binary(T* y, const T* a, const T* b, std::size_t n, F f) {
+  for (std::size_t j = global_index(); j < n; j += global_stride()) y[j] = f(a[j], b[j]);
+}
 // keep_prob is compared in double and inv computed on the host, exactly as the Cpu backend does,
 // so both draw bit-identical masks.
 template <class T>

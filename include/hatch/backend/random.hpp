@@ -3,11 +3,7 @@
 // function, so CPU and GPU draw identical dropout masks and a resumed run replays the same masks.
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define HATCH_HD __host__ __device__
-#else
-#define HATCH_HD
-#endif
+#include "hatch/core/host_device.hpp"
 
 namespace hatch {
 

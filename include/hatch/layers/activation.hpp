@@ -1,11 +1,87 @@
 #pragma once
-// Parameter-free layers that keep the width: GELU (exact, erf), Dropout, DropPath.
+// Parameter-free layers that keep the width: GELU (exact, erf), Dropout, DropPath, and
+// Elementwise<Fn>: any activation written as its maths only, e.g. SiLU below.
 #include <string>
 #include <vector>
 
+#include "hatch/core/host_device.hpp"
 #include "hatch/core/parameter.hpp"
 
 namespace hatch {
+
+// ---- Elementwise<Fn>: a user-defined activation on every backend ------------------------------
+// Fn gives the function and its derivative, as HATCH_HD templates over the scalar type (float on
+// Cpu and Cuda, double on Cpu64), static or not:
+//
+//   struct SoftplusFn {
+//     template <class T> HATCH_HD static T f(T x) { return hd::log1p(hd::exp(x)); }
+//     template <class T> HATCH_HD static T df(T x) { return hd::sigmoid(x); }
+//   };
+//   using Softplus = Elementwise<SoftplusFn>;          // a spec, like Gelu
+//
+// Forward is B::map(y, x, f); backward is B::map_binary(dx, dy, x, dy * df(x)), so the same Fn
+// runs in an OpenMP loop on Cpu and in a CUDA kernel on Cuda (Fn must then be a namespace-scope
+// type, not one defined inside a function). A layer holds an Fn object (fn()), so Fn may carry
+// parameters, e.g. a leaky slope set after construction.
+namespace detail {
+template <class Fn>
+struct ApplyF {
+  Fn fn;
+  template <class T> HATCH_HD T operator()(T x) const { return fn.f(x); }
+};
+template <class Fn>
+struct ApplyDf {
+  Fn fn;
+  template <class T> HATCH_HD T operator()(T dy, T x) const { return dy * fn.df(x); }
+};
+}  // namespace detail
+
+template <Backend B, class Fn>
+class ElementwiseLayer {
+ public:
+  using backend = B;
+  static constexpr int in = kAnyWidth, out = kAnyWidth;
+  void reset_parameters(Initializer&) {}
+  const Tensor<B>& forward(const Tensor<B>& x, Context&) {
+    x_ = &x;
+    y_.resize(x.shape());
+    B::map(y_.data(), x.data(), std::size_t(x.numel()), detail::ApplyF<Fn>{fn_});
+    return y_;
+  }
+  const Tensor<B>& backward(const Tensor<B>& dy, Context&) {
+    HATCH_CHECK(dy.shape() == x_->shape(), "Elementwise::backward",
+                "expected shape " + x_->shape().str() + ", got " + dy.shape().str() + " (gradient of the output)");
+    dx_.resize(x_->shape());
+    B::map_binary(dx_.data(), dy.data(), x_->data(), std::size_t(dy.numel()), detail::ApplyDf<Fn>{fn_});
+    return dx_;
+  }
+  template <class F> void visit(F&&, const std::string&) {}
+  template <class F> void for_each_layer(F&& f) { f(*this); }
+  Fn& fn() { return fn_; }
+  const Fn& fn() const { return fn_; }
+
+ private:
+  Fn fn_{};
+  const Tensor<B>* x_ = nullptr;
+  Tensor<B> y_, dx_;
+};
+
+template <class Fn>
+struct Elementwise {
+  static constexpr int in = kAnyWidth, out = kAnyWidth;
+  template <Backend B> using bind = ElementwiseLayer<B, Fn>;
+};
+
+// SiLU (swish): x sigmoid(x), as in torch.nn.SiLU.
+struct SiluFn {
+  template <class T> HATCH_HD static T f(T x) { return x * hd::sigmoid(x); }
+  template <class T> HATCH_HD static T df(T x) {
+    const T s = hd::sigmoid(x);
+    return s * (T(1) + x * (T(1) - s));
+  }
+};
+using Silu = Elementwise<SiluFn>;
+template <Backend B> using SiluLayer = ElementwiseLayer<B, SiluFn>;
 
 template <Backend B>
 class GeluLayer {

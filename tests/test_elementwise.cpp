@@ -1,0 +1,198 @@
+// User-defined element-wise functions (B::map, B::map_binary, Elementwise<Fn>, Silu) and the
+// zero-copy shape layers (Tensor::view_of, Flatten, Reshape).
+#include "support.hpp"
+
+using namespace hatch;
+using test::error_message;
+using test::has;
+
+namespace {
+// A functor with state: the primitives take it by value, the layer holds one (fn()).
+struct AffineFn {
+  double a = 2, b = 1;
+  template <class T> HATCH_HD T operator()(T x) const { return T(a) * x + T(b); }
+  template <class T> HATCH_HD T operator()(T u, T v) const { return u * v - T(b); }
+};
+struct LeakyReluFn {
+  double slope = 0.01;
+  template <class T> HATCH_HD T f(T x) const { return x > T(0) ? x : T(slope) * x; }
+  template <class T> HATCH_HD T df(T x) const { return x > T(0) ? T(1) : T(slope); }
+};
+
+// The README's example, verbatim.
+struct SoftplusFn {
+  template <class T> HATCH_HD static T f(T x) { return hd::log1p(hd::exp(x)); }
+  template <class T> HATCH_HD static T df(T x) { return hd::sigmoid(x); }
+};
+using Softplus = Elementwise<SoftplusFn>;  // a spec like Gelu; hatch's Silu is written this way
+using Net = Sequential<Flatten<28 * 28>, Named<"fc1", Linear<784, 256>>, Softplus,
+                       Named<"fc2", Linear<256, 10>>>;  // Flatten and Reshape<...> copy nothing
+
+template <class B>
+Tensor<B> tensor_of(std::vector<typename B::Scalar> v, Shape s) {
+  Tensor<B> t;
+  t.from_host(v, s);
+  return t;
+}
+}  // namespace
+
+TEST_CASE_TEMPLATE("Backend::map and map_binary apply a functor to every element", B, Cpu, Cpu64) {
+  using T = typename B::Scalar;
+  // Large enough for the OpenMP path as well as the serial one.
+  for (std::size_t n : {std::size_t(5), std::size_t(1) << 16}) {
+    std::vector<T> a(n), b(n);
+    for (std::size_t j = 0; j < n; ++j) a[j] = T(j % 97) - T(40), b[j] = T(j % 13) * T(0.5);
+    auto x = tensor_of<B>(a, {std::int64_t(n)}), u = tensor_of<B>(b, {std::int64_t(n)});
+    Tensor<B> y({std::int64_t(n)});
+    B::map(y.data(), x.data(), n, AffineFn{3, -1});
+    auto yh = y.to_host();
+    for (std::size_t j = 0; j < n; ++j) REQUIRE(yh[j] == T(3) * a[j] - T(1));
+    B::map_binary(y.data(), x.data(), u.data(), n, AffineFn{0, 2});
+    yh = y.to_host();
+    for (std::size_t j = 0; j < n; ++j) REQUIRE(yh[j] == a[j] * b[j] - T(2));
+    B::map(x.data(), x.data(), n, AffineFn{});  // in place
+    yh = x.to_host();
+    for (std::size_t j = 0; j < n; ++j) REQUIRE(yh[j] == T(2) * a[j] + T(1));
+  }
+  B::map(nullptr, nullptr, 0, AffineFn{});  // n = 0 touches nothing
+}
+
+TEST_CASE("SiLU: f and f' against the definition and central differences, tails included") {
+  for (double x = -40; x <= 40; x += 0.125) {
+    const double s = 1 / (1 + std::exp(-x));
+    INFO("x = " << x);
+    CHECK(SiluFn::f(x) == doctest::Approx(x * s).epsilon(1e-14));
+    const double h = 1e-6 * std::max(1.0, std::abs(x));
+    const double fd = (SiluFn::f(x + h) - SiluFn::f(x - h)) / (2 * h);
+    CHECK(SiluFn::df(x) == doctest::Approx(fd).epsilon(1e-7).scale(1));
+  }
+  // No overflow to NaN far out, in float as in double.
+  CHECK(SiluFn::f(-1000.0f) == 0.0f);
+  CHECK(SiluFn::f(1000.0f) == 1000.0f);
+  CHECK(SiluFn::df(-1000.0f) == 0.0f);
+  CHECK(SiluFn::df(1000.0f) == 1.0f);
+}
+
+TEST_CASE("Elementwise<Fn>: forward and backward through the layer, with a parameterised functor") {
+  ElementwiseLayer<Cpu64, LeakyReluFn> l;
+  l.fn().slope = 0.1;
+  auto x = tensor_of<Cpu64>({-2, -0.5, 0.5, 3}, {2, 2});
+  auto dy = tensor_of<Cpu64>({1, 2, 3, 4}, {2, 2});
+  Context ctx;
+  const auto& y = l.forward(x, ctx);
+  CHECK(y.shape() == Shape{2, 2});
+  CHECK(y.to_host() == std::vector<double>{-0.2, -0.05, 0.5, 3});
+  const auto& dx = l.backward(dy, ctx);
+  CHECK(dx.to_host() == std::vector<double>{0.1, 0.2, 3, 4});
+  auto wrong = tensor_of<Cpu64>({1, 2}, {2});
+  CHECK(has(error_message([&] { l.backward(wrong, ctx); }), "expected shape [2,2], got [2]"));
+  // A spec composes like Gelu, on any width.
+  static_assert(Silu::in == kAnyWidth && Silu::out == kAnyWidth);
+  static_assert(std::is_same_v<Silu::bind<Cpu>, SiluLayer<Cpu>>);
+}
+
+TEST_CASE("Tensor::view_of: a new shape over the same elements; resize and copy detach") {
+  auto src = tensor_of<Cpu>({1, 2, 3, 4, 5, 6}, {2, 3});
+  const auto allocations = Cpu::allocation_count().load();
+  Tensor<Cpu> v;
+  v.view_of(src, {3, 2});
+  CHECK(Cpu::allocation_count().load() == allocations);
+  CHECK(v.is_view());
+  CHECK(v.data() == src.data());
+  CHECK(v.shape() == Shape{3, 2});
+  v.data()[5] = 60;  // writes through to the source
+  CHECK(src.to_host()[5] == 60);
+  CHECK(has(error_message([&] { v.view_of(src, {4, 2}); }), "shape [4,2] has 8 elements, the source [2,3] has 6"));
+
+  Tensor<Cpu> copy = v;  // a copy owns its elements
+  CHECK(!copy.is_view());
+  CHECK(copy.data() != src.data());
+  CHECK(copy.to_host() == v.to_host());
+
+  v.resize({3, 2});  // detaches: writes after a resize never reach the source
+  CHECK(!v.is_view());
+  CHECK(v.data() != src.data());
+  v.fill(-1);
+  CHECK(src.to_host() == std::vector<float>{1, 2, 3, 4, 5, 60});
+
+  Tensor<Cpu> w;
+  w.view_of(src, {6});
+  w = copy;  // assignment detaches too
+  CHECK(w.data() != src.data());
+  CHECK(src.to_host()[0] == 1);
+
+  src.view_of(src, {6, 1});  // a reshape in place
+  CHECK(!src.is_view());
+  CHECK(src.shape() == Shape{6, 1});
+
+  {
+    Tensor<Cpu> moved;
+    moved.view_of(copy, {6});
+    Tensor<Cpu> other(std::move(moved));
+    CHECK(other.is_view());
+  }  // destroying a view frees nothing (ASan / double free would show it)
+  CHECK(copy.to_host()[0] == 1);
+}
+
+TEST_CASE("Flatten and Reshape: zero-copy forward and backward") {
+  const auto allocations = Cpu::allocation_count().load();
+  auto x = tensor_of<Cpu>(std::vector<float>(24, 1.5f), {2, 3, 4});
+  auto dy = tensor_of<Cpu>(std::vector<float>(24, 0.5f), {2, 12});
+  FlattenLayer<Cpu, 12> flat;
+  Context ctx;
+  for (int i = 0; i < 2; ++i) {
+    const auto& y = flat.forward(x, ctx);
+    CHECK(y.shape() == Shape{2, 12});
+    CHECK(y.data() == x.data());
+    const auto& dx = flat.backward(dy, ctx);
+    CHECK(dx.shape() == Shape{2, 3, 4});
+    CHECK(dx.data() == dy.data());
+  }
+  ReshapeLayer<Cpu, 3, 2, 2> re;
+  const auto& r = re.forward(x, ctx);
+  CHECK(r.shape() == Shape{2, 3, 2, 2});
+  CHECK(r.data() == x.data());
+  auto dr = tensor_of<Cpu>(std::vector<float>(24, 0.25f), {2, 3, 2, 2});
+  CHECK(re.backward(dr, ctx).shape() == Shape{2, 3, 4});
+  CHECK(re.backward(dr, ctx).data() == dr.data());
+  CHECK(Cpu::allocation_count().load() == allocations + 3);  // only the three tensors made here
+
+  // Errors name the layer and the numbers.
+  auto odd = tensor_of<Cpu>(std::vector<float>(10, 0), {2, 5});
+  CHECK(has(error_message([&] { flat.forward(odd, ctx); }), "Flatten<12>: input [2,5] flattens to width 5"));
+  CHECK(has(error_message([&] { re.forward(odd, ctx); }), "Reshape: input [2,5] has 10 elements, not a multiple of 12"));
+  FlattenLayer<Cpu, 5> five;
+  CHECK(five.forward(odd, ctx).shape() == Shape{2, 5});
+  CHECK(five.forward(odd, ctx).data() == odd.data());
+
+  // Widths for Sequential's compile-time checks: Flatten<W> and Reshape<..., W> produce W.
+  static_assert(Flatten<12>::in == kAnyWidth && Flatten<12>::out == 12);
+  static_assert(Reshape<3, 2, 2>::out == 2);
+  using Net = Sequential<Reshape<4, 3>, Flatten<12>, Named<"fc", Linear<12, 5>>, Silu>;
+  static_assert(Net::in == kAnyWidth && Net::out == 5);
+}
+
+TEST_CASE("a small model with Reshape, Flatten and SiLU trains a step on Cpu") {
+  Model<Sequential<Reshape<4, 3>, Named<"fc1", Linear<3, 6>>, Silu, Flatten<24>, Named<"fc2", Linear<24, 2>>>, Cpu> m;
+  Initializer init(3);
+  m.reset_parameters(init);
+  std::mt19937_64 rng(5);
+  auto x = test::random_tensor<Cpu>({8, 12}, rng);
+  Context ctx;
+  const auto& y = m.forward(x, ctx);
+  CHECK(y.shape() == Shape{8, 2});
+  auto dy = test::random_tensor<Cpu>(y.shape(), rng);
+  ctx.input_grad = true;
+  const auto& dx = m.backward(dy, ctx);
+  CHECK(dx.shape() == Shape{8, 12});
+  CHECK(Cpu::all_finite(dx.data(), std::size_t(dx.numel())));
+}
+
+TEST_CASE("the README's Softplus and Flatten network: gradients match central differences") {
+  Model<Net, Cpu64> net;
+  test::randomize_parameters(net, 11);
+  const auto rep = test::gradcheck(net, {2, 1, 28, 28}, false, 3, 20);
+  INFO("worst: " << rep.worst);
+  CHECK(rep.max_rel <= 1e-6);
+  CHECK(SoftplusFn::f(0.0) == doctest::Approx(std::log(2.0)));
+}
