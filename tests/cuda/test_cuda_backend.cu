@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <random>
 #include <string>
@@ -21,12 +22,17 @@ using Dev = hatch::Tensor<Cuda>;
 using HostVec = std::vector<float>;
 using RefVec = std::vector<double>;
 
-#define HATCH_REQUIRE_CUDA_DEVICE()            \
-  do {                                         \
-    if (!::hatch::Cuda::device_available()) {  \
-      MESSAGE("no CUDA device: skipped");      \
-      return;                                  \
-    }                                          \
+// Without a device a test skips -- unless HATCH_EXPECT_GPU=1 says a device must be there (the
+// GPU check, bench/gpu.sh), where a skip would pass a run that tested nothing.
+#define HATCH_REQUIRE_CUDA_DEVICE()                                                          \
+  do {                                                                                       \
+    if (!::hatch::Cuda::device_available()) {                                                \
+      const char* expect_ = std::getenv("HATCH_EXPECT_GPU");                                 \
+      if (expect_ && std::string(expect_) == "1")                                            \
+        FAIL("HATCH_EXPECT_GPU=1 but no CUDA device is usable");                           \
+      MESSAGE("no CUDA device: skipped");                                                    \
+      return;                                                                                \
+    }                                                                                        \
   } while (0)
 
 namespace {
