@@ -640,3 +640,21 @@ TEST_CASE("staged directory: files appear together on commit, never without it")
   CHECK(!fs::exists(stale));
   CHECK(fs::exists(live));
 }
+
+TEST_CASE("staged directory: a target that is a symbolic link stays one") {
+  TempRunDir dir;
+  fs::create_directories(dir.path / "shared" / "set");
+  std::ofstream(dir.path / "shared" / "set" / "a") << "old";
+  fs::create_directory_symlink(dir.path / "shared" / "set", dir.path / "link");
+  {
+    io::StagedDirectory s(dir.path / "link");
+    std::ofstream(s.file("a")) << "new";
+    s.commit();
+  }
+  CHECK(fs::is_symlink(dir.path / "link"));
+  std::ifstream in(dir.path / "shared" / "set" / "a");
+  std::string text;
+  in >> text;
+  CHECK(text == "new");
+  CHECK(entries_starting(dir.path / "shared", "set.tmp").empty());
+}

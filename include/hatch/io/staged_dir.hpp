@@ -35,8 +35,15 @@ class StagedDirectory {
   explicit StagedDirectory(std::filesystem::path target) : target_(std::move(target)) {
     namespace fs = std::filesystem;
     require(!target_.filename().empty(), target_.string(), "a staged directory needs a name (not a path ending in '/')");
-    const auto parent = target_.parent_path();
     std::error_code ec;
+    // A symbolic link (e.g. meta/ pointing at shared storage) stays one: the set is swapped in
+    // where it points.
+    if (fs::is_symlink(fs::symlink_status(target_, ec))) {
+      const auto real = fs::canonical(target_, ec);
+      require(!ec, target_.string(), "is a symbolic link that cannot be resolved (" + ec.message() + ")");
+      target_ = real;
+    }
+    const auto parent = target_.parent_path();
     if (!parent.empty()) fs::create_directories(parent, ec);
     require(!ec, parent.string(), "cannot create directory (" + ec.message() + ")");
     remove_stale(target_);
@@ -71,15 +78,16 @@ class StagedDirectory {
     bool swapped = false;
     if (!exists) {
       swapped = ::rename(temp_.c_str(), target_.c_str()) == 0;
+      const int err = errno;
       // Another writer created <target> in the meantime: exchange with it below.
-      if (!swapped && errno != EEXIST && errno != ENOTEMPTY) fail("rename");
+      if (!swapped && err != EEXIST && err != ENOTEMPTY) fail("rename", err);
     }
     if (!swapped) {
 #if defined(__linux__) && defined(RENAME_EXCHANGE)
       if (::renameat2(AT_FDCWD, temp_.c_str(), AT_FDCWD, target_.c_str(), RENAME_EXCHANGE) == 0) {
         swapped = true;
-      } else if (errno != EINVAL && errno != ENOSYS && errno != EOPNOTSUPP) {
-        fail("renameat2(RENAME_EXCHANGE)");
+      } else if (const int err = errno; err != EINVAL && err != ENOSYS && err != EOPNOTSUPP) {
+        fail("renameat2(RENAME_EXCHANGE)", err);
       }
 #endif
       if (swapped) {
@@ -89,12 +97,11 @@ class StagedDirectory {
         // No atomic exchange here: move the old set aside, then the new one in.
         const fs::path old = fs::path(temp_.string() + ".old");
         fs::remove_all(old, ec);
-        if (::rename(target_.c_str(), old.c_str()) != 0) fail("rename of the old directory");
+        if (::rename(target_.c_str(), old.c_str()) != 0) fail("rename of the old directory", errno);
         if (::rename(temp_.c_str(), target_.c_str()) != 0) {
-          const int saved = errno;
+          const int err = errno;
           ::rename(old.c_str(), target_.c_str());  // put the old set back
-          errno = saved;
-          fail("rename");
+          fail("rename", err);
         }
         committed_ = true;
         fs::remove_all(old, ec);
@@ -145,9 +152,8 @@ class StagedDirectory {
     ::close(fd);
   }
 
-  [[noreturn]] void fail(const std::string& what) const {
-    const std::string why = std::strerror(errno);
-    throw Error(target_.string() + ": " + what + " from '" + temp_.string() + "' failed (" + why +
+  [[noreturn]] void fail(const char* what, int err) const {
+    throw Error(target_.string() + ": " + what + " from '" + temp_.string() + "' failed (" + std::strerror(err) +
                 "); the previous contents are unchanged");
   }
 

@@ -111,6 +111,7 @@ class ModuleDistiller : public ModularRun<MetaArch, B> {
     inputs += this->template load_meta_except<I>(*hybrid, &meta_id);
     const auto m = this->load(hybrid->template stage<I>(), files_.teacher(I), "teacher", I);
     inputs += this->fingerprint(files_.teacher(I));
+    this->current_lineage("teacher");  // the other teacher stage files, when present, are of the same split
     if (from) *from = {meta_id, m.at("lineage")};
     return hybrid;
   }

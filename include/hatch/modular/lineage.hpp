@@ -133,7 +133,10 @@ void require_one_lineage(const std::string& where, const std::string& what, cons
     if (it == groups.end()) groups.push_back({e.id, {&e}});
     else it->second.push_back(&e);
   }
-  std::string msg = where + ": " + (expected.empty() || ids.size() > 1 ? "mixed lineage in " : "stale ") + what + ": ";
+  std::string msg = where + ": " +
+                    (expected.empty() || ids.size() > 1 ? "mixed lineage in " + what
+                                                        : what + " are stale, made from another " + id_name) +
+                    ": ";
   std::vector<std::size_t> redo;
   for (std::size_t g = 0; g < groups.size(); ++g) {
     msg += (g ? "; " : "") + id_name + " " + groups[g].first;
