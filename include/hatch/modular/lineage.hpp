@@ -56,9 +56,9 @@ class LineageHash {
   }
   // Every parameter of a module: its name and its values' bytes.
   template <class M>
-  LineageHash& parameters(M& module) {
+  LineageHash& parameters(M& layer) {
     using B = typename M::backend;
-    module.visit(
+    layer.visit(
         [&](const std::string& name, Parameter<B>& p) {
           add(name);
           const auto h = p.value.to_host();
