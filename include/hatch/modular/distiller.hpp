@@ -99,11 +99,12 @@ class ModuleDistiller : public ModularRun<MetaArch, B> {
     });
   }
 
-  // The teacher's hybrid for module I: meta stages with teacher module I.
   // The ids of the files a hybrid was loaded from (optional out-parameter).
   struct Sources {
     std::string meta_id, teacher_id;
   };
+  // The teacher's hybrid for module I: meta stages with teacher module I. Every teacher stage
+  // file present must be of one split.
   template <std::size_t I>
   std::unique_ptr<Model<TeacherHybridArch<I>, B>> make_teacher_hybrid(std::string& inputs, Sources* from = nullptr) {
     auto hybrid = std::make_unique<Model<TeacherHybridArch<I>, B>>();

@@ -114,7 +114,10 @@ inline std::string stage_list(const std::vector<std::size_t>& stages) {
 // expected one, and ends with `rerun` applied to the stages to make again:
 //   "<where>: mixed lineage in the meta model's stage files: meta id 1a2b... in
 //    run/meta/stage0.safetensors, run/meta/stage2.safetensors; meta id 9f8e... in
-//    run/meta/stage1.safetensors. Rerun the meta phase (pretrain_meta) to write all of them."
+//    run/meta/stage1.safetensors. Rerun the meta phase (pretrain_meta) to write all 4 stage
+//    files again."
+// or, with an expected id that none or only some of the files carry, "<what> are stale, made
+// from another meta id: ..." / the mixed form, both ending "; expected meta id <id>, <expected_is>".
 // what: "the meta model's stage files"; id_name: "meta id"; expected_is: "the meta model in
 // run/meta", which names where the expected id comes from; rerun(stages) says what to do about
 // the files that disagree (all of them when no id is expected).
