@@ -3,7 +3,8 @@
 #   incubate_processes.sh <path to build/examples/incubate> <work dir>
 # Runs vit-micro on a small Fashion-MNIST subset once with --phase all (into <work>/all) and
 # once phase by phase (meta; module --index 0..3; assemble; finetune) into <work>/split, then
-# compares every per-stage file of every phase byte for byte with cmp, and the final accuracy.
+# compares every per-stage file of every phase byte for byte with cmp, and the final accuracy;
+# then checks that mixed or stale inputs are refused (lineage).
 # The data directory is $HATCH_FASHION_MNIST (default /usr/share/datasets/fashion-mnist); when
 # it is missing the script exits 77, which CTest reports as skipped (SKIP_RETURN_CODE 77).
 set -euo pipefail
@@ -64,7 +65,36 @@ if [[ "$acc_a" != "$acc_b" ]]; then
   status=1
 fi
 
+# Lineage: a phase refuses inputs that do not belong together. A meta directory mixed from two
+# meta runs (--seed 1 in <work>/other, one stage copied in) stops a module job; after a new meta
+# run, assembling the modules incubated on the old one stops too. Each names the files.
+expect_refusal() {  # <pattern> <log> <command...>
+  local pattern=$1 log=$2
+  shift 2
+  if "$@" > "$log" 2>&1; then
+    echo "FAIL: '$*' succeeded, expected a refusal matching '$pattern'" >&2
+    status=1
+  elif ! grep -q -- "$pattern" "$log"; then
+    echo "FAIL: '$*' failed without '$pattern':" >&2
+    cat "$log" >&2
+    status=1
+  fi
+}
+c="$work/other"
+rm -rf "$c"
+mkdir -p "$c"
+"$bin" "${common[@]}" --out "$c" --phase meta --seed 1 > "$c/stdout.meta.txt"
+cp "$b/meta/stage1.safetensors" "$c/stage1.keep"
+cp "$c/meta/stage1.safetensors" "$b/meta/stage1.safetensors"
+expect_refusal "mixed lineage.*$b/meta/stage1.safetensors" "$c/mixed.txt" \
+  "$bin" "${common[@]}" --out "$b" --phase module --index 0
+cp "$c/stage1.keep" "$b/meta/stage1.safetensors"
+"$bin" "${common[@]}" --out "$b" --phase meta --seed 1 --no-resume > "$c/stdout.meta2.txt"
+expect_refusal "stale.*$b/modules/stage0.safetensors" "$c/stale.txt" \
+  "$bin" "${common[@]}" --out "$b" --phase assemble
+ls "$b" | grep -q '\.tmp\.' && { echo "FAIL: a temporary directory was left in $b: $(ls "$b")" >&2; status=1; }
+
 if [[ $status -eq 0 ]]; then
-  echo "OK: $compared stage files identical ($acc_a)"
+  echo "OK: $compared stage files identical ($acc_a); mixed and stale inputs refused"
 fi
 exit $status

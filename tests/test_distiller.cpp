@@ -199,3 +199,71 @@ TEST_CASE("distiller: the meta model of another run (Options::meta_dir) is read,
   CHECK(fs::exists(d.files().module(2)));
   CHECK_FALSE(fs::exists(distillation.path / "meta"));
 }
+
+TEST_CASE("distiller lineage: modules record the meta model and teacher split; assembly refuses another teacher's") {
+  OneThread one_thread;
+  TempRunDir dir;
+  const auto train = synthetic(32, 5), test_set = synthetic(16, 6);
+  Distiller d({.dir = dir.path, .tag = "micro-kd", .seed = 4});
+  auto teacher = std::make_unique<Distiller::Teacher>();
+  randomize_parameters(*teacher, 21);
+  d.split_teacher(*teacher);
+  const auto teacher_id = meta_entry(d.files().teacher(0), "lineage");
+  CHECK(teacher_id.size() == 16);
+  for (std::size_t i = 0; i < kStages; ++i) {
+    CHECK(meta_entry(d.files().teacher(i), "lineage") == teacher_id);
+    CHECK(meta_entry(d.files().teacher(i), "teacher_id") == teacher_id);
+  }
+  CHECK_FALSE(fs::exists(dir.path / ("teacher.tmp." + std::to_string(::getpid()))));
+  d.pretrain_meta(train, test_set, quick());
+  const auto meta_id = meta_entry(d.files().meta(0), "lineage");
+  for (std::size_t i = 0; i < kStages; ++i) {
+    d.distill(i, train, test_set, quick());
+    CHECK(meta_entry(d.files().module(i), "meta_id") == meta_id);
+    CHECK(meta_entry(d.files().module(i), "teacher_id") == teacher_id);
+  }
+  auto student = std::make_unique<Distiller::Student>();
+  d.assemble(*student);
+  CHECK(meta_entry(d.files().assembled(0), "teacher_id") == teacher_id);
+  CHECK(meta_entry(d.files().assembled(3), "meta_id") == meta_id);
+
+  // The teacher split again from other weights: every module is stale.
+  const auto assembled_before = file_bytes(d.files().assembled(0));
+  auto other = std::make_unique<Distiller::Teacher>();
+  randomize_parameters(*other, 22);
+  d.split_teacher(*other);
+  const auto other_id = meta_entry(d.files().teacher(0), "lineage");
+  REQUIRE(other_id != teacher_id);
+  {
+    const auto msg = error_message([&] { d.assemble(*student); });
+    INFO(msg);
+    CHECK(has(msg, "teacher id"));
+    CHECK(has(msg, teacher_id));
+    CHECK(has(msg, other_id));
+    CHECK(has(msg, d.files().module(0).string()));
+    CHECK(has(msg, "distill(i)) for modules 0, 1, 2, 3"));
+  }
+  CHECK(file_bytes(d.files().assembled(0)) == assembled_before);
+
+  // A teacher split mixed from the two teachers is refused by a module job and by assembly...
+  Distiller e({.dir = dir.path / "e", .tag = "micro-kd", .seed = 4});
+  e.split_teacher(*teacher);
+  fs::copy_file(e.files().teacher(1), d.files().teacher(1), fs::copy_options::overwrite_existing);
+  for (const auto& msg : {error_message([&] { d.distill(0, train, test_set, quick()); }),
+                          error_message([&] { d.assemble(*student); })}) {
+    INFO(msg);
+    CHECK(has(msg, "mixed lineage in the teacher's stage files"));
+    CHECK(has(msg, d.files().teacher(1).string()));
+    CHECK(has(msg, d.files().teacher(0).string()));
+    CHECK(has(msg, "split_teacher"));
+  }
+  // ... and a meta directory mixed from two runs by every distill job.
+  d.split_teacher(*teacher);
+  Distiller f({.dir = dir.path / "f", .tag = "micro-kd", .seed = 9});
+  f.pretrain_meta(train, test_set, quick());
+  fs::copy_file(f.files().meta(3), d.files().meta(3), fs::copy_options::overwrite_existing);
+  const auto msg = error_message([&] { d.distill(0, train, test_set, quick()); });
+  INFO(msg);
+  CHECK(has(msg, "mixed lineage in the meta model's stage files"));
+  CHECK(has(msg, d.files().meta(3).string()));
+}

@@ -69,11 +69,19 @@ class ModuleDistiller : public ModularRun<MetaArch, B> {
     double student_drop_path = 0.1;    // for fine-tuning (the hybrids have none: ALGORITHMS.md §2)
   };
 
-  explicit ModuleDistiller(Options o) : Base(o.dir, o.meta_dir, o.tag, o.seed), opt_(std::move(o)) {}
+  explicit ModuleDistiller(Options o) : Base(o.dir, o.meta_dir, o.tag, o.seed), opt_(std::move(o)) {
+    this->module_phase_ = "distill";
+    this->has_teacher_ = true;
+  }
 
-  // Phase 0: the teacher's stages to teacher/stage<i>.
+  // Phase 0: the teacher's stages to teacher/stage<i>, all K at once, with the teacher id
+  // ("lineage", "teacher_id") of these weights.
   void split_teacher(Teacher& teacher) {
-    teacher.for_each_stage([&](auto& stage, std::size_t i) { this->save(stage, files_.teacher(i), "teacher", i); });
+    LineageHash h;
+    h.add("teacher").add(this->tag_);
+    teacher.for_each_stage([&](auto& stage, std::size_t) { h.parameters(stage); });
+    const std::string id = h.hex();
+    this->write_stages(teacher, files_.teacher_dir(), "teacher", {{"lineage", id}, {"teacher_id", id}});
   }
   // ... from a whole-model checkpoint (as train_e2e writes it), checked strictly.
   void split_teacher(const std::filesystem::path& checkpoint) {
@@ -91,34 +99,57 @@ class ModuleDistiller : public ModularRun<MetaArch, B> {
     });
   }
 
-  // The teacher's hybrid for module I: meta stages with teacher module I.
+  // The ids of the files a hybrid was loaded from (optional out-parameter).
+  struct Sources {
+    std::string meta_id, teacher_id;
+  };
+  // The teacher's hybrid for module I: meta stages with teacher module I. Every teacher stage
+  // file present must be of one split.
   template <std::size_t I>
-  std::unique_ptr<Model<TeacherHybridArch<I>, B>> make_teacher_hybrid(std::string& inputs) {
+  std::unique_ptr<Model<TeacherHybridArch<I>, B>> make_teacher_hybrid(std::string& inputs, Sources* from = nullptr) {
     auto hybrid = std::make_unique<Model<TeacherHybridArch<I>, B>>();
-    inputs += this->template load_meta_except<I>(*hybrid);
-    this->load(hybrid->template stage<I>(), files_.teacher(I), "teacher", I);
+    std::string meta_id;
+    inputs += this->template load_meta_except<I>(*hybrid, &meta_id);
+    const auto m = this->load(hybrid->template stage<I>(), files_.teacher(I), "teacher", I);
     inputs += this->fingerprint(files_.teacher(I));
+    this->current_lineage("teacher");  // the other teacher stage files, when present, are of the same split
+    if (from) *from = {meta_id, m.at("lineage")};
     return hybrid;
   }
   // The student's hybrid for module I: meta stages with a fresh student module I.
   template <std::size_t I>
-  std::unique_ptr<Model<StudentHybridArch<I>, B>> make_student_hybrid(std::string& inputs) {
+  std::unique_ptr<Model<StudentHybridArch<I>, B>> make_student_hybrid(std::string& inputs, Sources* from = nullptr) {
     auto hybrid = std::make_unique<Model<StudentHybridArch<I>, B>>();
     Initializer init(seed_ + 2000 + I);
     hybrid->template stage<I>().reset_parameters(init);
-    inputs += this->template load_meta_except<I>(*hybrid);
+    std::string meta_id;
+    inputs += this->template load_meta_except<I>(*hybrid, &meta_id);
+    if (from) from->meta_id = meta_id;
     return hybrid;
   }
 
+  // Writes modules/stage<I> with its module id ("lineage"), the meta id and the teacher id.
   template <std::size_t I>
   FitResult distill_module(const data::Dataset& train, const data::Dataset& test, FitOptions fo) {
-    auto teacher = make_teacher_hybrid<I>(fo.inputs);
-    auto student = make_student_hybrid<I>(fo.inputs);
+    Sources t, s;
+    auto teacher = make_teacher_hybrid<I>(fo.inputs, &t);
+    auto student = make_student_hybrid<I>(fo.inputs, &s);
+    // The two hybrids read the meta files one after the other: a meta phase that finished in
+    // between would give them different meta models.
+    require(t.meta_id == s.meta_id, files_.meta_dir().string(),
+            "the meta model changed while module " + std::to_string(I) + " was being set up (meta id " + t.meta_id +
+                " for the teacher's hybrid, " + s.meta_id + " for the student's); run distill(" +
+                std::to_string(I) + ") again");
     FrozenExcept<Model<StudentHybridArch<I>, B>, I> view(*student);
     TeacherObjective objective(*teacher, opt_.alpha, opt_.temperature);
     fo.phase = "distill" + std::to_string(I);
     const auto r = fit(view, train, test, fo, objective);
-    this->save(student->template stage<I>(), files_.module(I), "module", I);
+    LineageHash h;
+    h.add("module").add(this->tag_).add(seed_).add(std::uint64_t(I)).add(t.meta_id).add(t.teacher_id);
+    h.add(lineage_recipe(fo)).add(std::to_string(opt_.alpha)).add(std::to_string(opt_.temperature));
+    h.parameters(student->template stage<I>());
+    this->save(student->template stage<I>(), files_.module(I), "module", I,
+               {{"lineage", h.hex()}, {"meta_id", t.meta_id}, {"teacher_id", t.teacher_id}});
     return r;
   }
 

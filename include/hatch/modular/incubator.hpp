@@ -9,7 +9,8 @@
 //   4. finetune       — train the assembled target end to end.
 // Every phase reads and writes per-stage safetensors files under one directory, so each can
 // run as its own process (or machine) and one process can run them all. Phases 1, 3 and 4 are
-// ModularRun's (modular_run.hpp), shared with m2mKD's ModuleDistiller.
+// ModularRun's (modular_run.hpp), shared with m2mKD's ModuleDistiller. Each file records its
+// lineage (modular/lineage.hpp): a module the meta model it was incubated on, and so on.
 #include "hatch/modular/modular_run.hpp"
 
 namespace hatch {
@@ -50,17 +51,23 @@ class Incubator : public ModularRun<MetaArch, B> {
   // The hybrid of module I with the pretrained meta stages loaded and a fresh module I.
   template <std::size_t I>
   std::unique_ptr<Model<HybridArch<I>, B>> make_hybrid() {
-    std::string unused;
-    return make_hybrid<I>(unused);
+    std::string unused, meta_id;
+    return make_hybrid<I>(unused, meta_id);
   }
 
+  // Writes modules/stage<I> with its module id ("lineage") and the meta id it was trained on.
   template <std::size_t I>
   FitResult incubate_module(const data::Dataset& train, const data::Dataset& test, FitOptions fo) {
-    auto hybrid = make_hybrid<I>(fo.inputs);
+    std::string meta_id;
+    auto hybrid = make_hybrid<I>(fo.inputs, meta_id);
     FrozenExcept<Model<HybridArch<I>, B>, I> view(*hybrid);
     fo.phase = "module" + std::to_string(I);
     const auto r = fit(view, train, test, fo);
-    this->save(hybrid->template stage<I>(), files_.module(I), "module", I);
+    LineageHash h;
+    h.add("module").add(this->tag_).add(seed_).add(std::uint64_t(I)).add(meta_id).add(lineage_recipe(fo));
+    h.parameters(hybrid->template stage<I>());
+    this->save(hybrid->template stage<I>(), files_.module(I), "module", I,
+               {{"lineage", h.hex()}, {"meta_id", meta_id}});
     return r;
   }
 
@@ -71,11 +78,11 @@ class Incubator : public ModularRun<MetaArch, B> {
 
  private:
   template <std::size_t I>
-  std::unique_ptr<Model<HybridArch<I>, B>> make_hybrid(std::string& inputs) {
+  std::unique_ptr<Model<HybridArch<I>, B>> make_hybrid(std::string& inputs, std::string& meta_id) {
     auto hybrid = std::make_unique<Model<HybridArch<I>, B>>();
     Initializer init(seed_ + 1000 + I);
     hybrid->template stage<I>().reset_parameters(init);  // fresh, not copied from the meta layer
-    inputs += this->template load_meta_except<I>(*hybrid);
+    inputs += this->template load_meta_except<I>(*hybrid, &meta_id);
     set_drop_path(*hybrid, opt_.hybrid_drop_path);
     return hybrid;
   }

@@ -7,12 +7,16 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "hatch/compose/stages.hpp"
+#include "hatch/io/staged_dir.hpp"
+#include "hatch/modular/lineage.hpp"
 #include "hatch/train/checkpoint.hpp"
 #include "hatch/train/fit.hpp"
 
@@ -63,20 +67,27 @@ class FrozenExcept {
 struct ModularLayout {
   std::filesystem::path root;
   std::filesystem::path meta_root{};  // empty: root / "meta"
-  std::filesystem::path meta(std::size_t i) const {
-    return stage_file(meta_root.empty() ? root / "meta" : meta_root, i);
-  }
-  std::filesystem::path teacher(std::size_t i) const { return stage_file(root / "teacher", i); }
-  std::filesystem::path module(std::size_t i) const { return stage_file(root / "modules", i); }
-  std::filesystem::path assembled(std::size_t i) const { return stage_file(root / "assembled", i); }
-  std::filesystem::path finetuned(std::size_t i) const { return stage_file(root / "finetuned", i); }
+  std::filesystem::path meta_dir() const { return meta_root.empty() ? root / "meta" : meta_root; }
+  std::filesystem::path teacher_dir() const { return root / "teacher"; }
+  std::filesystem::path modules_dir() const { return root / "modules"; }
+  std::filesystem::path assembled_dir() const { return root / "assembled"; }
+  std::filesystem::path finetuned_dir() const { return root / "finetuned"; }
+  std::filesystem::path meta(std::size_t i) const { return stage_file(meta_dir(), i); }
+  std::filesystem::path teacher(std::size_t i) const { return stage_file(teacher_dir(), i); }
+  std::filesystem::path module(std::size_t i) const { return stage_file(modules_dir(), i); }
+  std::filesystem::path assembled(std::size_t i) const { return stage_file(assembled_dir(), i); }
+  std::filesystem::path finetuned(std::size_t i) const { return stage_file(finetuned_dir(), i); }
 };
 using IncubationLayout = ModularLayout;
 
 // The phases every modular method has: (1) pretrain the meta model end to end, (3) assemble
 // the trained modules into the target, (4) fine-tune it. Phase (2), training module i inside
 // the frozen meta model, is the derived class's. Every file is tagged with the run's tag, the
-// phase that wrote it and its stage, and checked against them when read.
+// phase that wrote it, its stage and its lineage (modular/lineage.hpp), and checked against
+// them when read: a phase refuses inputs that come from different runs of an earlier phase.
+// The phases that write K files (meta, assembly, fine-tuning, the teacher split) write them
+// into a temporary directory that replaces the old one in one step (io/staged_dir.hpp), so a
+// phase killed half-way leaves the previous complete set.
 template <class MetaArch, Backend B>
 class ModularRun {
  public:
@@ -85,54 +96,157 @@ class ModularRun {
 
   const ModularLayout& files() const { return files_; }
 
-  // Phase 1: the meta model end to end; writes meta/stage<i>.safetensors.
+  // Called after each stage file of a K-file phase has been written into the phase's temporary
+  // directory, before that directory replaces the visible one: (phase, stage, file). For
+  // progress reports; an exception thrown here abandons the phase and leaves the previous files.
+  std::function<void(const std::string& phase, std::size_t stage, const std::filesystem::path& file)>
+      on_stage_written;
+
+  // Phase 1: the meta model end to end; writes meta/stage<i>.safetensors, all K at once, with
+  // the meta id ("lineage", "meta_id") of this model and recipe.
   FitResult pretrain_meta(const data::Dataset& train, const data::Dataset& test, FitOptions fo) {
     auto meta = std::make_unique<Meta>();
     Initializer init(seed_);
     meta->reset_parameters(init);
     fo.phase = "meta";
     const auto r = fit(*meta, train, test, fo);
-    meta->for_each_stage([&](auto& stage, std::size_t i) { save(stage, files_.meta(i), "meta", i); });
+    LineageHash h;
+    h.add("meta").add(tag_).add(seed_).add(lineage_recipe(fo));
+    meta->for_each_stage([&](auto& stage, std::size_t) { h.parameters(stage); });
+    const std::string id = h.hex();
+    write_stages(*meta, files_.meta_dir(), "meta", {{"lineage", id}, {"meta_id", id}});
     return r;
   }
 
-  // Phase 3: module i into stage i of the target; writes assembled/stage<i>. Every module file
-  // is loaded (and checked) before any assembled file is written, so a missing or foreign
-  // module leaves assembled/ as it was instead of half replaced.
+  // Phase 3: module i into stage i of the target; writes assembled/stage<i>, all K at once.
+  // Every module file is loaded and checked before anything is written: a missing or foreign
+  // module, modules made against different meta models (or teachers), or against another meta
+  // model than the one now in meta/, leave assembled/ as it was.
   template <class Target>
   void assemble(Target& target) {
     static_assert(Target::num_stages == K, "hatch: the target must have as many stages as the meta model");
-    target.for_each_stage([&](auto& stage, std::size_t i) { load(stage, files_.module(i), "module", i); });
-    target.for_each_stage([&](auto& stage, std::size_t i) { save(stage, files_.assembled(i), "assembled", i); });
+    std::vector<LineageEntry> by_meta, by_teacher;
+    std::string module_ids;
+    std::vector<std::string> required = {"meta_id"};
+    if (has_teacher_) required.push_back("teacher_id");
+    target.for_each_stage([&](auto& stage, std::size_t i) {
+      const auto m = load(stage, files_.module(i), "module", i, required);
+      by_meta.push_back({files_.module(i), i, m.at("meta_id")});
+      if (has_teacher_) by_teacher.push_back({files_.module(i), i, m.at("teacher_id")});
+      module_ids += (i ? "," : "") + m.at("lineage");
+    });
+    auto rerun = [&](const std::vector<std::size_t>& stages) { return rerun_hint("module", stages); };
+    const std::string meta_now = current_lineage("meta");
+    require_one_lineage(files_.modules_dir().string(), "the modules", "meta id", by_meta, meta_now,
+                        "the meta model now in " + files_.meta_dir().string(), rerun);
+    std::map<std::string, std::string> lineage = {{"meta_id", by_meta.front().id}, {"module_ids", module_ids}};
+    LineageHash h;
+    h.add("assembled").add(tag_).add(by_meta.front().id).add(module_ids);
+    if (has_teacher_) {
+      const std::string teacher_now = current_lineage("teacher");
+      require_one_lineage(files_.modules_dir().string(), "the modules", "teacher id", by_teacher, teacher_now,
+                          "the teacher split now in " + files_.teacher_dir().string(), rerun);
+      lineage["teacher_id"] = by_teacher.front().id;
+      h.add(by_teacher.front().id);
+    }
+    lineage["lineage"] = h.hex();
+    write_stages(target, files_.assembled_dir(), "assembled", lineage);
   }
 
  protected:
   ModularRun(std::filesystem::path dir, std::filesystem::path meta_dir, std::string tag, std::uint64_t seed)
       : files_{std::move(dir), std::move(meta_dir)}, tag_(std::move(tag)), seed_(seed) {}
 
-  // Phase 4: reads assembled/stage<i>, trains end to end, writes finetuned/stage<i>.
+  // Phase 4: reads assembled/stage<i> (one assembly), trains end to end, writes
+  // finetuned/stage<i>, all K at once.
   template <class Target>
   FitResult finetune_target(Target& target, const data::Dataset& train, const data::Dataset& test, FitOptions fo,
                             double drop_path) {
-    target.for_each_stage([&](auto& stage, std::size_t i) { load(stage, files_.assembled(i), "assembled", i); });
+    std::vector<LineageEntry> parts;
+    std::map<std::string, std::string> from;
+    target.for_each_stage([&](auto& stage, std::size_t i) {
+      auto m = load(stage, files_.assembled(i), "assembled", i, {"meta_id", "module_ids"});
+      parts.push_back({files_.assembled(i), i, m.at("lineage")});
+      if (i == 0) from = std::move(m);
+    });
+    require_one_lineage(files_.assembled_dir().string(), "the assembled model's stage files", "assembly id", parts,
+                        "", "", [&](const std::vector<std::size_t>& s) { return rerun_hint("assembled", s); });
     set_drop_path(target, drop_path);
     fo.phase = "finetune";
     for (std::size_t i = 0; i < K; ++i) fo.inputs += fingerprint(files_.assembled(i));
     const auto r = fit(target, train, test, fo);
-    target.for_each_stage([&](auto& stage, std::size_t i) { save(stage, files_.finetuned(i), "finetuned", i); });
+    LineageHash h;
+    h.add("finetuned").add(tag_).add(seed_).add(from.at("lineage")).add(lineage_recipe(fo));
+    target.for_each_stage([&](auto& stage, std::size_t) { h.parameters(stage); });
+    std::map<std::string, std::string> lineage = {{"lineage", h.hex()},
+                                                  {"meta_id", from.at("meta_id")},
+                                                  {"module_ids", from.at("module_ids")},
+                                                  {"assembly_id", from.at("lineage")}};
+    if (auto it = from.find("teacher_id"); it != from.end()) lineage["teacher_id"] = it->second;
+    write_stages(target, files_.finetuned_dir(), "finetuned", lineage);
     return r;
   }
 
-  // Every meta stage except stage I into a hybrid; their fingerprints for the resume check.
+  // Every meta stage except stage I into a hybrid; their fingerprints for the resume check. The
+  // meta stage files must be of one meta model (stage I's too, when it is there, although it is
+  // not loaded); *meta_id receives its id.
   template <std::size_t I, class Hybrid>
-  std::string load_meta_except(Hybrid& hybrid) {
+  std::string load_meta_except(Hybrid& hybrid, std::string* meta_id = nullptr) {
     std::string inputs;
+    std::vector<LineageEntry> entries;
     hybrid.for_each_stage([&](auto& stage, std::size_t j) {
       if (j == I) return;
-      load(stage, files_.meta(j), "meta", j);
+      entries.push_back({files_.meta(j), j, load(stage, files_.meta(j), "meta", j).at("lineage")});
       inputs += fingerprint(files_.meta(j));
     });
+    if (std::filesystem::exists(files_.meta(I)))
+      entries.insert(entries.begin() + std::ptrdiff_t(I),
+                     {files_.meta(I), I, inspect(read_metadata(files_.meta(I)), files_.meta(I), "meta", I).at("lineage")});
+    require_one_lineage(files_.meta_dir().string(), "the meta model's stage files", "meta id", entries, "", "",
+                        [&](const std::vector<std::size_t>& s) { return rerun_hint("meta", s); });
+    if (meta_id) *meta_id = entries.empty() ? std::string() : entries.front().id;
     return inputs;
+  }
+
+  // Writes every stage of `model` to dir/stage<i> through a StagedDirectory: the K files appear
+  // together, replacing the previous ones, or not at all.
+  template <class M>
+  void write_stages(M& model, const std::filesystem::path& dir, const std::string& phase,
+                    const std::map<std::string, std::string>& lineage) {
+    io::StagedDirectory staged(dir);
+    model.for_each_stage([&](auto& stage, std::size_t i) {
+      const auto file = stage_file(staged.dir(), i);
+      save(stage, file, phase, i, lineage);
+      if (on_stage_written) on_stage_written(phase, i, file);
+    });
+    staged.commit();
+  }
+
+  // The id shared by the files of `phase` ("meta" or "teacher") that are present now, or ""
+  // when there are none; their lineage must agree.
+  std::string current_lineage(const std::string& phase) {
+    std::vector<LineageEntry> entries;
+    for (std::size_t i = 0; i < K; ++i) {
+      const auto file = phase == "meta" ? files_.meta(i) : files_.teacher(i);
+      if (std::filesystem::exists(file))
+        entries.push_back({file, i, inspect(read_metadata(file), file, phase, i).at("lineage")});
+    }
+    const auto dir = phase == "meta" ? files_.meta_dir() : files_.teacher_dir();
+    require_one_lineage(dir.string(), phase == "meta" ? "the meta model's stage files" : "the teacher's stage files",
+                        phase + " id", entries, "", "",
+                        [&](const std::vector<std::size_t>& s) { return rerun_hint(phase, s); });
+    return entries.empty() ? std::string() : entries.front().id;
+  }
+
+  // What to run again to replace the files of `phase` for these stages.
+  std::string rerun_hint(const std::string& phase, const std::vector<std::size_t>& stages) const {
+    if (phase == "meta") return "Rerun the meta phase (pretrain_meta) to write all " + std::to_string(K) + " stage files again.";
+    if (phase == "teacher") return "Split the teacher again (split_teacher) to write all its stage files.";
+    if (phase == "assembled") return "Rerun the assembly (assemble).";
+    if (phase == "module")
+      return "Rerun the module phase (" + module_phase_ + "(i)) for module" + (stages.size() == 1 ? " " : "s ") +
+             detail::stage_list(stages) + " on the current inputs.";
+    return "Rerun the " + phase + " phase.";
   }
 
   // f(std::integral_constant<std::size_t, I>{}) for the run-time index i < K.
@@ -155,24 +269,52 @@ class ModularRun {
     std::snprintf(hex, sizeof hex, "%08lx", static_cast<unsigned long>(crc));
     return hex;
   }
+  // Writes one stage file with the run's tag, the phase, the stage and its lineage entries.
   template <class S>
-  void save(S& stage, const std::filesystem::path& file, const std::string& phase, std::size_t i) {
+  void save(S& stage, const std::filesystem::path& file, const std::string& phase, std::size_t i,
+            const std::map<std::string, std::string>& lineage) {
     std::filesystem::create_directories(file.parent_path());
-    save_parameters(stage, file, {{"tag", tag_}, {"phase", phase}, {"stage", std::to_string(i)}});
+    auto meta = lineage;
+    meta["tag"] = tag_;
+    meta["phase"] = phase;
+    meta["stage"] = std::to_string(i);
+    save_parameters(stage, file, meta);
   }
+  // Checks a file's metadata: this run's tag, `phase`, stage i, a lineage and the `required`
+  // entries. Returns the metadata.
+  std::map<std::string, std::string> inspect(std::map<std::string, std::string> meta, const std::filesystem::path& file,
+                                             const std::string& phase, std::size_t i,
+                                             const std::vector<std::string>& required = {}) const {
+    detail::expect_metadata_in(file.string(), meta, "tag", tag_);
+    detail::expect_metadata_in(file.string(), meta, "phase", phase);  // e.g. a meta file copied into modules/
+    detail::expect_metadata_in(file.string(), meta, "stage", std::to_string(i));
+    std::vector<std::string> keys = {"lineage"};
+    keys.insert(keys.end(), required.begin(), required.end());
+    for (const auto& key : keys)
+      require(meta.count(key) && !meta.at(key).empty(), file.string(),
+              "has no '" + key + "' metadata, which records what the file was made from (written by an " +
+                  "earlier version of hatch, or not by a modular run). " + rerun_hint(phase, {i}));
+    return meta;
+  }
+  // Loads stage i of `phase` from `file` after inspect()'s checks, reading the file once (the
+  // metadata returned is that of the tensors loaded).
   template <class S>
-  void load(S& stage, const std::filesystem::path& file, const std::string& phase, std::size_t i) {
+  std::map<std::string, std::string> load(S& stage, const std::filesystem::path& file, const std::string& phase,
+                                          std::size_t i, const std::vector<std::string>& required = {}) {
     require(std::filesystem::exists(file), file.string(),
             "missing: the " + phase + " phase must run first and write stage " + std::to_string(i) + " here");
-    expect_metadata(file, "tag", tag_);
-    expect_metadata(file, "phase", phase);  // e.g. a meta file copied into modules/
-    expect_metadata(file, "stage", std::to_string(i));
-    load_parameters(stage, file);
+    const auto f = io::SafeTensorsFile::read(file);
+    auto meta = inspect(detail::metadata_of(f), file, phase, i, required);
+    auto pending = detail::prepare(f, detail::parameter_slots(stage), LoadOptions{});
+    detail::commit(pending);
+    return meta;
   }
 
   ModularLayout files_;
   std::string tag_;
   std::uint64_t seed_;
+  std::string module_phase_ = "incubate";  // the derived class's phase 2, for messages
+  bool has_teacher_ = false;               // modules carry a teacher_id (m2mKD)
 
  private:
   template <std::size_t I, class F>
