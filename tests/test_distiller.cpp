@@ -214,7 +214,7 @@ TEST_CASE("distiller lineage: modules record the meta model and teacher split; a
     CHECK(meta_entry(d.files().teacher(i), "lineage") == teacher_id);
     CHECK(meta_entry(d.files().teacher(i), "teacher_id") == teacher_id);
   }
-  CHECK_FALSE(fs::exists(dir.path / ("teacher.tmp." + std::to_string(::getpid()))));
+  CHECK_FALSE(fs::exists(io::StagedDirectory::temp_name(dir.path / "teacher", ::getpid())));
   d.pretrain_meta(train, test_set, quick());
   const auto meta_id = meta_entry(d.files().meta(0), "lineage");
   for (std::size_t i = 0; i < kStages; ++i) {

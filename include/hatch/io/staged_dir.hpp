@@ -1,6 +1,6 @@
 #pragma once
 // A directory whose files become visible together: StagedDirectory collects a set of files in
-// a temporary sibling directory (<target>.tmp.<pid>) and commit() swaps it in for <target>
+// a temporary sibling directory (<target>.tmp.<host>.<pid>) and commit() swaps it in for <target>
 // with one rename. A reader of <target> sees the complete old set or the complete new set,
 // never a mix; a process killed (or an exception thrown) before commit() leaves <target> as it
 // was. The modular phases that write one file per stage (meta, teacher split, assembly,
@@ -26,12 +26,13 @@
 #include <system_error>
 
 #include "hatch/core/error.hpp"
+#include "hatch/io/atomic_file.hpp"
 
 namespace hatch::io {
 
 class StagedDirectory {
  public:
-  // Prepares <target>.tmp.<pid> (empty), after removing the temporaries of dead processes.
+  // Prepares <target>.tmp.<host>.<pid> (empty), after removing the temporaries of dead processes.
   explicit StagedDirectory(std::filesystem::path target) : target_(std::move(target)) {
     namespace fs = std::filesystem;
     require(!target_.filename().empty(), target_.string(), "a staged directory needs a name (not a path ending in '/')");
@@ -47,7 +48,7 @@ class StagedDirectory {
     if (!parent.empty()) fs::create_directories(parent, ec);
     require(!ec, parent.string(), "cannot create directory (" + ec.message() + ")");
     remove_stale(target_);
-    temp_ = temp_name(target_, ::getpid());
+    temp_ = temporary_path(target_);
     fs::remove_all(temp_, ec);  // our own leftover from an earlier attempt in this process
     fs::create_directory(temp_, ec);
     require(!ec, temp_.string(), "cannot create temporary directory (" + ec.message() + ")");
@@ -112,13 +113,15 @@ class StagedDirectory {
     sync_directory(parent.empty() ? fs::path(".") : parent);
   }
 
-  // <target>.tmp.<pid>: the temporary name of `target` for process `pid`.
+  // <target>.tmp.<host>.<pid>: the temporary name of `target` for process `pid` on this host
+  // (the naming of atomic_file.hpp, so remove_stale_temporaries() recognises it too).
   static std::filesystem::path temp_name(const std::filesystem::path& target, long pid) {
-    return std::filesystem::path(target.string() + ".tmp." + std::to_string(pid));
+    return std::filesystem::path(target.string() + ".tmp." + detail::host_name() + "." + std::to_string(pid));
   }
 
-  // Removes <target>.tmp.<pid>* left by processes that no longer run; returns how many. A
-  // temporary of a running process (another job writing the same phase) is left alone.
+  // Removes the temporaries of `target` left by processes of this host that no longer run;
+  // returns how many. A temporary of a running process (another job writing the same phase)
+  // or of another host sharing the directory is left alone.
   static int remove_stale(const std::filesystem::path& target) {
     namespace fs = std::filesystem;
     const fs::path parent = target.parent_path().empty() ? fs::path(".") : target.parent_path();
@@ -127,13 +130,7 @@ class StagedDirectory {
     int removed = 0;
     for (fs::directory_iterator it(parent, ec), end; !ec && it != end; it.increment(ec)) {
       const std::string name = it->path().filename().string();
-      if (!name.starts_with(prefix)) continue;
-      const std::string rest = name.substr(prefix.size());
-      std::size_t digits = 0;
-      while (digits < rest.size() && rest[digits] >= '0' && rest[digits] <= '9') ++digits;
-      if (digits == 0 || digits > 9) continue;
-      const long pid = std::stol(rest.substr(0, digits));
-      if (pid == long(::getpid()) || process_alive(pid)) continue;
+      if (!name.starts_with(prefix) || name.ends_with(".old") || !is_stale_temporary(name)) continue;
       std::error_code rec;
       fs::remove_all(it->path(), rec);
       removed += !rec;
@@ -142,8 +139,6 @@ class StagedDirectory {
   }
 
  private:
-  static bool process_alive(long pid) { return pid > 0 && (::kill(pid_t(pid), 0) == 0 || errno == EPERM); }
-
   static void sync_directory(const std::filesystem::path& dir) {
     // Best effort: the files themselves were fsynced by their writer.
     const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);

@@ -256,19 +256,7 @@ class ModularRun {
   }
 
   // CRC-32 of a file's bytes: ties a resumable training state to the files it started from.
-  static std::string fingerprint(const std::filesystem::path& file) {
-    std::ifstream in(file, std::ios::binary);
-    require(bool(in), file.string(), "cannot open for reading");
-    std::vector<char> buf(1 << 16);
-    uLong crc = crc32(0L, Z_NULL, 0);
-    while (in) {
-      in.read(buf.data(), std::streamsize(buf.size()));
-      crc = crc32(crc, reinterpret_cast<const Bytef*>(buf.data()), uInt(in.gcount()));
-    }
-    char hex[16];
-    std::snprintf(hex, sizeof hex, "%08lx", static_cast<unsigned long>(crc));
-    return hex;
-  }
+  static std::string fingerprint(const std::filesystem::path& file) { return file_fingerprint(file); }
   // Writes one stage file with the run's tag, the phase, the stage and its lineage entries.
   template <class S>
   void save(S& stage, const std::filesystem::path& file, const std::string& phase, std::size_t i,
