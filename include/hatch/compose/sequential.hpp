@@ -414,7 +414,6 @@ struct Repeat {
   static_assert(N == 0 || keeps_width<Spec, width_error::repeated_layer>());
   static constexpr int in = Spec::in, out = Spec::out;
   static constexpr int count = N, start = Start;
-  using repeated_spec = Spec;
   template <Backend B> using bind = RepeatLayer<B, N, Start, typename Spec::template bind<B>>;
 };
 
