@@ -1,6 +1,8 @@
-// Builds a micro ViT from the installed headers, runs one forward and backward pass.
+// Builds a micro ViT from the installed headers, runs one forward and backward pass, and checks
+// a layer's gradients with the installed finite-difference checker.
 #include <cstdio>
 #include <hatch/hatch.hpp>
+#include <hatch/testing/gradcheck.hpp>
 
 int main() {
   using namespace hatch;
@@ -16,5 +18,9 @@ int main() {
   ctx.input_grad = false;
   model.backward(dy, ctx);
   std::printf("logits %s ok\n", logits.shape().str().c_str());
-  return logits.shape() == Shape{2, 10} ? 0 : 1;
+  Model<Linear<6, 4>, Cpu64> linear;
+  testing::randomize_parameters(linear, 1);
+  const auto report = testing::gradcheck(linear, {3, 6}, false);
+  std::printf("gradcheck Linear: %.2e\n", report.max_rel);
+  return logits.shape() == Shape{2, 10} && report.passed() ? 0 : 1;
 }

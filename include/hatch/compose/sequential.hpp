@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <array>
 #include <cstddef>
+#include <cstdint>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -28,6 +29,8 @@ template <FixedString Name, class Spec>
 struct Named {
   static constexpr int in = Spec::in, out = Spec::out;
   static constexpr std::string_view name = Name.view();
+  using named_spec = Spec;
+  template <class S> using rename = Named<Name, S>;
   template <Backend B> using bind = typename Spec::template bind<B>;
 };
 
@@ -67,21 +70,188 @@ constexpr int last_width() {
   return kAnyWidth;
 }
 
-// Instantiated only on a mismatch; the compiler prints its arguments next to the message.
-template <int LayerIndex, int ProducedWidth, int ExpectedWidth>
-struct SequentialWidthMismatch {
-  static_assert(LayerIndex < 0,
-                "hatch::Sequential: layer <LayerIndex> expects input width <ExpectedWidth> but the "
-                "layers before it produce <ProducedWidth>. Fix the widths or insert a Linear "
-                "stitch between them.");
-  static constexpr bool ok = false;
+// Composition errors as sentences. C++20 cannot put numbers into a static_assert message, so
+// each error is a chain of nested templates whose names and arguments read as the sentence,
+// e.g. g++'s first line about it is
+//   In instantiation of 'struct hatch::width_error::layer<2, hatch::Linear<48, 10> >
+//     ::expects_input_width<48>::but_the_layers_before_it_produce<64>'
+// and the static_assert below it says what to do. Each is instantiated only on a mismatch, and
+// `reported` is true so that the composite using it adds no second error.
+namespace width_error {
+template <std::size_t Index, class Layer>
+struct layer {
+  template <int Expected>
+  struct expects_input_width {
+    template <int Produced>
+    struct but_the_layers_before_it_produce {
+      static_assert(Produced == Expected,
+                    "hatch::Sequential: a layer's input width differs from the output width of the "
+                    "layers before it (layer index, layer type and both widths are on the 'In "
+                    "instantiation of' line above). Make the widths agree, or insert "
+                    "Linear<produced, expected> between the two layers.");
+      static constexpr bool reported = true;
+    };
+  };
 };
+template <std::size_t Index>
+struct stage {
+  template <int Expected>
+  struct expects_input_width {
+    template <int Produced>
+    struct but_the_stages_before_it_produce {
+      static_assert(Produced == Expected,
+                    "hatch::Stages: a stage's input width differs from the output width of the "
+                    "stage before it (stage index and both widths are on the 'In instantiation "
+                    "of' line above). Make the widths agree, or wrap the stage in "
+                    "Stitched<Stage, produced> to adapt it.");
+      static constexpr bool reported = true;
+    };
+  };
+};
+template <class Branch>
+struct residual_branch {
+  template <int In>
+  struct maps_width {
+    template <int Out>
+    struct to {
+      static_assert(In == Out,
+                    "hatch::Residual: the wrapped layer changes the width (in and out are on the "
+                    "'In instantiation of' line above), so its output cannot be added to its "
+                    "input. Wrap only width-keeping layers in Residual.");
+      static constexpr bool reported = true;
+    };
+  };
+};
+template <class Repeated>
+struct repeated_layer {
+  template <int In>
+  struct maps_width {
+    template <int Out>
+    struct to {
+      static_assert(In == Out,
+                    "hatch::Repeat: the repeated layer changes the width (in and out are on the "
+                    "'In instantiation of' line above), so copy i+1 cannot take copy i's output. "
+                    "Repeat only width-keeping layers.");
+      static constexpr bool reported = true;
+    };
+  };
+};
+}  // namespace width_error
+
 template <class... S>
 constexpr bool widths_agree() {
   constexpr WidthCheck c = check_widths<S...>();
-  if constexpr (c.index >= 0) return SequentialWidthMismatch<c.index, c.produced, c.expected>::ok;
+  using Layer = std::tuple_element_t<std::size_t(c.index < 0 ? 0 : c.index), std::tuple<S...>>;
+  if constexpr (c.index >= 0)
+    return width_error::layer<std::size_t(c.index), Layer>::template expects_input_width<
+        c.expected>::template but_the_layers_before_it_produce<c.produced>::reported;
   else return true;
 }
+template <class... S>
+constexpr bool stage_widths_agree() {
+  constexpr WidthCheck c = check_widths<S...>();
+  if constexpr (c.index >= 0)
+    return width_error::stage<std::size_t(c.index)>::template expects_input_width<
+        c.expected>::template but_the_stages_before_it_produce<c.produced>::reported;
+  else return true;
+}
+// True, after reporting the error when a width-keeping wrapper gets a width-changing layer.
+template <class Spec, template <class> class Error>
+constexpr bool keeps_width() {
+  if constexpr (Spec::in != Spec::out && Spec::in != kAnyWidth && Spec::out != kAnyWidth)
+    return Error<Spec>::template maps_width<Spec::in>::template to<Spec::out>::reported;
+  else return true;
+}
+
+// ---- automatic numbering of Repeat copies ----------------------------------------------------
+// Repeat<N, Spec> without a Start is numbered after the copies that come before it under the
+// same parameter-name prefix in the enclosing Sequential or Stages: in
+//   Stages<Sequential<Named<"blocks", Repeat<2, X>>>, Sequential<Named<"blocks", Repeat<3, X>>>>
+// stage 0 holds blocks.0-1 and stage 1 blocks.2-4, as timm numbers a flat list of blocks. The
+// numbers become part of the stage types (Stages::stage<I> is Repeat<3, X, 2>), so a stage keeps
+// its names wherever it goes (a hybrid, a stage file). An explicit Start is kept as written.
+inline constexpr int kAutoStart = -1;
+
+template <int N, class Spec, int Start = kAutoStart>
+struct Repeat;
+template <class... Specs>
+struct Sequential;
+
+namespace numbering {
+constexpr std::uint64_t extend(std::uint64_t path, std::string_view name) {
+  std::uint64_t h = path ^ 0x2e;  // '.'
+  h *= 0x100000001b3ULL;
+  for (char c : name) h = (h ^ std::uint64_t(static_cast<unsigned char>(c))) * 0x100000001b3ULL;
+  return h;
+}
+inline constexpr std::uint64_t kRoot = 0xcbf29ce484222325ULL;
+
+// The next free copy number of every prefix seen so far (the last entry for a prefix wins).
+template <std::uint64_t Path, int Next> struct Count {};
+template <class... C> struct Counts {};
+
+template <std::uint64_t Path, std::uint64_t... P, int... N>
+constexpr int next(Counts<Count<P, N>...>) {
+  int r = 0;
+  ((r = P == Path ? N : r), ...);
+  return r;
+}
+template <class C, std::uint64_t Path, int Next> struct Set;
+template <class... C, std::uint64_t Path, int Next>
+struct Set<Counts<C...>, Path, Next> {
+  using type = Counts<C..., Count<Path, Next>>;
+};
+
+template <class... T> struct List {};
+
+// Renumber<Spec, Path, C>: type = Spec with its automatic Repeats numbered; counts = C after it.
+template <class Spec, std::uint64_t Path, class C>
+struct Renumber {
+  using type = Spec;
+  using counts = C;
+};
+template <class Spec, std::uint64_t Path, class C>
+  requires requires { typename Spec::named_spec; }
+struct Renumber<Spec, Path, C> {
+  using R = Renumber<typename Spec::named_spec, extend(Path, Spec::name), C>;
+  using type = typename Spec::template rename<typename R::type>;
+  using counts = typename R::counts;
+};
+template <class Spec, std::uint64_t Path, class C>
+  requires requires { typename Spec::residual_spec; }
+struct Renumber<Spec, Path, C> {
+  using R = Renumber<typename Spec::residual_spec, Path, C>;
+  using type = typename Spec::template rewrap<typename R::type>;
+  using counts = typename R::counts;
+};
+template <int N, class S, int Start, std::uint64_t Path, class C>
+struct Renumber<Repeat<N, S, Start>, Path, C> {
+  static constexpr int first = Start == kAutoStart ? next<Path>(C{}) : Start;
+  static constexpr int last = std::max(next<Path>(C{}), first + N);
+  using type = Repeat<N, S, first>;
+  using counts = typename Set<C, Path, last>::type;
+};
+
+// Numbers a list of siblings in order; done = List<numbered siblings...>.
+template <std::uint64_t Path, class C, class Done, class... Rest>
+struct RenumberList {
+  using done = Done;
+  using counts = C;
+};
+template <std::uint64_t Path, class C, class... Done, class S0, class... Rest>
+struct RenumberList<Path, C, List<Done...>, S0, Rest...>
+    : RenumberList<Path, typename Renumber<S0, Path, C>::counts, List<Done..., typename Renumber<S0, Path, C>::type>,
+                   Rest...> {};
+
+template <class... S, std::uint64_t Path, class C>
+struct Renumber<Sequential<S...>, Path, C> {
+  using R = RenumberList<Path, C, List<>, S...>;
+  template <class L> struct Apply;
+  template <class... T> struct Apply<List<T...>> { using type = Sequential<T...>; };
+  using type = typename Apply<typename R::done>::type;
+  using counts = typename R::counts;
+};
+}  // namespace numbering
 
 // ---- Sequential ------------------------------------------------------------------------------
 template <Backend B, class... Specs>
@@ -134,12 +304,23 @@ class SequentialLayer {
   std::tuple<typename Specs::template bind<B>...> layers_;
 };
 
+template <Backend B, class NumberedList>
+struct SequentialLayerOf;
+template <Backend B, class... S>
+struct SequentialLayerOf<B, numbering::List<S...>> {
+  using type = SequentialLayer<B, S...>;
+};
+
 template <class... Specs>
 struct Sequential {
   static_assert(sizeof...(Specs) > 0, "hatch::Sequential needs at least one layer");
   static_assert(widths_agree<Specs...>());
   static constexpr int in = first_width<Specs...>(), out = last_width<Specs...>();
-  template <Backend B> using bind = SequentialLayer<B, Specs...>;
+  // Binding numbers the automatic Repeats among the children (see numbering above).
+  template <Backend B>
+  using bind = typename SequentialLayerOf<
+      B, typename numbering::RenumberList<numbering::kRoot, numbering::Counts<>, numbering::List<>,
+                                          Specs...>::done>::type;
 };
 
 // ---- Residual: y = x + f(x) ------------------------------------------------------------------
@@ -177,14 +358,15 @@ class ResidualLayer {
 
 template <class Spec>
 struct Residual {
-  static_assert(Spec::in == Spec::out || Spec::in == kAnyWidth || Spec::out == kAnyWidth,
-                "hatch::Residual: the wrapped layer must keep its width (in == out) to be added "
-                "to its input");
+  static_assert(keeps_width<Spec, width_error::residual_branch>());
   static constexpr int in = Spec::in, out = Spec::out;
+  using residual_spec = Spec;
+  template <class S> using rewrap = Residual<S>;
   template <Backend B> using bind = ResidualLayer<B, typename Spec::template bind<B>>;
 };
 
 // ---- Repeat: N copies of one layer, named Start, Start+1, ... (timm's "blocks.3") -----------
+// Start = kAutoStart: numbered by the enclosing Sequential or Stages (0 when bound on its own).
 template <Backend B, int N, int Start, class Layer>
 class RepeatLayer {
  public:
@@ -212,7 +394,8 @@ class RepeatLayer {
   }
   template <class F>
   void visit(F&& f, const std::string& prefix) {
-    for (int i = 0; i < N; ++i) layers_[i].visit(f, prefix + std::to_string(Start + i) + ".");
+    constexpr int first = Start == kAutoStart ? 0 : Start;
+    for (int i = 0; i < N; ++i) layers_[i].visit(f, prefix + std::to_string(first + i) + ".");
   }
   template <class F>
   void for_each_layer(F&& f) {
@@ -224,12 +407,13 @@ class RepeatLayer {
   std::array<Layer, N> layers_;
 };
 
-template <int N, class Spec, int Start = 0>
+template <int N, class Spec, int Start>
 struct Repeat {
   static_assert(N >= 0, "hatch::Repeat: the count must not be negative");
-  static_assert(N == 0 || Spec::in == Spec::out || Spec::in == kAnyWidth || Spec::out == kAnyWidth,
-                "hatch::Repeat: a repeated layer must keep its width (in == out)");
+  static_assert(Start >= 0 || Start == kAutoStart, "hatch::Repeat: Start must not be negative");
+  static_assert(N == 0 || keeps_width<Spec, width_error::repeated_layer>());
   static constexpr int in = Spec::in, out = Spec::out;
+  static constexpr int count = N, start = Start;
   template <Backend B> using bind = RepeatLayer<B, N, Start, typename Spec::template bind<B>>;
 };
 

@@ -4,6 +4,7 @@
 // ReplaceStage<Model, I, Module> is the type-level operation behind Deep Incubation and m2mKD.
 #include <cstddef>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 
 #include "hatch/compose/sequential.hpp"
@@ -42,48 +43,128 @@ class StagesLayer : public SequentialLayer<B, Specs...> {
   }
 };
 
+template <Backend B, class NumberedList>
+struct StagesLayerOf;
+template <Backend B, class... S>
+struct StagesLayerOf<B, numbering::List<S...>> {
+  using type = StagesLayer<B, S...>;
+};
+
+template <std::size_t I, class List>
+struct StageAt;
+template <std::size_t I, class... S>
+struct StageAt<I, numbering::List<S...>> {
+  using type = std::tuple_element_t<I, std::tuple<S...>>;
+};
+
+// The stages' automatic Repeats are numbered across the whole model (stage 1's blocks continue
+// where stage 0's stop), and stage<I> is the numbered type: see "automatic numbering" in
+// sequential.hpp.
 template <class... Specs>
 struct Stages {
   static_assert(sizeof...(Specs) > 0, "hatch::Stages needs at least one stage");
   static_assert((!requires { Specs::name; } && ...),
                 "hatch::Stages: a stage cannot be Named: stage files are saved and loaded without a "
                 "prefix, so the stage's own layers must carry their full names");
-  static_assert(widths_agree<Specs...>());
+  static_assert(stage_widths_agree<Specs...>());
   static constexpr std::size_t num_stages = sizeof...(Specs);
   static constexpr int in = first_width<Specs...>(), out = last_width<Specs...>();
   using stages_type = Stages;
-  template <Backend B> using bind = StagesLayer<B, Specs...>;
-  template <std::size_t I> using stage = std::tuple_element_t<I, std::tuple<Specs...>>;
+  using stage_list = typename numbering::RenumberList<numbering::kRoot, numbering::Counts<>, numbering::List<>,
+                                                      Specs...>::done;
+  template <Backend B> using bind = typename StagesLayerOf<B, stage_list>::type;
+  template <std::size_t I> using stage = typename StageAt<I, stage_list>::type;
 };
-
 // ---- ReplaceStage ----------------------------------------------------------------------------
-template <std::size_t Stage, int ModuleIn, int ModuleOut, int StageIn, int StageOut>
-struct StageWidthMismatch {
-  static_assert(Stage > 1000000,
-                "hatch::ReplaceStage: the module's widths <ModuleIn -> ModuleOut> differ from the "
-                "widths of the stage it replaces <StageIn -> StageOut>. Wrap the module in "
-                "Stitched<Module, StageIn, StageOut> to adapt it.");
-  using type = void;
+namespace width_error {
+template <std::size_t Index>
+struct replaced_stage {
+  template <int StageIn, int StageOut>
+  struct maps_widths {
+    template <int ModuleIn, int ModuleOut>
+    struct but_the_module_maps {
+      static_assert(StageIn == ModuleIn && StageOut == ModuleOut,
+                    "hatch::ReplaceStage: the module's widths (in, out) differ from the widths of "
+                    "the stage it replaces (stage index and both pairs of widths are on the 'In "
+                    "instantiation of' line above). Wrap the module in "
+                    "Stitched<Module, stage in, stage out> to adapt it.");
+      static constexpr bool reported = true;
+    };
+  };
 };
+}  // namespace width_error
 
-// Models derived from Stages (Vit) are handled as the Stages they are.
-template <class Model, std::size_t I, class Module>
-struct ReplaceStageImpl : ReplaceStageImpl<typename Model::stages_type, I, Module> {};
-
-template <class... S, std::size_t I, class Module>
-struct ReplaceStageImpl<Stages<S...>, I, Module> {
+template <class StageList, std::size_t I, class Module, class Model>
+struct ReplaceStageIn;
+template <class... S, std::size_t I, class Module, class Model>
+struct ReplaceStageIn<numbering::List<S...>, I, Module, Model> {
   static_assert(I < sizeof...(S), "hatch::ReplaceStage: the stage index is past the last stage");
-  using Old = std::tuple_element_t<I, std::tuple<S...>>;
+  using Old = std::tuple_element_t<(I < sizeof...(S) ? I : 0), std::tuple<S...>>;
   static constexpr bool same_widths = Old::in == Module::in && Old::out == Module::out;
+  static constexpr bool check() {
+    if constexpr (same_widths) return true;
+    else return width_error::replaced_stage<I>::template maps_widths<Old::in, Old::out>::
+        template but_the_module_maps<Module::in, Module::out>::reported;
+  }
+  static_assert(check());
   template <std::size_t... J>
   static auto make(std::index_sequence<J...>) -> Stages<std::conditional_t<J == I, Module, S>...>;
-  using type = typename std::conditional_t<
-      same_widths, std::type_identity<decltype(make(std::index_sequence_for<S...>{}))>,
-      StageWidthMismatch<I, Module::in, Module::out, Old::in, Old::out>>::type;
+  // On a mismatch (already reported) the model itself, so that no error follows from it.
+  using type = std::conditional_t<same_widths && I < sizeof...(S),
+                                  decltype(make(std::index_sequence_for<S...>{})), Model>;
 };
 
+// Works on Stages and on models derived from it (Vit), with the stages numbered as in Model.
 template <class Model, std::size_t I, class Module>
-using ReplaceStage = typename ReplaceStageImpl<Model, I, Module>::type;
+using ReplaceStage = typename ReplaceStageIn<typename Model::stage_list, I, Module, Model>::type;
+
+// ---- MetaOf ----------------------------------------------------------------------------------
+// The meta model of Deep Incubation for a staged target: the same stages with every Repeat cut
+// to one copy (the "one block per module" meta model of the paper), numbered afresh. A model
+// that wants another meta model says so with a member `using meta_model = ...;` (Vit keeps its
+// Depths<1, ..., 1>), or by specialising MetaFor<Target>.
+namespace shallow {
+template <class Spec>
+struct Cut {
+  using type = Spec;
+};
+template <class Spec>
+  requires requires { typename Spec::named_spec; }
+struct Cut<Spec> {
+  using type = typename Spec::template rename<typename Cut<typename Spec::named_spec>::type>;
+};
+template <class Spec>
+  requires requires { typename Spec::residual_spec; }
+struct Cut<Spec> {
+  using type = typename Spec::template rewrap<typename Cut<typename Spec::residual_spec>::type>;
+};
+template <int N, class S, int Start>
+struct Cut<Repeat<N, S, Start>> {
+  using type = Repeat<(N > 0 ? 1 : 0), S>;
+};
+template <class... S>
+struct Cut<Sequential<S...>> {
+  using type = Sequential<typename Cut<S>::type...>;
+};
+template <class StageList>
+struct CutStages;
+template <class... S>
+struct CutStages<numbering::List<S...>> {
+  using type = Stages<typename Cut<S>::type...>;
+};
+}  // namespace shallow
+
+template <class Target>
+struct MetaFor {
+  using type = typename shallow::CutStages<typename Target::stage_list>::type;
+};
+template <class Target>
+  requires requires { typename Target::meta_model; }
+struct MetaFor<Target> {
+  using type = typename Target::meta_model;
+};
+template <class Target>
+using MetaOf = typename MetaFor<Target>::type;
 
 // A module of another width made to fit a stage: Linear stitches on both sides (m2mKD).
 // The stitches are named stitch_in / stitch_out and dropped at assembly.

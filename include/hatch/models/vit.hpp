@@ -5,6 +5,7 @@
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <utility>
 
 #include "hatch/compose/stages.hpp"
 #include "hatch/layers/block.hpp"
@@ -58,12 +59,23 @@ struct VitImpl<S, D, std::index_sequence<I...>> {
   using type = Stages<VitStage<S, D::values[I], D::offset(int(I)), I == 0, I + 1 == D::count>...>;
 };
 
+// Depths<1, ..., 1> with K entries.
+template <std::size_t K, class Idx = std::make_index_sequence<K>>
+struct OneBlockPerStage;
+template <std::size_t K, std::size_t... I>
+struct OneBlockPerStage<K, std::index_sequence<I...>> {
+  using type = Depths<(void(I), 1)...>;
+};
+
 template <VitSpec S, class D>
 struct Vit : VitImpl<S, D>::type {
   static_assert(S.image % S.patch == 0, "hatch::Vit: image size must be a multiple of the patch size");
   static_assert(S.dim % S.heads == 0, "hatch::Vit: dim must be divisible by heads");
   static constexpr VitSpec spec = S;
   using depths = D;
+  // Deep Incubation's meta model (MetaOf<Vit>): the same patch, width and heads, one block per
+  // stage, as a Vit so that its parameter names are timm's.
+  using meta_model = Vit<S, typename OneBlockPerStage<std::size_t(D::count)>::type>;
 };
 
 // A bound model: Model<Vit<...>, Cpu>.
@@ -102,9 +114,9 @@ using VitBase = Vit<base, Depths<3, 3, 3, 3>>;
 // Fashion-MNIST preset, so with_preset leaves it out (no example instantiates it).
 inline constexpr VitSpec b16{.image = 224, .channels = 3, .patch = 16, .dim = 768, .heads = 12, .mlp_ratio = 4, .classes = 1000};
 using VitB16 = Vit<b16, Depths<3, 3, 3, 3>>;
-// The meta model of a preset: same patch, width and heads, one block per stage.
+// The meta model of a preset: same patch, width and heads, one block per stage (hatch::MetaOf).
 template <class V>
-using MetaOf = Vit<V::spec, Depths<1, 1, 1, 1>>;
+using MetaOf = hatch::MetaOf<V>;
 
 inline constexpr const char* names = "vit-micro, vit-tiny, vit-small, vit-base";
 }  // namespace presets

@@ -15,18 +15,83 @@
 
 namespace hatch {
 
+namespace width_error {
+template <std::size_t Index>
+struct incubated_stage {
+  template <int MetaIn, int MetaOut>
+  struct of_the_meta_model_maps_widths {
+    template <int TargetIn, int TargetOut>
+    struct but_the_target_module_maps {
+      static_assert(MetaIn == TargetIn && MetaOut == TargetOut,
+                    "hatch::Incubator: a target module does not fit the meta model (stage index and "
+                    "both pairs of widths are on the 'In instantiation of' line above). Incubation "
+                    "trains module i in place of stage i of the meta model, so their widths must "
+                    "agree: use a meta model of the target's width (MetaOf<Target>: the target with "
+                    "one block per stage), or give the target a Stitched<Stage, in, out> stage.");
+      static constexpr bool reported = true;
+    };
+  };
+};
+}  // namespace width_error
+
+// Whether every target module fits its meta stage; reports the first that does not.
+template <class MetaArch, class TargetArch>
+struct IncubationFit {
+  static constexpr std::size_t K = MetaArch::num_stages;
+  static constexpr bool same_count = K == TargetArch::num_stages;
+  template <std::size_t I>
+  static constexpr bool fits() {
+    using M = typename MetaArch::template stage<I>;
+    using T = typename TargetArch::template stage<I>;
+    return M::in == T::in && M::out == T::out;
+  }
+  static constexpr int first_misfit() {
+    if constexpr (!same_count) return -1;  // reported by the stage-count check
+    else
+      return []<std::size_t... I>(std::index_sequence<I...>) {
+        int r = -1;
+        ((r = r < 0 && !fits<I>() ? int(I) : r), ...);
+        return r;
+      }(std::make_index_sequence<K>{});
+  }
+  static constexpr int misfit = first_misfit();
+  static constexpr bool report() {
+    if constexpr (misfit < 0) return true;
+    else {
+      using M = typename MetaArch::template stage<std::size_t(misfit)>;
+      using T = typename TargetArch::template stage<std::size_t(misfit)>;
+      return width_error::incubated_stage<std::size_t(misfit)>::template of_the_meta_model_maps_widths<
+          M::in, M::out>::template but_the_target_module_maps<T::in, T::out>::reported;
+    }
+  }
+  static constexpr bool ok = same_count && misfit < 0;
+};
+
+// The hybrid of module I; on a misfit (already reported) the meta model, so no error follows.
+template <bool Ok, class MetaArch, class TargetArch, std::size_t I>
+struct IncubationHybrid {
+  using type = MetaArch;
+};
+template <class MetaArch, class TargetArch, std::size_t I>
+struct IncubationHybrid<true, MetaArch, TargetArch, I> {
+  using type = ReplaceStage<MetaArch, I, typename TargetArch::template stage<I>>;
+};
+
 template <class MetaArch, class TargetArch, Backend B>
 class Incubator : public ModularRun<MetaArch, B> {
   using Base = ModularRun<MetaArch, B>;
   using Base::files_;
   using Base::seed_;
+  using Fit = IncubationFit<MetaArch, TargetArch>;
 
  public:
   static constexpr std::size_t K = Base::K;
-  static_assert(K == TargetArch::num_stages,
-                "hatch::Incubator: the meta model and the target must have the same number of stages");
+  static_assert(Fit::same_count,
+                "hatch::Incubator: the meta model and the target must have the same number of stages "
+                "(MetaOf<Target> has the target's)");
+  static_assert(Fit::report());
   template <std::size_t I>
-  using HybridArch = ReplaceStage<MetaArch, I, typename TargetArch::template stage<I>>;
+  using HybridArch = typename IncubationHybrid<Fit::ok, MetaArch, TargetArch, I>::type;
   using Meta = typename Base::Meta;
   using Target = Model<TargetArch, B>;
 

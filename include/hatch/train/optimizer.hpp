@@ -3,10 +3,12 @@
 // clipping by global norm, freezing, and the warmup + cosine schedule.
 #include <cmath>
 #include <functional>
+#include <map>
 #include <numbers>
 #include <string>
 #include <vector>
 
+#include "hatch/core/error.hpp"
 #include "hatch/core/parameter.hpp"
 
 namespace hatch {
@@ -17,10 +19,28 @@ struct ParamRef {
   Parameter<B>* param;
 };
 
-// The trainable parameters of a model, in visit order, with their full names.
+// Throws when two different parameters of a model have the same name: such a model trains but
+// cannot be saved, so say so before training, with the name and what usually causes it.
+template <class M>
+void require_unique_parameter_names(M& model) {
+  using B = typename M::backend;
+  std::map<std::string, const Parameter<B>*> seen;
+  model.visit([&](const std::string& n, Parameter<B>& p) {
+    const auto [it, fresh] = seen.emplace(n, &p);
+    require(fresh || it->second == &p, "model",
+            "two parameters are named '" + n +
+                "', so the model could not be saved or loaded. Give the two layers different "
+                "Named<\"...\"> prefixes; copies of a Repeat are numbered automatically inside one "
+                "Sequential or Stages, but a Repeat inside a layer of your own needs its Start set "
+                "(Repeat<N, Spec, Start>)");
+  }, "");
+}
+
+// The trainable parameters of a model, in visit order, with their full names (checked unique).
 template <class M>
 auto trainable_parameters(M& model) {
   using B = typename M::backend;
+  require_unique_parameter_names(model);
   std::vector<ParamRef<B>> out;
   model.visit([&](const std::string& n, Parameter<B>& p) {
     if (p.trainable) out.push_back({n, &p});
