@@ -77,41 +77,6 @@ struct LayerScale {
   template <Backend B> using bind = LayerScaleLayer<B, D>;
 };
 
-// Images (N, C, H, W) to rows (N, C*H*W): a copy, so that the layer owns its output.
-template <Backend B, int Features>
-class FlattenLayer {
- public:
-  using backend = B;
-  static constexpr int in = Features, out = Features;
-  void reset_parameters(Initializer&) {}
-  const Tensor<B>& forward(const Tensor<B>& x, Context&) {
-    HATCH_CHECK(x.numel() == x.dim(0) * Features, "Flatten",
-                "input " + x.shape().str() + " does not hold " + std::to_string(Features) + " values per sample");
-    in_shape_ = x.shape();
-    y_.resize({x.dim(0), Features});
-    B::copy(y_.data(), x.data(), std::size_t(x.numel()));
-    return y_;
-  }
-  const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
-    if (ctx.input_grad) {
-      dx_.resize(in_shape_);
-      B::copy(dx_.data(), dy.data(), std::size_t(dy.numel()));
-    }
-    return dx_;
-  }
-  template <class F> void visit(F&&, const std::string&) {}
-  template <class F> void for_each_layer(F&& f) { f(*this); }
-
- private:
-  Shape in_shape_;
-  Tensor<B> y_, dx_;
-};
-template <int Features>
-struct Flatten {
-  static constexpr int in = Features, out = Features;
-  template <Backend B> using bind = FlattenLayer<B, Features>;
-};
-
 // ---- 3. A staged model ----------------------------------------------------------------------
 // A pre-norm residual MLP block with LayerScale on its branch.
 template <int D>
