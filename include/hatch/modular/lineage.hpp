@@ -81,18 +81,7 @@ class LineageHash {
 // The FitOptions that change what training produces, as text for a lineage id. Left out: where
 // files go (out), resume, progress and the bookkeeping of earlier phases (images_before,
 // seconds_before), which differ between one process and separate ones for the same result.
-inline std::string lineage_recipe(const FitOptions& o) {
-  const auto& a = o.augment;
-  char buf[512];
-  std::snprintf(buf, sizeof buf,
-                "epochs=%d batch=%d lr=%.17g min_lr=%.17g warmup_lr=%.17g warmup_epochs=%.17g "
-                "weight_decay=%.17g clip=%.17g seed=%llu crop_padding=%d hflip=%d mixup=%.9g cutmix=%.9g "
-                "mix_prob=%.9g switch_prob=%.9g label_smoothing=%.9g pad_value=%.9g",
-                o.epochs, o.batch, o.lr, o.min_lr, o.warmup_lr, o.warmup_epochs, o.weight_decay, o.clip,
-                static_cast<unsigned long long>(o.seed), a.crop_padding, int(a.hflip), a.mixup_alpha,
-                a.cutmix_alpha, a.mix_prob, a.switch_prob, a.label_smoothing, a.pad_value);
-  return buf;
-}
+inline std::string lineage_recipe(const FitOptions& o) { return options_recipe(o).dump(); }
 
 // One input file of a phase, the stage it holds and the id it carries for the key checked.
 struct LineageEntry {

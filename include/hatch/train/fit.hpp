@@ -57,10 +57,9 @@ struct FitResult {
   double seconds = 0, images = 0;
 };
 
-// Everything that changes what a fit run computes, as flag-like names -> values: the options
-// above that matter, the sizes of the data, and the caller's own entries (FitOptions::recipe).
-// A saved training state records it; resuming with any entry changed is refused.
-inline nlohmann::json fit_recipe(const FitOptions& o, const data::Dataset& train, const data::Dataset& test) {
+// The options that change what a fit run computes, as flag-like names -> values, with the
+// caller's own entries (FitOptions::recipe); not where it writes, nor progress or resume.
+inline nlohmann::json options_recipe(const FitOptions& o) {
   nlohmann::json r = {{"epochs", o.epochs},
                       {"batch", o.batch},
                       {"lr", o.lr},
@@ -76,11 +75,19 @@ inline nlohmann::json fit_recipe(const FitOptions& o, const data::Dataset& train
                       {"mix-prob", o.augment.mix_prob},
                       {"switch-prob", o.augment.switch_prob},
                       {"label-smoothing", o.augment.label_smoothing},
+                      {"pad-value", o.augment.pad_value},
                       {"seed", o.seed},
-                      {"train-images", train.n},
-                      {"test-images", test.n},
                       {"inputs", o.inputs}};
   for (const auto& [k, v] : o.recipe.items()) r[k] = v;
+  return r;
+}
+
+// Everything that changes what a fit run computes: options_recipe and the sizes of the data. A
+// saved training state records it; resuming with any entry changed is refused.
+inline nlohmann::json fit_recipe(const FitOptions& o, const data::Dataset& train, const data::Dataset& test) {
+  auto r = options_recipe(o);
+  r["train-images"] = train.n;
+  r["test-images"] = test.n;
   return r;
 }
 
