@@ -38,7 +38,8 @@ int time_train_step(const StepOptions& o) {
     auto model = std::make_unique<Model<V, B>>();
     Initializer init(0);
     model->reset_parameters(init);
-    AdamW<B> opt(trainable_parameters(*model), {});
+    ParameterArena<B> arena(trainable_parameters(*model));  // as fit does: one pass per step
+    AdamW<B> opt(arena, {});
     SoftTargetCrossEntropy<B> loss;
     std::mt19937_64 rng(0);
     std::normal_distribution<float> nd;

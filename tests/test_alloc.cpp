@@ -83,3 +83,30 @@ TEST_CASE("a steady-state step through Silu, Reshape and Flatten allocates nothi
   CHECK(news.load() == 0);
   CHECK(mallocs.load() == 0);
 }
+
+TEST_CASE("a steady-state training step over a parameter arena allocates nothing") {
+  Model<Block<128, 4>, Cpu> block;
+  Initializer init(3);
+  block.reset_parameters(init);
+  ParameterArena<Cpu> arena(trainable_parameters(block));
+  AdamW<Cpu> opt(arena, {.weight_decay = 0.05});
+  Tensor<Cpu> x({32, 17, 128}), dy({32, 17, 128});
+  x.fill(0.1f);
+  dy.fill(0.01f);
+  auto train_step = [&](int i) {
+    opt.zero_grad();
+    step(block, x, dy, std::uint64_t(i));
+    arena.clip_grad_norm(0.5);
+    opt.step(1e-3);
+  };
+  for (int i = 0; i < 3; ++i) train_step(i);
+  const auto buffers = Cpu::allocation_count().load();
+  mallocs = 0;
+  news = 0;
+  counting = true;
+  for (int i = 3; i < 8; ++i) train_step(i);
+  counting = false;
+  CHECK(Cpu::allocation_count().load() == buffers);
+  CHECK(news.load() == 0);
+  CHECK(mallocs.load() == 0);
+}

@@ -19,6 +19,7 @@
 #include "hatch/backend/concept.hpp"
 #include "hatch/compose/sequential.hpp"
 #include "hatch/compose/stages.hpp"
+#include "hatch/core/arena.hpp"
 #include "hatch/core/error.hpp"
 #include "hatch/core/host_device.hpp"
 #include "hatch/core/parameter.hpp"

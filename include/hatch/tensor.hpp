@@ -8,6 +8,12 @@
 // copy. Flatten and Reshape return views. A view owns nothing and is valid while its source
 // keeps its buffer; resizing or assigning to a view detaches it first (it gets its own buffer),
 // so it never writes into the source through resize() or operator=.
+//
+// A bound tensor (bind) is a view that stays put: a ParameterArena binds every parameter's value
+// and gradient to its slice of the arena. resize() to the same number of elements, from_host()
+// and assignment write into the slice instead of detaching, so loading a checkpoint or
+// re-initialising a parameter keeps it in the arena; changing its size throws. detach() gives
+// it its own buffer again (a copy of the slice).
 #include <algorithm>
 #include <array>
 #include <cstddef>
@@ -67,13 +73,19 @@ class Tensor {
   Tensor(Tensor&& o) noexcept { swap(o); }
   Tensor& operator=(const Tensor& o) {
     if (this != &o) {
+      if (bound_) {  // write into the bound slice
+        resize(o.shape_);
+        if (numel()) B::copy(data_, o.data_, numel());
+        return *this;
+      }
       if (!owner_) release();  // a copy of anything (a view too) is an owning tensor
       resize(o.shape_);
       if (numel()) B::copy(data_, o.data_, numel());
     }
     return *this;
   }
-  Tensor& operator=(Tensor&& o) noexcept {
+  Tensor& operator=(Tensor&& o) {
+    if (bound_) return *this = static_cast<const Tensor&>(o);
     swap(o);
     return *this;
   }
@@ -83,6 +95,13 @@ class Tensor {
   // a reallocation.
   void resize(Shape s) {
     const auto n = static_cast<std::size_t>(s.numel());
+    if (bound_) {
+      HATCH_CHECK(s.numel() == numel(), "Tensor::resize",
+                  "this tensor lives in a parameter arena as " + shape_.str() + " and cannot become " + s.str() +
+                      "; change a parameter's shape before building the arena");
+      shape_ = s;
+      return;
+    }
     if (!owner_) release();  // detach a view from its source
     if (n > capacity_) {
       release();
@@ -106,6 +125,26 @@ class Tensor {
     shape_ = s;
   }
   bool is_view() const { return !owner_; }
+
+  // Makes this tensor a bound view of n = s.numel() elements at `data` (memory of B that outlives
+  // the binding; see the header comment). Allocates nothing; the contents are data's.
+  void bind(Scalar* data, Shape s) {
+    release();
+    data_ = data;
+    owner_ = false;
+    bound_ = true;
+    shape_ = s;
+  }
+  bool is_bound() const { return bound_; }
+  // Gives a view (bound or not) its own buffer holding a copy of the elements it shows.
+  void detach() {
+    if (owner_) return;
+    Tensor own;
+    own.resize(shape_);
+    if (numel()) B::copy(own.data_, data_, numel());
+    release();
+    swap(own);
+  }
 
   void zero() {
     if (numel()) B::fill(data_, numel(), Scalar(0));
@@ -140,6 +179,7 @@ class Tensor {
     std::swap(capacity_, o.capacity_);
     std::swap(shape_, o.shape_);
     std::swap(owner_, o.owner_);
+    std::swap(bound_, o.bound_);
   }
 
  private:
@@ -148,11 +188,13 @@ class Tensor {
     data_ = nullptr;
     capacity_ = 0;
     owner_ = true;
+    bound_ = false;
   }
   Scalar* data_ = nullptr;
   std::size_t capacity_ = 0;  // 0 for a view
   Shape shape_;
   bool owner_ = true;
+  bool bound_ = false;  // a view that resize() and assignment write through (a parameter arena)
 };
 
 // Throws a hatch::Error naming `where` when a tensor's shape is not the expected one.

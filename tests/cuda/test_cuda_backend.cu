@@ -674,6 +674,50 @@ TEST_CASE("cuda: adamw_update") {
   CHECK_CLOSE(vd.to_host(), v, kTol);
 }
 
+TEST_CASE("cuda: a parameter arena on the device: bound views, one-pass AdamW, zero-grad and clipping") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  using Net = hatch::Model<hatch::Mlp<8, 16>, Cuda>;
+  Net a, b;
+  hatch::Initializer ia(5), ib(5);
+  a.reset_parameters(ia);
+  b.reset_parameters(ib);
+  const hatch::AdamWOptions o{.weight_decay = 0.1};
+  hatch::AdamW<Cuda> ref(hatch::trainable_parameters(a), o);  // one update per parameter
+  hatch::ParameterArena<Cuda> arena(b);
+  hatch::AdamW<Cuda> opt(arena, o);  // one update per segment
+  auto set_grads = [](Net& net, std::uint64_t seed) {
+    net.visit([&](const std::string&, hatch::Parameter<Cuda>& p) {
+      p.grad.from_host(randn(std::size_t(p.grad.numel()), seed++));
+    }, "");
+  };
+  auto values = [](Net& net) {
+    HostVec out;
+    net.visit([&](const std::string&, hatch::Parameter<Cuda>& p) {
+      const auto h = p.value.to_host();
+      out.insert(out.end(), h.begin(), h.end());
+    }, "");
+    return out;
+  };
+  b.visit([&](const std::string&, hatch::Parameter<Cuda>& p) {
+    CHECK(p.value.is_bound());
+    CHECK(p.value.data() >= arena.values().data());
+    CHECK(p.value.data() + p.value.numel() <= arena.values().data() + arena.size());
+  }, "");
+  for (int s = 0; s < 3; ++s) {
+    set_grads(a, 100 + 10 * s);
+    set_grads(b, 100 + 10 * s);
+    ref.step(1e-2);
+    opt.step(1e-2);
+    CHECK(values(a) == values(b));  // the same kernel per element: bitwise
+  }
+  const double norm = hatch::global_grad_norm(hatch::trainable_parameters(a));
+  CHECK(arena.grad_norm() == doctest::Approx(norm).epsilon(1e-6));
+  CHECK(arena.clip_grad_norm(0.5) == doctest::Approx(norm).epsilon(1e-6));
+  CHECK(arena.grad_norm() == doctest::Approx(0.5).epsilon(1e-5));
+  opt.zero_grad();
+  CHECK(arena.grad_norm() == 0.0);
+}
+
 // ---- layers: Cuda vs Cpu ------------------------------------------------------------------------------
 namespace {
 // Runs one parity case on both backends and compares every result by name. "allocs.steady" must

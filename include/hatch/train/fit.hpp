@@ -208,8 +208,11 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
   using B = typename M::backend;
   using T = typename B::Scalar;
   require(o.epochs >= 0 && o.batch > 0, "fit", "epochs must be >= 0 and batch > 0");
-  auto params = trainable_parameters(model);
-  AdamW<B> opt(params, {.weight_decay = o.weight_decay});
+  // One flat arena over the trainable parameters (names checked unique): zero-grad, clipping
+  // and the AdamW step below are one pass each. Frozen parameters stay where they are; the
+  // arena gives the model its own buffers back when fit returns.
+  ParameterArena<B> arena(trainable_parameters(model));
+  AdamW<B> opt(arena, {.weight_decay = o.weight_decay});
   data::Batcher batches(train, o.batch, true, o.seed, o.augment);
   const std::int64_t per_epoch = batches.batches_per_epoch();
   WarmupCosine schedule{o.lr, o.min_lr, o.warmup_lr, std::int64_t(o.warmup_epochs * per_epoch),
@@ -293,7 +296,7 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
         correct += std::max_element(row, row + train.classes) - row == std::max_element(trow, trow + train.classes) - trow;
       }
       model.backward(objective.grad(), ctx);
-      if (o.clip > 0) clip_grad_norm(params, o.clip);
+      if (o.clip > 0) arena.clip_grad_norm(o.clip);
       lr = schedule.at(step);
       opt.step(lr);
       loss_sum += loss * b.size;

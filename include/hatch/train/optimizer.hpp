@@ -1,6 +1,11 @@
 #pragma once
 // Optimizers over the trainable parameters of a model (collected once, by visit), gradient
 // clipping by global norm, freezing, and the warmup + cosine schedule.
+//
+// An optimizer is built either over a parameter list (one update call per parameter) or over a
+// ParameterArena (core/arena.hpp): then its moments share the arena's layout and a step is one
+// update call per segment (decayed, not decayed), whatever the number of parameters. Both
+// expose the same state names (exp_avg.<name>, ...), so checkpoints do not tell them apart.
 #include <cmath>
 #include <functional>
 #include <map>
@@ -9,32 +14,10 @@
 #include <vector>
 
 #include "hatch/core/error.hpp"
+#include "hatch/core/arena.hpp"
 #include "hatch/core/parameter.hpp"
 
 namespace hatch {
-
-template <Backend B>
-struct ParamRef {
-  std::string name;
-  Parameter<B>* param;
-};
-
-// Throws when two different parameters of a model have the same name: such a model trains but
-// cannot be saved, so say so before training, with the name and what usually causes it.
-template <class M>
-void require_unique_parameter_names(M& model) {
-  using B = typename M::backend;
-  std::map<std::string, const Parameter<B>*> seen;
-  model.visit([&](const std::string& n, Parameter<B>& p) {
-    const auto [it, fresh] = seen.emplace(n, &p);
-    require(fresh || it->second == &p, "model",
-            "two parameters are named '" + n +
-                "', so the model could not be saved or loaded. Give the two layers different "
-                "Named<\"...\"> prefixes; copies of a Repeat are numbered automatically inside one "
-                "Sequential or Stages, but a Repeat inside a layer of your own needs its Start set "
-                "(Repeat<N, Spec, Start>)");
-  }, "");
-}
 
 // The trainable parameters of a model, in visit order, with their full names (checked unique).
 template <class M>
@@ -77,6 +60,20 @@ double clip_grad_norm(const std::vector<ParamRef<B>>& params, double max_norm) {
   return norm;
 }
 
+// The same over an arena: one reduction, one scale.
+template <Backend B>
+void zero_grads(ParameterArena<B>& arena) {
+  arena.zero_grad();
+}
+template <Backend B>
+double global_grad_norm(const ParameterArena<B>& arena) {
+  return arena.grad_norm();
+}
+template <Backend B>
+double clip_grad_norm(ParameterArena<B>& arena, double max_norm) {
+  return arena.clip_grad_norm(max_norm);
+}
+
 struct AdamWOptions {
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8, weight_decay = 0.05;
 };
@@ -99,19 +96,54 @@ class AdamW {
       slots_.push_back(std::move(s));
     }
   }
+  // Over an arena (which must outlive the optimizer): moments in the arena's layout, a step is
+  // one adamw_update over the decayed segment and one over the rest of the trainable range.
+  AdamW(ParameterArena<B>& arena, AdamWOptions opt = {}) : opt_(opt), arena_(&arena) {
+    const auto n = arena.trainable_end();
+    m_.resize({n});
+    v_.resize({n});
+    m_.zero();
+    v_.zero();
+    for (const auto& e : arena.entries()) {
+      if (!e.trainable) continue;
+      Slot s{{e.name, e.param}, {}, {}};
+      s.m.bind(m_.data() + e.offset, e.shape);
+      s.v.bind(v_.data() + e.offset, e.shape);
+      slots_.push_back(std::move(s));
+    }
+  }
+  AdamW(const AdamW&) = delete;
+  AdamW& operator=(const AdamW&) = delete;
+  AdamW(AdamW&&) = default;
+  AdamW& operator=(AdamW&&) = default;
+
   void step(double lr) {
     ++t_;
     const T bc1 = T(1 - std::pow(opt_.beta1, double(t_))), bc2 = T(1 - std::pow(opt_.beta2, double(t_)));
+    auto update = [&](T* w, T* m, T* v, const T* g, std::int64_t n, bool decay) {
+      if (n > 0)
+        B::adamw_update(w, m, v, g, std::size_t(n), T(lr), T(opt_.beta1), T(opt_.beta2), T(opt_.eps),
+                        T(decay ? opt_.weight_decay : 0), bc1, bc2);
+    };
+    if (arena_) {
+      T* w = arena_->values().data();
+      const T* g = arena_->grads().data();
+      const auto d = arena_->decay_end(), t = arena_->trainable_end();
+      update(w, m_.data(), v_.data(), g, d, true);
+      update(w + d, m_.data() + d, v_.data() + d, g + d, t - d, false);
+      return;
+    }
     for (auto& s : slots_) {
       auto& p = *s.ref.param;
-      B::adamw_update(p.value.data(), s.m.data(), s.v.data(), p.grad.data(), p.value.numel(), T(lr), T(opt_.beta1),
-                      T(opt_.beta2), T(opt_.eps), T(p.decay ? opt_.weight_decay : 0), bc1, bc2);
+      update(p.value.data(), s.m.data(), s.v.data(), p.grad.data(), p.value.numel(), p.decay);
     }
   }
   void zero_grad() {
+    if (arena_) return arena_->zero_grad();
     for (auto& s : slots_) s.ref.param->zero_grad();
   }
   // Optimizer state for checkpoints: f(name, tensor) for every moment, and the step count.
+  // Over an arena the tensors are bound views into the flat moments, so loading writes there.
   template <class F>
   void visit_state(F&& f) {
     for (auto& s : slots_) {
@@ -119,11 +151,14 @@ class AdamW {
       f("exp_avg_sq." + s.ref.name, s.v);
     }
   }
+  ParameterArena<B>* arena() const { return arena_; }
   std::int64_t& steps() { return t_; }
   const std::vector<Slot>& slots() const { return slots_; }
 
  private:
   AdamWOptions opt_;
+  ParameterArena<B>* arena_ = nullptr;
+  Tensor<B> m_, v_;  // the flat moments over an arena (empty otherwise); slots_ hold views
   std::vector<Slot> slots_;
   std::int64_t t_ = 0;
 };
@@ -141,17 +176,47 @@ class Sgd {
       slots_.push_back({r, std::move(v)});
     }
   }
+  // Over an arena (which must outlive the optimizer): the momentum in the arena's layout, a
+  // step is one pass per segment.
+  Sgd(ParameterArena<B>& arena, double momentum = 0.9, double weight_decay = 0)
+      : momentum_(momentum), wd_(weight_decay), arena_(&arena) {
+    buf_.resize({arena.trainable_end()});
+    buf_.zero();
+    for (const auto& e : arena.entries()) {
+      if (!e.trainable) continue;
+      Tensor<B> v;
+      v.bind(buf_.data() + e.offset, e.shape);
+      slots_.push_back({{e.name, e.param}, std::move(v)});
+    }
+  }
+  Sgd(const Sgd&) = delete;
+  Sgd& operator=(const Sgd&) = delete;
+  Sgd(Sgd&&) = default;
+  Sgd& operator=(Sgd&&) = default;
+
   void step(double lr) {
+    auto update = [&](T* w, T* v, const T* g, std::int64_t n, bool decay) {
+      if (n <= 0) return;
+      B::scale(v, T(momentum_), std::size_t(n));
+      B::axpy(v, T(1), g, std::size_t(n));
+      if (decay && wd_ > 0) B::axpy(v, T(wd_), w, std::size_t(n));
+      B::axpy(w, T(-lr), v, std::size_t(n));
+    };
+    if (arena_) {
+      T* w = arena_->values().data();
+      const T* g = arena_->grads().data();
+      const auto d = arena_->decay_end(), t = arena_->trainable_end();
+      update(w, buf_.data(), g, d, true);
+      update(w + d, buf_.data() + d, g + d, t - d, false);
+      return;
+    }
     for (auto& [ref, v] : slots_) {
       auto& p = *ref.param;
-      const auto n = p.value.numel();
-      B::scale(v.data(), T(momentum_), n);
-      B::axpy(v.data(), T(1), p.grad.data(), n);
-      if (p.decay && wd_ > 0) B::axpy(v.data(), T(wd_), p.value.data(), n);
-      B::axpy(p.value.data(), T(-lr), v.data(), n);
+      update(p.value.data(), v.data(), p.grad.data(), p.value.numel(), p.decay);
     }
   }
   void zero_grad() {
+    if (arena_) return arena_->zero_grad();
     for (auto& s : slots_) s.first.param->zero_grad();
   }
   template <class F>
@@ -161,6 +226,8 @@ class Sgd {
 
  private:
   double momentum_, wd_;
+  ParameterArena<B>* arena_ = nullptr;
+  Tensor<B> buf_;  // the flat momentum over an arena (empty otherwise); slots_ hold views
   std::vector<std::pair<ParamRef<B>, Tensor<B>>> slots_;
 };
 
