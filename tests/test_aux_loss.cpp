@@ -114,7 +114,8 @@ TEST_CASE("the auxiliary term's gradient reaches the parameters before it (centr
   const auto rep = test::gradcheck(net, {4, 6}, /*training=*/true);
   INFO(rep.worst);
   CHECK(rep.passed());
-  // The check can fail: the same layers without their backward term disagree with the loss.
+  // gradcheck's loss includes the terms, and they are not negligible here, so a missing or wrong
+  // gradient for them fails the check above.
   Context ctx;
   ctx.training = true;
   std::mt19937_64 rng(5);
