@@ -110,3 +110,30 @@ TEST_CASE("a steady-state training step over a parameter arena allocates nothing
   CHECK(news.load() == 0);
   CHECK(mallocs.load() == 0);
 }
+
+TEST_CASE("a steady-state step with an auxiliary loss allocates nothing, collecting the term included") {
+  Model<Sequential<Named<"fc1", Linear<16, 32>>, ActivationPenalty<1e-3>,
+                   Residual<Sequential<ActivationPenalty<1e-2>, Named<"fc2", Linear<32, 32>>>>>,
+        Cpu>
+      net;
+  Initializer init(3);
+  net.reset_parameters(init);
+  Tensor<Cpu> x({32, 16}), dy({32, 32});
+  x.fill(0.3f);
+  dy.fill(0.01f);
+  for (int i = 0; i < 3; ++i) step(net, x, dy, i);
+  const auto buffers = Cpu::allocation_count().load();
+  double aux = 0;
+  mallocs = 0;
+  news = 0;
+  counting = true;
+  for (int i = 3; i < 8; ++i) {
+    step(net, x, dy, i);
+    aux += collect_aux_loss(net);
+  }
+  counting = false;
+  CHECK(aux > 0);
+  CHECK(Cpu::allocation_count().load() == buffers);
+  CHECK(news.load() == 0);
+  CHECK(mallocs.load() == 0);
+}

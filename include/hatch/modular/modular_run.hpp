@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "hatch/compose/stages.hpp"
+#include "hatch/core/aux_loss.hpp"
 #include "hatch/io/staged_dir.hpp"
 #include "hatch/modular/lineage.hpp"
 #include "hatch/train/checkpoint.hpp"
@@ -25,7 +26,8 @@ namespace hatch {
 // A staged model seen with every stage frozen except Trainable: the frozen prefix runs forward
 // only, the frozen suffix back-propagates input gradients but computes no weight gradients, and
 // the trainable stage needs no input gradient. visit() shows only the trainable stage, so an
-// optimizer built on this view holds exactly that module's parameters.
+// optimizer built on this view holds exactly that module's parameters, and aux_loss() sums only
+// that stage's auxiliary terms (core/aux_loss.hpp): a frozen stage's layers add nothing.
 template <class StagesModel, std::size_t Trainable>
 class FrozenExcept {
  public:
@@ -43,6 +45,7 @@ class FrozenExcept {
   }
   template <class F>
   void for_each_layer(F&& f) { model_.for_each_layer(f); }
+  double aux_loss() { return collect_aux_loss(model_.template stage<Trainable>()); }
   StagesModel& model() { return model_; }
 
  private:

@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "hatch/core/aux_loss.hpp"
 #include "hatch/core/parameter.hpp"
 #include "hatch/tensor.hpp"
 
@@ -93,8 +94,10 @@ void compare_central_differences(const std::string& what, Tensor<B>& t, const st
   }
 }
 
-// Checks d(sum(forward(x) * r)) against central differences, for the input and for every
+// Checks d(sum(forward(x) * r) + aux) against central differences, for the input and for every
 // parameter (at most `samples` entries of each tensor, chosen at random). Double precision.
+// aux is collect_aux_loss(layer), the auxiliary terms of a training forward (core/aux_loss.hpp),
+// so a layer's aux_loss() and the gradient it adds for it are checked too.
 template <class L>
 GradReport gradcheck(L& layer, Shape in_shape, bool training, std::uint64_t seed = 1, int samples = 40,
                      double h = 1e-5) {
@@ -117,7 +120,7 @@ GradReport gradcheck(L& layer, Shape in_shape, bool training, std::uint64_t seed
     const auto yh = layer.forward(x, c).to_host();
     double s = 0;
     for (std::size_t i = 0; i < yh.size(); ++i) s += yh[i] * rh[i];
-    return s;
+    return s + collect_aux_loss(layer);
   };
   zero_grads(layer);
   ctx = make_ctx();

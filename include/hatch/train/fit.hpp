@@ -4,7 +4,9 @@
 // non-finite loss; a training state after each epoch from which a killed run resumes exactly.
 //
 // Works on anything with the layer contract (forward, backward, visit): a whole model, or the
-// Incubator's hybrid with its frozen stages.
+// Incubator's hybrid with its frozen stages. The loss it minimises and reports is the
+// objective's plus the auxiliary terms of the layers that train (collect_aux_loss); those terms
+// are also written on their own ("aux_loss", the epoch mean) into metrics.jsonl.
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -14,6 +16,7 @@
 #include <string>
 
 #include "hatch/backend/random.hpp"
+#include "hatch/core/aux_loss.hpp"
 #include "hatch/data/batcher.hpp"
 #include "hatch/data/fashion_mnist.hpp"
 #include "hatch/io/atomic_file.hpp"
@@ -268,7 +271,7 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
     batches.start_epoch(epoch);
     ProgressBar bar(o.phase + " " + std::to_string(epoch + 1) + "/" + std::to_string(o.epochs), int(per_epoch),
                     o.progress);
-    double loss_sum = 0, seen = 0, correct = 0, lr = 0;
+    double loss_sum = 0, aux_sum = 0, seen = 0, correct = 0, lr = 0;
     std::int64_t step = std::int64_t(epoch) * per_epoch;
     for (int i = 0; batches.next(b); ++i, ++step) {
       host.assign(b.images.begin(), b.images.end());
@@ -289,6 +292,19 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
         throw Error(o.phase + ": training diverged: the loss is " + std::to_string(loss) + " at epoch " +
                     std::to_string(epoch + 1) + ", step " + std::to_string(i + 1) + " (lr " + std::to_string(lr) +
                     "); lower --lr or set a gradient clip");
+      const double aux = collect_aux_loss(model);  // the layers add its gradient in backward
+      if (!std::isfinite(aux))
+        throw Error(o.phase + ": the auxiliary loss (the sum of the layers' aux_loss() terms) is " +
+                    std::to_string(aux) + " at epoch " + std::to_string(epoch + 1) + ", step " +
+                    std::to_string(i + 1) +
+                    (step == std::int64_t(first_epoch) * per_epoch
+                         ? std::string(", the first step, before any update: a layer's auxiliary term is not finite")
+                         : " (lr " + std::to_string(lr) + "); lower --lr or set a gradient clip"));
+      const double total = loss + aux;
+      if (!std::isfinite(total))
+        throw Error(o.phase + ": training diverged: the loss is " + std::to_string(loss) + " plus an auxiliary loss of " +
+                    std::to_string(aux) + " at epoch " + std::to_string(epoch + 1) + ", step " + std::to_string(i + 1) +
+                    "; lower --lr or set a gradient clip");
       const auto z = logits.to_host();
       for (int r = 0; r < b.size; ++r) {
         const auto* row = z.data() + std::size_t(r) * train.classes;
@@ -299,7 +315,8 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
       if (o.clip > 0) arena.clip_grad_norm(o.clip);
       lr = schedule.at(step);
       opt.step(lr);
-      loss_sum += loss * b.size;
+      loss_sum += total * b.size;
+      aux_sum += aux * b.size;
       seen += b.size;
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       bar.update(i + 1, loss_sum / seen, correct / seen, seen / secs);
@@ -313,6 +330,7 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
     std::snprintf(extra, sizeof extra, "| test loss %.4f acc %.4f", result.test.loss, result.test.accuracy);
     bar.finish(loss_sum / seen, correct / seen, seen / train_secs, extra);
     log.write({{"phase", o.phase}, {"run", run}, {"epoch", epoch + 1}, {"train_loss", loss_sum / seen},
+               {"aux_loss", aux_sum / seen},
                {"train_accuracy", correct / seen}, {"test_loss", result.test.loss},
                {"test_accuracy", result.test.accuracy}, {"lr", lr}, {"images_per_second", seen / train_secs},
                {"seconds", result.seconds}, {"total_seconds", o.seconds_before + result.seconds},
