@@ -324,3 +324,19 @@ TEST_CASE("arena: a training state saved over the arena is byte-identical and lo
   opt_c.step(1e-3);
   CHECK(all_values(c) == all_values(a));
 }
+
+TEST_CASE("checkpoints hold a shared parameter once, under its first name, and load it back") {
+  namespace fs = std::filesystem;
+  const fs::path file = fs::temp_directory_path() / ("hatch_tied_" + std::to_string(::getpid()) + ".safetensors");
+  Tied a;
+  a.w.value.from_host(std::vector<float>{1, 2, 3, 4, 5, 6});
+  a.b.value.from_host(std::vector<float>{7, 8});
+  save_parameters(a, file);
+  const auto f = io::SafeTensorsFile::read(file);
+  CHECK(f.names() == std::vector<std::string>{"a.weight", "bias"});  // not b.weight again
+  Tied b;
+  load_parameters(b, file);
+  CHECK(b.w.value.to_host() == a.w.value.to_host());
+  CHECK(b.b.value.to_host() == a.b.value.to_host());
+  fs::remove(file);
+}

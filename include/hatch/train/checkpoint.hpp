@@ -168,11 +168,26 @@ struct PendingUpload {
   std::vector<typename B::Scalar> host;
 };
 
+// Every parameter once, under the first name visit gives it: a parameter shared by several
+// layers (tied weights, NAC's codes) is one tensor in the file, as it is one slice in the arena.
+template <class M, class F>
+void visit_unique(M& model, F&& f) {
+  using B = typename M::backend;
+  std::vector<const Parameter<B>*> seen;
+  model.visit(
+      [&](const std::string& name, Parameter<B>& p) {
+        if (std::find(seen.begin(), seen.end(), &p) != seen.end()) return;
+        seen.push_back(&p);
+        f(name, p);
+      },
+      "");
+}
+
 template <class M>
 std::vector<TensorSlot<typename M::backend>> parameter_slots(M& model) {
   using B = typename M::backend;
   std::vector<TensorSlot<B>> out;
-  model.visit([&](const std::string& name, Parameter<B>& p) { out.push_back({name, &p.value}); }, "");
+  visit_unique(model, [&](const std::string& name, Parameter<B>& p) { out.push_back({name, &p.value}); });
   return out;
 }
 
@@ -296,7 +311,7 @@ void save_module(M& layer, const std::filesystem::path& file, const std::map<std
                  std::map<std::string, std::string> owned) {
   using B = typename M::backend;
   io::SafeTensorsWriter w;
-  layer.visit([&](const std::string& name, Parameter<B>& p) { add_tensor(w, name, p.value); }, "");
+  visit_unique(layer, [&](const std::string& name, Parameter<B>& p) { add_tensor(w, name, p.value); });
   owned["format"] = kCheckpointFormat;
   set_metadata(w, file, metadata, owned);
   w.write(file);
