@@ -36,6 +36,14 @@ struct TempRunDir {
 };
 
 
+// The names a module's visit gives, in order.
+template <class M>
+std::vector<std::string> names_of(M& module) {
+  std::vector<std::string> out;
+  module.visit([&](const std::string& n, Parameter<typename M::backend>&) { out.push_back(n); }, "");
+  return out;
+}
+
 // n random 28x28 single-channel "images" in 10 classes.
 inline data::Dataset synthetic(int n, std::uint64_t seed) {
   data::Dataset d;

@@ -12,6 +12,7 @@
 #include "support.hpp"
 
 using namespace hatch;
+using test::learnable_set;
 using test::for_each_index;
 using test::max_abs_grad;
 
@@ -62,21 +63,6 @@ struct NanAux {
   template <Backend B> using bind = NanAuxLayer<B>;
 };
 
-data::Dataset synthetic(int n, std::uint64_t seed) {
-  data::Dataset d;
-  d.n = n;
-  d.height = d.width = 28;
-  d.images.resize(std::size_t(n) * 28 * 28);
-  d.labels.resize(n);
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> noise(0.f, 0.3f);
-  for (int i = 0; i < n; ++i) {
-    const int c = int(rng() % 10);
-    d.labels[i] = c;
-    for (int p = 0; p < 28 * 28; ++p) d.images[std::size_t(i) * 784 + p] = noise(rng) + ((p / 28) / 3 == c ? 2.f : 0.f);
-  }
-  return d;
-}
 
 template <double W>
 using Classifier = Sequential<Flatten<784>, Named<"fc1", Linear<784, 32>>, Gelu, ActivationPenalty<W>,
@@ -192,7 +178,7 @@ TEST_CASE("FrozenExcept: only the trainable stage's terms count, frozen stages a
 }
 
 TEST_CASE("fit: the term is in the reported loss and in metrics.jsonl, evaluation leaves it out") {
-  const auto train = synthetic(128, 1), test_set = synthetic(64, 2);
+  const auto train = learnable_set(128, 1), test_set = learnable_set(64, 2);
   const auto dir = std::filesystem::temp_directory_path() / ("hatch_test_aux_" + std::to_string(::getpid()));
   std::filesystem::remove_all(dir);
   Model<Classifier<0.05>, Cpu> model;
@@ -235,7 +221,7 @@ TEST_CASE("fit: the term is in the reported loss and in metrics.jsonl, evaluatio
 }
 
 TEST_CASE("fit: training moves the penalised activations down") {
-  const auto train = synthetic(256, 3), test_set = synthetic(64, 4);
+  const auto train = learnable_set(256, 3), test_set = learnable_set(64, 4);
   auto run = [&](auto& model) {
     Initializer init(7);
     model.reset_parameters(init);
@@ -259,7 +245,7 @@ TEST_CASE("fit: training moves the penalised activations down") {
 }
 
 TEST_CASE("fit stops on a non-finite auxiliary loss and says so") {
-  const auto train = synthetic(64, 5), test_set = synthetic(32, 6);
+  const auto train = learnable_set(64, 5), test_set = learnable_set(32, 6);
   Model<Sequential<Flatten<784>, NanAux, Named<"fc", Linear<784, 10>>>, Cpu> model;
   Initializer init(1);
   model.reset_parameters(init);

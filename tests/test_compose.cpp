@@ -14,12 +14,6 @@ using namespace hatch::test;
 
 namespace {
 
-template <class M>
-std::vector<std::string> names_of(M& module) {
-  std::vector<std::string> out;
-  module.visit([&](const std::string& n, Parameter<typename M::backend>&) { out.push_back(n); }, "");
-  return out;
-}
 bool contains(const std::vector<std::string>& v, const std::string& s) {
   return std::find(v.begin(), v.end(), s) != v.end();
 }

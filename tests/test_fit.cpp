@@ -8,24 +8,9 @@
 #include "support.hpp"
 
 using namespace hatch;
+using test::learnable_set;
 
 namespace {
-// A learnable synthetic set: the class is encoded in which image row is bright.
-data::Dataset synthetic(int n, std::uint64_t seed) {
-  data::Dataset d;
-  d.n = n;
-  d.height = d.width = 28;
-  d.images.resize(std::size_t(n) * 28 * 28);
-  d.labels.resize(n);
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> noise(0.f, 0.3f);
-  for (int i = 0; i < n; ++i) {
-    const int c = int(rng() % 10);
-    d.labels[i] = c;
-    for (int p = 0; p < 28 * 28; ++p) d.images[std::size_t(i) * 784 + p] = noise(rng) + ((p / 28) / 3 == c ? 2.f : 0.f);
-  }
-  return d;
-}
 
 std::filesystem::path fresh_dir(const std::string& name) {
   auto p = std::filesystem::temp_directory_path() / ("hatch_test_fit_" + name + "_" + std::to_string(::getpid()));
@@ -59,7 +44,7 @@ FitOptions options(const std::filesystem::path& out) {
 }  // namespace
 
 TEST_CASE("fit learns a learnable task and writes one metrics line per epoch") {
-  const auto train = synthetic(512, 1), test = synthetic(200, 2);
+  const auto train = learnable_set(512, 1), test = learnable_set(200, 2);
   Model<presets::VitMicro, Cpu> model;
   Initializer init(3);
   model.reset_parameters(init);
@@ -77,7 +62,7 @@ TEST_CASE("fit learns a learnable task and writes one metrics line per epoch") {
 }
 
 TEST_CASE("a run killed after an epoch and resumed ends with the same weights") {
-  const auto train = synthetic(256, 3), test = synthetic(64, 4);
+  const auto train = learnable_set(256, 3), test = learnable_set(64, 4);
   auto fresh_model = [] {
     auto m = std::make_unique<Model<presets::VitMicro, Cpu>>();
     Initializer init(5);
@@ -106,7 +91,7 @@ TEST_CASE("a run killed after an epoch and resumed ends with the same weights") 
 }
 
 TEST_CASE("a diverging run stops with a clear message") {
-  const auto train = synthetic(128, 5), test = synthetic(32, 6);
+  const auto train = learnable_set(128, 5), test = learnable_set(32, 6);
   Model<presets::VitMicro, Cpu> model;
   Initializer init(1);
   model.reset_parameters(init);
@@ -143,7 +128,7 @@ std::unique_ptr<Model<presets::VitMicro, Cpu>> micro_model(std::uint64_t seed = 
 }  // namespace
 
 TEST_CASE("fit resumes only a run of the same recipe, and says so") {
-  const auto train = synthetic(128, 7), test = synthetic(32, 8);
+  const auto train = learnable_set(128, 7), test = learnable_set(32, 8);
   const auto dir = fresh_dir("recipe");
   auto o = options(dir);
   o.epochs = 1;
@@ -170,7 +155,7 @@ TEST_CASE("fit resumes only a run of the same recipe, and says so") {
   SUBCASE("another data set size, another caller entry") {
     auto changed = o;
     changed.recipe["preset"] = "vit-tiny";
-    CHECK(test::has(test::error_message([&] { fit(*micro_model(), synthetic(96, 7), test, changed); }),
+    CHECK(test::has(test::error_message([&] { fit(*micro_model(), learnable_set(96, 7), test, changed); }),
                     "train-images 128 in the state, 96 now"));
     CHECK(test::has(test::error_message([&] { fit(*micro_model(), train, test, changed); }),
                     "preset \"vit-micro\" in the state, \"vit-tiny\" now"));
@@ -190,7 +175,7 @@ TEST_CASE("fit resumes only a run of the same recipe, and says so") {
 }
 
 TEST_CASE("fit refuses a hand-edited training state with the file's name") {
-  const auto train = synthetic(64, 9), test = synthetic(32, 10);
+  const auto train = learnable_set(64, 9), test = learnable_set(32, 10);
   const auto dir = fresh_dir("state");
   auto o = options(dir);
   o.epochs = 1;
@@ -226,7 +211,7 @@ TEST_CASE("fit refuses a hand-edited training state with the file's name") {
 }
 
 TEST_CASE("metrics.jsonl holds one line per epoch of the run that made the model") {
-  const auto train = synthetic(64, 11), test = synthetic(32, 12);
+  const auto train = learnable_set(64, 11), test = learnable_set(32, 12);
   const auto dir = fresh_dir("metrics");
   auto o = options(dir);
   o.epochs = 3;
@@ -269,8 +254,8 @@ TEST_CASE("metrics.jsonl holds one line per epoch of the run that made the model
 }
 
 TEST_CASE("fit refuses a test set whose images differ from the training set's before training") {
-  const auto train = synthetic(64, 13);
-  auto test = synthetic(32, 14);
+  const auto train = learnable_set(64, 13);
+  auto test = learnable_set(32, 14);
   test.height = test.width = 32;
   test.images.resize(std::size_t(32) * 32 * 32);
   test.source = "/data/t10k-images-idx3-ubyte.gz";

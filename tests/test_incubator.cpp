@@ -29,12 +29,6 @@ namespace fs = std::filesystem;
 namespace {
 
 template <class M>
-std::vector<std::string> names_of(M& module) {
-  std::vector<std::string> out;
-  module.visit([&](const std::string& n, Parameter<typename M::backend>&) { out.push_back(n); }, "");
-  return out;
-}
-template <class M>
 std::set<const void*> params_of(M& module) {
   std::set<const void*> out;
   module.visit([&](const std::string&, Parameter<typename M::backend>& p) { out.insert(&p); }, "");
