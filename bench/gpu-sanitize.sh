@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # compute-sanitizer memcheck and racecheck over the CUDA primitive and kernel tests (not the
-# layer-parity cases, which take too long under the sanitizer), on a GPU machine:
+# layer-parity cases, which take too long under the sanitizer, nor the two tests that provoke
+# failing CUDA and cuBLAS calls on purpose, which the sanitizer reports as API errors):
 #
 #   bench/gpu-sanitize.sh --bundle DIR      (binaries from bench/gpu-bundle.sh)
 #   bench/gpu-sanitize.sh --build build-gpu (a build tree)
 #
-# About 3 minutes; each tool has its own time-out. Exit status: non-zero if either tool reports.
+# About 3 minutes; each tool has its own time-out (SANITIZE_TIMEOUT seconds, default 90). Exit status: non-zero if either tool reports.
 set -uo pipefail
 die() { echo "gpu-sanitize.sh: $*" >&2; exit 2; }
 bin=""
@@ -21,7 +22,8 @@ sanitizer="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sa
 status=0
 for tool in memcheck racecheck; do
   echo "== compute-sanitizer --tool $tool"
-  HATCH_EXPECT_GPU=1 timeout 90 "$sanitizer" --tool "$tool" --error-exitcode 3 "$bin" -tc='cuda: *,cuda kernels*' \
+  HATCH_EXPECT_GPU=1 timeout "${SANITIZE_TIMEOUT:-90}" "$sanitizer" --tool "$tool" --error-exitcode 3 "$bin" -tc='cuda: *,cuda kernels*' \
+    -tce='*failing*,*ViT-B/16 sizes*' \
     2>&1 | tail -15
   rc=${PIPESTATUS[0]}
   echo "   $tool: exit $rc"; ((rc == 0)) || status=1

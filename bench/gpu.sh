@@ -13,24 +13,25 @@
 # and prints a markdown table (also written to $OUT/gpu.md when OUT is set), even when a step
 # fails or times out: every step has its own time-out.
 #
-#   bench/gpu.sh [--bundle DIR | --build build-gpu [--no-build]] [--batch 64] [--steps 20] [--python python3]
+#   bench/gpu.sh [--bundle DIR | --build build-gpu [--no-build]] [--batch 64] [--steps 20] [--rounds 2]
+#                [--python python3]
 set -uo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"
-build="$root/build-gpu" batch=64 steps=20 python=python3 no_build=0 bundle=""
+build="$root/build-gpu" batch=64 steps=20 rounds=2 python=python3 no_build=0 bundle=""
 die() { echo "gpu.sh: $*" >&2; exit 2; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --build|--batch|--steps|--python|--bundle)
+    --build|--batch|--steps|--rounds|--python|--bundle)
       [[ $# -ge 2 ]] || die "$1 needs a value"
       declare "${1#--}=$2"; shift 2 ;;
     --no-build) no_build=1; shift ;;
-    -h|--help) sed -n '2,18p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
-for k in batch steps; do [[ "${!k}" =~ ^[1-9][0-9]*$ ]] || die "--$k must be a positive integer, got '${!k}'"; done
+for k in batch steps rounds; do [[ "${!k}" =~ ^[1-9][0-9]*$ ]] || die "--$k must be a positive integer, got '${!k}'"; done
 command -v nvidia-smi >/dev/null || die "no nvidia-smi: this script needs a machine with an NVIDIA GPU"
 command -v nvcc >/dev/null || export PATH="/usr/local/cuda/bin:$PATH"
 
@@ -73,8 +74,13 @@ done
 
 echo "== CUDA tests (HATCH_EXPECT_GPU=1)"
 tests_status=passed
-HATCH_EXPECT_GPU=1 timeout 150 "$tests_bin" 2>&1 | tail -25
-[[ ${PIPESTATUS[0]} -eq 0 ]] || tests_status=FAILED
+HATCH_EXPECT_GPU=1 timeout 150 "$tests_bin" >"$build/gpu-tests.log" 2>&1
+[[ $? -eq 0 ]] || tests_status=FAILED
+tail -25 "$build/gpu-tests.log"
+echo "   measured parity margins (Cpu vs Cuda):"
+grep -o "parity .*tolerance .*" "$build/gpu-tests.log" | sed 's/^/     /'
+grep -o "fused: .*" "$build/gpu-tests.log" | sort | uniq -c | sed 's/^/     /'
+[[ -n "${OUT:-}" ]] && cp "$build/gpu-tests.log" "$OUT/" 2>/dev/null
 
 # images/s of one run, or "failed"; the run's own output goes to the log.
 ips() {
@@ -97,16 +103,28 @@ ratio() { if [[ "$1" == failed || "$2" == failed || -z "$1" || -z "$2" ]]; then 
   "$python" -c "print(f'{$1 / $2:.2f}')"; fi; }
 
 : >"$build/gpu-runs.log"
-declare -A H T M
+declare -A H T M A
+declare -A VARIANTS=(
+  ["without fused GEMM epilogues (HATCH_CUDA_LT=0)"]="HATCH_CUDA_LT=0"
+  ["attention GEMMs as one pointer-array call (HATCH_CUDA_BATCHED=pointers)"]="HATCH_CUDA_BATCHED=pointers"
+  ["row kernels without registers (HATCH_CUDA_ROW_REGISTERS=0)"]="HATCH_CUDA_ROW_REGISTERS=0"
+  ["all three off (the backend before 2026-11-27)"]="HATCH_CUDA_LT=0 HATCH_CUDA_BATCHED=pointers HATCH_CUDA_ROW_REGISTERS=0"
+)
 for prec in fp32 tf32; do
   flag=(); [[ $prec == tf32 ]] && flag=(--tf32)
   echo "== ViT-B/16 training step, batch $batch, $prec"
-  for round in 1 2; do  # alternate so that a change in the machine's state hits all three
+  for ((round = 1; round <= rounds; ++round)); do  # alternate so that a change in the machine's state hits all three
     torch_args=("$here/torch_vit_step.py" --device cuda --preset vit-b16 --batch "$batch" --steps "$steps" --warmup 5 "${flag[@]}")
     h="$(ips "$step_bin" --device cuda --preset vit-b16 --batch "$batch" --steps "$steps" --warmup 5 "${flag[@]}")"
     t="$(ips "$python" "${torch_args[@]}")"
     m="$(ips "$python" "${torch_args[@]}" --model timm)"
     echo "   round $round: hatch $h, torch twin $t, timm $m images/s"
+    # hatch with one speed-up turned off at a time (environment switches of backend/cuda.hpp),
+    # and with all of them off: what each is worth, measured in the same run.
+    for v in "${!VARIANTS[@]}"; do
+      r="$(env ${VARIANTS[$v]} "$step_bin" --device cuda --preset vit-b16 --batch "$batch" --steps "$steps" --warmup 5 "${flag[@]}" 2>/dev/null | sed -n 's/^images_per_second=//p')"
+      A[$prec,$v]="$(better "${A[$prec,$v]:-}" "${r:-failed}")"
+    done
     # keep the better round of each (the first may pay for cuBLAS heuristics and clocks)
     H[$prec]="$(better "${H[$prec]:-}" "$h")"
     T[$prec]="$(better "${T[$prec]:-}" "$t")"
@@ -130,6 +148,10 @@ table="$(cat <<EOT
 | ViT-B/16 step, batch $batch, TF32 | ${H[tf32]} | ${T[tf32]} | ${M[tf32]} | $(ratio "${H[tf32]}" "${T[tf32]}") | $(ratio "${H[tf32]}" "${M[tf32]}") |
 
 CUDA tests: $tests_status. train_e2e --device cuda, vit-tiny 1 epoch: test_accuracy $acc. Total $((SECONDS - start)) s.
+
+| hatch, ViT-B/16 step, batch $batch | fp32 img/s | all on / this | TF32 img/s | all on / this |
+|---|---:|---:|---:|---:|
+$(for v in "${!VARIANTS[@]}"; do echo "| $v | ${A[fp32,$v]:--} | $(ratio "${H[fp32]}" "${A[fp32,$v]:-}") | ${A[tf32,$v]:--} | $(ratio "${H[tf32]}" "${A[tf32,$v]:-}") |"; done)
 EOT
 )"
 echo; echo "$table"

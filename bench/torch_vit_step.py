@@ -132,6 +132,8 @@ def parse(argv):
     ap.add_argument("--model", default="twin", choices=["twin", "timm"],
                     help="twin: hatch's ViT written in PyTorch; timm: timm's vit_base_patch16_224 "
                          "(fused scaled_dot_product_attention), for --preset vit-b16 only")
+    ap.add_argument("--profile", action="store_true",
+                    help="after timing, profile one more step and print the kernels by device time")
     a = ap.parse_args(argv)
     a.patch, a.dim, a.heads, a.depth, a.image, a.channels, a.classes = PRESETS[a.preset]
     return a
@@ -194,6 +196,13 @@ def main(argv):
           f"(ln {a.classes} = {math.log(a.classes):.4f})")
     print(f"torch {torch.__version__} {a.preset} ({a.model}) batch={a.batch} {where}: "
           f"median {median * 1e3:.1f} ms/step (min {times[0] * 1e3:.1f})")
+    if getattr(a, "profile", False):
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            step()
+        key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
     print(f"images_per_second={a.batch / median:.1f}")
 
 
