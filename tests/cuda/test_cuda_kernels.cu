@@ -4,6 +4,9 @@
 // run on a deliberately tiny grid. Without a device they skip, and fail if HATCH_EXPECT_GPU=1.
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -52,4 +55,92 @@ TEST_CASE("cuda kernels: the column-reduction finish kernels cover every column 
   CHECK(out.to_host() == sum_ref);
   CHECK(dg.to_host() == g_ref);
   CHECK(db.to_host() == b_ref);
+}
+
+namespace {
+std::vector<float> noise(std::size_t n, unsigned seed) {
+  std::vector<float> v(n);
+  std::uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
+  for (auto& x : v) {
+    s = s * 6364136223846793005ull + 1442695040888963407ull;
+    x = float(int((s >> 33) % 2001) - 1000) / 250.0f;  // [-4, 4] in steps of 1/250
+  }
+  return v;
+}
+// max |a - b| / max(|b|, 1): the two kernels' results must agree to float rounding.
+float max_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  REQUIRE(a.size() == b.size());
+  float d = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    const float e = std::abs(a[i] - b[i]) / std::max(std::abs(b[i]), 1.0f);
+    if (!(e <= d)) d = e;  // a NaN sticks
+  }
+  return d;
+}
+#define CHECK_SAME(x, y)              \
+  do {                                \
+    const auto hx_ = (x).to_host();   \
+    const auto hy_ = (y).to_host();   \
+    const float d_ = max_diff(hx_, hy_); \
+    CHECK_MESSAGE(d_ <= 1e-6f, #x " vs " #y ": " << d_); \
+    WARN_MESSAGE(hx_ == hy_, #x " vs " #y ": not bit-identical"); \
+  } while (0)
+}  // namespace
+
+// The row kernels that keep a row in registers (the launches pick them for up to 1024 columns)
+// do the general kernels' arithmetic in the same order: the same bits are expected (a WARN says
+// otherwise, as FMA contraction is the compiler's choice), and a difference above 1e-6 fails.
+TEST_CASE("cuda kernels: row-in-registers softmax and LayerNorm give the general kernels' exact bits") {
+  if (!have_device()) return;
+  namespace k = hatch::cuda_kernels;
+  const dim3 block(32, k::kRowsPerBlock);
+  for (const int cols : {1, 5, 31, 32, 33, 128, 197, 256, 300, 768, 1000, 1024}) {
+    CAPTURE(cols);
+    const int rows = 37;
+    const unsigned grid = unsigned((rows + k::kRowsPerBlock - 1) / k::kRowsPerBlock);
+    const std::size_t n = std::size_t(rows) * cols;
+    Dev x = dev(noise(n, 1)), dy = dev(noise(n, 2)), gamma = dev(noise(std::size_t(cols), 3)),
+        beta = dev(noise(std::size_t(cols), 4));
+    Dev y0 = dev(std::vector<float>(n)), y1 = dev(std::vector<float>(n)), m0 = dev(std::vector<float>(rows)),
+        m1 = dev(std::vector<float>(rows)), r0 = dev(std::vector<float>(rows)), r1 = dev(std::vector<float>(rows));
+    auto launch_regs = [&](auto general, auto f4, auto f8, auto f16, auto f32) {
+      general();
+      if (cols <= 128) f4();
+      else if (cols <= 256) f8();
+      else if (cols <= 512) f16();
+      else f32();
+      Cuda::synchronize();
+    };
+    // softmax forward
+    launch_regs([&] { HATCH_CUDA_LAUNCH(k::softmax_forward<float>, grid, block, y0.data(), x.data(), rows, cols, 0.125f); },
+                [&] { HATCH_CUDA_LAUNCH((k::softmax_forward_regs<float, 4>), grid, block, y1.data(), x.data(), rows, cols, 0.125f); },
+                [&] { HATCH_CUDA_LAUNCH((k::softmax_forward_regs<float, 8>), grid, block, y1.data(), x.data(), rows, cols, 0.125f); },
+                [&] { HATCH_CUDA_LAUNCH((k::softmax_forward_regs<float, 16>), grid, block, y1.data(), x.data(), rows, cols, 0.125f); },
+                [&] { HATCH_CUDA_LAUNCH((k::softmax_forward_regs<float, 32>), grid, block, y1.data(), x.data(), rows, cols, 0.125f); });
+    CHECK_SAME(y0, y1);
+    // softmax backward (y0 holds probabilities now)
+    Dev d0 = dev(std::vector<float>(n)), d1 = dev(std::vector<float>(n));
+    launch_regs([&] { HATCH_CUDA_LAUNCH(k::softmax_backward<float>, grid, block, d0.data(), dy.data(), y0.data(), rows, cols, 0.125f); },
+                [&] { HATCH_CUDA_LAUNCH((k::softmax_backward_regs<float, 4>), grid, block, d1.data(), dy.data(), y0.data(), rows, cols, 0.125f); },
+                [&] { HATCH_CUDA_LAUNCH((k::softmax_backward_regs<float, 8>), grid, block, d1.data(), dy.data(), y0.data(), rows, cols, 0.125f); },
+                [&] { HATCH_CUDA_LAUNCH((k::softmax_backward_regs<float, 16>), grid, block, d1.data(), dy.data(), y0.data(), rows, cols, 0.125f); },
+                [&] { HATCH_CUDA_LAUNCH((k::softmax_backward_regs<float, 32>), grid, block, d1.data(), dy.data(), y0.data(), rows, cols, 0.125f); });
+    CHECK_SAME(d0, d1);
+    // LayerNorm forward
+    launch_regs([&] { HATCH_CUDA_LAUNCH(k::layer_norm_forward<float>, grid, block, y0.data(), m0.data(), r0.data(), x.data(), gamma.data(), beta.data(), rows, cols, 1e-6f); },
+                [&] { HATCH_CUDA_LAUNCH((k::layer_norm_forward_regs<float, 4>), grid, block, y1.data(), m1.data(), r1.data(), x.data(), gamma.data(), beta.data(), rows, cols, 1e-6f); },
+                [&] { HATCH_CUDA_LAUNCH((k::layer_norm_forward_regs<float, 8>), grid, block, y1.data(), m1.data(), r1.data(), x.data(), gamma.data(), beta.data(), rows, cols, 1e-6f); },
+                [&] { HATCH_CUDA_LAUNCH((k::layer_norm_forward_regs<float, 16>), grid, block, y1.data(), m1.data(), r1.data(), x.data(), gamma.data(), beta.data(), rows, cols, 1e-6f); },
+                [&] { HATCH_CUDA_LAUNCH((k::layer_norm_forward_regs<float, 32>), grid, block, y1.data(), m1.data(), r1.data(), x.data(), gamma.data(), beta.data(), rows, cols, 1e-6f); });
+    CHECK_SAME(y0, y1);
+    CHECK_SAME(m0, m1);
+    CHECK_SAME(r0, r1);
+    // LayerNorm backward, input gradient
+    launch_regs([&] { HATCH_CUDA_LAUNCH(k::layer_norm_backward_dx<float>, grid, block, d0.data(), dy.data(), x.data(), m0.data(), r0.data(), gamma.data(), rows, cols); },
+                [&] { HATCH_CUDA_LAUNCH((k::layer_norm_backward_dx_regs<float, 4>), grid, block, d1.data(), dy.data(), x.data(), m0.data(), r0.data(), gamma.data(), rows, cols); },
+                [&] { HATCH_CUDA_LAUNCH((k::layer_norm_backward_dx_regs<float, 8>), grid, block, d1.data(), dy.data(), x.data(), m0.data(), r0.data(), gamma.data(), rows, cols); },
+                [&] { HATCH_CUDA_LAUNCH((k::layer_norm_backward_dx_regs<float, 16>), grid, block, d1.data(), dy.data(), x.data(), m0.data(), r0.data(), gamma.data(), rows, cols); },
+                [&] { HATCH_CUDA_LAUNCH((k::layer_norm_backward_dx_regs<float, 32>), grid, block, d1.data(), dy.data(), x.data(), m0.data(), r0.data(), gamma.data(), rows, cols); });
+    CHECK_SAME(d0, d1);
+  }
 }

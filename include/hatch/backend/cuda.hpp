@@ -13,6 +13,7 @@
 #error "hatch/backend/cuda.hpp must be compiled by nvcc: include <hatch/cuda.hpp> from a .cu file"
 #endif
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <thrust/functional.h>
@@ -27,15 +28,19 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 
 #include "hatch/backend/concept.hpp"
 #include "hatch/backend/cuda_kernels.cuh"
+#include "hatch/backend/fused.hpp"
 #include "hatch/backend/random.hpp"
 #include "hatch/core/error.hpp"
 
@@ -262,9 +267,22 @@ inline std::atomic<bool>& tf32_flag() {
   return on;
 }
 
+// The GEMM workspace of a device: 32 MiB from the cache (NVIDIA's recommendation for Hopper),
+// allocated on first use and never freed, shared by the cuBLAS handle and the cuBLASLt calls
+// (everything runs on one stream, so they never use it at the same time).
+inline constexpr std::size_t kGemmWorkspace = std::size_t(32) << 20;
+inline void* gemm_workspace(int device) {
+  static std::mutex mu;
+  static auto* spaces = new std::vector<void*>;
+  std::lock_guard<std::mutex> lock(mu);
+  if (std::size_t(device) >= spaces->size()) spaces->resize(std::size_t(device) + 1, nullptr);
+  void*& ws = (*spaces)[std::size_t(device)];
+  if (!ws) ws = DeviceCache::instance().allocate(kGemmWorkspace);
+  return ws;
+}
+
 // One handle per device, created on first use and never destroyed (see DeviceCache::instance).
-// Each handle gets a 32 MiB workspace from the cache (NVIDIA's recommendation for Hopper), so
-// cuBLAS does not allocate behind the allocator's back.
+// It gets the device's GEMM workspace, so cuBLAS does not allocate behind the allocator's back.
 inline cublasHandle_t cublas_handle() {
   struct Entry {
     cublasHandle_t handle = nullptr;
@@ -279,11 +297,10 @@ inline cublasHandle_t cublas_handle() {
   Entry& e = (*entries)[std::size_t(device)];
   const bool want = tf32_flag().load();
   if (!e.handle) {
-    constexpr std::size_t kWorkspace = std::size_t(32) << 20;
-    void* ws = DeviceCache::instance().allocate(kWorkspace);
+    void* ws = gemm_workspace(device);
     cublasHandle_t h = nullptr;
     HATCH_CUBLAS_CHECK(cublasCreate(&h));
-    HATCH_CUBLAS_CHECK(cublasSetWorkspace(h, ws, kWorkspace));
+    HATCH_CUBLAS_CHECK(cublasSetWorkspace(h, ws, kGemmWorkspace));
     HATCH_CUBLAS_CHECK(cublasSetMathMode(h, want ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
     e.handle = h;
     e.tf32 = want;
@@ -292,6 +309,189 @@ inline cublasHandle_t cublas_handle() {
     e.tf32 = want;
   }
   return e.handle;
+}
+
+// ---- cuBLASLt: GEMMs with a fused epilogue ------------------------------------------------------
+// The bias of a Linear layer is added in the GEMM's epilogue (EPILOGUE_BIAS) and its gradient is
+// reduced in the weight-gradient GEMM's epilogue (EPILOGUE_BGRADB), instead of a separate pass
+// over the output each (add_bias_rows, sum_rows). A plan (descriptors and the heuristic's
+// algorithm) is made once per shape and kept; when cuBLASLt offers no algorithm for a shape,
+// alignment or epilogue, the plan says so and the caller takes the unfused path. GELU is not
+// fused: cuBLASLt's GELU epilogue is the tanh approximation, and hatch's GELU is the exact one.
+// HATCH_CUDA_LT=0 in the environment turns the fused path off (bench/gpu.sh times both).
+enum class Epilogue { bias, bias_grad };
+
+inline std::atomic<bool>& lt_flag() {
+  static std::atomic<bool> on{[] {
+    const char* v = std::getenv("HATCH_CUDA_LT");
+    return !(v && std::strcmp(v, "0") == 0);
+  }()};
+  return on;
+}
+inline bool lt_enabled() { return lt_flag().load(); }
+
+// The largest power of two (at most 256) that divides the address: cuBLASLt picks algorithms
+// for the alignment it is told, and tensors bound into a parameter arena start at any float.
+inline int alignment_of(const void* p) {
+  const auto a = reinterpret_cast<std::uintptr_t>(p);
+  return a == 0 ? 256 : int(std::min<std::uintptr_t>(256, a & (~a + 1)));
+}
+
+class LtPlans {
+ public:
+  static LtPlans& instance() {
+    static auto* plans = new LtPlans;  // never destroyed, like the handles
+    return *plans;
+  }
+
+  // Column-major D = alpha op(A) op(B) + beta D (m x n, inner k) with the epilogue; `vector` is
+  // the bias (length m, added to every column) or where the bias gradient goes (length n: the
+  // sums of op(B) over k). Returns false, having done nothing, when cuBLASLt has no algorithm.
+  bool run(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha, const float* a, int lda,
+           const float* b, int ldb, float beta, float* d, int ldd, Epilogue epi, void* vector) {
+    int device = 0;
+    HATCH_CUDA_CHECK(cudaGetDevice(&device));
+    const bool tf32 = tf32_flag().load();
+    const Key key{device, int(ta), int(tb), m, n, k, lda, ldb, ldd, int(epi), tf32, alignment_of(a),
+                  alignment_of(b), alignment_of(d), alignment_of(vector) >= 16};
+    std::lock_guard<std::mutex> lock(mu_);
+    Plan& plan = find_or_make(key);
+    if (!plan.ok) return false;
+    HATCH_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(
+        plan.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &vector, sizeof(vector)));
+    HATCH_CUBLAS_CHECK(cublasLtMatmul(handle(device), plan.op, &alpha, a, plan.a, b, plan.b, &beta, d, plan.d, d,
+                                      plan.d, &plan.algo, gemm_workspace(device), kGemmWorkspace, nullptr));
+    ++fused_[int(epi)];
+    return true;
+  }
+
+  // Fused calls run so far, per epilogue (tests: the fast path is taken where it should be).
+  std::int64_t fused_calls(Epilogue epi) {
+    std::lock_guard<std::mutex> lock(mu_);
+    return fused_[int(epi)];
+  }
+
+ private:
+  struct Key {
+    int device, ta, tb, m, n, k, lda, ldb, ldd, epi;
+    bool tf32;
+    int align_a, align_b, align_d;
+    bool vector_aligned;
+    auto operator<=>(const Key&) const = default;
+  };
+  struct Plan {
+    bool ok = false;
+    cublasLtMatmulDesc_t op = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+    cublasLtMatmulAlgo_t algo{};
+  };
+  // Shapes vary little in training (a few per layer), but a caller with ever-changing row counts
+  // must not grow the cache without bound: past this many plans, all are dropped and remade.
+  static constexpr std::size_t kMaxPlans = 512;
+
+  cublasLtHandle_t handle(int device) {
+    if (std::size_t(device) >= handles_.size()) handles_.resize(std::size_t(device) + 1, nullptr);
+    cublasLtHandle_t& h = handles_[std::size_t(device)];
+    if (!h) HATCH_CUBLAS_CHECK(cublasLtCreate(&h));
+    return h;
+  }
+
+  Plan& find_or_make(const Key& key) {
+    auto it = plans_.find(key);
+    if (it != plans_.end()) return it->second;
+    if (plans_.size() >= kMaxPlans) {
+      for (auto& [k, p] : plans_) destroy(p);
+      plans_.clear();
+    }
+    Plan& plan = plans_[key];
+    if (!key.vector_aligned) return plan;  // the epilogue reads or writes the vector 16 bytes at a time
+    // Column-major layouts: A is m x k (k x m transposed), B is k x n (n x k transposed).
+    const bool at = key.ta != int(CUBLAS_OP_N), bt = key.tb != int(CUBLAS_OP_N);
+    HATCH_CUBLAS_CHECK(cublasLtMatmulDescCreate(&plan.op, key.tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F,
+                                                CUDA_R_32F));
+    const auto ta = cublasOperation_t(key.ta), tb = cublasOperation_t(key.tb);
+    HATCH_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
+    HATCH_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
+    const cublasLtEpilogue_t epi =
+        key.epi == int(Epilogue::bias) ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_BGRADB;
+    HATCH_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
+    HATCH_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.a, CUDA_R_32F, at ? key.k : key.m, at ? key.m : key.k, key.lda));
+    HATCH_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.b, CUDA_R_32F, bt ? key.n : key.k, bt ? key.k : key.n, key.ldb));
+    HATCH_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.d, CUDA_R_32F, key.m, key.n, key.ldd));
+    cublasLtMatmulPreference_t pref = nullptr;
+    HATCH_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    const std::uint64_t ws = kGemmWorkspace;
+    const std::uint32_t align[3] = {std::uint32_t(key.align_a), std::uint32_t(key.align_b), std::uint32_t(key.align_d)};
+    cublasLtMatmulHeuristicResult_t result{};
+    int found = 0;
+    const cublasStatus_t st = [&] {
+      cublasStatus_t s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
+      if (s == CUBLAS_STATUS_SUCCESS)
+        s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align[0], sizeof(align[0]));
+      if (s == CUBLAS_STATUS_SUCCESS)
+        s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align[1], sizeof(align[1]));
+      if (s == CUBLAS_STATUS_SUCCESS)
+        s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align[2], sizeof(align[2]));
+      if (s == CUBLAS_STATUS_SUCCESS)
+        s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align[2], sizeof(align[2]));
+      if (s == CUBLAS_STATUS_SUCCESS)
+        s = cublasLtMatmulAlgoGetHeuristic(handle(key.device), plan.op, plan.a, plan.b, plan.d, plan.d, pref, 1, &result,
+                                           &found);
+      return s;
+    }();
+    (void)cublasLtMatmulPreferenceDestroy(pref);
+    if (st == CUBLAS_STATUS_SUCCESS && found > 0 && result.state == CUBLAS_STATUS_SUCCESS) {
+      plan.algo = result.algo;
+      plan.ok = true;
+    } else {
+      destroy(plan);  // not supported here: the caller falls back, and the plan remembers that
+    }
+    return plan;
+  }
+
+  static void destroy(Plan& p) {
+    if (p.a) (void)cublasLtMatrixLayoutDestroy(p.a);
+    if (p.b) (void)cublasLtMatrixLayoutDestroy(p.b);
+    if (p.d) (void)cublasLtMatrixLayoutDestroy(p.d);
+    if (p.op) (void)cublasLtMatmulDescDestroy(p.op);
+    p = Plan{};
+  }
+
+  std::mutex mu_;
+  std::map<Key, Plan> plans_;
+  std::vector<cublasLtHandle_t> handles_;
+  std::int64_t fused_[2] = {0, 0};
+};
+
+// gemm_batched: up to this many strided-batched calls rather than one pointer-array call.
+inline constexpr int kMaxBatchedLoop = 16;
+inline std::atomic<bool>& batched_pointers_flag() {
+  static std::atomic<bool> on{[] {
+    const char* v = std::getenv("HATCH_CUDA_BATCHED");
+    return v && std::strcmp(v, "pointers") == 0;
+  }()};
+  return on;
+}
+
+// The row kernels keep a row in registers when it has at most 32 * N columns (cuda_kernels.cuh):
+// calls f(std::integral_constant<int, N>) with the smallest N of 4, 8, 16, 32 that holds cols,
+// or with N = 0 (the general kernels) for longer rows, or always with HATCH_CUDA_ROW_REGISTERS=0
+// in the environment (bench/gpu.sh times both; the results are the same).
+inline std::atomic<bool>& row_registers_flag() {
+  static std::atomic<bool> on{[] {
+    const char* v = std::getenv("HATCH_CUDA_ROW_REGISTERS");
+    return !(v && std::strcmp(v, "0") == 0);
+  }()};
+  return on;
+}
+template <class F>
+void with_row_registers(int cols, F&& f) {
+  if (!row_registers_flag().load()) f(std::integral_constant<int, 0>{});
+  else if (cols <= 128) f(std::integral_constant<int, 4>{});
+  else if (cols <= 256) f(std::integral_constant<int, 8>{});
+  else if (cols <= 512) f(std::integral_constant<int, 16>{});
+  else if (cols <= 1024) f(std::integral_constant<int, 32>{});
+  else f(std::integral_constant<int, 0>{});
 }
 
 // Launch geometry. Element kernels loop grid-stride, so the grid is capped well below the limit.
@@ -337,6 +537,12 @@ struct Cuda {
   // Ampere and later. Off by default so that results match the Cpu backend to float rounding.
   static void set_tf32(bool on) { cuda_detail::tf32_flag() = on; }
   static bool tf32() { return cuda_detail::tf32_flag().load(); }
+  // Fused GEMM epilogues (cuBLASLt) for Linear layers; on unless HATCH_CUDA_LT=0.
+  static void set_fused_epilogues(bool on) { cuda_detail::lt_flag() = on; }
+  static bool fused_epilogues() { return cuda_detail::lt_flag().load(); }
+  // gemm_batched's layout that needs two strides: a pointer-array call (on with
+  // HATCH_CUDA_BATCHED=pointers) or a few strided-batched calls (the default).
+  static void set_batched_pointers(bool on) { cuda_detail::batched_pointers_flag() = on; }
 
   // ---- memory ------------------------------------------------------------------------------------
   // Real cudaMalloc calls (cache misses); a steady-state training step leaves it unchanged.
@@ -393,6 +599,21 @@ struct Cuda {
     const std::size_t in = std::size_t(inner);
     if (sa_outer == in * sa_inner && sb_outer == in * sb_inner && sc_outer == in * sc_inner)
       return strided(sa_inner, sb_inner, sc_inner, outer * inner);
+    // One strided-batched call per matrix of the smaller level (attention: one per head, over the
+    // batch) when that is few calls; else one pointer-array call. HATCH_CUDA_BATCHED=pointers
+    // forces the latter (bench/gpu.sh times both).
+    if (std::min(outer, inner) <= cuda_detail::kMaxBatchedLoop && !cuda_detail::batched_pointers_flag().load()) {
+      const bool by_inner = inner <= outer;
+      for (int j = 0, count = by_inner ? inner : outer; j < count; ++j) {
+        const std::size_t oa = j * (by_inner ? sa_inner : sa_outer), ob = j * (by_inner ? sb_inner : sb_outer),
+                          oc = j * (by_inner ? sc_inner : sc_outer);
+        HATCH_CUBLAS_CHECK(cublasSgemmStridedBatched(
+            h, op(tb), op(ta), n, m, k, &alpha, b + ob, ldb, (long long)(by_inner ? sb_outer : sb_inner), a + oa, lda,
+            (long long)(by_inner ? sa_outer : sa_inner), &beta, c + oc, ldc, (long long)(by_inner ? sc_outer : sc_inner),
+            by_inner ? outer : inner));
+      }
+      return;
+    }
     const std::size_t total = std::size_t(outer) * in;
     cuda_detail::Scratch<const T*> ab(2 * total);
     cuda_detail::Scratch<T*> cs(total);
@@ -403,6 +624,36 @@ struct Cuda {
                       pa, pb, pc, a, sa_outer, sa_inner, b, sb_outer, sb_inner, c, sc_outer, sc_inner, outer, inner);
     HATCH_CUBLAS_CHECK(cublasSgemmBatched(h, op(tb), op(ta), n, m, k, &alpha, pb, ldb, pa, lda, &beta, pc, ldc,
                                           int(total)));
+  }
+
+  // ---- fused operations (backend/fused.hpp): cuBLASLt epilogues, else the unfused sequence --------
+  static void linear_forward(T* y, const T* x, const T* w, const T* bias, int rows, int in, int out) {
+    if (rows <= 0 || out <= 0) return;
+    // Column-major: y^T (out x rows) = W (stored as in x out, transposed) x^T (in x rows) + bias.
+    if (bias && in > 0 && cuda_detail::lt_enabled() &&
+        cuda_detail::LtPlans::instance().run(CUBLAS_OP_T, CUBLAS_OP_N, out, rows, in, 1.f, w, in, x, in, 0.f, y, out,
+                                             cuda_detail::Epilogue::bias, const_cast<T*>(bias)))
+      return;
+    fused::linear_forward_unfused<Cuda>(y, x, w, bias, rows, in, out);
+  }
+  static void linear_backward_params(T* dw, T* dbias, const T* dy, const T* x, int rows, int in, int out) {
+    if (dw && dbias && rows > 0 && in > 0 && out > 0 && cuda_detail::lt_enabled()) {
+      // Column-major: dW^T (in x out) += x^T (in x rows) dy (stored as out x rows, transposed); the
+      // epilogue writes the sums of dy over rows into scratch, which is then added to dbias.
+      cuda_detail::Scratch<T> db{std::size_t(out)};
+      if (cuda_detail::LtPlans::instance().run(CUBLAS_OP_N, CUBLAS_OP_T, in, out, rows, 1.f, x, in, dy, out, 1.f, dw,
+                                               in, cuda_detail::Epilogue::bias_grad, db.get())) {
+        axpy(dbias, T(1), db.get(), std::size_t(out));
+        return;
+      }
+    }
+    fused::linear_backward_params_unfused<Cuda>(dw, dbias, dy, x, rows, in, out);
+  }
+  // Calls that ran fused so far: linear_forward with the bias epilogue, linear_backward_params
+  // with the bias-gradient epilogue (tests, and bench/gpu.sh's A/B check).
+  static std::int64_t fused_bias_calls() { return cuda_detail::LtPlans::instance().fused_calls(cuda_detail::Epilogue::bias); }
+  static std::int64_t fused_bias_grad_calls() {
+    return cuda_detail::LtPlans::instance().fused_calls(cuda_detail::Epilogue::bias_grad);
   }
 
   // ---- elementwise and reductions ----------------------------------------------------------------
@@ -496,16 +747,30 @@ struct Cuda {
   static void layer_norm_forward(T* y, T* mean, T* rstd, const T* x, const T* gamma, const T* beta, int rows,
                                  int cols, T eps) {
     if (rows <= 0 || cols <= 0) return;
-    HATCH_CUDA_LAUNCH(cuda_kernels::layer_norm_forward<T>, cuda_detail::row_blocks(rows), cuda_detail::kRowBlock, y,
-                      mean, rstd, x, gamma, beta, rows, cols, eps);
+    cuda_detail::with_row_registers(cols, [&](auto regs) {
+      constexpr int N = decltype(regs)::value;
+      if constexpr (N == 0)
+        HATCH_CUDA_LAUNCH(cuda_kernels::layer_norm_forward<T>, cuda_detail::row_blocks(rows), cuda_detail::kRowBlock,
+                          y, mean, rstd, x, gamma, beta, rows, cols, eps);
+      else
+        HATCH_CUDA_LAUNCH((cuda_kernels::layer_norm_forward_regs<T, N>), cuda_detail::row_blocks(rows),
+                          cuda_detail::kRowBlock, y, mean, rstd, x, gamma, beta, rows, cols, eps);
+    });
   }
   // dx, dgamma and dbeta may each be null; dgamma and dbeta accumulate.
   static void layer_norm_backward(T* dx, T* dgamma, T* dbeta, const T* dy, const T* x, const T* mean, const T* rstd,
                                   const T* gamma, int rows, int cols) {
     if (rows <= 0 || cols <= 0) return;
     if (dx)
-      HATCH_CUDA_LAUNCH(cuda_kernels::layer_norm_backward_dx<T>, cuda_detail::row_blocks(rows),
-                        cuda_detail::kRowBlock, dx, dy, x, mean, rstd, gamma, rows, cols);
+      cuda_detail::with_row_registers(cols, [&](auto regs) {
+        constexpr int N = decltype(regs)::value;
+        if constexpr (N == 0)
+          HATCH_CUDA_LAUNCH(cuda_kernels::layer_norm_backward_dx<T>, cuda_detail::row_blocks(rows),
+                            cuda_detail::kRowBlock, dx, dy, x, mean, rstd, gamma, rows, cols);
+        else
+          HATCH_CUDA_LAUNCH((cuda_kernels::layer_norm_backward_dx_regs<T, N>), cuda_detail::row_blocks(rows),
+                            cuda_detail::kRowBlock, dx, dy, x, mean, rstd, gamma, rows, cols);
+      });
     if (!dgamma && !dbeta) return;
     const int rpc = cuda_detail::rows_per_chunk(rows), chunks = (rows + rpc - 1) / rpc;
     const dim3 grid(unsigned((cols + 31) / 32), unsigned(chunks));
@@ -523,14 +788,28 @@ struct Cuda {
   // In place allowed (y == x).
   static void softmax_forward(T* y, const T* x, int rows, int cols, T scale) {
     if (rows <= 0 || cols <= 0) return;
-    HATCH_CUDA_LAUNCH(cuda_kernels::softmax_forward<T>, cuda_detail::row_blocks(rows), cuda_detail::kRowBlock, y, x,
-                      rows, cols, scale);
+    cuda_detail::with_row_registers(cols, [&](auto regs) {
+      constexpr int N = decltype(regs)::value;
+      if constexpr (N == 0)
+        HATCH_CUDA_LAUNCH(cuda_kernels::softmax_forward<T>, cuda_detail::row_blocks(rows), cuda_detail::kRowBlock, y,
+                          x, rows, cols, scale);
+      else
+        HATCH_CUDA_LAUNCH((cuda_kernels::softmax_forward_regs<T, N>), cuda_detail::row_blocks(rows),
+                          cuda_detail::kRowBlock, y, x, rows, cols, scale);
+    });
   }
   // In place allowed (dx == dy).
   static void softmax_backward(T* dx, const T* dy, const T* y, int rows, int cols, T scale) {
     if (rows <= 0 || cols <= 0) return;
-    HATCH_CUDA_LAUNCH(cuda_kernels::softmax_backward<T>, cuda_detail::row_blocks(rows), cuda_detail::kRowBlock, dx,
-                      dy, y, rows, cols, scale);
+    cuda_detail::with_row_registers(cols, [&](auto regs) {
+      constexpr int N = decltype(regs)::value;
+      if constexpr (N == 0)
+        HATCH_CUDA_LAUNCH(cuda_kernels::softmax_backward<T>, cuda_detail::row_blocks(rows), cuda_detail::kRowBlock,
+                          dx, dy, y, rows, cols, scale);
+      else
+        HATCH_CUDA_LAUNCH((cuda_kernels::softmax_backward_regs<T, N>), cuda_detail::row_blocks(rows),
+                          cuda_detail::kRowBlock, dx, dy, y, rows, cols, scale);
+    });
   }
 
   static void bernoulli_mask(T* mask, std::size_t n, T keep_prob, std::uint64_t seed, std::uint64_t offset) {

@@ -329,6 +329,120 @@ __global__ void softmax_backward(T* dx, const T* dy, const T* y, int rows, int c
   dot = warp_sum(dot);
   for (int c = lane; c < cols; c += 32) dx[o + c] = scale * y[o + c] * (dy[o + c] - dot);
 }
+// ---- row kernels with the row in registers ---------------------------------------------------------
+// The same arithmetic as the kernels above, in the same order (so results are bit-identical),
+// for rows of at most 32 * N columns: each lane keeps its N values in registers, so the row is
+// read from memory once instead of two or three times. Rows of ViT-B/16: 197 (attention
+// probabilities, N = 8) and 768 (LayerNorm, N = 32). The launcher picks N (cuda.hpp).
+template <class T, int N>
+__global__ void softmax_forward_regs(T* y, const T* x, int rows, int cols, T scale) {
+  const int row = warp_row();
+  if (row >= rows) return;
+  const int lane = int(threadIdx.x);
+  const T* xr = x + std::size_t(row) * cols;
+  T* yr = y + std::size_t(row) * cols;
+  T v[N];
+  T mx = xr[0];
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const int c = lane + 32 * i;
+    v[i] = c < cols ? xr[c] : T(0);
+    if (c < cols) mx = v[i] > mx ? v[i] : mx;
+  }
+  mx = warp_max(mx);
+  T s = T(0);
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+    if (lane + 32 * i < cols) {
+      v[i] = d_exp(scale * (v[i] - mx));
+      s += v[i];
+    }
+  const T inv = T(1) / warp_sum(s);
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+    if (lane + 32 * i < cols) yr[lane + 32 * i] = v[i] * inv;
+}
+template <class T, int N>
+__global__ void softmax_backward_regs(T* dx, const T* dy, const T* y, int rows, int cols, T scale) {
+  const int row = warp_row();
+  if (row >= rows) return;
+  const int lane = int(threadIdx.x);
+  const std::size_t o = std::size_t(row) * cols;
+  T g[N], p[N];
+  T dot = T(0);
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const int c = lane + 32 * i;
+    g[i] = c < cols ? dy[o + c] : T(0);
+    p[i] = c < cols ? y[o + c] : T(0);
+    dot += g[i] * p[i];
+  }
+  dot = warp_sum(dot);
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+    if (lane + 32 * i < cols) dx[o + lane + 32 * i] = scale * p[i] * (g[i] - dot);
+}
+template <class T, int N>
+__global__ void layer_norm_forward_regs(T* y, T* mean, T* rstd, const T* x, const T* gamma, const T* beta, int rows,
+                                        int cols, T eps) {
+  const int row = warp_row();
+  if (row >= rows) return;
+  const int lane = int(threadIdx.x);
+  const T* xr = x + std::size_t(row) * cols;
+  T* yr = y + std::size_t(row) * cols;
+  T v[N];
+  T s = T(0);
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const int c = lane + 32 * i;
+    v[i] = c < cols ? xr[c] : T(0);
+    s += v[i];
+  }
+  const T mu = warp_sum(s) / T(cols);
+  T q = T(0);
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+    if (lane + 32 * i < cols) q += (v[i] - mu) * (v[i] - mu);
+  const T rs = T(1) / d_sqrt(warp_sum(q) / T(cols) + eps);
+  if (lane == 0) {
+    mean[row] = mu;
+    rstd[row] = rs;
+  }
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const int c = lane + 32 * i;
+    if (c < cols) yr[c] = (v[i] - mu) * rs * gamma[c] + beta[c];
+  }
+}
+template <class T, int N>
+__global__ void layer_norm_backward_dx_regs(T* dx, const T* dy, const T* x, const T* mean, const T* rstd,
+                                            const T* gamma, int rows, int cols) {
+  const int row = warp_row();
+  if (row >= rows) return;
+  const int lane = int(threadIdx.x);
+  const std::size_t o = std::size_t(row) * cols;
+  const T mu = mean[row], rs = rstd[row];
+  T g[N], xc[N];  // dy * gamma, and x centred
+  T s1 = T(0), s2 = T(0);
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const int c = lane + 32 * i;
+    if (c < cols) {
+      g[i] = dy[o + c] * gamma[c];
+      xc[i] = x[o + c] - mu;
+      s1 += g[i];
+      s2 += g[i] * xc[i] * rs;
+    }
+  }
+  s1 = warp_sum(s1) / T(cols);
+  s2 = warp_sum(s2) / T(cols);
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const int c = lane + 32 * i;
+    if (c < cols) dx[o + c] = rs * (g[i] - s1 - xc[i] * rs * s2);
+  }
+}
+
 // Per-row soft-target cross-entropy in double, as on the CPU; the rows are summed afterwards.
 template <class T>
 __global__ void softmax_cross_entropy(double* loss, T* dz, const T* z, const T* t, int rows, int cols, T scale) {

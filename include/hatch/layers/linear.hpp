@@ -2,6 +2,7 @@
 // Linear: y = x W^T + b over the last dimension; W is (Out, In) as in PyTorch.
 #include <string>
 
+#include "hatch/backend/fused.hpp"
 #include "hatch/core/parameter.hpp"
 
 namespace hatch {
@@ -26,17 +27,17 @@ class LinearLayer {
     Shape s = x.shape();
     s.dims[s.rank - 1] = Out;
     y_.resize(s);
-    const int rows = int(x.rows());
-    B::gemm(false, true, rows, Out, In, 1, x.data(), In, weight.value.data(), In, 0, y_.data(), Out);
-    if constexpr (Bias) B::add_bias_rows(y_.data(), bias.value.data(), rows, Out);
+    fused::linear_forward<B>(y_.data(), x.data(), weight.value.data(), Bias ? bias.value.data() : nullptr,
+                             int(x.rows()), In, Out);
     return y_;
   }
   const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
     const int rows = int(dy.rows());
-    if (wants_grad(weight, ctx))
-      B::gemm(true, false, Out, In, rows, 1, dy.data(), Out, x_->data(), In, 1, weight.grad.data(), In);
+    typename B::Scalar* dbias = nullptr;
     if constexpr (Bias)
-      if (wants_grad(bias, ctx)) B::sum_rows(bias.grad.data(), dy.data(), rows, Out, Out, 1);
+      if (wants_grad(bias, ctx)) dbias = bias.grad.data();
+    fused::linear_backward_params<B>(wants_grad(weight, ctx) ? weight.grad.data() : nullptr, dbias, dy.data(),
+                                     x_->data(), rows, In, Out);
     if (ctx.input_grad) {
       dx_.resize(x_->shape());
       B::gemm(false, false, rows, In, Out, 1, dy.data(), Out, weight.value.data(), In, 0, dx_.data(), In);
