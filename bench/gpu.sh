@@ -105,10 +105,10 @@ ratio() { if [[ "$1" == failed || "$2" == failed || -z "$1" || -z "$2" ]]; then 
 : >"$build/gpu-runs.log"
 declare -A H T M A
 declare -A VARIANTS=(
-  ["without fused GEMM epilogues (HATCH_CUDA_LT=0)"]="HATCH_CUDA_LT=0"
-  ["attention GEMMs as one pointer-array call (HATCH_CUDA_BATCHED=pointers)"]="HATCH_CUDA_BATCHED=pointers"
+  ["GEMMs without autotuning (HATCH_CUDA_AUTOTUNE=0)"]="HATCH_CUDA_AUTOTUNE=0"
+  ["without cuBLASLt: cublasSgemm, separate bias kernels (HATCH_CUDA_LT=0)"]="HATCH_CUDA_LT=0"
   ["row kernels without registers (HATCH_CUDA_ROW_REGISTERS=0)"]="HATCH_CUDA_ROW_REGISTERS=0"
-  ["all three off (the backend before 2026-11-27)"]="HATCH_CUDA_LT=0 HATCH_CUDA_BATCHED=pointers HATCH_CUDA_ROW_REGISTERS=0"
+  ["all off (the backend before 2026-11-27)"]="HATCH_CUDA_LT=0 HATCH_CUDA_ROW_REGISTERS=0"
 )
 for prec in fp32 tf32; do
   flag=(); [[ $prec == tf32 ]] && flag=(--tf32)

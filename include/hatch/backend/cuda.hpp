@@ -311,21 +311,34 @@ inline cublasHandle_t cublas_handle() {
   return e.handle;
 }
 
-// ---- cuBLASLt: GEMMs with a fused epilogue ------------------------------------------------------
-// The bias of a Linear layer is added in the GEMM's epilogue (EPILOGUE_BIAS) and its gradient is
-// reduced in the weight-gradient GEMM's epilogue (EPILOGUE_BGRADB), instead of a separate pass
-// over the output each (add_bias_rows, sum_rows). A plan (descriptors and the heuristic's
-// algorithm) is made once per shape and kept; when cuBLASLt offers no algorithm for a shape,
-// alignment or epilogue, the plan says so and the caller takes the unfused path. GELU is not
-// fused: cuBLASLt's GELU epilogue is the tanh approximation, and hatch's GELU is the exact one.
-// HATCH_CUDA_LT=0 in the environment turns the fused path off (bench/gpu.sh times both).
-enum class Epilogue { bias, bias_grad };
+// ---- cuBLASLt: planned (and autotuned) GEMMs, with fused epilogues ---------------------------------
+// Every GEMM of `gemm` and of a Linear layer runs through cuBLASLt. A plan (descriptors plus an
+// algorithm) is made once per shape, transposes, alignments, TF32 setting and epilogue, and kept:
+//  - epilogues: the bias of a Linear layer is added in the forward GEMM (EPILOGUE_BIAS) and its
+//    gradient reduced with the weight-gradient GEMM (EPILOGUE_BGRADB), instead of a separate
+//    pass over the output each (add_bias_rows, sum_rows). GELU is not fused: cuBLASLt's GELU
+//    epilogue is the tanh approximation, and hatch's GELU is the exact one;
+//  - autotuning: the heuristic proposes up to kCandidates algorithms; each is timed on the
+//    call's own operands (into scratch outputs, so nothing the caller sees is touched) and the
+//    fastest is kept. This costs a few milliseconds per shape on the first step, and means two
+//    runs may pick different algorithms, so their results can differ in the last bits.
+//    HATCH_CUDA_AUTOTUNE=0 keeps the heuristic's first choice (reproducible from run to run).
+// Where cuBLASLt offers no algorithm (a bias not 16-byte aligned, say), the plan remembers it and
+// the caller takes its unfused path. HATCH_CUDA_LT=0 turns all of this off (plain cublasSgemm and
+// separate bias kernels); bench/gpu.sh times each switch.
+enum class Epilogue { none, bias, bias_grad };
 
+inline bool env_switch(const char* name, bool fallback) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return fallback;
+  return std::strcmp(v, "0") != 0;
+}
 inline std::atomic<bool>& lt_flag() {
-  static std::atomic<bool> on{[] {
-    const char* v = std::getenv("HATCH_CUDA_LT");
-    return !(v && std::strcmp(v, "0") == 0);
-  }()};
+  static std::atomic<bool> on{env_switch("HATCH_CUDA_LT", true)};
+  return on;
+}
+inline std::atomic<bool>& autotune_flag() {
+  static std::atomic<bool> on{env_switch("HATCH_CUDA_AUTOTUNE", true)};
   return on;
 }
 inline bool lt_enabled() { return lt_flag().load(); }
@@ -344,37 +357,50 @@ class LtPlans {
     return *plans;
   }
 
-  // Column-major D = alpha op(A) op(B) + beta D (m x n, inner k) with the epilogue; `vector` is
-  // the bias (length m, added to every column) or where the bias gradient goes (length n: the
-  // sums of op(B) over k). Returns false, having done nothing, when cuBLASLt has no algorithm.
+  // Column-major D = alpha op(A) op(B) + beta D (m x n, inner k) with the epilogue. For
+  // Epilogue::bias, `bias` (length m) is added to every column; for Epilogue::bias_grad the sums
+  // of op(B) over k (length n) are written to bias_grad_out(n) (read it before the next call).
+  // Returns false, having done nothing, when cuBLASLt has no algorithm for the call.
   bool run(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha, const float* a, int lda,
-           const float* b, int ldb, float beta, float* d, int ldd, Epilogue epi, void* vector) {
+           const float* b, int ldb, float beta, float* d, int ldd, Epilogue epi, const float* bias = nullptr) {
     int device = 0;
     HATCH_CUDA_CHECK(cudaGetDevice(&device));
-    const bool tf32 = tf32_flag().load();
-    const Key key{device, int(ta), int(tb), m, n, k, lda, ldb, ldd, int(epi), tf32, alignment_of(a),
-                  alignment_of(b), alignment_of(d), alignment_of(vector) >= 16};
     std::lock_guard<std::mutex> lock(mu_);
-    Plan& plan = find_or_make(key);
+    void* vector = epi == Epilogue::bias ? const_cast<float*>(bias)
+                   : epi == Epilogue::bias_grad ? static_cast<void*>(vector_buffer(device, std::size_t(n)))
+                                                : nullptr;
+    const Key key{device, int(ta), int(tb), m, n, k, lda, ldb, ldd, int(epi), tf32_flag().load(),
+                  autotune_flag().load(), alignment_of(a), alignment_of(b), alignment_of(d),
+                  epi == Epilogue::none || alignment_of(vector) >= 16};
+    Plan& plan = find_or_make(key, [&](const cublasLtMatmulAlgo_t& algo, Plan& p, float* scratch_d, void* scratch_v) {
+      return matmul(device, p, algo, alpha, a, b, beta, scratch_d, epi == Epilogue::bias ? vector : scratch_v);
+    });
     if (!plan.ok) return false;
-    HATCH_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(
-        plan.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &vector, sizeof(vector)));
-    HATCH_CUBLAS_CHECK(cublasLtMatmul(handle(device), plan.op, &alpha, a, plan.a, b, plan.b, &beta, d, plan.d, d,
-                                      plan.d, &plan.algo, gemm_workspace(device), kGemmWorkspace, nullptr));
-    ++fused_[int(epi)];
+    HATCH_CUBLAS_CHECK(matmul(device, plan, plan.algo, alpha, a, b, beta, d, vector));
+    ++calls_[int(epi)];
     return true;
   }
 
-  // Fused calls run so far, per epilogue (tests: the fast path is taken where it should be).
-  std::int64_t fused_calls(Epilogue epi) {
+  // Where Epilogue::bias_grad wrote its sums (device memory of the current device, n floats).
+  float* bias_grad_out(std::size_t n) {
+    int device = 0;
+    HATCH_CUDA_CHECK(cudaGetDevice(&device));
     std::lock_guard<std::mutex> lock(mu_);
-    return fused_[int(epi)];
+    return vector_buffer(device, n);
+  }
+
+  // Calls run through cuBLASLt so far, per epilogue (tests: the fast path is taken).
+  std::int64_t calls(Epilogue epi) {
+    std::lock_guard<std::mutex> lock(mu_);
+    return calls_[int(epi)];
   }
 
  private:
+  static constexpr int kCandidates = 8;
+  static constexpr int kTrials = 3;
   struct Key {
     int device, ta, tb, m, n, k, lda, ldb, ldd, epi;
-    bool tf32;
+    bool tf32, autotune;
     int align_a, align_b, align_d;
     bool vector_aligned;
     auto operator<=>(const Key&) const = default;
@@ -395,8 +421,32 @@ class LtPlans {
     if (!h) HATCH_CUBLAS_CHECK(cublasLtCreate(&h));
     return h;
   }
+  // The bias-gradient output: one buffer per device, grown (geometrically) and never shrunk, so
+  // a steady training step allocates nothing. One stream orders its uses.
+  float* vector_buffer(int device, std::size_t n) {
+    if (std::size_t(device) >= vectors_.size()) vectors_.resize(std::size_t(device) + 1);
+    auto& [p, cap] = vectors_[std::size_t(device)];
+    if (cap < n) {
+      if (p) DeviceCache::instance().deallocate(p);
+      p = nullptr;
+      cap = std::max(n, 2 * cap);
+      p = static_cast<float*>(DeviceCache::instance().allocate(cap * sizeof(float)));
+    }
+    return p;
+  }
+  cublasStatus_t matmul(int device, const Plan& p, const cublasLtMatmulAlgo_t& algo, float alpha, const float* a,
+                        const float* b, float beta, float* d, void* vector) {
+    if (vector) {
+      const cublasStatus_t s =
+          cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &vector, sizeof(vector));
+      if (s != CUBLAS_STATUS_SUCCESS) return s;
+    }
+    return cublasLtMatmul(handle(device), p.op, &alpha, a, p.a, b, p.b, &beta, d, p.d, d, p.d, &algo,
+                          gemm_workspace(device), kGemmWorkspace, nullptr);
+  }
 
-  Plan& find_or_make(const Key& key) {
+  template <class Trial>
+  Plan& find_or_make(const Key& key, Trial&& trial) {
     auto it = plans_.find(key);
     if (it != plans_.end()) return it->second;
     if (plans_.size() >= kMaxPlans) {
@@ -412,8 +462,9 @@ class LtPlans {
     const auto ta = cublasOperation_t(key.ta), tb = cublasOperation_t(key.tb);
     HATCH_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)));
     HATCH_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb)));
-    const cublasLtEpilogue_t epi =
-        key.epi == int(Epilogue::bias) ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_BGRADB;
+    const cublasLtEpilogue_t epi = key.epi == int(Epilogue::bias)        ? CUBLASLT_EPILOGUE_BIAS
+                                   : key.epi == int(Epilogue::bias_grad) ? CUBLASLT_EPILOGUE_BGRADB
+                                                                         : CUBLASLT_EPILOGUE_DEFAULT;
     HATCH_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
     HATCH_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.a, CUDA_R_32F, at ? key.k : key.m, at ? key.m : key.k, key.lda));
     HATCH_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&plan.b, CUDA_R_32F, bt ? key.n : key.k, bt ? key.k : key.n, key.ldb));
@@ -422,31 +473,80 @@ class LtPlans {
     HATCH_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     const std::uint64_t ws = kGemmWorkspace;
     const std::uint32_t align[3] = {std::uint32_t(key.align_a), std::uint32_t(key.align_b), std::uint32_t(key.align_d)};
-    cublasLtMatmulHeuristicResult_t result{};
+    cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
     int found = 0;
-    const cublasStatus_t st = [&] {
-      cublasStatus_t s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
-      if (s == CUBLAS_STATUS_SUCCESS)
-        s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align[0], sizeof(align[0]));
-      if (s == CUBLAS_STATUS_SUCCESS)
-        s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align[1], sizeof(align[1]));
-      if (s == CUBLAS_STATUS_SUCCESS)
-        s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align[2], sizeof(align[2]));
-      if (s == CUBLAS_STATUS_SUCCESS)
-        s = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align[2], sizeof(align[2]));
-      if (s == CUBLAS_STATUS_SUCCESS)
-        s = cublasLtMatmulAlgoGetHeuristic(handle(key.device), plan.op, plan.a, plan.b, plan.d, plan.d, pref, 1, &result,
-                                           &found);
-      return s;
-    }();
+    cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
+    const cublasLtMatmulPreferenceAttributes_t align_attr[4] = {
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+    for (int i = 0; i < 4 && st == CUBLAS_STATUS_SUCCESS; ++i)
+      st = cublasLtMatmulPreferenceSetAttribute(pref, align_attr[i], &align[std::min(i, 2)], sizeof(align[0]));
+    if (st == CUBLAS_STATUS_SUCCESS)
+      st = cublasLtMatmulAlgoGetHeuristic(handle(key.device), plan.op, plan.a, plan.b, plan.d, plan.d, pref,
+                                          key.autotune ? kCandidates : 1, results, &found);
     (void)cublasLtMatmulPreferenceDestroy(pref);
-    if (st == CUBLAS_STATUS_SUCCESS && found > 0 && result.state == CUBLAS_STATUS_SUCCESS) {
-      plan.algo = result.algo;
-      plan.ok = true;
-    } else {
+    std::vector<cublasLtMatmulAlgo_t> usable;
+    if (st == CUBLAS_STATUS_SUCCESS)
+      for (int i = 0; i < found; ++i)
+        if (results[i].state == CUBLAS_STATUS_SUCCESS) usable.push_back(results[i].algo);
+    if (usable.empty()) {
       destroy(plan);  // not supported here: the caller falls back, and the plan remembers that
+      return plan;
     }
+    plan.algo = usable.front();
+    plan.ok = true;
+    if (usable.size() > 1) plan.algo = fastest(plan, usable, trial);
     return plan;
+  }
+
+  // Times each candidate kTrials times (after one untimed run) into scratch outputs and returns
+  // the fastest; a candidate that fails is skipped. Synchronises: this runs once per plan.
+  template <class Trial>
+  cublasLtMatmulAlgo_t fastest(Plan& plan, const std::vector<cublasLtMatmulAlgo_t>& algos, Trial& trial) {
+    Scratch<float> d(std::size_t(std::max(plan_rows(plan), 1)) * std::size_t(plan_cols(plan)));
+    Scratch<float> v(std::size_t(std::max(plan_vector(plan), 1)));
+    cudaEvent_t start = nullptr, stop = nullptr;
+    HATCH_CUDA_CHECK(cudaEventCreate(&start));
+    HATCH_CUDA_CHECK(cudaEventCreate(&stop));
+    cublasLtMatmulAlgo_t best = algos.front();
+    float best_ms = 0;
+    bool have = false;
+    for (const auto& algo : algos) {
+      if (trial(algo, plan, d.get(), v.get()) != CUBLAS_STATUS_SUCCESS) continue;
+      HATCH_CUDA_CHECK(cudaEventRecord(start));
+      bool ok = true;
+      for (int t = 0; t < kTrials && ok; ++t) ok = trial(algo, plan, d.get(), v.get()) == CUBLAS_STATUS_SUCCESS;
+      HATCH_CUDA_CHECK(cudaEventRecord(stop));
+      HATCH_CUDA_CHECK(cudaEventSynchronize(stop));
+      float ms = 0;
+      HATCH_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+      if (ok && (!have || ms < best_ms)) {
+        best = algo;
+        best_ms = ms;
+        have = true;
+      }
+    }
+    (void)cudaEventDestroy(start);
+    (void)cudaEventDestroy(stop);
+    (void)cudaGetLastError();
+    return best;
+  }
+  // The sizes of D (ld x cols) and of the epilogue vector, read back from the plan's layouts.
+  static int layout_attr(cublasLtMatrixLayout_t l, cublasLtMatrixLayoutAttribute_t attr) {
+    std::uint64_t v64 = 0;
+    std::int64_t i64 = 0;
+    std::size_t written = 0;
+    if (attr == CUBLASLT_MATRIX_LAYOUT_LD) {
+      HATCH_CUBLAS_CHECK(cublasLtMatrixLayoutGetAttribute(l, attr, &i64, sizeof(i64), &written));
+      return int(i64);
+    }
+    HATCH_CUBLAS_CHECK(cublasLtMatrixLayoutGetAttribute(l, attr, &v64, sizeof(v64), &written));
+    return int(v64);
+  }
+  static int plan_rows(const Plan& p) { return layout_attr(p.d, CUBLASLT_MATRIX_LAYOUT_LD); }
+  static int plan_cols(const Plan& p) { return layout_attr(p.d, CUBLASLT_MATRIX_LAYOUT_COLS); }
+  static int plan_vector(const Plan& p) {
+    return std::max(layout_attr(p.d, CUBLASLT_MATRIX_LAYOUT_ROWS), layout_attr(p.d, CUBLASLT_MATRIX_LAYOUT_COLS));
   }
 
   static void destroy(Plan& p) {
@@ -460,28 +560,16 @@ class LtPlans {
   std::mutex mu_;
   std::map<Key, Plan> plans_;
   std::vector<cublasLtHandle_t> handles_;
-  std::int64_t fused_[2] = {0, 0};
+  std::vector<std::pair<float*, std::size_t>> vectors_;
+  std::int64_t calls_[3] = {0, 0, 0};
 };
-
-// gemm_batched: up to this many strided-batched calls rather than one pointer-array call.
-inline constexpr int kMaxBatchedLoop = 16;
-inline std::atomic<bool>& batched_pointers_flag() {
-  static std::atomic<bool> on{[] {
-    const char* v = std::getenv("HATCH_CUDA_BATCHED");
-    return v && std::strcmp(v, "pointers") == 0;
-  }()};
-  return on;
-}
 
 // The row kernels keep a row in registers when it has at most 32 * N columns (cuda_kernels.cuh):
 // calls f(std::integral_constant<int, N>) with the smallest N of 4, 8, 16, 32 that holds cols,
 // or with N = 0 (the general kernels) for longer rows, or always with HATCH_CUDA_ROW_REGISTERS=0
 // in the environment (bench/gpu.sh times both; the results are the same).
 inline std::atomic<bool>& row_registers_flag() {
-  static std::atomic<bool> on{[] {
-    const char* v = std::getenv("HATCH_CUDA_ROW_REGISTERS");
-    return !(v && std::strcmp(v, "0") == 0);
-  }()};
+  static std::atomic<bool> on{env_switch("HATCH_CUDA_ROW_REGISTERS", true)};
   return on;
 }
 template <class F>
@@ -492,6 +580,11 @@ void with_row_registers(int cols, F&& f) {
   else if (cols <= 512) f(std::integral_constant<int, 16>{});
   else if (cols <= 1024) f(std::integral_constant<int, 32>{});
   else f(std::integral_constant<int, 0>{});
+}
+
+// The 128-bit element kernels apply: n a multiple of 4 and every pointer 16-byte aligned.
+inline bool vectorizable(std::size_t n, const void* a, const void* b, const void* c) {
+  return n % 4 == 0 && alignment_of(a) >= 16 && alignment_of(b) >= 16 && alignment_of(c) >= 16;
 }
 
 // Launch geometry. Element kernels loop grid-stride, so the grid is capped well below the limit.
@@ -537,12 +630,11 @@ struct Cuda {
   // Ampere and later. Off by default so that results match the Cpu backend to float rounding.
   static void set_tf32(bool on) { cuda_detail::tf32_flag() = on; }
   static bool tf32() { return cuda_detail::tf32_flag().load(); }
-  // Fused GEMM epilogues (cuBLASLt) for Linear layers; on unless HATCH_CUDA_LT=0.
-  static void set_fused_epilogues(bool on) { cuda_detail::lt_flag() = on; }
-  static bool fused_epilogues() { return cuda_detail::lt_flag().load(); }
-  // gemm_batched's layout that needs two strides: a pointer-array call (on with
-  // HATCH_CUDA_BATCHED=pointers) or a few strided-batched calls (the default).
-  static void set_batched_pointers(bool on) { cuda_detail::batched_pointers_flag() = on; }
+  // GEMMs through cuBLASLt plans with fused bias epilogues (on unless HATCH_CUDA_LT=0), and the
+  // plans' algorithms autotuned (on unless HATCH_CUDA_AUTOTUNE=0); see cuda_detail::LtPlans.
+  static void set_cublaslt(bool on) { cuda_detail::lt_flag() = on; }
+  static bool cublaslt() { return cuda_detail::lt_flag().load(); }
+  static void set_autotune(bool on) { cuda_detail::autotune_flag() = on; }
 
   // ---- memory ------------------------------------------------------------------------------------
   // Real cudaMalloc calls (cache misses); a steady-state training step leaves it unchanged.
@@ -574,6 +666,13 @@ struct Cuda {
                    T* c, int ldc) {
     if (m <= 0 || n <= 0) return;
     using cuda_detail::op;
+    // Valid leading dimensions go through a cuBLASLt plan; invalid ones to cublasSgemm, which
+    // names the bad argument in its error.
+    const bool valid = k > 0 && lda >= std::max(1, ta ? m : k) && ldb >= std::max(1, tb ? k : n) && ldc >= std::max(1, n);
+    if (valid && cuda_detail::lt_enabled() &&
+        cuda_detail::LtPlans::instance().run(op(tb), op(ta), n, m, k, alpha, b, ldb, a, lda, beta, c, ldc,
+                                             cuda_detail::Epilogue::none))
+      return;
     HATCH_CUBLAS_CHECK(cublasSgemm(cuda_detail::cublas_handle(), op(tb), op(ta), n, m, k, &alpha, b, ldb, a, lda,
                                    &beta, c, ldc));
   }
@@ -582,7 +681,8 @@ struct Cuda {
   // levels collapse into one stride (one level of size 1, or s_outer == inner * s_inner for A, B
   // and C) this is one strided-batched call. Otherwise (attention reading heads in place from the
   // fused qkv buffer) the matrix pointers are built on the device and cublasSgemmBatched runs all
-  // outer * inner GEMMs in one call.
+  // outer * inner GEMMs in one call. (One strided-batched call per head was measured slower on an
+  // H200, 2026-11-27: 9% of a ViT-B/16 TF32 step; docs/performance.md.)
   static void gemm_batched(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda,
                            std::size_t sa_outer, std::size_t sa_inner, const T* b, int ldb, std::size_t sb_outer,
                            std::size_t sb_inner, T beta, T* c, int ldc, std::size_t sc_outer,
@@ -599,21 +699,6 @@ struct Cuda {
     const std::size_t in = std::size_t(inner);
     if (sa_outer == in * sa_inner && sb_outer == in * sb_inner && sc_outer == in * sc_inner)
       return strided(sa_inner, sb_inner, sc_inner, outer * inner);
-    // One strided-batched call per matrix of the smaller level (attention: one per head, over the
-    // batch) when that is few calls; else one pointer-array call. HATCH_CUDA_BATCHED=pointers
-    // forces the latter (bench/gpu.sh times both).
-    if (std::min(outer, inner) <= cuda_detail::kMaxBatchedLoop && !cuda_detail::batched_pointers_flag().load()) {
-      const bool by_inner = inner <= outer;
-      for (int j = 0, count = by_inner ? inner : outer; j < count; ++j) {
-        const std::size_t oa = j * (by_inner ? sa_inner : sa_outer), ob = j * (by_inner ? sb_inner : sb_outer),
-                          oc = j * (by_inner ? sc_inner : sc_outer);
-        HATCH_CUBLAS_CHECK(cublasSgemmStridedBatched(
-            h, op(tb), op(ta), n, m, k, &alpha, b + ob, ldb, (long long)(by_inner ? sb_outer : sb_inner), a + oa, lda,
-            (long long)(by_inner ? sa_outer : sa_inner), &beta, c + oc, ldc, (long long)(by_inner ? sc_outer : sc_inner),
-            by_inner ? outer : inner));
-      }
-      return;
-    }
     const std::size_t total = std::size_t(outer) * in;
     cuda_detail::Scratch<const T*> ab(2 * total);
     cuda_detail::Scratch<T*> cs(total);
@@ -632,18 +717,18 @@ struct Cuda {
     // Column-major: y^T (out x rows) = W (stored as in x out, transposed) x^T (in x rows) + bias.
     if (bias && in > 0 && cuda_detail::lt_enabled() &&
         cuda_detail::LtPlans::instance().run(CUBLAS_OP_T, CUBLAS_OP_N, out, rows, in, 1.f, w, in, x, in, 0.f, y, out,
-                                             cuda_detail::Epilogue::bias, const_cast<T*>(bias)))
+                                             cuda_detail::Epilogue::bias, bias))
       return;
     fused::linear_forward_unfused<Cuda>(y, x, w, bias, rows, in, out);
   }
   static void linear_backward_params(T* dw, T* dbias, const T* dy, const T* x, int rows, int in, int out) {
     if (dw && dbias && rows > 0 && in > 0 && out > 0 && cuda_detail::lt_enabled()) {
       // Column-major: dW^T (in x out) += x^T (in x rows) dy (stored as out x rows, transposed); the
-      // epilogue writes the sums of dy over rows into scratch, which is then added to dbias.
-      cuda_detail::Scratch<T> db{std::size_t(out)};
-      if (cuda_detail::LtPlans::instance().run(CUBLAS_OP_N, CUBLAS_OP_T, in, out, rows, 1.f, x, in, dy, out, 1.f, dw,
-                                               in, cuda_detail::Epilogue::bias_grad, db.get())) {
-        axpy(dbias, T(1), db.get(), std::size_t(out));
+      // epilogue writes the sums of dy over rows to the plans' buffer, then added to dbias.
+      auto& plans = cuda_detail::LtPlans::instance();
+      if (plans.run(CUBLAS_OP_N, CUBLAS_OP_T, in, out, rows, 1.f, x, in, dy, out, 1.f, dw, in,
+                    cuda_detail::Epilogue::bias_grad)) {
+        axpy(dbias, T(1), plans.bias_grad_out(std::size_t(out)), std::size_t(out));
         return;
       }
     }
@@ -651,17 +736,25 @@ struct Cuda {
   }
   // Calls that ran fused so far: linear_forward with the bias epilogue, linear_backward_params
   // with the bias-gradient epilogue (tests, and bench/gpu.sh's A/B check).
-  static std::int64_t fused_bias_calls() { return cuda_detail::LtPlans::instance().fused_calls(cuda_detail::Epilogue::bias); }
+  static std::int64_t fused_bias_calls() { return cuda_detail::LtPlans::instance().calls(cuda_detail::Epilogue::bias); }
   static std::int64_t fused_bias_grad_calls() {
-    return cuda_detail::LtPlans::instance().fused_calls(cuda_detail::Epilogue::bias_grad);
+    return cuda_detail::LtPlans::instance().calls(cuda_detail::Epilogue::bias_grad);
   }
+  // Plain GEMMs (gemm) that ran through a cuBLASLt plan.
+  static std::int64_t planned_gemm_calls() { return cuda_detail::LtPlans::instance().calls(cuda_detail::Epilogue::none); }
 
   // ---- elementwise and reductions ----------------------------------------------------------------
   static void axpy(T* y, T a, const T* x, std::size_t n) {
     if (n) HATCH_CUDA_LAUNCH(cuda_kernels::axpy<T>, cuda_detail::element_blocks(n), cuda_kernels::kThreads, y, a, x, n);
   }
   static void add(T* y, const T* a, const T* b, std::size_t n) {
-    if (n) HATCH_CUDA_LAUNCH(cuda_kernels::add<T>, cuda_detail::element_blocks(n), cuda_kernels::kThreads, y, a, b, n);
+    if (!n) return;
+    if (cuda_detail::vectorizable(n, y, a, b))
+      HATCH_CUDA_LAUNCH(cuda_kernels::add4<float4>, cuda_detail::element_blocks(n / 4), cuda_kernels::kThreads,
+                        reinterpret_cast<float4*>(y), reinterpret_cast<const float4*>(a),
+                        reinterpret_cast<const float4*>(b), n / 4);
+    else
+      HATCH_CUDA_LAUNCH(cuda_kernels::add<T>, cuda_detail::element_blocks(n), cuda_kernels::kThreads, y, a, b, n);
   }
   static void mul(T* y, const T* a, const T* b, std::size_t n) {
     if (n) HATCH_CUDA_LAUNCH(cuda_kernels::mul<T>, cuda_detail::element_blocks(n), cuda_kernels::kThreads, y, a, b, n);
@@ -723,13 +816,22 @@ struct Cuda {
 
   // ---- activations, normalisation, softmax -------------------------------------------------------
   static void gelu_forward(T* y, const T* x, std::size_t n) {
-    if (n)
+    if (!n) return;
+    if (cuda_detail::vectorizable(n, y, x, x))
+      HATCH_CUDA_LAUNCH(cuda_kernels::gelu_forward4<float4>, cuda_detail::element_blocks(n / 4), cuda_kernels::kThreads,
+                        reinterpret_cast<float4*>(y), reinterpret_cast<const float4*>(x), n / 4);
+    else
       HATCH_CUDA_LAUNCH(cuda_kernels::gelu_forward<T>, cuda_detail::element_blocks(n), cuda_kernels::kThreads, y, x, n);
   }
   static void gelu_backward(T* dx, const T* dy, const T* x, std::size_t n) {
-    if (n)
-      HATCH_CUDA_LAUNCH(cuda_kernels::gelu_backward<T>, cuda_detail::element_blocks(n), cuda_kernels::kThreads, dx, dy,
-                        x, n);
+    if (!n) return;
+    if (cuda_detail::vectorizable(n, dx, dy, x))
+      HATCH_CUDA_LAUNCH(cuda_kernels::gelu_backward4<float4>, cuda_detail::element_blocks(n / 4), cuda_kernels::kThreads,
+                        reinterpret_cast<float4*>(dx), reinterpret_cast<const float4*>(dy),
+                        reinterpret_cast<const float4*>(x), n / 4);
+    else
+      HATCH_CUDA_LAUNCH(cuda_kernels::gelu_backward<T>, cuda_detail::element_blocks(n), cuda_kernels::kThreads, dx,
+                        dy, x, n);
   }
   // User-defined element-wise functions (see concept.hpp). F must be a namespace-scope type (a
   // kernel cannot be instantiated with a function-local one) with a HATCH_HD operator().

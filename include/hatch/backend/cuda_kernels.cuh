@@ -91,19 +91,46 @@ __global__ void scale_rows(T* y, const T* x, const T* s, std::size_t total, int 
   for (std::size_t j = global_index(); j < total; j += global_stride()) y[j] = x[j] * s[j / cols];
 }
 template <class T>
+__device__ inline T gelu_value(T v) {
+  return T(0.5) * v * (T(1) + d_erf(v * T(0.70710678118654752440)));
+}
+template <class T>
+__device__ inline T gelu_grad(T dy, T v) {
+  const T cdf = T(0.5) * (T(1) + d_erf(v * T(0.70710678118654752440)));
+  const T pdf = d_exp(T(-0.5) * v * v) * T(0.3989422804014327);
+  return dy * (cdf + v * pdf);
+}
+template <class T>
 __global__ void gelu_forward(T* y, const T* x, std::size_t n) {
-  for (std::size_t j = global_index(); j < n; j += global_stride()) {
-    const T v = x[j];
-    y[j] = T(0.5) * v * (T(1) + d_erf(v * T(0.70710678118654752440)));
-  }
+  for (std::size_t j = global_index(); j < n; j += global_stride()) y[j] = gelu_value(x[j]);
 }
 template <class T>
 __global__ void gelu_backward(T* dx, const T* dy, const T* x, std::size_t n) {
-  for (std::size_t j = global_index(); j < n; j += global_stride()) {
-    const T v = x[j];
-    const T cdf = T(0.5) * (T(1) + d_erf(v * T(0.70710678118654752440)));
-    const T pdf = d_exp(T(-0.5) * v * v) * T(0.3989422804014327);
-    dx[j] = dy[j] * (cdf + v * pdf);
+  for (std::size_t j = global_index(); j < n; j += global_stride()) dx[j] = gelu_grad(dy[j], x[j]);
+}
+// 128-bit forms of the hottest element kernels (the MLP's GELU, the residual adds): four floats
+// per load and store. The launcher uses them when n is a multiple of 4 and every pointer is
+// 16-byte aligned; the arithmetic per element is the scalar kernels'.
+// (Templates over the vector type, like every kernel here, so that any number of TUs may define them.)
+template <class V>
+__global__ void add4(V* y, const V* a, const V* b, std::size_t n4) {
+  for (std::size_t j = global_index(); j < n4; j += global_stride()) {
+    const V u = a[j], v = b[j];
+    y[j] = make_float4(u.x + v.x, u.y + v.y, u.z + v.z, u.w + v.w);
+  }
+}
+template <class V>
+__global__ void gelu_forward4(V* y, const V* x, std::size_t n4) {
+  for (std::size_t j = global_index(); j < n4; j += global_stride()) {
+    const V v = x[j];
+    y[j] = make_float4(gelu_value(v.x), gelu_value(v.y), gelu_value(v.z), gelu_value(v.w));
+  }
+}
+template <class V>
+__global__ void gelu_backward4(V* dx, const V* dy, const V* x, std::size_t n4) {
+  for (std::size_t j = global_index(); j < n4; j += global_stride()) {
+    const V g = dy[j], v = x[j];
+    dx[j] = make_float4(gelu_grad(g.x, v.x), gelu_grad(g.y, v.y), gelu_grad(g.z, v.z), gelu_grad(g.w, v.w));
   }
 }
 // User functors (B::map, B::map_binary): F's operator() is __host__ __device__ (HATCH_HD); F is
@@ -330,8 +357,8 @@ __global__ void softmax_backward(T* dx, const T* dy, const T* y, int rows, int c
   for (int c = lane; c < cols; c += 32) dx[o + c] = scale * y[o + c] * (dy[o + c] - dot);
 }
 // ---- row kernels with the row in registers ---------------------------------------------------------
-// The same arithmetic as the kernels above, in the same order (so results are bit-identical),
-// for rows of at most 32 * N columns: each lane keeps its N values in registers, so the row is
+// The same arithmetic as the kernels above, in the same order (results agree to float rounding:
+// FMA contraction may differ), for rows of at most 32 * N columns: each lane keeps its N values in registers, so the row is
 // read from memory once instead of two or three times. Rows of ViT-B/16: 197 (attention
 // probabilities, N = 8) and 768 (LayerNorm, N = 32). The launcher picks N (cuda.hpp).
 template <class T, int N>
