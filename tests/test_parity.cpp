@@ -1,6 +1,7 @@
 // Parity with PyTorch: each layer, run in float32 on fixtures written by
 // tests/fixtures/make_fixtures.py, matches PyTorch's output and every gradient.
 #include <hatch/io/safetensors.hpp>
+#include <hatch/layers/moe.hpp>
 
 #include "support.hpp"
 
@@ -86,6 +87,20 @@ TEST_CASE("parity with PyTorch: layers") {
   expect_parity(cls_pos, "cls_pos");
   Model<ClassHead<8, 10>, Cpu> head;
   expect_parity(head, "head");
+}
+
+TEST_CASE("parity with PyTorch: expert blocks, each router, in evaluation (drops included)") {
+  Model<BlockWith<8, 2, Moe<8, 4, TopKGate<2>, Mlp<8, 16>>>, Cpu> topk;
+  expect_parity(topk, "moe_block_topk");
+  // Capacity 100% in evaluation: ceil(2 * 10 * 1.0 / 4) = 5 places per expert; the fixture's
+  // routing sends 7 choices to one expert, so two are dropped (one of them a top-1 choice).
+  Model<BlockWith<8, 2, Moe<8, 4, VmoeRouter<2, 105, 100>, Mlp<8, 16>>>, Cpu> vmoe;
+  expect_parity(vmoe, "moe_block_vmoe");
+  int dropped = 0;
+  vmoe.for_each_layer([&](auto& l) {
+    if constexpr (requires { l.routing(); }) dropped = l.routing().dropped;
+  });
+  CHECK(dropped == 2);
 }
 
 TEST_CASE("parity with PyTorch: a 2-block ViT, in one stage and split into two stages") {

@@ -124,6 +124,19 @@ class Tensor {
     }
     shape_ = s;
   }
+  // Makes this tensor a zero-copy view of `count` rows of src (rows = every dimension but the
+  // last), starting at row `first`: shape (count, src.cols()). A mixture-of-experts layer hands
+  // each expert its rows of one buffer this way.
+  void view_rows(const Tensor& src, std::int64_t first, std::int64_t count) {
+    HATCH_CHECK(first >= 0 && count >= 0 && first + count <= src.rows(), "Tensor::view_rows",
+                "rows [" + std::to_string(first) + ", " + std::to_string(first + count) + ") of a tensor of " +
+                    std::to_string(src.rows()) + " rows");
+    HATCH_CHECK(&src != this, "Tensor::view_rows", "a tensor cannot be a view of its own rows");
+    release();
+    data_ = src.data_ + first * src.cols();
+    owner_ = false;
+    shape_ = Shape{count, src.cols()};
+  }
   bool is_view() const { return !owner_; }
 
   // Makes this tensor a bound view of n = s.numel() elements at `data` (memory of B that outlives

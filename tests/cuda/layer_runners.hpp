@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "hatch/core.hpp"
+#include "hatch/layers/moe.hpp"
 #include "hatch/modular/incubator.hpp"
 #include "hatch/train/fit.hpp"
 
@@ -299,7 +300,8 @@ inline const std::vector<std::string>& case_names() {
       "gelu",            "dropout",            "attention",        "attention_nobias",
       "block",           "block_train",        "patch_embed",      "patch_embed_rgb",
       "class_pos",       "class_head",         "vit_micro",        "vit_micro_train",
-      "fit",             "incubator",          "silu",             "reshape_flatten"};
+      "fit",             "incubator",          "silu",             "reshape_flatten",
+      "moe_block_topk",  "moe_block_vmoe_train"};
   return names;
 }
 
@@ -328,6 +330,11 @@ Results run_case(const std::string& name, std::uint64_t seed) {
   if (name == "attention_nobias") return run_layer<B, Attention<48, 3, false>>(seed, {3, 10, 48});
   if (name == "block") return run_layer<B, Block<32, 2>>(seed, {2, 17, 32});
   if (name == "block_train") return run_layer<B, Block<32, 2>>(seed, {4, 17, 32}, {.training = true, .drop = 0.25});
+  // Expert blocks: routing on the host from the backend's logits, the same choices on both sides.
+  if (name == "moe_block_topk") return run_layer<B, BlockWith<32, 2, Moe<32, 4, TopKGate<2>, Mlp<32, 64>>>>(seed, {2, 17, 32});
+  // Training: router noise (a function of the seed), capacity drops, the auxiliary losses' gradients.
+  if (name == "moe_block_vmoe_train")
+    return run_layer<B, BlockWith<32, 2, Moe<32, 4, VmoeRouter<2>, Mlp<32, 64>>>>(seed, {4, 17, 32}, {.training = true});
   if (name == "patch_embed") return run_layer<B, PatchEmbed<1, 28, 7, 32>>(seed, {2, 1, 28, 28});
   if (name == "patch_embed_rgb") return run_layer<B, PatchEmbed<3, 12, 4, 20>>(seed, {2, 3, 12, 12});
   if (name == "class_pos") return run_layer<B, ClassPos<16, 32>>(seed, {2, 16, 32});

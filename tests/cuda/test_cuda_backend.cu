@@ -1059,6 +1059,11 @@ TEST_CASE("cuda parity: Block with TF32 GEMMs") {
   Tf32Guard tf32(true);
   check_parity("block", kTf32Tol);
 }
+TEST_CASE("cuda parity: expert blocks (TopKGate; VmoeRouter in training with noise, drops and auxiliary losses)") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  check_parity("moe_block_topk");
+  check_parity("moe_block_vmoe_train");
+}
 TEST_CASE("cuda parity: PatchEmbed") {
   HATCH_REQUIRE_CUDA_DEVICE();
   check_parity("patch_embed");
@@ -1093,7 +1098,7 @@ TEST_CASE("cuda parity: every case is covered") {
                                         "layernorm_no_input_grad", "gelu", "dropout", "attention", "attention_nobias",
                                         "block", "block_train", "patch_embed", "patch_embed_rgb", "class_pos",
                                         "class_head", "vit_micro", "vit_micro_train", "fit", "incubator",
-                                        "silu", "reshape_flatten"};
+                                        "silu", "reshape_flatten", "moe_block_topk", "moe_block_vmoe_train"};
   for (const auto& name : hatch_test::case_names())
     if (std::find(tested.begin(), tested.end(), name) == tested.end()) check_parity(name);
 }
