@@ -6,7 +6,8 @@
 // What it brings (one include is the whole library; templates cost only when instantiated, and
 // the training, data and modular headers add about 0.5 s of compile time to a program that uses
 // only layers and models: 8.6 s -> 9.1 s for tests/consumer/main.cpp at -O2):
-//   tensors, parameters, errors          Tensor (and zero-copy views), Shape, Parameter, Context
+//   tensors, parameters, errors          Tensor (and zero-copy views), Shape, Parameter, Context,
+//                                        Indices (int32 routing tables in a backend's memory)
 //   layers                               Linear, LayerNorm, Gelu, Silu, Elementwise<Fn>, Dropout,
 //                                        DropPath, Attention, Mlp, Block, PatchEmbed, ClassPos,
 //                                        ClassHead, Flatten, Reshape
@@ -23,6 +24,7 @@
 #include "hatch/core/aux_loss.hpp"
 #include "hatch/core/error.hpp"
 #include "hatch/core/host_device.hpp"
+#include "hatch/core/indices.hpp"
 #include "hatch/core/parameter.hpp"
 #include "hatch/data/batcher.hpp"
 #include "hatch/data/fashion_mnist.hpp"

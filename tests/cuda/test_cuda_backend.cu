@@ -583,6 +583,112 @@ TEST_CASE("cuda: sum_rows with leading dimension and beta") {
 // ViT-B/16 at batch 64: 12,608 token rows, MLP activations of 38.7M elements and attention
 // probabilities of 29.8M, both past 2^24 (where a float index or a 32-bit product would break).
 // Large references are checked on a sample of rows, each row in full.
+TEST_CASE("cuda: routing primitives: gather_rows, combine_rows, gather_dot_rows and Indices") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  auto indices = [](const std::vector<std::int32_t>& h) {
+    hatch::Indices<Cuda> ix;
+    ix.from_host(h);
+    return ix;
+  };
+  // Random indices in [0, m), one in `none_every` replaced by -1.
+  auto random_slots = [](std::size_t n, int m, int none_every, std::uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    std::uniform_int_distribution<int> pick(0, m - 1), none(0, none_every - 1);
+    std::vector<std::int32_t> v(n);
+    for (auto& i : v) i = none(rng) == 0 ? -1 : std::int32_t(pick(rng));
+    return v;
+  };
+  {
+    // Indices: round trip, and no reallocation when shrinking or refilling within the capacity.
+    const std::vector<std::int32_t> h = {4, -1, 0, 2147483647, -2147483647 - 1, 3, 3};
+    hatch::Indices<Cuda> ix = indices(h);
+    CHECK(ix.size() == h.size());
+    CHECK(ix.to_host() == h);
+    const std::int32_t* p = ix.data();
+    ix.resize(3);
+    CHECK(ix.data() == p);
+    ix.from_host({1, 2, 3, 4, 5, 6, 7});
+    CHECK(ix.data() == p);
+    CHECK(ix.to_host() == std::vector<std::int32_t>{1, 2, 3, 4, 5, 6, 7});
+    hatch::Indices<Cuda> moved(std::move(ix));
+    CHECK(moved.data() == p);
+    CHECK(ix.data() == nullptr);
+  }
+  for (int cols : {7, 45, 700}) {  // shorter than a warp, between, many columns per lane
+    CAPTURE(cols);
+    const int m = 50, n = 83;
+    const HostVec x = randn(std::size_t(m) * cols, 40 + cols), scale = randn(n, 41);
+    std::vector<std::int32_t> idx = random_slots(n, m, 6, 42);
+    idx[0] = -1;
+    idx[1] = idx[2];
+    const hatch::Indices<Cuda> di = indices(idx);
+    const Dev dx = dev(x), ds = dev(scale);
+    for (bool with_scale : {false, true}) {
+      CAPTURE(with_scale);
+      Dev y = dev(HostVec(std::size_t(n) * cols, nan));  // every element is written
+      Cuda::gather_rows(y.data(), dx.data(), di.data(), with_scale ? ds.data() : nullptr, n, cols);
+      RefVec ref(std::size_t(n) * cols, 0.0);
+      for (int i = 0; i < n; ++i)
+        if (idx[i] >= 0)
+          for (int c = 0; c < cols; ++c)
+            ref[std::size_t(i) * cols + c] =
+                (with_scale ? double(scale[i]) : 1.0) * double(x[std::size_t(idx[i]) * cols + c]);
+      CHECK_CLOSE(y.to_host(), ref, kTol);
+    }
+    for (int k : {1, 2}) {
+      CAPTURE(k);
+      const int rows = 61;
+      std::vector<std::int32_t> slots = random_slots(std::size_t(rows) * k, m, 5, 43 + k);
+      for (int j = 0; j < k; ++j) slots[std::size_t(3) * k + j] = -1;  // row 3 has no slot
+      const hatch::Indices<Cuda> dslots = indices(slots);
+      const HostVec w = randn(slots.size(), 44), a = randn(std::size_t(rows) * cols, 45);
+      const Dev dw = dev(w), da = dev(a);
+      for (bool with_w : {false, true}) {
+        CAPTURE(with_w);
+        Dev y = dev(HostVec(std::size_t(rows) * cols, nan));  // overwritten, not accumulated into
+        Cuda::combine_rows(y.data(), dx.data(), dslots.data(), with_w ? dw.data() : nullptr, rows, k, cols);
+        RefVec ref(std::size_t(rows) * cols, 0.0);
+        for (int t = 0; t < rows; ++t)
+          for (int j = 0; j < k; ++j) {
+            const std::int32_t s = slots[std::size_t(t) * k + j];
+            if (s < 0) continue;
+            const double wj = with_w ? double(w[std::size_t(t) * k + j]) : 1.0;
+            for (int c = 0; c < cols; ++c)
+              ref[std::size_t(t) * cols + c] += wj * double(x[std::size_t(s) * cols + c]);
+          }
+        const HostVec got = y.to_host();
+        CHECK_CLOSE(got, ref, kTol);
+        Cuda::combine_rows(y.data(), dx.data(), dslots.data(), with_w ? dw.data() : nullptr, rows, k, cols);
+        CHECK(y.to_host() == got);  // deterministic: bit for bit the same
+      }
+      Dev out = dev(HostVec(std::size_t(rows) * k, nan));
+      Cuda::gather_dot_rows(out.data(), da.data(), dx.data(), dslots.data(), rows, k, cols);
+      RefVec ref(std::size_t(rows) * k, 0.0);
+      for (int t = 0; t < rows; ++t)
+        for (int j = 0; j < k; ++j) {
+          const std::int32_t s = slots[std::size_t(t) * k + j];
+          if (s < 0) continue;
+          double d = 0;
+          for (int c = 0; c < cols; ++c)
+            d += double(a[std::size_t(t) * cols + c]) * double(x[std::size_t(s) * cols + c]);
+          ref[std::size_t(t) * k + j] = d;
+        }
+      CHECK_CLOSE(out.to_host(), ref, kTol * std::sqrt(double(cols)));
+    }
+  }
+  {
+    // rows (n) = 0 writes nothing.
+    const HostVec sentinel(16, 7.f);
+    Dev y = dev(sentinel), x = dev(HostVec(16, 1.f));
+    const hatch::Indices<Cuda> ix = indices({0, 1, 0, 1});
+    Cuda::gather_rows(y.data(), x.data(), ix.data(), nullptr, 0, 4);
+    Cuda::combine_rows(y.data(), x.data(), ix.data(), nullptr, 0, 2, 4);
+    Cuda::gather_dot_rows(y.data(), x.data(), x.data(), ix.data(), 0, 2, 4);
+    CHECK(y.to_host() == sentinel);
+  }
+}
+
 TEST_CASE("cuda: primitives at ViT-B/16 sizes (12,608 rows, tensors over 2^24 elements)") {
   HATCH_REQUIRE_CUDA_DEVICE();
   constexpr int rows = 64 * 197, dim = 768, hidden = 3072, prob_rows = 64 * 12 * 197, tokens = 197;

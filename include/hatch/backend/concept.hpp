@@ -22,7 +22,8 @@ struct MapProbe {
 
 template <class B>
 concept Backend = requires(typename B::Scalar* y, const typename B::Scalar* x, typename B::Scalar a,
-                           std::size_t n, int i, bool t, std::uint64_t u) {
+                           std::size_t n, int i, bool t, std::uint64_t u, std::int32_t* ix,
+                           const std::int32_t* cix) {
   typename B::Scalar;
   { B::name } -> std::convertible_to<const char*>;
   // memory
@@ -33,6 +34,11 @@ concept Backend = requires(typename B::Scalar* y, const typename B::Scalar* x, t
   B::copy(y, x, n);
   B::fill(y, n, a);
   B::synchronize();
+  // int32 index memory (routing tables), host <-> backend as for Scalar
+  { B::allocate_indices(n) } -> std::same_as<std::int32_t*>;
+  B::deallocate_indices(ix, n);
+  B::upload_indices(ix, cix, n);
+  B::download_indices(ix, cix, n);
   // C = alpha op(A) op(B) + beta C, and its two-level strided batched form (outer x inner)
   B::gemm(t, t, i, i, i, a, x, i, x, i, a, y, i);
   B::gemm_batched(t, t, i, i, i, a, x, i, n, n, x, i, n, n, a, y, i, n, n, i, i);
@@ -65,6 +71,11 @@ concept Backend = requires(typename B::Scalar* y, const typename B::Scalar* x, t
   // patch embedding: images (B, C, H, W) <-> patches (B, H/p * W/p, C p p)
   B::im2patch(y, x, i, i, i, i, i);
   B::patch2im(y, x, i, i, i, i, i);
+  // routing (mixture of experts): row gathers and weighted combines by int32 index, an index
+  // < 0 meaning "none"; deterministic (one writer per output element), y never aliases x
+  B::gather_rows(y, x, cix, x, i, i);        // y[r, :] = idx[r] < 0 ? 0 : (scale ? scale[r] : 1) x[idx[r], :]
+  B::combine_rows(y, x, cix, x, i, i, i);    // y[t, :] = sum_{j < k, slot >= 0} (w ? w[t k + j] : 1) x[slots[t k + j], :]
+  B::gather_dot_rows(y, x, x, cix, i, i, i); // out[t k + j] = slot < 0 ? 0 : dot(a[t, :], b[slots[t k + j], :])
   // losses over logits (rows x classes): returns the summed loss, writes dlogits = scale * grad
   { B::softmax_cross_entropy(y, x, x, i, i, a) } -> std::convertible_to<double>;
   // AdamW step on n values

@@ -49,6 +49,21 @@ struct CpuBackend {
   static void copy(T* dst, const T* src, std::size_t n) { std::memcpy(dst, src, n * sizeof(T)); }
   static void fill(T* y, std::size_t n, T v) { std::fill(y, y + n, v); }
   static void synchronize() {}
+  // int32 index buffers (routing tables): host memory, aligned like allocate's, counted too.
+  static std::int32_t* allocate_indices(std::size_t n) {
+    ++allocation_count();
+    const std::size_t bytes = ((n * sizeof(std::int32_t) + 63) / 64) * 64;
+    void* p = std::aligned_alloc(64, bytes ? bytes : 64);
+    if (!p) throw std::bad_alloc();
+    return static_cast<std::int32_t*>(p);
+  }
+  static void deallocate_indices(std::int32_t* p, std::size_t) noexcept { std::free(p); }
+  static void upload_indices(std::int32_t* dst, const std::int32_t* src, std::size_t n) {
+    if (n) std::memcpy(dst, src, n * sizeof(std::int32_t));
+  }
+  static void download_indices(std::int32_t* dst, const std::int32_t* src, std::size_t n) {
+    if (n) std::memcpy(dst, src, n * sizeof(std::int32_t));
+  }
 
   // ---- GEMM --------------------------------------------------------------------------------
   // Row-major C(m x n) = alpha op(A) op(B) + beta C. Threads split C into row or column panels,
@@ -324,6 +339,60 @@ struct CpuBackend {
     const T inv = T(1) / keep_prob;
     parallel_for(n, [&](std::int64_t j) {
       mask[j] = uniform01(seed, offset + std::uint64_t(j)) < double(keep_prob) ? inv : T(0);
+    });
+  }
+
+  // ---- routing (mixture of experts) ---------------------------------------------------------
+  // One writer per output element (rows split across threads), so results are deterministic.
+  // y[i, :] = idx[i] < 0 ? 0 : (scale ? scale[i] : 1) * x[idx[i], :]
+  static void gather_rows(T* y, const T* x, const std::int32_t* idx, const T* scale, int n, int cols) {
+    if (n <= 0 || cols <= 0) return;
+    parallel_rows(n, cols, [&](std::int64_t r) {
+      T* yr = y + r * cols;
+      const std::int32_t src = idx[r];
+      if (src < 0) {
+        std::fill(yr, yr + cols, T(0));
+        return;
+      }
+      const T* xr = x + std::int64_t(src) * cols;
+      if (scale) {
+        const T s = scale[r];
+        for (int c = 0; c < cols; ++c) yr[c] = s * xr[c];
+      } else {
+        std::memcpy(yr, xr, sizeof(T) * cols);
+      }
+    });
+  }
+  // y[t, :] = sum over j < k with slots[t k + j] >= 0, in order of j, of (w ? w[t k + j] : 1) x[slot, :]
+  static void combine_rows(T* y, const T* x, const std::int32_t* slots, const T* w, int rows, int k, int cols) {
+    if (rows <= 0 || cols <= 0) return;
+    parallel_rows(rows, std::int64_t(cols) * std::max(k, 1), [&](std::int64_t t) {
+      T* yr = y + t * cols;
+      std::fill(yr, yr + cols, T(0));
+      for (int j = 0; j < k; ++j) {
+        const std::int32_t src = slots[t * k + j];
+        if (src < 0) continue;
+        const T wj = w ? w[t * k + j] : T(1);
+        const T* xr = x + std::int64_t(src) * cols;
+        for (int c = 0; c < cols; ++c) yr[c] += wj * xr[c];
+      }
+    });
+  }
+  // out[t k + j] = slots[t k + j] < 0 ? 0 : dot(a[t, :], b[slots[t k + j], :]), summed in T
+  static void gather_dot_rows(T* out, const T* a, const T* b, const std::int32_t* slots, int rows, int k,
+                              int cols) {
+    if (rows <= 0 || k <= 0) return;
+    parallel_rows(rows, std::int64_t(std::max(cols, 1)) * k, [&](std::int64_t t) {
+      const T* ar = a + t * std::max(cols, 0);
+      for (int j = 0; j < k; ++j) {
+        const std::int32_t src = slots[t * k + j];
+        T s = T(0);
+        if (src >= 0) {
+          const T* br = b + std::int64_t(src) * cols;
+          for (int c = 0; c < cols; ++c) s += ar[c] * br[c];
+        }
+        out[t * k + j] = s;
+      }
     });
   }
 

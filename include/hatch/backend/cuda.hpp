@@ -665,6 +665,17 @@ struct Cuda {
     if (n) HATCH_CUDA_LAUNCH(cuda_kernels::fill<T>, cuda_detail::element_blocks(n), cuda_kernels::kThreads, y, n, v);
   }
   static void synchronize() { HATCH_CUDA_CHECK(cudaDeviceSynchronize()); }
+  // int32 index buffers (routing tables), from the same cache.
+  static std::int32_t* allocate_indices(std::size_t n) {
+    return static_cast<std::int32_t*>(cuda_detail::DeviceCache::instance().allocate((n ? n : 1) * sizeof(std::int32_t)));
+  }
+  static void deallocate_indices(std::int32_t* p, std::size_t) noexcept { cuda_detail::DeviceCache::instance().deallocate(p); }
+  static void upload_indices(std::int32_t* dst, const std::int32_t* src, std::size_t n) {
+    if (n) HATCH_CUDA_CHECK(cudaMemcpy(dst, src, n * sizeof(std::int32_t), cudaMemcpyHostToDevice));
+  }
+  static void download_indices(std::int32_t* dst, const std::int32_t* src, std::size_t n) {
+    if (n) HATCH_CUDA_CHECK(cudaMemcpy(dst, src, n * sizeof(std::int32_t), cudaMemcpyDeviceToHost));
+  }
 
   // ---- GEMM --------------------------------------------------------------------------------------
   static void gemm(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta,
@@ -923,6 +934,28 @@ struct Cuda {
     if (n)
       HATCH_CUDA_LAUNCH(cuda_kernels::bernoulli_mask<T>, cuda_detail::element_blocks(n), cuda_kernels::kThreads, mask,
                         n, double(keep_prob), T(1) / keep_prob, seed, offset);
+  }
+
+  // ---- routing (mixture of experts) ----------------------------------------------------------------
+  // Row kernels (cuda_kernels.cuh): one warp per output row, or per (token, slot) pair for
+  // gather_dot_rows; no atomics, so the results are deterministic.
+  static void gather_rows(T* y, const T* x, const std::int32_t* idx, const T* scale, int n, int cols) {
+    if (n <= 0 || cols <= 0) return;
+    HATCH_CUDA_LAUNCH(cuda_kernels::gather_rows<T>, cuda_detail::row_blocks(n), cuda_detail::kRowBlock, y, x, idx,
+                      scale, n, cols);
+  }
+  static void combine_rows(T* y, const T* x, const std::int32_t* slots, const T* w, int rows, int k, int cols) {
+    if (rows <= 0 || cols <= 0) return;
+    HATCH_CUDA_LAUNCH(cuda_kernels::combine_rows<T>, cuda_detail::row_blocks(rows), cuda_detail::kRowBlock, y, x,
+                      slots, w, rows, std::max(k, 0), cols);
+  }
+  static void gather_dot_rows(T* out, const T* a, const T* b, const std::int32_t* slots, int rows, int k, int cols) {
+    if (rows <= 0 || k <= 0) return;
+    const std::size_t pairs = std::size_t(rows) * std::size_t(k);
+    if (cols <= 0) return fill(out, pairs, T(0));  // empty dot products, as on the CPU
+    const std::size_t blocks = (pairs + cuda_kernels::kRowsPerBlock - 1) / cuda_kernels::kRowsPerBlock;
+    HATCH_CUDA_LAUNCH(cuda_kernels::gather_dot_rows<T>, unsigned(blocks), cuda_detail::kRowBlock, out, a, b, slots,
+                      rows, k, cols);
   }
 
   // ---- patch embedding ---------------------------------------------------------------------------

@@ -470,6 +470,68 @@ __global__ void layer_norm_backward_dx_regs(T* dx, const T* dy, const T* x, cons
   }
 }
 
+// ---- routing (mixture of experts) ----------------------------------------------------------------
+// Row kernels again: one warp per output row (gather_rows, combine_rows) or per (token, slot) pair
+// (gather_dot_rows); every output element has one writer, so the results are deterministic.
+// y[r, :] = idx[r] < 0 ? 0 : (scale ? scale[r] : 1) * x[idx[r], :]
+template <class T>
+__global__ void gather_rows(T* y, const T* x, const std::int32_t* idx, const T* scale, int n, int cols) {
+  const int row = warp_row();
+  if (row >= n) return;
+  const int lane = int(threadIdx.x);
+  T* yr = y + std::size_t(row) * cols;
+  const std::int32_t src = idx[row];
+  if (src < 0) {
+    for (int c = lane; c < cols; c += 32) yr[c] = T(0);
+    return;
+  }
+  const T* xr = x + std::size_t(src) * cols;
+  if (scale) {
+    const T s = scale[row];
+    for (int c = lane; c < cols; c += 32) yr[c] = s * xr[c];
+  } else {
+    for (int c = lane; c < cols; c += 32) yr[c] = xr[c];
+  }
+}
+// y[t, :] = sum over j < k with slots[t k + j] >= 0, in order of j, of (w ? w[t k + j] : 1) x[slot, :]
+template <class T>
+__global__ void combine_rows(T* y, const T* x, const std::int32_t* slots, const T* w, int rows, int k, int cols) {
+  const int row = warp_row();
+  if (row >= rows) return;
+  const int lane = int(threadIdx.x);
+  T* yr = y + std::size_t(row) * cols;
+  const std::int32_t* sr = slots + std::size_t(row) * k;
+  for (int c = lane; c < cols; c += 32) {
+    T acc = T(0);
+    for (int j = 0; j < k; ++j) {
+      const std::int32_t src = sr[j];
+      if (src < 0) continue;
+      const T wj = w ? w[std::size_t(row) * k + j] : T(1);
+      acc += wj * x[std::size_t(src) * cols + c];
+    }
+    yr[c] = acc;
+  }
+}
+// out[p] = slots[p] < 0 ? 0 : dot(a[p / k, :], b[slots[p], :]) for p < rows * k
+template <class T>
+__global__ void gather_dot_rows(T* out, const T* a, const T* b, const std::int32_t* slots, int rows, int k,
+                                int cols) {
+  const std::size_t pair = std::size_t(blockIdx.x) * kRowsPerBlock + threadIdx.y;
+  if (pair >= std::size_t(rows) * k) return;
+  const int lane = int(threadIdx.x);
+  const std::int32_t src = slots[pair];  // the same for the whole warp
+  if (src < 0) {
+    if (lane == 0) out[pair] = T(0);
+    return;
+  }
+  const T* ar = a + (pair / std::size_t(k)) * cols;
+  const T* br = b + std::size_t(src) * cols;
+  T s = T(0);
+  for (int c = lane; c < cols; c += 32) s += ar[c] * br[c];
+  s = warp_sum(s);
+  if (lane == 0) out[pair] = s;
+}
+
 // Per-row soft-target cross-entropy in double, as on the CPU; the rows are summed afterwards.
 template <class T>
 __global__ void softmax_cross_entropy(double* loss, T* dz, const T* z, const T* t, int rows, int cols, T scale) {
