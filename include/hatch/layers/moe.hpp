@@ -61,17 +61,21 @@ struct Routing {
   // Lays out the kept choices expert by expert, in `placement` order within an expert (the
   // order in which the router gave them their places).
   void place(const std::vector<std::int32_t>& placement) {
-    std::vector<int> count(std::size_t(experts), 0);
-    for (const auto tj : placement) ++count[std::size_t(choice[std::size_t(tj)])];
-    for (int e = 0; e < experts; ++e) offset[std::size_t(e) + 1] = offset[std::size_t(e)] + count[std::size_t(e)];
+    next_.assign(std::size_t(experts), 0);  // first the counts, then each expert's next row
+    for (const auto tj : placement) ++next_[std::size_t(choice[std::size_t(tj)])];
+    for (int e = 0; e < experts; ++e) offset[std::size_t(e) + 1] = offset[std::size_t(e)] + next_[std::size_t(e)];
     order.assign(std::size_t(offset[std::size_t(experts)]), 0);
-    std::vector<int> next(offset.begin(), offset.end() - 1);
+    std::copy(offset.begin(), offset.end() - 1, next_.begin());
+    auto& next = next_;
     for (const auto tj : placement) {
       const int row = next[std::size_t(choice[std::size_t(tj)])]++;
       slot[std::size_t(tj)] = row;
       order[std::size_t(row)] = tj / k;
     }
   }
+
+ private:
+  std::vector<int> next_;  // kept, so that a steady state allocates nothing
 };
 
 namespace moe_detail {
@@ -132,10 +136,7 @@ struct TopKGate {
           placement_.push_back(t * K + j);
         }
       }
-      // Within an expert, tokens in their order (placement is token-major).
-      std::stable_sort(placement_.begin(), placement_.end(),
-                       [&](std::int32_t a, std::int32_t b) { return r.choice[std::size_t(a)] < r.choice[std::size_t(b)]; });
-      r.place(placement_);
+      r.place(placement_);  // token-major placement: within an expert, tokens in their order
     }
     double aux_loss() const { return 0; }
     // dweight: tokens x K gradients of the combine weights -> dlogits (tokens x E, overwritten).
@@ -191,8 +192,11 @@ struct VmoeRouter {
       // Batch Priority Routing: tokens by their top-1 probability, highest first.
       priority_.resize(std::size_t(tokens));
       std::iota(priority_.begin(), priority_.end(), 0);
-      std::stable_sort(priority_.begin(), priority_.end(), [&](int a, int b) {
-        return probs_[std::size_t(a) * E + r.choice[std::size_t(a) * K]] > probs_[std::size_t(b) * E + r.choice[std::size_t(b) * K]];
+      // (std::sort with the token index as tie-break: stable, and no temporary buffer.)
+      std::sort(priority_.begin(), priority_.end(), [&](int a, int b) {
+        const double pa = probs_[std::size_t(a) * E + r.choice[std::size_t(a) * K]];
+        const double pb = probs_[std::size_t(b) * E + r.choice[std::size_t(b) * K]];
+        return pa > pb || (pa == pb && a < b);
       });
       const int percent = training ? CapacityPercent : EvalPercent;
       const int capacity = percent > 0 ? int(std::ceil(double(K) * tokens * percent / 100.0 / E)) : tokens;
