@@ -25,12 +25,14 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <concepts>
 #include <cstdint>
 #include <numeric>
 #include <string>
 #include <vector>
 
 #include "hatch/backend/random.hpp"
+#include "hatch/core/expert_load.hpp"
 #include "hatch/core/indices.hpp"
 #include "hatch/layers/block.hpp"
 #include "hatch/layers/linear.hpp"
@@ -328,6 +330,11 @@ class MoeLayer {
     logits_.assign(host_.begin(), host_.end());
     router_.route(logits_, tokens, ctx.training, ctx, routing_);
     trained_ = ctx.training;
+    if (ctx.training) {  // the epoch's expert load (take_expert_load)
+      for (int e = 0; e < E; ++e) load_[std::size_t(e)] += routing_.offset[std::size_t(e) + 1] - routing_.offset[std::size_t(e)];
+      dropped_ += routing_.dropped;
+      choices_ += std::int64_t(tokens) * k;
+    }
     upload_routing();
 
     const int rows = routing_.offset[E];
@@ -387,6 +394,18 @@ class MoeLayer {
   double aux_loss() const { return trained_ ? router_.aux_loss() : 0.0; }
   // The last forward's routing (expert load, drops): metrics and tests.
   const Routing& routing() const { return routing_; }
+  // The training forwards since the last call: the fraction of the kept choices each expert
+  // received, and the fraction of all choices dropped for capacity. Resets the counts. fit
+  // writes these into metrics.jsonl each epoch ("expert_load", "dropped_fraction").
+  ExpertLoad take_expert_load() {
+    ExpertLoad r;
+    const double kept = double(choices_ - dropped_);
+    for (const auto n : load_) r.load.push_back(kept > 0 ? double(n) / kept : 0.0);
+    r.dropped = choices_ > 0 ? double(dropped_) / double(choices_) : 0.0;
+    load_.fill(0);
+    dropped_ = choices_ = 0;
+    return r;
+  }
 
   template <class F>
   void visit(F&& f, const std::string& prefix) {
@@ -418,6 +437,8 @@ class MoeLayer {
 
   typename Router::template Policy<E> router_;
   Routing routing_;
+  std::array<std::int64_t, E> load_{};
+  std::int64_t dropped_ = 0, choices_ = 0;
   bool trained_ = false;
   const Tensor<B>* x_ = nullptr;
   Shape logits_shape_;

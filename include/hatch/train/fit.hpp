@@ -17,6 +17,7 @@
 
 #include "hatch/backend/random.hpp"
 #include "hatch/core/aux_loss.hpp"
+#include "hatch/core/expert_load.hpp"
 #include "hatch/data/batcher.hpp"
 #include "hatch/data/fashion_mnist.hpp"
 #include "hatch/io/atomic_file.hpp"
@@ -329,12 +330,28 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
     char extra[128];
     std::snprintf(extra, sizeof extra, "| test loss %.4f acc %.4f", result.test.loss, result.test.accuracy);
     bar.finish(loss_sum / seen, correct / seen, seen / train_secs, extra);
-    log.write({{"phase", o.phase}, {"run", run}, {"epoch", epoch + 1}, {"train_loss", loss_sum / seen},
-               {"aux_loss", aux_sum / seen},
-               {"train_accuracy", correct / seen}, {"test_loss", result.test.loss},
-               {"test_accuracy", result.test.accuracy}, {"lr", lr}, {"images_per_second", seen / train_secs},
-               {"seconds", result.seconds}, {"total_seconds", o.seconds_before + result.seconds},
-               {"images", o.images_before + result.images}});
+    nlohmann::json line{{"phase", o.phase}, {"run", run}, {"epoch", epoch + 1}, {"train_loss", loss_sum / seen},
+                        {"aux_loss", aux_sum / seen},
+                        {"train_accuracy", correct / seen}, {"test_loss", result.test.loss},
+                        {"test_accuracy", result.test.accuracy}, {"lr", lr}, {"images_per_second", seen / train_secs},
+                        {"seconds", result.seconds}, {"total_seconds", o.seconds_before + result.seconds},
+                        {"images", o.images_before + result.images}};
+    // Expert layers, in model order: each expert's share of the epoch's routed tokens, and the
+    // share of choices dropped for capacity.
+    nlohmann::json load = nlohmann::json::array(), dropped = nlohmann::json::array();
+    if constexpr (requires { model.for_each_layer([](auto&) {}); })
+    model.for_each_layer([&](auto& l) {
+      if constexpr (HasExpertLoad<std::remove_cvref_t<decltype(l)>>) {
+        const ExpertLoad e = l.take_expert_load();
+        load.push_back(e.load);
+        dropped.push_back(e.dropped);
+      }
+    });
+    if (!load.empty()) {
+      line["expert_load"] = load;
+      line["dropped_fraction"] = dropped;
+    }
+    log.write(line);
     if (!state_file.empty())
       save_training_state(model, opt, state_file,
                           {{"epoch", epoch + 1}, {"seconds", result.seconds}, {"images", result.images},
