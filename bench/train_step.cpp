@@ -14,7 +14,11 @@ int main(int argc, char** argv) {
   std::string device = "cpu";
   int threads = 2;
   app.add_option("--preset", o.preset, std::string("model preset: ") + hatch::presets::names + ", vit-b16 (224x224x3)")
-      ->check(CLI::IsMember({"vit-micro", "vit-tiny", "vit-small", "vit-base", "vit-b16"}));
+      ->check(CLI::IsMember([] {
+        auto names = hatch::presets::name_list();
+        names.push_back("vit-b16");
+        return names;
+      }()));
   app.add_option("--device", device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_flag("--tf32", o.tf32, "with --device cuda: TF32 tensor-core GEMMs");
   app.add_option("--batch", o.batch, "batch size")->check(CLI::Range(1, 1 << 16));

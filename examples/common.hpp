@@ -63,7 +63,7 @@ inline void add_common_flags(CLI::App& app, CommonOptions& o) {
   if (o.threads <= 0) o.threads = usable_cores();
   constexpr double kBig = 1e6;
   app.add_option("--preset", o.preset, std::string("model preset: ") + hatch::presets::names)
-      ->check(CLI::IsMember({"vit-micro", "vit-tiny", "vit-small", "vit-base"}));
+      ->check(CLI::IsMember(hatch::presets::name_list()));
   app.add_option("--device", o.device, "cpu, or cuda (the first CUDA device)")->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_flag("--tf32", o.tf32, "with --device cuda: TF32 tensor-core GEMMs");
   app.add_option("--data", o.data, "directory with the Fashion-MNIST IDX files (.gz or plain)")->check(kNotEmpty);

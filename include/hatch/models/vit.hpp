@@ -6,6 +6,7 @@
 #include <string_view>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "hatch/compose/stages.hpp"
 #include "hatch/layers/block.hpp"
@@ -157,6 +158,12 @@ template <class V>
 using MetaOf = hatch::MetaOf<V>;
 
 inline constexpr const char* names = "vit-micro, vit-tiny, vit-small, vit-base, vmoe-small, moe-student-small";
+// The same names, one by one (command-line checks take these).
+inline const std::vector<std::string>& name_list() {
+  static const std::vector<std::string> list{"vit-micro", "vit-tiny", "vit-small", "vit-base", "vmoe-small",
+                                             "moe-student-small"};
+  return list;
+}
 }  // namespace presets
 
 // Presets chosen by name at run time, instantiated at compile time: f receives
