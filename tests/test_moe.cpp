@@ -198,3 +198,18 @@ TEST_CASE("Moe in a block: parameters named mlp.gate.* and mlp.experts.<e>.*, ex
   CHECK(std::find(names.begin(), names.end(), "gate.bias") == names.end());
   CHECK(std::find(names.begin(), names.end(), "experts.0.fc1.weight") != names.end());
 }
+
+TEST_CASE("Cpu GEMM workspaces stay bounded when row counts vary from call to call (per-expert GEMMs)") {
+  // Single-threaded sizes: every call runs on this thread and uses its cache.
+  const int n = 24, k = 16;
+  std::vector<float> a(300 * k, 0.5f), b(std::size_t(k) * n, 0.25f), c(300 * n);
+  for (int m = 1; m <= 300; ++m) {
+    Cpu::gemm(false, false, m, n, k, 1.0f, a.data(), k, b.data(), n, 0.0f, c.data(), n);
+    CHECK(c[std::size_t(m - 1) * n] == doctest::Approx(0.5 * 0.25 * k));  // a shared workspace still gives the product
+  }
+  CHECK(Cpu::gemm_workspace_count() <= 96);
+  // Once the buckets exist, the same row counts again need no new workspace.
+  const auto buffers = Cpu::gemm_workspace_count();
+  for (int m = 1; m <= 300; m += 7) Cpu::gemm(false, false, m, n, k, 1.0f, a.data(), k, b.data(), n, 0.0f, c.data(), n);
+  CHECK(Cpu::gemm_workspace_count() == buffers);
+}

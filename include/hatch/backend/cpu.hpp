@@ -6,6 +6,7 @@
 #include <Eigen/Core>
 #include <unsupported/Eigen/SpecialFunctions>
 #include <algorithm>
+#include <bit>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -123,19 +124,39 @@ struct CpuBackend {
 
   using Blocking = Eigen::internal::gemm_blocking_space<Eigen::RowMajor, T, T, Eigen::Dynamic, Eigen::Dynamic,
                                                          Eigen::Dynamic>;
+  // Shapes seen by this thread, each with its workspace. A model has a few GEMM shapes, but an
+  // expert layer's per-expert GEMMs see a different row count every step: past kExactShapes
+  // entries a new shape shares the entry of its row count rounded up to a power of two (a
+  // blocking made for more rows serves fewer: Eigen clips its row blocks), and past kMaxShapes
+  // the oldest entry is dropped. So the cache is bounded and, once the buckets exist, a step
+  // allocates nothing.
+  static constexpr std::size_t kExactShapes = 48, kMaxShapes = 96;
+  struct BlockingEntry {
+    int m, n, k;
+    std::unique_ptr<Blocking> blocking;
+  };
+  static std::vector<BlockingEntry>& blocking_cache() {
+    thread_local std::vector<BlockingEntry> cache;
+    return cache;
+  }
   static Blocking& blocking_for(int m, int n, int k) {
-    struct Entry {
-      int m, n, k;
-      std::unique_ptr<Blocking> blocking;
-    };
-    thread_local std::vector<Entry> cache;
+    auto& cache = blocking_cache();
     for (auto& e : cache)
       if (e.m == m && e.n == n && e.k == k) return *e.blocking;
+    if (cache.size() >= kExactShapes) {
+      m = int(std::bit_ceil(unsigned(m)));
+      for (auto& e : cache)
+        if (e.m == m && e.n == n && e.k == k) return *e.blocking;
+    }
+    if (cache.size() >= kMaxShapes) cache.erase(cache.begin());
     auto bl = std::make_unique<Blocking>(m, n, k, 1, true);
     bl->allocateAll();
     cache.push_back({m, n, k, std::move(bl)});
     return *cache.back().blocking;
   }
+
+  // GEMM workspaces cached by the calling thread (tests: bounded however shapes vary).
+  static std::size_t gemm_workspace_count() { return blocking_cache().size(); }
 
   // outer x inner independent GEMMs; matrix (o, i) of X starts at x + o * sx_outer + i * sx_inner.
   // Attention uses the two levels as (batch, head) and reads heads in place from the fused qkv
