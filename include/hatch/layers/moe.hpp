@@ -341,13 +341,9 @@ class MoeLayer {
     xs_.resize({std::max(rows, 1), D});
     ys_.resize({std::max(rows, 1), D});
     B::gather_rows(xs_.data(), x.data(), order_.data(), nullptr, rows, D);
-    for (int e = 0; e < E; ++e) {
-      const int first = routing_.offset[std::size_t(e)], n = routing_.offset[std::size_t(e) + 1] - first;
-      if (n == 0) continue;
-      views_[std::size_t(e)].view_rows(xs_, first, n);
-      const Tensor<B>& ye = experts[std::size_t(e)].forward(views_[std::size_t(e)], ctx);
-      B::copy(ys_.data() + std::size_t(first) * D, ye.data(), std::size_t(n) * D);
-    }
+    each_expert(xs_, views_, ys_, [&](Expert& ex, const Tensor<B>& rows_e) -> const Tensor<B>& {
+      return ex.forward(rows_e, ctx);
+    });
     y_.resize(x.shape());
     B::combine_rows(y_.data(), ys_.data(), slots_.data(), weights_.data(), tokens, k, D);
     return y_;
@@ -370,13 +366,9 @@ class MoeLayer {
     const bool outer = ctx.input_grad;
     ctx.input_grad = true;
     dxs_.resize({std::max(rows, 1), D});
-    for (int e = 0; e < E; ++e) {
-      const int first = routing_.offset[std::size_t(e)], n = routing_.offset[std::size_t(e) + 1] - first;
-      if (n == 0) continue;
-      dviews_[std::size_t(e)].view_rows(dys_, first, n);
-      const Tensor<B>& dxe = experts[std::size_t(e)].backward(dviews_[std::size_t(e)], ctx);
-      B::copy(dxs_.data() + std::size_t(first) * D, dxe.data(), std::size_t(n) * D);
-    }
+    each_expert(dys_, dviews_, dxs_, [&](Expert& ex, const Tensor<B>& rows_e) -> const Tensor<B>& {
+      return ex.backward(rows_e, ctx);
+    });
     // The gate: dlogits back through the Linear, then dx = sum over a token's places + gate path.
     host_.assign(dlogits_.begin(), dlogits_.end());
     dlogits_dev_.resize(logits_shape_);
@@ -419,6 +411,19 @@ class MoeLayer {
   std::array<Expert, E> experts;
 
  private:
+  // For every expert with rows: f(expert, a view of its rows of `in`), and the result copied into
+  // the same rows of `out`. (The views are members: an expert's layers keep pointers to them.)
+  template <class F>
+  void each_expert(const Tensor<B>& in, std::array<Tensor<B>, E>& views, Tensor<B>& out, F&& f) {
+    for (int e = 0; e < E; ++e) {
+      const int first = routing_.offset[std::size_t(e)], n = routing_.offset[std::size_t(e) + 1] - first;
+      if (n == 0) continue;
+      views[std::size_t(e)].view_rows(in, first, n);
+      const Tensor<B>& r = f(experts[std::size_t(e)], views[std::size_t(e)]);
+      B::copy(out.data() + std::size_t(first) * D, r.data(), std::size_t(n) * D);
+    }
+  }
+
   void upload_routing() {
     const auto& r = routing_;
     if (!r.order.empty()) order_.from_host(r.order);
