@@ -26,7 +26,9 @@ int main(int argc, char** argv) {
       ->check(examples::finite_in(0, 0.99));
   app.add_option("--finetune-drop-path", o.finetune_drop_path, "max drop-path rate when fine-tuning")
       ->check(examples::finite_in(0, 0.99));
-  app.add_option("--finetune-lr", o.finetune_lr, "peak learning rate when fine-tuning the assembled model")
+  app.add_option("--finetune-lr", o.finetune_lr,
+                 "peak learning rate when fine-tuning the assembled model (our measured default for short "
+                 "schedules; the paper fine-tunes at the rate of its other phases, --lr: docs/results.md)")
       ->check(examples::finite_in(1e-12, 10));
   app.add_option("--finetune-clip", o.finetune_clip, "gradient clip when fine-tuning")->check(examples::finite_in(0, 1e6));
   CLI11_PARSE(app, argc, argv);

@@ -7,13 +7,19 @@
 #include <hatch/layers/moe.hpp>
 #include <hatch/testing/gradcheck.hpp>
 
+#include "support.hpp"
+
+#include <unistd.h>
+
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <numeric>
 #include <random>
 #include <vector>
 
 using namespace hatch;
-namespace test = hatch::testing;
+
 
 namespace {
 template <class Policy>
@@ -212,4 +218,49 @@ TEST_CASE("Cpu GEMM workspaces stay bounded when row counts vary from call to ca
   const auto buffers = Cpu::gemm_workspace_count();
   for (int m = 1; m <= 300; m += 7) Cpu::gemm(false, false, m, n, k, 1.0f, a.data(), k, b.data(), n, 0.0f, c.data(), n);
   CHECK(Cpu::gemm_workspace_count() == buffers);
+}
+
+TEST_CASE("fit writes each expert layer's load and dropped fraction into metrics.jsonl, and trains") {
+  // Two expert layers (a V-MoE router with capacity, then a top-2 gate) in a small classifier.
+  using Net = Sequential<Flatten<784>, Named<"stem", Linear<784, 16>>,
+                         Named<"moe1", Residual<Moe<16, 4, VmoeRouter<2>, Mlp<16, 32>>>>,
+                         Named<"moe2", Residual<Moe<16, 3, TopKGate<2>, Mlp<16, 32>>>>, Named<"head", Linear<16, 10>>>;
+  const auto train = test::learnable_set(256, 1), test_set = test::learnable_set(128, 2);
+  const auto dir = std::filesystem::temp_directory_path() / ("hatch_test_moe_fit_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  Model<Net, Cpu> model;
+  Initializer init(3);
+  model.reset_parameters(init);
+  FitOptions o;
+  o.epochs = 3;
+  o.batch = 32;
+  o.lr = 3e-3;
+  o.progress = false;
+  o.out = dir;
+  const auto r = fit(model, train, test_set, o);
+  CHECK(r.test.accuracy > 0.5);  // ten well-separated classes: the routed model learns them
+  std::ifstream log(dir / "metrics.jsonl");
+  std::string line;
+  int lines = 0;
+  while (std::getline(log, line)) {
+    ++lines;
+    const auto j = nlohmann::json::parse(line);
+    REQUIRE(j.contains("expert_load"));
+    const auto load = j.at("expert_load");
+    REQUIRE(load.size() == 2);
+    CHECK(load[0].size() == 4);
+    CHECK(load[1].size() == 3);
+    for (const auto& layer : load) {
+      double sum = 0;
+      for (const auto& v : layer) sum += v.get<double>();
+      CHECK(sum == doctest::Approx(1.0));
+    }
+    const auto dropped = j.at("dropped_fraction");
+    CHECK(dropped[0].get<double>() >= 0.0);
+    CHECK(dropped[0].get<double>() < 0.5);
+    CHECK(dropped[1].get<double>() == 0.0);  // TopKGate drops nothing
+    CHECK(j.at("aux_loss").get<double>() > 0.0);  // V-MoE's balance losses
+  }
+  CHECK(lines == 3);
+  std::filesystem::remove_all(dir);
 }
