@@ -28,6 +28,17 @@ using testing::random_tensor;
 using testing::randomize_parameters;
 using testing::zero_grads;
 
+// Central differences in double for `layer` with random parameters (param_seed) on a random input
+// (check_seed): every checked gradient entry within 1e-6 relative, the worst one reported.
+template <class L>
+void expect_gradients(L& layer, Shape in, bool training = false, int samples = 40, std::uint64_t param_seed = 7,
+                      std::uint64_t check_seed = 3) {
+  randomize_parameters(layer, param_seed);
+  const auto rep = gradcheck(layer, in, training, check_seed, samples);
+  INFO("worst: " << rep.worst);
+  CHECK(rep.max_rel <= 1e-6);
+}
+
 // max |a - b| / max |b|: relative to the tensor's scale, so entries near zero do not dominate.
 inline double rel_error(const std::vector<float>& a, const std::vector<float>& b) {
   double num = 0, den = 0;

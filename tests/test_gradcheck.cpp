@@ -2,21 +2,12 @@
 #include "support.hpp"
 
 using namespace hatch;
+using hatch::test::expect_gradients;
 using hatch::test::gradcheck;
 using hatch::test::randomize_parameters;
 using B = Cpu64;
 
 namespace {
-constexpr double kTol = 1e-6;
-
-template <class L>
-void expect_gradients(L& layer, Shape in, bool training = false, int samples = 40) {
-  randomize_parameters(layer, 7);
-  const auto rep = gradcheck(layer, in, training, 3, samples);
-  INFO("worst: " << rep.worst);
-  CHECK(rep.max_rel <= kTol);
-}
-
 constexpr VitSpec kSpec{.image = 8, .channels = 2, .patch = 4, .dim = 8, .heads = 2, .mlp_ratio = 2, .classes = 3};
 }  // namespace
 

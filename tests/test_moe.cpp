@@ -101,42 +101,28 @@ TEST_CASE("VmoeRouter: noise and the auxiliary losses in training only; reproduc
 }
 
 TEST_CASE("Moe: central differences in double, each router, evaluation and training") {
+  // (test::expect_gradients: random parameters from the seed, then every entry within 1e-6.)
   SUBCASE("TopKGate<2>") {
     Model<Moe<6, 4, TopKGate<2>, Mlp<6, 8>>, Cpu64> moe;
-    test::randomize_parameters(moe, 5);
-    const auto rep = test::gradcheck(moe, {2, 5, 6}, /*training=*/true);
-    INFO(rep.worst);
-    CHECK(rep.passed());
+    test::expect_gradients(moe, {2, 5, 6}, /*training=*/true, 40, 5, 1);
   }
   SUBCASE("TopKGate<1>") {
     Model<Moe<6, 3, TopKGate<1>, Mlp<6, 8>>, Cpu64> moe;
-    test::randomize_parameters(moe, 6);
-    const auto rep = test::gradcheck(moe, {7, 6}, /*training=*/false);
-    INFO(rep.worst);
-    CHECK(rep.passed());
+    test::expect_gradients(moe, {7, 6}, /*training=*/false, 40, 6, 1);
   }
   SUBCASE("VmoeRouter<2>, training: noise fixed by the seed, capacity, both auxiliary losses") {
     Model<Moe<6, 4, VmoeRouter<2>, Mlp<6, 8>>, Cpu64> moe;
-    test::randomize_parameters(moe, 7);
-    const auto rep = test::gradcheck(moe, {3, 5, 6}, /*training=*/true);
-    INFO(rep.worst);
-    CHECK(rep.passed());
+    test::expect_gradients(moe, {3, 5, 6}, /*training=*/true, 40, 7, 1);
   }
   SUBCASE("VmoeRouter<2>, auxiliary losses large enough to matter") {
     // A weight of 0.5 instead of 0.005: the check then fails if their gradient is wrong.
     Model<Moe<6, 4, VmoeRouter<2, 105, 0, 500000>, Mlp<6, 8>>, Cpu64> moe;
-    test::randomize_parameters(moe, 8);
-    const auto rep = test::gradcheck(moe, {3, 5, 6}, /*training=*/true);
-    INFO(rep.worst);
-    CHECK(rep.passed());
+    test::expect_gradients(moe, {3, 5, 6}, /*training=*/true, 40, 8, 1);
     CHECK(collect_aux_loss(moe) > 1e-3);
   }
   SUBCASE("VmoeRouter<1>, evaluation") {
     Model<Moe<6, 4, VmoeRouter<1>, Mlp<6, 8>>, Cpu64> moe;
-    test::randomize_parameters(moe, 9);
-    const auto rep = test::gradcheck(moe, {10, 6}, /*training=*/false);
-    INFO(rep.worst);
-    CHECK(rep.passed());
+    test::expect_gradients(moe, {10, 6}, /*training=*/false, 40, 9, 1);
   }
 }
 

@@ -499,16 +499,19 @@ class LtPlans {
     }
     plan.algo = usable.front();
     plan.ok = true;
-    if (usable.size() > 1) plan.algo = fastest(plan, usable, trial);
+    if (usable.size() > 1) plan.algo = fastest(key, plan, usable, trial);
     return plan;
   }
 
   // Times each candidate kTrials times (after one untimed run) into scratch outputs and returns
   // the fastest; a candidate that fails is skipped. Synchronises: this runs once per plan.
   template <class Trial>
-  cublasLtMatmulAlgo_t fastest(Plan& plan, const std::vector<cublasLtMatmulAlgo_t>& algos, Trial& trial) {
-    Scratch<float> d(std::size_t(std::max(plan_rows(plan), 1)) * std::size_t(plan_cols(plan)));
-    Scratch<float> v(std::size_t(std::max(plan_vector(plan), 1)));
+  cublasLtMatmulAlgo_t fastest(const Key& key, Plan& plan, const std::vector<cublasLtMatmulAlgo_t>& algos,
+                               Trial& trial) {
+    // Scratch outputs of the call's sizes: D is ldd x n (column-major), the epilogue's vector at
+    // most max(m, n) long.
+    Scratch<float> d(std::size_t(std::max(key.ldd, 1)) * std::size_t(key.n));
+    Scratch<float> v(std::size_t(std::max({key.m, key.n, 1})));
     cudaEvent_t start = nullptr, stop = nullptr;
     HATCH_CUDA_CHECK(cudaEventCreate(&start));
     HATCH_CUDA_CHECK(cudaEventCreate(&stop));
@@ -535,24 +538,6 @@ class LtPlans {
     (void)cudaGetLastError();
     return best;
   }
-  // The sizes of D (ld x cols) and of the epilogue vector, read back from the plan's layouts.
-  static int layout_attr(cublasLtMatrixLayout_t l, cublasLtMatrixLayoutAttribute_t attr) {
-    std::uint64_t v64 = 0;
-    std::int64_t i64 = 0;
-    std::size_t written = 0;
-    if (attr == CUBLASLT_MATRIX_LAYOUT_LD) {
-      HATCH_CUBLAS_CHECK(cublasLtMatrixLayoutGetAttribute(l, attr, &i64, sizeof(i64), &written));
-      return int(i64);
-    }
-    HATCH_CUBLAS_CHECK(cublasLtMatrixLayoutGetAttribute(l, attr, &v64, sizeof(v64), &written));
-    return int(v64);
-  }
-  static int plan_rows(const Plan& p) { return layout_attr(p.d, CUBLASLT_MATRIX_LAYOUT_LD); }
-  static int plan_cols(const Plan& p) { return layout_attr(p.d, CUBLASLT_MATRIX_LAYOUT_COLS); }
-  static int plan_vector(const Plan& p) {
-    return std::max(layout_attr(p.d, CUBLASLT_MATRIX_LAYOUT_ROWS), layout_attr(p.d, CUBLASLT_MATRIX_LAYOUT_COLS));
-  }
-
   static void destroy(Plan& p) {
     if (p.a) (void)cublasLtMatrixLayoutDestroy(p.a);
     if (p.b) (void)cublasLtMatrixLayoutDestroy(p.b);

@@ -217,7 +217,7 @@ struct VmoeRouter {
           }
         }
       r.place(placement_);
-      aux_ = training ? aux_terms(logits, tokens, sigma, r) : 0.0;
+      aux_ = training ? aux_terms(logits, tokens, sigma, r.choice) : 0.0;
     }
     double aux_loss() const { return aux_; }
 
@@ -239,9 +239,6 @@ struct VmoeRouter {
       }
     }
 
-    // Fraction of the kept choices that went to each expert, and the dropped ones (metrics).
-    const std::vector<int>& fill() const { return fill_; }
-
    private:
     // CV(x)^2 = var / mean^2 over experts (population variance), and its gradient.
     static double cv2(const std::vector<double>& x, std::vector<double>& dx) {
@@ -255,40 +252,36 @@ struct VmoeRouter {
       return var / (m * m);
     }
     // 0.005 L_imp + 0.005 L_load; keeps what backward needs for their exact gradients, the load
-    // threshold's included (the k-th largest noisy logit of a token moves with that logit).
-    double aux_terms(const std::vector<double>& logits, int tokens, double sigma, const Routing&) {
-      auto& importance = importance_;
-      auto& load = load_;
-      auto& dload = dload_;
-      auto& pdf = pdf_;
-      importance.assign(std::size_t(E), 0.0);
-      load.assign(std::size_t(E), 0.0);
+    // threshold's included: a token's threshold is its k-th largest noisy logit, that of its k-th
+    // choice (choice, tokens x K: top-k of the probabilities, the same order), and it moves with
+    // that logit.
+    double aux_terms(const std::vector<double>& logits, int tokens, double sigma,
+                     const std::vector<std::int32_t>& choice) {
+      importance_.assign(std::size_t(E), 0.0);
+      load_.assign(std::size_t(E), 0.0);
       for (int t = 0; t < tokens; ++t)
-        for (int e = 0; e < E; ++e) importance[std::size_t(e)] += probs_[std::size_t(t) * E + e];
-      const double l_imp = cv2(importance, dimportance_);
-      std::int32_t idx[K];
+        for (int e = 0; e < E; ++e) importance_[std::size_t(e)] += probs_[std::size_t(t) * E + e];
+      const double l_imp = cv2(importance_, dimportance_);
       dload_logit_.assign(std::size_t(tokens) * E, 0.0);
-      pdf.resize(std::size_t(tokens) * E);
+      pdf_.resize(std::size_t(tokens) * E);
       for (int t = 0; t < tokens; ++t) {
         const std::size_t o = std::size_t(t) * E;
-        moe_detail::top_k(noisy_.data() + o, E, K, idx);
-        const double thr = noisy_[o + std::size_t(idx[K - 1])];
+        const double thr = noisy_[o + std::size_t(choice[std::size_t(t) * K + K - 1])];
         for (int e = 0; e < E; ++e) {
           const double z = (thr - logits[o + e]) / sigma;
-          load[std::size_t(e)] += (1.0 - moe_detail::normal_cdf(z)) / tokens;
-          pdf[o + e] = moe_detail::normal_pdf(z) / (sigma * tokens);  // d load_e / d logit_(t,e)
+          load_[std::size_t(e)] += (1.0 - moe_detail::normal_cdf(z)) / tokens;
+          pdf_[o + e] = moe_detail::normal_pdf(z) / (sigma * tokens);  // d load_e / d logit_(t,e)
         }
       }
-      const double l_load = cv2(load, dload);
+      const double l_load = cv2(load_, dload_);
       for (int t = 0; t < tokens; ++t) {
         const std::size_t o = std::size_t(t) * E;
         double dthr = 0;  // load_e falls as the threshold rises: d load_e / d thr = -pdf
         for (int e = 0; e < E; ++e) {
-          dload_logit_[o + e] = dload[std::size_t(e)] * pdf[o + e];
-          dthr -= dload[std::size_t(e)] * pdf[o + e];
+          dload_logit_[o + e] = dload_[std::size_t(e)] * pdf_[o + e];
+          dthr -= dload_[std::size_t(e)] * pdf_[o + e];
         }
-        moe_detail::top_k(noisy_.data() + o, E, K, idx);
-        dload_logit_[o + std::size_t(idx[K - 1])] += dthr;
+        dload_logit_[o + std::size_t(choice[std::size_t(t) * K + K - 1])] += dthr;
       }
       return aux_weight * (l_imp + l_load);
     }
@@ -324,12 +317,10 @@ class MoeLayer {
     x_ = &x;
     const int tokens = int(x.rows());
     const Tensor<B>& logits = gate.forward(x, ctx);
-    logits_shape_ = logits.shape();
     host_.resize(std::size_t(tokens) * E);
     B::download(host_.data(), logits.data(), host_.size());  // the layer's one synchronisation
     logits_.assign(host_.begin(), host_.end());
     router_.route(logits_, tokens, ctx.training, ctx, routing_);
-    trained_ = ctx.training;
     if (ctx.training) {  // the epoch's expert load (take_expert_load)
       for (int e = 0; e < E; ++e) load_[std::size_t(e)] += routing_.offset[std::size_t(e) + 1] - routing_.offset[std::size_t(e)];
       dropped_ += routing_.dropped;
@@ -357,8 +348,8 @@ class MoeLayer {
     host_.resize(std::size_t(tokens) * k);
     B::download(host_.data(), dweight_dev_.data(), host_.size());  // the backward's one synchronisation
     dweight_.assign(host_.begin(), host_.end());
-    const bool with_aux = trained_ && ctx.param_grads;  // a frozen layer adds no auxiliary gradient
-    router_.backward(routing_, dweight_, with_aux, dlogits_);
+    // A frozen layer adds no auxiliary gradient; the router knows whether its pass had terms.
+    router_.backward(routing_, dweight_, ctx.param_grads, dlogits_);
 
     // Each expert row's gradient: dys[row] = w(t, j) dy[t] for the (t, j) placed there.
     dys_.resize({std::max(rows, 1), D});
@@ -371,7 +362,7 @@ class MoeLayer {
     });
     // The gate: dlogits back through the Linear, then dx = sum over a token's places + gate path.
     host_.assign(dlogits_.begin(), dlogits_.end());
-    dlogits_dev_.resize(logits_shape_);
+    dlogits_dev_.resize(gate.output().shape());
     B::upload(dlogits_dev_.data(), host_.data(), host_.size());
     ctx.input_grad = outer;
     const Tensor<B>& dgate = gate.backward(dlogits_dev_, ctx);
@@ -383,7 +374,7 @@ class MoeLayer {
   }
 
   // The weighted auxiliary terms of the last training forward (0 for TopKGate, and in evaluation).
-  double aux_loss() const { return trained_ ? router_.aux_loss() : 0.0; }
+  double aux_loss() const { return router_.aux_loss(); }
   // The last forward's routing (expert load, drops): metrics and tests.
   const Routing& routing() const { return routing_; }
   // The training forwards since the last call: the fraction of the kept choices each expert
@@ -444,9 +435,7 @@ class MoeLayer {
   Routing routing_;
   std::array<std::int64_t, E> load_{};
   std::int64_t dropped_ = 0, choices_ = 0;
-  bool trained_ = false;
   const Tensor<B>* x_ = nullptr;
-  Shape logits_shape_;
   std::vector<T> host_;
   std::vector<double> logits_, dweight_, dlogits_;
   Indices<B> order_, slots_;
