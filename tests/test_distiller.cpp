@@ -267,3 +267,150 @@ TEST_CASE("distiller lineage: modules record the meta model and teacher split; a
   CHECK(has(msg, "mixed lineage in the meta model's stage files"));
   CHECK(has(msg, d.files().meta(3).string()));
 }
+
+// ---- stitches only where the widths differ, dropped at assembly --------------------------------
+
+namespace {
+// A student twice as wide as the meta model (64 against 32): stitched at every inner boundary.
+using WideStudent = Vit<presets::tiny, Depths<1, 1, 1, 1>>;
+using WideDistiller = ModuleDistiller<Meta, TeacherArch, WideStudent, Cpu>;
+using NormStitchDistiller = ModuleDistiller<Meta, TeacherArch, WideStudent, Cpu, NormLinearStitch>;
+
+template <class M>
+bool any_name_has(M& module, const std::string& part) {
+  for (const auto& n : names_of(module))
+    if (n.find(part) != std::string::npos) return true;
+  return false;
+}
+template <class M>
+std::vector<double> drop_path_rates(M& module) {
+  std::vector<double> r;
+  module.for_each_layer([&](auto& l) {
+    if constexpr (requires { l.rate(); }) r.push_back(l.rate());
+  });
+  return r;
+}
+}  // namespace
+
+// A student of the meta model's width gets no stitch at all; a wider one a stitch on exactly the
+// sides that differ (the image input and the logits never do).
+static_assert(std::is_same_v<Distiller::StudentStitch<1>::type, StudentArch::stage<1>>);
+static_assert(Distiller::StudentStitch<0>::module_index == -1 && Distiller::StudentStitch<3>::module_index == -1);
+static_assert(!WideDistiller::StudentStitch<0>::before && WideDistiller::StudentStitch<0>::after);
+static_assert(WideDistiller::StudentStitch<1>::before && WideDistiller::StudentStitch<1>::after);
+static_assert(WideDistiller::StudentStitch<3>::before && !WideDistiller::StudentStitch<3>::after);
+
+TEST_CASE("distiller: a wider student is stitched in its hybrids and the stitches are not in its files") {
+  OneThread one_thread;
+  TempRunDir dir;
+  const auto train = synthetic(64, 7), test_set = synthetic(32, 8);
+  WideDistiller d({.dir = dir.path, .tag = "wide-kd", .seed = 3});
+  auto teacher = std::make_unique<WideDistiller::Teacher>();
+  randomize_parameters(*teacher, 13);
+  d.split_teacher(*teacher);
+  d.pretrain_meta(train, test_set, quick());
+  auto reference = std::make_unique<WideDistiller::Student>();
+  for_each_index<kStages>([&](auto ic) {
+    constexpr std::size_t I = decltype(ic)::value;
+    CAPTURE(I);
+    std::string inputs;
+    auto hybrid = d.template make_student_hybrid<I>(inputs);
+    auto& stage = hybrid->template stage<I>();
+    // The stitches are trained with the module (the optimizer's view holds them)...
+    CHECK(any_name_has(stage, "stitch_in.") == (I != 0));
+    CHECK(any_name_has(stage, "stitch_out.") == (I != kStages - 1));
+    // ... and the module inside is the student's own stage, names and all.
+    CHECK(names_of(WideDistiller::student_module<I>(*hybrid)) == names_of(reference->template stage<I>()));
+    d.distill(I, train, test_set, quick());
+    std::vector<std::string> saved;
+    for (const auto& [name, bytes] : file_tensors(d.files().module(I))) saved.push_back(name);
+    auto expected = names_of(reference->template stage<I>());
+    std::sort(expected.begin(), expected.end());
+    CHECK(saved == expected);
+    CHECK_FALSE(meta_entry(d.files().module(I), "teacher_hybrid_accuracy").empty());
+  });
+  auto student = std::make_unique<WideDistiller::Student>();
+  d.assemble(*student);  // strict: a stitch tensor in a module file would be refused here
+  CHECK_FALSE(any_name_has(*student, "stitch"));
+  student->for_each_stage([&](auto& stage, std::size_t i) {
+    CAPTURE(i);
+    CHECK(file_tensors(d.files().assembled(i)) == snapshot(stage));
+  });
+  const auto r = d.finetune(*student, train, test_set, quick());
+  CHECK(std::isfinite(r.test.loss));
+}
+
+TEST_CASE("distiller: LayerNorm + Linear stitches (m2mKD's V-MoE runs) and drop-path only in the student module") {
+  std::string inputs;
+  TempRunDir dir;
+  const auto train = synthetic(32, 9), test_set = synthetic(16, 10);
+  NormStitchDistiller d({.dir = dir.path, .tag = "norm-kd", .seed = 5, .hybrid_drop_path = 0.2});
+  d.pretrain_meta(train, test_set, quick());
+  auto hybrid = d.template make_student_hybrid<1>(inputs);
+  const auto names = names_of(hybrid->template stage<1>());
+  CHECK(std::count(names.begin(), names.end(), "stitch_in.norm.weight") == 1);
+  CHECK(std::count(names.begin(), names.end(), "stitch_in.proj.weight") == 1);
+  CHECK(std::count(names.begin(), names.end(), "stitch_out.proj.bias") == 1);
+  // Drop-path: linspace(0, 0.2) over the module's blocks; every meta stage keeps none.
+  hybrid->for_each_stage([&](auto& stage, std::size_t j) {
+    CAPTURE(j);
+    const auto rates = drop_path_rates(stage);
+    if (j != 1) CHECK(std::all_of(rates.begin(), rates.end(), [](double r) { return r == 0; }));
+  });
+  Distiller plain({.dir = dir.path / "plain", .tag = "micro-kd", .hybrid_drop_path = 0.2});
+  plain.pretrain_meta(train, test_set, quick());
+  auto deep = plain.template make_student_hybrid<0>(inputs);  // the student's stage 0 has two blocks
+  const auto rates = drop_path_rates(deep->template stage<0>());
+  REQUIRE(!rates.empty());
+  CHECK(rates.front() == 0.0);
+  CHECK(rates.back() == doctest::Approx(0.2));
+}
+
+TEST_CASE("distiller: the teacher and meta model of a finished Deep Incubation run (take_teacher)") {
+  OneThread one_thread;
+  TempRunDir incubation, distillation;
+  const auto train = synthetic(64, 11), test_set = synthetic(32, 12);
+  Incubator<Meta, TeacherArch, Cpu> inc({.dir = incubation.path, .tag = "teacher-run", .seed = 1});
+  inc.pretrain_meta(train, test_set, quick());
+  for (std::size_t i = 0; i < kStages; ++i) inc.incubate(i, train, test_set, quick());
+  {
+    auto target = std::make_unique<Model<TeacherArch, Cpu>>();
+    inc.assemble(*target);
+    inc.finetune(*target, train, test_set, quick());
+  }
+  Distiller d({.dir = distillation.path, .meta_dir = incubation.path / "meta", .meta_tag = "teacher-run",
+               .tag = "kd-run", .seed = 2});
+
+  SUBCASE("the fine-tuned stages become the teacher, and a module distils against them") {
+    auto teacher = d.take_teacher(incubation.path, "teacher-run");
+    for (std::size_t i = 0; i < kStages; ++i) {
+      CHECK(file_tensors(d.files().teacher(i)) == file_tensors(inc.files().finetuned(i)));
+      CHECK(meta_entry(d.files().teacher(i), "teacher_source") == meta_entry(inc.files().finetuned(i), "lineage"));
+      CHECK(meta_entry(d.files().teacher(i), "tag") == "kd-run");
+    }
+    d.distill(2, train, test_set, quick());
+    CHECK(meta_entry(d.files().module(2), "meta_id") == meta_entry(inc.files().meta(0), "lineage"));
+    CHECK(meta_entry(d.files().module(2), "tag") == "kd-run");
+    CHECK(meta_entry(inc.files().meta(0), "tag") == "teacher-run");  // read, not rewritten
+  }
+  SUBCASE("another run's tag is refused, naming the file and both tags") {
+    const auto msg = error_message([&] { d.take_teacher(incubation.path, "other-run"); });
+    CHECK(has(msg, inc.files().finetuned(0).string()));
+    CHECK(has(msg, "other-run"));
+    CHECK_FALSE(fs::exists(d.files().teacher(0)));
+  }
+  SUBCASE("a teacher fine-tuned from another meta model is refused") {
+    Distiller own({.dir = distillation.path / "own", .tag = "teacher-run", .seed = 3});
+    own.pretrain_meta(train, test_set, quick());  // a meta model of its own, not the teacher's
+    const auto msg = error_message([&] { own.take_teacher(incubation.path, "teacher-run"); });
+    INFO(msg);
+    CHECK(has(msg, "meta id"));
+    CHECK_FALSE(fs::exists(own.files().teacher(0)));
+  }
+  SUBCASE("an unfinished run (no fine-tuned stages) names the missing file") {
+    fs::remove_all(inc.files().finetuned_dir());
+    const auto msg = error_message([&] { d.take_teacher(incubation.path, "teacher-run"); });
+    CHECK(has(msg, inc.files().finetuned(0).string()));
+    CHECK(has(msg, "missing"));
+  }
+}

@@ -9,6 +9,7 @@
 
 #include "hatch/compose/sequential.hpp"
 #include "hatch/layers/linear.hpp"
+#include "hatch/layers/norm.hpp"
 
 namespace hatch {
 
@@ -166,10 +167,39 @@ struct MetaFor<Target> {
 template <class Target>
 using MetaOf = typename MetaFor<Target>::type;
 
-// A module of another width made to fit a stage: Linear stitches on both sides (m2mKD).
-// The stitches are named stitch_in / stitch_out and dropped at assembly.
+// A module of another width made to fit a stage: Linear stitches on both sides, named
+// stitch_in / stitch_out. A stage of a user's own model may be Stitched for good; m2mKD's
+// distiller instead stitches only where it must (StitchTo below) and drops the stitches.
 template <class Module, int In, int Out = In>
 using Stitched = Sequential<Named<"stitch_in", Linear<In, Module::in>>, Module,
                             Named<"stitch_out", Linear<Module::out, Out>>>;
+
+// ---- stitches that come and go (m2mKD, ALGORITHMS.md §2) ----------------------------------------
+// A stitch policy maps width From to width To: a Linear (m2mKD's NAC runs), or LayerNorm and a
+// Linear (its V-MoE runs).
+template <int From, int To>
+using LinearStitch = Linear<From, To>;
+template <int From, int To>
+using NormLinearStitch = Sequential<Named<"norm", LayerNorm<From>>, Named<"proj", Linear<From, To>>>;
+
+// StitchTo<Module, In, Out, Stitch>: Module made to map In -> Out, with a stitch only on a side
+// whose width differs (stitch_in before it, stitch_out after it); Module itself where both
+// agree. ::type is the spec, ::module_index where Module sits in it (-1: it is Module), and
+// StitchTo::module(layer) gives the bound Module inside a bound ::type, the part that is kept.
+template <class Module, int In, int Out, template <int, int> class Stitch = LinearStitch>
+struct StitchTo {
+  static constexpr bool before = In != Module::in, after = Out != Module::out;
+  using In_ = Named<"stitch_in", Stitch<In, Module::in>>;
+  using Out_ = Named<"stitch_out", Stitch<Module::out, Out>>;
+  using type = std::conditional_t<
+      before, std::conditional_t<after, Sequential<In_, Module, Out_>, Sequential<In_, Module>>,
+      std::conditional_t<after, Sequential<Module, Out_>, Module>>;
+  static constexpr int module_index = before ? 1 : after ? 0 : -1;
+  template <class Layer>
+  static auto& module(Layer& layer) {
+    if constexpr (module_index < 0) return layer;
+    else return layer.template get<std::size_t(module_index)>();
+  }
+};
 
 }  // namespace hatch

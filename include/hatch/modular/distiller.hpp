@@ -2,14 +2,20 @@
 // m2mKD, module-to-module knowledge distillation (ALGORITHMS.md §2), as a generic template over
 // three staged models with the same number of stages K: a small meta model, a trained
 // monolithic teacher and a modular student.
-//   0. split_teacher — the trained teacher into per-stage files teacher/stage<i>;
+//   0. the teacher — take_teacher: the fine-tuned stages of a finished Deep Incubation run
+//                    with that run's meta model, as the reference does (teacher module i then
+//                    already works inside those meta stages); or split_teacher: any trained
+//                    teacher, split into per-stage files teacher/stage<i>;
 //   1. pretrain_meta — the meta model end to end (or reuse another run's, Options::meta_dir);
 //   2. distill(i)    — two hybrids share the frozen meta stages: the teacher's with teacher
 //                      module i, the student's with a fresh student module i. On each batch the
 //                      teacher hybrid runs in evaluation mode, and only student module i trains,
 //                      on (1 - a) CE(z_S, y) + a T^2 KL(p_T || p_S); gradients flow through the
-//                      frozen meta stages after i. One independent job per module;
-//   3. assemble      — the student modules into the student;
+//                      frozen meta stages after i. Where the student module's width differs from
+//                      the meta model's at a boundary, a stitch (Stitch policy: a Linear, or
+//                      LayerNorm + Linear) adapts it, trained with the module and never saved:
+//                      modules/stage<i> holds the student module alone. One job per module;
+//   3. assemble      — the student modules into the student (no stitches: there are none to drop);
 //   4. finetune      — the assembled student end to end.
 // The files, their tags and checks are ModularRun's (modular_run.hpp), as in Deep Incubation.
 #include "hatch/modular/modular_run.hpp"
@@ -39,7 +45,8 @@ class TeacherObjective {
   DistilledCrossEntropy<B> loss_;
 };
 
-template <class MetaArch, class TeacherArch, class StudentArch, Backend B>
+template <class MetaArch, class TeacherArch, class StudentArch, Backend B,
+          template <int, int> class Stitch = LinearStitch>
 class ModuleDistiller : public ModularRun<MetaArch, B> {
   using Base = ModularRun<MetaArch, B>;
   using Base::files_;
@@ -50,38 +57,77 @@ class ModuleDistiller : public ModularRun<MetaArch, B> {
   static_assert(K == TeacherArch::num_stages && K == StudentArch::num_stages,
                 "hatch::ModuleDistiller: the meta model, the teacher and the student must have the same "
                 "number of stages");
-  // A student module of another width than the meta model's stage fails here with ReplaceStage's
-  // message; wrap it in Stitched<Module, In, Out>.
+  // The teacher's modules must fit the meta stages as they are (the teacher was incubated in
+  // them); a student module of another width is stitched to its meta stage (StitchTo).
   template <std::size_t I>
   using TeacherHybridArch = ReplaceStage<MetaArch, I, typename TeacherArch::template stage<I>>;
   template <std::size_t I>
-  using StudentHybridArch = ReplaceStage<MetaArch, I, typename StudentArch::template stage<I>>;
+  using StudentStitch = StitchTo<typename StudentArch::template stage<I>, MetaArch::template stage<I>::in,
+                                 MetaArch::template stage<I>::out, Stitch>;
+  template <std::size_t I>
+  using StudentHybridArch = ReplaceStage<MetaArch, I, typename StudentStitch<I>::type>;
+  // Student module I inside its hybrid (the stitches left out).
+  template <std::size_t I, class Hybrid>
+  static auto& student_module(Hybrid& hybrid) {
+    return StudentStitch<I>::module(hybrid.template stage<I>());
+  }
   using Teacher = Model<TeacherArch, B>;
   using Student = Model<StudentArch, B>;
 
   struct Options {
     std::filesystem::path dir = "out/distillation";
     std::filesystem::path meta_dir{};  // a meta model trained elsewhere; empty: dir / "meta"
+    std::string meta_tag{};            // the tag of the meta model's files (another run's); empty: tag
     std::string tag = "model";         // written into every file; checked when a phase reads it
     std::uint64_t seed = 0;
     double alpha = 0.5;                // weight of the distillation term
     double temperature = 1.0;
-    double student_drop_path = 0.1;    // for fine-tuning (the hybrids have none: ALGORITHMS.md §2)
+    double hybrid_drop_path = 0.1;     // in the student module of its hybrid (the frozen meta: none)
+    double student_drop_path = 0.1;    // for fine-tuning the assembled student
   };
 
   explicit ModuleDistiller(Options o) : Base(o.dir, o.meta_dir, o.tag, o.seed), opt_(std::move(o)) {
     this->module_phase_ = "distill";
     this->has_teacher_ = true;
+    this->meta_tag_ = opt_.meta_tag;
+  }
+
+  // Phase 0 from a finished Deep Incubation run of the teacher (the reference's teacher): its
+  // fine-tuned stages, run/finetuned/stage<i> tagged `run_tag`, become teacher/stage<i>. They
+  // must be one fine-tuning of modules incubated in the meta model this distiller reads
+  // (Options::meta_dir = run/"meta", Options::meta_tag = run_tag): otherwise teacher module i
+  // would sit among meta stages it was never trained with. Returns the teacher, loaded.
+  std::unique_ptr<Model<TeacherArch, B>> take_teacher(const std::filesystem::path& run, const std::string& run_tag) {
+    auto teacher = std::make_unique<Teacher>();
+    const ModularLayout from{run};
+    std::vector<LineageEntry> parts, metas;
+    teacher->for_each_stage([&](auto& stage, std::size_t i) {
+      const auto m = this->load(stage, from.finetuned(i), "finetuned", i, {"meta_id"}, run_tag);
+      parts.push_back({from.finetuned(i), i, m.at("lineage")});
+      metas.push_back({from.finetuned(i), i, m.at("meta_id")});
+    });
+    auto refit = [](const std::vector<std::size_t>&) {
+      return std::string("Fine-tune the teacher's incubation run again (incubate --phase finetune).");
+    };
+    require_one_lineage(from.finetuned_dir().string(), "the teacher's fine-tuned stage files", "fine-tuning id",
+                        parts, "", "", refit);
+    require_one_lineage(from.finetuned_dir().string(), "the teacher's fine-tuned stage files", "meta id", metas,
+                        this->current_lineage("meta"), "the meta model in " + files_.meta_dir().string(), refit);
+    split_teacher(*teacher, parts.front().id);
+    return teacher;
   }
 
   // Phase 0: the teacher's stages to teacher/stage<i>, all K at once, with the teacher id
   // ("lineage", "teacher_id") of these weights.
-  void split_teacher(Teacher& teacher) {
+  // `source`: the lineage of the files the teacher was read from, recorded when given.
+  void split_teacher(Teacher& teacher, const std::string& source = {}) {
     LineageHash h;
     h.add("teacher").add(this->tag_);
     teacher.for_each_stage([&](auto& stage, std::size_t) { h.parameters(stage); });
     const std::string id = h.hex();
-    this->write_stages(teacher, files_.teacher_dir(), "teacher", {{"lineage", id}, {"teacher_id", id}});
+    std::map<std::string, std::string> lineage{{"lineage", id}, {"teacher_id", id}};
+    if (!source.empty()) lineage["teacher_source"] = source;
+    this->write_stages(teacher, files_.teacher_dir(), "teacher", lineage);
   }
   // ... from a whole-model checkpoint (as train_e2e writes it), checked strictly.
   void split_teacher(const std::filesystem::path& checkpoint) {
@@ -116,23 +162,34 @@ class ModuleDistiller : public ModularRun<MetaArch, B> {
     if (from) *from = {meta_id, m.at("lineage")};
     return hybrid;
   }
-  // The student's hybrid for module I: meta stages with a fresh student module I.
+  // The student's hybrid for module I: meta stages (no drop-path) with a fresh student module I
+  // (and its stitches), drop-path linspace(0, Options::hybrid_drop_path) over the module's blocks.
   template <std::size_t I>
   std::unique_ptr<Model<StudentHybridArch<I>, B>> make_student_hybrid(std::string& inputs, Sources* from = nullptr) {
     auto hybrid = std::make_unique<Model<StudentHybridArch<I>, B>>();
     Initializer init(seed_ + 2000 + I);
     hybrid->template stage<I>().reset_parameters(init);
+    set_drop_path(student_module<I>(*hybrid), opt_.hybrid_drop_path);
     std::string meta_id;
     inputs += this->template load_meta_except<I>(*hybrid, &meta_id);
     if (from) from->meta_id = meta_id;
     return hybrid;
   }
 
-  // Writes modules/stage<I> with its module id ("lineage"), the meta id and the teacher id.
+  // Writes modules/stage<I> (the student module without its stitches) with its module id
+  // ("lineage"), the meta id, the teacher id and the teacher hybrid's test accuracy, measured
+  // before distilling (it should be near the teacher's own: else the teacher's module does not
+  // fit these meta stages, and there is little to distil).
   template <std::size_t I>
   FitResult distill_module(const data::Dataset& train, const data::Dataset& test, FitOptions fo) {
     Sources t, s;
     auto teacher = make_teacher_hybrid<I>(fo.inputs, &t);
+    const double teacher_accuracy = test.n > 0 ? evaluate(*teacher, test, fo.eval_batch).accuracy : 0.0;
+    if (fo.progress)
+      std::fprintf(stderr, "distill%zu: the teacher's hybrid (meta stages, teacher module %zu) has test accuracy %.4f\n",
+                   I, I, teacher_accuracy);
+    char acc[32];
+    std::snprintf(acc, sizeof acc, "%.4f", teacher_accuracy);
     auto student = make_student_hybrid<I>(fo.inputs, &s);
     // The two hybrids read the meta files one after the other: a meta phase that finished in
     // between would give them different meta models.
@@ -147,9 +204,11 @@ class ModuleDistiller : public ModularRun<MetaArch, B> {
     LineageHash h;
     h.add("module").add(this->tag_).add(seed_).add(std::uint64_t(I)).add(t.meta_id).add(t.teacher_id);
     h.add(lineage_recipe(fo)).add(std::to_string(opt_.alpha)).add(std::to_string(opt_.temperature));
-    h.parameters(student->template stage<I>());
-    this->save(student->template stage<I>(), files_.module(I), "module", I,
-               {{"lineage", h.hex()}, {"meta_id", t.meta_id}, {"teacher_id", t.teacher_id}});
+    auto& module = student_module<I>(*student);
+    h.parameters(module);
+    this->save(module, files_.module(I), "module", I,
+               {{"lineage", h.hex()}, {"meta_id", t.meta_id}, {"teacher_id", t.teacher_id},
+                {"teacher_hybrid_accuracy", acc}});
     return r;
   }
 

@@ -266,17 +266,19 @@ class ModularRun {
             const std::map<std::string, std::string>& lineage) {
     std::filesystem::create_directories(file.parent_path());
     auto meta = lineage;
-    meta["tag"] = tag_;
+    meta["tag"] = tag_for(phase);
     meta["phase"] = phase;
     meta["stage"] = std::to_string(i);
     save_parameters(stage, file, meta);
   }
   // Checks a file's metadata: this run's tag, `phase`, stage i, a lineage and the `required`
   // entries. Returns the metadata.
+  // `tag` empty: the tag this run gives `phase`'s files (tag_for).
   std::map<std::string, std::string> inspect(std::map<std::string, std::string> meta, const std::filesystem::path& file,
                                              const std::string& phase, std::size_t i,
-                                             const std::vector<std::string>& required = {}) const {
-    detail::expect_metadata_in(file.string(), meta, "tag", tag_);
+                                             const std::vector<std::string>& required = {},
+                                             const std::string& tag = {}) const {
+    detail::expect_metadata_in(file.string(), meta, "tag", tag.empty() ? tag_for(phase) : tag);
     detail::expect_metadata_in(file.string(), meta, "phase", phase);  // e.g. a meta file copied into modules/
     detail::expect_metadata_in(file.string(), meta, "stage", std::to_string(i));
     std::vector<std::string> keys = {"lineage"};
@@ -291,18 +293,25 @@ class ModularRun {
   // metadata returned is that of the tensors loaded).
   template <class S>
   std::map<std::string, std::string> load(S& stage, const std::filesystem::path& file, const std::string& phase,
-                                          std::size_t i, const std::vector<std::string>& required = {}) {
+                                          std::size_t i, const std::vector<std::string>& required = {},
+                                          const std::string& tag = {}) {
     require(std::filesystem::exists(file), file.string(),
             "missing: the " + phase + " phase must run first and write stage " + std::to_string(i) + " here");
     const auto f = io::SafeTensorsFile::read(file);
-    auto meta = inspect(detail::metadata_of(f), file, phase, i, required);
+    auto meta = inspect(detail::metadata_of(f), file, phase, i, required, tag);
     auto pending = detail::prepare(f, detail::parameter_slots(stage), LoadOptions{});
     detail::commit(pending);
     return meta;
   }
 
+  // The tag of `phase`'s files: the run's, except for a meta model taken from another run.
+  const std::string& tag_for(const std::string& phase) const {
+    return phase == "meta" && !meta_tag_.empty() ? meta_tag_ : tag_;
+  }
+
   ModularLayout files_;
   std::string tag_;
+  std::string meta_tag_;  // the meta files' tag when they come from another run (empty: tag_)
   std::uint64_t seed_;
   std::string module_phase_ = "incubate";  // the derived class's phase 2, for messages
   bool has_teacher_ = false;               // modules carry a teacher_id (m2mKD)
