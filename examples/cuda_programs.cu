@@ -27,4 +27,9 @@ int incubate_cuda(const IncubateOptions& a) {
   return incubate<hatch::Cuda>(a);
 }
 
+int distill_cuda(const DistillOptions& a) {
+  select_device(a.common);
+  return distill<hatch::Cuda>(a);
+}
+
 }  // namespace examples

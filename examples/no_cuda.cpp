@@ -13,4 +13,5 @@ namespace {
 }  // namespace
 int train_e2e_cuda(const E2eOptions&) { no_cuda(); }
 int incubate_cuda(const IncubateOptions&) { no_cuda(); }
+int distill_cuda(const DistillOptions&) { no_cuda(); }
 }  // namespace examples

@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include <hatch/core.hpp>
+#include <hatch/modular/distiller.hpp>
 #include <hatch/modular/incubator.hpp>
 #include <hatch/train/fit.hpp>
 
@@ -102,6 +103,56 @@ int train_e2e(const E2eOptions& a) {
   });
 }
 
+// The phases of Deep Incubation that `a.phase` names, of preset V on train/test. Returns the
+// last phase's result, with the training images and seconds of every phase run.
+template <class B, class V>
+hatch::FitResult incubation_phases(const IncubateOptions& a, const hatch::data::Dataset& train,
+                                   const hatch::data::Dataset& test, double* images_out = nullptr,
+                                   double* seconds_out = nullptr) {
+  using namespace hatch;
+  const auto& c = a.common;
+  using Inc = Incubator<presets::MetaOf<V>, V, B>;
+  Inc inc({.dir = std::filesystem::path(c.out), .tag = c.preset, .seed = c.seed,
+           .hybrid_drop_path = a.hybrid_drop_path, .target_drop_path = a.finetune_drop_path});
+  double images = 0, seconds = 0;
+  FitResult last;
+  auto account = [&](const FitResult& r) {
+    images += r.images;
+    seconds += r.seconds;
+    last = r;
+  };
+  auto options = [&](int epochs, bool finetune) {
+    auto o = c.fit_options(epochs, "");
+    if (finetune) {
+      o.lr = a.finetune_lr;
+      o.warmup_epochs = 0;
+      o.clip = a.finetune_clip;
+      o.recipe["finetune-drop-path"] = a.finetune_drop_path;
+    } else {
+      o.recipe["hybrid-drop-path"] = a.hybrid_drop_path;
+    }
+    o.images_before = images;
+    o.seconds_before = seconds;
+    return o;
+  };
+  const auto& phase = a.phase;
+  if (phase == "meta" || phase == "all") account(inc.pretrain_meta(train, test, options(a.epochs_meta, false)));
+  if (phase == "module" || phase == "all") {
+    require(phase == "all" || a.index < int(Inc::K), "--index",
+            "must be below the number of stages, " + std::to_string(Inc::K));
+    for (std::size_t i = 0; i < Inc::K; ++i)
+      if (a.index < 0 || std::size_t(a.index) == i) account(inc.incubate(i, train, test, options(a.epochs_module, false)));
+  }
+  if (phase == "assemble" || phase == "finetune" || phase == "all") {
+    auto target = std::make_unique<Model<V, B>>();
+    if (phase != "finetune") inc.assemble(*target);
+    if (phase != "assemble") account(inc.finetune(*target, train, test, options(a.epochs_finetune, true)));
+  }
+  if (images_out) *images_out = images;
+  if (seconds_out) *seconds_out = seconds;
+  return last;
+}
+
 // Deep Incubation, one phase or all. Last stdout line: test_accuracy=0.XXXX (or, for
 // --phase assemble, where the assembled model went).
 template <class B>
@@ -111,12 +162,82 @@ int incubate(const IncubateOptions& a) {
   const auto train = needs_data ? c.load(true) : hatch::data::Dataset{};
   const auto test = needs_data ? c.load(false) : hatch::data::Dataset{};
   return hatch::with_preset(c.preset, [&]<class V>(std::type_identity<V>) {
-    using namespace hatch;
     c.check_images<V>(train);
     c.check_images<V>(test);
-    using Inc = Incubator<presets::MetaOf<V>, V, B>;
-    Inc inc({.dir = std::filesystem::path(c.out), .tag = c.preset, .seed = c.seed,
-             .hybrid_drop_path = a.hybrid_drop_path, .target_drop_path = a.finetune_drop_path});
+    double images = 0, seconds = 0;
+    const auto last = incubation_phases<B, V>(a, train, test, &images, &seconds);
+    std::printf("phase=%s train_images_processed=%.0f training_seconds=%.1f\n", a.phase.c_str(), images, seconds);
+    if (a.phase == "assemble") {
+      std::printf("assembled %zu modules into %s\n", hatch::presets::MetaOf<V>::num_stages,
+                  (std::filesystem::path(c.out) / "assembled").c_str());
+      return 0;
+    }
+    std::printf("test_accuracy=%.4f\n", last.test.accuracy);
+    return 0;
+  });
+}
+
+// ---- m2mKD -------------------------------------------------------------------------------------
+
+struct DistillOptions {
+  CommonOptions common;          // --preset is the teacher's
+  std::string student = "moe";   // vit (the teacher's preset), moe (m2mKD's MoE student), or a preset
+  std::string teacher_dir;       // a finished incubate run of --preset; empty: <out>/teacher-run
+  std::string phase = "all";
+  int index = -1, epochs_module = 1, epochs_finetune = 2;
+  int teacher_epochs_meta = 2, teacher_epochs_module = 1, teacher_epochs_finetune = 2;
+  double alpha = 0.5, temperature = 1.0, hybrid_drop_path = 0.1, finetune_drop_path = 0.1;
+  double finetune_clip = 1.0, finetune_lr = 5e-4;
+};
+
+// The (teacher, student) presets the distill program instantiates: f receives
+// std::type_identity<Teacher>{}, std::type_identity<Student>{} and the student's preset name.
+inline std::string student_preset(const std::string& teacher, const std::string& student) {
+  if (student == "vit") return teacher;
+  if (student == "moe") return teacher == "vit-small" ? "moe-student-small" : "";
+  return student;
+}
+inline constexpr const char* kDistillPairs =
+    "vit-micro > vit-micro, vit-tiny > vit-tiny, vit-small > vit-small, vit-small > moe-student-small";
+template <class F>
+int with_distill_pair(const std::string& teacher, const std::string& student, F&& f) {
+  using namespace hatch::presets;
+  const auto s = student_preset(teacher, student);
+  if (teacher == "vit-micro" && s == "vit-micro") return f(std::type_identity<VitMicro>{}, std::type_identity<VitMicro>{}, s);
+  if (teacher == "vit-tiny" && s == "vit-tiny") return f(std::type_identity<VitTiny>{}, std::type_identity<VitTiny>{}, s);
+  if (teacher == "vit-small" && s == "vit-small") return f(std::type_identity<VitSmall>{}, std::type_identity<VitSmall>{}, s);
+  if (teacher == "vit-small" && s == "moe-student-small")
+    return f(std::type_identity<VitSmall>{}, std::type_identity<MoeStudentSmall>{}, s);
+  throw hatch::Error("--student " + student + ": " +
+                     (s.empty() ? std::string("there is no mixture-of-experts student of the shape of --preset ") + teacher
+                                : "no student preset '" + s + "' staged like the teacher --preset " + teacher) +
+                     " is built into this program (teacher > student: " + kDistillPairs + ")");
+}
+
+// m2mKD (ALGORITHMS.md §2), one phase or all:
+//   meta     — the teacher and its meta model from a finished Deep Incubation run (--teacher-dir,
+//              or <out>/teacher-run, incubated here first when it is not there);
+//   module   — distil student module --index (every module: -1);
+//   assemble, finetune — as in Deep Incubation.
+// Last stdout line: test_accuracy=0.XXXX (or, for --phase assemble, where the student went).
+template <class B>
+int distill(const DistillOptions& a) {
+  const auto& c = a.common;
+  const bool needs_data = a.phase != "assemble";
+  const auto train = needs_data ? c.load(true) : hatch::data::Dataset{};
+  const auto test = needs_data ? c.load(false) : hatch::data::Dataset{};
+  return with_distill_pair(c.preset, a.student, [&]<class TV, class SV>(std::type_identity<TV>, std::type_identity<SV>,
+                                                                        const std::string& student) {
+    using namespace hatch;
+    c.check_images<TV>(train);
+    c.check_images<TV>(test);
+    using Meta = presets::MetaOf<TV>;
+    using Kd = ModuleDistiller<Meta, TV, SV, B>;
+    const std::filesystem::path out(c.out);
+    const std::filesystem::path run = a.teacher_dir.empty() ? out / "teacher-run" : std::filesystem::path(a.teacher_dir);
+    Kd kd({.dir = out, .meta_dir = run / "meta", .meta_tag = c.preset, .tag = c.preset + ">" + student,
+           .seed = c.seed, .alpha = a.alpha, .temperature = a.temperature, .hybrid_drop_path = a.hybrid_drop_path,
+           .student_drop_path = a.finetune_drop_path});
     double images = 0, seconds = 0;
     FitResult last;
     auto account = [&](const FitResult& r) {
@@ -126,6 +247,7 @@ int incubate(const IncubateOptions& a) {
     };
     auto options = [&](int epochs, bool finetune) {
       auto o = c.fit_options(epochs, "");
+      o.recipe["student"] = student;
       if (finetune) {
         o.lr = a.finetune_lr;
         o.warmup_epochs = 0;
@@ -133,28 +255,53 @@ int incubate(const IncubateOptions& a) {
         o.recipe["finetune-drop-path"] = a.finetune_drop_path;
       } else {
         o.recipe["hybrid-drop-path"] = a.hybrid_drop_path;
+        o.recipe["alpha"] = a.alpha;
+        o.recipe["temperature"] = a.temperature;
       }
       o.images_before = images;
       o.seconds_before = seconds;
       return o;
     };
     const auto& phase = a.phase;
-    if (phase == "meta" || phase == "all") account(inc.pretrain_meta(train, test, options(a.epochs_meta, false)));
+    if (phase == "meta" || phase == "all") {
+      if (a.teacher_dir.empty() && !std::filesystem::exists(stage_file(run / "finetuned", 0))) {
+        // No teacher given or trained yet: incubate one (its own phases resume as incubate's do).
+        IncubateOptions t{.common = c, .phase = "all", .epochs_meta = a.teacher_epochs_meta,
+                          .epochs_module = a.teacher_epochs_module, .epochs_finetune = a.teacher_epochs_finetune};
+        t.common.out = run.string();
+        t.finetune_lr = a.finetune_lr;
+        t.finetune_clip = a.finetune_clip;
+        t.finetune_drop_path = a.finetune_drop_path;
+        t.hybrid_drop_path = a.hybrid_drop_path;
+        double ti = 0, ts = 0;
+        const auto r = incubation_phases<B, TV>(t, train, test, &ti, &ts);
+        std::printf("teacher: incubated in %s, train_images_processed=%.0f training_seconds=%.1f\n", run.c_str(), ti, ts);
+        (void)r;
+      }
+      auto teacher = kd.take_teacher(run, c.preset);
+      const auto t = evaluate(*teacher, test, c.fit_options(0, "").eval_batch);
+      std::printf("teacher: %s from %s, test_accuracy=%.4f\n", c.preset.c_str(), run.c_str(), t.accuracy);
+      last.test = t;
+    }
     if (phase == "module" || phase == "all") {
-      require(phase == "all" || a.index < int(Inc::K), "--index",
-              "must be below the number of stages, " + std::to_string(Inc::K));
-      for (std::size_t i = 0; i < Inc::K; ++i)
-        if (a.index < 0 || std::size_t(a.index) == i)
-          account(inc.incubate(i, train, test, options(a.epochs_module, false)));
+      require(phase == "all" || a.index < int(Kd::K), "--index",
+              "must be below the number of stages, " + std::to_string(Kd::K));
+      for (std::size_t i = 0; i < Kd::K; ++i)
+        if (a.index < 0 || std::size_t(a.index) == i) {
+          account(kd.distill(i, train, test, options(a.epochs_module, false)));
+          std::printf("module %zu: teacher_hybrid_accuracy=%s student_hybrid_accuracy=%.4f\n", i,
+                      read_metadata(kd.files().module(i)).at("teacher_hybrid_accuracy").c_str(), last.test.accuracy);
+        }
     }
     if (phase == "assemble" || phase == "finetune" || phase == "all") {
-      auto target = std::make_unique<Model<V, B>>();
-      if (phase != "finetune") inc.assemble(*target);
-      if (phase != "assemble") account(inc.finetune(*target, train, test, options(a.epochs_finetune, true)));
+      auto target = std::make_unique<typename Kd::Student>();
+      if (phase != "finetune") kd.assemble(*target);
+      if (phase != "assemble") account(kd.finetune(*target, train, test, options(a.epochs_finetune, true)));
     }
-    std::printf("phase=%s train_images_processed=%.0f training_seconds=%.1f\n", phase.c_str(), images, seconds);
+    std::printf("phase=%s student=%s train_images_processed=%.0f training_seconds=%.1f\n", phase.c_str(),
+                student.c_str(), images, seconds);
     if (phase == "assemble") {
-      std::printf("assembled %zu modules into %s\n", Inc::K, (std::filesystem::path(c.out) / "assembled").c_str());
+      std::printf("assembled %zu modules into %s\n", Kd::K, kd.files().assembled_dir().c_str());
       return 0;
     }
     std::printf("test_accuracy=%.4f\n", last.test.accuracy);
@@ -166,5 +313,6 @@ int incubate(const IncubateOptions& a) {
 // throw a hatch::Error that says so.
 int train_e2e_cuda(const E2eOptions& a);
 int incubate_cuda(const IncubateOptions& a);
+int distill_cuda(const DistillOptions& a);
 
 }  // namespace examples
