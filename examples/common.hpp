@@ -72,6 +72,10 @@ inline void add_common_flags(CLI::App& app, CommonOptions& o) {
   app.add_option("--lr", o.lr, "peak learning rate (AdamW)")->check(finite_in(1e-12, 10));
   app.add_option("--min-lr", o.min_lr, "final learning rate of the cosine schedule")->check(finite_in(0, 10));
   app.add_option("--warmup-epochs", o.warmup_epochs, "linear warmup length in epochs")->check(finite_in(0, 1e5));
+  app.add_flag("--lr-per-epoch", o.lr_per_epoch,
+               "hold the learning rate for a whole epoch (timm's per-epoch schedule) instead of moving it every step");
+  app.add_option("--eval-every", o.eval_every, "evaluate the test set after every N-th epoch (and the last)")
+      ->check(integer_in(1, 1e6));
   app.add_option("--weight-decay", o.weight_decay, "AdamW weight decay")->check(finite_in(0, kBig));
   app.add_option("--clip", o.clip, "max global gradient norm (0 = off)")->check(finite_in(0, kBig));
   app.add_option("--label-smoothing", o.label_smoothing, "label smoothing")->check(finite_in(0, 0.99));

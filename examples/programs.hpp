@@ -23,10 +23,11 @@ struct CommonOptions {
   std::string out = "out";
   std::string device = "cpu";
   int batch = 128, threads = 0, train_limit = 0, test_limit = 0;  // threads 0: every usable core
+  int eval_every = 1;
   double lr = 2e-3, min_lr = 1e-5, warmup_epochs = 1, weight_decay = 0.05, clip = 0;
   double label_smoothing = 0.1, drop_path = 0, mixup = 0, cutmix = 0, mix_prob = 1.0;
   int crop_padding = 0;
-  bool hflip = false, no_progress = false, no_resume = false, tf32 = false;
+  bool hflip = false, no_progress = false, no_resume = false, tf32 = false, lr_per_epoch = false;
   std::uint64_t seed = 0;
 
   hatch::FitOptions fit_options(int epochs, const std::string& phase) const {
@@ -36,6 +37,8 @@ struct CommonOptions {
     o.lr = lr;
     o.min_lr = min_lr;
     o.warmup_epochs = warmup_epochs;
+    o.lr_per_epoch = lr_per_epoch;
+    o.eval_every = eval_every;
     o.weight_decay = weight_decay;
     o.clip = clip;
     o.augment = {.crop_padding = crop_padding, .hflip = hflip, .mixup_alpha = float(mixup),

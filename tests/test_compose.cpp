@@ -84,6 +84,9 @@ TEST_CASE("numbering: explicit offsets and ViT names are as before") {
 TEST_CASE("MetaOf: one copy of every Repeat for any staged model; the ViT's meta model as before") {
   static_assert(std::is_same_v<MetaOf<presets::VitSmall>, Vit<presets::small, Depths<1, 1, 1, 1>>>);
   static_assert(std::is_same_v<presets::MetaOf<presets::VitTiny>, Vit<presets::tiny, Depths<1, 1, 1, 1>>>);
+  // vit-deep and vit-deep32 (16 and 32 blocks) are incubated in exactly vit-tiny.
+  static_assert(std::is_same_v<MetaOf<presets::VitDeep>, presets::VitTiny>);
+  static_assert(std::is_same_v<MetaOf<presets::VitDeep32>, presets::VitTiny>);
   static_assert(std::is_same_v<MetaOf<Vit<presets::micro, Depths<2, 3>>>, Vit<presets::micro, Depths<1, 1>>>);
   using Meta = MetaOf<Staged>;
   static_assert(Meta::num_stages == 4);

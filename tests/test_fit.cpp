@@ -61,6 +61,49 @@ TEST_CASE("fit learns a learnable task and writes one metrics line per epoch") {
   std::filesystem::remove_all(dir);
 }
 
+TEST_CASE("fit: eval_every evaluates every N-th epoch and the last; lr_per_epoch holds the rate for an epoch") {
+  const auto train = learnable_set(256, 21), test = learnable_set(64, 22);
+  auto lines_of = [](const std::filesystem::path& dir) {
+    std::vector<nlohmann::json> lines;
+    std::ifstream log(dir / "metrics.jsonl");
+    for (std::string l; std::getline(log, l);) lines.push_back(nlohmann::json::parse(l));
+    return lines;
+  };
+  auto run = [&](const std::string& name, int eval_every, bool per_epoch) {
+    Model<presets::VitMicro, Cpu> model;
+    Initializer init(23);
+    model.reset_parameters(init);
+    const auto dir = fresh_dir(name);
+    auto o = options(dir);
+    o.augment = {};
+    o.epochs = 5;
+    o.warmup_epochs = 0;
+    o.eval_every = eval_every;
+    o.lr_per_epoch = per_epoch;
+    const auto r = fit(model, train, test, o);
+    auto lines = lines_of(dir);
+    std::filesystem::remove_all(dir);
+    return std::make_pair(r, lines);
+  };
+  const auto [every, all_lines] = run("every1", 1, false);
+  const auto [sparse, sparse_lines] = run("every2", 2, false);
+  REQUIRE(sparse_lines.size() == 5);
+  for (int e = 0; e < 5; ++e) {
+    CAPTURE(e);
+    CHECK(sparse_lines[e].contains("test_accuracy") == (e == 1 || e == 3 || e == 4));
+    CHECK(sparse_lines[e]["train_loss"] == all_lines[e]["train_loss"]);  // evaluation changes no training
+  }
+  CHECK(sparse.test.accuracy == every.test.accuracy);
+  // Per epoch: epoch e trains at the cosine's value at its start, so epoch 1 at the peak rate.
+  const auto [held, held_lines] = run("held", 1, true);
+  CHECK(held_lines[0]["lr"].get<double>() == doctest::Approx(2e-3).epsilon(1e-12));
+  CHECK(all_lines[0]["lr"].get<double>() < 2e-3 * 0.99);
+  const WarmupCosine cos{2e-3, 1e-5, 1e-6, 0, 5};
+  for (int e = 0; e < 5; ++e) CHECK(held_lines[e]["lr"].get<double>() == doctest::Approx(cos.at(e)).epsilon(1e-12));
+  CHECK(held_lines[4]["train_loss"] != all_lines[4]["train_loss"]);
+  CHECK_THROWS_AS(run("bad", 0, false), Error);
+}
+
 TEST_CASE("a run killed after an epoch and resumed ends with the same weights") {
   const auto train = learnable_set(256, 3), test = learnable_set(64, 4);
   auto fresh_model = [] {

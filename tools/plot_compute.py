@@ -35,7 +35,8 @@ def series(run_dir, cost):
                     offset, phase = offset + last, m["phase"]
                 last = m["seconds"]
                 x = offset + last
-            points.append((x, m["test_accuracy"], m["phase"]))
+            if "test_accuracy" in m:  # absent on epochs not evaluated (--eval-every)
+                points.append((x, m["test_accuracy"], m["phase"]))
     return points
 
 

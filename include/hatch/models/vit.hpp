@@ -149,6 +149,10 @@ using VitBase = Vit<base, Depths<3, 3, 3, 3>>;
 // in every second block) and m2mKD's student (TopKGate, top-2 of 8, in every block).
 using VmoeSmall = Vit<small, Depths<2, 2, 2, 2>, MoeBlocks<8, VmoeRouter<2>, 2>>;
 using MoeStudentSmall = Vit<small, Depths<2, 2, 2, 2>, MoeBlocks<8, TopKGate<2>, 1>>;
+// Deep, narrow targets for Deep Incubation (issue 11): vit-tiny's width, patch and heads, 16
+// and 32 blocks in four modules. Their meta model, MetaOf<...>, is exactly vit-tiny.
+using VitDeep = Vit<tiny, Depths<4, 4, 4, 4>>;
+using VitDeep32 = Vit<tiny, Depths<8, 8, 8, 8>>;
 // ViT-B/16 on ImageNet-sized input (224x224x3, 1000 classes): the GPU benchmark's model, not a
 // Fashion-MNIST preset, so with_preset leaves it out (no example instantiates it).
 inline constexpr VitSpec b16{.image = 224, .channels = 3, .patch = 16, .dim = 768, .heads = 12, .mlp_ratio = 4, .classes = 1000};
@@ -157,11 +161,12 @@ using VitB16 = Vit<b16, Depths<3, 3, 3, 3>>;
 template <class V>
 using MetaOf = hatch::MetaOf<V>;
 
-inline constexpr const char* names = "vit-micro, vit-tiny, vit-small, vit-base, vmoe-small, moe-student-small";
+inline constexpr const char* names =
+    "vit-micro, vit-tiny, vit-small, vit-base, vmoe-small, moe-student-small, vit-deep, vit-deep32";
 // The same names, one by one (command-line checks take these).
 inline const std::vector<std::string>& name_list() {
   static const std::vector<std::string> list{"vit-micro", "vit-tiny", "vit-small", "vit-base", "vmoe-small",
-                                             "moe-student-small"};
+                                             "moe-student-small", "vit-deep", "vit-deep32"};
   return list;
 }
 }  // namespace presets
@@ -176,6 +181,8 @@ decltype(auto) with_preset(std::string_view name, F&& f) {
   if (name == "vit-base") return f(std::type_identity<presets::VitBase>{});
   if (name == "vmoe-small") return f(std::type_identity<presets::VmoeSmall>{});
   if (name == "moe-student-small") return f(std::type_identity<presets::MoeStudentSmall>{});
+  if (name == "vit-deep") return f(std::type_identity<presets::VitDeep>{});
+  if (name == "vit-deep32") return f(std::type_identity<presets::VitDeep32>{});
   throw Error("--preset: unknown preset '" + std::string(name) + "', expected one of " + presets::names);
 }
 

@@ -36,6 +36,10 @@ struct FitOptions {
   int epochs = 10, batch = 128, eval_batch = 500;
   double lr = 5e-4, min_lr = 1e-5, warmup_lr = 1e-6;
   double warmup_epochs = 0;
+  bool lr_per_epoch = false;             // the rate held for a whole epoch (timm's per-epoch steps);
+                                         // false: warmup and cosine move every step
+  int eval_every = 1;                    // evaluate the test set after every N-th epoch and the last
+                                         // (metrics lines of other epochs carry no test entries)
   double weight_decay = 0.05, clip = 0;  // clip: max global gradient norm, 0 = off
   data::AugmentOptions augment{};
   std::uint64_t seed = 0;
@@ -82,6 +86,7 @@ inline nlohmann::json options_recipe(const FitOptions& o) {
                       {"pad-value", o.augment.pad_value},
                       {"seed", o.seed},
                       {"inputs", o.inputs}};
+  if (o.lr_per_epoch) r["lr-per-epoch"] = true;  // only when set: states of earlier runs still resume
   for (const auto& [k, v] : o.recipe.items()) r[k] = v;
   return r;
 }
@@ -211,7 +216,8 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
               Objective& objective) {
   using B = typename M::backend;
   using T = typename B::Scalar;
-  require(o.epochs >= 0 && o.batch > 0, "fit", "epochs must be >= 0 and batch > 0");
+  require(o.epochs >= 0 && o.batch > 0 && o.eval_every >= 1, "fit",
+          "epochs must be >= 0, batch > 0 and eval_every >= 1");
   // One flat arena over the trainable parameters (names checked unique): zero-grad, clipping
   // and the AdamW step below are one pass each. Frozen parameters stay where they are; the
   // arena gives the model its own buffers back when fit returns.
@@ -314,7 +320,7 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
       }
       model.backward(objective.grad(), ctx);
       if (o.clip > 0) arena.clip_grad_norm(o.clip);
-      lr = schedule.at(step);
+      lr = schedule.at(o.lr_per_epoch ? std::int64_t(epoch) * per_epoch : step);
       opt.step(lr);
       loss_sum += total * b.size;
       aux_sum += aux * b.size;
@@ -325,17 +331,22 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
     const double train_secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     result.seconds += train_secs;
     result.images += seen;
-    result.test = evaluate(model, test, o.eval_batch);
+    const bool evaluated = (epoch + 1) % o.eval_every == 0 || epoch + 1 == o.epochs;
+    if (evaluated) result.test = evaluate(model, test, o.eval_batch);
     result.epochs = epoch + 1;
     char extra[128];
-    std::snprintf(extra, sizeof extra, "| test loss %.4f acc %.4f", result.test.loss, result.test.accuracy);
+    if (evaluated) std::snprintf(extra, sizeof extra, "| test loss %.4f acc %.4f", result.test.loss, result.test.accuracy);
+    else extra[0] = '\0';
     bar.finish(loss_sum / seen, correct / seen, seen / train_secs, extra);
     nlohmann::json line{{"phase", o.phase}, {"run", run}, {"epoch", epoch + 1}, {"train_loss", loss_sum / seen},
                         {"aux_loss", aux_sum / seen},
-                        {"train_accuracy", correct / seen}, {"test_loss", result.test.loss},
-                        {"test_accuracy", result.test.accuracy}, {"lr", lr}, {"images_per_second", seen / train_secs},
+                        {"train_accuracy", correct / seen}, {"lr", lr}, {"images_per_second", seen / train_secs},
                         {"seconds", result.seconds}, {"total_seconds", o.seconds_before + result.seconds},
                         {"images", o.images_before + result.images}};
+    if (evaluated) {
+      line["test_loss"] = result.test.loss;
+      line["test_accuracy"] = result.test.accuracy;
+    }
     // Expert layers, in model order: each expert's share of the epoch's routed tokens, and the
     // share of choices dropped for capacity.
     nlohmann::json load = nlohmann::json::array(), dropped = nlohmann::json::array();
