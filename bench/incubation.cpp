@@ -1,15 +1,17 @@
 // What incubating one module costs against training the same network end to end: for vit-small
-// (Depths<2,2,2,2>) over its meta model (Depths<1,1,1,1>), for each module i,
+// (Depths<2,2,2,2>), vit-deep (Depths<4,4,4,4>) and vit-deep32 (Depths<8,8,8,8>) over their meta
+// models (Depths<1,1,1,1>), for each module i,
 //   module<i>/incubate  one incubation step of the hybrid (meta stages, module i of the target):
 //                       FrozenExcept<Hybrid, i> forward, cross-entropy, backward (the prefix does
 //                       no backward work, the suffix only input gradients), AdamW on module i only;
 //   module<i>/e2e       the same hybrid with everything trainable: plain forward, backward, AdamW
 //                       on all of its parameters;
-// plus one end-to-end step of the full vit-small target and of the meta model, for reference.
+// plus one end-to-end step of the full target and of the meta model, for reference: the
+// per-image costs of every phase that docs/results.md counts compute with.
 // Batch 128 of random images; items = images, per second of wall time (UseRealTime). Drop-path
 // as in the Incubator: linspace(0, 0.1) over the hybrid's and the target's blocks, none in the
 // meta model (its pre-training runs without). Threads: HATCH_THREADS (default 2).
-//   build/bench/incubation --benchmark_min_time=0.2
+//   build/bench/incubation --benchmark_min_time=0.2 [--benchmark_filter=vit-deep/]
 #include <benchmark/benchmark.h>
 
 #include "bench_main.hpp"
@@ -26,12 +28,8 @@
 namespace {
 
 using namespace hatch;
-using Target = presets::VitSmall;
-using Meta = presets::MetaOf<Target>;
-using Inc = Incubator<Meta, Target, Cpu>;
-
 constexpr int kBatch = 128;
-constexpr VitSpec kSpec = Target::spec;
+constexpr VitSpec kSpec = presets::VitSmall::spec;  // image, channels and classes: every preset's
 
 // Random images and random one-hot targets, made once.
 struct Batch {
@@ -102,16 +100,18 @@ std::unique_ptr<Model<Arch, Cpu>> make_model(double drop_path) {
   return m;
 }
 
-template <std::size_t I>
+template <class Target, std::size_t I>
 void incubate(benchmark::State& state) {
-  auto hybrid = make_model<Inc::HybridArch<I>>(0.1);
-  FrozenExcept<Model<Inc::HybridArch<I>, Cpu>, I> view(*hybrid);
+  using Inc = Incubator<presets::MetaOf<Target>, Target, Cpu>;
+  auto hybrid = make_model<typename Inc::template HybridArch<I>>(0.1);
+  FrozenExcept<Model<typename Inc::template HybridArch<I>, Cpu>, I> view(*hybrid);
   run(state, view, count_parameters(view));
 }
 
-template <std::size_t I>
+template <class Target, std::size_t I>
 void hybrid_e2e(benchmark::State& state) {
-  auto hybrid = make_model<Inc::HybridArch<I>>(0.1);
+  using Inc = Incubator<presets::MetaOf<Target>, Target, Cpu>;
+  auto hybrid = make_model<typename Inc::template HybridArch<I>>(0.1);
   run(state, *hybrid, count_parameters(*hybrid));
 }
 
@@ -120,22 +120,28 @@ void e2e(benchmark::State& state, double drop_path) {
   auto m = make_model<Arch>(drop_path);
   run(state, *m, count_parameters(*m));
 }
+template <class Target>
 void target_e2e(benchmark::State& state) { e2e<Target>(state, 0.1); }
-void meta_e2e(benchmark::State& state) { e2e<Meta>(state, 0.0); }
+template <class Target>
+void meta_e2e(benchmark::State& state) { e2e<presets::MetaOf<Target>>(state, 0.0); }
 
 // OpenMP threads do the work, so throughput is measured against wall time.
 void configure(benchmark::internal::Benchmark* b) { b->UseRealTime()->Unit(benchmark::kMillisecond); }
 
 }  // namespace
 
-#define HATCH_INCUBATION_BENCH(I)                                                              \
-  BENCHMARK_TEMPLATE(incubate, I)->Name("vit-small/module" #I "/incubate")->Apply(configure); \
-  BENCHMARK_TEMPLATE(hybrid_e2e, I)->Name("vit-small/module" #I "/e2e")->Apply(configure)
-HATCH_INCUBATION_BENCH(0);
-HATCH_INCUBATION_BENCH(1);
-HATCH_INCUBATION_BENCH(2);
-HATCH_INCUBATION_BENCH(3);
-BENCHMARK(target_e2e)->Name("vit-small/target/e2e")->Apply(configure);
-BENCHMARK(meta_e2e)->Name("vit-small/meta/e2e")->Apply(configure);
+#define HATCH_INCUBATION_MODULE(T, NAME, I)                                                          \
+  BENCHMARK_TEMPLATE(incubate, T, I)->Name(NAME "/module" #I "/incubate")->Apply(configure); \
+  BENCHMARK_TEMPLATE(hybrid_e2e, T, I)->Name(NAME "/module" #I "/e2e")->Apply(configure)
+#define HATCH_INCUBATION_BENCH(T, NAME)                                                 \
+  HATCH_INCUBATION_MODULE(T, NAME, 0);                                                  \
+  HATCH_INCUBATION_MODULE(T, NAME, 1);                                                  \
+  HATCH_INCUBATION_MODULE(T, NAME, 2);                                                  \
+  HATCH_INCUBATION_MODULE(T, NAME, 3);                                                  \
+  BENCHMARK_TEMPLATE(target_e2e, T)->Name(NAME "/target/e2e")->Apply(configure); \
+  BENCHMARK_TEMPLATE(meta_e2e, T)->Name(NAME "/meta/e2e")->Apply(configure)
+HATCH_INCUBATION_BENCH(hatch::presets::VitSmall, "vit-small");
+HATCH_INCUBATION_BENCH(hatch::presets::VitDeep, "vit-deep");
+HATCH_INCUBATION_BENCH(hatch::presets::VitDeep32, "vit-deep32");
 
 int main(int argc, char** argv) { return bench::benchmark_main("incubation", kBatch, argc, argv); }

@@ -87,6 +87,8 @@ inline void add_common_flags(CLI::App& app, CommonOptions& o) {
   app.add_flag("--hflip", o.hflip, "random horizontal flips");
   app.add_option("--train-limit", o.train_limit, "use only the first N training images (0 = all)")
       ->check(integer_in(0, 1e9));
+  app.add_flag("--balanced", o.balanced,
+               "with --train-limit N: the first N / 10 training images of each class instead of the first N");
   app.add_option("--test-limit", o.test_limit, "use only the first N test images (0 = all)")->check(integer_in(0, 1e9));
   app.add_option("--threads", o.threads,
                  "CPU threads (at most the cores this process may use; the default is all of them)")

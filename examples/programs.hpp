@@ -28,6 +28,7 @@ struct CommonOptions {
   double label_smoothing = 0.1, drop_path = 0, mixup = 0, cutmix = 0, mix_prob = 1.0;
   int crop_padding = 0;
   bool hflip = false, no_progress = false, no_resume = false, tf32 = false, lr_per_epoch = false;
+  bool balanced = false;  // --train-limit N takes the first N / 10 images of each class
   std::uint64_t seed = 0;
 
   hatch::FitOptions fit_options(int epochs, const std::string& phase) const {
@@ -51,9 +52,12 @@ struct CommonOptions {
     o.progress = !no_progress;
     o.resume_hint = "pass --no-resume to start afresh (the state is overwritten)";
     o.recipe["preset"] = preset;
+    if (balanced) o.recipe["balanced"] = true;
     return o;
   }
   hatch::data::Dataset load(bool train) const {
+    if (train && balanced && train_limit > 0)
+      return hatch::data::balanced_first(hatch::data::load_fashion_mnist(data, true, 0), train_limit);
     return hatch::data::load_fashion_mnist(data, train, train ? train_limit : test_limit);
   }
   // Before any training: a data set whose images are not the preset's is refused at once.

@@ -350,6 +350,28 @@ TEST_CASE("fashion_mnist: subset and fraction of a synthetic set") {
   CHECK_THROWS_AS(subset(d, -1, 5), hatch::Error);
 }
 
+TEST_CASE("fashion_mnist: balanced_first takes the first images of each class, in file order") {
+  const Dataset full = load_fashion_mnist(kFashionMnistDir, true, 0);
+  const Dataset b = balanced_first(full, 3000);
+  REQUIRE(b.n == 3000);
+  std::vector<int> per(10, 0);
+  for (int i = 0; i < b.n; ++i) ++per[b.labels[i]];
+  for (int c = 0; c < 10; ++c) CHECK(per[c] == 300);
+  // The plain first 3,000 are not balanced; the balanced head keeps file order.
+  const Dataset head = load_fashion_mnist(kFashionMnistDir, true, 3000);
+  std::vector<int> head_per(10, 0);
+  for (int i = 0; i < head.n; ++i) ++head_per[head.labels[i]];
+  CHECK(*std::max_element(head_per.begin(), head_per.end()) > 300);
+  CHECK(std::equal(b.images.begin(), b.images.begin() + b.sample_size(), full.images.begin()));
+  const Dataset odd = balanced_first(full, 25);  // 3 of classes 0-4, 2 of the others
+  std::vector<int> odd_per(10, 0);
+  for (int i = 0; i < odd.n; ++i) ++odd_per[odd.labels[i]];
+  CHECK(odd_per[0] == 3);
+  CHECK(odd_per[9] == 2);
+  CHECK_THROWS_WITH_AS(balanced_first(head, 3000), doctest::Contains("too few samples"), hatch::Error);
+  CHECK_THROWS_AS(balanced_first(head, 4000), hatch::Error);
+}
+
 // -------------------------------------------------------------------------------- batcher
 
 TEST_CASE("batcher: every sample once per epoch, deterministic per (seed, epoch)") {

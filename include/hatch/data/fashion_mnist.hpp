@@ -148,6 +148,27 @@ inline Dataset subset(const Dataset& d, int first, int count) {
   return detail::gather(d, indices);
 }
 
+// A class-balanced head of the set: the first count / classes samples of every class, in file
+// order (the first count % classes classes take one more), so that "the first 3,000 images" has
+// 300 of each class. Throws when a class has too few samples.
+inline Dataset balanced_first(const Dataset& d, int count) {
+  require(count >= 0 && count <= d.n, "balanced_first",
+          "asked for " + std::to_string(count) + " samples of a set of " + std::to_string(d.n));
+  std::vector<int> want(std::size_t(d.classes), count / std::max(1, d.classes));
+  for (int c = 0; c < count % std::max(1, d.classes); ++c) ++want[std::size_t(c)];
+  std::vector<int> indices;
+  indices.reserve(std::size_t(count));
+  for (int i = 0; i < d.n && int(indices.size()) < count; ++i)
+    if (want[d.labels[std::size_t(i)]] > 0) {
+      --want[d.labels[std::size_t(i)]];
+      indices.push_back(i);
+    }
+  for (int c = 0; c < d.classes; ++c)
+    require(want[std::size_t(c)] == 0, d.source.empty() ? "balanced_first" : d.source,
+            "class " + std::to_string(c) + " has too few samples for a balanced subset of " + std::to_string(count));
+  return detail::gather(d, indices);
+}
+
 // round(frac * n) samples (at least one) chosen by a shuffle seeded with `seed`, kept in
 // their original order so that e.g. "25% of the training set" is the same set everywhere.
 inline Dataset fraction(const Dataset& d, double frac, std::uint64_t seed) {
