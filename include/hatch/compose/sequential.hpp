@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "hatch/compose/model.hpp"
+#include "hatch/core/layer.hpp"
 #include "hatch/core/parameter.hpp"
 
 namespace hatch {
@@ -287,15 +288,10 @@ class SequentialLayer {
  private:
   template <std::size_t I>
   const Tensor<B>& backward_from(const Tensor<B>& dy, Context& ctx) {
-    if constexpr (I == 0) {
-      return std::get<0>(layers_).backward(dy, ctx);
-    } else {
-      const bool outer = ctx.input_grad;
-      ctx.input_grad = true;  // inner layers always pass the gradient on
-      const Tensor<B>& d = std::get<I>(layers_).backward(dy, ctx);
-      ctx.input_grad = outer;
-      return backward_from<I - 1>(d, ctx);
-    }
+    // Only the first layer is asked what the Sequential was asked (ctx.input_grad); the others
+    // always pass the gradient on.
+    if constexpr (I == 0) return std::get<0>(layers_).backward(dy, ctx);
+    else return backward_from<I - 1>(backward_inner(std::get<I>(layers_), dy, ctx), ctx);
   }
   template <class F, std::size_t... I>
   void visit_children(F& f, const std::string& prefix, std::index_sequence<I...>) {
@@ -383,15 +379,13 @@ class RepeatLayer {
     return *h;
   }
   const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
-    const bool outer = ctx.input_grad;
-    ctx.input_grad = true;
-    const Tensor<B>* d = &dy;
-    for (int i = N - 1; i >= 0; --i) {
-      if (i == 0) ctx.input_grad = outer;
-      d = &layers_[i].backward(*d, ctx);
+    if constexpr (N == 0) {
+      return dy;
+    } else {
+      const Tensor<B>* d = &dy;
+      for (int i = N - 1; i > 0; --i) d = &backward_inner(layers_[i], *d, ctx);
+      return layers_[0].backward(*d, ctx);  // the first copy: as the Repeat was asked
     }
-    ctx.input_grad = outer;
-    return *d;
   }
   template <class F>
   void visit(F&& f, const std::string& prefix) {
