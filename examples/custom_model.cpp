@@ -25,13 +25,11 @@ using namespace hatch;
 // The layer contract: `backend`, `in`/`out` widths, reset_parameters, forward (caches what
 // backward needs and returns a reference to a buffer it owns), backward (accumulates parameter
 // gradients when wants_grad says so; writes the input gradient when ctx.input_grad), visit (every
-// parameter with its name) and for_each_layer.
+// parameter with its name) and for_each_layer. The base LeafLayer<Self, B, In, Out>
+// (hatch/core/layer.hpp) provides backend, in, out and for_each_layer; the layer writes the rest.
 template <Backend B, int D>
-class LayerScaleLayer {
+class LayerScaleLayer : public LeafLayer<LayerScaleLayer<B, D>, B, D, D> {  // backend, in, out, for_each_layer
  public:
-  using backend = B;
-  static constexpr int in = D, out = D;
-
   LayerScaleLayer() : gamma({D}, /*decay=*/false) {}
   void reset_parameters(Initializer& init) { init.constant(gamma, 0.1); }
 
@@ -60,8 +58,6 @@ class LayerScaleLayer {
   }
   template <class F>
   void visit(F&& f, const std::string& prefix) { f(prefix + "gamma", gamma); }
-  template <class F>
-  void for_each_layer(F&& f) { f(*this); }
 
   Parameter<B> gamma;
 

@@ -130,3 +130,88 @@ TEST_CASE("incubator: a non-ViT staged model without offsets, with MetaOf, throu
   CHECK(f.contains("blocks.3.fc1.weight"));
   CHECK(f.contains("blocks.4.fc1.weight"));
 }
+
+// ---- drop-path rates per block ------------------------------------------------------------------
+namespace {
+template <class M>
+std::vector<double> drop_path_rates(M& model) {
+  std::vector<double> rates;
+  model.for_each_layer([&](auto& l) {
+    if constexpr (is_drop_path<std::remove_cvref_t<decltype(l)>>::value) rates.push_back(l.rate());
+  });
+  return rates;
+}
+void expect_rates(const std::vector<double>& got, const std::vector<double>& want) {
+  REQUIRE(got.size() == want.size());
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    CAPTURE(i);
+    CHECK(got[i] == doctest::Approx(want[i]).epsilon(1e-12));
+  }
+}
+// A residual block with ONE DropPath, and one with none.
+template <int D>
+using OneDropBlock = AsBlock<Residual<Sequential<Named<"norm", LayerNorm<D>>, Named<"fc", Linear<D, D>>, DropPath>>>;
+template <int D>
+using NoDropBlock = AsBlock<Residual<Sequential<Named<"norm", LayerNorm<D>>, Named<"fc", Linear<D, D>>>>>;
+}  // namespace
+
+TEST_CASE("set_drop_path: linspace(0, max, blocks) per block, every DropPath of a block at its rate") {
+  SUBCASE("a ViT (two DropPath per block): as timm, and as before") {
+    auto vit = std::make_unique<Model<presets::VitSmall, Cpu>>();  // 8 blocks
+    set_drop_path(*vit, 0.14);
+    std::vector<double> want;
+    for (int b = 0; b < 8; ++b) want.insert(want.end(), 2, 0.14 * b / 7);
+    expect_rates(drop_path_rates(*vit), want);
+    // The old rule (DropPath layers counted, two to a block) gave exactly these.
+    std::vector<double> old;
+    for (int k = 0; k < 16; ++k) old.push_back(0.14 * (k / 2) / (16 / 2 - 1));
+    expect_rates(drop_path_rates(*vit), old);
+    set_drop_path(*vit, 0.0);
+    expect_rates(drop_path_rates(*vit), std::vector<double>(16, 0.0));
+  }
+  SUBCASE("blocks with one DropPath each") {
+    Model<Sequential<Named<"blocks", Repeat<3, OneDropBlock<8>>>>, Cpu> m;
+    set_drop_path(m, 0.2);
+    expect_rates(drop_path_rates(m), {0.0, 0.1, 0.2});
+  }
+  SUBCASE("a mix: two-DropPath blocks, a lone DropPath, a one-DropPath block, a block without, a nested block") {
+    using Mix = Sequential<Named<"a", Block<8, 2>>,                     // block 0: two DropPath
+                           DropPath,                                     // block 1: on its own
+                           Named<"b", OneDropBlock<8>>,                  // block 2
+                           Named<"c", NoDropBlock<8>>,                   // block 3: counts, nothing to set
+                           Named<"d", AsBlock<Sequential<Named<"x", OneDropBlock<8>>,
+                                                         Named<"y", OneDropBlock<8>>>>>,  // block 4: one block
+                           Named<"e", Block<8, 2>>>;                     // block 5
+    Model<Mix, Cpu> m;
+    set_drop_path(m, 0.5);
+    expect_rates(drop_path_rates(m), {0.0, 0.0, 0.1, 0.2, 0.4, 0.4, 0.5, 0.5});
+    // A single block (or a single DropPath) gets rate 0, as linspace(0, max, 1) does.
+    Model<OneDropBlock<8>, Cpu> one;
+    set_drop_path(one, 0.5);
+    expect_rates(drop_path_rates(one), {0.0});
+  }
+  SUBCASE("Dropout is not a drop-path layer") {
+    Model<Sequential<Dropout, Named<"b", OneDropBlock<8>>, Named<"c", OneDropBlock<8>>>, Cpu> m;
+    set_drop_path(m, 0.3);
+    double dropout = -1;
+    m.get<0>().for_each_layer([&](auto& l) { dropout = l.rate(); });
+    CHECK(dropout == 0.0);
+    expect_rates(drop_path_rates(m), {0.0, 0.3});
+  }
+}
+
+TEST_CASE("AsBlock is transparent: names, numbering, MetaOf and results are its inner spec's") {
+  using Plain = Residual<Sequential<Named<"norm", LayerNorm<8>>, Named<"fc", Linear<8, 8>>, DropPath>>;
+  Model<Sequential<Named<"blocks", Repeat<2, Plain>>, Named<"blocks", Repeat<1, Plain>>>, Cpu64> plain;
+  Model<Sequential<Named<"blocks", Repeat<2, OneDropBlock<8>>>, Named<"blocks", Repeat<1, OneDropBlock<8>>>>, Cpu64> marked;
+  CHECK(names_of(plain) == names_of(marked));
+  CHECK(contains(names_of(marked), "blocks.2.fc.weight"));
+  static_assert(std::is_same_v<MetaOf<Stages<Sequential<Named<"blocks", Repeat<3, OneDropBlock<8>>>>>>,
+                               Stages<Sequential<Named<"blocks", Repeat<1, OneDropBlock<8>>>>>>);
+  test::randomize_parameters(plain, 3);
+  test::randomize_parameters(marked, 3);
+  std::mt19937_64 rng(4);
+  const auto x = test::random_tensor<Cpu64>({2, 3, 8}, rng);
+  Context ctx;
+  CHECK(plain.forward(x, ctx).to_host() == marked.forward(x, ctx).to_host());
+}

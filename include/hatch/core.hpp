@@ -10,14 +10,16 @@
 //                                        Indices (int32 routing tables in a backend's memory)
 //   layers                               Linear, LayerNorm, Gelu, Silu, Elementwise<Fn>, Dropout,
 //                                        DropPath, Attention, Mlp, Block, PatchEmbed, ClassPos,
-//                                        ClassHead, Flatten, Reshape
-//   composition                          Named, Sequential, Residual, Repeat, Stages, Stitched
-//   models                               Vit, presets, Model<Spec, B>
+//                                        ClassHead, Flatten, Reshape, set_drop_path
+//   composition                          Named, Sequential, Residual, Repeat, AsBlock, Stages,
+//                                        Stitched, Model<Spec, B>
+//   models                               Vit, presets
 //   training                             losses, AdamW, schedules, fit, evaluate, progress and
 //                                        metric logs, checkpoints (safetensors)
 //   data                                 IDX reader, Fashion-MNIST, batching and augmentation
 //   modular training                     Incubator (Deep Incubation), ModuleDistiller (m2mKD)
 #include "hatch/backend/concept.hpp"
+#include "hatch/compose/model.hpp"
 #include "hatch/compose/sequential.hpp"
 #include "hatch/compose/stages.hpp"
 #include "hatch/core/arena.hpp"
@@ -33,6 +35,7 @@
 #include "hatch/layers/activation.hpp"
 #include "hatch/layers/attention.hpp"
 #include "hatch/layers/block.hpp"
+#include "hatch/layers/drop_path_schedule.hpp"
 #include "hatch/layers/embed.hpp"
 #include "hatch/layers/head.hpp"
 #include "hatch/layers/linear.hpp"

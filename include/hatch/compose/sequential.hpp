@@ -1,5 +1,5 @@
 #pragma once
-// Composition as types: Named, Sequential, Residual, Repeat. A spec is an empty type with
+// Composition as types: Named, Sequential, Residual, Repeat, AsBlock. A spec is an empty type with
 // `in`/`out` widths and `template <Backend B> using bind`; binding a composite binds its
 // children. Widths are checked when a composite spec is instantiated.
 #include <algorithm>
@@ -12,6 +12,8 @@
 #include <type_traits>
 #include <utility>
 
+#include "hatch/compose/model.hpp"
+#include "hatch/core/layer.hpp"
 #include "hatch/core/parameter.hpp"
 
 namespace hatch {
@@ -218,9 +220,9 @@ struct Renumber<Spec, Path, C> {
   using counts = typename R::counts;
 };
 template <class Spec, std::uint64_t Path, class C>
-  requires requires { typename Spec::residual_spec; }
+  requires requires { typename Spec::wrapped_spec; }
 struct Renumber<Spec, Path, C> {
-  using R = Renumber<typename Spec::residual_spec, Path, C>;
+  using R = Renumber<typename Spec::wrapped_spec, Path, C>;
   using type = typename Spec::template rewrap<typename R::type>;
   using counts = typename R::counts;
 };
@@ -286,15 +288,10 @@ class SequentialLayer {
  private:
   template <std::size_t I>
   const Tensor<B>& backward_from(const Tensor<B>& dy, Context& ctx) {
-    if constexpr (I == 0) {
-      return std::get<0>(layers_).backward(dy, ctx);
-    } else {
-      const bool outer = ctx.input_grad;
-      ctx.input_grad = true;  // inner layers always pass the gradient on
-      const Tensor<B>& d = std::get<I>(layers_).backward(dy, ctx);
-      ctx.input_grad = outer;
-      return backward_from<I - 1>(d, ctx);
-    }
+    // Only the first layer is asked what the Sequential was asked (ctx.input_grad); the others
+    // always pass the gradient on.
+    if constexpr (I == 0) return std::get<0>(layers_).backward(dy, ctx);
+    else return backward_from<I - 1>(backward_inner(std::get<I>(layers_), dy, ctx), ctx);
   }
   template <class F, std::size_t... I>
   void visit_children(F& f, const std::string& prefix, std::index_sequence<I...>) {
@@ -360,7 +357,7 @@ template <class Spec>
 struct Residual {
   static_assert(keeps_width<Spec, width_error::residual_branch>());
   static constexpr int in = Spec::in, out = Spec::out;
-  using residual_spec = Spec;
+  using wrapped_spec = Spec;  // a transparent wrapper: numbering and MetaOf look inside
   template <class S> using rewrap = Residual<S>;
   template <Backend B> using bind = ResidualLayer<B, typename Spec::template bind<B>>;
 };
@@ -382,15 +379,13 @@ class RepeatLayer {
     return *h;
   }
   const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
-    const bool outer = ctx.input_grad;
-    ctx.input_grad = true;
-    const Tensor<B>* d = &dy;
-    for (int i = N - 1; i >= 0; --i) {
-      if (i == 0) ctx.input_grad = outer;
-      d = &layers_[i].backward(*d, ctx);
+    if constexpr (N == 0) {
+      return dy;
+    } else {
+      const Tensor<B>* d = &dy;
+      for (int i = N - 1; i > 0; --i) d = &backward_inner(layers_[i], *d, ctx);
+      return layers_[0].backward(*d, ctx);  // the first copy: as the Repeat was asked
     }
-    ctx.input_grad = outer;
-    return *d;
   }
   template <class F>
   void visit(F&& f, const std::string& prefix) {
@@ -415,6 +410,34 @@ struct Repeat {
   static constexpr int in = Spec::in, out = Spec::out;
   static constexpr int count = N, start = Start;
   template <Backend B> using bind = RepeatLayer<B, N, Start, typename Spec::template bind<B>>;
+};
+
+// ---- AsBlock: one block of a model's depth -----------------------------------------------------
+// AsBlock<Spec> is Spec, marked as one block (a transformer block: Block and BlockWith are
+// AsBlock<Sequential<...>>). The layer is Spec's own, with the same members, names and results;
+// only for_each_layer differs: it tells a visitor that has them where the block begins and ends,
+//   f.enter_block();  (Spec's leaves, each f(leaf))  f.leave_block();
+// and a plain lambda, which has neither, sees the leaves as before. set_drop_path
+// (layers/drop_path_schedule.hpp) uses this to give every DropPath of one block that block's
+// rate. Like Residual it is transparent for names, automatic numbering and MetaOf.
+template <class Layer>
+class BlockLayer : public Layer {
+ public:
+  static constexpr bool is_block = true;
+  template <class F>
+  void for_each_layer(F&& f) {
+    if constexpr (requires { f.enter_block(); }) f.enter_block();
+    Layer::for_each_layer(f);
+    if constexpr (requires { f.leave_block(); }) f.leave_block();
+  }
+};
+
+template <class Spec>
+struct AsBlock {
+  static constexpr int in = Spec::in, out = Spec::out;
+  using wrapped_spec = Spec;
+  template <class S> using rewrap = AsBlock<S>;
+  template <Backend B> using bind = BlockLayer<typename Spec::template bind<B>>;
 };
 
 }  // namespace hatch

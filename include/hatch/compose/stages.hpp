@@ -135,9 +135,9 @@ struct Cut<Spec> {
   using type = typename Spec::template rename<typename Cut<typename Spec::named_spec>::type>;
 };
 template <class Spec>
-  requires requires { typename Spec::residual_spec; }
+  requires requires { typename Spec::wrapped_spec; }
 struct Cut<Spec> {
-  using type = typename Spec::template rewrap<typename Cut<typename Spec::residual_spec>::type>;
+  using type = typename Spec::template rewrap<typename Cut<typename Spec::wrapped_spec>::type>;
 };
 template <int N, class S, int Start>
 struct Cut<Repeat<N, S, Start>> {

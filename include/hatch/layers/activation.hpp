@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "hatch/core/host_device.hpp"
+#include "hatch/core/layer.hpp"
 #include "hatch/core/parameter.hpp"
 
 namespace hatch {
@@ -37,11 +38,8 @@ struct ApplyDf {
 }  // namespace detail
 
 template <Backend B, class Fn>
-class ElementwiseLayer {
+class ElementwiseLayer : public ParameterFreeLayer<ElementwiseLayer<B, Fn>, B> {
  public:
-  using backend = B;
-  static constexpr int in = kAnyWidth, out = kAnyWidth;
-  void reset_parameters(Initializer&) {}
   const Tensor<B>& forward(const Tensor<B>& x, Context&) {
     x_ = &x;
     y_.resize(x.shape());
@@ -55,8 +53,6 @@ class ElementwiseLayer {
     B::map_binary(dx_.data(), dy.data(), x_->data(), std::size_t(dy.numel()), detail::ApplyDf<Fn>{fn_});
     return dx_;
   }
-  template <class F> void visit(F&&, const std::string&) {}
-  template <class F> void for_each_layer(F&& f) { f(*this); }
   Fn& fn() { return fn_; }
   const Fn& fn() const { return fn_; }
 
@@ -84,11 +80,8 @@ using Silu = Elementwise<SiluFn>;
 template <Backend B> using SiluLayer = ElementwiseLayer<B, SiluFn>;
 
 template <Backend B>
-class GeluLayer {
+class GeluLayer : public ParameterFreeLayer<GeluLayer<B>, B> {
  public:
-  using backend = B;
-  static constexpr int in = kAnyWidth, out = kAnyWidth;
-  void reset_parameters(Initializer&) {}
   const Tensor<B>& forward(const Tensor<B>& x, Context&) {
     x_ = &x;
     y_.resize(x.shape());
@@ -100,8 +93,6 @@ class GeluLayer {
     B::gelu_backward(dx_.data(), dy.data(), x_->data(), dy.numel());
     return dx_;
   }
-  template <class F> void visit(F&&, const std::string&) {}
-  template <class F> void for_each_layer(F&& f) { f(*this); }
 
  private:
   const Tensor<B>* x_ = nullptr;
@@ -111,12 +102,9 @@ class GeluLayer {
 // Element-wise dropout with rate p (scaled by 1/(1-p) in training, identity in evaluation).
 // PerSample = true is DropPath (stochastic depth): one keep/drop decision per sample.
 template <Backend B, bool PerSample>
-class DropLayer {
+class DropLayer : public ParameterFreeLayer<DropLayer<B, PerSample>, B> {
  public:
-  using backend = B;
   using T = typename B::Scalar;
-  static constexpr int in = kAnyWidth, out = kAnyWidth;
-  void reset_parameters(Initializer&) {}
   void set_rate(double p) {
     HATCH_CHECK(p >= 0 && p < 1, PerSample ? "DropPath" : "Dropout", "rate must be in [0, 1), got " + std::to_string(p));
     rate_ = p;
@@ -145,8 +133,6 @@ class DropLayer {
       B::mul(dx_.data(), dy.data(), mask_.data(), dy.numel());
     return dx_;
   }
-  template <class F> void visit(F&&, const std::string&) {}
-  template <class F> void for_each_layer(F&& f) { f(*this); }
 
  private:
   double rate_ = 0;

@@ -5,18 +5,18 @@
 #include <cmath>
 #include <string>
 
+#include "hatch/core/layer.hpp"
 #include "hatch/layers/linear.hpp"
 
 namespace hatch {
 
 template <Backend B, int D, int Heads, bool QkvBias = true>
-class AttentionLayer {
+class AttentionLayer : public LeafLayer<AttentionLayer<B, D, Heads, QkvBias>, B, D, D> {
   static_assert(D % Heads == 0, "hatch::Attention: the width must be divisible by the number of heads");
 
  public:
-  using backend = B;
   using T = typename B::Scalar;
-  static constexpr int in = D, out = D, head_dim = D / Heads;
+  static constexpr int head_dim = D / Heads;
 
   void reset_parameters(Initializer& init) {
     qkv.reset_parameters(init);
@@ -42,9 +42,7 @@ class AttentionLayer {
   }
 
   const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
-    const bool outer = ctx.input_grad;
-    ctx.input_grad = true;
-    const Tensor<B>& dheads = proj.backward(dy, ctx);
+    const Tensor<B>& dheads = backward_inner(proj, dy, ctx);
     const T* base = qkv_out().data();
     dprobs_.resize(probs_.shape());
     dqkv_.resize({batch_, n_, 3 * D});
@@ -60,7 +58,6 @@ class AttentionLayer {
                     sx, head_dim, T(0), dqkv_.data(), 3 * D, sx, head_dim, batch_, Heads);
     B::gemm_batched(true, false, n_, head_dim, n_, T(1), dprobs_.data(), n_, Heads * sp, sp, base, 3 * D, sx,
                     head_dim, T(0), dqkv_.data() + D, 3 * D, sx, head_dim, batch_, Heads);
-    ctx.input_grad = outer;
     return qkv.backward(dqkv_, ctx);
   }
 
@@ -69,9 +66,6 @@ class AttentionLayer {
     qkv.visit(f, prefix + "qkv.");
     proj.visit(f, prefix + "proj.");
   }
-  template <class F>
-  void for_each_layer(F&& f) { f(*this); }
-
   LinearLayer<B, D, 3 * D, QkvBias> qkv;
   LinearLayer<B, D, D> proj;
 

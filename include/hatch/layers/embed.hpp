@@ -3,6 +3,7 @@
 // token + position embedding.
 #include <string>
 
+#include "hatch/core/layer.hpp"
 #include "hatch/core/parameter.hpp"
 
 namespace hatch {
@@ -10,12 +11,11 @@ namespace hatch {
 // Images (B, C, Img, Img) -> tokens (B, (Img/P)^2, D). The weight is stored as PyTorch's
 // Conv2d weight (D, C, P, P), which read as a matrix is (D, C P P).
 template <Backend B, int C, int Img, int P, int D>
-class PatchEmbedLayer {
+class PatchEmbedLayer : public LeafLayer<PatchEmbedLayer<B, C, Img, P, D>, B, C * Img * Img, D> {
   static_assert(Img % P == 0, "hatch::PatchEmbed: the image size must be a multiple of the patch size");
 
  public:
-  using backend = B;
-  static constexpr int in = C * Img * Img, out = D, patches = (Img / P) * (Img / P), patch_dim = C * P * P;
+  static constexpr int patches = (Img / P) * (Img / P), patch_dim = C * P * P;
 
   PatchEmbedLayer() : weight({D, C, P, P}, true), bias({D}, false) {}
   void reset_parameters(Initializer& init) {
@@ -55,7 +55,6 @@ class PatchEmbedLayer {
     f(prefix + "proj.weight", weight);
     f(prefix + "proj.bias", bias);
   }
-  template <class F> void for_each_layer(F&& f) { f(*this); }
 
   Parameter<B> weight, bias;
 
@@ -66,11 +65,8 @@ class PatchEmbedLayer {
 
 // Tokens (B, N, D) -> (B, N + 1, D): prepend the class token, add the position embedding.
 template <Backend B, int N, int D>
-class ClassPosLayer {
+class ClassPosLayer : public LeafLayer<ClassPosLayer<B, N, D>, B, D, D> {
  public:
-  using backend = B;
-  static constexpr int in = D, out = D;
-
   ClassPosLayer() : cls_token({1, 1, D}, false), pos_embed({1, N + 1, D}, false) {}
   void reset_parameters(Initializer& init) {
     init.trunc_normal(cls_token, 1e-6);
@@ -101,7 +97,6 @@ class ClassPosLayer {
     f(prefix + "cls_token", cls_token);
     f(prefix + "pos_embed", pos_embed);
   }
-  template <class F> void for_each_layer(F&& f) { f(*this); }
 
   Parameter<B> cls_token, pos_embed;
 
@@ -112,11 +107,8 @@ class ClassPosLayer {
 
 // Tokens (B, N, D) -> (B, D): the class token (token 0).
 template <Backend B, int D>
-class ClassTokenLayer {
+class ClassTokenLayer : public ParameterFreeLayer<ClassTokenLayer<B, D>, B, D, D> {
  public:
-  using backend = B;
-  static constexpr int in = D, out = D;
-  void reset_parameters(Initializer&) {}
   const Tensor<B>& forward(const Tensor<B>& x, Context&) {
     HATCH_CHECK(x.shape().rank == 3 && x.dim(2) == D, "ClassToken", "expected tokens (batch, tokens, " +
                                                                     std::to_string(D) + "), got " + x.shape().str());
@@ -133,8 +125,6 @@ class ClassTokenLayer {
     }
     return dx_;
   }
-  template <class F> void visit(F&&, const std::string&) {}
-  template <class F> void for_each_layer(F&& f) { f(*this); }
 
  private:
   Shape in_shape_;

@@ -3,16 +3,14 @@
 #include <string>
 
 #include "hatch/backend/fused.hpp"
+#include "hatch/core/layer.hpp"
 #include "hatch/core/parameter.hpp"
 
 namespace hatch {
 
 template <Backend B, int In, int Out, bool Bias = true>
-class LinearLayer {
+class LinearLayer : public LeafLayer<LinearLayer<B, In, Out, Bias>, B, In, Out> {
  public:
-  using backend = B;
-  static constexpr int in = In, out = Out;
-
   LinearLayer() : weight({Out, In}, true) {
     if constexpr (Bias) bias = Parameter<B>({Out}, false);
   }
@@ -49,9 +47,6 @@ class LinearLayer {
     f(prefix + "weight", weight);
     if constexpr (Bias) f(prefix + "bias", bias);
   }
-  template <class F>
-  void for_each_layer(F&& f) { f(*this); }
-
   const Tensor<B>& output() const { return y_; }
 
   Parameter<B> weight, bias;

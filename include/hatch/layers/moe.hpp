@@ -33,6 +33,7 @@
 
 #include "hatch/backend/random.hpp"
 #include "hatch/core/expert_load.hpp"
+#include "hatch/core/layer.hpp"
 #include "hatch/core/indices.hpp"
 #include "hatch/layers/block.hpp"
 #include "hatch/layers/linear.hpp"
@@ -296,16 +297,15 @@ struct VmoeRouter {
 };
 
 template <Backend B, int D, int E, class Router, class ExpertSpec>
-class MoeLayer {
+class MoeLayer : public LeafLayer<MoeLayer<B, D, E, Router, ExpertSpec>, B, D, D> {
   static_assert(E >= 1, "hatch::Moe<D, E, ...>: at least one expert");
   static_assert(ExpertSpec::in == D && ExpertSpec::out == D,
                 "hatch::Moe<D, E, Router, Expert>: each expert must map width D to width D");
 
  public:
-  using backend = B;
   using T = typename B::Scalar;
   using Expert = typename ExpertSpec::template bind<B>;
-  static constexpr int in = D, out = D, experts_count = E, k = Router::k;
+  static constexpr int experts_count = E, k = Router::k;
 
   void reset_parameters(Initializer& init) {
     gate.reset_parameters(init);
@@ -354,19 +354,16 @@ class MoeLayer {
     // Each expert row's gradient: dys[row] = w(t, j) dy[t] for the (t, j) placed there.
     dys_.resize({std::max(rows, 1), D});
     B::gather_rows(dys_.data(), dy.data(), order_.data(), row_weights_.data(), rows, D);
-    const bool outer = ctx.input_grad;
-    ctx.input_grad = true;
     dxs_.resize({std::max(rows, 1), D});
     each_expert(dys_, dviews_, dxs_, [&](Expert& ex, const Tensor<B>& rows_e) -> const Tensor<B>& {
-      return ex.backward(rows_e, ctx);
+      return backward_inner(ex, rows_e, ctx);  // dx sums the experts' input gradients
     });
     // The gate: dlogits back through the Linear, then dx = sum over a token's places + gate path.
     host_.assign(dlogits_.begin(), dlogits_.end());
     dlogits_dev_.resize(gate.output().shape());
     B::upload(dlogits_dev_.data(), host_.data(), host_.size());
-    ctx.input_grad = outer;
     const Tensor<B>& dgate = gate.backward(dlogits_dev_, ctx);
-    if (!outer) return dx_;
+    if (!ctx.input_grad) return dx_;
     dx_.resize(x_->shape());
     B::combine_rows(dx_.data(), dxs_.data(), slots_.data(), nullptr, tokens, k, D);
     B::axpy(dx_.data(), T(1), dgate.data(), std::size_t(dx_.numel()));
@@ -395,8 +392,6 @@ class MoeLayer {
     gate.visit(f, prefix + "gate.");
     for (int e = 0; e < E; ++e) experts[std::size_t(e)].visit(f, prefix + "experts." + std::to_string(e) + ".");
   }
-  template <class F>
-  void for_each_layer(F&& f) { f(*this); }
 
   LinearLayer<B, D, E, Router::gate_bias> gate;
   std::array<Expert, E> experts;

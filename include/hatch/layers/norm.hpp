@@ -2,16 +2,15 @@
 // LayerNorm over the last dimension (eps 1e-6 as in timm's ViT).
 #include <string>
 
+#include "hatch/core/layer.hpp"
 #include "hatch/core/parameter.hpp"
 
 namespace hatch {
 
 template <Backend B, int D>
-class LayerNormLayer {
+class LayerNormLayer : public LeafLayer<LayerNormLayer<B, D>, B, D, D> {
  public:
-  using backend = B;
   using T = typename B::Scalar;
-  static constexpr int in = D, out = D;
   static constexpr double eps = 1e-6;
 
   LayerNormLayer() : weight({D}, false), bias({D}, false) { weight.value.fill(T(1)); }
@@ -51,9 +50,6 @@ class LayerNormLayer {
     f(prefix + "weight", weight);
     f(prefix + "bias", bias);
   }
-  template <class F>
-  void for_each_layer(F&& f) { f(*this); }
-
   Parameter<B> weight, bias;
 
  private:

@@ -15,19 +15,17 @@
 #include <string>
 
 #include "hatch/core/error.hpp"
+#include "hatch/core/layer.hpp"
 #include "hatch/core/parameter.hpp"
 
 namespace hatch {
 
 template <Backend B, double Weight>
-class ActivationPenaltyLayer {
+class ActivationPenaltyLayer : public ParameterFreeLayer<ActivationPenaltyLayer<B, Weight>, B> {
  public:
-  using backend = B;
   using T = typename B::Scalar;
-  static constexpr int in = kAnyWidth, out = kAnyWidth;
   static constexpr double weight = Weight;
 
-  void reset_parameters(Initializer&) {}
   const Tensor<B>& forward(const Tensor<B>& x, Context& ctx) {
     x_ = &x;
     active_ = ctx.training && Weight != 0 && x.numel() > 0;
@@ -45,8 +43,6 @@ class ActivationPenaltyLayer {
   }
   // The penalty of the last training forward, weighted; 0 after an evaluation forward.
   double aux_loss() const { return aux_; }
-  template <class F> void visit(F&&, const std::string&) {}
-  template <class F> void for_each_layer(F&& f) { f(*this); }
 
  private:
   const Tensor<B>* x_ = nullptr;

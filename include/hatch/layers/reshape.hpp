@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <string>
 
+#include "hatch/core/layer.hpp"
 #include "hatch/core/parameter.hpp"
 
 namespace hatch {
@@ -15,13 +16,10 @@ namespace hatch {
 // checks the next layer at compile time (a width-less Flatten would read as width-keeping to
 // those checks); forward checks it against the input at run time.
 template <Backend B, int Width>
-class FlattenLayer {
+class FlattenLayer : public ParameterFreeLayer<FlattenLayer<B, Width>, B, kAnyWidth, Width> {
   static_assert(Width > 0, "hatch::Flatten<Width>: give the flattened width d1 * ... * dk, e.g. Flatten<28 * 28>");
 
  public:
-  using backend = B;
-  static constexpr int in = kAnyWidth, out = Width;
-  void reset_parameters(Initializer&) {}
   const Tensor<B>& forward(const Tensor<B>& x, Context&) {
     HATCH_CHECK(x.shape().rank >= 1, "Flatten", "expects a tensor with a batch dimension, got shape " + x.shape().str());
     in_shape_ = x.shape();
@@ -36,8 +34,6 @@ class FlattenLayer {
     dx_.view_of(dy, in_shape_);
     return dx_;
   }
-  template <class F> void visit(F&&, const std::string&) {}
-  template <class F> void for_each_layer(F&& f) { f(*this); }
 
  private:
   Shape in_shape_;
@@ -47,16 +43,14 @@ class FlattenLayer {
 // Reshape<D1, ..., Dk>: (N, ...) -> (N, D1, ..., Dk) with N = elements / (D1 ... Dk), as
 // x.reshape(-1, D1, ..., Dk). Its output width is Dk.
 template <Backend B, int... Dims>
-class ReshapeLayer {
+class ReshapeLayer
+    : public ParameterFreeLayer<ReshapeLayer<B, Dims...>, B, kAnyWidth, std::array<int, sizeof...(Dims)>{Dims...}.back()> {
   static_assert(sizeof...(Dims) >= 1 && sizeof...(Dims) < Shape::kMaxRank,
                 "hatch::Reshape<D1, ..., Dk>: give 1 to 4 dimensions per sample (the batch dimension is kept)");
   static_assert(((Dims > 0) && ...), "hatch::Reshape<D1, ..., Dk>: every dimension must be positive");
 
  public:
-  using backend = B;
   static constexpr std::int64_t sample = (std::int64_t(1) * ... * Dims);
-  static constexpr int in = kAnyWidth, out = std::array<int, sizeof...(Dims)>{Dims...}.back();
-  void reset_parameters(Initializer&) {}
   const Tensor<B>& forward(const Tensor<B>& x, Context&) {
     HATCH_CHECK(x.numel() % sample == 0, "Reshape",
                 "input " + x.shape().str() + " has " + std::to_string(x.numel()) + " elements, not a multiple of " +
@@ -69,8 +63,6 @@ class ReshapeLayer {
     dx_.view_of(dy, in_shape_);
     return dx_;
   }
-  template <class F> void visit(F&&, const std::string&) {}
-  template <class F> void for_each_layer(F&& f) { f(*this); }
 
  private:
   Shape in_shape_;

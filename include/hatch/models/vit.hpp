@@ -10,6 +10,7 @@
 
 #include "hatch/compose/stages.hpp"
 #include "hatch/layers/block.hpp"
+#include "hatch/layers/drop_path_schedule.hpp"
 #include "hatch/layers/embed.hpp"
 #include "hatch/layers/head.hpp"
 #include "hatch/layers/moe.hpp"
@@ -112,28 +113,6 @@ struct Vit : VitImpl<S, D, Blocks>::type {
   // twin's meta model (vmoe-small's is vit-small's).
   using meta_model = Vit<S, typename OneBlockPerStage<std::size_t(D::count)>::type>;
 };
-
-// A bound model: Model<Vit<...>, Cpu>.
-template <class Spec, Backend B>
-using Model = typename Spec::template bind<B>;
-
-// Sets drop-path rates linspace(0, max_rate, number of DropPath layers) in forward order, as
-// timm does per block (two DropPath layers per block share the block's rate).
-template <class M>
-void set_drop_path(M& model, double max_rate) {
-  int n = 0;
-  model.for_each_layer([&](auto& l) {
-    if constexpr (requires { l.set_rate(0.0); }) ++n;
-  });
-  const int blocks = n / 2;
-  int k = 0;
-  model.for_each_layer([&](auto& l) {
-    if constexpr (requires { l.set_rate(0.0); }) {
-      const int block = k++ / 2;
-      l.set_rate(blocks > 1 ? max_rate * block / (blocks - 1) : 0.0);
-    }
-  });
-}
 
 namespace presets {
 inline constexpr VitSpec micro{.image = 28, .channels = 1, .patch = 7, .dim = 32, .heads = 2, .mlp_ratio = 4, .classes = 10};
