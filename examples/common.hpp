@@ -14,6 +14,10 @@
 
 #include "programs.hpp"
 
+#ifdef HATCH_WITH_MPI
+#include <hatch/distributed/mpi.hpp>
+#endif
+
 namespace examples {
 
 // The cores this process may use (its affinity mask, as OpenMP sees it).
@@ -95,6 +99,9 @@ inline void add_common_flags(CLI::App& app, CommonOptions& o) {
       ->check(integer_in(1, 1 << 20));
   app.add_option("--seed", o.seed, "random seed")->check(integer_in(0, 1.8446744073709551615e19L));
   app.add_flag("--no-progress", o.no_progress, "no progress bar on stderr");
+  app.add_flag("--distributed", o.distributed,
+               "data-parallel over the ranks of `mpirun -np R` (each rank a share of every batch); without it, "
+               "R ranks of incubate and distill share out the module jobs");
   app.add_flag("--no-resume", o.no_resume,
                "start afresh even if a training state exists in --out (the state is overwritten)");
 }
@@ -125,13 +132,50 @@ int on_device(const Options& o, CpuRun cpu, CudaRun cuda) {
   return cpu(o);
 }
 
-// Runs body(); a hatch::Error or other exception becomes one line on stderr and exit code 1.
+// The MPI job this process is part of (a job of one without mpirun), for as long as main runs:
+// MPI_Init_thread here, MPI_Finalize when it goes. A build without MPI has none, and
+// --distributed is refused.
+class MpiJob {
+ public:
+  MpiJob(int& argc, char**& argv, CommonOptions& o) : options_(o) {
+#ifdef HATCH_WITH_MPI
+    session_ = std::make_unique<hatch::MpiSession>(argc, argv);
+    o.world = session_->world();
+#else
+    (void)argc, (void)argv;
+#endif
+  }
+  // After the flags are parsed.
+  void check() const {
+#ifndef HATCH_WITH_MPI
+    hatch::require(!options_.distributed, "--distributed",
+                   "this build has no MPI (install libopenmpi-dev, the setup script does, and reconfigure)");
+#endif
+    hatch::require(!options_.distributed || options_.batch % options_.ranks() == 0, "--batch",
+                   std::to_string(options_.batch) + " is not divisible by the " + std::to_string(options_.ranks()) +
+                       " ranks of this job; each rank takes an equal share of every batch");
+  }
+
+ private:
+  const CommonOptions& options_;
+#ifdef HATCH_WITH_MPI
+  std::unique_ptr<hatch::MpiSession> session_;
+#endif
+};
+
+// Runs body(); a hatch::Error or other exception becomes one line on stderr and exit code 1. In
+// a job of several ranks the failing rank stops the whole job (the others may be waiting for it
+// in a collective).
 template <class F>
-int guarded(const char* program, F&& body) {
+int guarded(const char* program, F&& body, const CommonOptions* job = nullptr) {
   try {
     return body();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "%s: error: %s\n", program, e.what());
+    if (job && job->ranks() > 1) {
+      std::fflush(stderr);
+      job->world->abort(1);
+    }
     return 1;
   }
 }

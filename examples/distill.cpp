@@ -12,6 +12,7 @@ int main(int argc, char** argv) {
   examples::share_cores_politely(argv);
   CLI::App app{"m2mKD: distil a ViT teacher into a modular student on Fashion-MNIST"};
   examples::DistillOptions o;
+  examples::MpiJob job(argc, argv, o.common);
   auto& c = o.common;
   c.preset = "vit-small";
   c.train_limit = 10000;
@@ -56,7 +57,11 @@ int main(int argc, char** argv) {
       ->check(examples::finite_in(1e-12, 10));
   app.add_option("--finetune-clip", o.finetune_clip, "gradient clip when fine-tuning")->check(examples::finite_in(0, 1e6));
   CLI11_PARSE(app, argc, argv);
-  return examples::guarded("distill", [&] {
-    return examples::on_device(o, examples::distill<hatch::Cpu>, examples::distill_cuda);
-  });
+  return examples::guarded(
+      "distill",
+      [&] {
+        job.check();
+        return examples::on_device(o, examples::distill<hatch::Cpu>, examples::distill_cuda);
+      },
+      &o.common);
 }

@@ -9,6 +9,7 @@ int main(int argc, char** argv) {
   examples::share_cores_politely(argv);
   CLI::App app{"Deep Incubation of a ViT on Fashion-MNIST"};
   examples::IncubateOptions o;
+  examples::MpiJob job(argc, argv, o.common);
   auto& c = o.common;
   c.preset = "vit-small";
   c.train_limit = 10000;
@@ -32,7 +33,11 @@ int main(int argc, char** argv) {
       ->check(examples::finite_in(1e-12, 10));
   app.add_option("--finetune-clip", o.finetune_clip, "gradient clip when fine-tuning")->check(examples::finite_in(0, 1e6));
   CLI11_PARSE(app, argc, argv);
-  return examples::guarded("incubate", [&] {
-    return examples::on_device(o, examples::incubate<hatch::Cpu>, examples::incubate_cuda);
-  });
+  return examples::guarded(
+      "incubate",
+      [&] {
+        job.check();
+        return examples::on_device(o, examples::incubate<hatch::Cpu>, examples::incubate_cuda);
+      },
+      &o.common);
 }

@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include <hatch/core.hpp>
+#include <hatch/distributed/collective.hpp>
 #include <hatch/modular/distiller.hpp>
 #include <hatch/modular/incubator.hpp>
 #include <hatch/train/fit.hpp>
@@ -29,6 +30,17 @@ struct CommonOptions {
   int crop_padding = 0;
   bool hflip = false, no_progress = false, no_resume = false, tf32 = false, lr_per_epoch = false;
   bool balanced = false;  // --train-limit N takes the first N / 10 images of each class
+  bool distributed = false;  // data-parallel over the MPI job's ranks
+  std::shared_ptr<hatch::Collective> world;  // the MPI job (null: a build without MPI)
+  int rank() const { return world ? world->rank() : 0; }
+  int ranks() const { return world ? world->size() : 1; }
+  // Several ranks without --distributed: each module phase's jobs are spread over the ranks,
+  // the other phases run on rank 0 while the others wait.
+  bool module_parallel() const { return ranks() > 1 && !distributed; }
+  // Waits for every rank (module-parallel runs); nothing in a single process.
+  void sync() const {
+    if (ranks() > 1) world->barrier();
+  }
   std::uint64_t seed = 0;
 
   hatch::FitOptions fit_options(int epochs, const std::string& phase) const {
@@ -40,6 +52,8 @@ struct CommonOptions {
     o.warmup_epochs = warmup_epochs;
     o.lr_per_epoch = lr_per_epoch;
     o.eval_every = eval_every;
+    if (distributed) o.collective = world;
+    o.progress = !no_progress && rank() == 0;
     o.weight_decay = weight_decay;
     o.clip = clip;
     o.augment = {.crop_padding = crop_padding, .hflip = hflip, .mixup_alpha = float(mixup),
@@ -49,7 +63,6 @@ struct CommonOptions {
     o.phase = phase;
     o.out = out;
     o.resume = !no_resume;
-    o.progress = !no_progress;
     o.resume_hint = "pass --no-resume to start afresh (the state is overwritten)";
     o.recipe["preset"] = preset;
     if (balanced) o.recipe["balanced"] = true;
@@ -85,6 +98,9 @@ struct IncubateOptions {
 template <class B>
 int train_e2e(const E2eOptions& a) {
   const auto& c = a.common;
+  hatch::require(!c.module_parallel(), "train_e2e",
+                 "running as one of " + std::to_string(c.ranks()) +
+                     " MPI ranks: pass --distributed to train data-parallel, or run a single process");
   const auto train = c.load(true), test = c.load(false);
   return hatch::with_preset(c.preset, [&]<class V>(std::type_identity<V>) {
     using namespace hatch;
@@ -103,9 +119,11 @@ int train_e2e(const E2eOptions& a) {
     set_drop_path(*model, c.drop_path);
     fo.recipe["drop-path"] = c.drop_path;
     const auto result = fit(*model, train, test, fo);
-    save_parameters(*model, std::filesystem::path(c.out) / "model.safetensors", {{"preset", c.preset}});
-    std::printf("epochs=%d train_images=%d seconds=%.1f\n", result.epochs, train.n, result.seconds);
-    std::printf("test_accuracy=%.4f\n", result.test.accuracy);
+    if (c.rank() == 0) {
+      save_parameters(*model, std::filesystem::path(c.out) / "model.safetensors", {{"preset", c.preset}});
+      std::printf("epochs=%d train_images=%d seconds=%.1f\n", result.epochs, train.n, result.seconds);
+      std::printf("test_accuracy=%.4f\n", result.test.accuracy);
+    }
     return 0;
   });
 }
@@ -120,7 +138,12 @@ hatch::FitResult incubation_phases(const IncubateOptions& a, const hatch::data::
   const auto& c = a.common;
   using Inc = Incubator<presets::MetaOf<V>, V, B>;
   Inc inc({.dir = std::filesystem::path(c.out), .tag = c.preset, .seed = c.seed,
-           .hybrid_drop_path = a.hybrid_drop_path, .target_drop_path = a.finetune_drop_path});
+           .hybrid_drop_path = a.hybrid_drop_path, .target_drop_path = a.finetune_drop_path,
+           .collective = c.distributed ? c.world : nullptr});
+  // Module-parallel (several ranks, no --distributed): rank r incubates modules r, r + R, ...;
+  // the other phases run on rank 0; every rank waits for each phase's files.
+  const bool lead = !c.module_parallel() || c.rank() == 0;
+  auto mine = [&](std::size_t i) { return !c.module_parallel() || int(i % std::size_t(c.ranks())) == c.rank(); };
   double images = 0, seconds = 0;
   FitResult last;
   auto account = [&](const FitResult& r) {
@@ -143,14 +166,19 @@ hatch::FitResult incubation_phases(const IncubateOptions& a, const hatch::data::
     return o;
   };
   const auto& phase = a.phase;
-  if (phase == "meta" || phase == "all") account(inc.pretrain_meta(train, test, options(a.epochs_meta, false)));
+  if (phase == "meta" || phase == "all") {
+    if (lead) account(inc.pretrain_meta(train, test, options(a.epochs_meta, false)));
+    c.sync();
+  }
   if (phase == "module" || phase == "all") {
     require(phase == "all" || a.index < int(Inc::K), "--index",
             "must be below the number of stages, " + std::to_string(Inc::K));
     for (std::size_t i = 0; i < Inc::K; ++i)
-      if (a.index < 0 || std::size_t(a.index) == i) account(inc.incubate(i, train, test, options(a.epochs_module, false)));
+      if ((a.index < 0 || std::size_t(a.index) == i) && mine(i))
+        account(inc.incubate(i, train, test, options(a.epochs_module, false)));
+    c.sync();
   }
-  if (phase == "assemble" || phase == "finetune" || phase == "all") {
+  if ((phase == "assemble" || phase == "finetune" || phase == "all") && lead) {
     auto target = std::make_unique<Model<V, B>>();
     if (phase != "finetune") inc.assemble(*target);
     if (phase != "assemble") account(inc.finetune(*target, train, test, options(a.epochs_finetune, true)));
@@ -173,6 +201,7 @@ int incubate(const IncubateOptions& a) {
     c.check_images<V>(test);
     double images = 0, seconds = 0;
     const auto last = incubation_phases<B, V>(a, train, test, &images, &seconds);
+    if (c.rank() != 0) return 0;  // rank 0 reports for the job
     std::printf("phase=%s train_images_processed=%.0f training_seconds=%.1f\n", a.phase.c_str(), images, seconds);
     if (a.phase == "assemble") {
       std::printf("assembled %zu modules into %s\n", hatch::presets::MetaOf<V>::num_stages,
@@ -244,7 +273,9 @@ int distill(const DistillOptions& a) {
     const std::filesystem::path run = a.teacher_dir.empty() ? out / "teacher-run" : std::filesystem::path(a.teacher_dir);
     Kd kd({.dir = out, .meta_dir = run / "meta", .meta_tag = c.preset, .tag = c.preset + ">" + student,
            .seed = c.seed, .alpha = a.alpha, .temperature = a.temperature, .hybrid_drop_path = a.hybrid_drop_path,
-           .student_drop_path = a.finetune_drop_path});
+           .student_drop_path = a.finetune_drop_path, .collective = c.distributed ? c.world : nullptr});
+    const bool lead = !c.module_parallel() || c.rank() == 0;  // as in incubation_phases
+    auto mine = [&](std::size_t i) { return !c.module_parallel() || int(i % std::size_t(c.ranks())) == c.rank(); };
     double images = 0, seconds = 0;
     FitResult last;
     auto account = [&](const FitResult& r) {
@@ -281,30 +312,38 @@ int distill(const DistillOptions& a) {
         t.finetune_drop_path = a.finetune_drop_path;
         t.hybrid_drop_path = a.hybrid_drop_path;
         double ti = 0, ts = 0;
-        const auto r = incubation_phases<B, TV>(t, train, test, &ti, &ts);
-        std::printf("teacher: incubated in %s, train_images_processed=%.0f training_seconds=%.1f\n", run.c_str(), ti, ts);
-        (void)r;
+        incubation_phases<B, TV>(t, train, test, &ti, &ts);
+        if (c.rank() == 0)
+          std::printf("teacher: incubated in %s, train_images_processed=%.0f training_seconds=%.1f\n", run.c_str(), ti,
+                      ts);
       }
-      auto teacher = kd.take_teacher(run, c.preset);
-      const auto t = evaluate(*teacher, test, c.fit_options(0, "").eval_batch);
-      std::printf("teacher: %s from %s, test_accuracy=%.4f\n", c.preset.c_str(), run.c_str(), t.accuracy);
-      last.test = t;
+      if (lead) {
+        auto teacher = kd.take_teacher(run, c.preset);
+        const auto t = evaluate(*teacher, test, c.fit_options(0, "").eval_batch);
+        if (c.rank() == 0)
+          std::printf("teacher: %s from %s, test_accuracy=%.4f\n", c.preset.c_str(), run.c_str(), t.accuracy);
+        last.test = t;
+      }
+      c.sync();
     }
     if (phase == "module" || phase == "all") {
       require(phase == "all" || a.index < int(Kd::K), "--index",
               "must be below the number of stages, " + std::to_string(Kd::K));
       for (std::size_t i = 0; i < Kd::K; ++i)
-        if (a.index < 0 || std::size_t(a.index) == i) {
+        if ((a.index < 0 || std::size_t(a.index) == i) && mine(i)) {
           account(kd.distill(i, train, test, options(a.epochs_module, false)));
-          std::printf("module %zu: teacher_hybrid_accuracy=%s student_hybrid_accuracy=%.4f\n", i,
+          if (c.module_parallel() || c.rank() == 0)
+            std::printf("module %zu: teacher_hybrid_accuracy=%s student_hybrid_accuracy=%.4f\n", i,
                       read_metadata(kd.files().module(i)).at("teacher_hybrid_accuracy").c_str(), last.test.accuracy);
         }
+      c.sync();
     }
-    if (phase == "assemble" || phase == "finetune" || phase == "all") {
+    if ((phase == "assemble" || phase == "finetune" || phase == "all") && lead) {
       auto target = std::make_unique<typename Kd::Student>();
       if (phase != "finetune") kd.assemble(*target);
       if (phase != "assemble") account(kd.finetune(*target, train, test, options(a.epochs_finetune, true)));
     }
+    if (c.rank() != 0) return 0;  // rank 0 reports for the job (module lines: each rank its own)
     std::printf("phase=%s student=%s train_images_processed=%.0f training_seconds=%.1f\n", phase.c_str(),
                 student.c_str(), images, seconds);
     if (phase == "assemble") {

@@ -30,6 +30,7 @@ template <class T>
 struct CpuBackend {
   using Scalar = T;
   static constexpr const char* name = std::is_same_v<T, float> ? "cpu" : "cpu64";
+  static constexpr bool host_memory = true;  // collectives read its buffers in place
 
   // ---- memory ------------------------------------------------------------------------------
   // Counts allocations so tests can prove a steady-state step allocates nothing.

@@ -84,12 +84,14 @@ class ModuleDistiller : public ModularRun<MetaArch, B> {
     double temperature = 1.0;
     double hybrid_drop_path = 0.1;     // in the student module of its hybrid (the frozen meta: none)
     double student_drop_path = 0.1;    // for fine-tuning the assembled student
+    std::shared_ptr<Collective> collective{};  // a data-parallel job's ranks: rank 0 writes (Incubator's)
   };
 
   explicit ModuleDistiller(Options o) : Base(o.dir, o.meta_dir, o.tag, o.seed), opt_(std::move(o)) {
     this->module_phase_ = "distill";
     this->has_teacher_ = true;
     this->meta_tag_ = opt_.meta_tag;
+    this->collective_ = opt_.collective;
   }
 
   // Phase 0 from a finished Deep Incubation run of the teacher (the reference's teacher): its

@@ -101,9 +101,14 @@ class Incubator : public ModularRun<MetaArch, B> {
     std::uint64_t seed = 0;
     double hybrid_drop_path = 0.1;    // linspace(0, rate, hybrid depth), active in frozen meta blocks
     double target_drop_path = 0.1;    // for fine-tuning
+    // A data-parallel job's ranks (the FitOptions::collective of its phases): rank 0 writes the
+    // files. Null for one process, and for module-parallel jobs (one module per process).
+    std::shared_ptr<Collective> collective{};
   };
 
-  explicit Incubator(Options o) : Base(o.dir, {}, o.tag, o.seed), opt_(std::move(o)) {}
+  explicit Incubator(Options o) : Base(o.dir, {}, o.tag, o.seed), opt_(std::move(o)) {
+    this->collective_ = opt_.collective;
+  }
 
   // Phase 2 for module i (chosen at run time): reads every meta stage, writes modules/stage<i>.
   FitResult incubate(std::size_t i, const data::Dataset& train, const data::Dataset& test, FitOptions fo) {

@@ -216,13 +216,16 @@ class ModularRun {
   template <class M>
   void write_stages(M& model, const std::filesystem::path& dir, const std::string& phase,
                     const std::map<std::string, std::string>& lineage) {
-    io::StagedDirectory staged(dir);
-    model.for_each_stage([&](auto& stage, std::size_t i) {
-      const auto file = stage_file(staged.dir(), i);
-      save(stage, file, phase, i, lineage);
-      if (on_stage_written) on_stage_written(phase, i, file);
-    });
-    staged.commit();
+    if (writer()) {
+      io::StagedDirectory staged(dir);
+      model.for_each_stage([&](auto& stage, std::size_t i) {
+        const auto file = stage_file(staged.dir(), i);
+        save_file(stage, file, phase, i, lineage);
+        if (on_stage_written) on_stage_written(phase, i, file);
+      });
+      staged.commit();
+    }
+    written();
   }
 
   // The id shared by the files of `phase` ("meta" or "teacher") that are present now, or ""
@@ -261,9 +264,17 @@ class ModularRun {
   // CRC-32 of a file's bytes: ties a resumable training state to the files it started from.
   static std::string fingerprint(const std::filesystem::path& file) { return file_fingerprint(file); }
   // Writes one stage file with the run's tag, the phase, the stage and its lineage entries.
+  // (In a data-parallel job every rank holds the same weights: rank 0 writes, the others wait
+  // until it has.)
   template <class S>
   void save(S& stage, const std::filesystem::path& file, const std::string& phase, std::size_t i,
             const std::map<std::string, std::string>& lineage) {
+    if (writer()) save_file(stage, file, phase, i, lineage);
+    written();
+  }
+  template <class S>
+  void save_file(S& stage, const std::filesystem::path& file, const std::string& phase, std::size_t i,
+                 const std::map<std::string, std::string>& lineage) {
     std::filesystem::create_directories(file.parent_path());
     auto meta = lineage;
     meta["tag"] = tag_for(phase);
@@ -309,7 +320,14 @@ class ModularRun {
     return phase == "meta" && !meta_tag_.empty() ? meta_tag_ : tag_;
   }
 
+  // Data-parallel runs (every rank trains every phase together): only rank 0 writes files.
+  bool writer() const { return !collective_ || collective_->rank() == 0; }
+  void written() {
+    if (collective_ && collective_->size() > 1) collective_->barrier();
+  }
+
   ModularLayout files_;
+  std::shared_ptr<Collective> collective_;  // set by the derived class's Options
   std::string tag_;
   std::string meta_tag_;  // the meta files' tag when they come from another run (empty: tag_)
   std::uint64_t seed_;

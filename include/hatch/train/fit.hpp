@@ -25,6 +25,7 @@
 #include "hatch/train/loss.hpp"
 #include "hatch/train/optimizer.hpp"
 #include "hatch/train/progress.hpp"
+#include "hatch/distributed/collective.hpp"
 
 namespace hatch {
 
@@ -57,6 +58,14 @@ struct FitOptions {
   double images_before = 0;              // training images seen by earlier phases (for compute plots)
   double seconds_before = 0;             // training seconds spent by earlier phases
   std::function<void(int epoch, const EvalResult& test)> on_epoch_end;  // after the state is saved
+  // Data-parallel training (distributed/collective.hpp; null or one rank: a single process).
+  // Every rank makes the same global batch (same order and augmentation as one process) and
+  // trains on its contiguous share of the rows; the gradients, weighted by each share, are
+  // summed with one all-reduce over the flat gradient arena, so every rank takes the same step
+  // and holds the same weights (rank 0's are broadcast at the start). Dropout and drop-path
+  // draw per rank. Rank 0 alone writes metrics, states and progress; the test set is split
+  // between the ranks. Not part of the recipe: a run resumes with any number of ranks.
+  std::shared_ptr<Collective> collective;
 };
 
 struct FitResult {
@@ -211,11 +220,33 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
   return fit(model, train, test, o, objective);
 }
 
+namespace detail {
+// Rows [lo, hi) of n for `rank` of `ranks`: contiguous shares that differ by at most one row.
+inline std::pair<int, int> share(int n, int rank, int ranks) {
+  return {int(std::int64_t(n) * rank / ranks), int(std::int64_t(n) * (rank + 1) / ranks)};
+}
+}  // namespace detail
+
+// evaluate() of a data-parallel job: each rank evaluates its share of `set`, and the sums meet
+// in one all-reduce. `share` is this rank's part of `set` (detail::share), made once by the caller.
+template <class M>
+EvalResult evaluate_shared(M& model, const data::Dataset& set, const data::Dataset& share, int batch,
+                           Collective* c) {
+  if (!c || c->size() == 1) return evaluate(model, set, batch);
+  const EvalResult mine = share.n > 0 ? evaluate(model, share, batch) : EvalResult{};
+  double sums[2] = {mine.loss * share.n, mine.accuracy * share.n};
+  c->allreduce_sum(sums, 2);
+  return set.n > 0 ? EvalResult{sums[0] / set.n, sums[1] / set.n} : EvalResult{};
+}
+
 template <class M, class Objective>
 FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, const FitOptions& o,
               Objective& objective) {
   using B = typename M::backend;
   using T = typename B::Scalar;
+  Collective* const coll = o.collective && o.collective->size() > 1 ? o.collective.get() : nullptr;
+  const int ranks = coll ? coll->size() : 1, rank = coll ? coll->rank() : 0;
+  const bool writer = rank == 0;  // metrics, states, progress
   require(o.epochs >= 0 && o.batch > 0 && o.eval_every >= 1, "fit",
           "epochs must be >= 0, batch > 0 and eval_every >= 1");
   // One flat arena over the trainable parameters (names checked unique): zero-grad, clipping
@@ -234,7 +265,7 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
           "test images are " + data::shape_string(test) + ", the training images " + data::shape_string(train) +
               "; both sets must have the same image shape and classes");
   const auto state_file = o.out.empty() ? std::filesystem::path() : o.out / (o.phase + ".state.safetensors");
-  if (!o.out.empty()) {
+  if (!o.out.empty() && writer) {
     std::filesystem::create_directories(o.out);
     if (const int n = io::remove_stale_temporaries(o.out))
       std::fprintf(stderr, "%s: removed %d temporary file(s) left by killed runs in %s\n", o.phase.c_str(), n,
@@ -265,10 +296,25 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
     result.seconds = point.seconds;
     result.images = point.images;
     if (!point.run.empty()) run = point.run;
-    std::fprintf(stderr, "%s: resuming after epoch %d of %d from %s%s\n", o.phase.c_str(), first_epoch, o.epochs,
-                 where.c_str(), first_epoch == o.epochs ? " (already complete: evaluating only)" : "");
+    if (writer)
+      std::fprintf(stderr, "%s: resuming after epoch %d of %d from %s%s\n", o.phase.c_str(), first_epoch, o.epochs,
+                   where.c_str(), first_epoch == o.epochs ? " (already complete: evaluating only)" : "");
   }
-  MetricsLog log(o.out, o.phase, first_epoch);
+  MetricsLog log(writer ? o.out : std::filesystem::path(), o.phase, first_epoch);
+  std::vector<T> staging;
+  data::Dataset test_share;
+  if (coll) {
+    // One set of weights for every rank: rank 0's. (The optimizer's moments are zero, or read
+    // from the one state file every rank resumed from.)
+    if (arena.size() > 0) {
+      staging.resize(std::size_t(arena.size()));
+      B::download(staging.data(), arena.values().data(), staging.size());
+      coll->broadcast(staging.data(), staging.size() * sizeof(T));
+      B::upload(arena.values().data(), staging.data(), staging.size());
+    }
+    const auto [lo, hi] = detail::share(test.n, rank, ranks);
+    test_share = data::subset(test, lo, hi - lo);
+  }
 
   data::Batch b;
   Tensor<B> x, t;
@@ -277,21 +323,48 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
     const auto t0 = std::chrono::steady_clock::now();
     batches.start_epoch(epoch);
     ProgressBar bar(o.phase + " " + std::to_string(epoch + 1) + "/" + std::to_string(o.epochs), int(per_epoch),
-                    o.progress);
+                    o.progress && writer);
     double loss_sum = 0, aux_sum = 0, seen = 0, correct = 0, lr = 0;
     std::int64_t step = std::int64_t(epoch) * per_epoch;
     for (int i = 0; batches.next(b); ++i, ++step) {
-      host.assign(b.images.begin(), b.images.end());
-      x.from_host(host, {b.size, train.channels, train.height, train.width});
-      host.assign(b.targets.begin(), b.targets.end());
-      t.from_host(host, {b.size, train.classes});
+      // This rank's rows of the global batch (all of them in a single process).
+      const auto [lo, hi] = detail::share(b.size, rank, ranks);
+      const int rows = hi - lo;
+      const std::size_t sample = train.sample_size(), classes = std::size_t(train.classes);
       Context ctx;
       ctx.training = true;
       ctx.input_grad = false;
-      ctx.seed = step_seed(o.seed, step);
+      ctx.seed = step_seed(o.seed + std::uint64_t(rank) * 0xd1b54a32d192ed03ULL, step);
       opt.zero_grad();
-      const auto& logits = model.forward(x, ctx);
-      const double loss = objective.forward_backward(logits, t, x);
+      double loss = 0, aux = 0;
+      std::int64_t right = 0;
+      if (rows > 0) {
+        host.assign(b.images.begin() + std::ptrdiff_t(lo * sample), b.images.begin() + std::ptrdiff_t(hi * sample));
+        x.from_host(host, {rows, train.channels, train.height, train.width});
+        host.assign(b.targets.begin() + std::ptrdiff_t(lo * classes), b.targets.begin() + std::ptrdiff_t(hi * classes));
+        t.from_host(host, {rows, train.classes});
+        const auto& logits = model.forward(x, ctx);
+        loss = objective.forward_backward(logits, t, x);
+        aux = collect_aux_loss(model);  // the layers add its gradient in backward
+        const auto z = logits.to_host();
+        for (int r = 0; r < rows; ++r) {
+          const auto* row = z.data() + std::size_t(r) * train.classes;
+          const auto* trow = b.targets.data() + std::size_t(lo + r) * train.classes;
+          right += std::max_element(row, row + train.classes) - row == std::max_element(trow, trow + train.classes) - trow;
+        }
+        model.backward(objective.grad(), ctx);
+      }
+      if (coll) {
+        // The global batch's mean gradient: each rank's mean weighted by its share of the rows,
+        // summed in one all-reduce; the losses and counts in a second, tiny one.
+        if (rows != b.size) B::scale(arena.grads().data(), T(double(rows) / b.size), std::size_t(arena.size()));
+        allreduce_sum<B>(*coll, arena.grads().data(), std::size_t(arena.size()), staging);
+        double sums[3] = {loss * rows, aux * rows, double(right)};
+        coll->allreduce_sum(sums, 3);
+        loss = sums[0] / b.size;
+        aux = sums[1] / b.size;
+        right = std::int64_t(sums[2]);
+      }
       if (!std::isfinite(loss) && step == std::int64_t(first_epoch) * per_epoch)
         throw Error(o.phase + ": the loss is " + std::to_string(loss) +
                     " at the first step, before any update: the model's weights or the data hold non-finite values");
@@ -299,7 +372,6 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
         throw Error(o.phase + ": training diverged: the loss is " + std::to_string(loss) + " at epoch " +
                     std::to_string(epoch + 1) + ", step " + std::to_string(i + 1) + " (lr " + std::to_string(lr) +
                     "); lower --lr or set a gradient clip");
-      const double aux = collect_aux_loss(model);  // the layers add its gradient in backward
       if (!std::isfinite(aux))
         throw Error(o.phase + ": the auxiliary loss (the sum of the layers' aux_loss() terms) is " +
                     std::to_string(aux) + " at epoch " + std::to_string(epoch + 1) + ", step " +
@@ -312,13 +384,7 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
         throw Error(o.phase + ": training diverged: the loss is " + std::to_string(loss) + " plus an auxiliary loss of " +
                     std::to_string(aux) + " at epoch " + std::to_string(epoch + 1) + ", step " + std::to_string(i + 1) +
                     "; lower --lr or set a gradient clip");
-      const auto z = logits.to_host();
-      for (int r = 0; r < b.size; ++r) {
-        const auto* row = z.data() + std::size_t(r) * train.classes;
-        const auto* trow = b.targets.data() + std::size_t(r) * train.classes;
-        correct += std::max_element(row, row + train.classes) - row == std::max_element(trow, trow + train.classes) - trow;
-      }
-      model.backward(objective.grad(), ctx);
+      correct += double(right);
       if (o.clip > 0) arena.clip_grad_norm(o.clip);
       lr = schedule.at(o.lr_per_epoch ? std::int64_t(epoch) * per_epoch : step);
       opt.step(lr);
@@ -332,7 +398,7 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
     result.seconds += train_secs;
     result.images += seen;
     const bool evaluated = (epoch + 1) % o.eval_every == 0 || epoch + 1 == o.epochs;
-    if (evaluated) result.test = evaluate(model, test, o.eval_batch);
+    if (evaluated) result.test = evaluate_shared(model, test, test_share, o.eval_batch, coll);
     result.epochs = epoch + 1;
     char extra[128];
     if (evaluated) std::snprintf(extra, sizeof extra, "| test loss %.4f acc %.4f", result.test.loss, result.test.accuracy);
@@ -363,7 +429,7 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
       line["dropped_fraction"] = dropped;
     }
     log.write(line);
-    if (!state_file.empty())
+    if (!state_file.empty() && writer)
       save_training_state(model, opt, state_file,
                           {{"epoch", epoch + 1}, {"seconds", result.seconds}, {"images", result.images},
                            {"phase", o.phase}, {"run", run}},
@@ -371,7 +437,7 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
     if (o.on_epoch_end) o.on_epoch_end(epoch + 1, result.test);
   }
   if (result.epochs == 0 || first_epoch == o.epochs) {
-    result.test = evaluate(model, test, o.eval_batch);
+    result.test = evaluate_shared(model, test, test_share, o.eval_batch, coll);
     result.epochs = o.epochs;
   }
   return result;
