@@ -100,7 +100,16 @@ TEST_CASE("data-parallel fit equals one process on the same global batches (doub
 TEST_CASE("data-parallel fit in float: weights to float tolerance") {
   const auto one = train<Cpu>(nullptr);
   const auto many = train<Cpu>(g_world);
-  CHECK(max_relative(many.w, one.w) < 2e-4);
+  // In float the sums are rounded in another order: absolute differences (a relative measure
+  // is meaningless for weights near zero). Measured: mean 2e-9, worst 3e-6 with 2 or 3 ranks.
+  double sum = 0, worst = 0;
+  for (std::size_t i = 0; i < one.w.size(); ++i) {
+    sum += std::abs(many.w[i] - one.w[i]);
+    worst = std::max(worst, std::abs(many.w[i] - one.w[i]));
+  }
+  MESSAGE("float weights: mean |difference| " << sum / double(one.w.size()) << ", worst " << worst);
+  CHECK(sum / double(one.w.size()) < 1e-7);
+  CHECK(worst < 1e-4);
   auto rank0 = many.w;
   g_world->broadcast(rank0.data(), rank0.size() * sizeof(double));
   CHECK(rank0 == many.w);
