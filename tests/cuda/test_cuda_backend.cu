@@ -1170,6 +1170,12 @@ TEST_CASE("cuda parity: expert blocks (TopKGate; VmoeRouter in training with noi
   check_parity("moe_block_topk");
   check_parity("moe_block_vmoe_train");
 }
+TEST_CASE("cuda parity: NAC layers (ModFc on shared codes; Kmdpa over its sparse pairs, evaluation and training)") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  check_parity("nac_modfc");
+  check_parity("nac_kmdpa");
+  check_parity("nac_kmdpa_train");
+}
 TEST_CASE("cuda parity: PatchEmbed") {
   HATCH_REQUIRE_CUDA_DEVICE();
   check_parity("patch_embed");
@@ -1204,7 +1210,8 @@ TEST_CASE("cuda parity: every case is covered") {
                                         "layernorm_no_input_grad", "gelu", "dropout", "attention", "attention_nobias",
                                         "block", "block_train", "patch_embed", "patch_embed_rgb", "class_pos",
                                         "class_head", "vit_micro", "vit_micro_train", "fit", "incubator",
-                                        "silu", "reshape_flatten", "moe_block_topk", "moe_block_vmoe_train"};
+                                        "silu", "reshape_flatten", "moe_block_topk", "moe_block_vmoe_train",
+                                        "nac_modfc", "nac_kmdpa", "nac_kmdpa_train"};
   for (const auto& name : hatch_test::case_names())
     if (std::find(tested.begin(), tested.end(), name) == tested.end()) check_parity(name);
 }
