@@ -103,6 +103,23 @@ TEST_CASE("parity with PyTorch: expert blocks, each router, in evaluation (drops
   CHECK(dropped == 2);
 }
 
+TEST_CASE("parity with PyTorch: NAC layers (ModFc on its codes; Kmdpa in evaluation, all pairs kept and truncated)") {
+  LatentCodes<Cpu, 4> codes(3);
+  ModFcLayer<Cpu, 8, 6, 4> modfc;
+  modfc.use_codes(codes);
+  expect_parity(modfc, "nac_modfc");  // the codes are read as param.codes, their gradient checked
+  LatentSignatures<Cpu, 8> sig(6);
+  KmdpaLayer<Cpu, 2, 4, 8> kmdpa;
+  kmdpa.use_signatures(sig);
+  expect_parity(kmdpa, "nac_kmdpa");
+  CHECK(kmdpa.kept_fraction() == 1.0);
+  expect_parity(kmdpa, "nac_kmdpa_truncated");
+  CHECK(kmdpa.kept_fraction() < 1.0);  // the fixture's config records the same kept_pairs
+  const auto file = io::SafeTensorsFile::read(std::string(HATCH_FIXTURE_DIR) + "/nac_kmdpa_truncated.safetensors");
+  const std::string config = file.metadata().at("config").get<std::string>();
+  CHECK(config.find("\"kept_pairs\": " + std::to_string(kmdpa.kept_pairs()) + ",") != std::string::npos);
+}
+
 TEST_CASE("parity with PyTorch: a 2-block ViT, in one stage and split into two stages") {
   constexpr VitSpec spec{.image = 28, .channels = 1, .patch = 7, .dim = 16, .heads = 2, .mlp_ratio = 4, .classes = 10};
   Model<Vit<spec, Depths<2>>, Cpu> one_stage;
