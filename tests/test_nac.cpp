@@ -332,3 +332,28 @@ TEST_CASE("nac: ModFc and Kmdpa refuse to run without their shared table") {
   CHECK_THROWS_WITH_AS(fc.forward(x, ctx), doctest::Contains("use_codes"), Error);
   CHECK_THROWS_WITH_AS(attn.forward(q, ctx), doctest::Contains("use_signatures"), Error);
 }
+
+TEST_CASE("nac: sparse attention primitives: a query without pairs gets output 0, a full row is dense softmax") {
+  // 3 latents, one example, one head, dh 2: query 0 keeps keys 0..2, queries 1 and 2 none.
+  Indices<B64> row_ptr, col;
+  row_ptr.from_host({0, 3, 3, 3});
+  col.from_host({0, 1, 2});
+  const int n = 3;
+  std::vector<double> x{0.5, -1.0, 0.2, 0.3, 1.0, 2.0,    // latent 0: q, k, v
+                        1.5, 0.5, -0.4, 0.8, -1.0, 0.5,   // latent 1
+                        0.0, 0.0, 1.0, -0.7, 3.0, -2.0};  // latent 2
+  const std::vector<double> bias{0.1, -0.2, 0.3};
+  std::vector<double> probs(3, -1.0), o(n * 2, 9.0);
+  B64::sparse_attention_forward(probs.data(), o.data(), 2, x.data(), x.data() + 2, x.data() + 4, 6, row_ptr.data(),
+                                col.data(), bias.data(), 0, 1, n, 1, 2, 3, 0.5);
+  for (int j = 2; j < 6; ++j) CHECK(o[j] == 0.0);
+  double s[3], mx = -1e9, sum = 0;
+  for (int v = 0; v < 3; ++v) mx = std::max(mx, s[v] = 0.5 * (x[0] * x[v * 6 + 2] + x[1] * x[v * 6 + 3]) + bias[v]);
+  for (int v = 0; v < 3; ++v) sum += std::exp(s[v] - mx);
+  double o0 = 0;
+  for (int v = 0; v < 3; ++v) {
+    CHECK(probs[v] == doctest::Approx(std::exp(s[v] - mx) / sum).epsilon(1e-14));
+    o0 += probs[v] * x[v * 6 + 4];
+  }
+  CHECK(o[0] == doctest::Approx(o0).epsilon(1e-14));
+}

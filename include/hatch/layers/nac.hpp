@@ -272,7 +272,8 @@ class KmdpaLayer : public LeafLayer<KmdpaLayer<B, Heads, HeadDim, SigDim>, B, 3 
     std::vector<T>& lk = logk_host_scalar_;
     lk.assign(logk_h_.begin(), logk_h_.end());
     lk.push_back(T(0));
-    logk_.from_host(lk, {std::int64_t(lrows) * nnz_ + 1});  // +1: never an empty tensor
+    logk_.resize({std::int64_t(lk.size())});  // +1: never an empty tensor; resize + upload, as
+    B::upload(logk_.data(), lk.data(), lk.size());  // from_host builds a message string per call
     probs_.resize({std::int64_t(nb_) * Heads * nnz_ + 1});
     Shape s = x.shape();
     s.dims[s.rank - 1] = D;
@@ -390,7 +391,7 @@ class KmdpaLayer : public LeafLayer<KmdpaLayer<B, Heads, HeadDim, SigDim>, B, 3 
       double de = 0;
       for (int p = 0; p < nnz_; ++p) de -= gx_[p] * dist_h_[p] / (eps_ * eps_);
       grad_host_.assign(1, T(de));
-      grad_up_.from_host(grad_host_, {1});
+      upload_grad();
       B::axpy(bandwidth.grad.data(), T(1), grad_up_.data(), 1);
     }
     if (wants_grad(*sig_, ctx)) {
@@ -410,9 +411,14 @@ class KmdpaLayer : public LeafLayer<KmdpaLayer<B, Heads, HeadDim, SigDim>, B, 3 
           }
         }
       grad_host_.assign(dsig_.begin(), dsig_.end());
-      grad_up_.from_host(grad_host_, {u_, SigDim});
+      upload_grad();
       B::axpy(sig_->grad.data(), T(1), grad_up_.data(), std::size_t(u_) * SigDim);
     }
+  }
+
+  void upload_grad() {
+    grad_up_.resize({std::int64_t(grad_host_.size())});
+    B::upload(grad_up_.data(), grad_host_.data(), grad_host_.size());
   }
 
   Parameter<B>* sig_ = nullptr;
