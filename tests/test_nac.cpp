@@ -44,10 +44,20 @@ struct TwoModFc {
   }
 };
 
-// The dense evaluation-mode KMDPA of layers/nac.hpp's comment, in double on the host: every pair
-// scored, truncated pairs (d > tau) given weight 0.
+// log K of example e and pair (a, b) in training, written out from layers/nac.hpp's comment.
+double relaxed_log_kernel(double dist, double eps, std::uint64_t seed, std::uint64_t counter) {
+  const double xs = std::max(dist / eps, 1e-6);
+  const double k = std::exp(-xs);
+  const double w = uniform01(seed, counter) + std::ldexp(1.0, -54);
+  const double y = (std::log(k) - std::log(1 - k) + std::log(w) - std::log(1 - w)) / 0.5;
+  return std::log(1 / (1 + std::exp(-y)));
+}
+
+// The dense KMDPA of layers/nac.hpp's comment, in double on the host: every pair scored,
+// truncated pairs (d > tau) given weight 0. Training: the relaxed Bernoulli drawn at
+// (seed, (e U + a) U + b), the counter starting at 0.
 std::vector<double> dense_kmdpa(const std::vector<double>& x, const std::vector<double>& sig, double eps, int u,
-                                int s, int heads, int dh) {
+                                int s, int heads, int dh, bool training = false, std::uint64_t seed = 0) {
   const int d = heads * dh, rows = int(x.size()) / (3 * d), nb = rows / u;
   std::vector<double> dist(std::size_t(u) * u);
   for (int a = 0; a < u; ++a)
@@ -71,7 +81,9 @@ std::vector<double> dense_kmdpa(const std::vector<double>& x, const std::vector<
           double qk = 0;
           for (int c = 0; c < dh; ++c)
             qk += x[(e * u + a) * 3 * d + h * dh + c] * x[(e * u + b) * 3 * d + d + h * dh + c];
-          w[b] = qk / std::sqrt(double(dh)) - dist[a * u + b] / eps;
+          const double logk = training ? relaxed_log_kernel(dist[a * u + b], eps, seed, std::uint64_t((e * u + a) * u + b))
+                                       : -dist[a * u + b] / eps;
+          w[b] = qk / std::sqrt(double(dh)) + logk;
           mx = std::max(mx, w[b]);
         }
         double sum = 0;
@@ -207,7 +219,7 @@ TEST_CASE("nac: Kmdpa gradients in evaluation and training (q, k, v, signatures,
   CHECK(dense.max_rel <= 1e-6);
 }
 
-TEST_CASE("nac: Kmdpa keeps exactly the pairs with d <= tau and matches a dense masked computation") {
+TEST_CASE("nac: Kmdpa keeps exactly the pairs with d <= tau and matches a dense masked computation (both modes)") {
   constexpr int U = 6, S = 5, H = 2, DH = 4, D = H * DH;
   LatentSignatures<B64, S> sig(U);
   KmdpaLayer<B64, H, DH, S> layer;
@@ -239,6 +251,19 @@ TEST_CASE("nac: Kmdpa keeps exactly the pairs with d <= tau and matches a dense 
     double err = 0;
     for (std::size_t i = 0; i < o.size(); ++i) err = std::max(err, std::abs(o[i] - ref[i]));
     CHECK(err < 1e-12);
+    // training: the same with the relaxed Bernoulli of the documented draws
+    Context train;
+    train.training = true;
+    train.seed = 100 + seed;
+    const auto ot = layer.forward(x, train).to_host();
+    const auto reft = dense_kmdpa(x.to_host(), sh, 0.6, U, S, H, DH, true, 100 + seed);
+    double errt = 0, moved = 0;
+    for (std::size_t i = 0; i < ot.size(); ++i) {
+      errt = std::max(errt, std::abs(ot[i] - reft[i]));
+      moved = std::max(moved, std::abs(ot[i] - o[i]));
+    }
+    CHECK(errt < 1e-10);
+    CHECK(moved > 1e-3);  // the noise does something
   }
 }
 
