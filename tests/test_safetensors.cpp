@@ -396,6 +396,6 @@ TEST_CASE("safetensors: every fixture is complete and consistent") {
       }
     }
   }
-  CHECK(files == 19);  // the 14 of make_fixtures.py before 2026-11-27, the two expert blocks and
-                       // the three NAC layers (nac_modfc, nac_kmdpa, nac_kmdpa_truncated)
+  CHECK(files == 20);  // the 14 of make_fixtures.py before 2026-11-27, the two expert blocks and
+                       // the four NAC files (nac_modfc, nac_kmdpa[_truncated], nac_kmdpa_train)
 }
