@@ -166,3 +166,42 @@ TEST_CASE("a steady-state expert block step allocates nothing (host routing incl
   CHECK(news.load() == 0);
   CHECK(mallocs.load() == 0);
 }
+
+TEST_CASE("a steady-state NAC step (Kmdpa in training, then ModFc) allocates nothing (host pair list included)") {
+  // The pair list depends only on the signatures, which a step does not change: after the
+  // warm-up every buffer, index buffer and host vector has its size.
+  LatentSignatures<Cpu, 16> sig(32);
+  LatentCodes<Cpu, 8> codes(32);
+  KmdpaLayer<Cpu, 2, 16, 16> attn;
+  ModFcLayer<Cpu, 32, 32, 8> out;
+  attn.use_signatures(sig);
+  out.use_codes(codes);
+  Initializer init(2);
+  sig.reset_parameters(init);
+  codes.reset_parameters(init);
+  attn.reset_parameters(init);
+  out.reset_parameters(init);
+  Tensor<Cpu> x({8 * 32, 96}), dy({8 * 32, 32});
+  std::vector<float> h(std::size_t(x.numel()));
+  for (std::size_t i = 0; i < h.size(); ++i) h[i] = float((i * 7919) % 101) / 101.0f - 0.5f;
+  x.from_host(h);
+  dy.fill(0.01f);
+  auto step = [&](std::uint64_t seed) {
+    Context ctx;
+    ctx.training = true;
+    ctx.seed = seed;
+    out.forward(attn.forward(x, ctx), ctx);
+    attn.backward(out.backward(dy, ctx), ctx);
+  };
+  for (int i = 0; i < 3; ++i) step(i);
+  REQUIRE(attn.kept_fraction() < 1.0);
+  const auto buffers = Cpu::allocation_count().load();
+  news = 0;
+  mallocs = 0;
+  counting = true;
+  for (int i = 3; i < 7; ++i) step(i);
+  counting = false;
+  CHECK(Cpu::allocation_count().load() == buffers);
+  CHECK(news.load() == 0);
+  CHECK(mallocs.load() == 0);
+}

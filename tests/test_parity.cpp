@@ -16,8 +16,9 @@ namespace {
 constexpr double kTol = 1e-5;
 
 
+// ctx: the pass's mode (evaluation unless a fixture says otherwise, e.g. NAC's training noise).
 template <class L>
-void expect_parity(L& layer, const std::string& fixture) {
+void expect_parity(L& layer, const std::string& fixture, Context ctx = {}) {
   using B = typename L::backend;
   const auto file = io::SafeTensorsFile::read(std::string(HATCH_FIXTURE_DIR) + "/" + fixture + ".safetensors");
   auto load = [&](const std::string& name) {
@@ -38,7 +39,6 @@ void expect_parity(L& layer, const std::string& fixture) {
       "");
   const Tensor<B> x = load("input");
   const Tensor<B> dy = load("grad_output");
-  Context ctx;
   const auto& y = layer.forward(x, ctx);
   REQUIRE(y.shape().vec() == file.at("output").shape);
   CHECK_MESSAGE(rel_error(y.to_host(), file.to_float("output", y.shape().vec())) <= kTol, fixture, ": output");
@@ -101,6 +101,29 @@ TEST_CASE("parity with PyTorch: expert blocks, each router, in evaluation (drops
     if constexpr (requires { l.routing(); }) dropped = l.routing().dropped;
   });
   CHECK(dropped == 2);
+}
+
+TEST_CASE("parity with PyTorch: NAC layers (ModFc on its codes; Kmdpa all pairs kept, truncated, and in training)") {
+  LatentCodes<Cpu, 4> codes(3);
+  ModFcLayer<Cpu, 8, 6, 4> modfc;
+  modfc.use_codes(codes);
+  expect_parity(modfc, "nac_modfc");  // the codes are read as param.codes, their gradient checked
+  LatentSignatures<Cpu, 8> sig(6);
+  KmdpaLayer<Cpu, 2, 4, 8> kmdpa;
+  kmdpa.use_signatures(sig);
+  expect_parity(kmdpa, "nac_kmdpa");
+  CHECK(kmdpa.kept_fraction() == 1.0);
+  expect_parity(kmdpa, "nac_kmdpa_truncated");
+  CHECK(kmdpa.kept_fraction() < 1.0);  // the fixture's config records the same kept_pairs
+  const auto file = io::SafeTensorsFile::read(std::string(HATCH_FIXTURE_DIR) + "/nac_kmdpa_truncated.safetensors");
+  const std::string config = file.metadata().at("config").get<std::string>();
+  CHECK(config.find("\"kept_pairs\": " + std::to_string(kmdpa.kept_pairs()) + ",") != std::string::npos);
+  // Training: the relaxed Bernoulli with hatch's noise, written out in the PyTorch twin.
+  Context train;
+  train.training = true;
+  train.seed = 4242;  // the fixture's noise_seed
+  expect_parity(kmdpa, "nac_kmdpa_train", train);
+  CHECK(kmdpa.kept_fraction() < 1.0);
 }
 
 TEST_CASE("parity with PyTorch: a 2-block ViT, in one stage and split into two stages") {

@@ -396,5 +396,6 @@ TEST_CASE("safetensors: every fixture is complete and consistent") {
       }
     }
   }
-  CHECK(files == 16);  // the 14 of make_fixtures.py before 2026-11-27, and the two expert blocks
+  CHECK(files == 20);  // the 14 of make_fixtures.py before 2026-11-27, the two expert blocks and
+                       // the four NAC files (nac_modfc, nac_kmdpa[_truncated], nac_kmdpa_train)
 }

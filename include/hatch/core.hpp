@@ -10,7 +10,8 @@
 //                                        Indices (int32 routing tables in a backend's memory)
 //   layers                               Linear, LayerNorm, Gelu, Silu, Elementwise<Fn>, Dropout,
 //                                        DropPath, Attention, Mlp, Block, PatchEmbed, ClassPos,
-//                                        ClassHead, Flatten, Reshape, set_drop_path
+//                                        ClassHead, Flatten, Reshape, set_drop_path; NAC: ModFc,
+//                                        Kmdpa, LatentCodes, LatentSignatures
 //   composition                          Named, Sequential, Residual, Repeat, AsBlock, Stages,
 //                                        Stitched, Model<Spec, B>
 //   models                               Vit, presets
@@ -39,6 +40,7 @@
 #include "hatch/layers/embed.hpp"
 #include "hatch/layers/head.hpp"
 #include "hatch/layers/linear.hpp"
+#include "hatch/layers/nac.hpp"
 #include "hatch/layers/norm.hpp"
 #include "hatch/layers/regularize.hpp"
 #include "hatch/layers/reshape.hpp"

@@ -292,6 +292,35 @@ Results run_incubator(std::uint64_t seed) {
   return r;
 }
 
+// NAC layers own no shared table; these test layers own one each (codes, signatures), so that
+// run_layer can build, perturb and step them like any layer (the table is visited first).
+template <hatch::Backend B>
+struct NacModFcCase : hatch::ModFcLayer<B, 24, 40, 12> {
+  hatch::LatentCodes<B, 12> codes{6};
+  NacModFcCase() { this->use_codes(codes); }
+  void reset_parameters(hatch::Initializer& init) {
+    codes.reset_parameters(init);
+    hatch::ModFcLayer<B, 24, 40, 12>::reset_parameters(init);
+  }
+};
+struct NacModFc {
+  static constexpr int in = 24, out = 40;
+  template <hatch::Backend B> using bind = NacModFcCase<B>;
+};
+template <hatch::Backend B>
+struct NacKmdpaCase : hatch::KmdpaLayer<B, 3, 16, 8> {
+  hatch::LatentSignatures<B, 8> signatures{10};
+  NacKmdpaCase() { this->use_signatures(signatures); }
+  void reset_parameters(hatch::Initializer& init) {
+    signatures.reset_parameters(init);
+    hatch::KmdpaLayer<B, 3, 16, 8>::reset_parameters(init);
+  }
+};
+struct NacKmdpa {
+  static constexpr int in = 3 * 48, out = 48;
+  template <hatch::Backend B> using bind = NacKmdpaCase<B>;
+};
+
 // The parity cases, by name; both sides dispatch through run_case so they cannot drift apart.
 inline const std::vector<std::string>& case_names() {
   static const std::vector<std::string> names{
@@ -301,7 +330,8 @@ inline const std::vector<std::string>& case_names() {
       "block",           "block_train",        "patch_embed",      "patch_embed_rgb",
       "class_pos",       "class_head",         "vit_micro",        "vit_micro_train",
       "fit",             "incubator",          "silu",             "reshape_flatten",
-      "moe_block_topk",  "moe_block_vmoe_train"};
+      "moe_block_topk",  "moe_block_vmoe_train", "nac_modfc",   "nac_kmdpa",
+      "nac_kmdpa_train"};
   return names;
 }
 
@@ -335,6 +365,9 @@ Results run_case(const std::string& name, std::uint64_t seed) {
   // Training: router noise (a function of the seed), capacity drops, the auxiliary losses' gradients.
   if (name == "moe_block_vmoe_train")
     return run_layer<B, BlockWith<32, 2, Moe<32, 4, VmoeRouter<2>, Mlp<32, 64>>>>(seed, {4, 17, 32}, {.training = true});
+  if (name == "nac_modfc") return run_layer<B, NacModFc>(seed, {4 * 6, 24});
+  if (name == "nac_kmdpa") return run_layer<B, NacKmdpa>(seed, {3 * 10, 3 * 48});
+  if (name == "nac_kmdpa_train") return run_layer<B, NacKmdpa>(seed, {4 * 10, 3 * 48}, {.training = true});
   if (name == "patch_embed") return run_layer<B, PatchEmbed<1, 28, 7, 32>>(seed, {2, 1, 28, 28});
   if (name == "patch_embed_rgb") return run_layer<B, PatchEmbed<3, 12, 4, 20>>(seed, {2, 3, 12, 12});
   if (name == "class_pos") return run_layer<B, ClassPos<16, 32>>(seed, {2, 16, 32});

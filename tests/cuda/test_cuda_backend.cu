@@ -689,6 +689,95 @@ TEST_CASE("cuda: routing primitives: gather_rows, combine_rows, gather_dot_rows 
   }
 }
 
+TEST_CASE("cuda: sparse attention primitives (NAC) over a pair list with an empty row, against the host") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  for (int dh : {5, 40}) {  // shorter than a warp, longer
+    CAPTURE(dh);
+    const int batch = 3, n = 7, heads = 2, d = heads * dh, ld = 3 * d + 2;  // padded rows
+    // Pairs: query u keeps key v when (u + 2 v) % 3 != 0, query 3 keeps none, query 0 keeps all.
+    std::vector<std::int32_t> row_ptr{0}, col, col_ptr(n + 1, 0), pair, pair_row;
+    for (int u = 0; u < n; ++u) {
+      for (int v = 0; v < n; ++v)
+        if (u == 0 || (u != 3 && (u + 2 * v) % 3 != 0)) col.push_back(v);
+      row_ptr.push_back(std::int32_t(col.size()));
+    }
+    const int nnz = int(col.size());
+    for (int p = 0; p < nnz; ++p) ++col_ptr[col[p] + 1];
+    for (int v = 0; v < n; ++v) col_ptr[v + 1] += col_ptr[v];
+    pair.resize(nnz);
+    pair_row.resize(nnz);
+    std::vector<std::int32_t> next(col_ptr.begin(), col_ptr.end() - 1);
+    for (int u = 0; u < n; ++u)
+      for (int p = row_ptr[u]; p < row_ptr[u + 1]; ++p) {
+        pair[next[col[p]]] = p;
+        pair_row[next[col[p]]++] = u;
+      }
+    auto ix = [](const std::vector<std::int32_t>& h) {
+      hatch::Indices<Cuda> i;
+      i.from_host(h);
+      return i;
+    };
+    const auto rp = ix(row_ptr), cl = ix(col), cp = ix(col_ptr), pr = ix(pair), prow = ix(pair_row);
+    const HostVec x = randn(std::size_t(batch) * n * ld, 1), bias = randn(std::size_t(batch) * nnz, 2),
+                  dout = randn(std::size_t(batch) * n * d, 3);
+    const float scale = 1.0f / std::sqrt(float(dh));
+    // host reference in double
+    RefVec probs(std::size_t(batch) * heads * nnz, 0.0), o(dout.size(), 0.0), ds(probs.size(), 0.0),
+        dq(std::size_t(batch) * n * d, 0.0), dk(dq.size(), 0.0), dv(dq.size(), 0.0);
+    auto at = [&](int b, int u, int part, int h, int c) { return double(x[(std::size_t(b) * n + u) * ld + part * d + h * dh + c]); };
+    for (int b = 0; b < batch; ++b)
+      for (int h = 0; h < heads; ++h)
+        for (int u = 0; u < n; ++u) {
+          const std::size_t base = (std::size_t(b) * heads + h) * nnz;
+          double mx = -1e300, sum = 0, dot = 0;
+          for (int p = row_ptr[u]; p < row_ptr[u + 1]; ++p) {
+            double sc = 0;
+            for (int c = 0; c < dh; ++c) sc += at(b, u, 0, h, c) * at(b, col[p], 1, h, c);
+            probs[base + p] = scale * sc + bias[std::size_t(b) * nnz + p];
+            mx = std::max(mx, probs[base + p]);
+          }
+          for (int p = row_ptr[u]; p < row_ptr[u + 1]; ++p) sum += (probs[base + p] = std::exp(probs[base + p] - mx));
+          for (int p = row_ptr[u]; p < row_ptr[u + 1]; ++p) {
+            probs[base + p] /= sum;
+            double dp = 0;
+            for (int c = 0; c < dh; ++c) {
+              o[(std::size_t(b) * n + u) * d + h * dh + c] += probs[base + p] * at(b, col[p], 2, h, c);
+              dp += dout[(std::size_t(b) * n + u) * d + h * dh + c] * at(b, col[p], 2, h, c);
+            }
+            ds[base + p] = dp;
+            dot += dp * probs[base + p];
+          }
+          for (int p = row_ptr[u]; p < row_ptr[u + 1]; ++p) {
+            ds[base + p] = probs[base + p] * (ds[base + p] - dot);
+            for (int c = 0; c < dh; ++c) {
+              dq[(std::size_t(b) * n + u) * d + h * dh + c] += scale * ds[base + p] * at(b, col[p], 1, h, c);
+              dk[(std::size_t(b) * n + col[p]) * d + h * dh + c] += scale * ds[base + p] * at(b, u, 0, h, c);
+              dv[(std::size_t(b) * n + col[p]) * d + h * dh + c] += probs[base + p] * dout[(std::size_t(b) * n + u) * d + h * dh + c];
+            }
+          }
+        }
+    Dev xd = dev(x), bd = dev(bias), dod = dev(dout);
+    Dev probs_d({std::int64_t(probs.size())}), o_d({std::int64_t(o.size())}), ds_d({std::int64_t(ds.size())}),
+        dq_d({std::int64_t(dq.size())}), dk_d({std::int64_t(dq.size())}), dv_d({std::int64_t(dq.size())});
+    probs_d.zero();  // the empty row's pairs: none, nothing else is left unwritten
+    ds_d.zero();
+    o_d.fill(7.0f);  // the empty row's output must be written as 0
+    Cuda::sparse_attention_forward(probs_d.data(), o_d.data(), d, xd.data(), xd.data() + d, xd.data() + 2 * d, ld,
+                                   rp.data(), cl.data(), bd.data(), nnz, batch, n, heads, dh, nnz, scale);
+    Cuda::sparse_attention_backward_rows(ds_d.data(), dq_d.data(), d, dod.data(), d, xd.data() + d, xd.data() + 2 * d,
+                                         ld, probs_d.data(), rp.data(), cl.data(), batch, n, heads, dh, nnz, scale);
+    Cuda::sparse_attention_backward_cols(dk_d.data(), dv_d.data(), d, xd.data(), ld, dod.data(), d, probs_d.data(),
+                                         ds_d.data(), cp.data(), pr.data(), prow.data(), batch, n, heads, dh, nnz,
+                                         scale);
+    CHECK_CLOSE(probs_d.to_host(), probs, kTol);
+    CHECK_CLOSE(o_d.to_host(), o, kTol);
+    CHECK_CLOSE(ds_d.to_host(), ds, kTol);
+    CHECK_CLOSE(dq_d.to_host(), dq, kTol);
+    CHECK_CLOSE(dk_d.to_host(), dk, kTol);
+    CHECK_CLOSE(dv_d.to_host(), dv, kTol);
+  }
+}
+
 TEST_CASE("cuda: primitives at ViT-B/16 sizes (12,608 rows, tensors over 2^24 elements)") {
   HATCH_REQUIRE_CUDA_DEVICE();
   constexpr int rows = 64 * 197, dim = 768, hidden = 3072, prob_rows = 64 * 12 * 197, tokens = 197;
@@ -1170,6 +1259,12 @@ TEST_CASE("cuda parity: expert blocks (TopKGate; VmoeRouter in training with noi
   check_parity("moe_block_topk");
   check_parity("moe_block_vmoe_train");
 }
+TEST_CASE("cuda parity: NAC layers (ModFc on shared codes; Kmdpa over its sparse pairs, evaluation and training)") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  check_parity("nac_modfc");
+  check_parity("nac_kmdpa");
+  check_parity("nac_kmdpa_train");
+}
 TEST_CASE("cuda parity: PatchEmbed") {
   HATCH_REQUIRE_CUDA_DEVICE();
   check_parity("patch_embed");
@@ -1204,7 +1299,8 @@ TEST_CASE("cuda parity: every case is covered") {
                                         "layernorm_no_input_grad", "gelu", "dropout", "attention", "attention_nobias",
                                         "block", "block_train", "patch_embed", "patch_embed_rgb", "class_pos",
                                         "class_head", "vit_micro", "vit_micro_train", "fit", "incubator",
-                                        "silu", "reshape_flatten", "moe_block_topk", "moe_block_vmoe_train"};
+                                        "silu", "reshape_flatten", "moe_block_topk", "moe_block_vmoe_train",
+                                        "nac_modfc", "nac_kmdpa", "nac_kmdpa_train"};
   for (const auto& name : hatch_test::case_names())
     if (std::find(tested.begin(), tested.end(), name) == tested.end()) check_parity(name);
 }

@@ -76,6 +76,12 @@ concept Backend = requires(typename B::Scalar* y, const typename B::Scalar* x, t
   B::gather_rows(y, x, cix, x, i, i);        // y[r, :] = idx[r] < 0 ? 0 : (scale ? scale[r] : 1) x[idx[r], :]
   B::combine_rows(y, x, cix, x, i, i, i);    // y[t, :] = sum_{j < k, slot >= 0} (w ? w[t k + j] : 1) x[slots[t k + j], :]
   B::gather_dot_rows(y, x, x, cix, i, i, i); // out[t k + j] = slot < 0 ? 0 : dot(a[t, :], b[slots[t k + j], :])
+  // sparse attention over a pair list (NAC's kernel-modulated attention): one CSR over query rows,
+  // shared by every example and head; see CpuBackend for the exact definitions. Deterministic:
+  // one writer per output element (the key-side gradients read a transposed pair list).
+  B::sparse_attention_forward(y, y, i, x, x, x, i, cix, cix, x, i, i, i, i, i, i, a);
+  B::sparse_attention_backward_rows(y, y, i, x, i, x, x, i, x, cix, cix, i, i, i, i, i, a);
+  B::sparse_attention_backward_cols(y, y, i, x, i, x, i, x, x, cix, cix, cix, i, i, i, i, i, a);
   // losses over logits (rows x classes): returns the summed loss, writes dlogits = scale * grad
   { B::softmax_cross_entropy(y, x, x, i, i, a) } -> std::convertible_to<double>;
   // AdamW step on n values

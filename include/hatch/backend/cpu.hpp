@@ -418,6 +418,109 @@ struct CpuBackend {
     });
   }
 
+  // ---- sparse attention (NAC's kernel-modulated attention) ---------------------------------
+  // A pair list in CSR form over query rows, shared by every example b < batch and head h < heads:
+  // query u attends to the keys col[p], p in [row_ptr[u], row_ptr[u + 1]) (nnz = row_ptr[n]).
+  // Row r = b n + u of q, k, v (and of their gradients) starts at r * ld, head h is the columns
+  // [h dh, (h + 1) dh). Scores, probabilities and their gradients are laid out
+  // [(b heads + h) nnz + p]. A query with no pair gets output 0.
+  //
+  // forward:  s_p = scale q_u . k_col[p] + bias[b ld_bias + p]  (ld_bias 0: one bias for all b)
+  //           probs_p = softmax of s over the row's pairs;  o_u = sum_p probs_p v_col[p]
+  static void sparse_attention_forward(T* probs, T* o, int ld_o, const T* q, const T* k, const T* v, int ld,
+                                       const std::int32_t* row_ptr, const std::int32_t* col, const T* bias,
+                                       int ld_bias, int batch, int n, int heads, int dh, int nnz, T scale) {
+    const std::int64_t rows = std::int64_t(batch) * heads * n;
+    parallel_rows(rows, std::int64_t(dh) * std::max(1, nnz / std::max(n, 1)), [&](std::int64_t r) {
+      const int u = int(r % n), h = int((r / n) % heads), b = int(r / (std::int64_t(n) * heads));
+      const std::int32_t p0 = row_ptr[u], p1 = row_ptr[u + 1];
+      T* pr = probs + (std::int64_t(b) * heads + h) * nnz;
+      const T* qu = q + (std::int64_t(b) * n + u) * ld + std::int64_t(h) * dh;
+      T* ou = o + (std::int64_t(b) * n + u) * ld_o + std::int64_t(h) * dh;
+      std::fill(ou, ou + dh, T(0));
+      if (p1 <= p0) return;
+      T mx = T(0);
+      for (std::int32_t p = p0; p < p1; ++p) {
+        const T* kv = k + (std::int64_t(b) * n + col[p]) * ld + std::int64_t(h) * dh;
+        T s = T(0);
+        for (int c = 0; c < dh; ++c) s += qu[c] * kv[c];
+        s = scale * s + bias[std::int64_t(b) * ld_bias + p];
+        pr[p] = s;
+        mx = p == p0 ? s : std::max(mx, s);
+      }
+      T sum = T(0);
+      for (std::int32_t p = p0; p < p1; ++p) sum += (pr[p] = std::exp(pr[p] - mx));
+      const T inv = T(1) / sum;
+      for (std::int32_t p = p0; p < p1; ++p) {
+        pr[p] *= inv;
+        const T* vv = v + (std::int64_t(b) * n + col[p]) * ld + std::int64_t(h) * dh;
+        for (int c = 0; c < dh; ++c) ou[c] += pr[p] * vv[c];
+      }
+    });
+  }
+  // Query side of the backward, one writer per (b, h, u):
+  //   dP_p = dout_u . v_col[p];  dscores_p = probs_p (dP_p - sum_p' probs_p' dP_p')  (d/ds_p)
+  //   dq_u = scale sum_p dscores_p k_col[p]   (overwritten; dq rows ld_dq apart)
+  static void sparse_attention_backward_rows(T* dscores, T* dq, int ld_dq, const T* dout, int ld_o, const T* k,
+                                             const T* v, int ld, const T* probs, const std::int32_t* row_ptr,
+                                             const std::int32_t* col, int batch, int n, int heads, int dh, int nnz,
+                                             T scale) {
+    const std::int64_t rows = std::int64_t(batch) * heads * n;
+    parallel_rows(rows, std::int64_t(dh) * std::max(1, nnz / std::max(n, 1)), [&](std::int64_t r) {
+      const int u = int(r % n), h = int((r / n) % heads), b = int(r / (std::int64_t(n) * heads));
+      const std::int32_t p0 = row_ptr[u], p1 = row_ptr[u + 1];
+      const T* pr = probs + (std::int64_t(b) * heads + h) * nnz;
+      T* ds = dscores + (std::int64_t(b) * heads + h) * nnz;
+      const T* du = dout + (std::int64_t(b) * n + u) * ld_o + std::int64_t(h) * dh;
+      T* dqu = dq + (std::int64_t(b) * n + u) * ld_dq + std::int64_t(h) * dh;
+      std::fill(dqu, dqu + dh, T(0));
+      T dot = T(0);
+      for (std::int32_t p = p0; p < p1; ++p) {
+        const T* vv = v + (std::int64_t(b) * n + col[p]) * ld + std::int64_t(h) * dh;
+        T s = T(0);
+        for (int c = 0; c < dh; ++c) s += du[c] * vv[c];
+        ds[p] = s;
+        dot += s * pr[p];
+      }
+      for (std::int32_t p = p0; p < p1; ++p) {
+        ds[p] = pr[p] * (ds[p] - dot);
+        const T* kv = k + (std::int64_t(b) * n + col[p]) * ld + std::int64_t(h) * dh;
+        const T w = scale * ds[p];
+        for (int c = 0; c < dh; ++c) dqu[c] += w * kv[c];
+      }
+    });
+  }
+  // Key side of the backward, one writer per (b, h, key v), over the transposed pair list: the
+  // pairs pair[j], j in [col_ptr[v], col_ptr[v + 1]), are those with key v, in increasing order,
+  // and pair_row[j] is the query of pair[j]. dk and dv are overwritten (rows ld_dkv apart):
+  //   dk_v = scale sum_j dscores_pair[j] q_pair_row[j];   dv_v = sum_j probs_pair[j] dout_pair_row[j]
+  static void sparse_attention_backward_cols(T* dk, T* dv, int ld_dkv, const T* q, int ld, const T* dout, int ld_o,
+                                             const T* probs, const T* dscores, const std::int32_t* col_ptr,
+                                             const std::int32_t* pair, const std::int32_t* pair_row, int batch,
+                                             int n, int heads, int dh, int nnz, T scale) {
+    const std::int64_t rows = std::int64_t(batch) * heads * n;
+    parallel_rows(rows, std::int64_t(dh) * std::max(1, nnz / std::max(n, 1)), [&](std::int64_t r) {
+      const int vi = int(r % n), h = int((r / n) % heads), b = int(r / (std::int64_t(n) * heads));
+      const T* pr = probs + (std::int64_t(b) * heads + h) * nnz;
+      const T* ds = dscores + (std::int64_t(b) * heads + h) * nnz;
+      T* dkv = dk + (std::int64_t(b) * n + vi) * ld_dkv + std::int64_t(h) * dh;
+      T* dvv = dv + (std::int64_t(b) * n + vi) * ld_dkv + std::int64_t(h) * dh;
+      std::fill(dkv, dkv + dh, T(0));
+      std::fill(dvv, dvv + dh, T(0));
+      for (std::int32_t j = col_ptr[vi]; j < col_ptr[vi + 1]; ++j) {
+        const std::int32_t p = pair[j];
+        const std::int64_t row = std::int64_t(b) * n + pair_row[j];
+        const T* qu = q + row * ld + std::int64_t(h) * dh;
+        const T* du = dout + row * ld_o + std::int64_t(h) * dh;
+        const T ws = scale * ds[p], wp = pr[p];
+        for (int c = 0; c < dh; ++c) {
+          dkv[c] += ws * qu[c];
+          dvv[c] += wp * du[c];
+        }
+      }
+    });
+  }
+
   // ---- patch embedding ---------------------------------------------------------------------
   // patch vector index = (c * p + ky) * p + kx, the layout of a Conv2d weight (D, C, p, p).
   static void im2patch(T* patches, const T* img, int batch, int ch, int h, int w, int p) {

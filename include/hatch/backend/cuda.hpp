@@ -943,6 +943,36 @@ struct Cuda {
                       rows, k, cols);
   }
 
+  // ---- sparse attention (NAC): definitions in CpuBackend; one warp per (example, head, row) ----
+  static void sparse_attention_forward(T* probs, T* o, int ld_o, const T* q, const T* k, const T* v, int ld,
+                                       const std::int32_t* row_ptr, const std::int32_t* col, const T* bias,
+                                       int ld_bias, int batch, int n, int heads, int dh, int nnz, T scale) {
+    const int rows = batch * heads * n;
+    if (rows <= 0 || dh <= 0) return;
+    HATCH_CUDA_LAUNCH(cuda_kernels::sparse_attention_forward<T>, cuda_detail::row_blocks(rows), cuda_detail::kRowBlock,
+                      probs, o, ld_o, q, k, v, ld, row_ptr, col, bias, ld_bias, batch, n, heads, dh, nnz, scale);
+  }
+  static void sparse_attention_backward_rows(T* dscores, T* dq, int ld_dq, const T* dout, int ld_o, const T* k,
+                                             const T* v, int ld, const T* probs, const std::int32_t* row_ptr,
+                                             const std::int32_t* col, int batch, int n, int heads, int dh, int nnz,
+                                             T scale) {
+    const int rows = batch * heads * n;
+    if (rows <= 0 || dh <= 0) return;
+    HATCH_CUDA_LAUNCH(cuda_kernels::sparse_attention_backward_rows<T>, cuda_detail::row_blocks(rows),
+                      cuda_detail::kRowBlock, dscores, dq, ld_dq, dout, ld_o, k, v, ld, probs, row_ptr, col, batch, n,
+                      heads, dh, nnz, scale);
+  }
+  static void sparse_attention_backward_cols(T* dk, T* dv, int ld_dkv, const T* q, int ld, const T* dout, int ld_o,
+                                             const T* probs, const T* dscores, const std::int32_t* col_ptr,
+                                             const std::int32_t* pair, const std::int32_t* pair_row, int batch,
+                                             int n, int heads, int dh, int nnz, T scale) {
+    const int rows = batch * heads * n;
+    if (rows <= 0 || dh <= 0) return;
+    HATCH_CUDA_LAUNCH(cuda_kernels::sparse_attention_backward_cols<T>, cuda_detail::row_blocks(rows),
+                      cuda_detail::kRowBlock, dk, dv, ld_dkv, q, ld, dout, ld_o, probs, dscores, col_ptr, pair,
+                      pair_row, batch, n, heads, dh, nnz, scale);
+  }
+
   // ---- patch embedding ---------------------------------------------------------------------------
   static void im2patch(T* patches, const T* img, int batch, int ch, int h, int w, int p) {
     const std::size_t total = std::size_t(std::max(batch, 0)) * (h / p) * (w / p) * ch * p * p;

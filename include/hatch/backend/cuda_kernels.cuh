@@ -532,6 +532,101 @@ __global__ void gather_dot_rows(T* out, const T* a, const T* b, const std::int32
   if (lane == 0) out[pair] = s;
 }
 
+// ---- sparse attention (NAC's kernel-modulated attention), as in CpuBackend ----------------------
+// One warp per (example, head, query) row r = (b heads + h) n + u, or per key for the key side.
+// Dot products over a head's dh columns are lane-split and warp-summed (every lane gets the sum),
+// and every lane keeps the same running values, so the row's pairs are walked in order by all.
+template <class T>
+__global__ void sparse_attention_forward(T* probs, T* o, int ld_o, const T* q, const T* k, const T* v, int ld,
+                                         const std::int32_t* row_ptr, const std::int32_t* col, const T* bias,
+                                         int ld_bias, int batch, int n, int heads, int dh, int nnz, T scale) {
+  const int row = warp_row();
+  if (row >= batch * heads * n) return;
+  const int lane = int(threadIdx.x);
+  const int u = row % n, h = (row / n) % heads, b = row / (n * heads);
+  const std::int32_t p0 = row_ptr[u], p1 = row_ptr[u + 1];
+  T* pr = probs + (std::size_t(b) * heads + h) * nnz;
+  const T* qu = q + (std::size_t(b) * n + u) * ld + std::size_t(h) * dh;
+  T* ou = o + (std::size_t(b) * n + u) * ld_o + std::size_t(h) * dh;
+  T mx = T(0);
+  for (std::int32_t p = p0; p < p1; ++p) {
+    const T* kv = k + (std::size_t(b) * n + col[p]) * ld + std::size_t(h) * dh;
+    T s = T(0);
+    for (int c = lane; c < dh; c += 32) s += qu[c] * kv[c];
+    s = scale * warp_sum(s) + bias[std::size_t(b) * ld_bias + p];
+    if (lane == 0) pr[p] = s;
+    mx = (p == p0 || s > mx) ? s : mx;
+  }
+  __syncwarp();
+  T sum = T(0);
+  for (std::int32_t p = p0 + lane; p < p1; p += 32) sum += (pr[p] = d_exp(pr[p] - mx));
+  const T inv = T(1) / warp_sum(sum);
+  for (std::int32_t p = p0 + lane; p < p1; p += 32) pr[p] *= inv;
+  __syncwarp();
+  for (int c = lane; c < dh; c += 32) {
+    T acc = T(0);
+    for (std::int32_t p = p0; p < p1; ++p) acc += pr[p] * v[(std::size_t(b) * n + col[p]) * ld + std::size_t(h) * dh + c];
+    ou[c] = acc;
+  }
+}
+template <class T>
+__global__ void sparse_attention_backward_rows(T* dscores, T* dq, int ld_dq, const T* dout, int ld_o, const T* k,
+                                               const T* v, int ld, const T* probs, const std::int32_t* row_ptr,
+                                               const std::int32_t* col, int batch, int n, int heads, int dh, int nnz,
+                                               T scale) {
+  const int row = warp_row();
+  if (row >= batch * heads * n) return;
+  const int lane = int(threadIdx.x);
+  const int u = row % n, h = (row / n) % heads, b = row / (n * heads);
+  const std::int32_t p0 = row_ptr[u], p1 = row_ptr[u + 1];
+  const T* pr = probs + (std::size_t(b) * heads + h) * nnz;
+  T* ds = dscores + (std::size_t(b) * heads + h) * nnz;
+  const T* du = dout + (std::size_t(b) * n + u) * ld_o + std::size_t(h) * dh;
+  T* dqu = dq + (std::size_t(b) * n + u) * ld_dq + std::size_t(h) * dh;
+  T dot = T(0);
+  for (std::int32_t p = p0; p < p1; ++p) {
+    const T* vv = v + (std::size_t(b) * n + col[p]) * ld + std::size_t(h) * dh;
+    T s = T(0);
+    for (int c = lane; c < dh; c += 32) s += du[c] * vv[c];
+    s = warp_sum(s);
+    if (lane == 0) ds[p] = s;
+    dot += s * pr[p];
+  }
+  __syncwarp();
+  for (std::int32_t p = p0 + lane; p < p1; p += 32) ds[p] = pr[p] * (ds[p] - dot);
+  __syncwarp();
+  for (int c = lane; c < dh; c += 32) {
+    T acc = T(0);
+    for (std::int32_t p = p0; p < p1; ++p) acc += scale * ds[p] * k[(std::size_t(b) * n + col[p]) * ld + std::size_t(h) * dh + c];
+    dqu[c] = acc;
+  }
+}
+template <class T>
+__global__ void sparse_attention_backward_cols(T* dk, T* dv, int ld_dkv, const T* q, int ld, const T* dout, int ld_o,
+                                               const T* probs, const T* dscores, const std::int32_t* col_ptr,
+                                               const std::int32_t* pair, const std::int32_t* pair_row, int batch,
+                                               int n, int heads, int dh, int nnz, T scale) {
+  const int row = warp_row();
+  if (row >= batch * heads * n) return;
+  const int lane = int(threadIdx.x);
+  const int vi = row % n, h = (row / n) % heads, b = row / (n * heads);
+  const T* pr = probs + (std::size_t(b) * heads + h) * nnz;
+  const T* ds = dscores + (std::size_t(b) * heads + h) * nnz;
+  T* dkv = dk + (std::size_t(b) * n + vi) * ld_dkv + std::size_t(h) * dh;
+  T* dvv = dv + (std::size_t(b) * n + vi) * ld_dkv + std::size_t(h) * dh;
+  for (int c = lane; c < dh; c += 32) {
+    T ak = T(0), av = T(0);
+    for (std::int32_t j = col_ptr[vi]; j < col_ptr[vi + 1]; ++j) {
+      const std::int32_t p = pair[j];
+      const std::size_t r = std::size_t(b) * n + pair_row[j];
+      ak += scale * ds[p] * q[r * ld + std::size_t(h) * dh + c];
+      av += pr[p] * dout[r * ld_o + std::size_t(h) * dh + c];
+    }
+    dkv[c] = ak;
+    dvv[c] = av;
+  }
+}
+
 // Per-row soft-target cross-entropy in double, as on the CPU; the rows are summed afterwards.
 template <class T>
 __global__ void softmax_cross_entropy(double* loss, T* dz, const T* z, const T* t, int rows, int cols, T scale) {

@@ -1,0 +1,444 @@
+#pragma once
+// Neural Attentive Circuits (ALGORITHMS.md section 4, issue 10): the first two layers.
+//
+//   LatentParameter<B, Cols>     a (U, Cols) table owned by the model and shared by many layers:
+//                                LatentCodes (the codes c_u) and LatentSignatures (s_u)
+//   ModFc<In, Out, CodeDim>      code-conditioned linear over U latents
+//   Kmdpa<Heads, HeadDim, Sig>   kernel-modulated dot-product attention among U latents, computed
+//                                only over the pairs that the signatures keep
+//
+// Latent rows are batch-major: row b U + u of an input is latent u of example b.
+//
+// Shared parameters. A layer is handed the model's table once, after construction
+// (`layer.use_codes(codes)`, `layer.use_signatures(signatures)`), keeps a pointer to its Parameter,
+// adds its gradient into it in backward, and shows it in visit() under prefix + "codes" (or
+// "signatures"). Several layers thus visit the same Parameter object: ParameterArena and the
+// checkpoint slots store and step it once, under the first name visit gives it (the model should
+// visit its table first, so that the name is the model's). A layer does not reset the table:
+// its owner does (LatentParameter::reset_parameters).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "hatch/backend/fused.hpp"
+#include "hatch/backend/random.hpp"
+#include "hatch/core/error.hpp"
+#include "hatch/core/indices.hpp"
+#include "hatch/core/layer.hpp"
+#include "hatch/core/parameter.hpp"
+
+namespace hatch {
+
+// A (rows, Cols) parameter table shared by layers (codes, signatures). Not weight-decayed.
+template <Backend B, int Cols>
+struct LatentParameter {
+  static constexpr int cols = Cols;
+  explicit LatentParameter(int rows) : param({rows, Cols}, /*decay=*/false) {}
+  int rows() const { return int(param.value.shape()[0]); }
+  // Standard normal entries, cut at two standard deviations (scale does not matter to a cosine or
+  // to the LayerNorm of a ModFc).
+  void reset_parameters(Initializer& init) { init.trunc_normal(param, 1.0); }
+  template <class F>
+  void visit(F&& f, const std::string& name) { f(name, param); }
+  Parameter<B> param;
+};
+template <Backend B, int CodeDim> using LatentCodes = LatentParameter<B, CodeDim>;
+template <Backend B, int SigDim> using LatentSignatures = LatentParameter<B, SigDim>;
+
+namespace nac_detail {
+// Element-wise maps reading a scalar parameter from the backend's memory (no host round trip).
+template <class T>
+struct OnePlusScaled {  // 1 + a x
+  const T* a;
+  HATCH_HD T operator()(T x) const { return T(1) + a[0] * x; }
+};
+template <class T>
+struct ScaledBy {  // a x
+  const T* a;
+  HATCH_HD T operator()(T x) const { return a[0] * x; }
+};
+}  // namespace nac_detail
+
+// ModFC: y_u = W (x_u * (1 + a LN(W_c c_u))) + b for every latent u of every example.
+//   parameters: weight (Out, In), bias (Out), code_proj.weight (In, CodeDim) (no bias), scale (1)
+//   (the scalar a, 0.1 at reset), and the shared codes (U, CodeDim), visited as "codes".
+//   LN has no affine parameters and eps 1e-5 (PyTorch's F.layer_norm default).
+// Input (B U, In) (or (B, U, In)); output the same rows with Out columns.
+template <Backend B, int In, int Out, int CodeDim>
+class ModFcLayer : public LeafLayer<ModFcLayer<B, In, Out, CodeDim>, B, In, Out> {
+ public:
+  using T = typename B::Scalar;
+  static constexpr double ln_eps = 1e-5;
+  static constexpr double initial_scale = 0.1;
+
+  ModFcLayer() : weight({Out, In}, true), bias({Out}, false), code_proj({In, CodeDim}, true), scale({1}, false) {
+    scale.value.fill(T(initial_scale));
+    ones_.resize({In});
+    ones_.fill(T(1));
+    zeros_.resize({In});
+    zeros_.zero();
+  }
+  void use_codes(LatentCodes<B, CodeDim>& codes) { codes_ = &codes.param; }
+  bool has_codes() const { return codes_ != nullptr; }
+
+  void reset_parameters(Initializer& init) {
+    init.trunc_normal(weight, 0.02);
+    init.constant(bias, 0.0);
+    init.trunc_normal(code_proj, 0.02);
+    init.constant(scale, initial_scale);
+  }
+
+  const Tensor<B>& forward(const Tensor<B>& x, Context&) {
+    HATCH_CHECK(codes_ != nullptr, "ModFc", "no codes: call use_codes(codes) before the first forward");
+    HATCH_CHECK(x.cols() == In, "ModFc", "input width " + std::to_string(x.cols()) + ", expected " + std::to_string(In));
+    u_ = int(codes_->value.shape()[0]);
+    rows_ = int(x.rows());
+    HATCH_CHECK(u_ > 0 && rows_ % u_ == 0, "ModFc",
+                std::to_string(rows_) + " input rows are not a whole number of examples of " + std::to_string(u_) +
+                    " latents");
+    x_ = &x;
+    const std::size_t ui = std::size_t(u_) * In;
+    // g = 1 + a LN(codes W_c^T), one row per latent
+    m_.resize({u_, In});
+    nrm_.resize({u_, In});
+    g_.resize({u_, In});
+    mean_.resize({u_});
+    rstd_.resize({u_});
+    B::gemm(false, true, u_, In, CodeDim, T(1), codes_->value.data(), CodeDim, code_proj.value.data(), CodeDim, T(0),
+            m_.data(), In);
+    B::layer_norm_forward(nrm_.data(), mean_.data(), rstd_.data(), m_.data(), ones_.data(), zeros_.data(), u_, In,
+                          T(ln_eps));
+    B::map(g_.data(), nrm_.data(), ui, nac_detail::OnePlusScaled<T>{scale.value.data()});
+    // xm = x * g (g broadcast over the examples), y = xm W^T + b
+    xm_.resize({rows_, In});
+    for (int b = 0; b < rows_ / u_; ++b) B::mul(xm_.data() + b * ui, x.data() + b * ui, g_.data(), ui);
+    Shape s = x.shape();
+    s.dims[s.rank - 1] = Out;
+    y_.resize(s);
+    fused::linear_forward<B>(y_.data(), xm_.data(), weight.value.data(), bias.value.data(), rows_, In, Out);
+    return y_;
+  }
+
+  const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
+    const std::size_t ui = std::size_t(u_) * In;
+    const int nb = rows_ / u_;
+    fused::linear_backward_params<B>(wants_grad(weight, ctx) ? weight.grad.data() : nullptr,
+                                     wants_grad(bias, ctx) ? bias.grad.data() : nullptr, dy.data(), xm_.data(), rows_,
+                                     In, Out);
+    const bool code_path = wants_grad(scale, ctx) || wants_grad(code_proj, ctx) || wants_grad(*codes_, ctx);
+    if (!ctx.input_grad && !code_path) return dx_;
+    dxm_.resize({rows_, In});  // d/d xm = dy W
+    B::gemm(false, false, rows_, In, Out, T(1), dy.data(), Out, weight.value.data(), In, T(0), dxm_.data(), In);
+    if (ctx.input_grad) {
+      dx_.resize(x_->shape());
+      for (int b = 0; b < nb; ++b) B::mul(dx_.data() + b * ui, dxm_.data() + b * ui, g_.data(), ui);
+    }
+    if (!code_path) return dx_;
+    // dg = sum over examples of dxm * x
+    tmp_.resize({rows_, In});
+    B::mul(tmp_.data(), dxm_.data(), x_->data(), std::size_t(rows_) * In);
+    dg_.resize({u_, In});
+    B::sum_rows(dg_.data(), tmp_.data(), nb, int(ui), int(ui), T(0));
+    if (wants_grad(scale, ctx))  // da += dg . LN(m): a 1 x 1 GEMM is the dot product
+      B::gemm(false, true, 1, 1, int(ui), T(1), dg_.data(), int(ui), nrm_.data(), int(ui), T(1), scale.grad.data(), 1);
+    if (wants_grad(code_proj, ctx) || wants_grad(*codes_, ctx)) {
+      dn_.resize({u_, In});
+      dm_.resize({u_, In});
+      B::map(dn_.data(), dg_.data(), ui, nac_detail::ScaledBy<T>{scale.value.data()});
+      B::layer_norm_backward(dm_.data(), nullptr, nullptr, dn_.data(), m_.data(), mean_.data(), rstd_.data(),
+                             ones_.data(), u_, In);
+      if (wants_grad(code_proj, ctx))  // dW_c += dm^T codes
+        B::gemm(true, false, In, CodeDim, u_, T(1), dm_.data(), In, codes_->value.data(), CodeDim, T(1),
+                code_proj.grad.data(), CodeDim);
+      if (wants_grad(*codes_, ctx))  // dcodes += dm W_c
+        B::gemm(false, false, u_, CodeDim, In, T(1), dm_.data(), In, code_proj.value.data(), CodeDim, T(1),
+                codes_->grad.data(), CodeDim);
+    }
+    return dx_;
+  }
+
+  template <class F>
+  void visit(F&& f, const std::string& prefix) {
+    if (codes_) f(prefix + "codes", *codes_);
+    f(prefix + "weight", weight);
+    f(prefix + "bias", bias);
+    f(prefix + "code_proj.weight", code_proj);
+    f(prefix + "scale", scale);
+  }
+
+  Parameter<B> weight, bias, code_proj, scale;
+
+ private:
+  Parameter<B>* codes_ = nullptr;
+  const Tensor<B>* x_ = nullptr;
+  int u_ = 0, rows_ = 0;
+  Tensor<B> ones_, zeros_, m_, nrm_, g_, mean_, rstd_, xm_, y_, dxm_, dx_, tmp_, dg_, dn_, dm_;
+};
+
+template <int In, int Out, int CodeDim>
+struct ModFc {
+  static constexpr int in = In, out = Out;
+  template <Backend B> using bind = ModFcLayer<B, In, Out, CodeDim>;
+};
+
+// KMDPA: kernel-modulated dot-product attention among the U latents of each example.
+//
+// Input: q, k, v side by side, (B U, 3 H dh) (columns [q | k | v], head h of each at h dh);
+// output (B U, H dh). Parameters: the shared signatures (U, SigDim), visited as "signatures", and
+// the kernel bandwidth eps, "bandwidth" (1), 1 at reset, used as is (as in the reference's Kernel;
+// it must stay positive). tau = 0.9, sampling temperature 0.5.
+//
+//   d_uv = 1 - cos(s_u, s_v)                 (s / max(|s|, 1e-12), as F.normalize)
+//   kept pairs: d_uv <= tau                  (the same for every example and head)
+//   evaluation:  log K_uv = -d_uv / eps
+//   training:    log K_uv = log sigmoid((logit(k_uv) + L_buv) / 0.5), k_uv = exp(-d_uv / eps) with
+//                d_uv / eps clamped below at 1e-6 (so k <= 1 - 1e-6, zero gradient where clamped),
+//                logit(k) = log k - log(1 - k), L = log w - log(1 - w) logistic noise, w uniform
+//                from (ctx.seed, counter + (b U + u) U + v) (backend/random.hpp): one draw per
+//                example and pair, the same for every head; ctx.draw(B U U) per training forward
+//   A_uv = softmax over kept v of (q_u . k_v / sqrt(dh) + log K_uv);   o_u = sum_v A_uv v_v
+//
+// Truncation, straight-through: a pair with d_uv > tau is not in the pair list (K = 0, weight
+// exactly 0). Its gradient is what the reference's straight-through truncation gives in the
+// log-kernel path: the gradient reaching log K_uv of a truncated pair is A_uv (...) = 0, and the
+// straight-through passes that 0 to d_uv, so signatures and eps get gradient only through kept
+// pairs. The threshold itself (d <= tau) carries no gradient.
+//
+// Sparsity is real: the pair list (CSR over queries, and its transpose for the key-side
+// gradients) is built once per forward on the host from the signatures, and the scores, softmax,
+// output and every gradient are computed over kept pairs only (B::sparse_attention_*). The
+// kernel's own maths (U x U cosines, the noise, the gradients to signatures and eps) run on the
+// host in double: one download of the signatures per forward and of d(log K) per backward, as
+// routing in the MoE layer.
+template <Backend B, int Heads, int HeadDim, int SigDim>
+class KmdpaLayer : public LeafLayer<KmdpaLayer<B, Heads, HeadDim, SigDim>, B, 3 * Heads * HeadDim, Heads * HeadDim> {
+ public:
+  using T = typename B::Scalar;
+  static constexpr int D = Heads * HeadDim;
+  static constexpr double tau = 0.9, temperature = 0.5, min_scaled_distance = 1e-6;
+
+  KmdpaLayer() : bandwidth({1}, false) { bandwidth.value.fill(T(1)); }
+  void use_signatures(LatentSignatures<B, SigDim>& s) { sig_ = &s.param; }
+  void reset_parameters(Initializer& init) { init.constant(bandwidth, 1.0); }
+
+  // The fraction of the U x U pairs kept by the last forward (d_uv <= tau).
+  double kept_fraction() const { return u_ ? double(nnz_) / (double(u_) * u_) : 0.0; }
+  int kept_pairs() const { return nnz_; }
+  // The last forward's pair list on the host: queries' CSR offsets and keys.
+  const std::vector<std::int32_t>& row_ptr() const { return row_ptr_h_; }
+  const std::vector<std::int32_t>& col() const { return col_h_; }
+
+  const Tensor<B>& forward(const Tensor<B>& x, Context& ctx) {
+    HATCH_CHECK(sig_ != nullptr, "Kmdpa", "no signatures: call use_signatures(signatures) before the first forward");
+    HATCH_CHECK(x.cols() == 3 * D, "Kmdpa",
+                "input width " + std::to_string(x.cols()) + ", expected " + std::to_string(3 * D) + " (q, k, v)");
+    u_ = int(sig_->value.shape()[0]);
+    rows_ = int(x.rows());
+    HATCH_CHECK(u_ > 0 && rows_ % u_ == 0, "Kmdpa",
+                std::to_string(rows_) + " input rows are not a whole number of examples of " + std::to_string(u_) +
+                    " latents");
+    nb_ = rows_ / u_;
+    x_ = &x;
+    training_ = ctx.training;
+    build_pairs();
+    // log K per kept pair: one row shared by the batch in evaluation, one per example in training
+    const int lrows = training_ ? nb_ : 1;
+    logk_h_.resize(std::size_t(lrows) * nnz_);
+    dlogk_dx_.resize(std::size_t(lrows) * nnz_);
+    const std::uint64_t base = training_ ? ctx.draw(std::uint64_t(nb_) * u_ * u_) : 0;
+    for (int b = 0; b < lrows; ++b)
+      for (int u = 0; u < u_; ++u)
+        for (int p = row_ptr_h_[u]; p < row_ptr_h_[u + 1]; ++p) {
+          const double xs = dist_h_[p] / eps_;
+          const std::size_t i = std::size_t(b) * nnz_ + p;
+          if (!training_) {
+            logk_h_[i] = T(-xs);
+            dlogk_dx_[i] = -1.0;
+            continue;
+          }
+          const bool clamped = xs < min_scaled_distance;
+          const double xc = clamped ? min_scaled_distance : xs;
+          const double logit = -xc - std::log(-std::expm1(-xc));
+          double w = uniform01(ctx.seed, base + (std::uint64_t(b) * u_ + u) * u_ + std::uint64_t(col_h_[p]));
+          w += 1.0 / 18014398509481984.0;  // 2^-54: never 0, still below 1
+          const double y = (logit + std::log(w) - std::log1p(-w)) / temperature;
+          const double logz = -(std::max(-y, 0.0) + std::log1p(std::exp(-std::abs(y))));  // log sigmoid(y)
+          const double one_minus_z = -std::expm1(logz);
+          logk_h_[i] = T(logz);
+          dlogk_dx_[i] = clamped ? 0.0 : one_minus_z / temperature * (-1.0 / -std::expm1(-xc));
+        }
+    std::vector<T>& lk = logk_host_scalar_;
+    lk.assign(logk_h_.begin(), logk_h_.end());
+    lk.push_back(T(0));
+    logk_.resize({std::int64_t(lk.size())});  // +1: never an empty tensor; resize + upload, as
+    B::upload(logk_.data(), lk.data(), lk.size());  // from_host builds a message string per call
+    probs_.resize({std::int64_t(nb_) * Heads * nnz_ + 1});
+    Shape s = x.shape();
+    s.dims[s.rank - 1] = D;
+    y_.resize(s);
+    B::sparse_attention_forward(probs_.data(), y_.data(), D, x.data(), x.data() + D, x.data() + 2 * D, 3 * D,
+                                row_ptr_.data(), col_.data(), logk_.data(), training_ ? nnz_ : 0, nb_, u_, Heads,
+                                HeadDim, nnz_, scale());
+    return y_;
+  }
+
+  const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
+    const bool kernel_grads = wants_grad(*sig_, ctx) || wants_grad(bandwidth, ctx);
+    if (!ctx.input_grad && !kernel_grads) return dx_;
+    const T* base = x_->data();
+    dscores_.resize(probs_.shape());
+    dx_.resize(x_->shape());
+    B::sparse_attention_backward_rows(dscores_.data(), dx_.data(), 3 * D, dy.data(), D, base + D, base + 2 * D, 3 * D,
+                                      probs_.data(), row_ptr_.data(), col_.data(), nb_, u_, Heads, HeadDim, nnz_,
+                                      scale());
+    if (ctx.input_grad)
+      B::sparse_attention_backward_cols(dx_.data() + D, dx_.data() + 2 * D, 3 * D, base, 3 * D, dy.data(), D,
+                                        probs_.data(), dscores_.data(), col_ptr_.data(), pair_.data(),
+                                        pair_row_.data(), nb_, u_, Heads, HeadDim, nnz_, scale());
+    if (kernel_grads && nnz_ > 0) kernel_backward(ctx);
+    return dx_;
+  }
+
+  template <class F>
+  void visit(F&& f, const std::string& prefix) {
+    if (sig_) f(prefix + "signatures", *sig_);
+    f(prefix + "bandwidth", bandwidth);
+  }
+
+  Parameter<B> bandwidth;
+
+ private:
+  static T scale() { return T(1) / std::sqrt(T(HeadDim)); }
+
+  // Distances from the signatures, the kept pairs (CSR and its transpose), on the host.
+  void build_pairs() {
+    const std::size_t us = std::size_t(u_) * SigDim;
+    sig_host_.resize(us);
+    B::download(sig_host_.data(), sig_->value.data(), us);
+    T e;
+    B::download(&e, bandwidth.value.data(), 1);
+    eps_ = double(e);
+    HATCH_CHECK(eps_ > 0 && std::isfinite(eps_), "Kmdpa", "the kernel bandwidth is " + std::to_string(eps_) +
+                                                              ", it must be positive");
+    unit_.resize(us);
+    norm_.resize(u_);
+    for (int u = 0; u < u_; ++u) {
+      double s = 0;
+      for (int c = 0; c < SigDim; ++c) s += double(sig_host_[std::size_t(u) * SigDim + c]) * sig_host_[std::size_t(u) * SigDim + c];
+      norm_[u] = std::max(std::sqrt(s), 1e-12);
+      for (int c = 0; c < SigDim; ++c) unit_[std::size_t(u) * SigDim + c] = sig_host_[std::size_t(u) * SigDim + c] / norm_[u];
+    }
+    row_ptr_h_.assign(std::size_t(u_) + 1, 0);
+    col_h_.clear();
+    dist_h_.clear();
+    for (int u = 0; u < u_; ++u) {
+      for (int v = 0; v < u_; ++v) {
+        double c = 0;
+        for (int k = 0; k < SigDim; ++k) c += unit_[std::size_t(u) * SigDim + k] * unit_[std::size_t(v) * SigDim + k];
+        const double d = 1.0 - c;
+        if (d <= tau) {
+          col_h_.push_back(v);
+          dist_h_.push_back(d);
+        }
+      }
+      row_ptr_h_[u + 1] = std::int32_t(col_h_.size());
+    }
+    nnz_ = int(col_h_.size());
+    // transpose: pairs grouped by key, in increasing pair order
+    col_ptr_h_.assign(std::size_t(u_) + 1, 0);
+    for (int p = 0; p < nnz_; ++p) ++col_ptr_h_[col_h_[p] + 1];
+    for (int v = 0; v < u_; ++v) col_ptr_h_[v + 1] += col_ptr_h_[v];
+    pair_h_.resize(nnz_);
+    pair_row_h_.resize(nnz_);
+    fill_.assign(col_ptr_h_.begin(), col_ptr_h_.end() - 1);
+    for (int u = 0; u < u_; ++u)
+      for (int p = row_ptr_h_[u]; p < row_ptr_h_[u + 1]; ++p) {
+        const int j = fill_[col_h_[p]]++;
+        pair_h_[j] = p;
+        pair_row_h_[j] = u;
+      }
+    row_ptr_.from_host(row_ptr_h_);
+    col_ptr_.from_host(col_ptr_h_);
+    // never empty buffers (a pointer is passed even when nothing is kept)
+    col_h_.push_back(0);
+    pair_h_.push_back(0);
+    pair_row_h_.push_back(0);
+    col_.from_host(col_h_);
+    pair_.from_host(pair_h_);
+    pair_row_.from_host(pair_row_h_);
+    col_h_.pop_back();
+    pair_h_.pop_back();
+    pair_row_h_.pop_back();
+  }
+
+  // d(loss)/d(log K) summed over heads, then through the kernel to the signatures and eps.
+  void kernel_backward(Context& ctx) {
+    const int lrows = training_ ? nb_ : 1;
+    dlogk_.resize({std::int64_t(nb_) * nnz_});
+    for (int b = 0; b < nb_; ++b)
+      B::sum_rows(dlogk_.data() + std::size_t(b) * nnz_, dscores_.data() + std::size_t(b) * Heads * nnz_, Heads, nnz_,
+                  nnz_, T(0));
+    dlogk_host_.resize(std::size_t(nb_) * nnz_);
+    B::download(dlogk_host_.data(), dlogk_.data(), dlogk_host_.size());
+    // gx[p] = d loss / d (d_p / eps)
+    gx_.assign(nnz_, 0.0);
+    for (int b = 0; b < nb_; ++b)
+      for (int p = 0; p < nnz_; ++p)
+        gx_[p] += double(dlogk_host_[std::size_t(b) * nnz_ + p]) * dlogk_dx_[std::size_t(b % lrows) * nnz_ + p];
+    if (wants_grad(bandwidth, ctx)) {
+      double de = 0;
+      for (int p = 0; p < nnz_; ++p) de -= gx_[p] * dist_h_[p] / (eps_ * eps_);
+      grad_host_.assign(1, T(de));
+      upload_grad();
+      B::axpy(bandwidth.grad.data(), T(1), grad_up_.data(), 1);
+    }
+    if (wants_grad(*sig_, ctx)) {
+      // d = 1 - n_u . n_v:  dd/ds_u = -(n_v - cos n_u) / |s_u|, and symmetrically for s_v
+      dsig_.assign(std::size_t(u_) * SigDim, 0.0);
+      for (int u = 0; u < u_; ++u)
+        for (int p = row_ptr_h_[u]; p < row_ptr_h_[u + 1]; ++p) {
+          const int v = col_h_[p];
+          const double gd = gx_[p] / eps_, c = 1.0 - dist_h_[p];
+          const double* nu = &unit_[std::size_t(u) * SigDim];
+          const double* nv = &unit_[std::size_t(v) * SigDim];
+          double* du = &dsig_[std::size_t(u) * SigDim];
+          double* dv = &dsig_[std::size_t(v) * SigDim];
+          for (int k = 0; k < SigDim; ++k) {
+            du[k] -= gd * (nv[k] - c * nu[k]) / norm_[u];
+            dv[k] -= gd * (nu[k] - c * nv[k]) / norm_[v];
+          }
+        }
+      grad_host_.assign(dsig_.begin(), dsig_.end());
+      upload_grad();
+      B::axpy(sig_->grad.data(), T(1), grad_up_.data(), std::size_t(u_) * SigDim);
+    }
+  }
+
+  void upload_grad() {
+    grad_up_.resize({std::int64_t(grad_host_.size())});
+    B::upload(grad_up_.data(), grad_host_.data(), grad_host_.size());
+  }
+
+  Parameter<B>* sig_ = nullptr;
+  const Tensor<B>* x_ = nullptr;
+  int u_ = 0, rows_ = 0, nb_ = 0, nnz_ = 0;
+  bool training_ = false;
+  double eps_ = 1;
+  // host side of the kernel
+  std::vector<T> sig_host_, logk_host_scalar_, dlogk_host_, grad_host_;
+  std::vector<double> unit_, norm_, dist_h_, logk_h_, dlogk_dx_, gx_, dsig_;
+  std::vector<std::int32_t> row_ptr_h_, col_h_, col_ptr_h_, pair_h_, pair_row_h_, fill_;
+  // backend side
+  Indices<B> row_ptr_, col_, col_ptr_, pair_, pair_row_;
+  Tensor<B> logk_, probs_, y_, dscores_, dx_, dlogk_, grad_up_;
+};
+
+template <int Heads, int HeadDim, int SigDim>
+struct Kmdpa {
+  static constexpr int in = 3 * Heads * HeadDim, out = Heads * HeadDim;
+  template <Backend B> using bind = KmdpaLayer<B, Heads, HeadDim, SigDim>;
+};
+
+}  // namespace hatch

@@ -1,0 +1,384 @@
+// NAC layers (layers/nac.hpp): ModFc and Kmdpa. Finite differences in double for every input and
+// parameter, the truncation and its straight-through rule against a dense computation, the kept
+// fraction, and a shared codes table stored once.
+#include <unistd.h>
+
+#include <filesystem>
+
+#include "support.hpp"
+
+using namespace hatch;
+using test::gradcheck;
+using test::randomize_parameters;
+
+namespace {
+
+using B64 = Cpu64;
+
+// Two ModFc layers in a row on the same codes: the codes' gradient is the sum of both layers'.
+template <Backend B>
+struct TwoModFc {
+  using backend = B;
+  static constexpr int in = 5, out = 3;
+  LatentCodes<B, 4> codes{3};
+  ModFcLayer<B, 5, 6, 4> first;
+  ModFcLayer<B, 6, 3, 4> second;
+  TwoModFc() {
+    first.use_codes(codes);
+    second.use_codes(codes);
+  }
+  const Tensor<B>& forward(const Tensor<B>& x, Context& ctx) { return second.forward(first.forward(x, ctx), ctx); }
+  const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
+    return first.backward(backward_inner(second, dy, ctx), ctx);
+  }
+  template <class F>
+  void visit(F&& f, const std::string& prefix) {
+    codes.visit(f, prefix + "codes");  // the owner first: the table's name is the model's
+    first.visit(f, prefix + "first.");
+    second.visit(f, prefix + "second.");
+  }
+  template <class F>
+  void for_each_layer(F&& f) {
+    f(first);
+    f(second);
+  }
+};
+
+// log K of example e and pair (a, b) in training, written out from layers/nac.hpp's comment.
+double relaxed_log_kernel(double dist, double eps, std::uint64_t seed, std::uint64_t counter) {
+  const double xs = std::max(dist / eps, 1e-6);
+  const double k = std::exp(-xs);
+  const double w = uniform01(seed, counter) + std::ldexp(1.0, -54);
+  const double y = (std::log(k) - std::log(1 - k) + std::log(w) - std::log(1 - w)) / 0.5;
+  return std::log(1 / (1 + std::exp(-y)));
+}
+
+// The dense KMDPA of layers/nac.hpp's comment, in double on the host: every pair scored,
+// truncated pairs (d > tau) given weight 0. Training: the relaxed Bernoulli drawn at
+// (seed, (e U + a) U + b), the counter starting at 0.
+std::vector<double> dense_kmdpa(const std::vector<double>& x, const std::vector<double>& sig, double eps, int u,
+                                int s, int heads, int dh, bool training = false, std::uint64_t seed = 0) {
+  const int d = heads * dh, rows = int(x.size()) / (3 * d), nb = rows / u;
+  std::vector<double> dist(std::size_t(u) * u);
+  for (int a = 0; a < u; ++a)
+    for (int b = 0; b < u; ++b) {
+      double ab = 0, aa = 0, bb = 0;
+      for (int c = 0; c < s; ++c) {
+        ab += sig[a * s + c] * sig[b * s + c];
+        aa += sig[a * s + c] * sig[a * s + c];
+        bb += sig[b * s + c] * sig[b * s + c];
+      }
+      dist[a * u + b] = 1 - ab / (std::sqrt(aa) * std::sqrt(bb));
+    }
+  std::vector<double> o(std::size_t(rows) * d, 0.0);
+  for (int e = 0; e < nb; ++e)
+    for (int h = 0; h < heads; ++h)
+      for (int a = 0; a < u; ++a) {
+        std::vector<double> w(u, 0.0);
+        double mx = -1e300;
+        for (int b = 0; b < u; ++b) {
+          if (dist[a * u + b] > 0.9) continue;
+          double qk = 0;
+          for (int c = 0; c < dh; ++c)
+            qk += x[(e * u + a) * 3 * d + h * dh + c] * x[(e * u + b) * 3 * d + d + h * dh + c];
+          const double logk = training ? relaxed_log_kernel(dist[a * u + b], eps, seed, std::uint64_t((e * u + a) * u + b))
+                                       : -dist[a * u + b] / eps;
+          w[b] = qk / std::sqrt(double(dh)) + logk;
+          mx = std::max(mx, w[b]);
+        }
+        double sum = 0;
+        for (int b = 0; b < u; ++b) sum += (w[b] = dist[a * u + b] > 0.9 ? 0.0 : std::exp(w[b] - mx));
+        for (int b = 0; b < u; ++b)
+          for (int c = 0; c < dh; ++c)
+            o[(e * u + a) * d + h * dh + c] += w[b] / sum * x[(e * u + b) * 3 * d + 2 * d + h * dh + c];
+      }
+  return o;
+}
+
+// Randomises a Kmdpa's parameters (signatures included) and sets a positive bandwidth.
+template <class L>
+void randomize_kmdpa(L& layer, std::uint64_t seed, double bandwidth) {
+  randomize_parameters(layer, seed);
+  layer.bandwidth.value.fill(typename L::T(bandwidth));
+}
+
+}  // namespace
+
+TEST_CASE("nac: ModFc gradients (input, weight, bias, code_proj, scale, codes)") {
+  LatentCodes<B64, 4> codes(3);
+  ModFcLayer<B64, 5, 6, 4> layer;
+  layer.use_codes(codes);
+  int seen = 0;
+  layer.visit([&](const std::string&, Parameter<B64>&) { ++seen; }, "");
+  CHECK(seen == 5);
+  randomize_parameters(layer, 7);
+  auto rep = gradcheck(layer, {2 * 3, 5}, false, 3, 40);
+  INFO(rep.worst);
+  CHECK(rep.max_rel <= 1e-6);
+  auto rep3 = gradcheck(layer, {4, 3, 5}, true, 5, 40);  // (B, U, In) input; no randomness
+  INFO(rep3.worst);
+  CHECK(rep3.max_rel <= 1e-6);
+}
+
+TEST_CASE("nac: ModFc computes W (x * (1 + a LN(W_c c))) + b; scale 0.1 after reset") {
+  LatentCodes<B64, 2> codes(2);
+  ModFcLayer<B64, 3, 2, 2> layer;
+  layer.use_codes(codes);
+  Initializer init(4);
+  layer.reset_parameters(init);
+  codes.reset_parameters(init);
+  CHECK(layer.scale.value.to_host()[0] == doctest::Approx(0.1));
+  randomize_parameters(layer, 9);
+  std::mt19937_64 rng(2);
+  auto x = test::random_tensor<B64>({4, 3}, rng);
+  Context ctx;
+  const auto y = layer.forward(x, ctx).to_host();
+  const auto xh = x.to_host(), w = layer.weight.value.to_host(), bi = layer.bias.value.to_host(),
+             wc = layer.code_proj.value.to_host(), c = codes.param.value.to_host();
+  const double a = layer.scale.value.to_host()[0];
+  for (int r = 0; r < 4; ++r) {
+    const int u = r % 2;
+    double m[3], mu = 0, var = 0;
+    for (int i = 0; i < 3; ++i) {
+      m[i] = wc[i * 2] * c[u * 2] + wc[i * 2 + 1] * c[u * 2 + 1];
+      mu += m[i] / 3;
+    }
+    for (int i = 0; i < 3; ++i) var += (m[i] - mu) * (m[i] - mu) / 3;
+    for (int o = 0; o < 2; ++o) {
+      double s = bi[o];
+      for (int i = 0; i < 3; ++i) s += w[o * 3 + i] * xh[r * 3 + i] * (1 + a * (m[i] - mu) / std::sqrt(var + 1e-5));
+      CHECK(y[r * 2 + o] == doctest::Approx(s).epsilon(1e-12));
+    }
+  }
+}
+
+TEST_CASE("nac: two ModFc on shared codes: gradients add up, the table is stored once") {
+  TwoModFc<B64> model;
+  randomize_parameters(model, 11);
+  auto rep = gradcheck(model, {2 * 3, 5}, false, 4, 40);
+  INFO(rep.worst);
+  CHECK(rep.max_rel <= 1e-6);
+
+  int reached = 0;
+  model.visit(
+      [&](const std::string&, Parameter<B64>& p) { reached += &p == &model.codes.param; }, "");
+  CHECK(reached == 3);  // the model and both layers visit it
+  {
+    ParameterArena<B64> arena(model);
+    int codes_entries = 0;
+    std::int64_t total = 0;
+    for (const auto& e : arena.entries()) {
+      codes_entries += e.param == &model.codes.param;
+      total += e.numel();
+      if (e.param == &model.codes.param) CHECK(e.name == "codes");
+    }
+    CHECK(codes_entries == 1);
+    CHECK(arena.entries().size() == 9);  // codes + 4 per layer
+    CHECK(total == 3 * 4 + (30 + 6 + 20 + 1) + (18 + 3 + 24 + 1));
+    CHECK(arena.size() == total);
+  }
+  const auto file = std::filesystem::temp_directory_path() / ("hatch_nac_shared_" + std::to_string(::getpid()) + ".safetensors");
+  save_parameters(model, file);
+  const auto st = io::SafeTensorsFile::read(file.string());
+  int codes_tensors = 0;
+  for (const auto& n : st.names()) codes_tensors += n.ends_with("codes");
+  CHECK(codes_tensors == 1);
+  CHECK(st.names().size() == 9);
+  std::filesystem::remove(file);
+}
+
+TEST_CASE("nac: Kmdpa gradients in evaluation and training (q, k, v, signatures, bandwidth)") {
+  LatentSignatures<B64, 4> sig(5);
+  KmdpaLayer<B64, 2, 3, 4> layer;
+  layer.use_signatures(sig);
+  int seen = 0;
+  layer.visit([&](const std::string&, Parameter<B64>&) { ++seen; }, "");
+  CHECK(seen == 2);
+  randomize_kmdpa(layer, 7, 0.8);
+  Context probe;
+  Tensor<B64> x0({2 * 5, 18});
+  x0.zero();
+  layer.forward(x0, probe);
+  INFO("kept fraction " << layer.kept_fraction());
+  CHECK(layer.kept_fraction() < 1.0);  // some pairs are truncated
+  CHECK(layer.kept_fraction() > 0.2);
+  auto eval = gradcheck(layer, {2 * 5, 18}, false, 3, 60);
+  INFO(eval.worst);
+  CHECK(eval.max_rel <= 1e-6);
+  auto train = gradcheck(layer, {3 * 5, 18}, true, 5, 60);  // the noise is a function of the seed
+  INFO(train.worst);
+  CHECK(train.max_rel <= 1e-6);
+  // Nothing truncated, in both modes (signatures close together).
+  randomize_kmdpa(layer, 8, 1.3);
+  auto h = sig.param.value.to_host();
+  for (std::size_t i = 0; i < h.size(); ++i) h[i] = 0.2 * h[i] + (i % 4 == 0 ? 1.0 : 0.0);
+  sig.param.value.from_host(h);
+  auto dense = gradcheck(layer, {2 * 5, 18}, true, 6, 60);
+  CHECK(layer.kept_fraction() == 1.0);
+  INFO(dense.worst);
+  CHECK(dense.max_rel <= 1e-6);
+}
+
+TEST_CASE("nac: Kmdpa keeps exactly the pairs with d <= tau and matches a dense masked computation (both modes)") {
+  constexpr int U = 6, S = 5, H = 2, DH = 4, D = H * DH;
+  LatentSignatures<B64, S> sig(U);
+  KmdpaLayer<B64, H, DH, S> layer;
+  layer.use_signatures(sig);
+  for (std::uint64_t seed = 1; seed <= 4; ++seed) {
+    randomize_kmdpa(layer, seed, 0.6);
+    std::mt19937_64 rng(seed);
+    auto x = test::random_tensor<B64>({3 * U, 3 * D}, rng);
+    Context ctx;
+    const auto o = layer.forward(x, ctx).to_host();
+    const auto sh = sig.param.value.to_host();
+    // kept_fraction: the share of pairs with d <= tau
+    int kept = 0;
+    for (int a = 0; a < U; ++a)
+      for (int b = 0; b < U; ++b) {
+        double ab = 0, aa = 0, bb = 0;
+        for (int c = 0; c < S; ++c) {
+          ab += sh[a * S + c] * sh[b * S + c];
+          aa += sh[a * S + c] * sh[a * S + c];
+          bb += sh[b * S + c] * sh[b * S + c];
+        }
+        kept += 1 - ab / std::sqrt(aa * bb) <= 0.9;
+      }
+    CHECK(layer.kept_pairs() == kept);
+    CHECK(layer.kept_fraction() == doctest::Approx(double(kept) / (U * U)));
+    CHECK(layer.row_ptr().back() == kept);
+    const auto ref = dense_kmdpa(x.to_host(), sh, 0.6, U, S, H, DH);
+    REQUIRE(ref.size() == o.size());
+    double err = 0;
+    for (std::size_t i = 0; i < o.size(); ++i) err = std::max(err, std::abs(o[i] - ref[i]));
+    CHECK(err < 1e-12);
+    // training: the same with the relaxed Bernoulli of the documented draws
+    Context train;
+    train.training = true;
+    train.seed = 100 + seed;
+    const auto ot = layer.forward(x, train).to_host();
+    const auto reft = dense_kmdpa(x.to_host(), sh, 0.6, U, S, H, DH, true, 100 + seed);
+    double errt = 0, moved = 0;
+    for (std::size_t i = 0; i < ot.size(); ++i) {
+      errt = std::max(errt, std::abs(ot[i] - reft[i]));
+      moved = std::max(moved, std::abs(ot[i] - o[i]));
+    }
+    CHECK(errt < 1e-10);
+    CHECK(moved > 1e-3);  // the noise does something
+  }
+}
+
+TEST_CASE("nac: Kmdpa straight-through truncation: a latent cut off from all others gets no signature gradient") {
+  // s_2 points away from s_0 and s_1 (d = 2 > tau): latent 2 keeps only its own pair, in both
+  // modes. Its output is its own value row, and, truncated pairs passing a zero gradient, its
+  // signature's gradient is exactly zero (its self distance is constant), while the others' is not.
+  constexpr int U = 3, S = 2, H = 1, DH = 2, D = H * DH;
+  LatentSignatures<B64, S> sig(U);
+  KmdpaLayer<B64, H, DH, S> layer;
+  layer.use_signatures(sig);
+  sig.param.value.from_host(std::vector<double>{1.0, 0.2, 0.9, -0.3, -1.0, -0.1}, {U, S});
+  std::mt19937_64 rng(5);
+  auto x = test::random_tensor<B64>({2 * U, 3 * D}, rng);
+  auto dy = test::random_tensor<B64>({2 * U, D}, rng);
+  for (bool training : {false, true}) {
+    Context ctx;
+    ctx.training = training;
+    ctx.seed = 77;
+    sig.param.zero_grad();
+    layer.bandwidth.zero_grad();
+    const auto o = layer.forward(x, ctx).to_host();
+    CHECK(layer.kept_pairs() == 5);  // (0,0) (0,1) (1,0) (1,1) (2,2)
+    const auto xh = x.to_host();
+    for (int e = 0; e < 2; ++e)
+      for (int c = 0; c < D; ++c) CHECK(o[(e * U + 2) * D + c] == xh[(e * U + 2) * 3 * D + 2 * D + c]);
+    layer.backward(dy, ctx);
+    const auto g = sig.param.grad.to_host();
+    CHECK(std::abs(g[4]) < 1e-12);  // rounding of the self distance 1 - n.n only
+    CHECK(std::abs(g[5]) < 1e-12);
+    CHECK(std::abs(g[0]) + std::abs(g[1]) > 1e-6);
+  }
+}
+
+TEST_CASE("nac: Kmdpa training noise depends on the seed only; evaluation uses K as is") {
+  LatentSignatures<B64, 4> sig(4);
+  KmdpaLayer<B64, 2, 2, 4> layer;
+  layer.use_signatures(sig);
+  randomize_kmdpa(layer, 3, 1.0);
+  std::mt19937_64 rng(1);
+  auto x = test::random_tensor<B64>({2 * 4, 12}, rng);
+  auto run = [&](bool training, std::uint64_t seed) {
+    Context ctx;
+    ctx.training = training;
+    ctx.seed = seed;
+    auto o = layer.forward(x, ctx).to_host();
+    if (training) CHECK(ctx.counter == 2 * 4 * 4);
+    return o;
+  };
+  CHECK(run(true, 5) == run(true, 5));
+  CHECK(run(true, 5) != run(true, 6));
+  CHECK(run(false, 5) == run(false, 6));
+  CHECK(run(false, 5) != run(true, 5));
+}
+
+TEST_CASE("nac: a steady-state Kmdpa + ModFc step allocates no backend buffer") {
+  LatentSignatures<Cpu, 8> sig(6);
+  LatentCodes<Cpu, 4> codes(6);
+  KmdpaLayer<Cpu, 2, 4, 8> attn;
+  ModFcLayer<Cpu, 8, 8, 4> out;
+  attn.use_signatures(sig);
+  out.use_codes(codes);
+  Initializer init(3);
+  sig.reset_parameters(init);
+  codes.reset_parameters(init);
+  attn.reset_parameters(init);
+  out.reset_parameters(init);
+  std::mt19937_64 rng(1);
+  auto x = test::random_tensor<Cpu>({4 * 6, 24}, rng);
+  auto dy = test::random_tensor<Cpu>({4 * 6, 8}, rng);
+  auto step = [&](std::uint64_t seed) {
+    Context ctx;
+    ctx.training = true;
+    ctx.seed = seed;
+    out.forward(attn.forward(x, ctx), ctx);
+    attn.backward(out.backward(dy, ctx), ctx);
+  };
+  for (int i = 0; i < 3; ++i) step(i);
+  const auto before = Cpu::allocation_count().load();
+  for (int i = 3; i < 6; ++i) step(i);
+  CHECK(Cpu::allocation_count().load() == before);
+}
+
+TEST_CASE("nac: ModFc and Kmdpa refuse to run without their shared table") {
+  ModFcLayer<B64, 3, 2, 2> fc;
+  KmdpaLayer<B64, 1, 2, 2> attn;
+  Tensor<B64> x({2, 3}), q({2, 6});
+  x.zero();
+  q.zero();
+  Context ctx;
+  CHECK_THROWS_WITH_AS(fc.forward(x, ctx), doctest::Contains("use_codes"), Error);
+  CHECK_THROWS_WITH_AS(attn.forward(q, ctx), doctest::Contains("use_signatures"), Error);
+}
+
+TEST_CASE("nac: sparse attention primitives: a query without pairs gets output 0, a full row is dense softmax") {
+  // 3 latents, one example, one head, dh 2: query 0 keeps keys 0..2, queries 1 and 2 none.
+  Indices<B64> row_ptr, col;
+  row_ptr.from_host({0, 3, 3, 3});
+  col.from_host({0, 1, 2});
+  const int n = 3;
+  std::vector<double> x{0.5, -1.0, 0.2, 0.3, 1.0, 2.0,    // latent 0: q, k, v
+                        1.5, 0.5, -0.4, 0.8, -1.0, 0.5,   // latent 1
+                        0.0, 0.0, 1.0, -0.7, 3.0, -2.0};  // latent 2
+  const std::vector<double> bias{0.1, -0.2, 0.3};
+  std::vector<double> probs(3, -1.0), o(n * 2, 9.0);
+  B64::sparse_attention_forward(probs.data(), o.data(), 2, x.data(), x.data() + 2, x.data() + 4, 6, row_ptr.data(),
+                                col.data(), bias.data(), 0, 1, n, 1, 2, 3, 0.5);
+  for (int j = 2; j < 6; ++j) CHECK(o[j] == 0.0);
+  double s[3], mx = -1e9, sum = 0;
+  for (int v = 0; v < 3; ++v) mx = std::max(mx, s[v] = 0.5 * (x[0] * x[v * 6 + 2] + x[1] * x[v * 6 + 3]) + bias[v]);
+  for (int v = 0; v < 3; ++v) sum += std::exp(s[v] - mx);
+  double o0 = 0;
+  for (int v = 0; v < 3; ++v) {
+    CHECK(probs[v] == doctest::Approx(std::exp(s[v] - mx) / sum).epsilon(1e-14));
+    o0 += probs[v] * x[v * 6 + 4];
+  }
+  CHECK(o[0] == doctest::Approx(o0).epsilon(1e-14));
+}
