@@ -1,4 +1,4 @@
-// Linked instead of cuda_programs.cu when hatch is configured without CUDA.
+// Linked instead of the cuda_<program>.cu files when hatch is configured without CUDA.
 #include <hatch/core/error.hpp>
 
 #include "programs.hpp"

@@ -1,7 +1,7 @@
 #pragma once
 // What the example programs do, written once for any backend. train_e2e.cpp and incubate.cpp
 // parse flags into the option structs below and call the Cpu instantiation, or, for
-// `--device cuda`, the Cuda one compiled by nvcc in cuda_programs.cu. This header therefore
+// `--device cuda`, the Cuda one compiled by nvcc in cuda_<program>.cu. This header therefore
 // includes only backend-independent parts of hatch (no Eigen, no CLI11).
 #include <cstdio>
 #include <filesystem>
@@ -319,7 +319,7 @@ int distill(const DistillOptions& a) {
       }
       if (lead) {
         auto teacher = kd.take_teacher(run, c.preset);
-        const auto t = evaluate(*teacher, test, c.fit_options(0, "").eval_batch);
+        const auto t = evaluate(*teacher, test, c.fit_options(0, "").evaluation_batch());
         if (c.rank() == 0)
           std::printf("teacher: %s from %s, test_accuracy=%.4f\n", c.preset.c_str(), run.c_str(), t.accuracy);
         last.test = t;
@@ -355,7 +355,7 @@ int distill(const DistillOptions& a) {
   });
 }
 
-// The Cuda instantiations, defined in cuda_programs.cu; without a CUDA build (no_cuda.cpp) they
+// The Cuda instantiations, defined in cuda_<program>.cu; without a CUDA build (no_cuda.cpp) they
 // throw a hatch::Error that says so.
 int train_e2e_cuda(const E2eOptions& a);
 int incubate_cuda(const IncubateOptions& a);

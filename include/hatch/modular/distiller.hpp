@@ -186,7 +186,7 @@ class ModuleDistiller : public ModularRun<MetaArch, B> {
   FitResult distill_module(const data::Dataset& train, const data::Dataset& test, FitOptions fo) {
     Sources t, s;
     auto teacher = make_teacher_hybrid<I>(fo.inputs, &t);
-    const double teacher_accuracy = test.n > 0 ? evaluate(*teacher, test, fo.eval_batch).accuracy : 0.0;
+    const double teacher_accuracy = test.n > 0 ? evaluate(*teacher, test, fo.evaluation_batch()).accuracy : 0.0;
     if (fo.progress)
       std::fprintf(stderr, "distill%zu: the teacher's hybrid (meta stages, teacher module %zu) has test accuracy %.4f\n",
                    I, I, teacher_accuracy);

@@ -34,7 +34,10 @@ struct EvalResult {
 };
 
 struct FitOptions {
-  int epochs = 10, batch = 128, eval_batch = 500;
+  int epochs = 10, batch = 128;
+  int eval_batch = 0;                    // 0: the training batch, so that evaluation never grows
+                                         // the buffers the layers sized for training
+  int evaluation_batch() const { return eval_batch > 0 ? eval_batch : batch; }
   double lr = 5e-4, min_lr = 1e-5, warmup_lr = 1e-6;
   double warmup_epochs = 0;
   bool lr_per_epoch = false;             // the rate held for a whole epoch (timm's per-epoch steps);
@@ -398,7 +401,7 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
     result.seconds += train_secs;
     result.images += seen;
     const bool evaluated = (epoch + 1) % o.eval_every == 0 || epoch + 1 == o.epochs;
-    if (evaluated) result.test = evaluate_shared(model, test, test_share, o.eval_batch, coll);
+    if (evaluated) result.test = evaluate_shared(model, test, test_share, o.evaluation_batch(), coll);
     result.epochs = epoch + 1;
     char extra[128];
     if (evaluated) std::snprintf(extra, sizeof extra, "| test loss %.4f acc %.4f", result.test.loss, result.test.accuracy);
@@ -437,7 +440,7 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
     if (o.on_epoch_end) o.on_epoch_end(epoch + 1, result.test);
   }
   if (result.epochs == 0 || first_epoch == o.epochs) {
-    result.test = evaluate_shared(model, test, test_share, o.eval_batch, coll);
+    result.test = evaluate_shared(model, test, test_share, o.evaluation_batch(), coll);
     result.epochs = o.epochs;
   }
   return result;
