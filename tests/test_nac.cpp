@@ -382,3 +382,63 @@ TEST_CASE("nac: sparse attention primitives: a query without pairs gets output 0
   }
   CHECK(o[0] == doctest::Approx(o0).epsilon(1e-14));
 }
+
+// ---- ModFfn ------------------------------------------------------------------------------------
+
+TEST_CASE("nac: ModFfn gradients (input, norm, both ModFc, layer scale, shared codes)") {
+  LatentCodes<B64, 3> codes(4);
+  ModFfnLayer<B64, 5, 6, 3> layer;
+  layer.use_codes(codes);
+  std::vector<std::string> names;
+  layer.visit([&](const std::string& n, Parameter<B64>&) { names.push_back(n); }, "");
+  CHECK(names.size() == 2 + 5 + 5 + 1);
+  CHECK(names.back() == "layer_scale.gamma");
+  CHECK(names[0] == "norm.weight");
+  test::expect_gradients(layer, {2 * 4, 5}, false, 60);
+  test::expect_gradients(layer, {3, 4, 5}, true, 60, 9, 5);  // (B, U, D) input
+}
+
+TEST_CASE("nac: ModFfn is theta + gamma * ModFc(a * gelu(g)) with [a | g] = ModFc(LN theta); gamma 0.1 at reset") {
+  constexpr int U = 3, D = 4, H = 5, C = 2;
+  LatentCodes<B64, C> codes(U);
+  ModFfnLayer<B64, D, H, C> ffn;
+  ffn.use_codes(codes);
+  Initializer init(5);
+  ffn.reset_parameters(init);
+  codes.reset_parameters(init);
+  for (double g : ffn.layer_scale.value.to_host()) CHECK(g == doctest::Approx(0.1));
+  randomize_parameters(ffn, 13);
+  // the same maths from the parts: a separate LayerNorm and two ModFc with the same parameters
+  LayerNormLayer<B64, D> norm;
+  ModFcLayer<B64, D, 2 * H, C> fc1;
+  ModFcLayer<B64, H, D, C> fc2;
+  fc1.use_codes(codes);
+  fc2.use_codes(codes);
+  auto copy_params = [](auto& dst, auto& src) {
+    std::vector<Parameter<B64>*> d, s;
+    dst.visit([&](const std::string&, Parameter<B64>& p) { d.push_back(&p); }, "");
+    src.visit([&](const std::string&, Parameter<B64>& p) { s.push_back(&p); }, "");
+    REQUIRE(d.size() == s.size());
+    for (std::size_t i = 0; i < d.size(); ++i) d[i]->value.from_host(s[i]->value.to_host(), s[i]->value.shape());
+  };
+  copy_params(norm, ffn.norm);
+  copy_params(fc1, ffn.fc1);
+  copy_params(fc2, ffn.fc2);
+  std::mt19937_64 rng(3);
+  auto x = test::random_tensor<B64>({2 * U, D}, rng);
+  Context ctx;
+  const auto y = ffn.forward(x, ctx).to_host();
+  const auto h = fc1.forward(norm.forward(x, ctx), ctx).to_host();
+  std::vector<double> act(std::size_t(2 * U) * H);
+  for (int r = 0; r < 2 * U; ++r)
+    for (int c = 0; c < H; ++c) {
+      const double g = h[r * 2 * H + H + c];
+      act[r * H + c] = h[r * 2 * H + c] * 0.5 * g * (1 + std::erf(g / std::sqrt(2.0)));
+    }
+  Tensor<B64> at;
+  at.from_host(act, {2 * U, H});
+  const auto f = fc2.forward(at, ctx).to_host();
+  const auto xh = x.to_host(), gamma = ffn.layer_scale.value.to_host();
+  for (int r = 0; r < 2 * U; ++r)
+    for (int c = 0; c < D; ++c) CHECK(y[r * D + c] == doctest::Approx(xh[r * D + c] + gamma[c] * f[r * D + c]).epsilon(1e-12));
+}

@@ -6,6 +6,7 @@
 //   ModFc<In, Out, CodeDim>      code-conditioned linear over U latents
 //   Kmdpa<Heads, HeadDim, Sig>   kernel-modulated dot-product attention among U latents, computed
 //                                only over the pairs that the signatures keep
+//   ModFfn<D, Hidden, CodeDim>   theta + LS(ModFC(GEGLU(ModFC(LN theta))))
 //
 // Latent rows are batch-major: row b U + u of an input is latent u of example b.
 //
@@ -28,6 +29,7 @@
 #include "hatch/core/indices.hpp"
 #include "hatch/core/layer.hpp"
 #include "hatch/core/parameter.hpp"
+#include "hatch/layers/norm.hpp"
 
 namespace hatch {
 
@@ -439,6 +441,108 @@ template <int Heads, int HeadDim, int SigDim>
 struct Kmdpa {
   static constexpr int in = 3 * Heads * HeadDim, out = Heads * HeadDim;
   template <Backend B> using bind = KmdpaLayer<B, Heads, HeadDim, SigDim>;
+};
+
+// ModFFN: y = theta + LS(ModFC_2(GEGLU(ModFC_1(LN theta)))) for every latent of every example.
+//   LN: the project's LayerNorm (affine, eps 1e-6); ModFC_1: D -> 2 Hidden; GEGLU(h) = h[:, :Hidden] *
+//   gelu(h[:, Hidden:]) (exact erf GELU); ModFC_2: Hidden -> D; LS: LayerScale, one learnt scale
+//   per channel (D), 0.1 at reset (timm's LayerScale with init_values 0.1; the library has no
+//   LayerScale layer in include/, so the gain lives here). Both ModFCs read the shared codes.
+//   parameters: norm.weight, norm.bias, fc1.* and fc2.* (ModFc's: weight, bias, code_proj.weight,
+//   scale, and the codes), layer_scale.gamma (D).
+// Input (B U, D) (or (B, U, D)); output the same shape.
+template <Backend B, int D, int Hidden, int CodeDim>
+class ModFfnLayer : public LeafLayer<ModFfnLayer<B, D, Hidden, CodeDim>, B, D, D> {
+ public:
+  using T = typename B::Scalar;
+  static constexpr double initial_layer_scale = 0.1;
+
+  ModFfnLayer() : layer_scale({D}, /*decay=*/false) { layer_scale.value.fill(T(initial_layer_scale)); }
+  void use_codes(LatentCodes<B, CodeDim>& codes) {
+    fc1.use_codes(codes);
+    fc2.use_codes(codes);
+  }
+  void reset_parameters(Initializer& init) {
+    norm.reset_parameters(init);
+    fc1.reset_parameters(init);
+    fc2.reset_parameters(init);
+    init.constant(layer_scale, initial_layer_scale);
+  }
+
+  const Tensor<B>& forward(const Tensor<B>& x, Context& ctx) {
+    HATCH_CHECK(x.cols() == D, "ModFfn", "input width " + std::to_string(x.cols()) + ", expected " + std::to_string(D));
+    x_ = &x;
+    rows_ = int(x.rows());
+    const Tensor<B>& h = fc1.forward(norm.forward(x, ctx), ctx);  // (rows, 2 Hidden)
+    a_.resize({rows_, Hidden});
+    g_.resize({rows_, Hidden});
+    gelu_.resize({rows_, Hidden});
+    act_.resize({rows_, Hidden});
+    B::copy_2d(a_.data(), Hidden, h.data(), 2 * Hidden, rows_, Hidden);
+    B::copy_2d(g_.data(), Hidden, h.data() + Hidden, 2 * Hidden, rows_, Hidden);
+    B::gelu_forward(gelu_.data(), g_.data(), std::size_t(rows_) * Hidden);
+    B::mul(act_.data(), a_.data(), gelu_.data(), std::size_t(rows_) * Hidden);
+    f_ = &fc2.forward(act_, ctx);  // (rows, D)
+    gamma_rows_.resize({rows_, D});
+    B::copy_2d(gamma_rows_.data(), D, layer_scale.value.data(), 0, rows_, D);
+    y_.resize(x.shape());
+    B::mul(y_.data(), f_->data(), gamma_rows_.data(), std::size_t(rows_) * D);
+    B::add(y_.data(), y_.data(), x.data(), std::size_t(rows_) * D);
+    return y_;
+  }
+
+  const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
+    const std::size_t rd = std::size_t(rows_) * D, rh = std::size_t(rows_) * Hidden;
+    if (wants_grad(layer_scale, ctx)) {  // dgamma[c] += sum_r dy[r, c] f[r, c]
+      tmp_.resize({rows_, D});
+      B::mul(tmp_.data(), dy.data(), f_->data(), rd);
+      B::sum_rows(layer_scale.grad.data(), tmp_.data(), rows_, D, D, T(1));
+    }
+    dbranch_.resize({rows_, D});
+    B::mul(dbranch_.data(), dy.data(), gamma_rows_.data(), rd);
+    const Tensor<B>& dact = backward_inner(fc2, dbranch_, ctx);
+    da_.resize({rows_, Hidden});
+    dgl_.resize({rows_, Hidden});
+    dh_.resize({rows_, 2 * Hidden});
+    B::mul(da_.data(), dact.data(), gelu_.data(), rh);
+    B::mul(dgl_.data(), dact.data(), a_.data(), rh);
+    dg_.resize({rows_, Hidden});
+    B::gelu_backward(dg_.data(), dgl_.data(), g_.data(), rh);
+    B::copy_2d(dh_.data(), 2 * Hidden, da_.data(), Hidden, rows_, Hidden);
+    B::copy_2d(dh_.data() + Hidden, 2 * Hidden, dg_.data(), Hidden, rows_, Hidden);
+    const Tensor<B>& dn = backward_inner(fc1, dh_, ctx);
+    const Tensor<B>& dxn = norm.backward(dn, ctx);
+    if (ctx.input_grad) {
+      dx_.resize(x_->shape());
+      B::add(dx_.data(), dy.data(), dxn.data(), rd);
+    }
+    return dx_;
+  }
+
+  template <class F>
+  void visit(F&& f, const std::string& prefix) {
+    norm.visit(f, prefix + "norm.");
+    fc1.visit(f, prefix + "fc1.");
+    fc2.visit(f, prefix + "fc2.");
+    f(prefix + "layer_scale.gamma", layer_scale);
+  }
+
+  LayerNormLayer<B, D> norm;
+  ModFcLayer<B, D, 2 * Hidden, CodeDim> fc1;
+  ModFcLayer<B, Hidden, D, CodeDim> fc2;
+  Parameter<B> layer_scale;
+
+ private:
+  const Tensor<B>* x_ = nullptr;
+  const Tensor<B>* f_ = nullptr;
+  int rows_ = 0;
+  Tensor<B> a_, g_, gelu_, act_, gamma_rows_, y_, tmp_, dbranch_, da_, dgl_, dg_, dh_, dx_;
+};
+
+template <int D, int Hidden, int CodeDim>
+struct ModFfn {
+  static constexpr int in = D, out = D;
+  template <Backend B> using bind = ModFfnLayer<B, D, Hidden, CodeDim>;
 };
 
 }  // namespace hatch
