@@ -442,3 +442,94 @@ TEST_CASE("nac: ModFfn is theta + gamma * ModFc(a * gelu(g)) with [a | g] = ModF
   for (int r = 0; r < 2 * U; ++r)
     for (int c = 0; c < D; ++c) CHECK(y[r * D + c] == doctest::Approx(xh[r * D + c] + gamma[c] * f[r * D + c]).epsilon(1e-12));
 }
+
+// ---- signature graph priors ----------------------------------------------------------------------
+
+TEST_CASE("nac: Barabasi-Albert graph: m (m + 1) / 2 + (n - m - 1) m edges, minimum degree m, heavy tail; seeded") {
+  const int n = 400, m = 2;
+  const auto g = nac::barabasi_albert_graph(n, m, 5);
+  CHECK(g.edges() == m * (m + 1) / 2 + (n - m - 1) * m);
+  int min_deg = n, max_deg = 0, hubs = 0;
+  const double mean = 2.0 * double(g.edges()) / n;
+  for (int u = 0; u < n; ++u) {
+    min_deg = std::min(min_deg, g.degree(u));
+    max_deg = std::max(max_deg, g.degree(u));
+    hubs += g.degree(u) >= 3 * mean;
+  }
+  INFO("mean degree " << mean << ", max " << max_deg << ", hubs " << hubs);
+  CHECK(min_deg == m);
+  CHECK(max_deg >= 5 * mean);  // an ER graph of this density has max degree about 2.5 mean
+  CHECK(hubs >= 3);
+  for (int u = 0; u < n; ++u) CHECK(!g.has_edge(u, u));
+  CHECK(nac::barabasi_albert_graph(n, m, 5).adjacency == g.adjacency);
+  CHECK(nac::barabasi_albert_graph(n, m, 6).adjacency != g.adjacency);
+}
+
+TEST_CASE("nac: Erdos-Renyi density is p; planted partition has dense blocks; ring of cliques is exact") {
+  const auto er = nac::erdos_renyi_graph(300, 0.1, 2);
+  CHECK(er.density() == doctest::Approx(0.1).epsilon(0.08));  // sd 0.0014
+  const auto pp = nac::planted_partition_graph(8, 32, 0.9, 0.05, 4);
+  std::int64_t in = 0, in_pairs = 0, out = 0, out_pairs = 0;
+  for (int u = 0; u < 256; ++u)
+    for (int v = u + 1; v < 256; ++v) {
+      const bool same = u / 32 == v / 32;
+      (same ? in : out) += pp.has_edge(u, v);
+      (same ? in_pairs : out_pairs) += 1;
+    }
+  CHECK(double(in) / in_pairs == doctest::Approx(0.9).epsilon(0.03));
+  CHECK(double(out) / out_pairs == doctest::Approx(0.05).epsilon(0.1));
+  const auto rc = nac::ring_of_cliques_graph(5, 4);
+  CHECK(rc.edges() == 5 * 6 + 5);
+  for (int u = 0; u < 20; ++u) CHECK(rc.degree(u) == (u % 4 == 0 || u % 4 == 3 ? 4 : 3));
+  CHECK(rc.has_edge(19, 0));
+}
+
+TEST_CASE("nac: signatures placed from a graph realise its edges as the Kmdpa kept pairs") {
+  constexpr int U = 64, S = 32;
+  const std::vector<std::pair<const char*, nac::Graph>> graphs{
+      {"scale-free", nac::barabasi_albert_graph(U, 2, 1)},
+      {"erdos-renyi", nac::erdos_renyi_graph(U, 0.1, 1)},
+      {"planted-partition", nac::planted_partition_graph(8, 8, 0.9, 0.05, 1)},
+      {"ring-of-cliques", nac::ring_of_cliques_graph(8, 8)}};
+  LatentSignatures<B64, S> sig(U);
+  KmdpaLayer<B64, 1, 2, S> attn;
+  attn.use_signatures(sig);
+  for (const auto& [name, g] : graphs) {
+    const auto rep = nac::init_signatures_from_graph(sig, g, 7);
+    INFO(std::string(name) << ": edge recall " << rep.edge_recall << ", non-edge separation " << rep.non_edge_separation
+              << " after " << rep.iterations << " steps");
+    CHECK(rep.edge_recall >= 0.98);
+    CHECK(rep.non_edge_separation >= 0.98);
+    const auto h = sig.param.value.to_host();
+    for (int u = 0; u < U; ++u) {
+      double q = 0;
+      for (int k = 0; k < S; ++k) q += h[u * S + k] * h[u * S + k];
+      CHECK(q == doctest::Approx(1.0));
+    }
+    // the layer's pair list: the graph's edges that it keeps, and the non-edges it truncates
+    Tensor<B64> x({U, 6});
+    x.zero();
+    Context ctx;
+    attn.forward(x, ctx);
+    std::int64_t edges_kept = 0, non_edges_cut = 0, non_edges = 0;
+    for (int u = 0; u < U; ++u) {
+      std::vector<bool> kept(U, false);
+      for (int p = attn.row_ptr()[u]; p < attn.row_ptr()[u + 1]; ++p) kept[attn.col()[p]] = true;
+      CHECK(kept[u]);
+      for (int v = 0; v < U; ++v) {
+        if (v == u) continue;
+        if (g.has_edge(u, v)) edges_kept += kept[v];
+        else {
+          ++non_edges;
+          non_edges_cut += !kept[v];
+        }
+      }
+    }
+    CHECK(double(edges_kept) / (2.0 * g.edges()) == doctest::Approx(rep.edge_recall));
+    CHECK(double(non_edges_cut) / non_edges == doctest::Approx(rep.non_edge_separation));
+    // deterministic from the seed
+    const auto again = sig.param.value.to_host();
+    nac::init_signatures_from_graph(sig, g, 7);
+    CHECK(sig.param.value.to_host() == again);
+  }
+}

@@ -29,6 +29,7 @@
 #include "hatch/core/indices.hpp"
 #include "hatch/core/layer.hpp"
 #include "hatch/core/parameter.hpp"
+#include "hatch/layers/nac_graph.hpp"
 #include "hatch/layers/norm.hpp"
 
 namespace hatch {
