@@ -533,3 +533,130 @@ TEST_CASE("nac: signatures placed from a graph realise its edges as the Kmdpa ke
     CHECK(sig.param.value.to_host() == again);
   }
 }
+
+// ---- signature repulsion -------------------------------------------------------------------------
+
+namespace {
+// Signatures around one direction, so that several pairs are closer than the 0.4 margin.
+template <int S>
+void clustered_signatures(LatentSignatures<B64, S>& sig, std::uint64_t seed, double spread) {
+  std::mt19937_64 rng(seed);
+  auto t = test::random_tensor<B64>({sig.rows(), S}, rng);
+  auto h = t.to_host();
+  for (std::size_t i = 0; i < h.size(); ++i) h[i] = spread * h[i] + (i % S == 0 ? 1.0 : 0.0);
+  sig.param.value.from_host(h);
+}
+
+// Two Kmdpa on one signatures table, summed, and one repulsion for the table: the term counts once.
+struct SharedSignatureNet {
+  using backend = B64;
+  static constexpr int in = 3 * 4, out = 4;
+  LatentSignatures<B64, 3> sig{5};
+  SignatureRepulsionLayer<B64, 3> repulsion;
+  KmdpaLayer<B64, 2, 2, 3> first, second;
+  Tensor<B64> y, dx;
+  SharedSignatureNet() {
+    repulsion.use_signatures(sig);
+    first.use_signatures(sig);
+    second.use_signatures(sig);
+  }
+  const Tensor<B64>& forward(const Tensor<B64>& x, Context& ctx) {
+    const auto& r = repulsion.forward(x, ctx);
+    y.resize({r.rows(), 4});
+    B64::add(y.data(), first.forward(r, ctx).data(), second.forward(r, ctx).data(), std::size_t(y.numel()));
+    return y;
+  }
+  const Tensor<B64>& backward(const Tensor<B64>& dy, Context& ctx) {
+    const auto& a = backward_inner(first, dy, ctx);
+    dx.resize(a.shape());
+    B64::copy(dx.data(), a.data(), std::size_t(a.numel()));
+    const auto& b = backward_inner(second, dy, ctx);
+    B64::add(dx.data(), dx.data(), b.data(), std::size_t(b.numel()));
+    return repulsion.backward(dx, ctx);
+  }
+  template <class F>
+  void visit(F&& f, const std::string& prefix) {
+    sig.visit(f, prefix + "signatures");
+    repulsion.visit(f, prefix + "repulsion.");
+    first.visit(f, prefix + "first.");
+    second.visit(f, prefix + "second.");
+  }
+  template <class F>
+  void for_each_layer(F&& f) {
+    f(repulsion);
+    f(first);
+    f(second);
+  }
+};
+}  // namespace
+
+TEST_CASE("nac: SignatureRepulsion is 0.1 (-sum_{u<v, d<0.4} d), gradient checked; 0 in evaluation") {
+  constexpr int U = 7, S = 4;
+  LatentSignatures<B64, S> sig(U);
+  SignatureRepulsionLayer<B64, S> rep;
+  rep.use_signatures(sig);
+  clustered_signatures(sig, 3, 0.5);
+  std::mt19937_64 rng(1);
+  auto x = test::random_tensor<B64>({2, 9}, rng);
+  Context train;
+  train.training = true;
+  const auto& y = rep.forward(x, train);
+  CHECK(&y == &x);  // the input passes through
+  const auto h = sig.param.value.to_host();
+  double sum = 0;
+  int close = 0;
+  for (int u = 0; u < U; ++u)
+    for (int v = u + 1; v < U; ++v) {
+      double ab = 0, aa = 0, bb = 0;
+      for (int k = 0; k < S; ++k) {
+        ab += h[u * S + k] * h[v * S + k];
+        aa += h[u * S + k] * h[u * S + k];
+        bb += h[v * S + k] * h[v * S + k];
+      }
+      const double d = 1 - ab / std::sqrt(aa * bb);
+      if (d < 0.4) {
+        sum += d;
+        ++close;
+      }
+    }
+  INFO(close << " close pairs of " << U * (U - 1) / 2);
+  CHECK(close >= 3);
+  CHECK(close < U * (U - 1) / 2);
+  CHECK(rep.close_pairs() == close);
+  CHECK(rep.aux_loss() == doctest::Approx(-0.1 * sum).epsilon(1e-12));
+  CHECK(collect_aux_loss(rep) == rep.aux_loss());
+  auto g = gradcheck(rep, {2, 9}, true, 4, 40);  // loss includes the auxiliary term
+  INFO(g.worst);
+  CHECK(g.max_rel <= 1e-6);
+  // frozen: no gradient; evaluation: no term
+  sig.param.zero_grad();
+  Context frozen = train;
+  frozen.param_grads = false;
+  rep.forward(x, frozen);
+  rep.backward(x, frozen);
+  for (double v : sig.param.grad.to_host()) CHECK(v == 0.0);
+  Context eval;
+  rep.forward(x, eval);
+  CHECK(rep.aux_loss() == 0.0);
+}
+
+TEST_CASE("nac: a signatures table shared by two Kmdpa is repelled once; gradients add up") {
+  SharedSignatureNet net;
+  randomize_parameters(net, 5);
+  net.first.bandwidth.value.fill(0.7);
+  net.second.bandwidth.value.fill(1.2);
+  clustered_signatures(net.sig, 8, 0.6);
+  std::mt19937_64 rng(2);
+  auto x = test::random_tensor<B64>({2 * 5, 12}, rng);
+  Context ctx;
+  ctx.training = true;
+  net.forward(x, ctx);
+  CHECK(net.repulsion.close_pairs() > 0);
+  CHECK(collect_aux_loss(net) == net.repulsion.aux_loss());
+  CHECK(net.repulsion.aux_loss() < 0);
+  auto g = gradcheck(net, {2 * 5, 12}, true, 6, 60);
+  INFO(g.worst);
+  CHECK(g.max_rel <= 1e-6);
+  ParameterArena<B64> arena(net);
+  CHECK(arena.entries().size() == 3);  // signatures once, two bandwidths
+}

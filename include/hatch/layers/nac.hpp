@@ -7,6 +7,9 @@
 //   Kmdpa<Heads, HeadDim, Sig>   kernel-modulated dot-product attention among U latents, computed
 //                                only over the pairs that the signatures keep
 //   ModFfn<D, Hidden, CodeDim>   theta + LS(ModFC(GEGLU(ModFC(LN theta))))
+//   SignatureRepulsion<SigDim>   the hinge repulsion of the signatures, an auxiliary loss, once
+//                                per table
+//   (nac_graph.hpp: the signature graph priors, init_signatures_from_graph)
 //
 // Latent rows are batch-major: row b U + u of an input is latent u of example b.
 //
@@ -544,6 +547,112 @@ template <int D, int Hidden, int CodeDim>
 struct ModFfn {
   static constexpr int in = D, out = D;
   template <Backend B> using bind = ModFfnLayer<B, D, Hidden, CodeDim>;
+};
+
+// Signature repulsion, the NAC regulariser (ALGORITHMS.md section 4), as an auxiliary loss:
+//   aux = Weight * ( - sum_{u < v, d_uv < Margin} d_uv ),   d_uv = 1 - cos(s_u, s_v)
+// (Weight 0.1, Margin 0.4): pairs closer than the margin are pushed apart, the others feel
+// nothing (the hinge's corner at d = Margin carries no gradient).
+//
+// The signatures are one table shared by every Kmdpa; the term must be counted once per table,
+// not once per layer that reads it. So it is its own layer, placed once in the model per table
+// (anywhere: the output is the input, unchanged, of any width), handed the table with
+// use_signatures(). It follows the auxiliary-loss contract (core/aux_loss.hpp): a training
+// forward computes the term (reported by aux_loss(), already weighted; 0 after an evaluation
+// forward), and backward adds its gradient to the table's grad when the table trains
+// (wants_grad), then passes dy through. visit shows the table as "signatures", as Kmdpa does.
+// Host maths in double (U x U cosines; one download per forward, one upload per backward).
+template <Backend B, int SigDim, double Weight = 0.1, double Margin = 0.4>
+class SignatureRepulsionLayer
+    : public LeafLayer<SignatureRepulsionLayer<B, SigDim, Weight, Margin>, B, kAnyWidth, kAnyWidth> {
+ public:
+  using T = typename B::Scalar;
+  static constexpr double weight = Weight, margin = Margin;
+
+  void use_signatures(LatentSignatures<B, SigDim>& s) { sig_ = &s.param; }
+  void reset_parameters(Initializer&) {}
+
+  const Tensor<B>& forward(const Tensor<B>& x, Context& ctx) {
+    HATCH_CHECK(sig_ != nullptr, "SignatureRepulsion", "no signatures: call use_signatures(signatures) before the first forward");
+    active_ = ctx.training && Weight != 0;
+    aux_ = 0;
+    if (!active_) return x;
+    u_ = int(sig_->value.shape()[0]);
+    host_.resize(std::size_t(u_) * SigDim);
+    B::download(host_.data(), sig_->value.data(), host_.size());
+    unit_.resize(host_.size());
+    norm_.resize(u_);
+    for (int u = 0; u < u_; ++u) {
+      double q = 0;
+      for (int k = 0; k < SigDim; ++k) q += double(host_[std::size_t(u) * SigDim + k]) * host_[std::size_t(u) * SigDim + k];
+      norm_[u] = std::max(std::sqrt(q), 1e-12);
+      for (int k = 0; k < SigDim; ++k) unit_[std::size_t(u) * SigDim + k] = host_[std::size_t(u) * SigDim + k] / norm_[u];
+    }
+    close_.clear();
+    double sum = 0;
+    for (int u = 0; u < u_; ++u)
+      for (int v = u + 1; v < u_; ++v) {
+        double c = 0;
+        for (int k = 0; k < SigDim; ++k) c += unit_[std::size_t(u) * SigDim + k] * unit_[std::size_t(v) * SigDim + k];
+        const double d = 1.0 - c;
+        if (d < Margin) {
+          sum += d;
+          close_.push_back({u, v, c});
+        }
+      }
+    aux_ = -Weight * sum;
+    return x;
+  }
+
+  const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
+    if (!active_ || !wants_grad(*sig_, ctx) || close_.empty()) return dy;
+    // d aux / d d_uv = -Weight;  dd/ds_u = -(n_v - cos n_u) / |s_u|
+    grad_.assign(std::size_t(u_) * SigDim, 0.0);
+    for (const auto& p : close_) {
+      const double* nu = &unit_[std::size_t(p.u) * SigDim];
+      const double* nv = &unit_[std::size_t(p.v) * SigDim];
+      for (int k = 0; k < SigDim; ++k) {
+        grad_[std::size_t(p.u) * SigDim + k] += Weight * (nv[k] - p.cos * nu[k]) / norm_[p.u];
+        grad_[std::size_t(p.v) * SigDim + k] += Weight * (nu[k] - p.cos * nv[k]) / norm_[p.v];
+      }
+    }
+    grad_host_.assign(grad_.begin(), grad_.end());
+    up_.resize({std::int64_t(grad_host_.size())});
+    B::upload(up_.data(), grad_host_.data(), grad_host_.size());
+    B::axpy(sig_->grad.data(), T(1), up_.data(), grad_host_.size());
+    return dy;
+  }
+
+  // The weighted term of the last training forward; 0 after an evaluation forward.
+  double aux_loss() const { return aux_; }
+  // Pairs u < v with d_uv < Margin in the last training forward.
+  int close_pairs() const { return int(close_.size()); }
+
+  template <class F>
+  void visit(F&& f, const std::string& prefix) {
+    if (sig_) f(prefix + "signatures", *sig_);
+  }
+
+ private:
+  struct Close {
+    int u, v;
+    double cos;
+  };
+  Parameter<B>* sig_ = nullptr;
+  bool active_ = false;
+  double aux_ = 0;
+  int u_ = 0;
+  std::vector<T> host_, grad_host_;
+  std::vector<double> unit_, norm_, grad_;
+  std::vector<Close> close_;
+  Tensor<B> up_;
+};
+
+template <int SigDim, double Weight = 0.1, double Margin = 0.4>
+struct SignatureRepulsion {
+  static_assert(Weight >= 0 && Margin > 0, "hatch::SignatureRepulsion: weight >= 0, margin > 0");
+  static constexpr int in = kAnyWidth, out = kAnyWidth;
+  template <Backend B> using bind = SignatureRepulsionLayer<B, SigDim, Weight, Margin>;
 };
 
 }  // namespace hatch
