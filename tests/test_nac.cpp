@@ -660,3 +660,58 @@ TEST_CASE("nac: a signatures table shared by two Kmdpa is repelled once; gradien
   ParameterArena<B64> arena(net);
   CHECK(arena.entries().size() == 3);  // signatures once, two bandwidths
 }
+
+// ---- latent seeder -------------------------------------------------------------------------------
+
+TEST_CASE("nac: LatentSeeder gradients (norm, mean, log_var, codes) in training and evaluation") {
+  LatentCodes<B64, 4> codes(3);
+  LatentSeederLayer<B64, 5, 4> seeder;
+  seeder.use_codes(codes);
+  int seen = 0;
+  seeder.visit([&](const std::string&, Parameter<B64>&) { ++seen; }, "");
+  CHECK(seen == 7);
+  test::expect_gradients(seeder, {2, 6}, true, 40);   // noise fixed by the seed
+  test::expect_gradients(seeder, {3, 6}, false, 40);  // the mean only
+}
+
+TEST_CASE("nac: LatentSeeder draws mean + exp(log_var / 2) z, z standard normal from the seed; evaluation is the mean") {
+  constexpr int U = 4, D = 8, C = 3, NB = 500;
+  LatentCodes<B64, C> codes(U);
+  LatentSeederLayer<B64, D, C> seeder;
+  seeder.use_codes(codes);
+  Initializer init(2);
+  codes.reset_parameters(init);
+  seeder.reset_parameters(init);
+  for (double b : seeder.log_var.bias.value.to_host()) CHECK(b == -5.0);
+  // std = exp(0.5 * 0.8) everywhere: zero log_var weights, bias 0.8
+  seeder.log_var.weight.value.zero();
+  seeder.log_var.bias.value.fill(0.8);
+  Tensor<B64> x({NB, 2});
+  x.zero();
+  Context eval;
+  const auto mu = seeder.forward(x, eval).to_host();
+  CHECK(mu.size() == std::size_t(NB) * U * D);
+  bool same = true;
+  for (int b = 1; b < NB; ++b)
+    for (int i = 0; i < U * D; ++i) same = same && mu[b * U * D + i] == mu[i];
+  CHECK(same);
+  Context train;
+  train.training = true;
+  train.seed = 9;
+  const auto y = seeder.forward(x, train).to_host();
+  CHECK(train.counter == 2ull * NB * U * D);
+  const double sd = std::exp(0.4);
+  double m1 = 0, m2 = 0;
+  for (std::size_t i = 0; i < y.size(); ++i) {
+    const double z = (y[i] - mu[i]) / sd;
+    m1 += z / y.size();
+    m2 += z * z / y.size();
+  }
+  CHECK(std::abs(m1) < 0.03);  // 16000 draws: sd of the mean 0.008
+  CHECK(m2 == doctest::Approx(1.0).epsilon(0.05));
+  // entry i is normal01(seed, 2 i)
+  CHECK((y[5] - mu[5]) / sd == doctest::Approx(nac_detail::normal01(9, 10)).epsilon(1e-12));
+  Context again = train;
+  again.counter = 0;
+  CHECK(seeder.forward(x, again).to_host() == y);
+}

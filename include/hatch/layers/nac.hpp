@@ -10,6 +10,7 @@
 //   SignatureRepulsion<SigDim>   the hinge repulsion of the signatures, an auxiliary loss, once
 //                                per table
 //   (nac_graph.hpp: the signature graph priors, init_signatures_from_graph)
+//   LatentSeeder<D, CodeDim>     the initial latent states from the codes, (B U, D)
 //
 // Latent rows are batch-major: row b U + u of an input is latent u of example b.
 //
@@ -32,6 +33,7 @@
 #include "hatch/core/indices.hpp"
 #include "hatch/core/layer.hpp"
 #include "hatch/core/parameter.hpp"
+#include "hatch/layers/linear.hpp"
 #include "hatch/layers/nac_graph.hpp"
 #include "hatch/layers/norm.hpp"
 
@@ -653,6 +655,139 @@ struct SignatureRepulsion {
   static_assert(Weight >= 0 && Margin > 0, "hatch::SignatureRepulsion: weight >= 0, margin > 0");
   static constexpr int in = kAnyWidth, out = kAnyWidth;
   template <Backend B> using bind = SignatureRepulsionLayer<B, SigDim, Weight, Margin>;
+};
+
+namespace nac_detail {
+template <class T>
+struct ExpHalf {  // exp(x / 2): a standard deviation from a log variance
+  HATCH_HD T operator()(T x) const { return hd::exp(T(0.5) * x); }
+};
+template <class T>
+struct HalfTimes {  // (dstd, std) -> dstd * std / 2, the gradient of exp(x / 2)
+  HATCH_HD T operator()(T g, T sd) const { return T(0.5) * g * sd; }
+};
+// A standard normal at (seed, counter, counter + 1): Box-Muller, sqrt(-2 log(1 - w1)) cos(2 pi w2).
+inline double normal01(std::uint64_t seed, std::uint64_t counter) {
+  const double w1 = uniform01(seed, counter), w2 = uniform01(seed, counter + 1);
+  return std::sqrt(-2.0 * std::log1p(-w1)) * std::cos(6.283185307179586 * w2);
+}
+}  // namespace nac_detail
+
+// The latent seeder: the initial states of the U latents of every example, from their codes.
+//   theta_bu = mean(LN c_u) + exp(0.5 log_var(LN c_u)) * z_bu     (training)
+//   theta_bu = mean(LN c_u)                                       (evaluation: the mean only)
+// LN: the project's LayerNorm (affine, eps 1e-6; the reference's nn.LayerNorm has eps 1e-5);
+// mean, log_var: Linear CodeDim -> D with bias; log_var.bias is -5 at reset (as the reference's
+// seeder: the noise starts small, std exp(-2.5) ~ 0.08). z_bu is a standard normal per example,
+// latent and channel, drawn by Box-Muller from the pass's counter-based stream (as Kmdpa's noise):
+// entry i = (b U + u) D + c uses uniform01(ctx.seed, base + 2 i) and (.., base + 2 i + 1), with
+// base = ctx.draw(2 B U D) once per training forward, so every backend and a rerun draw the same
+// (drawn on the host and uploaded). The reference also adds the noise in evaluation; hatch uses
+// the mean there, so that evaluation is deterministic.
+//   parameters: norm.weight, norm.bias, mean.weight (D, CodeDim), mean.bias, log_var.weight,
+//   log_var.bias, and the shared codes (visited as "codes").
+// Input: any tensor whose first dimension is the batch B (its values are not read, e.g. the image
+// tokens); output (B U, D), batch-major. The input's gradient is zero.
+template <Backend B, int D, int CodeDim>
+class LatentSeederLayer : public LeafLayer<LatentSeederLayer<B, D, CodeDim>, B, kAnyWidth, D> {
+ public:
+  using T = typename B::Scalar;
+  static constexpr double initial_log_var_bias = -5.0;
+
+  LatentSeederLayer() { log_var.bias.value.fill(T(initial_log_var_bias)); }
+  void use_codes(LatentCodes<B, CodeDim>& codes) { codes_ = &codes.param; }
+  void reset_parameters(Initializer& init) {
+    norm.reset_parameters(init);
+    mean.reset_parameters(init);
+    log_var.reset_parameters(init);
+    init.constant(log_var.bias, initial_log_var_bias);
+  }
+
+  const Tensor<B>& forward(const Tensor<B>& x, Context& ctx) {
+    HATCH_CHECK(codes_ != nullptr, "LatentSeeder", "no codes: call use_codes(codes) before the first forward");
+    x_ = &x;
+    nb_ = int(x.dim(0));
+    u_ = int(codes_->value.shape()[0]);
+    training_ = ctx.training;
+    const std::size_t ud = std::size_t(u_) * D, n = std::size_t(nb_) * ud;
+    const Tensor<B>& nrm = norm.forward(codes_->value, ctx);
+    mu_ = &mean.forward(nrm, ctx);
+    y_.resize({std::int64_t(nb_) * u_, D});
+    if (!training_) {
+      for (int b = 0; b < nb_; ++b) B::copy(y_.data() + b * ud, mu_->data(), ud);
+      return y_;
+    }
+    const Tensor<B>& lv = log_var.forward(nrm, ctx);
+    sd_.resize({u_, D});
+    B::map(sd_.data(), lv.data(), ud, nac_detail::ExpHalf<T>{});
+    const std::uint64_t base = ctx.draw(2 * std::uint64_t(n));
+    z_host_.resize(n);
+    for (std::size_t i = 0; i < n; ++i) z_host_[i] = T(nac_detail::normal01(ctx.seed, base + 2 * i));
+    z_.resize({std::int64_t(nb_) * u_, D});
+    B::upload(z_.data(), z_host_.data(), n);
+    for (int b = 0; b < nb_; ++b) {
+      B::mul(y_.data() + b * ud, z_.data() + b * ud, sd_.data(), ud);
+      B::add(y_.data() + b * ud, y_.data() + b * ud, mu_->data(), ud);
+    }
+    return y_;
+  }
+
+  const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
+    const std::size_t ud = std::size_t(u_) * D, n = std::size_t(nb_) * ud;
+    if (ctx.input_grad) {
+      dx_.resize(x_->shape());
+      dx_.zero();
+    }
+    const bool any = wants_grad(norm.weight, ctx) || wants_grad(norm.bias, ctx) || wants_grad(mean.weight, ctx) ||
+                     wants_grad(mean.bias, ctx) || wants_grad(log_var.weight, ctx) || wants_grad(log_var.bias, ctx) ||
+                     wants_grad(*codes_, ctx);
+    if (!any) return dx_;
+    dmu_.resize({u_, D});  // sum over examples
+    B::sum_rows(dmu_.data(), dy.data(), nb_, int(ud), int(ud), T(0));
+    const bool codes_grad = wants_grad(*codes_, ctx);
+    Context inner = ctx;
+    inner.input_grad = true;  // the normalised codes' gradient feeds the norm
+    dn_.resize({u_, CodeDim});
+    B::copy(dn_.data(), mean.backward(dmu_, inner).data(), std::size_t(u_) * CodeDim);
+    if (training_) {
+      tmp_.resize({std::int64_t(nb_) * u_, D});  // dstd = sum over examples of dy * z
+      B::mul(tmp_.data(), dy.data(), z_.data(), n);
+      dsd_.resize({u_, D});
+      B::sum_rows(dsd_.data(), tmp_.data(), nb_, int(ud), int(ud), T(0));
+      B::map_binary(dsd_.data(), dsd_.data(), sd_.data(), ud, nac_detail::HalfTimes<T>{});  // d log_var
+      B::axpy(dn_.data(), T(1), log_var.backward(dsd_, inner).data(), std::size_t(u_) * CodeDim);
+    }
+    inner.input_grad = codes_grad;
+    const Tensor<B>& dc = norm.backward(dn_, inner);
+    if (codes_grad) B::axpy(codes_->grad.data(), T(1), dc.data(), std::size_t(u_) * CodeDim);
+    return dx_;
+  }
+
+  template <class F>
+  void visit(F&& f, const std::string& prefix) {
+    if (codes_) f(prefix + "codes", *codes_);
+    norm.visit(f, prefix + "norm.");
+    mean.visit(f, prefix + "mean.");
+    log_var.visit(f, prefix + "log_var.");
+  }
+
+  LayerNormLayer<B, CodeDim> norm;
+  LinearLayer<B, CodeDim, D> mean, log_var;
+
+ private:
+  Parameter<B>* codes_ = nullptr;
+  const Tensor<B>* x_ = nullptr;
+  const Tensor<B>* mu_ = nullptr;
+  int nb_ = 0, u_ = 0;
+  bool training_ = false;
+  std::vector<T> z_host_;
+  Tensor<B> y_, sd_, z_, dx_, dmu_, dn_, tmp_, dsd_;
+};
+
+template <int D, int CodeDim>
+struct LatentSeeder {
+  static constexpr int in = kAnyWidth, out = D;
+  template <Backend B> using bind = LatentSeederLayer<B, D, CodeDim>;
 };
 
 }  // namespace hatch
