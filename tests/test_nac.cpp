@@ -715,3 +715,47 @@ TEST_CASE("nac: LatentSeeder draws mean + exp(log_var / 2) z, z standard normal 
   again.counter = 0;
   CHECK(seeder.forward(x, again).to_host() == y);
 }
+
+// ---- output pooling ------------------------------------------------------------------------------
+
+TEST_CASE("nac: OutputPooling gradients (input, score, classifier) in evaluation and training") {
+  OutputPoolingLayer<B64, 4, 5, 3> pool;
+  test::expect_gradients(pool, {2 * 4, 5}, false, 40);
+  test::expect_gradients(pool, {3, 4, 5}, true, 40, 8, 4);
+}
+
+TEST_CASE("nac: OutputPooling is softmax((s + gumbel) / 1)-weighted latents then a Linear; evaluation without noise") {
+  constexpr int U = 3, D = 4, K = 2, NB = 2;
+  OutputPoolingLayer<B64, U, D, K> pool;
+  randomize_parameters(pool, 3);
+  std::mt19937_64 rng(4);
+  auto x = test::random_tensor<B64>({NB * U, D}, rng);
+  const auto xh = x.to_host(), sw = pool.score.weight.value.to_host(), sb = pool.score.bias.value.to_host(),
+             cw = pool.classifier.weight.value.to_host(), cb = pool.classifier.bias.value.to_host();
+  for (bool training : {false, true}) {
+    Context ctx;
+    ctx.training = training;
+    ctx.seed = 21;
+    const auto y = pool.forward(x, ctx).to_host();
+    REQUIRE(y.size() == std::size_t(NB * K));
+    CHECK(ctx.counter == (training ? std::uint64_t(NB * U) : 0));
+    for (int b = 0; b < NB; ++b) {
+      double z[U], mx = -1e300, sum = 0;
+      for (int u = 0; u < U; ++u) {
+        z[u] = sb[0];
+        for (int c = 0; c < D; ++c) z[u] += sw[c] * xh[(b * U + u) * D + c];
+        if (training) z[u] += -std::log(-std::log(uniform01(21, b * U + u) + std::ldexp(1.0, -54)));
+        mx = std::max(mx, z[u]);
+      }
+      for (int u = 0; u < U; ++u) sum += std::exp(z[u] - mx);
+      double pooled[D] = {};
+      for (int u = 0; u < U; ++u)
+        for (int c = 0; c < D; ++c) pooled[c] += std::exp(z[u] - mx) / sum * xh[(b * U + u) * D + c];
+      for (int k = 0; k < K; ++k) {
+        double o = cb[k];
+        for (int c = 0; c < D; ++c) o += cw[k * D + c] * pooled[c];
+        CHECK(y[b * K + k] == doctest::Approx(o).epsilon(1e-12));
+      }
+    }
+  }
+}

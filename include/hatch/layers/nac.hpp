@@ -11,6 +11,8 @@
 //                                per table
 //   (nac_graph.hpp: the signature graph priors, init_signatures_from_graph)
 //   LatentSeeder<D, CodeDim>     the initial latent states from the codes, (B U, D)
+//   OutputPooling<UOut, D, Cls>  gumbel-softmax pooling over the output latents, then a linear
+//                                classifier: (B UOut, D) -> (B, Cls)
 //
 // Latent rows are batch-major: row b U + u of an input is latent u of example b.
 //
@@ -788,6 +790,102 @@ template <int D, int CodeDim>
 struct LatentSeeder {
   static constexpr int in = kAnyWidth, out = D;
   template <Backend B> using bind = LatentSeederLayer<B, D, CodeDim>;
+};
+
+// Output pooling: the output latents of each example pooled into one vector, then classified.
+//   s_bu = score(theta_bu)                              Linear D -> 1 (weight (1, D), bias (1))
+//   training:   p_b = softmax_u((s_bu + g_bu) / temperature),  g = -log(-log w) Gumbel noise,
+//               w = uniform01(ctx.seed, base + b U + u) + 2^-54, base = ctx.draw(B U)
+//   evaluation: p_b = softmax_u(s_bu / temperature)     (no noise)
+//   pooled_b = sum_u p_bu theta_bu;   y_b = classifier(pooled_b)   Linear D -> Classes
+// temperature 1 (PyTorch's F.gumbel_softmax default), soft weights (no straight-through hard
+// sample). The reference configures OutputLatentPooling with softmax_type "gumbel" but its class
+// is not in the published code; the per-latent score from the latent's state is hatch's choice.
+//   parameters: score.weight, score.bias, classifier.weight (Classes, D), classifier.bias.
+// Input (B U, D) (or (B, U, D)), U = UOut output latents per example; output (B, Classes).
+template <Backend B, int UOut, int D, int Classes>
+class OutputPoolingLayer : public LeafLayer<OutputPoolingLayer<B, UOut, D, Classes>, B, D, Classes> {
+ public:
+  using T = typename B::Scalar;
+  static constexpr double temperature = 1.0;
+
+  void reset_parameters(Initializer& init) {
+    score.reset_parameters(init);
+    classifier.reset_parameters(init);
+  }
+  // The pooling weights of the last forward, (B, U) row-major on the backend.
+  const Tensor<B>& weights() const { return p_; }
+
+  const Tensor<B>& forward(const Tensor<B>& x, Context& ctx) {
+    HATCH_CHECK(x.cols() == D, "OutputPooling", "input width " + std::to_string(x.cols()) + ", expected " + std::to_string(D));
+    const int rows = int(x.rows());
+    HATCH_CHECK(rows % UOut == 0, "OutputPooling",
+                std::to_string(rows) + " input rows are not a whole number of examples of " + std::to_string(UOut) +
+                    " output latents");
+    x_ = &x;
+    nb_ = rows / UOut;
+    const Tensor<B>& s = score.forward(x, ctx);  // (B U, 1)
+    z_.resize({nb_, UOut});
+    B::copy(z_.data(), s.data(), std::size_t(rows));
+    if (ctx.training) {
+      const std::uint64_t base = ctx.draw(std::uint64_t(rows));
+      noise_host_.resize(rows);
+      for (int i = 0; i < rows; ++i) {
+        const double w = uniform01(ctx.seed, base + std::uint64_t(i)) + 1.0 / 18014398509481984.0;  // + 2^-54
+        noise_host_[i] = T(-std::log(-std::log(w)));
+      }
+      noise_.resize({nb_, UOut});
+      B::upload(noise_.data(), noise_host_.data(), std::size_t(rows));
+      B::add(z_.data(), z_.data(), noise_.data(), std::size_t(rows));
+    }
+    p_.resize({nb_, UOut});
+    B::softmax_forward(p_.data(), z_.data(), nb_, UOut, T(1.0 / temperature));
+    pooled_.resize({nb_, D});  // pooled_b = p_b (1 x U) theta_b (U x D)
+    for (int b = 0; b < nb_; ++b)
+      B::gemm(false, false, 1, D, UOut, T(1), p_.data() + b * UOut, UOut, x.data() + std::size_t(b) * UOut * D, D,
+              T(0), pooled_.data() + std::size_t(b) * D, D);
+    return classifier.forward(pooled_, ctx);
+  }
+
+  const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
+    const Tensor<B>& dpooled = backward_inner(classifier, dy, ctx);
+    const int rows = nb_ * UOut;
+    dp_.resize({nb_, UOut});  // dp_bu = dpooled_b . theta_bu
+    for (int b = 0; b < nb_; ++b)
+      B::gemm(false, true, 1, UOut, D, T(1), dpooled.data() + std::size_t(b) * D, D,
+              x_->data() + std::size_t(b) * UOut * D, D, T(0), dp_.data() + b * UOut, UOut);
+    ds_.resize({rows, 1});
+    B::softmax_backward(ds_.data(), dp_.data(), p_.data(), nb_, UOut, T(1.0 / temperature));
+    const Tensor<B>& dxs = score.backward(ds_, ctx);
+    if (!ctx.input_grad) return dx_;
+    dx_.resize(x_->shape());  // dx_bu = p_bu dpooled_b + the score's input gradient
+    for (int b = 0; b < nb_; ++b)
+      B::gemm(false, false, UOut, D, 1, T(1), p_.data() + b * UOut, 1, dpooled.data() + std::size_t(b) * D, D, T(0),
+              dx_.data() + std::size_t(b) * UOut * D, D);
+    B::axpy(dx_.data(), T(1), dxs.data(), std::size_t(rows) * D);
+    return dx_;
+  }
+
+  template <class F>
+  void visit(F&& f, const std::string& prefix) {
+    score.visit(f, prefix + "score.");
+    classifier.visit(f, prefix + "classifier.");
+  }
+
+  LinearLayer<B, D, 1> score;
+  LinearLayer<B, D, Classes> classifier;
+
+ private:
+  const Tensor<B>* x_ = nullptr;
+  int nb_ = 0;
+  std::vector<T> noise_host_;
+  Tensor<B> z_, noise_, p_, pooled_, dp_, ds_, dx_;
+};
+
+template <int UOut, int D, int Classes>
+struct OutputPooling {
+  static constexpr int in = D, out = Classes;
+  template <Backend B> using bind = OutputPoolingLayer<B, UOut, D, Classes>;
 };
 
 }  // namespace hatch
