@@ -730,7 +730,7 @@ TEST_CASE("nac: OutputPooling is softmax((s + gumbel) / 1)-weighted latents then
   randomize_parameters(pool, 3);
   std::mt19937_64 rng(4);
   auto x = test::random_tensor<B64>({NB * U, D}, rng);
-  const auto xh = x.to_host(), sw = pool.score.weight.value.to_host(), sb = pool.score.bias.value.to_host(),
+  const auto xh = x.to_host(), sw = pool.score.weight.value.to_host(),
              cw = pool.classifier.weight.value.to_host(), cb = pool.classifier.bias.value.to_host();
   for (bool training : {false, true}) {
     Context ctx;
@@ -742,7 +742,7 @@ TEST_CASE("nac: OutputPooling is softmax((s + gumbel) / 1)-weighted latents then
     for (int b = 0; b < NB; ++b) {
       double z[U], mx = -1e300, sum = 0;
       for (int u = 0; u < U; ++u) {
-        z[u] = sb[0];
+        z[u] = 0;
         for (int c = 0; c < D; ++c) z[u] += sw[c] * xh[(b * U + u) * D + c];
         if (training) z[u] += -std::log(-std::log(uniform01(21, b * U + u) + std::ldexp(1.0, -54)));
         mx = std::max(mx, z[u]);

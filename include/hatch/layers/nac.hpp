@@ -793,7 +793,8 @@ struct LatentSeeder {
 };
 
 // Output pooling: the output latents of each example pooled into one vector, then classified.
-//   s_bu = score(theta_bu)                              Linear D -> 1 (weight (1, D), bias (1))
+//   s_bu = score(theta_bu)                              Linear D -> 1, weight (1, D), no bias (a
+//                                                       shared shift would not change the softmax)
 //   training:   p_b = softmax_u((s_bu + g_bu) / temperature),  g = -log(-log w) Gumbel noise,
 //               w = uniform01(ctx.seed, base + b U + u) + 2^-54, base = ctx.draw(B U)
 //   evaluation: p_b = softmax_u(s_bu / temperature)     (no noise)
@@ -801,7 +802,7 @@ struct LatentSeeder {
 // temperature 1 (PyTorch's F.gumbel_softmax default), soft weights (no straight-through hard
 // sample). The reference configures OutputLatentPooling with softmax_type "gumbel" but its class
 // is not in the published code; the per-latent score from the latent's state is hatch's choice.
-//   parameters: score.weight, score.bias, classifier.weight (Classes, D), classifier.bias.
+//   parameters: score.weight, classifier.weight (Classes, D), classifier.bias.
 // Input (B U, D) (or (B, U, D)), U = UOut output latents per example; output (B, Classes).
 template <Backend B, int UOut, int D, int Classes>
 class OutputPoolingLayer : public LeafLayer<OutputPoolingLayer<B, UOut, D, Classes>, B, D, Classes> {
@@ -872,7 +873,7 @@ class OutputPoolingLayer : public LeafLayer<OutputPoolingLayer<B, UOut, D, Class
     classifier.visit(f, prefix + "classifier.");
   }
 
-  LinearLayer<B, D, 1> score;
+  LinearLayer<B, D, 1, false> score;
   LinearLayer<B, D, Classes> classifier;
 
  private:
