@@ -759,3 +759,85 @@ TEST_CASE("nac: OutputPooling is softmax((s + gumbel) / 1)-weighted latents then
     }
   }
 }
+
+// ---- Kmdpa over a rectangular pair list --------------------------------------------------------
+
+TEST_CASE("nac: Kmdpa with a rectangular pair list (queries from one latent range, keys from another)") {
+  constexpr int U = 7, S = 3, H = 2, DH = 2, D = H * DH, NB = 2;
+  LatentSignatures<B64, S> sig(U);
+  KmdpaLayer<B64, H, DH, S> layer;
+  layer.use_signatures(sig);
+  struct Case {
+    int q0, q1, k0, k1;
+  };
+  // mediators [3, 7) attending to inputs and mediators; outputs [5, 7) reading mediators [2, 5)
+  for (const Case c : {Case{3, 7, 0, 7}, Case{5, 7, 2, 5}, Case{0, 3, 0, 7}}) {
+    CAPTURE(c.q0);
+    CAPTURE(c.k0);
+    layer.restrict_pairs(c.q0, c.q1 == U ? -1 : c.q1, c.k0, c.k1 == U ? -1 : c.k1);
+    randomize_kmdpa(layer, 5, 0.7);
+    const int uq = c.q1 - c.q0;
+    std::mt19937_64 rng(6);
+    auto x = test::random_tensor<B64>({NB * U, 3 * D}, rng);
+    const auto xh = x.to_host(), sh = sig.param.value.to_host();
+    for (bool training : {false, true}) {
+      Context ctx;
+      ctx.training = training;
+      ctx.seed = 31;
+      const auto y = layer.forward(x, ctx).to_host();
+      REQUIRE(y.size() == std::size_t(NB) * uq * D);
+      // dense reference over the rectangle, truncated pairs masked
+      int kept = 0;
+      double err = 0;
+      for (int e = 0; e < NB; ++e)
+        for (int a = c.q0; a < c.q1; ++a)
+          for (int h = 0; h < H; ++h) {
+            std::vector<double> w(U, 0.0);
+            std::vector<bool> in(U, false);
+            double mx = -1e300;
+            for (int b = c.k0; b < c.k1; ++b) {
+              double ab = 0, aa = 0, bb = 0;
+              for (int k = 0; k < S; ++k) {
+                ab += sh[a * S + k] * sh[b * S + k];
+                aa += sh[a * S + k] * sh[a * S + k];
+                bb += sh[b * S + k] * sh[b * S + k];
+              }
+              const double d = 1 - ab / std::sqrt(aa * bb);
+              if (d > 0.9) continue;
+              in[b] = true;
+              kept += e == 0 && h == 0;
+              double qk = 0;
+              for (int k = 0; k < DH; ++k) qk += xh[(e * U + a) * 3 * D + h * DH + k] * xh[(e * U + b) * 3 * D + D + h * DH + k];
+              const double logk = training ? relaxed_log_kernel(d, 0.7, 31, std::uint64_t((e * U + a) * U + b)) : -d / 0.7;
+              w[b] = qk / std::sqrt(double(DH)) + logk;
+              mx = std::max(mx, w[b]);
+            }
+            double sum = 0;
+            for (int b = 0; b < U; ++b) sum += in[b] ? std::exp(w[b] - mx) : 0.0;
+            for (int k = 0; k < DH; ++k) {
+              double o = 0;
+              for (int b = 0; b < U; ++b)
+                if (in[b]) o += std::exp(w[b] - mx) / sum * xh[(e * U + b) * 3 * D + 2 * D + h * DH + k];
+              err = std::max(err, std::abs(o - y[(e * uq + a - c.q0) * D + h * DH + k]));
+            }
+          }
+      CHECK(err < 1e-10);
+      CHECK(layer.kept_pairs() == kept);
+      CHECK(layer.kept_fraction() == doctest::Approx(double(kept) / (uq * (c.k1 - c.k0))));
+      for (int u = 0; u < U; ++u)
+        if (u < c.q0 || u >= c.q1) CHECK(layer.row_ptr()[u + 1] == layer.row_ptr()[u]);
+      for (int col : layer.col()) CHECK((col >= c.k0 && col < c.k1));
+    }
+    auto ev = gradcheck(layer, {NB * U, 3 * D}, false, 3, 60);
+    INFO(ev.worst);
+    CHECK(ev.max_rel <= 1e-6);
+    auto tr = gradcheck(layer, {NB, U, 3 * D}, true, 4, 60);  // (B, U, 3D) in, (B, Uq, D) out
+    INFO(tr.worst);
+    CHECK(tr.max_rel <= 1e-6);
+  }
+  layer.restrict_pairs(0, U + 1, 0, -1);
+  Tensor<B64> x({U, 3 * D});
+  x.zero();
+  Context ctx;
+  CHECK_THROWS_AS(layer.forward(x, ctx), Error);
+}

@@ -233,8 +233,24 @@ class KmdpaLayer : public LeafLayer<KmdpaLayer<B, Heads, HeadDim, SigDim>, B, 3 
   void use_signatures(LatentSignatures<B, SigDim>& s) { sig_ = &s.param; }
   void reset_parameters(Initializer& init) { init.constant(bandwidth, 1.0); }
 
-  // The fraction of the U x U pairs kept by the last forward (d_uv <= tau).
-  double kept_fraction() const { return u_ ? double(nnz_) / (double(u_) * u_) : 0.0; }
+  // A rectangular pair list: only latents [query_begin, query_end) of the table query, and they
+  // attend only to latents [key_begin, key_end) (a negative end: up to the table's last row).
+  // E.g. mediators attending to input and mediator latents, one table [input; mediators]:
+  // restrict_pairs(U_in, -1, 0, -1). The input still holds all U rows of each example (q read
+  // for query rows, k and v for key rows; the other columns are unused and get gradient 0); the
+  // output holds the query rows only, (B Uq, H dh), in order. Default: every latent both.
+  void restrict_pairs(int query_begin, int query_end, int key_begin, int key_end) {
+    HATCH_CHECK(query_begin >= 0 && key_begin >= 0, "Kmdpa::restrict_pairs", "negative range start");
+    q_begin_ = query_begin;
+    q_end_ = query_end;
+    k_begin_ = key_begin;
+    k_end_ = key_end;
+  }
+  // The fraction of the query x key pairs kept by the last forward (d_uv <= tau).
+  double kept_fraction() const {
+    const double pairs = double(q1_ - q0_) * double(k1_ - k0_);
+    return pairs > 0 ? double(nnz_) / pairs : 0.0;
+  }
   int kept_pairs() const { return nnz_; }
   // The last forward's pair list on the host: queries' CSR offsets and keys.
   const std::vector<std::int32_t>& row_ptr() const { return row_ptr_h_; }
@@ -252,6 +268,13 @@ class KmdpaLayer : public LeafLayer<KmdpaLayer<B, Heads, HeadDim, SigDim>, B, 3 
     nb_ = rows_ / u_;
     x_ = &x;
     training_ = ctx.training;
+    q0_ = q_begin_;
+    q1_ = q_end_ < 0 ? u_ : q_end_;
+    k0_ = k_begin_;
+    k1_ = k_end_ < 0 ? u_ : k_end_;
+    HATCH_CHECK(q0_ < q1_ && q1_ <= u_ && k0_ < k1_ && k1_ <= u_, "Kmdpa",
+                "query latents [" + std::to_string(q0_) + ", " + std::to_string(q1_) + ") or key latents [" +
+                    std::to_string(k0_) + ", " + std::to_string(k1_) + ") outside the table's " + std::to_string(u_));
     build_pairs();
     // log K per kept pair: one row shared by the batch in evaluation, one per example in training
     const int lrows = training_ ? nb_ : 1;
@@ -287,10 +310,19 @@ class KmdpaLayer : public LeafLayer<KmdpaLayer<B, Heads, HeadDim, SigDim>, B, 3 
     probs_.resize({std::int64_t(nb_) * Heads * nnz_ + 1});
     Shape s = x.shape();
     s.dims[s.rank - 1] = D;
-    y_.resize(s);
-    B::sparse_attention_forward(probs_.data(), y_.data(), D, x.data(), x.data() + D, x.data() + 2 * D, 3 * D,
+    const int uq = q1_ - q0_;
+    restricted_ = uq != u_;
+    Tensor<B>& full = restricted_ ? y_full_ : y_;
+    full.resize(s);
+    B::sparse_attention_forward(probs_.data(), full.data(), D, x.data(), x.data() + D, x.data() + 2 * D, 3 * D,
                                 row_ptr_.data(), col_.data(), logk_.data(), training_ ? nnz_ : 0, nb_, u_, Heads,
                                 HeadDim, nnz_, scale());
+    if (!restricted_) return y_;
+    if (s.rank >= 3) s.dims[s.rank - 2] = uq;  // (B, U, 3D) in: (B, Uq, D) out
+    else s.dims[0] = std::int64_t(nb_) * uq;
+    y_.resize(s);
+    for (int b = 0; b < nb_; ++b)  // the query rows of example b are contiguous
+      B::copy(y_.data() + std::size_t(b) * uq * D, full.data() + (std::size_t(b) * u_ + q0_) * D, std::size_t(uq) * D);
     return y_;
   }
 
@@ -300,11 +332,21 @@ class KmdpaLayer : public LeafLayer<KmdpaLayer<B, Heads, HeadDim, SigDim>, B, 3 
     const T* base = x_->data();
     dscores_.resize(probs_.shape());
     dx_.resize(x_->shape());
-    B::sparse_attention_backward_rows(dscores_.data(), dx_.data(), 3 * D, dy.data(), D, base + D, base + 2 * D, 3 * D,
+    const T* dout = dy.data();
+    if (restricted_) {  // the query rows back in place, the other rows' output gradient 0
+      const int uq = q1_ - q0_;
+      dy_full_.resize({std::int64_t(rows_), D});
+      dy_full_.zero();
+      for (int b = 0; b < nb_; ++b)
+        B::copy(dy_full_.data() + (std::size_t(b) * u_ + q0_) * D, dy.data() + std::size_t(b) * uq * D,
+                std::size_t(uq) * D);
+      dout = dy_full_.data();
+    }
+    B::sparse_attention_backward_rows(dscores_.data(), dx_.data(), 3 * D, dout, D, base + D, base + 2 * D, 3 * D,
                                       probs_.data(), row_ptr_.data(), col_.data(), nb_, u_, Heads, HeadDim, nnz_,
                                       scale());
     if (ctx.input_grad)
-      B::sparse_attention_backward_cols(dx_.data() + D, dx_.data() + 2 * D, 3 * D, base, 3 * D, dy.data(), D,
+      B::sparse_attention_backward_cols(dx_.data() + D, dx_.data() + 2 * D, 3 * D, base, 3 * D, dout, D,
                                         probs_.data(), dscores_.data(), col_ptr_.data(), pair_.data(),
                                         pair_row_.data(), nb_, u_, Heads, HeadDim, nnz_, scale());
     if (kernel_grads && nnz_ > 0) kernel_backward(ctx);
@@ -344,7 +386,8 @@ class KmdpaLayer : public LeafLayer<KmdpaLayer<B, Heads, HeadDim, SigDim>, B, 3 
     col_h_.clear();
     dist_h_.clear();
     for (int u = 0; u < u_; ++u) {
-      for (int v = 0; v < u_; ++v) {
+      const bool queries = u >= q0_ && u < q1_;
+      for (int v = queries ? k0_ : u_; v < (queries ? k1_ : u_); ++v) {
         double c = 0;
         for (int k = 0; k < SigDim; ++k) c += unit_[std::size_t(u) * SigDim + k] * unit_[std::size_t(v) * SigDim + k];
         const double d = 1.0 - c;
@@ -434,6 +477,9 @@ class KmdpaLayer : public LeafLayer<KmdpaLayer<B, Heads, HeadDim, SigDim>, B, 3 
   Parameter<B>* sig_ = nullptr;
   const Tensor<B>* x_ = nullptr;
   int u_ = 0, rows_ = 0, nb_ = 0, nnz_ = 0;
+  int q_begin_ = 0, q_end_ = -1, k_begin_ = 0, k_end_ = -1;  // as set by restrict_pairs
+  int q0_ = 0, q1_ = 0, k0_ = 0, k1_ = 0;                    // resolved for the last forward
+  bool restricted_ = false;
   bool training_ = false;
   double eps_ = 1;
   // host side of the kernel
@@ -442,7 +488,7 @@ class KmdpaLayer : public LeafLayer<KmdpaLayer<B, Heads, HeadDim, SigDim>, B, 3 
   std::vector<std::int32_t> row_ptr_h_, col_h_, col_ptr_h_, pair_h_, pair_row_h_, fill_;
   // backend side
   Indices<B> row_ptr_, col_, col_ptr_, pair_, pair_row_;
-  Tensor<B> logk_, probs_, y_, dscores_, dx_, dlogk_, grad_up_;
+  Tensor<B> logk_, probs_, y_, y_full_, dy_full_, dscores_, dx_, dlogk_, grad_up_;
 };
 
 template <int Heads, int HeadDim, int SigDim>
