@@ -321,6 +321,15 @@ struct NacKmdpa {
   template <hatch::Backend B> using bind = NacKmdpaCase<B>;
 };
 
+// Mediators [4, 10) attending to every latent: the rectangular pair list.
+template <hatch::Backend B>
+struct NacKmdpaRectCase : NacKmdpaCase<B> {
+  NacKmdpaRectCase() { this->restrict_pairs(4, -1, 0, -1); }
+};
+struct NacKmdpaRect {
+  static constexpr int in = 3 * 48, out = 48;
+  template <hatch::Backend B> using bind = NacKmdpaRectCase<B>;
+};
 template <hatch::Backend B>
 struct NacModFfnCase : hatch::ModFfnLayer<B, 24, 32, 12> {
   hatch::LatentCodes<B, 12> codes{6};
@@ -370,7 +379,7 @@ inline const std::vector<std::string>& case_names() {
       "fit",             "incubator",          "silu",             "reshape_flatten",
       "moe_block_topk",  "moe_block_vmoe_train", "nac_modfc",   "nac_kmdpa",
       "nac_kmdpa_train", "nac_modffn",         "nac_seeder_train", "nac_repulsion_train",
-      "nac_pooling_train"};
+      "nac_pooling_train", "nac_kmdpa_rect_train"};
   return names;
 }
 
@@ -407,6 +416,7 @@ Results run_case(const std::string& name, std::uint64_t seed) {
   if (name == "nac_modfc") return run_layer<B, NacModFc>(seed, {4 * 6, 24});
   if (name == "nac_kmdpa") return run_layer<B, NacKmdpa>(seed, {3 * 10, 3 * 48});
   if (name == "nac_kmdpa_train") return run_layer<B, NacKmdpa>(seed, {4 * 10, 3 * 48}, {.training = true});
+  if (name == "nac_kmdpa_rect_train") return run_layer<B, NacKmdpaRect>(seed, {4 * 10, 3 * 48}, {.training = true});
   if (name == "nac_modffn") return run_layer<B, NacModFfn>(seed, {4 * 6, 24});
   if (name == "nac_seeder_train") return run_layer<B, NacSeeder>(seed, {5, 7}, {.training = true});
   if (name == "nac_repulsion_train") return run_layer<B, NacRepulsion>(seed, {4, 9}, {.training = true});

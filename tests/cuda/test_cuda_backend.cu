@@ -1268,6 +1268,7 @@ TEST_CASE("cuda parity: NAC layers (ModFc, ModFfn on shared codes; Kmdpa over it
   check_parity("nac_seeder_train");
   check_parity("nac_repulsion_train");
   check_parity("nac_pooling_train");
+  check_parity("nac_kmdpa_rect_train");
 }
 TEST_CASE("cuda parity: PatchEmbed") {
   HATCH_REQUIRE_CUDA_DEVICE();
@@ -1305,7 +1306,8 @@ TEST_CASE("cuda parity: every case is covered") {
                                         "class_head", "vit_micro", "vit_micro_train", "fit", "incubator",
                                         "silu", "reshape_flatten", "moe_block_topk", "moe_block_vmoe_train",
                                         "nac_modfc", "nac_kmdpa", "nac_kmdpa_train", "nac_modffn",
-                                        "nac_seeder_train", "nac_repulsion_train", "nac_pooling_train"};
+                                        "nac_seeder_train", "nac_repulsion_train", "nac_pooling_train",
+                                        "nac_kmdpa_rect_train"};
   for (const auto& name : hatch_test::case_names())
     if (std::find(tested.begin(), tested.end(), name) == tested.end()) check_parity(name);
 }
