@@ -1,6 +1,8 @@
-// NAC layers (layers/nac.hpp): ModFc and Kmdpa. Finite differences in double for every input and
-// parameter, the truncation and its straight-through rule against a dense computation, the kept
-// fraction, and a shared codes table stored once.
+// NAC layers (layers/nac.hpp, nac_graph.hpp): ModFc, Kmdpa (square and rectangular pair lists),
+// ModFfn, SignatureRepulsion, LatentSeeder, OutputPooling, the signature graph priors. Finite
+// differences in double for every input and parameter, the truncation and its straight-through
+// rule against a dense computation, the kept fraction, a shared codes table stored once, the
+// forward maths written out, the graphs' properties and the signatures' realised edges.
 #include <unistd.h>
 
 #include <filesystem>

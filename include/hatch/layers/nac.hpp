@@ -1,5 +1,5 @@
 #pragma once
-// Neural Attentive Circuits (ALGORITHMS.md section 4, issue 10): the first two layers.
+// Neural Attentive Circuits (ALGORITHMS.md section 4, issue 10): the layers built so far.
 //
 //   LatentParameter<B, Cols>     a (U, Cols) table owned by the model and shared by many layers:
 //                                LatentCodes (the codes c_u) and LatentSignatures (s_u)
