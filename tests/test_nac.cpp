@@ -843,3 +843,41 @@ TEST_CASE("nac: Kmdpa with a rectangular pair list (queries from one latent rang
   Context ctx;
   CHECK_THROWS_AS(layer.forward(x, ctx), Error);
 }
+
+TEST_CASE("nac: a steady-state step of the new layers (seeder, rectangular Kmdpa, ModFfn, repulsion, pooling) allocates no backend buffer") {
+  constexpr int U = 6, C = 4, S = 8, D = 8;
+  LatentCodes<Cpu, C> codes(U);
+  LatentSignatures<Cpu, S> sig(U);
+  LatentSeederLayer<Cpu, 3 * D, C> seeder;
+  KmdpaLayer<Cpu, 2, 4, S> attn;
+  ModFfnLayer<Cpu, D, 16, C> ffn;
+  SignatureRepulsionLayer<Cpu, S> repulsion;
+  OutputPoolingLayer<Cpu, 4, D, 5> pool;
+  seeder.use_codes(codes);
+  ffn.use_codes(codes);
+  attn.use_signatures(sig);
+  attn.restrict_pairs(2, -1, 0, -1);  // 4 query latents
+  repulsion.use_signatures(sig);
+  Initializer init(3);
+  codes.reset_parameters(init);
+  sig.reset_parameters(init);
+  seeder.reset_parameters(init);
+  attn.reset_parameters(init);
+  ffn.reset_parameters(init);
+  pool.reset_parameters(init);
+  Tensor<Cpu> x({3, 2});
+  x.zero();
+  std::mt19937_64 rng(1);
+  auto dy = test::random_tensor<Cpu>({3, 5}, rng);
+  auto step = [&](std::uint64_t seed) {
+    Context ctx;
+    ctx.training = true;
+    ctx.seed = seed;
+    pool.forward(ffn.forward(attn.forward(repulsion.forward(seeder.forward(x, ctx), ctx), ctx), ctx), ctx);
+    seeder.backward(repulsion.backward(attn.backward(ffn.backward(pool.backward(dy, ctx), ctx), ctx), ctx), ctx);
+  };
+  for (int i = 0; i < 3; ++i) step(i);
+  const auto before = Cpu::allocation_count().load();
+  for (int i = 3; i < 6; ++i) step(i);
+  CHECK(Cpu::allocation_count().load() == before);
+}
