@@ -1,6 +1,8 @@
-// NAC layers (layers/nac.hpp): ModFc and Kmdpa. Finite differences in double for every input and
-// parameter, the truncation and its straight-through rule against a dense computation, the kept
-// fraction, and a shared codes table stored once.
+// NAC layers (layers/nac.hpp, nac_graph.hpp): ModFc, Kmdpa (square and rectangular pair lists),
+// ModFfn, SignatureRepulsion, LatentSeeder, OutputPooling, the signature graph priors. Finite
+// differences in double for every input and parameter, the truncation and its straight-through
+// rule against a dense computation, the kept fraction, a shared codes table stored once, the
+// forward maths written out, the graphs' properties and the signatures' realised edges.
 #include <unistd.h>
 
 #include <filesystem>
@@ -381,4 +383,501 @@ TEST_CASE("nac: sparse attention primitives: a query without pairs gets output 0
     o0 += probs[v] * x[v * 6 + 4];
   }
   CHECK(o[0] == doctest::Approx(o0).epsilon(1e-14));
+}
+
+// ---- ModFfn ------------------------------------------------------------------------------------
+
+TEST_CASE("nac: ModFfn gradients (input, norm, both ModFc, layer scale, shared codes)") {
+  LatentCodes<B64, 3> codes(4);
+  ModFfnLayer<B64, 5, 6, 3> layer;
+  layer.use_codes(codes);
+  std::vector<std::string> names;
+  layer.visit([&](const std::string& n, Parameter<B64>&) { names.push_back(n); }, "");
+  CHECK(names.size() == 2 + 5 + 5 + 1);
+  CHECK(names.back() == "layer_scale.gamma");
+  CHECK(names[0] == "norm.weight");
+  test::expect_gradients(layer, {2 * 4, 5}, false, 60);
+  test::expect_gradients(layer, {3, 4, 5}, true, 60, 9, 5);  // (B, U, D) input
+}
+
+TEST_CASE("nac: ModFfn is theta + gamma * ModFc(a * gelu(g)) with [a | g] = ModFc(LN theta); gamma 0.1 at reset") {
+  constexpr int U = 3, D = 4, H = 5, C = 2;
+  LatentCodes<B64, C> codes(U);
+  ModFfnLayer<B64, D, H, C> ffn;
+  ffn.use_codes(codes);
+  Initializer init(5);
+  ffn.reset_parameters(init);
+  codes.reset_parameters(init);
+  for (double g : ffn.layer_scale.value.to_host()) CHECK(g == doctest::Approx(0.1));
+  randomize_parameters(ffn, 13);
+  // the same maths from the parts: a separate LayerNorm and two ModFc with the same parameters
+  LayerNormLayer<B64, D> norm;
+  ModFcLayer<B64, D, 2 * H, C> fc1;
+  ModFcLayer<B64, H, D, C> fc2;
+  fc1.use_codes(codes);
+  fc2.use_codes(codes);
+  auto copy_params = [](auto& dst, auto& src) {
+    std::vector<Parameter<B64>*> d, s;
+    dst.visit([&](const std::string&, Parameter<B64>& p) { d.push_back(&p); }, "");
+    src.visit([&](const std::string&, Parameter<B64>& p) { s.push_back(&p); }, "");
+    REQUIRE(d.size() == s.size());
+    for (std::size_t i = 0; i < d.size(); ++i) d[i]->value.from_host(s[i]->value.to_host(), s[i]->value.shape());
+  };
+  copy_params(norm, ffn.norm);
+  copy_params(fc1, ffn.fc1);
+  copy_params(fc2, ffn.fc2);
+  std::mt19937_64 rng(3);
+  auto x = test::random_tensor<B64>({2 * U, D}, rng);
+  Context ctx;
+  const auto y = ffn.forward(x, ctx).to_host();
+  const auto h = fc1.forward(norm.forward(x, ctx), ctx).to_host();
+  std::vector<double> act(std::size_t(2 * U) * H);
+  for (int r = 0; r < 2 * U; ++r)
+    for (int c = 0; c < H; ++c) {
+      const double g = h[r * 2 * H + H + c];
+      act[r * H + c] = h[r * 2 * H + c] * 0.5 * g * (1 + std::erf(g / std::sqrt(2.0)));
+    }
+  Tensor<B64> at;
+  at.from_host(act, {2 * U, H});
+  const auto f = fc2.forward(at, ctx).to_host();
+  const auto xh = x.to_host(), gamma = ffn.layer_scale.value.to_host();
+  for (int r = 0; r < 2 * U; ++r)
+    for (int c = 0; c < D; ++c) CHECK(y[r * D + c] == doctest::Approx(xh[r * D + c] + gamma[c] * f[r * D + c]).epsilon(1e-12));
+}
+
+// ---- signature graph priors ----------------------------------------------------------------------
+
+TEST_CASE("nac: Barabasi-Albert graph: m (m + 1) / 2 + (n - m - 1) m edges, minimum degree m, heavy tail; seeded") {
+  const int n = 400, m = 2;
+  const auto g = nac::barabasi_albert_graph(n, m, 5);
+  CHECK(g.edges() == m * (m + 1) / 2 + (n - m - 1) * m);
+  int min_deg = n, max_deg = 0, hubs = 0;
+  const double mean = 2.0 * double(g.edges()) / n;
+  for (int u = 0; u < n; ++u) {
+    min_deg = std::min(min_deg, g.degree(u));
+    max_deg = std::max(max_deg, g.degree(u));
+    hubs += g.degree(u) >= 3 * mean;
+  }
+  INFO("mean degree " << mean << ", max " << max_deg << ", hubs " << hubs);
+  CHECK(min_deg == m);
+  CHECK(max_deg >= 5 * mean);  // an ER graph of this density has max degree about 2.5 mean
+  CHECK(hubs >= 3);
+  for (int u = 0; u < n; ++u) CHECK(!g.has_edge(u, u));
+  CHECK(nac::barabasi_albert_graph(n, m, 5).adjacency == g.adjacency);
+  CHECK(nac::barabasi_albert_graph(n, m, 6).adjacency != g.adjacency);
+}
+
+TEST_CASE("nac: Erdos-Renyi density is p; planted partition has dense blocks; ring of cliques is exact") {
+  const auto er = nac::erdos_renyi_graph(300, 0.1, 2);
+  CHECK(er.density() == doctest::Approx(0.1).epsilon(0.08));  // sd 0.0014
+  const auto pp = nac::planted_partition_graph(8, 32, 0.9, 0.05, 4);
+  std::int64_t in = 0, in_pairs = 0, out = 0, out_pairs = 0;
+  for (int u = 0; u < 256; ++u)
+    for (int v = u + 1; v < 256; ++v) {
+      const bool same = u / 32 == v / 32;
+      (same ? in : out) += pp.has_edge(u, v);
+      (same ? in_pairs : out_pairs) += 1;
+    }
+  CHECK(double(in) / in_pairs == doctest::Approx(0.9).epsilon(0.03));
+  CHECK(double(out) / out_pairs == doctest::Approx(0.05).epsilon(0.1));
+  const auto rc = nac::ring_of_cliques_graph(5, 4);
+  CHECK(rc.edges() == 5 * 6 + 5);
+  for (int u = 0; u < 20; ++u) CHECK(rc.degree(u) == (u % 4 == 0 || u % 4 == 3 ? 4 : 3));
+  CHECK(rc.has_edge(19, 0));
+}
+
+TEST_CASE("nac: signatures placed from a graph realise its edges as the Kmdpa kept pairs") {
+  constexpr int U = 64, S = 32;
+  const std::vector<std::pair<const char*, nac::Graph>> graphs{
+      {"scale-free", nac::barabasi_albert_graph(U, 2, 1)},
+      {"erdos-renyi", nac::erdos_renyi_graph(U, 0.1, 1)},
+      {"planted-partition", nac::planted_partition_graph(8, 8, 0.9, 0.05, 1)},
+      {"ring-of-cliques", nac::ring_of_cliques_graph(8, 8)}};
+  LatentSignatures<B64, S> sig(U);
+  KmdpaLayer<B64, 1, 2, S> attn;
+  attn.use_signatures(sig);
+  for (const auto& [name, g] : graphs) {
+    const auto rep = nac::init_signatures_from_graph(sig, g, 7);
+    INFO(std::string(name) << ": edge recall " << rep.edge_recall << ", non-edge separation " << rep.non_edge_separation
+              << " after " << rep.iterations << " steps");
+    CHECK(rep.edge_recall >= 0.98);
+    CHECK(rep.non_edge_separation >= 0.98);
+    const auto h = sig.param.value.to_host();
+    for (int u = 0; u < U; ++u) {
+      double q = 0;
+      for (int k = 0; k < S; ++k) q += h[u * S + k] * h[u * S + k];
+      CHECK(q == doctest::Approx(1.0));
+    }
+    // the layer's pair list: the graph's edges that it keeps, and the non-edges it truncates
+    Tensor<B64> x({U, 6});
+    x.zero();
+    Context ctx;
+    attn.forward(x, ctx);
+    std::int64_t edges_kept = 0, non_edges_cut = 0, non_edges = 0;
+    for (int u = 0; u < U; ++u) {
+      std::vector<bool> kept(U, false);
+      for (int p = attn.row_ptr()[u]; p < attn.row_ptr()[u + 1]; ++p) kept[attn.col()[p]] = true;
+      CHECK(kept[u]);
+      for (int v = 0; v < U; ++v) {
+        if (v == u) continue;
+        if (g.has_edge(u, v)) edges_kept += kept[v];
+        else {
+          ++non_edges;
+          non_edges_cut += !kept[v];
+        }
+      }
+    }
+    CHECK(double(edges_kept) / (2.0 * g.edges()) == doctest::Approx(rep.edge_recall));
+    CHECK(double(non_edges_cut) / non_edges == doctest::Approx(rep.non_edge_separation));
+    // deterministic from the seed
+    const auto again = sig.param.value.to_host();
+    nac::init_signatures_from_graph(sig, g, 7);
+    CHECK(sig.param.value.to_host() == again);
+  }
+}
+
+// ---- signature repulsion -------------------------------------------------------------------------
+
+namespace {
+// Signatures around one direction, so that several pairs are closer than the 0.4 margin.
+template <int S>
+void clustered_signatures(LatentSignatures<B64, S>& sig, std::uint64_t seed, double spread) {
+  std::mt19937_64 rng(seed);
+  auto t = test::random_tensor<B64>({sig.rows(), S}, rng);
+  auto h = t.to_host();
+  for (std::size_t i = 0; i < h.size(); ++i) h[i] = spread * h[i] + (i % S == 0 ? 1.0 : 0.0);
+  sig.param.value.from_host(h);
+}
+
+// Two Kmdpa on one signatures table, summed, and one repulsion for the table: the term counts once.
+struct SharedSignatureNet {
+  using backend = B64;
+  static constexpr int in = 3 * 4, out = 4;
+  LatentSignatures<B64, 3> sig{5};
+  SignatureRepulsionLayer<B64, 3> repulsion;
+  KmdpaLayer<B64, 2, 2, 3> first, second;
+  Tensor<B64> y, dx;
+  SharedSignatureNet() {
+    repulsion.use_signatures(sig);
+    first.use_signatures(sig);
+    second.use_signatures(sig);
+  }
+  const Tensor<B64>& forward(const Tensor<B64>& x, Context& ctx) {
+    const auto& r = repulsion.forward(x, ctx);
+    y.resize({r.rows(), 4});
+    B64::add(y.data(), first.forward(r, ctx).data(), second.forward(r, ctx).data(), std::size_t(y.numel()));
+    return y;
+  }
+  const Tensor<B64>& backward(const Tensor<B64>& dy, Context& ctx) {
+    const auto& a = backward_inner(first, dy, ctx);
+    dx.resize(a.shape());
+    B64::copy(dx.data(), a.data(), std::size_t(a.numel()));
+    const auto& b = backward_inner(second, dy, ctx);
+    B64::add(dx.data(), dx.data(), b.data(), std::size_t(b.numel()));
+    return repulsion.backward(dx, ctx);
+  }
+  template <class F>
+  void visit(F&& f, const std::string& prefix) {
+    sig.visit(f, prefix + "signatures");
+    repulsion.visit(f, prefix + "repulsion.");
+    first.visit(f, prefix + "first.");
+    second.visit(f, prefix + "second.");
+  }
+  template <class F>
+  void for_each_layer(F&& f) {
+    f(repulsion);
+    f(first);
+    f(second);
+  }
+};
+}  // namespace
+
+TEST_CASE("nac: SignatureRepulsion is 0.1 (-sum_{u<v, d<0.4} d), gradient checked; 0 in evaluation") {
+  constexpr int U = 7, S = 4;
+  LatentSignatures<B64, S> sig(U);
+  SignatureRepulsionLayer<B64, S> rep;
+  rep.use_signatures(sig);
+  clustered_signatures(sig, 3, 0.5);
+  std::mt19937_64 rng(1);
+  auto x = test::random_tensor<B64>({2, 9}, rng);
+  Context train;
+  train.training = true;
+  const auto& y = rep.forward(x, train);
+  CHECK(&y == &x);  // the input passes through
+  const auto h = sig.param.value.to_host();
+  double sum = 0;
+  int close = 0;
+  for (int u = 0; u < U; ++u)
+    for (int v = u + 1; v < U; ++v) {
+      double ab = 0, aa = 0, bb = 0;
+      for (int k = 0; k < S; ++k) {
+        ab += h[u * S + k] * h[v * S + k];
+        aa += h[u * S + k] * h[u * S + k];
+        bb += h[v * S + k] * h[v * S + k];
+      }
+      const double d = 1 - ab / std::sqrt(aa * bb);
+      if (d < 0.4) {
+        sum += d;
+        ++close;
+      }
+    }
+  INFO(close << " close pairs of " << U * (U - 1) / 2);
+  CHECK(close >= 3);
+  CHECK(close < U * (U - 1) / 2);
+  CHECK(rep.close_pairs() == close);
+  CHECK(rep.aux_loss() == doctest::Approx(-0.1 * sum).epsilon(1e-12));
+  CHECK(collect_aux_loss(rep) == rep.aux_loss());
+  auto g = gradcheck(rep, {2, 9}, true, 4, 40);  // loss includes the auxiliary term
+  INFO(g.worst);
+  CHECK(g.max_rel <= 1e-6);
+  // frozen: no gradient; evaluation: no term
+  sig.param.zero_grad();
+  Context frozen = train;
+  frozen.param_grads = false;
+  rep.forward(x, frozen);
+  rep.backward(x, frozen);
+  for (double v : sig.param.grad.to_host()) CHECK(v == 0.0);
+  Context eval;
+  rep.forward(x, eval);
+  CHECK(rep.aux_loss() == 0.0);
+}
+
+TEST_CASE("nac: a signatures table shared by two Kmdpa is repelled once; gradients add up") {
+  SharedSignatureNet net;
+  randomize_parameters(net, 5);
+  net.first.bandwidth.value.fill(0.7);
+  net.second.bandwidth.value.fill(1.2);
+  clustered_signatures(net.sig, 8, 0.6);
+  std::mt19937_64 rng(2);
+  auto x = test::random_tensor<B64>({2 * 5, 12}, rng);
+  Context ctx;
+  ctx.training = true;
+  net.forward(x, ctx);
+  CHECK(net.repulsion.close_pairs() > 0);
+  CHECK(collect_aux_loss(net) == net.repulsion.aux_loss());
+  CHECK(net.repulsion.aux_loss() < 0);
+  auto g = gradcheck(net, {2 * 5, 12}, true, 6, 60);
+  INFO(g.worst);
+  CHECK(g.max_rel <= 1e-6);
+  ParameterArena<B64> arena(net);
+  CHECK(arena.entries().size() == 3);  // signatures once, two bandwidths
+}
+
+// ---- latent seeder -------------------------------------------------------------------------------
+
+TEST_CASE("nac: LatentSeeder gradients (norm, mean, log_var, codes) in training and evaluation") {
+  LatentCodes<B64, 4> codes(3);
+  LatentSeederLayer<B64, 5, 4> seeder;
+  seeder.use_codes(codes);
+  int seen = 0;
+  seeder.visit([&](const std::string&, Parameter<B64>&) { ++seen; }, "");
+  CHECK(seen == 7);
+  test::expect_gradients(seeder, {2, 6}, true, 40);   // noise fixed by the seed
+  test::expect_gradients(seeder, {3, 6}, false, 40);  // the mean only
+}
+
+TEST_CASE("nac: LatentSeeder draws mean + exp(log_var / 2) z, z standard normal from the seed; evaluation is the mean") {
+  constexpr int U = 4, D = 8, C = 3, NB = 500;
+  LatentCodes<B64, C> codes(U);
+  LatentSeederLayer<B64, D, C> seeder;
+  seeder.use_codes(codes);
+  Initializer init(2);
+  codes.reset_parameters(init);
+  seeder.reset_parameters(init);
+  for (double b : seeder.log_var.bias.value.to_host()) CHECK(b == -5.0);
+  // std = exp(0.5 * 0.8) everywhere: zero log_var weights, bias 0.8
+  seeder.log_var.weight.value.zero();
+  seeder.log_var.bias.value.fill(0.8);
+  Tensor<B64> x({NB, 2});
+  x.zero();
+  Context eval;
+  const auto mu = seeder.forward(x, eval).to_host();
+  CHECK(mu.size() == std::size_t(NB) * U * D);
+  bool same = true;
+  for (int b = 1; b < NB; ++b)
+    for (int i = 0; i < U * D; ++i) same = same && mu[b * U * D + i] == mu[i];
+  CHECK(same);
+  Context train;
+  train.training = true;
+  train.seed = 9;
+  const auto y = seeder.forward(x, train).to_host();
+  CHECK(train.counter == 2ull * NB * U * D);
+  const double sd = std::exp(0.4);
+  double m1 = 0, m2 = 0;
+  for (std::size_t i = 0; i < y.size(); ++i) {
+    const double z = (y[i] - mu[i]) / sd;
+    m1 += z / y.size();
+    m2 += z * z / y.size();
+  }
+  CHECK(std::abs(m1) < 0.03);  // 16000 draws: sd of the mean 0.008
+  CHECK(m2 == doctest::Approx(1.0).epsilon(0.05));
+  // entry i is normal01(seed, 2 i)
+  CHECK((y[5] - mu[5]) / sd == doctest::Approx(nac_detail::normal01(9, 10)).epsilon(1e-12));
+  Context again = train;
+  again.counter = 0;
+  CHECK(seeder.forward(x, again).to_host() == y);
+}
+
+// ---- output pooling ------------------------------------------------------------------------------
+
+TEST_CASE("nac: OutputPooling gradients (input, score, classifier) in evaluation and training") {
+  OutputPoolingLayer<B64, 4, 5, 3> pool;
+  test::expect_gradients(pool, {2 * 4, 5}, false, 40);
+  test::expect_gradients(pool, {3, 4, 5}, true, 40, 8, 4);
+}
+
+TEST_CASE("nac: OutputPooling is softmax((s + gumbel) / 1)-weighted latents then a Linear; evaluation without noise") {
+  constexpr int U = 3, D = 4, K = 2, NB = 2;
+  OutputPoolingLayer<B64, U, D, K> pool;
+  randomize_parameters(pool, 3);
+  std::mt19937_64 rng(4);
+  auto x = test::random_tensor<B64>({NB * U, D}, rng);
+  const auto xh = x.to_host(), sw = pool.score.weight.value.to_host(),
+             cw = pool.classifier.weight.value.to_host(), cb = pool.classifier.bias.value.to_host();
+  for (bool training : {false, true}) {
+    Context ctx;
+    ctx.training = training;
+    ctx.seed = 21;
+    const auto y = pool.forward(x, ctx).to_host();
+    REQUIRE(y.size() == std::size_t(NB * K));
+    CHECK(ctx.counter == (training ? std::uint64_t(NB * U) : 0));
+    for (int b = 0; b < NB; ++b) {
+      double z[U], mx = -1e300, sum = 0;
+      for (int u = 0; u < U; ++u) {
+        z[u] = 0;
+        for (int c = 0; c < D; ++c) z[u] += sw[c] * xh[(b * U + u) * D + c];
+        if (training) z[u] += -std::log(-std::log(uniform01(21, b * U + u) + std::ldexp(1.0, -54)));
+        mx = std::max(mx, z[u]);
+      }
+      for (int u = 0; u < U; ++u) sum += std::exp(z[u] - mx);
+      double pooled[D] = {};
+      for (int u = 0; u < U; ++u)
+        for (int c = 0; c < D; ++c) pooled[c] += std::exp(z[u] - mx) / sum * xh[(b * U + u) * D + c];
+      for (int k = 0; k < K; ++k) {
+        double o = cb[k];
+        for (int c = 0; c < D; ++c) o += cw[k * D + c] * pooled[c];
+        CHECK(y[b * K + k] == doctest::Approx(o).epsilon(1e-12));
+      }
+    }
+  }
+}
+
+// ---- Kmdpa over a rectangular pair list --------------------------------------------------------
+
+TEST_CASE("nac: Kmdpa with a rectangular pair list (queries from one latent range, keys from another)") {
+  constexpr int U = 7, S = 3, H = 2, DH = 2, D = H * DH, NB = 2;
+  LatentSignatures<B64, S> sig(U);
+  KmdpaLayer<B64, H, DH, S> layer;
+  layer.use_signatures(sig);
+  struct Case {
+    int q0, q1, k0, k1;
+  };
+  // mediators [3, 7) attending to inputs and mediators; outputs [5, 7) reading mediators [2, 5)
+  for (const Case c : {Case{3, 7, 0, 7}, Case{5, 7, 2, 5}, Case{0, 3, 0, 7}}) {
+    CAPTURE(c.q0);
+    CAPTURE(c.k0);
+    layer.restrict_pairs(c.q0, c.q1 == U ? -1 : c.q1, c.k0, c.k1 == U ? -1 : c.k1);
+    randomize_kmdpa(layer, 5, 0.7);
+    const int uq = c.q1 - c.q0;
+    std::mt19937_64 rng(6);
+    auto x = test::random_tensor<B64>({NB * U, 3 * D}, rng);
+    const auto xh = x.to_host(), sh = sig.param.value.to_host();
+    for (bool training : {false, true}) {
+      Context ctx;
+      ctx.training = training;
+      ctx.seed = 31;
+      const auto y = layer.forward(x, ctx).to_host();
+      REQUIRE(y.size() == std::size_t(NB) * uq * D);
+      // dense reference over the rectangle, truncated pairs masked
+      int kept = 0;
+      double err = 0;
+      for (int e = 0; e < NB; ++e)
+        for (int a = c.q0; a < c.q1; ++a)
+          for (int h = 0; h < H; ++h) {
+            std::vector<double> w(U, 0.0);
+            std::vector<bool> in(U, false);
+            double mx = -1e300;
+            for (int b = c.k0; b < c.k1; ++b) {
+              double ab = 0, aa = 0, bb = 0;
+              for (int k = 0; k < S; ++k) {
+                ab += sh[a * S + k] * sh[b * S + k];
+                aa += sh[a * S + k] * sh[a * S + k];
+                bb += sh[b * S + k] * sh[b * S + k];
+              }
+              const double d = 1 - ab / std::sqrt(aa * bb);
+              if (d > 0.9) continue;
+              in[b] = true;
+              kept += e == 0 && h == 0;
+              double qk = 0;
+              for (int k = 0; k < DH; ++k) qk += xh[(e * U + a) * 3 * D + h * DH + k] * xh[(e * U + b) * 3 * D + D + h * DH + k];
+              const double logk = training ? relaxed_log_kernel(d, 0.7, 31, std::uint64_t((e * U + a) * U + b)) : -d / 0.7;
+              w[b] = qk / std::sqrt(double(DH)) + logk;
+              mx = std::max(mx, w[b]);
+            }
+            double sum = 0;
+            for (int b = 0; b < U; ++b) sum += in[b] ? std::exp(w[b] - mx) : 0.0;
+            for (int k = 0; k < DH; ++k) {
+              double o = 0;
+              for (int b = 0; b < U; ++b)
+                if (in[b]) o += std::exp(w[b] - mx) / sum * xh[(e * U + b) * 3 * D + 2 * D + h * DH + k];
+              err = std::max(err, std::abs(o - y[(e * uq + a - c.q0) * D + h * DH + k]));
+            }
+          }
+      CHECK(err < 1e-10);
+      CHECK(layer.kept_pairs() == kept);
+      CHECK(layer.kept_fraction() == doctest::Approx(double(kept) / (uq * (c.k1 - c.k0))));
+      for (int u = 0; u < U; ++u)
+        if (u < c.q0 || u >= c.q1) CHECK(layer.row_ptr()[u + 1] == layer.row_ptr()[u]);
+      for (int col : layer.col()) CHECK((col >= c.k0 && col < c.k1));
+    }
+    auto ev = gradcheck(layer, {NB * U, 3 * D}, false, 3, 60);
+    INFO(ev.worst);
+    CHECK(ev.max_rel <= 1e-6);
+    auto tr = gradcheck(layer, {NB, U, 3 * D}, true, 4, 60);  // (B, U, 3D) in, (B, Uq, D) out
+    INFO(tr.worst);
+    CHECK(tr.max_rel <= 1e-6);
+  }
+  layer.restrict_pairs(0, U + 1, 0, -1);
+  Tensor<B64> x({U, 3 * D});
+  x.zero();
+  Context ctx;
+  CHECK_THROWS_AS(layer.forward(x, ctx), Error);
+}
+
+TEST_CASE("nac: a steady-state step of the new layers (seeder, rectangular Kmdpa, ModFfn, repulsion, pooling) allocates no backend buffer") {
+  constexpr int U = 6, C = 4, S = 8, D = 8;
+  LatentCodes<Cpu, C> codes(U);
+  LatentSignatures<Cpu, S> sig(U);
+  LatentSeederLayer<Cpu, 3 * D, C> seeder;
+  KmdpaLayer<Cpu, 2, 4, S> attn;
+  ModFfnLayer<Cpu, D, 16, C> ffn;
+  SignatureRepulsionLayer<Cpu, S> repulsion;
+  OutputPoolingLayer<Cpu, 4, D, 5> pool;
+  seeder.use_codes(codes);
+  ffn.use_codes(codes);
+  attn.use_signatures(sig);
+  attn.restrict_pairs(2, -1, 0, -1);  // 4 query latents
+  repulsion.use_signatures(sig);
+  Initializer init(3);
+  codes.reset_parameters(init);
+  sig.reset_parameters(init);
+  seeder.reset_parameters(init);
+  attn.reset_parameters(init);
+  ffn.reset_parameters(init);
+  pool.reset_parameters(init);
+  Tensor<Cpu> x({3, 2});
+  x.zero();
+  std::mt19937_64 rng(1);
+  auto dy = test::random_tensor<Cpu>({3, 5}, rng);
+  auto step = [&](std::uint64_t seed) {
+    Context ctx;
+    ctx.training = true;
+    ctx.seed = seed;
+    pool.forward(ffn.forward(attn.forward(repulsion.forward(seeder.forward(x, ctx), ctx), ctx), ctx), ctx);
+    seeder.backward(repulsion.backward(attn.backward(ffn.backward(pool.backward(dy, ctx), ctx), ctx), ctx), ctx);
+  };
+  for (int i = 0; i < 3; ++i) step(i);
+  const auto before = Cpu::allocation_count().load();
+  for (int i = 3; i < 6; ++i) step(i);
+  CHECK(Cpu::allocation_count().load() == before);
 }

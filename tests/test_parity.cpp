@@ -126,6 +126,35 @@ TEST_CASE("parity with PyTorch: NAC layers (ModFc on its codes; Kmdpa all pairs 
   CHECK(kmdpa.kept_fraction() < 1.0);
 }
 
+TEST_CASE("parity with PyTorch: ModFfn on shared codes; LatentSeeder and OutputPooling in training with hatch's noise; rectangular Kmdpa") {
+  LatentCodes<Cpu, 4> codes(3);
+  ModFfnLayer<Cpu, 6, 5, 4> ffn;
+  ffn.use_codes(codes);
+  expect_parity(ffn, "nac_modffn");  // fc1.codes and fc2.codes: one table, the summed gradient
+  LatentCodes<Cpu, 5> seeds(4);
+  LatentSeederLayer<Cpu, 6, 5> seeder;
+  seeder.use_codes(seeds);
+  Context train;
+  train.training = true;
+  train.seed = 515;  // the fixture's noise_seed
+  expect_parity(seeder, "nac_seeder_train", train);
+  OutputPoolingLayer<Cpu, 5, 6, 4> pool;
+  Context train_pool;
+  train_pool.training = true;
+  train_pool.seed = 616;
+  expect_parity(pool, "nac_pooling_train", train_pool);
+  // Kmdpa over a rectangular pair list: latents [2, 6) query, all six are keys
+  LatentSignatures<Cpu, 8> sig(6);
+  KmdpaLayer<Cpu, 2, 4, 8> rect;
+  rect.use_signatures(sig);
+  rect.restrict_pairs(2, -1, 0, -1);
+  expect_parity(rect, "nac_kmdpa_rect");
+  CHECK(rect.kept_fraction() < 1.0);
+  const auto file = io::SafeTensorsFile::read(std::string(HATCH_FIXTURE_DIR) + "/nac_kmdpa_rect.safetensors");
+  const std::string config = file.metadata().at("config").get<std::string>();
+  CHECK(config.find("\"kept_pairs\": " + std::to_string(rect.kept_pairs()) + ",") != std::string::npos);
+}
+
 TEST_CASE("parity with PyTorch: a 2-block ViT, in one stage and split into two stages") {
   constexpr VitSpec spec{.image = 28, .channels = 1, .patch = 7, .dim = 16, .heads = 2, .mlp_ratio = 4, .classes = 10};
   Model<Vit<spec, Depths<2>>, Cpu> one_stage;

@@ -396,6 +396,7 @@ TEST_CASE("safetensors: every fixture is complete and consistent") {
       }
     }
   }
-  CHECK(files == 20);  // the 14 of make_fixtures.py before 2026-11-27, the two expert blocks and
-                       // the four NAC files (nac_modfc, nac_kmdpa[_truncated], nac_kmdpa_train)
+  CHECK(files == 24);  // the 14 of make_fixtures.py before 2026-11-27, the two expert blocks,
+                       // the four NAC files (nac_modfc, nac_kmdpa[_truncated], nac_kmdpa_train) and
+                       // four more (nac_modffn, nac_seeder_train, nac_pooling_train, nac_kmdpa_rect)
 }

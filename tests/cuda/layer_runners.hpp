@@ -321,6 +321,53 @@ struct NacKmdpa {
   template <hatch::Backend B> using bind = NacKmdpaCase<B>;
 };
 
+// Mediators [4, 10) attending to every latent: the rectangular pair list.
+template <hatch::Backend B>
+struct NacKmdpaRectCase : NacKmdpaCase<B> {
+  NacKmdpaRectCase() { this->restrict_pairs(4, -1, 0, -1); }
+};
+struct NacKmdpaRect {
+  static constexpr int in = 3 * 48, out = 48;
+  template <hatch::Backend B> using bind = NacKmdpaRectCase<B>;
+};
+template <hatch::Backend B>
+struct NacModFfnCase : hatch::ModFfnLayer<B, 24, 32, 12> {
+  hatch::LatentCodes<B, 12> codes{6};
+  NacModFfnCase() { this->use_codes(codes); }
+  void reset_parameters(hatch::Initializer& init) {
+    codes.reset_parameters(init);
+    hatch::ModFfnLayer<B, 24, 32, 12>::reset_parameters(init);
+  }
+};
+struct NacModFfn {
+  static constexpr int in = 24, out = 24;
+  template <hatch::Backend B> using bind = NacModFfnCase<B>;
+};
+template <hatch::Backend B>
+struct NacSeederCase : hatch::LatentSeederLayer<B, 24, 12> {
+  hatch::LatentCodes<B, 12> codes{6};
+  NacSeederCase() { this->use_codes(codes); }
+  void reset_parameters(hatch::Initializer& init) {
+    codes.reset_parameters(init);
+    hatch::LatentSeederLayer<B, 24, 12>::reset_parameters(init);
+  }
+};
+struct NacSeeder {
+  static constexpr int in = hatch::kAnyWidth, out = 24;
+  template <hatch::Backend B> using bind = NacSeederCase<B>;
+};
+// Signatures in 3 dimensions: among 10 latents several pairs are closer than the 0.4 margin.
+template <hatch::Backend B>
+struct NacRepulsionCase : hatch::SignatureRepulsionLayer<B, 3> {
+  hatch::LatentSignatures<B, 3> signatures{10};
+  NacRepulsionCase() { this->use_signatures(signatures); }
+  void reset_parameters(hatch::Initializer& init) { signatures.reset_parameters(init); }
+};
+struct NacRepulsion {
+  static constexpr int in = hatch::kAnyWidth, out = hatch::kAnyWidth;
+  template <hatch::Backend B> using bind = NacRepulsionCase<B>;
+};
+
 // The parity cases, by name; both sides dispatch through run_case so they cannot drift apart.
 inline const std::vector<std::string>& case_names() {
   static const std::vector<std::string> names{
@@ -331,7 +378,8 @@ inline const std::vector<std::string>& case_names() {
       "class_pos",       "class_head",         "vit_micro",        "vit_micro_train",
       "fit",             "incubator",          "silu",             "reshape_flatten",
       "moe_block_topk",  "moe_block_vmoe_train", "nac_modfc",   "nac_kmdpa",
-      "nac_kmdpa_train"};
+      "nac_kmdpa_train", "nac_modffn",         "nac_seeder_train", "nac_repulsion_train",
+      "nac_pooling_train", "nac_kmdpa_rect_train"};
   return names;
 }
 
@@ -368,6 +416,11 @@ Results run_case(const std::string& name, std::uint64_t seed) {
   if (name == "nac_modfc") return run_layer<B, NacModFc>(seed, {4 * 6, 24});
   if (name == "nac_kmdpa") return run_layer<B, NacKmdpa>(seed, {3 * 10, 3 * 48});
   if (name == "nac_kmdpa_train") return run_layer<B, NacKmdpa>(seed, {4 * 10, 3 * 48}, {.training = true});
+  if (name == "nac_kmdpa_rect_train") return run_layer<B, NacKmdpaRect>(seed, {4 * 10, 3 * 48}, {.training = true});
+  if (name == "nac_modffn") return run_layer<B, NacModFfn>(seed, {4 * 6, 24});
+  if (name == "nac_seeder_train") return run_layer<B, NacSeeder>(seed, {5, 7}, {.training = true});
+  if (name == "nac_repulsion_train") return run_layer<B, NacRepulsion>(seed, {4, 9}, {.training = true});
+  if (name == "nac_pooling_train") return run_layer<B, OutputPooling<6, 24, 10>>(seed, {4 * 6, 24}, {.training = true});
   if (name == "patch_embed") return run_layer<B, PatchEmbed<1, 28, 7, 32>>(seed, {2, 1, 28, 28});
   if (name == "patch_embed_rgb") return run_layer<B, PatchEmbed<3, 12, 4, 20>>(seed, {2, 3, 12, 12});
   if (name == "class_pos") return run_layer<B, ClassPos<16, 32>>(seed, {2, 16, 32});

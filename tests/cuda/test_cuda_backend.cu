@@ -1259,11 +1259,16 @@ TEST_CASE("cuda parity: expert blocks (TopKGate; VmoeRouter in training with noi
   check_parity("moe_block_topk");
   check_parity("moe_block_vmoe_train");
 }
-TEST_CASE("cuda parity: NAC layers (ModFc on shared codes; Kmdpa over its sparse pairs, evaluation and training)") {
+TEST_CASE("cuda parity: NAC layers (ModFc, ModFfn on shared codes; Kmdpa over its sparse pairs; seeder, repulsion, pooling in training)") {
   HATCH_REQUIRE_CUDA_DEVICE();
   check_parity("nac_modfc");
   check_parity("nac_kmdpa");
   check_parity("nac_kmdpa_train");
+  check_parity("nac_modffn");
+  check_parity("nac_seeder_train");
+  check_parity("nac_repulsion_train");
+  check_parity("nac_pooling_train");
+  check_parity("nac_kmdpa_rect_train");
 }
 TEST_CASE("cuda parity: PatchEmbed") {
   HATCH_REQUIRE_CUDA_DEVICE();
@@ -1300,7 +1305,9 @@ TEST_CASE("cuda parity: every case is covered") {
                                         "block", "block_train", "patch_embed", "patch_embed_rgb", "class_pos",
                                         "class_head", "vit_micro", "vit_micro_train", "fit", "incubator",
                                         "silu", "reshape_flatten", "moe_block_topk", "moe_block_vmoe_train",
-                                        "nac_modfc", "nac_kmdpa", "nac_kmdpa_train"};
+                                        "nac_modfc", "nac_kmdpa", "nac_kmdpa_train", "nac_modffn",
+                                        "nac_seeder_train", "nac_repulsion_train", "nac_pooling_train",
+                                        "nac_kmdpa_rect_train"};
   for (const auto& name : hatch_test::case_names())
     if (std::find(tested.begin(), tested.end(), name) == tested.end()) check_parity(name);
 }

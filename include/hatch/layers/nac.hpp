@@ -1,11 +1,18 @@
 #pragma once
-// Neural Attentive Circuits (ALGORITHMS.md section 4, issue 10): the first two layers.
+// Neural Attentive Circuits (ALGORITHMS.md section 4, issue 10): the layers built so far.
 //
 //   LatentParameter<B, Cols>     a (U, Cols) table owned by the model and shared by many layers:
 //                                LatentCodes (the codes c_u) and LatentSignatures (s_u)
 //   ModFc<In, Out, CodeDim>      code-conditioned linear over U latents
 //   Kmdpa<Heads, HeadDim, Sig>   kernel-modulated dot-product attention among U latents, computed
 //                                only over the pairs that the signatures keep
+//   ModFfn<D, Hidden, CodeDim>   theta + LS(ModFC(GEGLU(ModFC(LN theta))))
+//   SignatureRepulsion<SigDim>   the hinge repulsion of the signatures, an auxiliary loss, once
+//                                per table
+//   (nac_graph.hpp: the signature graph priors, init_signatures_from_graph)
+//   LatentSeeder<D, CodeDim>     the initial latent states from the codes, (B U, D)
+//   OutputPooling<UOut, D, Cls>  gumbel-softmax pooling over the output latents, then a linear
+//                                classifier: (B UOut, D) -> (B, Cls)
 //
 // Latent rows are batch-major: row b U + u of an input is latent u of example b.
 //
@@ -28,6 +35,9 @@
 #include "hatch/core/indices.hpp"
 #include "hatch/core/layer.hpp"
 #include "hatch/core/parameter.hpp"
+#include "hatch/layers/linear.hpp"
+#include "hatch/layers/nac_graph.hpp"
+#include "hatch/layers/norm.hpp"
 
 namespace hatch {
 
@@ -223,8 +233,24 @@ class KmdpaLayer : public LeafLayer<KmdpaLayer<B, Heads, HeadDim, SigDim>, B, 3 
   void use_signatures(LatentSignatures<B, SigDim>& s) { sig_ = &s.param; }
   void reset_parameters(Initializer& init) { init.constant(bandwidth, 1.0); }
 
-  // The fraction of the U x U pairs kept by the last forward (d_uv <= tau).
-  double kept_fraction() const { return u_ ? double(nnz_) / (double(u_) * u_) : 0.0; }
+  // A rectangular pair list: only latents [query_begin, query_end) of the table query, and they
+  // attend only to latents [key_begin, key_end) (a negative end: up to the table's last row).
+  // E.g. mediators attending to input and mediator latents, one table [input; mediators]:
+  // restrict_pairs(U_in, -1, 0, -1). The input still holds all U rows of each example (q read
+  // for query rows, k and v for key rows; the other columns are unused and get gradient 0); the
+  // output holds the query rows only, (B Uq, H dh), in order. Default: every latent both.
+  void restrict_pairs(int query_begin, int query_end, int key_begin, int key_end) {
+    HATCH_CHECK(query_begin >= 0 && key_begin >= 0, "Kmdpa::restrict_pairs", "negative range start");
+    q_begin_ = query_begin;
+    q_end_ = query_end;
+    k_begin_ = key_begin;
+    k_end_ = key_end;
+  }
+  // The fraction of the query x key pairs kept by the last forward (d_uv <= tau).
+  double kept_fraction() const {
+    const double pairs = double(q1_ - q0_) * double(k1_ - k0_);
+    return pairs > 0 ? double(nnz_) / pairs : 0.0;
+  }
   int kept_pairs() const { return nnz_; }
   // The last forward's pair list on the host: queries' CSR offsets and keys.
   const std::vector<std::int32_t>& row_ptr() const { return row_ptr_h_; }
@@ -242,6 +268,13 @@ class KmdpaLayer : public LeafLayer<KmdpaLayer<B, Heads, HeadDim, SigDim>, B, 3 
     nb_ = rows_ / u_;
     x_ = &x;
     training_ = ctx.training;
+    q0_ = q_begin_;
+    q1_ = q_end_ < 0 ? u_ : q_end_;
+    k0_ = k_begin_;
+    k1_ = k_end_ < 0 ? u_ : k_end_;
+    HATCH_CHECK(q0_ < q1_ && q1_ <= u_ && k0_ < k1_ && k1_ <= u_, "Kmdpa",
+                "query latents [" + std::to_string(q0_) + ", " + std::to_string(q1_) + ") or key latents [" +
+                    std::to_string(k0_) + ", " + std::to_string(k1_) + ") outside the table's " + std::to_string(u_));
     build_pairs();
     // log K per kept pair: one row shared by the batch in evaluation, one per example in training
     const int lrows = training_ ? nb_ : 1;
@@ -277,10 +310,19 @@ class KmdpaLayer : public LeafLayer<KmdpaLayer<B, Heads, HeadDim, SigDim>, B, 3 
     probs_.resize({std::int64_t(nb_) * Heads * nnz_ + 1});
     Shape s = x.shape();
     s.dims[s.rank - 1] = D;
-    y_.resize(s);
-    B::sparse_attention_forward(probs_.data(), y_.data(), D, x.data(), x.data() + D, x.data() + 2 * D, 3 * D,
+    const int uq = q1_ - q0_;
+    restricted_ = uq != u_;
+    Tensor<B>& full = restricted_ ? y_full_ : y_;
+    full.resize(s);
+    B::sparse_attention_forward(probs_.data(), full.data(), D, x.data(), x.data() + D, x.data() + 2 * D, 3 * D,
                                 row_ptr_.data(), col_.data(), logk_.data(), training_ ? nnz_ : 0, nb_, u_, Heads,
                                 HeadDim, nnz_, scale());
+    if (!restricted_) return y_;
+    if (s.rank >= 3) s.dims[s.rank - 2] = uq;  // (B, U, 3D) in: (B, Uq, D) out
+    else s.dims[0] = std::int64_t(nb_) * uq;
+    y_.resize(s);
+    for (int b = 0; b < nb_; ++b)  // the query rows of example b are contiguous
+      B::copy(y_.data() + std::size_t(b) * uq * D, full.data() + (std::size_t(b) * u_ + q0_) * D, std::size_t(uq) * D);
     return y_;
   }
 
@@ -290,11 +332,21 @@ class KmdpaLayer : public LeafLayer<KmdpaLayer<B, Heads, HeadDim, SigDim>, B, 3 
     const T* base = x_->data();
     dscores_.resize(probs_.shape());
     dx_.resize(x_->shape());
-    B::sparse_attention_backward_rows(dscores_.data(), dx_.data(), 3 * D, dy.data(), D, base + D, base + 2 * D, 3 * D,
+    const T* dout = dy.data();
+    if (restricted_) {  // the query rows back in place, the other rows' output gradient 0
+      const int uq = q1_ - q0_;
+      dy_full_.resize({std::int64_t(rows_), D});
+      dy_full_.zero();
+      for (int b = 0; b < nb_; ++b)
+        B::copy(dy_full_.data() + (std::size_t(b) * u_ + q0_) * D, dy.data() + std::size_t(b) * uq * D,
+                std::size_t(uq) * D);
+      dout = dy_full_.data();
+    }
+    B::sparse_attention_backward_rows(dscores_.data(), dx_.data(), 3 * D, dout, D, base + D, base + 2 * D, 3 * D,
                                       probs_.data(), row_ptr_.data(), col_.data(), nb_, u_, Heads, HeadDim, nnz_,
                                       scale());
     if (ctx.input_grad)
-      B::sparse_attention_backward_cols(dx_.data() + D, dx_.data() + 2 * D, 3 * D, base, 3 * D, dy.data(), D,
+      B::sparse_attention_backward_cols(dx_.data() + D, dx_.data() + 2 * D, 3 * D, base, 3 * D, dout, D,
                                         probs_.data(), dscores_.data(), col_ptr_.data(), pair_.data(),
                                         pair_row_.data(), nb_, u_, Heads, HeadDim, nnz_, scale());
     if (kernel_grads && nnz_ > 0) kernel_backward(ctx);
@@ -334,7 +386,8 @@ class KmdpaLayer : public LeafLayer<KmdpaLayer<B, Heads, HeadDim, SigDim>, B, 3 
     col_h_.clear();
     dist_h_.clear();
     for (int u = 0; u < u_; ++u) {
-      for (int v = 0; v < u_; ++v) {
+      const bool queries = u >= q0_ && u < q1_;
+      for (int v = queries ? k0_ : u_; v < (queries ? k1_ : u_); ++v) {
         double c = 0;
         for (int k = 0; k < SigDim; ++k) c += unit_[std::size_t(u) * SigDim + k] * unit_[std::size_t(v) * SigDim + k];
         const double d = 1.0 - c;
@@ -424,6 +477,9 @@ class KmdpaLayer : public LeafLayer<KmdpaLayer<B, Heads, HeadDim, SigDim>, B, 3 
   Parameter<B>* sig_ = nullptr;
   const Tensor<B>* x_ = nullptr;
   int u_ = 0, rows_ = 0, nb_ = 0, nnz_ = 0;
+  int q_begin_ = 0, q_end_ = -1, k_begin_ = 0, k_end_ = -1;  // as set by restrict_pairs
+  int q0_ = 0, q1_ = 0, k0_ = 0, k1_ = 0;                    // resolved for the last forward
+  bool restricted_ = false;
   bool training_ = false;
   double eps_ = 1;
   // host side of the kernel
@@ -432,13 +488,451 @@ class KmdpaLayer : public LeafLayer<KmdpaLayer<B, Heads, HeadDim, SigDim>, B, 3 
   std::vector<std::int32_t> row_ptr_h_, col_h_, col_ptr_h_, pair_h_, pair_row_h_, fill_;
   // backend side
   Indices<B> row_ptr_, col_, col_ptr_, pair_, pair_row_;
-  Tensor<B> logk_, probs_, y_, dscores_, dx_, dlogk_, grad_up_;
+  Tensor<B> logk_, probs_, y_, y_full_, dy_full_, dscores_, dx_, dlogk_, grad_up_;
 };
 
 template <int Heads, int HeadDim, int SigDim>
 struct Kmdpa {
   static constexpr int in = 3 * Heads * HeadDim, out = Heads * HeadDim;
   template <Backend B> using bind = KmdpaLayer<B, Heads, HeadDim, SigDim>;
+};
+
+// ModFFN: y = theta + LS(ModFC_2(GEGLU(ModFC_1(LN theta)))) for every latent of every example.
+//   LN: the project's LayerNorm (affine, eps 1e-6); ModFC_1: D -> 2 Hidden; GEGLU(h) = h[:, :Hidden] *
+//   gelu(h[:, Hidden:]) (exact erf GELU); ModFC_2: Hidden -> D; LS: LayerScale, one learnt scale
+//   per channel (D), 0.1 at reset (timm's LayerScale with init_values 0.1; the library has no
+//   LayerScale layer in include/, so the gain lives here). Both ModFCs read the shared codes.
+//   parameters: norm.weight, norm.bias, fc1.* and fc2.* (ModFc's: weight, bias, code_proj.weight,
+//   scale, and the codes), layer_scale.gamma (D).
+// Input (B U, D) (or (B, U, D)); output the same shape.
+template <Backend B, int D, int Hidden, int CodeDim>
+class ModFfnLayer : public LeafLayer<ModFfnLayer<B, D, Hidden, CodeDim>, B, D, D> {
+ public:
+  using T = typename B::Scalar;
+  static constexpr double initial_layer_scale = 0.1;
+
+  ModFfnLayer() : layer_scale({D}, /*decay=*/false) { layer_scale.value.fill(T(initial_layer_scale)); }
+  void use_codes(LatentCodes<B, CodeDim>& codes) {
+    fc1.use_codes(codes);
+    fc2.use_codes(codes);
+  }
+  void reset_parameters(Initializer& init) {
+    norm.reset_parameters(init);
+    fc1.reset_parameters(init);
+    fc2.reset_parameters(init);
+    init.constant(layer_scale, initial_layer_scale);
+  }
+
+  const Tensor<B>& forward(const Tensor<B>& x, Context& ctx) {
+    HATCH_CHECK(x.cols() == D, "ModFfn", "input width " + std::to_string(x.cols()) + ", expected " + std::to_string(D));
+    x_ = &x;
+    rows_ = int(x.rows());
+    const Tensor<B>& h = fc1.forward(norm.forward(x, ctx), ctx);  // (rows, 2 Hidden)
+    a_.resize({rows_, Hidden});
+    g_.resize({rows_, Hidden});
+    gelu_.resize({rows_, Hidden});
+    act_.resize({rows_, Hidden});
+    B::copy_2d(a_.data(), Hidden, h.data(), 2 * Hidden, rows_, Hidden);
+    B::copy_2d(g_.data(), Hidden, h.data() + Hidden, 2 * Hidden, rows_, Hidden);
+    B::gelu_forward(gelu_.data(), g_.data(), std::size_t(rows_) * Hidden);
+    B::mul(act_.data(), a_.data(), gelu_.data(), std::size_t(rows_) * Hidden);
+    f_ = &fc2.forward(act_, ctx);  // (rows, D)
+    gamma_rows_.resize({rows_, D});
+    B::copy_2d(gamma_rows_.data(), D, layer_scale.value.data(), 0, rows_, D);
+    y_.resize(x.shape());
+    B::mul(y_.data(), f_->data(), gamma_rows_.data(), std::size_t(rows_) * D);
+    B::add(y_.data(), y_.data(), x.data(), std::size_t(rows_) * D);
+    return y_;
+  }
+
+  const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
+    const std::size_t rd = std::size_t(rows_) * D, rh = std::size_t(rows_) * Hidden;
+    if (wants_grad(layer_scale, ctx)) {  // dgamma[c] += sum_r dy[r, c] f[r, c]
+      tmp_.resize({rows_, D});
+      B::mul(tmp_.data(), dy.data(), f_->data(), rd);
+      B::sum_rows(layer_scale.grad.data(), tmp_.data(), rows_, D, D, T(1));
+    }
+    dbranch_.resize({rows_, D});
+    B::mul(dbranch_.data(), dy.data(), gamma_rows_.data(), rd);
+    const Tensor<B>& dact = backward_inner(fc2, dbranch_, ctx);
+    da_.resize({rows_, Hidden});
+    dgl_.resize({rows_, Hidden});
+    dh_.resize({rows_, 2 * Hidden});
+    B::mul(da_.data(), dact.data(), gelu_.data(), rh);
+    B::mul(dgl_.data(), dact.data(), a_.data(), rh);
+    dg_.resize({rows_, Hidden});
+    B::gelu_backward(dg_.data(), dgl_.data(), g_.data(), rh);
+    B::copy_2d(dh_.data(), 2 * Hidden, da_.data(), Hidden, rows_, Hidden);
+    B::copy_2d(dh_.data() + Hidden, 2 * Hidden, dg_.data(), Hidden, rows_, Hidden);
+    const Tensor<B>& dn = backward_inner(fc1, dh_, ctx);
+    const Tensor<B>& dxn = norm.backward(dn, ctx);
+    if (ctx.input_grad) {
+      dx_.resize(x_->shape());
+      B::add(dx_.data(), dy.data(), dxn.data(), rd);
+    }
+    return dx_;
+  }
+
+  template <class F>
+  void visit(F&& f, const std::string& prefix) {
+    norm.visit(f, prefix + "norm.");
+    fc1.visit(f, prefix + "fc1.");
+    fc2.visit(f, prefix + "fc2.");
+    f(prefix + "layer_scale.gamma", layer_scale);
+  }
+
+  LayerNormLayer<B, D> norm;
+  ModFcLayer<B, D, 2 * Hidden, CodeDim> fc1;
+  ModFcLayer<B, Hidden, D, CodeDim> fc2;
+  Parameter<B> layer_scale;
+
+ private:
+  const Tensor<B>* x_ = nullptr;
+  const Tensor<B>* f_ = nullptr;
+  int rows_ = 0;
+  Tensor<B> a_, g_, gelu_, act_, gamma_rows_, y_, tmp_, dbranch_, da_, dgl_, dg_, dh_, dx_;
+};
+
+template <int D, int Hidden, int CodeDim>
+struct ModFfn {
+  static constexpr int in = D, out = D;
+  template <Backend B> using bind = ModFfnLayer<B, D, Hidden, CodeDim>;
+};
+
+// Signature repulsion, the NAC regulariser (ALGORITHMS.md section 4), as an auxiliary loss:
+//   aux = Weight * ( - sum_{u < v, d_uv < Margin} d_uv ),   d_uv = 1 - cos(s_u, s_v)
+// (Weight 0.1, Margin 0.4): pairs closer than the margin are pushed apart, the others feel
+// nothing (the hinge's corner at d = Margin carries no gradient).
+//
+// The signatures are one table shared by every Kmdpa; the term must be counted once per table,
+// not once per layer that reads it. So it is its own layer, placed once in the model per table
+// (anywhere: the output is the input, unchanged, of any width), handed the table with
+// use_signatures(). It follows the auxiliary-loss contract (core/aux_loss.hpp): a training
+// forward computes the term (reported by aux_loss(), already weighted; 0 after an evaluation
+// forward), and backward adds its gradient to the table's grad when the table trains
+// (wants_grad), then passes dy through. visit shows the table as "signatures", as Kmdpa does.
+// Host maths in double (U x U cosines; one download per forward, one upload per backward).
+template <Backend B, int SigDim, double Weight = 0.1, double Margin = 0.4>
+class SignatureRepulsionLayer
+    : public LeafLayer<SignatureRepulsionLayer<B, SigDim, Weight, Margin>, B, kAnyWidth, kAnyWidth> {
+ public:
+  using T = typename B::Scalar;
+  static constexpr double weight = Weight, margin = Margin;
+
+  void use_signatures(LatentSignatures<B, SigDim>& s) { sig_ = &s.param; }
+  void reset_parameters(Initializer&) {}
+
+  const Tensor<B>& forward(const Tensor<B>& x, Context& ctx) {
+    HATCH_CHECK(sig_ != nullptr, "SignatureRepulsion", "no signatures: call use_signatures(signatures) before the first forward");
+    active_ = ctx.training && Weight != 0;
+    aux_ = 0;
+    if (!active_) return x;
+    u_ = int(sig_->value.shape()[0]);
+    host_.resize(std::size_t(u_) * SigDim);
+    B::download(host_.data(), sig_->value.data(), host_.size());
+    unit_.resize(host_.size());
+    norm_.resize(u_);
+    for (int u = 0; u < u_; ++u) {
+      double q = 0;
+      for (int k = 0; k < SigDim; ++k) q += double(host_[std::size_t(u) * SigDim + k]) * host_[std::size_t(u) * SigDim + k];
+      norm_[u] = std::max(std::sqrt(q), 1e-12);
+      for (int k = 0; k < SigDim; ++k) unit_[std::size_t(u) * SigDim + k] = host_[std::size_t(u) * SigDim + k] / norm_[u];
+    }
+    close_.clear();
+    double sum = 0;
+    for (int u = 0; u < u_; ++u)
+      for (int v = u + 1; v < u_; ++v) {
+        double c = 0;
+        for (int k = 0; k < SigDim; ++k) c += unit_[std::size_t(u) * SigDim + k] * unit_[std::size_t(v) * SigDim + k];
+        const double d = 1.0 - c;
+        if (d < Margin) {
+          sum += d;
+          close_.push_back({u, v, c});
+        }
+      }
+    aux_ = -Weight * sum;
+    return x;
+  }
+
+  const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
+    if (!active_ || !wants_grad(*sig_, ctx) || close_.empty()) return dy;
+    // d aux / d d_uv = -Weight;  dd/ds_u = -(n_v - cos n_u) / |s_u|
+    grad_.assign(std::size_t(u_) * SigDim, 0.0);
+    for (const auto& p : close_) {
+      const double* nu = &unit_[std::size_t(p.u) * SigDim];
+      const double* nv = &unit_[std::size_t(p.v) * SigDim];
+      for (int k = 0; k < SigDim; ++k) {
+        grad_[std::size_t(p.u) * SigDim + k] += Weight * (nv[k] - p.cos * nu[k]) / norm_[p.u];
+        grad_[std::size_t(p.v) * SigDim + k] += Weight * (nu[k] - p.cos * nv[k]) / norm_[p.v];
+      }
+    }
+    grad_host_.assign(grad_.begin(), grad_.end());
+    up_.resize({std::int64_t(grad_host_.size())});
+    B::upload(up_.data(), grad_host_.data(), grad_host_.size());
+    B::axpy(sig_->grad.data(), T(1), up_.data(), grad_host_.size());
+    return dy;
+  }
+
+  // The weighted term of the last training forward; 0 after an evaluation forward.
+  double aux_loss() const { return aux_; }
+  // Pairs u < v with d_uv < Margin in the last training forward.
+  int close_pairs() const { return int(close_.size()); }
+
+  template <class F>
+  void visit(F&& f, const std::string& prefix) {
+    if (sig_) f(prefix + "signatures", *sig_);
+  }
+
+ private:
+  struct Close {
+    int u, v;
+    double cos;
+  };
+  Parameter<B>* sig_ = nullptr;
+  bool active_ = false;
+  double aux_ = 0;
+  int u_ = 0;
+  std::vector<T> host_, grad_host_;
+  std::vector<double> unit_, norm_, grad_;
+  std::vector<Close> close_;
+  Tensor<B> up_;
+};
+
+template <int SigDim, double Weight = 0.1, double Margin = 0.4>
+struct SignatureRepulsion {
+  static_assert(Weight >= 0 && Margin > 0, "hatch::SignatureRepulsion: weight >= 0, margin > 0");
+  static constexpr int in = kAnyWidth, out = kAnyWidth;
+  template <Backend B> using bind = SignatureRepulsionLayer<B, SigDim, Weight, Margin>;
+};
+
+namespace nac_detail {
+template <class T>
+struct ExpHalf {  // exp(x / 2): a standard deviation from a log variance
+  HATCH_HD T operator()(T x) const { return hd::exp(T(0.5) * x); }
+};
+template <class T>
+struct HalfTimes {  // (dstd, std) -> dstd * std / 2, the gradient of exp(x / 2)
+  HATCH_HD T operator()(T g, T sd) const { return T(0.5) * g * sd; }
+};
+// A standard normal at (seed, counter, counter + 1): Box-Muller, sqrt(-2 log(1 - w1)) cos(2 pi w2).
+inline double normal01(std::uint64_t seed, std::uint64_t counter) {
+  const double w1 = uniform01(seed, counter), w2 = uniform01(seed, counter + 1);
+  return std::sqrt(-2.0 * std::log1p(-w1)) * std::cos(6.283185307179586 * w2);
+}
+}  // namespace nac_detail
+
+// The latent seeder: the initial states of the U latents of every example, from their codes.
+//   theta_bu = mean(LN c_u) + exp(0.5 log_var(LN c_u)) * z_bu     (training)
+//   theta_bu = mean(LN c_u)                                       (evaluation: the mean only)
+// LN: the project's LayerNorm (affine, eps 1e-6; the reference's nn.LayerNorm has eps 1e-5);
+// mean, log_var: Linear CodeDim -> D with bias; log_var.bias is -5 at reset (as the reference's
+// seeder: the noise starts small, std exp(-2.5) ~ 0.08). z_bu is a standard normal per example,
+// latent and channel, drawn by Box-Muller from the pass's counter-based stream (as Kmdpa's noise):
+// entry i = (b U + u) D + c uses uniform01(ctx.seed, base + 2 i) and (.., base + 2 i + 1), with
+// base = ctx.draw(2 B U D) once per training forward, so every backend and a rerun draw the same
+// (drawn on the host and uploaded). The reference also adds the noise in evaluation; hatch uses
+// the mean there, so that evaluation is deterministic.
+//   parameters: norm.weight, norm.bias, mean.weight (D, CodeDim), mean.bias, log_var.weight,
+//   log_var.bias, and the shared codes (visited as "codes").
+// Input: any tensor whose first dimension is the batch B (its values are not read, e.g. the image
+// tokens); output (B U, D), batch-major. The input's gradient is zero.
+template <Backend B, int D, int CodeDim>
+class LatentSeederLayer : public LeafLayer<LatentSeederLayer<B, D, CodeDim>, B, kAnyWidth, D> {
+ public:
+  using T = typename B::Scalar;
+  static constexpr double initial_log_var_bias = -5.0;
+
+  LatentSeederLayer() { log_var.bias.value.fill(T(initial_log_var_bias)); }
+  void use_codes(LatentCodes<B, CodeDim>& codes) { codes_ = &codes.param; }
+  void reset_parameters(Initializer& init) {
+    norm.reset_parameters(init);
+    mean.reset_parameters(init);
+    log_var.reset_parameters(init);
+    init.constant(log_var.bias, initial_log_var_bias);
+  }
+
+  const Tensor<B>& forward(const Tensor<B>& x, Context& ctx) {
+    HATCH_CHECK(codes_ != nullptr, "LatentSeeder", "no codes: call use_codes(codes) before the first forward");
+    x_ = &x;
+    nb_ = int(x.dim(0));
+    u_ = int(codes_->value.shape()[0]);
+    training_ = ctx.training;
+    const std::size_t ud = std::size_t(u_) * D, n = std::size_t(nb_) * ud;
+    const Tensor<B>& nrm = norm.forward(codes_->value, ctx);
+    mu_ = &mean.forward(nrm, ctx);
+    y_.resize({std::int64_t(nb_) * u_, D});
+    if (!training_) {
+      for (int b = 0; b < nb_; ++b) B::copy(y_.data() + b * ud, mu_->data(), ud);
+      return y_;
+    }
+    const Tensor<B>& lv = log_var.forward(nrm, ctx);
+    sd_.resize({u_, D});
+    B::map(sd_.data(), lv.data(), ud, nac_detail::ExpHalf<T>{});
+    const std::uint64_t base = ctx.draw(2 * std::uint64_t(n));
+    z_host_.resize(n);
+    for (std::size_t i = 0; i < n; ++i) z_host_[i] = T(nac_detail::normal01(ctx.seed, base + 2 * i));
+    z_.resize({std::int64_t(nb_) * u_, D});
+    B::upload(z_.data(), z_host_.data(), n);
+    for (int b = 0; b < nb_; ++b) {
+      B::mul(y_.data() + b * ud, z_.data() + b * ud, sd_.data(), ud);
+      B::add(y_.data() + b * ud, y_.data() + b * ud, mu_->data(), ud);
+    }
+    return y_;
+  }
+
+  const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
+    const std::size_t ud = std::size_t(u_) * D, n = std::size_t(nb_) * ud;
+    if (ctx.input_grad) {
+      dx_.resize(x_->shape());
+      dx_.zero();
+    }
+    const bool any = wants_grad(norm.weight, ctx) || wants_grad(norm.bias, ctx) || wants_grad(mean.weight, ctx) ||
+                     wants_grad(mean.bias, ctx) || wants_grad(log_var.weight, ctx) || wants_grad(log_var.bias, ctx) ||
+                     wants_grad(*codes_, ctx);
+    if (!any) return dx_;
+    dmu_.resize({u_, D});  // sum over examples
+    B::sum_rows(dmu_.data(), dy.data(), nb_, int(ud), int(ud), T(0));
+    const bool codes_grad = wants_grad(*codes_, ctx);
+    Context inner = ctx;
+    inner.input_grad = true;  // the normalised codes' gradient feeds the norm
+    dn_.resize({u_, CodeDim});
+    B::copy(dn_.data(), mean.backward(dmu_, inner).data(), std::size_t(u_) * CodeDim);
+    if (training_) {
+      tmp_.resize({std::int64_t(nb_) * u_, D});  // dstd = sum over examples of dy * z
+      B::mul(tmp_.data(), dy.data(), z_.data(), n);
+      dsd_.resize({u_, D});
+      B::sum_rows(dsd_.data(), tmp_.data(), nb_, int(ud), int(ud), T(0));
+      B::map_binary(dsd_.data(), dsd_.data(), sd_.data(), ud, nac_detail::HalfTimes<T>{});  // d log_var
+      B::axpy(dn_.data(), T(1), log_var.backward(dsd_, inner).data(), std::size_t(u_) * CodeDim);
+    }
+    inner.input_grad = codes_grad;
+    const Tensor<B>& dc = norm.backward(dn_, inner);
+    if (codes_grad) B::axpy(codes_->grad.data(), T(1), dc.data(), std::size_t(u_) * CodeDim);
+    return dx_;
+  }
+
+  template <class F>
+  void visit(F&& f, const std::string& prefix) {
+    if (codes_) f(prefix + "codes", *codes_);
+    norm.visit(f, prefix + "norm.");
+    mean.visit(f, prefix + "mean.");
+    log_var.visit(f, prefix + "log_var.");
+  }
+
+  LayerNormLayer<B, CodeDim> norm;
+  LinearLayer<B, CodeDim, D> mean, log_var;
+
+ private:
+  Parameter<B>* codes_ = nullptr;
+  const Tensor<B>* x_ = nullptr;
+  const Tensor<B>* mu_ = nullptr;
+  int nb_ = 0, u_ = 0;
+  bool training_ = false;
+  std::vector<T> z_host_;
+  Tensor<B> y_, sd_, z_, dx_, dmu_, dn_, tmp_, dsd_;
+};
+
+template <int D, int CodeDim>
+struct LatentSeeder {
+  static constexpr int in = kAnyWidth, out = D;
+  template <Backend B> using bind = LatentSeederLayer<B, D, CodeDim>;
+};
+
+// Output pooling: the output latents of each example pooled into one vector, then classified.
+//   s_bu = score(theta_bu)                              Linear D -> 1, weight (1, D), no bias (a
+//                                                       shared shift would not change the softmax)
+//   training:   p_b = softmax_u((s_bu + g_bu) / temperature),  g = -log(-log w) Gumbel noise,
+//               w = uniform01(ctx.seed, base + b U + u) + 2^-54, base = ctx.draw(B U)
+//   evaluation: p_b = softmax_u(s_bu / temperature)     (no noise)
+//   pooled_b = sum_u p_bu theta_bu;   y_b = classifier(pooled_b)   Linear D -> Classes
+// temperature 1 (PyTorch's F.gumbel_softmax default), soft weights (no straight-through hard
+// sample). The reference configures OutputLatentPooling with softmax_type "gumbel" but its class
+// is not in the published code; the per-latent score from the latent's state is hatch's choice.
+//   parameters: score.weight, classifier.weight (Classes, D), classifier.bias.
+// Input (B U, D) (or (B, U, D)), U = UOut output latents per example; output (B, Classes).
+template <Backend B, int UOut, int D, int Classes>
+class OutputPoolingLayer : public LeafLayer<OutputPoolingLayer<B, UOut, D, Classes>, B, D, Classes> {
+ public:
+  using T = typename B::Scalar;
+  static constexpr double temperature = 1.0;
+
+  void reset_parameters(Initializer& init) {
+    score.reset_parameters(init);
+    classifier.reset_parameters(init);
+  }
+  // The pooling weights of the last forward, (B, U) row-major on the backend.
+  const Tensor<B>& weights() const { return p_; }
+
+  const Tensor<B>& forward(const Tensor<B>& x, Context& ctx) {
+    HATCH_CHECK(x.cols() == D, "OutputPooling", "input width " + std::to_string(x.cols()) + ", expected " + std::to_string(D));
+    const int rows = int(x.rows());
+    HATCH_CHECK(rows % UOut == 0, "OutputPooling",
+                std::to_string(rows) + " input rows are not a whole number of examples of " + std::to_string(UOut) +
+                    " output latents");
+    x_ = &x;
+    nb_ = rows / UOut;
+    const Tensor<B>& s = score.forward(x, ctx);  // (B U, 1)
+    z_.resize({nb_, UOut});
+    B::copy(z_.data(), s.data(), std::size_t(rows));
+    if (ctx.training) {
+      const std::uint64_t base = ctx.draw(std::uint64_t(rows));
+      noise_host_.resize(rows);
+      for (int i = 0; i < rows; ++i) {
+        const double w = uniform01(ctx.seed, base + std::uint64_t(i)) + 1.0 / 18014398509481984.0;  // + 2^-54
+        noise_host_[i] = T(-std::log(-std::log(w)));
+      }
+      noise_.resize({nb_, UOut});
+      B::upload(noise_.data(), noise_host_.data(), std::size_t(rows));
+      B::add(z_.data(), z_.data(), noise_.data(), std::size_t(rows));
+    }
+    p_.resize({nb_, UOut});
+    B::softmax_forward(p_.data(), z_.data(), nb_, UOut, T(1.0 / temperature));
+    pooled_.resize({nb_, D});  // pooled_b = p_b (1 x U) theta_b (U x D)
+    for (int b = 0; b < nb_; ++b)
+      B::gemm(false, false, 1, D, UOut, T(1), p_.data() + b * UOut, UOut, x.data() + std::size_t(b) * UOut * D, D,
+              T(0), pooled_.data() + std::size_t(b) * D, D);
+    return classifier.forward(pooled_, ctx);
+  }
+
+  const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
+    const Tensor<B>& dpooled = backward_inner(classifier, dy, ctx);
+    const int rows = nb_ * UOut;
+    dp_.resize({nb_, UOut});  // dp_bu = dpooled_b . theta_bu
+    for (int b = 0; b < nb_; ++b)
+      B::gemm(false, true, 1, UOut, D, T(1), dpooled.data() + std::size_t(b) * D, D,
+              x_->data() + std::size_t(b) * UOut * D, D, T(0), dp_.data() + b * UOut, UOut);
+    ds_.resize({rows, 1});
+    B::softmax_backward(ds_.data(), dp_.data(), p_.data(), nb_, UOut, T(1.0 / temperature));
+    const Tensor<B>& dxs = score.backward(ds_, ctx);
+    if (!ctx.input_grad) return dx_;
+    dx_.resize(x_->shape());  // dx_bu = p_bu dpooled_b + the score's input gradient
+    for (int b = 0; b < nb_; ++b)
+      B::gemm(false, false, UOut, D, 1, T(1), p_.data() + b * UOut, 1, dpooled.data() + std::size_t(b) * D, D, T(0),
+              dx_.data() + std::size_t(b) * UOut * D, D);
+    B::axpy(dx_.data(), T(1), dxs.data(), std::size_t(rows) * D);
+    return dx_;
+  }
+
+  template <class F>
+  void visit(F&& f, const std::string& prefix) {
+    score.visit(f, prefix + "score.");
+    classifier.visit(f, prefix + "classifier.");
+  }
+
+  LinearLayer<B, D, 1, false> score;
+  LinearLayer<B, D, Classes> classifier;
+
+ private:
+  const Tensor<B>* x_ = nullptr;
+  int nb_ = 0;
+  std::vector<T> noise_host_;
+  Tensor<B> z_, noise_, p_, pooled_, dp_, ds_, dx_;
+};
+
+template <int UOut, int D, int Classes>
+struct OutputPooling {
+  static constexpr int in = D, out = Classes;
+  template <Backend B> using bind = OutputPoolingLayer<B, UOut, D, Classes>;
 };
 
 }  // namespace hatch
