@@ -8,6 +8,7 @@
 #include <filesystem>
 
 #include "support.hpp"
+#include "hatch/models/nac.hpp"
 
 using namespace hatch;
 using test::gradcheck;
@@ -880,4 +881,196 @@ TEST_CASE("nac: a steady-state step of the new layers (seeder, rectangular Kmdpa
   const auto before = Cpu::allocation_count().load();
   for (int i = 3; i < 6; ++i) step(i);
   CHECK(Cpu::allocation_count().load() == before);
+}
+
+// ---- Blocks (layers/nac_blocks.hpp) and the model (models/nac.hpp) ----------------------------
+namespace {
+// A block with the tables it reads, owned here (visited first), as the model does.
+template <class L, int CodeDim, int SigDim>
+struct WithTables {
+  using backend = typename L::backend;
+  static constexpr int in = L::in, out = L::out;
+  LatentCodes<backend, CodeDim> codes;
+  LatentSignatures<backend, SigDim> sig;
+  L layer;
+  explicit WithTables(int u) : codes(u), sig(u) {
+    if constexpr (requires { layer.use_codes(codes); }) layer.use_codes(codes);
+    if constexpr (requires { layer.use_signatures(sig); }) layer.use_signatures(sig);
+  }
+  const Tensor<backend>& forward(const Tensor<backend>& x, Context& ctx) { return layer.forward(x, ctx); }
+  const Tensor<backend>& backward(const Tensor<backend>& dy, Context& ctx) { return layer.backward(dy, ctx); }
+  template <class F>
+  void visit(F&& f, const std::string& prefix) {
+    codes.visit(f, prefix + "codes");
+    sig.visit(f, prefix + "signatures");
+    layer.visit(f, prefix + "layer.");
+  }
+  template <class F>
+  void for_each_layer(F&& f) {
+    layer.for_each_layer(f);
+  }
+};
+}  // namespace
+
+TEST_CASE("nac: PositionGrid gradients") {
+  PositionGridLayer<B64, 3, 4> grid;
+  test::expect_gradients(grid, {2, 3, 4}, false, 30);
+}
+
+TEST_CASE("nac: NacPropagator gradients (evaluation and training; codes, signatures, bandwidth)") {
+  WithTables<NacPropagatorLayer<B64, 6, 2, 5, 3, 4>, 3, 4> net(5);
+  for (std::uint64_t seed : {3, 4}) {
+    randomize_parameters(net, seed);
+    net.layer.attn.bandwidth.value.fill(0.8);
+    auto ev = gradcheck(net, {2 * 5, 6}, false, 3, 60);
+    INFO(ev.worst);
+    CHECK(ev.max_rel <= 1e-6);
+    auto tr = gradcheck(net, {2, 5, 6}, true, 5, 60);  // (B, U, D) input too
+    INFO(tr.worst);
+    CHECK(tr.max_rel <= 1e-6);
+  }
+  CHECK(net.layer.take_kept_fraction() > 0);
+  CHECK(net.layer.take_kept_fraction() == 0);  // taken
+}
+
+TEST_CASE("nac: NacReadIn gradients (tokens, seeder, norms, q, k, v, codes)") {
+  WithTables<NacReadInLayer<B64, 3, 6, 4>, 4, 2> net(5);
+  randomize_parameters(net, 9);
+  auto ev = gradcheck(net, {2, 3, 6}, false, 3, 60);
+  INFO(ev.worst);
+  CHECK(ev.max_rel <= 1e-6);
+  auto tr = gradcheck(net, {2, 3, 6}, true, 4, 60);
+  INFO(tr.worst);
+  CHECK(tr.max_rel <= 1e-6);
+}
+
+TEST_CASE("nac: NacReadIn's value path equals attention over per-latent ModFC values") {
+  constexpr int N = 3, D = 4, U = 2, NB = 2;
+  WithTables<NacReadInLayer<B64, N, D, 3>, 3, 2> net(U);
+  randomize_parameters(net, 12);
+  std::mt19937_64 rng(1);
+  Tensor<B64> x = test::random_tensor<B64>({NB, N, D}, rng);
+  Context ctx;
+  const auto y = net.forward(x, ctx).to_host();
+  // written out: theta0 (seeder mean), t = LN tokens, q = ModFc_q(LN theta0), k = W_k t + b
+  auto& L = net.layer;
+  const auto th = L.seeder.forward(x, ctx).to_host();
+  const auto t = L.token_norm.forward(x, ctx).to_host();
+  const auto k = L.k.forward(L.token_norm.forward(x, ctx), ctx).to_host();
+  const auto q = L.q.forward(L.latent_norm.forward(L.seeder.forward(x, ctx), ctx), ctx).to_host();
+  Tensor<B64> one({U, D});  // per-latent ModFC_v of each token: run v on (token n for every latent)
+  for (int b = 0; b < NB; ++b)
+    for (int u = 0; u < U; ++u) {
+      std::vector<double> s(N);
+      double mx = -1e300, sum = 0;
+      for (int n = 0; n < N; ++n) {
+        s[n] = 0;
+        for (int c = 0; c < D; ++c) s[n] += q[(b * U + u) * D + c] * k[(b * N + n) * D + c];
+        s[n] /= std::sqrt(double(D));
+        mx = std::max(mx, s[n]);
+      }
+      for (auto& v : s) sum += (v = std::exp(v - mx));
+      std::vector<double> o(D, 0.0);
+      for (int n = 0; n < N; ++n) {
+        std::vector<double> rows(std::size_t(U) * D);
+        for (int w = 0; w < U; ++w)
+          for (int c = 0; c < D; ++c) rows[w * D + c] = t[(b * N + n) * D + c];
+        one.from_host(rows);
+        const auto vn = L.v.forward(one, ctx).to_host();  // row u: ModFC_v,u(t_n)
+        for (int c = 0; c < D; ++c) o[c] += s[n] / sum * vn[u * D + c];
+      }
+      for (int c = 0; c < D; ++c) CHECK(y[(b * U + u) * D + c] == doctest::Approx(th[(b * U + u) * D + c] + o[c]).epsilon(1e-10));
+    }
+}
+
+TEST_CASE("nac: NacReadOut gradients; output latents read from mediators and themselves") {
+  constexpr int U = 7, UIn = 2, UOut = 2;
+  WithTables<NacReadOutLayer<B64, 4, 2, UIn, UOut, 3, 4>, 3, 4> net(U);
+  randomize_parameters(net, 5);
+  net.layer.attn.bandwidth.value.fill(0.7);
+  auto ev = gradcheck(net, {2 * U, 4}, false, 3, 60);
+  INFO(ev.worst);
+  CHECK(ev.max_rel <= 1e-6);
+  auto tr = gradcheck(net, {2 * U, 4}, true, 4, 60);
+  INFO(tr.worst);
+  CHECK(tr.max_rel <= 1e-6);
+  // the pair list: queries are the last UOut latents only, keys never input latents
+  const auto& rp = net.layer.attn.row_ptr();
+  const auto& col = net.layer.attn.col();
+  for (int u = 0; u < U; ++u) {
+    if (u < U - UOut) CHECK(rp[u + 1] == rp[u]);
+    for (int p = rp[u]; p < rp[u + 1]; ++p) CHECK(col[p] >= UIn);
+  }
+}
+
+namespace {
+inline constexpr NacSpec tiny_nac{.image = 4, .channels = 1, .patch = 2, .dim = 4, .heads = 2, .ffn_hidden = 3,
+                                  .code_dim = 3, .sig_dim = 4, .inputs = 2, .mediators = 3, .outputs = 2,
+                                  .classes = 3, .rounds = 2, .graph_m = 1};
+using TinyNac = Nac<tiny_nac>;
+}  // namespace
+
+TEST_CASE("nac: the Nac model: 4 stages, tables wired and stored once, gradients end to end") {
+  static_assert(TinyNac::num_stages == 4);
+  Model<TinyNac, B64> model;
+  Initializer init(3);
+  model.reset_parameters(init);
+  int codes_seen = 0, sig_seen = 0;
+  std::vector<std::string> names;
+  model.visit(
+      [&](const std::string& n, Parameter<B64>& p) {
+        codes_seen += &p == &model.codes.param;
+        sig_seen += &p == &model.signatures.param;
+        names.push_back(n);
+      },
+      "");
+  CHECK(names[0] == "latents.codes");
+  CHECK(names[1] == "latents.signatures");
+  CHECK(codes_seen > 2);
+  CHECK(sig_seen == 1 + 2 + 1 + 1);  // the model, two propagators, the read-out, the repulsion
+  // a forward after reset: (B, classes)
+  {
+    std::mt19937_64 rng(2);
+    Tensor<B64> x = test::random_tensor<B64>({3, 1, 4, 4}, rng);
+    Context ctx;
+    ctx.training = true;
+    const auto& y = model.forward(x, ctx);
+    CHECK(y.dim(0) == 3);
+    CHECK(y.cols() == 3);
+    CHECK(collect_aux_loss(model) <= 0);
+  }
+  // finite differences, every parameter and the image, both modes
+  randomize_parameters(model, 21);
+  model.for_each_layer([](auto& l) {
+    if constexpr (requires { l.attn.bandwidth; }) l.attn.bandwidth.value.fill(0.9);
+  });
+  auto ev = gradcheck(model, {2, 1, 4, 4}, false, 3, 80);
+  INFO(ev.worst);
+  CHECK(ev.max_rel <= 1e-6);
+  auto tr = gradcheck(model, {2, 1, 4, 4}, true, 4, 80);
+  INFO(tr.worst);
+  CHECK(tr.max_rel <= 1e-6);
+
+  // save / load: each table once, under the model's name; a round trip restores every value
+  const auto file = std::filesystem::temp_directory_path() / ("hatch_nac_model_" + std::to_string(::getpid()) + ".safetensors");
+  save_parameters(model, file);
+  const auto st = io::SafeTensorsFile::read(file.string());
+  int codes_tensors = 0, sig_tensors = 0;
+  for (const auto& n : st.names()) {
+    codes_tensors += n.ends_with("codes");
+    sig_tensors += n.ends_with("signatures");
+  }
+  CHECK(codes_tensors == 1);
+  CHECK(sig_tensors == 1);
+  auto loaded = std::make_unique<Model<TinyNac, B64>>();
+  load_parameters(*loaded, file.string());
+  CHECK(loaded->codes.param.value.to_host() == model.codes.param.value.to_host());
+  CHECK(loaded->signatures.param.value.to_host() == model.signatures.param.value.to_host());
+  std::mt19937_64 rng(5);
+  Tensor<B64> x = test::random_tensor<B64>({2, 1, 4, 4}, rng);
+  Context ctx;
+  const auto a = model.forward(x, ctx).to_host();
+  const auto b = loaded->forward(x, ctx).to_host();
+  CHECK(a == b);
+  std::filesystem::remove(file);
 }
