@@ -934,7 +934,7 @@ TEST_CASE("nac: NacPropagator gradients (evaluation and training; codes, signatu
 }
 
 TEST_CASE("nac: NacReadIn gradients (tokens, seeder, norms, q, k, v, codes)") {
-  WithTables<NacReadInLayer<B64, 3, 6, 4>, 4, 2> net(5);
+  WithTables<NacReadInLayer<B64, 3, 6, 3, 4>, 4, 2> net(5);
   randomize_parameters(net, 9);
   auto ev = gradcheck(net, {2, 3, 6}, false, 3, 60);
   INFO(ev.worst);
@@ -944,32 +944,54 @@ TEST_CASE("nac: NacReadIn gradients (tokens, seeder, norms, q, k, v, codes)") {
   CHECK(tr.max_rel <= 1e-6);
 }
 
-TEST_CASE("nac: NacReadIn's value path equals attention over per-latent ModFC values") {
-  constexpr int N = 3, D = 4, U = 2, NB = 2;
-  WithTables<NacReadInLayer<B64, N, D, 3>, 3, 2> net(U);
+TEST_CASE("nac: NacReadIn is dense attention of the input latents over per-latent ModFC keys and values") {
+  constexpr int N = 3, D = 4, U = 3, UIn = 2, NB = 2, C = 3;
+  WithTables<NacReadInLayer<B64, N, D, UIn, C>, C, 2> net(U);
   randomize_parameters(net, 12);
   std::mt19937_64 rng(1);
   Tensor<B64> x = test::random_tensor<B64>({NB, N, D}, rng);
   Context ctx;
   const auto y = net.forward(x, ctx).to_host();
-  // written out: theta0 (seeder mean), t = LN tokens, q = ModFc_q(LN theta0), k = W_k t + b
   auto& L = net.layer;
+  // written out: theta0 (the seeder's mean), t = LN tokens, q = ModFc_q(LN theta0),
+  // k_un = W_k (t_n * g_u) + b (b = 0: it cancels), g_u = 1 + a LN(W_ck c_u), v by running ModFc_v
   const auto th = L.seeder.forward(x, ctx).to_host();
   const auto t = L.token_norm.forward(x, ctx).to_host();
-  const auto k = L.k.forward(L.token_norm.forward(x, ctx), ctx).to_host();
   const auto q = L.q.forward(L.latent_norm.forward(L.seeder.forward(x, ctx), ctx), ctx).to_host();
-  Tensor<B64> one({U, D});  // per-latent ModFC_v of each token: run v on (token n for every latent)
+  const auto wk = L.k_weight.value.to_host(), wc = L.k_code_proj.value.to_host(), codes = net.codes.param.value.to_host();
+  const double a = L.k_scale.value.to_host()[0];
+  std::vector<double> g(U * D);
+  for (int u = 0; u < U; ++u) {
+    std::vector<double> m(D);
+    double mean = 0, var = 0;
+    for (int i = 0; i < D; ++i) {
+      m[i] = 0;
+      for (int c = 0; c < C; ++c) m[i] += wc[i * C + c] * codes[u * C + c];
+      mean += m[i] / D;
+    }
+    for (int i = 0; i < D; ++i) var += (m[i] - mean) * (m[i] - mean) / D;
+    for (int i = 0; i < D; ++i) g[u * D + i] = 1 + a * (m[i] - mean) / std::sqrt(var + 1e-5);
+  }
+  Tensor<B64> one({U, D});
   for (int b = 0; b < NB; ++b)
     for (int u = 0; u < U; ++u) {
+      if (u >= UIn) {  // not an input latent: theta0 as is
+        for (int c = 0; c < D; ++c) CHECK(y[(b * U + u) * D + c] == th[(b * U + u) * D + c]);
+        continue;
+      }
       std::vector<double> s(N);
       double mx = -1e300, sum = 0;
       for (int n = 0; n < N; ++n) {
         s[n] = 0;
-        for (int c = 0; c < D; ++c) s[n] += q[(b * U + u) * D + c] * k[(b * N + n) * D + c];
+        for (int i = 0; i < D; ++i) {
+          double k = 0;
+          for (int j = 0; j < D; ++j) k += wk[i * D + j] * t[(b * N + n) * D + j] * g[u * D + j];
+          s[n] += q[(b * U + u) * D + i] * k;
+        }
         s[n] /= std::sqrt(double(D));
         mx = std::max(mx, s[n]);
       }
-      for (auto& v : s) sum += (v = std::exp(v - mx));
+      for (auto& e : s) sum += (e = std::exp(e - mx));
       std::vector<double> o(D, 0.0);
       for (int n = 0; n < N; ++n) {
         std::vector<double> rows(std::size_t(U) * D);
@@ -979,7 +1001,8 @@ TEST_CASE("nac: NacReadIn's value path equals attention over per-latent ModFC va
         const auto vn = L.v.forward(one, ctx).to_host();  // row u: ModFC_v,u(t_n)
         for (int c = 0; c < D; ++c) o[c] += s[n] / sum * vn[u * D + c];
       }
-      for (int c = 0; c < D; ++c) CHECK(y[(b * U + u) * D + c] == doctest::Approx(th[(b * U + u) * D + c] + o[c]).epsilon(1e-10));
+      for (int c = 0; c < D; ++c)
+        CHECK(y[(b * U + u) * D + c] == doctest::Approx(th[(b * U + u) * D + c] + o[c]).epsilon(1e-10));
     }
 }
 

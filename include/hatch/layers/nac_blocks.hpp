@@ -3,7 +3,7 @@
 // from the layers of nac.hpp.
 //
 //   PositionGrid<N, D>                          tokens (B, N, D) + a learnt position table (N, D)
-//   NacReadIn<N, D, CodeDim>                    the seeder, then every latent reads the image
+//   NacReadIn<N, D, UIn, CodeDim>               the seeder, then the input latents read the image
 //                                               tokens: (B, N, D) tokens -> (B U, D) latents
 //   NacPropagator<D, Heads, Hidden, Code, Sig>  theta += LS(ModFC_out(Kmdpa(ModFC_qkv(LN theta)))),
 //                                               then ModFfn: (B U, D) -> (B U, D)
@@ -58,64 +58,103 @@ struct PositionGrid {
   template <Backend B> using bind = PositionGridLayer<B, N, D>;
 };
 
-// Read-in. The seeder gives every latent its initial state theta0 from its code; then every latent
-// u attends to the N image tokens of its example (dense attention, one head, no kernel):
-//   t = LN_t(tokens);  q_u = ModFC_q(LN_l(theta0_u));  k_n = W_k t_n + b_k (Linear)
-//   A_u = softmax_n(q_u . k_n / sqrt(D));   theta_u = theta0_u + ModFC_v(sum_n A_un t_n)
-// ModFC_v on the pooled tokens is exactly the attention over per-latent ModFC values,
-// sum_n A_un ModFC_v,u(t_n) (the softmax weights sum to 1 and ModFC is affine in its input),
-// computed in U D^2 per example instead of U N D^2. Departure: the keys are one Linear shared
-// by the latents (the reference modulates them per latent as well).
-//   parameters: seeder.*, token_norm.*, latent_norm.*, q.*, k.*, v.* (q and v: ModFc's, with the
-//   codes).
+// Read-in. The seeder gives every latent its initial state theta0 from its code; then the input
+// latents (the first UIn rows of the table) attend to the N image tokens of their example (dense
+// attention, one head, no kernel), with per-latent ModFC keys and values:
+//   t = LN_t(tokens);  q_u = ModFC_q(LN_l(theta0_u))
+//   k_un = ModFC_k,u(t_n) = W_k (t_n * g_u) + b_k,   g_u = 1 + a_k LN(W_ck c_u)   (ModFc's gain)
+//   A_u = softmax_n(q_u . k_un / sqrt(D));   theta_u = theta0_u + ModFC_v,u(sum_n A_un t_n)
+// and the other latents keep theta0. Both per-latent projections are computed without forming
+// the U x N keys or values: q_u . k_un = ((W_k^T q_u) * g_u) . t_n + q_u . b_k, and the last term,
+// the same for every token, cancels in the softmax (so b_k is left out: it has no effect);
+// sum_n A_un ModFC_v,u(t_n) = ModFC_v,u(sum_n A_un t_n) since the weights sum to 1 and ModFC is
+// affine in its input. The cost is U D^2 + U N D per example, not U N D^2.
+//   parameters: seeder.*, token_norm.*, latent_norm.*, q.* and v.* (ModFc's, with the codes),
+//   k.weight (D, D), k.code_proj.weight (D, CodeDim), k.scale (1, 0.1 at reset).
 // Input: tokens (B, N, D); output (B U, D) with U the codes' rows.
-template <Backend B, int N, int D, int CodeDim>
-class NacReadInLayer : public LeafLayer<NacReadInLayer<B, N, D, CodeDim>, B, D, D> {
+template <Backend B, int N, int D, int UIn, int CodeDim>
+class NacReadInLayer : public LeafLayer<NacReadInLayer<B, N, D, UIn, CodeDim>, B, D, D> {
  public:
   using T = typename B::Scalar;
+  static constexpr double ln_eps = 1e-5, initial_scale = 0.1;
+  NacReadInLayer() : k_weight({D, D}, true), k_code_proj({D, CodeDim}, true), k_scale({1}, false) {
+    k_scale.value.fill(T(initial_scale));
+    ones_.resize({D});
+    ones_.fill(T(1));
+    zeros_.resize({D});
+    zeros_.zero();
+  }
   void use_codes(LatentCodes<B, CodeDim>& codes) {
     seeder.use_codes(codes);
     q.use_codes(codes);
     v.use_codes(codes);
+    codes_ = &codes.param;
     u_ = codes.rows();
+    HATCH_CHECK(u_ >= UIn, "NacReadIn",
+                "the table has " + std::to_string(u_) + " latents, fewer than the " + std::to_string(UIn) + " input latents");
   }
   void reset_parameters(Initializer& init) {
     seeder.reset_parameters(init);
     token_norm.reset_parameters(init);
     latent_norm.reset_parameters(init);
     q.reset_parameters(init);
-    k.reset_parameters(init);
+    init.trunc_normal(k_weight, 0.02);
+    init.trunc_normal(k_code_proj, 0.02);
+    init.constant(k_scale, initial_scale);
     v.reset_parameters(init);
   }
 
   const Tensor<B>& forward(const Tensor<B>& x, Context& ctx) {
+    HATCH_CHECK(codes_ != nullptr, "NacReadIn", "no codes: call use_codes(codes) before the first forward");
     HATCH_CHECK(x.cols() == D && x.numel() % (std::int64_t(N) * D) == 0, "NacReadIn",
                 "expected tokens (batch, " + std::to_string(N) + ", " + std::to_string(D) + "), got " + x.shape().str());
     nb_ = int(x.numel() / (std::int64_t(N) * D));
-    x_ = &x;
+    const int rows = nb_ * u_;
+    const std::size_t ud = std::size_t(u_) * D, nd = std::size_t(N) * D, un = std::size_t(u_) * N;
     theta0_ = &seeder.forward(x, ctx);  // (B U, D)
     t_ = &token_norm.forward(x, ctx);   // (B, N, D)
-    k_ = &k.forward(*t_, ctx);
     q_ = &q.forward(latent_norm.forward(*theta0_, ctx), ctx);  // (B U, D)
-    s_.resize({std::int64_t(nb_) * u_, N});
-    p_.resize({std::int64_t(nb_) * u_, N});
-    pooled_.resize({std::int64_t(nb_) * u_, D});
-    const std::size_t ud = std::size_t(u_) * D, nd = std::size_t(N) * D, un = std::size_t(u_) * N;
+    // the keys' gain per latent, g = 1 + a LN(codes W_ck^T), as ModFc's
+    gm_.resize({u_, D});
+    gn_.resize({u_, D});
+    gk_.resize({u_, D});
+    gmean_.resize({u_});
+    grstd_.resize({u_});
+    B::gemm(false, true, u_, D, CodeDim, T(1), codes_->value.data(), CodeDim, k_code_proj.value.data(), CodeDim, T(0),
+            gm_.data(), D);
+    B::layer_norm_forward(gn_.data(), gmean_.data(), grstd_.data(), gm_.data(), ones_.data(), zeros_.data(), u_, D,
+                          T(ln_eps));
+    B::map(gk_.data(), gn_.data(), ud, nac_detail::OnePlusScaled<T>{k_scale.value.data()});
+    // r = (q W_k) * g: the query in token space
+    qw_.resize({rows, D});
+    B::gemm(false, false, rows, D, D, T(1), q_->data(), D, k_weight.value.data(), D, T(0), qw_.data(), D);
+    r_.resize({rows, D});
+    for (int b = 0; b < nb_; ++b) B::mul(r_.data() + b * ud, qw_.data() + b * ud, gk_.data(), ud);
+    s_.resize({rows, N});
+    p_.resize({rows, N});
+    pooled_.resize({rows, D});
     for (int b = 0; b < nb_; ++b)
-      B::gemm(false, true, u_, N, D, T(1), q_->data() + b * ud, D, k_->data() + b * nd, D, T(0), s_.data() + b * un, N);
-    B::softmax_forward(p_.data(), s_.data(), nb_ * u_, N, scale());
+      B::gemm(false, true, u_, N, D, T(1), r_.data() + b * ud, D, t_->data() + b * nd, D, T(0), s_.data() + b * un, N);
+    B::softmax_forward(p_.data(), s_.data(), rows, N, scale());
     for (int b = 0; b < nb_; ++b)
       B::gemm(false, false, u_, D, N, T(1), p_.data() + b * un, N, t_->data() + b * nd, D, T(0),
               pooled_.data() + b * ud, D);
     const Tensor<B>& o = v.forward(pooled_, ctx);
-    y_.resize({std::int64_t(nb_) * u_, D});
-    B::add(y_.data(), theta0_->data(), o.data(), std::size_t(nb_) * ud);
+    y_.resize({rows, D});
+    B::copy(y_.data(), theta0_->data(), std::size_t(rows) * D);
+    const std::size_t id = std::size_t(UIn) * D;
+    for (int b = 0; b < nb_; ++b) B::add(y_.data() + b * ud, y_.data() + b * ud, o.data() + b * ud, id);
     return y_;
   }
 
   const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
-    const std::size_t ud = std::size_t(u_) * D, nd = std::size_t(N) * D, un = std::size_t(u_) * N;
-    const Tensor<B>& dpooled = backward_inner(v, dy, ctx);
+    const int rows = nb_ * u_;
+    const std::size_t ud = std::size_t(u_) * D, nd = std::size_t(N) * D, un = std::size_t(u_) * N,
+                      id = std::size_t(UIn) * D;
+    dv_.resize({rows, D});  // the read-in's output gradient: the input latents' rows only
+    dv_.zero();
+    for (int b = 0; b < nb_; ++b) B::copy(dv_.data() + b * ud, dy.data() + b * ud, id);
+    const Tensor<B>& dpooled = backward_inner(v, dv_, ctx);
     dp_.resize(p_.shape());
     dt_.resize(t_->shape());
     for (int b = 0; b < nb_; ++b) {
@@ -125,17 +164,44 @@ class NacReadInLayer : public LeafLayer<NacReadInLayer<B, N, D, CodeDim>, B, D, 
               dt_.data() + b * nd, D);
     }
     ds_.resize(s_.shape());
-    B::softmax_backward(ds_.data(), dp_.data(), p_.data(), nb_ * u_, N, scale());
-    dq_.resize(q_->shape());
-    dk_.resize(k_->shape());
+    B::softmax_backward(ds_.data(), dp_.data(), p_.data(), rows, N, scale());
+    dr_.resize(r_.shape());
     for (int b = 0; b < nb_; ++b) {
-      B::gemm(false, false, u_, D, N, T(1), ds_.data() + b * un, N, k_->data() + b * nd, D, T(0), dq_.data() + b * ud, D);
-      B::gemm(true, false, N, D, u_, T(1), ds_.data() + b * un, N, q_->data() + b * ud, D, T(0), dk_.data() + b * nd, D);
+      B::gemm(false, false, u_, D, N, T(1), ds_.data() + b * un, N, t_->data() + b * nd, D, T(0), dr_.data() + b * ud, D);
+      B::gemm(true, false, N, D, u_, T(1), ds_.data() + b * un, N, r_.data() + b * ud, D, T(1), dt_.data() + b * nd, D);
     }
-    B::axpy(dt_.data(), T(1), backward_inner(k, dk_, ctx).data(), std::size_t(nb_) * nd);
+    // r = qw * g
+    dqw_.resize(qw_.shape());
+    for (int b = 0; b < nb_; ++b) B::mul(dqw_.data() + b * ud, dr_.data() + b * ud, gk_.data(), ud);
+    const bool gain = wants_grad(k_scale, ctx) || wants_grad(k_code_proj, ctx) || wants_grad(*codes_, ctx);
+    if (gain) {
+      tmp_.resize(qw_.shape());
+      B::mul(tmp_.data(), dr_.data(), qw_.data(), std::size_t(rows) * D);
+      dg_.resize({u_, D});
+      B::sum_rows(dg_.data(), tmp_.data(), nb_, int(ud), int(ud), T(0));
+      if (wants_grad(k_scale, ctx))
+        B::gemm(false, true, 1, 1, int(ud), T(1), dg_.data(), int(ud), gn_.data(), int(ud), T(1), k_scale.grad.data(), 1);
+      if (wants_grad(k_code_proj, ctx) || wants_grad(*codes_, ctx)) {
+        dgn_.resize({u_, D});
+        dgm_.resize({u_, D});
+        B::map(dgn_.data(), dg_.data(), ud, nac_detail::ScaledBy<T>{k_scale.value.data()});
+        B::layer_norm_backward(dgm_.data(), nullptr, nullptr, dgn_.data(), gm_.data(), gmean_.data(), grstd_.data(),
+                               ones_.data(), u_, D);
+        if (wants_grad(k_code_proj, ctx))
+          B::gemm(true, false, D, CodeDim, u_, T(1), dgm_.data(), D, codes_->value.data(), CodeDim, T(1),
+                  k_code_proj.grad.data(), CodeDim);
+        if (wants_grad(*codes_, ctx))
+          B::gemm(false, false, u_, CodeDim, D, T(1), dgm_.data(), D, k_code_proj.value.data(), CodeDim, T(1),
+                  codes_->grad.data(), CodeDim);
+      }
+    }
+    if (wants_grad(k_weight, ctx))  // qw = q W_k: dW_k += q^T dqw
+      B::gemm(true, false, D, D, rows, T(1), q_->data(), D, dqw_.data(), D, T(1), k_weight.grad.data(), D);
+    dq_.resize(q_->shape());  // dq = dqw W_k^T
+    B::gemm(false, true, rows, D, D, T(1), dqw_.data(), D, k_weight.value.data(), D, T(0), dq_.data(), D);
     const Tensor<B>& dln = backward_inner(q, dq_, ctx);
-    dtheta_.resize({std::int64_t(nb_) * u_, D});
-    B::add(dtheta_.data(), dy.data(), backward_inner(latent_norm, dln, ctx).data(), std::size_t(nb_) * ud);
+    dtheta_.resize({rows, D});
+    B::add(dtheta_.data(), dy.data(), backward_inner(latent_norm, dln, ctx).data(), std::size_t(rows) * D);
     {
       const bool outer = std::exchange(ctx.input_grad, false);  // the seeder's input gradient is 0
       seeder.backward(dtheta_, ctx);
@@ -150,26 +216,30 @@ class NacReadInLayer : public LeafLayer<NacReadInLayer<B, N, D, CodeDim>, B, D, 
     token_norm.visit(f, prefix + "token_norm.");
     latent_norm.visit(f, prefix + "latent_norm.");
     q.visit(f, prefix + "q.");
-    k.visit(f, prefix + "k.");
+    f(prefix + "k.weight", k_weight);
+    f(prefix + "k.code_proj.weight", k_code_proj);
+    f(prefix + "k.scale", k_scale);
     v.visit(f, prefix + "v.");
   }
 
   LatentSeederLayer<B, D, CodeDim> seeder;
   LayerNormLayer<B, D> token_norm, latent_norm;
   ModFcLayer<B, D, D, CodeDim> q, v;
-  LinearLayer<B, D, D> k;
+  Parameter<B> k_weight, k_code_proj, k_scale;
 
  private:
   static T scale() { return T(1) / std::sqrt(T(D)); }
-  const Tensor<B>*x_ = nullptr, *theta0_ = nullptr, *t_ = nullptr, *k_ = nullptr, *q_ = nullptr;
+  Parameter<B>* codes_ = nullptr;
+  const Tensor<B>*theta0_ = nullptr, *t_ = nullptr, *q_ = nullptr;
   int nb_ = 0, u_ = 0;
-  Tensor<B> s_, p_, pooled_, y_, dp_, dt_, ds_, dq_, dk_, dtheta_;
+  Tensor<B> ones_, zeros_, gm_, gn_, gk_, gmean_, grstd_, qw_, r_, s_, p_, pooled_, y_;
+  Tensor<B> dv_, dp_, dt_, ds_, dr_, dqw_, tmp_, dg_, dgn_, dgm_, dq_, dtheta_;
 };
 
-template <int N, int D, int CodeDim>
+template <int N, int D, int UIn, int CodeDim>
 struct NacReadIn {
   static constexpr int in = D, out = D;
-  template <Backend B> using bind = NacReadInLayer<B, N, D, CodeDim>;
+  template <Backend B> using bind = NacReadInLayer<B, N, D, UIn, CodeDim>;
 };
 
 namespace nac_detail {

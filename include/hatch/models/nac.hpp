@@ -41,7 +41,7 @@ template <NacSpec S, int... R>
 struct NacStagesImpl<S, std::integer_sequence<int, R...>> {
   using type = Stages<
       Sequential<Named<"patch_embed", PatchEmbed<S.channels, S.image, S.patch, S.dim>>, PositionGrid<S.patches(), S.dim>,
-                 Named<"read_in", NacReadIn<S.patches(), S.dim, S.code_dim>>>,
+                 Named<"read_in", NacReadIn<S.patches(), S.dim, S.inputs, S.code_dim>>>,
       Sequential<Named<"propagators",
                        Repeat<1, NacPropagator<S.dim, S.heads, S.ffn_hidden, S.code_dim, S.sig_dim>, R>>>...,
       Sequential<Named<"read_out", NacReadOut<S.dim, S.heads, S.inputs, S.outputs, S.code_dim, S.sig_dim>>,
