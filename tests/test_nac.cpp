@@ -1097,3 +1097,45 @@ TEST_CASE("nac: the Nac model: 4 stages, tables wired and stored once, gradients
   CHECK(a == b);
   std::filesystem::remove(file);
 }
+
+TEST_CASE("nac: the Nac model on Cpu agrees with Cpu64 and a steady-state training step allocates no backend buffer") {
+  Model<TinyNac, B64> ref;
+  Model<TinyNac, Cpu> model;
+  Initializer init(4);
+  ref.reset_parameters(init);
+  std::vector<std::vector<double>> values;
+  ref.visit([&](const std::string&, Parameter<B64>& p) { values.push_back(p.value.to_host()); }, "");
+  std::size_t i = 0;
+  model.visit(
+      [&](const std::string&, Parameter<Cpu>& p) {
+        const auto& v = values[i++];
+        p.value.from_host(std::vector<float>(v.begin(), v.end()));
+      },
+      "");
+  std::mt19937_64 rng(3);
+  auto x64 = test::random_tensor<B64>({3, 1, 4, 4}, rng);
+  const auto xh = x64.to_host();
+  Tensor<Cpu> x({3, 1, 4, 4});
+  x.from_host(std::vector<float>(xh.begin(), xh.end()));
+  for (bool training : {false, true}) {
+    Context c64, c32;
+    c64.training = c32.training = training;
+    c64.seed = c32.seed = 9;
+    const auto a = ref.forward(x64, c64).to_host();
+    const auto b = model.forward(x, c32).to_host();
+    REQUIRE(a.size() == b.size());
+    for (std::size_t k = 0; k < a.size(); ++k) CHECK(b[k] == doctest::Approx(a[k]).epsilon(1e-4));
+  }
+  auto dy = test::random_tensor<Cpu>({3, 3}, rng);
+  auto step = [&](std::uint64_t seed) {
+    Context ctx;
+    ctx.training = true;
+    ctx.seed = seed;
+    model.forward(x, ctx);
+    model.backward(dy, ctx);
+  };
+  for (int s = 0; s < 3; ++s) step(s);
+  const auto before = Cpu::allocation_count().load();
+  for (int s = 3; s < 6; ++s) step(s);
+  CHECK(Cpu::allocation_count().load() == before);
+}
