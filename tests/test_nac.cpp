@@ -933,6 +933,57 @@ TEST_CASE("nac: NacPropagator gradients (evaluation and training; codes, signatu
   CHECK(net.layer.take_kept_fraction() == 0);  // taken
 }
 
+TEST_CASE("nac: NacPropagator with receiving latents [1, 4) of 5: gradients; the other latents pass unchanged") {
+  constexpr int U = 5;
+  WithTables<NacPropagatorLayer<B64, 6, 2, 5, 3, 4, 1, 4>, 3, 4> net(U);
+  randomize_parameters(net, 6);
+  net.layer.attn.bandwidth.value.fill(0.8);
+  auto ev = gradcheck(net, {2 * U, 6}, false, 3, 60);
+  INFO(ev.worst);
+  CHECK(ev.max_rel <= 1e-6);
+  auto tr = gradcheck(net, {2, U, 6}, true, 5, 60);
+  INFO(tr.worst);
+  CHECK(tr.max_rel <= 1e-6);
+  std::mt19937_64 rng(2);
+  auto x = test::random_tensor<B64>({2 * U, 6}, rng);
+  Context ctx;
+  ctx.training = true;
+  const auto y = net.forward(x, ctx).to_host();
+  const auto xh = x.to_host();
+  for (int b = 0; b < 2; ++b)
+    for (int u : {0, 4})
+      for (int c = 0; c < 6; ++c) CHECK(y[(b * U + u) * 6 + c] == xh[(b * U + u) * 6 + c]);
+  // the pair list: queries 1..3 only, keys below 4
+  const auto& rp = net.layer.attn.row_ptr();
+  const auto& col = net.layer.attn.col();
+  CHECK(rp[1] == 0);
+  CHECK(rp[5] == rp[4]);
+  for (int p = 0; p < rp[U]; ++p) CHECK(col[p] < 4);
+}
+
+TEST_CASE("nac: ModFc on a latent range of the table (use_rows): gradients reach those codes only") {
+  WithTables<ModFcLayer<B64, 5, 4, 3>, 3, 2> net(6);
+  net.layer.use_rows(2, 5);
+  randomize_parameters(net, 8);
+  auto rep = gradcheck(net, {2 * 3, 5}, false, 3, 60);
+  INFO(rep.worst);
+  CHECK(rep.max_rel <= 1e-6);
+  net.codes.param.grad.zero();
+  std::mt19937_64 rng(1);
+  auto x = test::random_tensor<B64>({2 * 3, 5}, rng);
+  auto dy = test::random_tensor<B64>({2 * 3, 4}, rng);
+  Context ctx;
+  net.forward(x, ctx);
+  net.backward(dy, ctx);
+  const auto g = net.codes.param.grad.to_host();
+  for (int u = 0; u < 6; ++u) {
+    double m = 0;
+    for (int c = 0; c < 3; ++c) m = std::max(m, std::abs(g[u * 3 + c]));
+    if (u >= 2 && u < 5) CHECK(m > 0);
+    else CHECK(m == 0);
+  }
+}
+
 TEST_CASE("nac: NacReadIn gradients (tokens, seeder, norms, q, k, v, codes)") {
   WithTables<NacReadInLayer<B64, 3, 6, 3, 4>, 4, 2> net(5);
   randomize_parameters(net, 9);

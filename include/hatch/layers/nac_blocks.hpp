@@ -252,27 +252,43 @@ void layer_scale_rows(Tensor<B>& gamma_rows, const Parameter<B>& gamma, int rows
 }
 }  // namespace nac_detail
 
-// Propagator block: one round of attention among the latents, then the code-conditioned FFN.
-//   h = theta + LS_attn(ModFC_out(Kmdpa(ModFC_qkv(LN theta))));   y = ModFfn(h)
-// ModFC_qkv is one ModFc D -> 3 D (the q, k and v projections side by side, modulated by the
-// same code projection), ModFC_out a ModFc D -> D; LS_attn a per-channel LayerScale, 0.1 at reset.
-// Every latent queries every latent (the pair list is the square one the signatures keep).
+// Propagator block: one round of attention among the latents, then the code-conditioned FFN, for
+// the receiving latents [QBegin, QEnd) of the table (a negative QEnd: to the last row), which read
+// from every latent before QEnd (NAC: the mediators receive from the input and mediator latents;
+// QBegin 0, QEnd -1, the default: every latent from every latent):
+//   n = LN theta;  o = Kmdpa(ModFC_qkv(n)) over queries [QBegin, QEnd), keys [0, QEnd)
+//   h_u = theta_u + LS_attn(ModFC_out(o_u));   theta'_u = ModFfn(h)_u     u in [QBegin, QEnd)
+//   theta'_u = theta_u                                                    the other latents
+// ModFC_qkv is one ModFc D -> 3 D over every latent (the q, k and v projections side by side,
+// modulated by the same code projection), ModFC_out (D -> D) and the ModFfn run on the receiving
+// latents' rows and codes only (ModFc::use_rows); LS_attn per channel, 0.1 at reset.
 //   parameters: norm.*, qkv.*, attn.* (signatures, bandwidth), out.*, layer_scale.gamma, ffn.*
-// Input and output (B U, D).
-// take_kept_fraction(): the mean of Kmdpa's kept fraction over the training forwards since the
-// last call (fit reports it per epoch); 0 if there was none.
-template <Backend B, int D, int Heads, int Hidden, int CodeDim, int SigDim>
-class NacPropagatorLayer : public LeafLayer<NacPropagatorLayer<B, D, Heads, Hidden, CodeDim, SigDim>, B, D, D> {
+// Input and output (B U, D) (or (B, U, D)).
+// take_kept_fraction(): the mean of Kmdpa's kept fraction (of the query x key pairs) over the
+// training forwards since the last call (fit reports it per epoch); 0 if there was none.
+template <Backend B, int D, int Heads, int Hidden, int CodeDim, int SigDim, int QBegin = 0, int QEnd = -1>
+class NacPropagatorLayer
+    : public LeafLayer<NacPropagatorLayer<B, D, Heads, Hidden, CodeDim, SigDim, QBegin, QEnd>, B, D, D> {
   static_assert(D % Heads == 0, "hatch::NacPropagator: D must be divisible by Heads");
+  static_assert(QBegin >= 0 && (QEnd < 0 || QEnd > QBegin), "hatch::NacPropagator: empty receiving range");
 
  public:
   using T = typename B::Scalar;
   static constexpr double initial_layer_scale = 0.1;
-  NacPropagatorLayer() : layer_scale({D}, false) { layer_scale.value.fill(T(initial_layer_scale)); }
+  NacPropagatorLayer() : layer_scale({D}, false) {
+    layer_scale.value.fill(T(initial_layer_scale));
+    attn.restrict_pairs(QBegin, QEnd, 0, QEnd);
+    out.use_rows(QBegin, QEnd);
+    ffn.use_rows(QBegin, QEnd);
+  }
   void use_codes(LatentCodes<B, CodeDim>& codes) {
     qkv.use_codes(codes);
     out.use_codes(codes);
     ffn.use_codes(codes);
+    u_ = codes.rows();
+    HATCH_CHECK(QEnd <= u_ && QBegin < (QEnd < 0 ? u_ : QEnd), "NacPropagator",
+                "receiving latents [" + std::to_string(QBegin) + ", " + std::to_string(QEnd) + ") outside the table's " +
+                    std::to_string(u_));
   }
   void use_signatures(LatentSignatures<B, SigDim>& s) { attn.use_signatures(s); }
   void reset_parameters(Initializer& init) {
@@ -294,38 +310,50 @@ class NacPropagatorLayer : public LeafLayer<NacPropagatorLayer<B, D, Heads, Hidd
     HATCH_CHECK(x.cols() == D, "NacPropagator", "input width " + std::to_string(x.cols()) + ", expected " + std::to_string(D));
     x_ = &x;
     rows_ = int(x.rows());
-    const Tensor<B>& o = attn.forward(qkv.forward(norm.forward(x, ctx), ctx), ctx);
+    const Tensor<B>& o = attn.forward(qkv.forward(norm.forward(x, ctx), ctx), ctx);  // (B Uq, D)
+    q0_ = QBegin;
+    uq_ = (QEnd < 0 ? u_ : QEnd) - QBegin;
+    nb_ = rows_ / u_;  // Kmdpa checked: a whole number of examples of u_ latents
     if (ctx.training) {
       kept_sum_ += attn.kept_fraction();
       ++kept_n_;
     }
     f_ = &out.forward(o, ctx);
-    nac_detail::layer_scale_rows(gamma_rows_, layer_scale, rows_, D);
-    h_.resize({rows_, D});
-    B::mul(h_.data(), f_->data(), gamma_rows_.data(), std::size_t(rows_) * D);
-    B::add(h_.data(), h_.data(), x.data(), std::size_t(rows_) * D);
-    const Tensor<B>& y = ffn.forward(h_, ctx);
-    if (x.shape().rank == 2) return y;
-    y_.view_of(y, x.shape());
+    const int rq = int(o.rows());
+    nac_detail::layer_scale_rows(gamma_rows_, layer_scale, rq, D);
+    h_.resize({rq, D});  // h = theta (receiving rows) + f * gamma
+    B::mul(h_.data(), f_->data(), gamma_rows_.data(), std::size_t(rq) * D);
+    const std::size_t qd = std::size_t(uq_) * D, ud = std::size_t(u_) * D, off = std::size_t(q0_) * D;
+    for (int b = 0; b < nb_; ++b) B::add(h_.data() + b * qd, h_.data() + b * qd, x.data() + b * ud + off, qd);
+    const Tensor<B>& z = ffn.forward(h_, ctx);
+    y_.resize(x.shape());
+    B::copy(y_.data(), x.data(), std::size_t(rows_) * D);
+    for (int b = 0; b < nb_; ++b) B::copy(y_.data() + b * ud + off, z.data() + b * qd, qd);
     return y_;
   }
 
   const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
-    const std::size_t rd = std::size_t(rows_) * D;
-    dyv_.view_of(dy, h_.shape());
-    const Tensor<B>& dh = backward_inner(ffn, dyv_, ctx);
+    const int rq = nb_ * uq_;
+    const std::size_t qd = std::size_t(uq_) * D, ud = std::size_t(u_) * D, off = std::size_t(q0_) * D;
+    dz_.resize({rq, D});
+    for (int b = 0; b < nb_; ++b) B::copy(dz_.data() + b * qd, dy.data() + b * ud + off, qd);
+    const Tensor<B>& dh = backward_inner(ffn, dz_, ctx);
     if (wants_grad(layer_scale, ctx)) {
-      tmp_.resize({rows_, D});
-      B::mul(tmp_.data(), dh.data(), f_->data(), rd);
-      B::sum_rows(layer_scale.grad.data(), tmp_.data(), rows_, D, D, T(1));
+      tmp_.resize({rq, D});
+      B::mul(tmp_.data(), dh.data(), f_->data(), std::size_t(rq) * D);
+      B::sum_rows(layer_scale.grad.data(), tmp_.data(), rq, D, D, T(1));
     }
-    dbranch_.resize({rows_, D});
-    B::mul(dbranch_.data(), dh.data(), gamma_rows_.data(), rd);
+    dbranch_.resize({rq, D});
+    B::mul(dbranch_.data(), dh.data(), gamma_rows_.data(), std::size_t(rq) * D);
     const Tensor<B>& dqkv = backward_inner(attn, backward_inner(out, dbranch_, ctx), ctx);
     const Tensor<B>& dxn = norm.backward(backward_inner(qkv, dqkv, ctx), ctx);
-    if (ctx.input_grad) {
+    if (ctx.input_grad) {  // dx = dxn + (dy on the other rows, dh on the receiving rows)
       dx_.resize(x_->shape());
-      B::add(dx_.data(), dh.data(), dxn.data(), rd);
+      B::add(dx_.data(), dxn.data(), dy.data(), std::size_t(rows_) * D);
+      for (int b = 0; b < nb_; ++b) {
+        T* d = dx_.data() + b * ud + off;
+        B::add(d, dxn.data() + b * ud + off, dh.data() + b * qd, qd);
+      }
     }
     return dx_;
   }
@@ -350,16 +378,16 @@ class NacPropagatorLayer : public LeafLayer<NacPropagatorLayer<B, D, Heads, Hidd
  private:
   const Tensor<B>* x_ = nullptr;
   const Tensor<B>* f_ = nullptr;
-  int rows_ = 0;
+  int rows_ = 0, u_ = 0, nb_ = 0, q0_ = 0, uq_ = 0;
   double kept_sum_ = 0;
   int kept_n_ = 0;
-  Tensor<B> gamma_rows_, h_, y_, dyv_, tmp_, dbranch_, dx_;
+  Tensor<B> gamma_rows_, h_, y_, dz_, tmp_, dbranch_, dx_;
 };
 
-template <int D, int Heads, int Hidden, int CodeDim, int SigDim>
+template <int D, int Heads, int Hidden, int CodeDim, int SigDim, int QBegin = 0, int QEnd = -1>
 struct NacPropagator {
   static constexpr int in = D, out = D;
-  template <Backend B> using bind = NacPropagatorLayer<B, D, Heads, Hidden, CodeDim, SigDim>;
+  template <Backend B> using bind = NacPropagatorLayer<B, D, Heads, Hidden, CodeDim, SigDim, QBegin, QEnd>;
 };
 
 // Read-out: the output latents, the last UOut rows of the table, read from the mediators (rows

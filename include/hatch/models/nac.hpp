@@ -3,7 +3,8 @@
 //
 //   stage 0        image -> patch_embed (PatchEmbed) -> pos_embed (PositionGrid) -> read_in
 //                  (seeder + dense read-in of the tokens): (B U, D) latent states
-//   stages 1..R    propagators.<r>: one NacPropagator each (unshared weights), (B U, D) -> (B U, D)
+//   stages 1..R    propagators.<r>: one NacPropagator each (unshared weights; the mediators receive
+//                  from the input and mediator latents), (B U, D) -> (B U, D)
 //   stage R + 1    read_out (output latents from the mediators) -> repulsion (SignatureRepulsion,
 //                  the table's one) -> pooling (OutputPooling): (B, classes)
 //
@@ -43,7 +44,7 @@ struct NacStagesImpl<S, std::integer_sequence<int, R...>> {
       Sequential<Named<"patch_embed", PatchEmbed<S.channels, S.image, S.patch, S.dim>>, PositionGrid<S.patches(), S.dim>,
                  Named<"read_in", NacReadIn<S.patches(), S.dim, S.inputs, S.code_dim>>>,
       Sequential<Named<"propagators",
-                       Repeat<1, NacPropagator<S.dim, S.heads, S.ffn_hidden, S.code_dim, S.sig_dim>, R>>>...,
+                       Repeat<1, NacPropagator<S.dim, S.heads, S.ffn_hidden, S.code_dim, S.sig_dim, S.inputs, S.inputs + S.mediators>, R>>>...,
       Sequential<Named<"read_out", NacReadOut<S.dim, S.heads, S.inputs, S.outputs, S.code_dim, S.sig_dim>>,
                  Named<"repulsion", SignatureRepulsion<S.sig_dim>>,
                  Named<"pooling", OutputPooling<S.outputs, S.dim, S.classes>>>>;
