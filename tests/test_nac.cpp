@@ -1190,3 +1190,27 @@ TEST_CASE("nac: the Nac model on Cpu agrees with Cpu64 and a steady-state traini
   for (int s = 3; s < 6; ++s) step(s);
   CHECK(Cpu::allocation_count().load() == before);
 }
+
+TEST_CASE("nac: the model's graph prior makes the mediators the hubs: output latents have mediator keys") {
+  using L = Model<presets::NacSmall, Cpu>;
+  const auto& S = presets::nac_small;
+  for (std::uint64_t seed : {1, 2, 3}) {
+    const nac::Graph g = L::prior_graph(seed);
+    CHECK(g.edges() == nac::barabasi_albert_graph(S.latents(), S.graph_m, seed).edges());
+    int best = 0;
+    for (int u = 1; u < g.n; ++u) best = g.degree(u) > g.degree(best) ? u : best;
+    CHECK(best >= S.inputs);  // the largest hub is a mediator
+    CHECK(best < S.inputs + S.mediators);
+    int outputs_reached = 0, inputs_reached = 0;
+    for (int u = 0; u < g.n; ++u) {
+      const bool output = u >= S.inputs + S.mediators, input = u < S.inputs;
+      if (!output && !input) continue;
+      bool any = false;
+      for (int v = S.inputs; v < S.inputs + S.mediators; ++v) any = any || g.has_edge(u, v);
+      (output ? outputs_reached : inputs_reached) += any;
+    }
+    INFO("seed " << seed << ": outputs with a mediator neighbour " << outputs_reached << ", inputs " << inputs_reached);
+    CHECK(outputs_reached >= S.outputs * 3 / 4);
+    CHECK(inputs_reached >= S.inputs * 3 / 4);
+  }
+}

@@ -12,7 +12,8 @@
 // owns the codes and the signatures (latents.codes, latents.signatures, visited first, so these
 // are the names under which a checkpoint stores them once), hands them to every layer that
 // takes them, and at reset draws the codes (truncated normal) and places the signatures on a
-// Barabasi-Albert graph prior (m = spec.graph_m; init_signatures_from_graph).
+// Barabasi-Albert graph prior (m = spec.graph_m; init_signatures_from_graph) whose hubs are the
+// mediators (prior_graph).
 #include <string>
 #include <string_view>
 #include <type_traits>
@@ -69,7 +70,24 @@ class NacModelLayer : public StagesLayerOf<B, typename StagesSpec::stage_list>::
     Base::reset_parameters(init);
     codes.reset_parameters(init);
     const std::uint64_t seed = init.rng();
-    nac::init_signatures_from_graph(signatures, nac::barabasi_albert_graph(S.latents(), S.graph_m, seed), seed);
+    nac::init_signatures_from_graph(signatures, prior_graph(seed), seed);
+  }
+  // The signature prior: a Barabasi-Albert graph whose first nodes, its hubs, are the mediators,
+  // then the input and the output latents (graph node i is latent order[i]), so that input and
+  // output latents attach to mediators: a BA graph over the table's own order would make the
+  // input latents the hubs, and output latents, which read only from mediators, would mostly be
+  // left with their own pair.
+  static nac::Graph prior_graph(std::uint64_t seed) {
+    const nac::Graph g = nac::barabasi_albert_graph(S.latents(), S.graph_m, seed);
+    std::vector<int> order;
+    for (int u = S.inputs; u < S.inputs + S.mediators; ++u) order.push_back(u);
+    for (int u = 0; u < S.inputs; ++u) order.push_back(u);
+    for (int u = S.inputs + S.mediators; u < S.latents(); ++u) order.push_back(u);
+    nac::Graph out(S.latents());
+    for (int i = 0; i < g.n; ++i)
+      for (int j = i + 1; j < g.n; ++j)
+        if (g.has_edge(i, j)) out.add_edge(order[i], order[j]);
+    return out;
   }
   template <class F>
   void visit(F&& f, const std::string& prefix) {
