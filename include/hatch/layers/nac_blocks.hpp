@@ -393,9 +393,9 @@ struct NacPropagator {
 // Read-out: the output latents, the last UOut rows of the table, read from the mediators (rows
 // [UIn, U - UOut)) and from themselves (so that every output latent keeps at least its own pair):
 //   h = LN theta;  o = Kmdpa over queries [U - UOut, U), keys [UIn, U) of ModFC_qkv(h)
-//   y_u = theta_u + LS(W_o o_u + b_o)       for the output latents only
-// W_o is a plain Linear (a ModFc would need every latent's rows). Output (B UOut, D), the input
-// to OutputPooling<UOut, D, Classes>.
+//   y_u = theta_u + LS(ModFC_out(o_u))      for the output latents only (ModFC_out on their codes,
+//                                           ModFc::use_rows)
+// Output (B UOut, D), the input to OutputPooling<UOut, D, Classes>.
 //   parameters: norm.*, qkv.*, attn.*, out.*, layer_scale.gamma
 template <Backend B, int D, int Heads, int UIn, int UOut, int CodeDim, int SigDim>
 class NacReadOutLayer : public LeafLayer<NacReadOutLayer<B, D, Heads, UIn, UOut, CodeDim, SigDim>, B, D, D> {
@@ -407,11 +407,13 @@ class NacReadOutLayer : public LeafLayer<NacReadOutLayer<B, D, Heads, UIn, UOut,
   NacReadOutLayer() : layer_scale({D}, false) { layer_scale.value.fill(T(initial_layer_scale)); }
   void use_codes(LatentCodes<B, CodeDim>& codes) {
     qkv.use_codes(codes);
+    out.use_codes(codes);
     u_ = codes.rows();
     HATCH_CHECK(u_ > UIn + UOut, "NacReadOut",
                 "the table has " + std::to_string(u_) + " latents, not more than the " + std::to_string(UIn) +
                     " input and " + std::to_string(UOut) + " output latents");
     attn.restrict_pairs(u_ - UOut, u_, UIn, u_);
+    out.use_rows(u_ - UOut, u_);
   }
   void use_signatures(LatentSignatures<B, SigDim>& s) { attn.use_signatures(s); }
   void reset_parameters(Initializer& init) {
@@ -475,7 +477,7 @@ class NacReadOutLayer : public LeafLayer<NacReadOutLayer<B, D, Heads, UIn, UOut,
   LayerNormLayer<B, D> norm;
   ModFcLayer<B, D, 3 * D, CodeDim> qkv;
   KmdpaLayer<B, Heads, D / Heads, SigDim> attn;
-  LinearLayer<B, D, D> out;
+  ModFcLayer<B, D, D, CodeDim> out;
   Parameter<B> layer_scale;
 
  private:
