@@ -2,7 +2,9 @@
 // ModFfn, SignatureRepulsion, LatentSeeder, OutputPooling, the signature graph priors. Finite
 // differences in double for every input and parameter, the truncation and its straight-through
 // rule against a dense computation, the kept fraction, a shared codes table stored once, the
-// forward maths written out, the graphs' properties and the signatures' realised edges.
+// forward maths written out, the graphs' properties and the signatures' realised edges. The
+// blocks (nac_blocks.hpp: position grid, read-in, propagator, read-out) and the model Nac<spec>
+// (models/nac.hpp): finite differences, tables stored once, Cpu against Cpu64, the graph prior.
 #include <unistd.h>
 
 #include <filesystem>

@@ -9,7 +9,8 @@
 //   ModFfn<D, Hidden, CodeDim>   theta + LS(ModFC(GEGLU(ModFC(LN theta))))
 //   SignatureRepulsion<SigDim>   the hinge repulsion of the signatures, an auxiliary loss, once
 //                                per table
-//   (nac_graph.hpp: the signature graph priors, init_signatures_from_graph)
+//   (nac_graph.hpp: the signature graph priors, init_signatures_from_graph; nac_blocks.hpp: the
+//   read-in, propagator and read-out blocks; models/nac.hpp: the model Nac<spec>)
 //   LatentSeeder<D, CodeDim>     the initial latent states from the codes, (B U, D)
 //   OutputPooling<UOut, D, Cls>  gumbel-softmax pooling over the output latents, then a linear
 //                                classifier: (B UOut, D) -> (B, Cls)
