@@ -62,12 +62,16 @@ inline CLI::Validator integer_in(long double lo, long double hi) {
 inline const CLI::Validator kNotEmpty(
     [](std::string& s) -> std::string { return s.empty() ? "expected a non-empty path" : std::string(); }, "PATH");
 
-inline void add_common_flags(CLI::App& app, CommonOptions& o) {
+// e2e_presets: --preset also takes the NAC presets (train_e2e; incubate and distill do not
+// instantiate them).
+inline void add_common_flags(CLI::App& app, CommonOptions& o, bool e2e_presets = false) {
   app.option_defaults()->always_capture_default();  // --help shows every default: the recipe is visible
   if (o.threads <= 0) o.threads = usable_cores();
   constexpr double kBig = 1e6;
-  app.add_option("--preset", o.preset, std::string("model preset: ") + hatch::presets::names)
-      ->check(CLI::IsMember(hatch::presets::name_list()));
+  app.add_option("--preset", o.preset,
+                 std::string("model preset: ") + hatch::presets::names +
+                     (e2e_presets ? std::string(", ") + hatch::presets::nac_names : std::string()))
+      ->check(CLI::IsMember(e2e_presets ? hatch::presets::e2e_name_list() : hatch::presets::name_list()));
   app.add_option("--device", o.device, "cpu, or cuda (the first CUDA device)")->check(CLI::IsMember({"cpu", "cuda"}));
   app.add_flag("--tf32", o.tf32, "with --device cuda: TF32 tensor-core GEMMs");
   app.add_option("--data", o.data, "directory with the Fashion-MNIST IDX files (.gz or plain)")->check(kNotEmpty);

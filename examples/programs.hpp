@@ -102,7 +102,7 @@ int train_e2e(const E2eOptions& a) {
                  "running as one of " + std::to_string(c.ranks()) +
                      " MPI ranks: pass --distributed to train data-parallel, or run a single process");
   const auto train = c.load(true), test = c.load(false);
-  return hatch::with_preset(c.preset, [&]<class V>(std::type_identity<V>) {
+  return hatch::with_e2e_preset(c.preset, [&]<class V>(std::type_identity<V>) {
     using namespace hatch;
     c.check_images<V>(train);
     c.check_images<V>(test);

@@ -2,12 +2,15 @@
 // ModFfn, SignatureRepulsion, LatentSeeder, OutputPooling, the signature graph priors. Finite
 // differences in double for every input and parameter, the truncation and its straight-through
 // rule against a dense computation, the kept fraction, a shared codes table stored once, the
-// forward maths written out, the graphs' properties and the signatures' realised edges.
+// forward maths written out, the graphs' properties and the signatures' realised edges. The
+// blocks (nac_blocks.hpp: position grid, read-in, propagator, read-out) and the model Nac<spec>
+// (models/nac.hpp): finite differences, tables stored once, Cpu against Cpu64, the graph prior.
 #include <unistd.h>
 
 #include <filesystem>
 
 #include "support.hpp"
+#include "hatch/models/nac.hpp"
 
 using namespace hatch;
 using test::gradcheck;
@@ -880,4 +883,336 @@ TEST_CASE("nac: a steady-state step of the new layers (seeder, rectangular Kmdpa
   const auto before = Cpu::allocation_count().load();
   for (int i = 3; i < 6; ++i) step(i);
   CHECK(Cpu::allocation_count().load() == before);
+}
+
+// ---- Blocks (layers/nac_blocks.hpp) and the model (models/nac.hpp) ----------------------------
+namespace {
+// A block with the tables it reads, owned here (visited first), as the model does.
+template <class L, int CodeDim, int SigDim>
+struct WithTables {
+  using backend = typename L::backend;
+  static constexpr int in = L::in, out = L::out;
+  LatentCodes<backend, CodeDim> codes;
+  LatentSignatures<backend, SigDim> sig;
+  L layer;
+  explicit WithTables(int u) : codes(u), sig(u) {
+    if constexpr (requires { layer.use_codes(codes); }) layer.use_codes(codes);
+    if constexpr (requires { layer.use_signatures(sig); }) layer.use_signatures(sig);
+  }
+  const Tensor<backend>& forward(const Tensor<backend>& x, Context& ctx) { return layer.forward(x, ctx); }
+  const Tensor<backend>& backward(const Tensor<backend>& dy, Context& ctx) { return layer.backward(dy, ctx); }
+  template <class F>
+  void visit(F&& f, const std::string& prefix) {
+    codes.visit(f, prefix + "codes");
+    sig.visit(f, prefix + "signatures");
+    layer.visit(f, prefix + "layer.");
+  }
+  template <class F>
+  void for_each_layer(F&& f) {
+    layer.for_each_layer(f);
+  }
+};
+}  // namespace
+
+TEST_CASE("nac: PositionGrid gradients") {
+  PositionGridLayer<B64, 3, 4> grid;
+  test::expect_gradients(grid, {2, 3, 4}, false, 30);
+}
+
+TEST_CASE("nac: NacPropagator gradients (evaluation and training; codes, signatures, bandwidth)") {
+  WithTables<NacPropagatorLayer<B64, 6, 2, 5, 3, 4>, 3, 4> net(5);
+  for (std::uint64_t seed : {3, 4}) {
+    randomize_parameters(net, seed);
+    net.layer.attn.bandwidth.value.fill(0.8);
+    auto ev = gradcheck(net, {2 * 5, 6}, false, 3, 60);
+    INFO(ev.worst);
+    CHECK(ev.max_rel <= 1e-6);
+    auto tr = gradcheck(net, {2, 5, 6}, true, 5, 60);  // (B, U, D) input too
+    INFO(tr.worst);
+    CHECK(tr.max_rel <= 1e-6);
+  }
+  CHECK(net.layer.take_kept_fraction() > 0);
+  CHECK(net.layer.take_kept_fraction() == 0);  // taken
+}
+
+TEST_CASE("nac: NacPropagator with receiving latents [1, 4) of 5: gradients; the other latents pass unchanged") {
+  constexpr int U = 5;
+  WithTables<NacPropagatorLayer<B64, 6, 2, 5, 3, 4, 1, 4>, 3, 4> net(U);
+  randomize_parameters(net, 6);
+  net.layer.attn.bandwidth.value.fill(0.8);
+  auto ev = gradcheck(net, {2 * U, 6}, false, 3, 60);
+  INFO(ev.worst);
+  CHECK(ev.max_rel <= 1e-6);
+  auto tr = gradcheck(net, {2, U, 6}, true, 5, 60);
+  INFO(tr.worst);
+  CHECK(tr.max_rel <= 1e-6);
+  std::mt19937_64 rng(2);
+  auto x = test::random_tensor<B64>({2 * U, 6}, rng);
+  Context ctx;
+  ctx.training = true;
+  const auto y = net.forward(x, ctx).to_host();
+  const auto xh = x.to_host();
+  for (int b = 0; b < 2; ++b)
+    for (int u : {0, 4})
+      for (int c = 0; c < 6; ++c) CHECK(y[(b * U + u) * 6 + c] == xh[(b * U + u) * 6 + c]);
+  // the pair list: queries 1..3 only, keys below 4
+  const auto& rp = net.layer.attn.row_ptr();
+  const auto& col = net.layer.attn.col();
+  CHECK(rp[1] == 0);
+  CHECK(rp[5] == rp[4]);
+  for (int p = 0; p < rp[U]; ++p) CHECK(col[p] < 4);
+}
+
+TEST_CASE("nac: ModFc on a latent range of the table (use_rows): gradients reach those codes only") {
+  WithTables<ModFcLayer<B64, 5, 4, 3>, 3, 2> net(6);
+  net.layer.use_rows(2, 5);
+  randomize_parameters(net, 8);
+  auto rep = gradcheck(net, {2 * 3, 5}, false, 3, 60);
+  INFO(rep.worst);
+  CHECK(rep.max_rel <= 1e-6);
+  net.codes.param.grad.zero();
+  std::mt19937_64 rng(1);
+  auto x = test::random_tensor<B64>({2 * 3, 5}, rng);
+  auto dy = test::random_tensor<B64>({2 * 3, 4}, rng);
+  Context ctx;
+  net.forward(x, ctx);
+  net.backward(dy, ctx);
+  const auto g = net.codes.param.grad.to_host();
+  for (int u = 0; u < 6; ++u) {
+    double m = 0;
+    for (int c = 0; c < 3; ++c) m = std::max(m, std::abs(g[u * 3 + c]));
+    if (u >= 2 && u < 5) CHECK(m > 0);
+    else CHECK(m == 0);
+  }
+}
+
+TEST_CASE("nac: NacReadIn gradients (tokens, seeder, norms, q, k, v, codes)") {
+  WithTables<NacReadInLayer<B64, 3, 6, 3, 4>, 4, 2> net(5);
+  randomize_parameters(net, 9);
+  auto ev = gradcheck(net, {2, 3, 6}, false, 3, 60);
+  INFO(ev.worst);
+  CHECK(ev.max_rel <= 1e-6);
+  auto tr = gradcheck(net, {2, 3, 6}, true, 4, 60);
+  INFO(tr.worst);
+  CHECK(tr.max_rel <= 1e-6);
+}
+
+TEST_CASE("nac: NacReadIn is dense attention of the input latents over per-latent ModFC keys and values") {
+  constexpr int N = 3, D = 4, U = 3, UIn = 2, NB = 2, C = 3;
+  WithTables<NacReadInLayer<B64, N, D, UIn, C>, C, 2> net(U);
+  randomize_parameters(net, 12);
+  std::mt19937_64 rng(1);
+  Tensor<B64> x = test::random_tensor<B64>({NB, N, D}, rng);
+  Context ctx;
+  const auto y = net.forward(x, ctx).to_host();
+  auto& L = net.layer;
+  // written out: theta0 (the seeder's mean), t = LN tokens, q = ModFc_q(LN theta0),
+  // k_un = W_k (t_n * g_u) + b (b = 0: it cancels), g_u = 1 + a LN(W_ck c_u), v by running ModFc_v
+  const auto th = L.seeder.forward(x, ctx).to_host();
+  const auto t = L.token_norm.forward(x, ctx).to_host();
+  const auto q = L.q.forward(L.latent_norm.forward(L.seeder.forward(x, ctx), ctx), ctx).to_host();
+  const auto wk = L.k_weight.value.to_host(), wc = L.k_code_proj.value.to_host(), codes = net.codes.param.value.to_host();
+  const double a = L.k_scale.value.to_host()[0];
+  std::vector<double> g(U * D);
+  for (int u = 0; u < U; ++u) {
+    std::vector<double> m(D);
+    double mean = 0, var = 0;
+    for (int i = 0; i < D; ++i) {
+      m[i] = 0;
+      for (int c = 0; c < C; ++c) m[i] += wc[i * C + c] * codes[u * C + c];
+      mean += m[i] / D;
+    }
+    for (int i = 0; i < D; ++i) var += (m[i] - mean) * (m[i] - mean) / D;
+    for (int i = 0; i < D; ++i) g[u * D + i] = 1 + a * (m[i] - mean) / std::sqrt(var + 1e-5);
+  }
+  Tensor<B64> one({U, D});
+  for (int b = 0; b < NB; ++b)
+    for (int u = 0; u < U; ++u) {
+      if (u >= UIn) {  // not an input latent: theta0 as is
+        for (int c = 0; c < D; ++c) CHECK(y[(b * U + u) * D + c] == th[(b * U + u) * D + c]);
+        continue;
+      }
+      std::vector<double> s(N);
+      double mx = -1e300, sum = 0;
+      for (int n = 0; n < N; ++n) {
+        s[n] = 0;
+        for (int i = 0; i < D; ++i) {
+          double k = 0;
+          for (int j = 0; j < D; ++j) k += wk[i * D + j] * t[(b * N + n) * D + j] * g[u * D + j];
+          s[n] += q[(b * U + u) * D + i] * k;
+        }
+        s[n] /= std::sqrt(double(D));
+        mx = std::max(mx, s[n]);
+      }
+      for (auto& e : s) sum += (e = std::exp(e - mx));
+      std::vector<double> o(D, 0.0);
+      for (int n = 0; n < N; ++n) {
+        std::vector<double> rows(std::size_t(U) * D);
+        for (int w = 0; w < U; ++w)
+          for (int c = 0; c < D; ++c) rows[w * D + c] = t[(b * N + n) * D + c];
+        one.from_host(rows);
+        const auto vn = L.v.forward(one, ctx).to_host();  // row u: ModFC_v,u(t_n)
+        for (int c = 0; c < D; ++c) o[c] += s[n] / sum * vn[u * D + c];
+      }
+      for (int c = 0; c < D; ++c)
+        CHECK(y[(b * U + u) * D + c] == doctest::Approx(th[(b * U + u) * D + c] + o[c]).epsilon(1e-10));
+    }
+}
+
+TEST_CASE("nac: NacReadOut gradients; output latents read from mediators and themselves") {
+  constexpr int U = 7, UIn = 2, UOut = 2;
+  WithTables<NacReadOutLayer<B64, 4, 2, UIn, UOut, 3, 4>, 3, 4> net(U);
+  randomize_parameters(net, 5);
+  net.layer.attn.bandwidth.value.fill(0.7);
+  auto ev = gradcheck(net, {2 * U, 4}, false, 3, 60);
+  INFO(ev.worst);
+  CHECK(ev.max_rel <= 1e-6);
+  auto tr = gradcheck(net, {2 * U, 4}, true, 4, 60);
+  INFO(tr.worst);
+  CHECK(tr.max_rel <= 1e-6);
+  // the pair list: queries are the last UOut latents only, keys never input latents
+  const auto& rp = net.layer.attn.row_ptr();
+  const auto& col = net.layer.attn.col();
+  for (int u = 0; u < U; ++u) {
+    if (u < U - UOut) CHECK(rp[u + 1] == rp[u]);
+    for (int p = rp[u]; p < rp[u + 1]; ++p) CHECK(col[p] >= UIn);
+  }
+}
+
+namespace {
+inline constexpr NacSpec tiny_nac{.image = 4, .channels = 1, .patch = 2, .dim = 4, .heads = 2, .ffn_hidden = 3,
+                                  .code_dim = 3, .sig_dim = 4, .inputs = 2, .mediators = 3, .outputs = 2,
+                                  .classes = 3, .rounds = 2, .graph_m = 1};
+using TinyNac = Nac<tiny_nac>;
+}  // namespace
+
+TEST_CASE("nac: the Nac model: 4 stages, tables wired and stored once, gradients end to end") {
+  static_assert(TinyNac::num_stages == 4);
+  Model<TinyNac, B64> model;
+  Initializer init(3);
+  model.reset_parameters(init);
+  int codes_seen = 0, sig_seen = 0;
+  std::vector<std::string> names;
+  model.visit(
+      [&](const std::string& n, Parameter<B64>& p) {
+        codes_seen += &p == &model.codes.param;
+        sig_seen += &p == &model.signatures.param;
+        names.push_back(n);
+      },
+      "");
+  CHECK(names[0] == "latents.codes");
+  CHECK(names[1] == "latents.signatures");
+  CHECK(codes_seen > 2);
+  CHECK(sig_seen == 1 + 2 + 1 + 1);  // the model, two propagators, the read-out, the repulsion
+  // a forward after reset: (B, classes)
+  {
+    std::mt19937_64 rng(2);
+    Tensor<B64> x = test::random_tensor<B64>({3, 1, 4, 4}, rng);
+    Context ctx;
+    ctx.training = true;
+    const auto& y = model.forward(x, ctx);
+    CHECK(y.dim(0) == 3);
+    CHECK(y.cols() == 3);
+    CHECK(collect_aux_loss(model) <= 0);
+  }
+  // finite differences, every parameter and the image, both modes
+  randomize_parameters(model, 21);
+  model.for_each_layer([](auto& l) {
+    if constexpr (requires { l.attn.bandwidth; }) l.attn.bandwidth.value.fill(0.9);
+  });
+  auto ev = gradcheck(model, {2, 1, 4, 4}, false, 3, 80);
+  INFO(ev.worst);
+  CHECK(ev.max_rel <= 1e-6);
+  auto tr = gradcheck(model, {2, 1, 4, 4}, true, 4, 80);
+  INFO(tr.worst);
+  CHECK(tr.max_rel <= 1e-6);
+
+  // save / load: each table once, under the model's name; a round trip restores every value
+  const auto file = std::filesystem::temp_directory_path() / ("hatch_nac_model_" + std::to_string(::getpid()) + ".safetensors");
+  save_parameters(model, file);
+  const auto st = io::SafeTensorsFile::read(file.string());
+  int codes_tensors = 0, sig_tensors = 0;
+  for (const auto& n : st.names()) {
+    codes_tensors += n.ends_with("codes");
+    sig_tensors += n.ends_with("signatures");
+  }
+  CHECK(codes_tensors == 1);
+  CHECK(sig_tensors == 1);
+  auto loaded = std::make_unique<Model<TinyNac, B64>>();
+  load_parameters(*loaded, file.string());
+  CHECK(loaded->codes.param.value.to_host() == model.codes.param.value.to_host());
+  CHECK(loaded->signatures.param.value.to_host() == model.signatures.param.value.to_host());
+  std::mt19937_64 rng(5);
+  Tensor<B64> x = test::random_tensor<B64>({2, 1, 4, 4}, rng);
+  Context ctx;
+  const auto a = model.forward(x, ctx).to_host();
+  const auto b = loaded->forward(x, ctx).to_host();
+  CHECK(a == b);
+  std::filesystem::remove(file);
+}
+
+TEST_CASE("nac: the Nac model on Cpu agrees with Cpu64 and a steady-state training step allocates no backend buffer") {
+  Model<TinyNac, B64> ref;
+  Model<TinyNac, Cpu> model;
+  Initializer init(4);
+  ref.reset_parameters(init);
+  std::vector<std::vector<double>> values;
+  ref.visit([&](const std::string&, Parameter<B64>& p) { values.push_back(p.value.to_host()); }, "");
+  std::size_t i = 0;
+  model.visit(
+      [&](const std::string&, Parameter<Cpu>& p) {
+        const auto& v = values[i++];
+        p.value.from_host(std::vector<float>(v.begin(), v.end()));
+      },
+      "");
+  std::mt19937_64 rng(3);
+  auto x64 = test::random_tensor<B64>({3, 1, 4, 4}, rng);
+  const auto xh = x64.to_host();
+  Tensor<Cpu> x({3, 1, 4, 4});
+  x.from_host(std::vector<float>(xh.begin(), xh.end()));
+  for (bool training : {false, true}) {
+    Context c64, c32;
+    c64.training = c32.training = training;
+    c64.seed = c32.seed = 9;
+    const auto a = ref.forward(x64, c64).to_host();
+    const auto b = model.forward(x, c32).to_host();
+    REQUIRE(a.size() == b.size());
+    for (std::size_t k = 0; k < a.size(); ++k) CHECK(b[k] == doctest::Approx(a[k]).epsilon(1e-4));
+  }
+  auto dy = test::random_tensor<Cpu>({3, 3}, rng);
+  auto step = [&](std::uint64_t seed) {
+    Context ctx;
+    ctx.training = true;
+    ctx.seed = seed;
+    model.forward(x, ctx);
+    model.backward(dy, ctx);
+  };
+  for (int s = 0; s < 3; ++s) step(s);
+  const auto before = Cpu::allocation_count().load();
+  for (int s = 3; s < 6; ++s) step(s);
+  CHECK(Cpu::allocation_count().load() == before);
+}
+
+TEST_CASE("nac: the model's graph prior makes the mediators the hubs: output latents have mediator keys") {
+  using L = Model<presets::NacSmall, Cpu>;
+  const auto& S = presets::nac_small;
+  for (std::uint64_t seed : {1, 2, 3}) {
+    const nac::Graph g = L::prior_graph(seed);
+    CHECK(g.edges() == nac::barabasi_albert_graph(S.latents(), S.graph_m, seed).edges());
+    int best = 0;
+    for (int u = 1; u < g.n; ++u) best = g.degree(u) > g.degree(best) ? u : best;
+    CHECK(best >= S.inputs);  // the largest hub is a mediator
+    CHECK(best < S.inputs + S.mediators);
+    int outputs_reached = 0, inputs_reached = 0;
+    for (int u = 0; u < g.n; ++u) {
+      const bool output = u >= S.inputs + S.mediators, input = u < S.inputs;
+      if (!output && !input) continue;
+      bool any = false;
+      for (int v = S.inputs; v < S.inputs + S.mediators; ++v) any = any || g.has_edge(u, v);
+      (output ? outputs_reached : inputs_reached) += any;
+    }
+    INFO("seed " << seed << ": outputs with a mediator neighbour " << outputs_reached << ", inputs " << inputs_reached);
+    CHECK(outputs_reached >= S.outputs * 3 / 4);
+    CHECK(inputs_reached >= S.inputs * 3 / 4);
+  }
 }

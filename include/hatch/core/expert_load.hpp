@@ -22,4 +22,11 @@ concept HasExpertLoad = requires(L& l) {
   { l.take_expert_load() } -> std::same_as<ExpertLoad>;
 };
 
+// NAC's propagators: the mean fraction of kernel pairs kept (Kmdpa, d <= tau) over the training
+// forwards since the last call; fit reports it per epoch as "kept_fraction", in model order.
+template <class L>
+concept HasKeptFraction = requires(L& l) {
+  { l.take_kept_fraction() } -> std::same_as<double>;
+};
+
 }  // namespace hatch

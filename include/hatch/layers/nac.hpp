@@ -9,7 +9,8 @@
 //   ModFfn<D, Hidden, CodeDim>   theta + LS(ModFC(GEGLU(ModFC(LN theta))))
 //   SignatureRepulsion<SigDim>   the hinge repulsion of the signatures, an auxiliary loss, once
 //                                per table
-//   (nac_graph.hpp: the signature graph priors, init_signatures_from_graph)
+//   (nac_graph.hpp: the signature graph priors, init_signatures_from_graph; nac_blocks.hpp: the
+//   read-in, propagator and read-out blocks; models/nac.hpp: the model Nac<spec>)
 //   LatentSeeder<D, CodeDim>     the initial latent states from the codes, (B U, D)
 //   OutputPooling<UOut, D, Cls>  gumbel-softmax pooling over the output latents, then a linear
 //                                classifier: (B UOut, D) -> (B, Cls)
@@ -92,6 +93,13 @@ class ModFcLayer : public LeafLayer<ModFcLayer<B, In, Out, CodeDim>, B, In, Out>
   }
   void use_codes(LatentCodes<B, CodeDim>& codes) { codes_ = &codes.param; }
   bool has_codes() const { return codes_ != nullptr; }
+  // Runs on latents [begin, end) of the table only (a negative end: to the last row): an example
+  // is then end - begin input rows, modulated by those latents' codes. Default: every latent.
+  void use_rows(int begin, int end) {
+    HATCH_CHECK(begin >= 0, "ModFc::use_rows", "negative range start");
+    row_begin_ = begin;
+    row_end_ = end;
+  }
 
   void reset_parameters(Initializer& init) {
     init.trunc_normal(weight, 0.02);
@@ -103,7 +111,13 @@ class ModFcLayer : public LeafLayer<ModFcLayer<B, In, Out, CodeDim>, B, In, Out>
   const Tensor<B>& forward(const Tensor<B>& x, Context&) {
     HATCH_CHECK(codes_ != nullptr, "ModFc", "no codes: call use_codes(codes) before the first forward");
     HATCH_CHECK(x.cols() == In, "ModFc", "input width " + std::to_string(x.cols()) + ", expected " + std::to_string(In));
-    u_ = int(codes_->value.shape()[0]);
+    {
+      const int table = int(codes_->value.shape()[0]), end = row_end_ < 0 ? table : row_end_;
+      HATCH_CHECK(row_begin_ < end && end <= table, "ModFc",
+                  "latents [" + std::to_string(row_begin_) + ", " + std::to_string(end) + ") outside the table's " +
+                      std::to_string(table));
+      u_ = end - row_begin_;
+    }
     rows_ = int(x.rows());
     HATCH_CHECK(u_ > 0 && rows_ % u_ == 0, "ModFc",
                 std::to_string(rows_) + " input rows are not a whole number of examples of " + std::to_string(u_) +
@@ -116,8 +130,8 @@ class ModFcLayer : public LeafLayer<ModFcLayer<B, In, Out, CodeDim>, B, In, Out>
     g_.resize({u_, In});
     mean_.resize({u_});
     rstd_.resize({u_});
-    B::gemm(false, true, u_, In, CodeDim, T(1), codes_->value.data(), CodeDim, code_proj.value.data(), CodeDim, T(0),
-            m_.data(), In);
+    B::gemm(false, true, u_, In, CodeDim, T(1), codes_->value.data() + std::size_t(row_begin_) * CodeDim, CodeDim,
+            code_proj.value.data(), CodeDim, T(0), m_.data(), In);
     B::layer_norm_forward(nrm_.data(), mean_.data(), rstd_.data(), m_.data(), ones_.data(), zeros_.data(), u_, In,
                           T(ln_eps));
     B::map(g_.data(), nrm_.data(), ui, nac_detail::OnePlusScaled<T>{scale.value.data()});
@@ -160,11 +174,11 @@ class ModFcLayer : public LeafLayer<ModFcLayer<B, In, Out, CodeDim>, B, In, Out>
       B::layer_norm_backward(dm_.data(), nullptr, nullptr, dn_.data(), m_.data(), mean_.data(), rstd_.data(),
                              ones_.data(), u_, In);
       if (wants_grad(code_proj, ctx))  // dW_c += dm^T codes
-        B::gemm(true, false, In, CodeDim, u_, T(1), dm_.data(), In, codes_->value.data(), CodeDim, T(1),
-                code_proj.grad.data(), CodeDim);
+        B::gemm(true, false, In, CodeDim, u_, T(1), dm_.data(), In,
+                codes_->value.data() + std::size_t(row_begin_) * CodeDim, CodeDim, T(1), code_proj.grad.data(), CodeDim);
       if (wants_grad(*codes_, ctx))  // dcodes += dm W_c
         B::gemm(false, false, u_, CodeDim, In, T(1), dm_.data(), In, code_proj.value.data(), CodeDim, T(1),
-                codes_->grad.data(), CodeDim);
+                codes_->grad.data() + std::size_t(row_begin_) * CodeDim, CodeDim);
     }
     return dx_;
   }
@@ -184,6 +198,7 @@ class ModFcLayer : public LeafLayer<ModFcLayer<B, In, Out, CodeDim>, B, In, Out>
   Parameter<B>* codes_ = nullptr;
   const Tensor<B>* x_ = nullptr;
   int u_ = 0, rows_ = 0;
+  int row_begin_ = 0, row_end_ = -1;  // as set by use_rows
   Tensor<B> ones_, zeros_, m_, nrm_, g_, mean_, rstd_, xm_, y_, dxm_, dx_, tmp_, dg_, dn_, dm_;
 };
 
@@ -515,6 +530,11 @@ class ModFfnLayer : public LeafLayer<ModFfnLayer<B, D, Hidden, CodeDim>, B, D, D
   void use_codes(LatentCodes<B, CodeDim>& codes) {
     fc1.use_codes(codes);
     fc2.use_codes(codes);
+  }
+  // Latents [begin, end) of the table only (ModFc::use_rows).
+  void use_rows(int begin, int end) {
+    fc1.use_rows(begin, end);
+    fc2.use_rows(begin, end);
   }
   void reset_parameters(Initializer& init) {
     norm.reset_parameters(init);

@@ -418,7 +418,8 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
     }
     // Expert layers, in model order: each expert's share of the epoch's routed tokens, and the
     // share of choices dropped for capacity.
-    nlohmann::json load = nlohmann::json::array(), dropped = nlohmann::json::array();
+    // NAC propagators, in model order: the epoch's mean fraction of kernel pairs kept.
+    nlohmann::json load = nlohmann::json::array(), dropped = nlohmann::json::array(), kept = nlohmann::json::array();
     if constexpr (requires { model.for_each_layer([](auto&) {}); })
     model.for_each_layer([&](auto& l) {
       if constexpr (HasExpertLoad<std::remove_cvref_t<decltype(l)>>) {
@@ -426,7 +427,9 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
         load.push_back(e.load);
         dropped.push_back(e.dropped);
       }
+      if constexpr (HasKeptFraction<std::remove_cvref_t<decltype(l)>>) kept.push_back(l.take_kept_fraction());
     });
+    if (!kept.empty()) line["kept_fraction"] = kept;
     if (!load.empty()) {
       line["expert_load"] = load;
       line["dropped_fraction"] = dropped;
