@@ -18,11 +18,19 @@ import sys
 import tempfile
 
 
+
+def metrics_file(run):
+    """A run directory's metrics.jsonl, or a committed copy: RUN itself or RUN.metrics.jsonl."""
+    for path in (os.path.join(run, "metrics.jsonl"), run, run + ".metrics.jsonl"):
+        if os.path.isfile(path):
+            return path
+    sys.exit(f"no metrics.jsonl for '{run}'")
+
 def series(run_dir, cost):
     """(compute, test accuracy, phase) per metrics line. `images` in the log is cumulative over
     the phases of a run, so consecutive lines differ by the images trained in that epoch."""
     points, x, prev_images, offset, phase, last = [], 0.0, 0.0, 0.0, None, 0.0
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    with open(metrics_file(run_dir)) as f:
         for line in f:
             m = json.loads(line)
             if cost:

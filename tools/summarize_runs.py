@@ -14,9 +14,17 @@ import os
 import sys
 
 
+
+def metrics_file(run):
+    """A run directory's metrics.jsonl, or a committed copy: RUN itself or RUN.metrics.jsonl."""
+    for path in (os.path.join(run, "metrics.jsonl"), run, run + ".metrics.jsonl"):
+        if os.path.isfile(path):
+            return path
+    sys.exit(f"no metrics.jsonl for '{run}'")
+
 def phases(run_dir):
     out = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    with open(metrics_file(run_dir)) as f:
         for line in f:
             m = json.loads(line)
             p = out.setdefault(m["phase"], {"images": 0.0, "seconds": 0.0})
