@@ -128,6 +128,44 @@ int train_e2e(const E2eOptions& a) {
   });
 }
 
+// What the phases of a modular program (incubate, distill) share: which rank runs what, the
+// running totals of training images and seconds, and each phase's FitOptions. Module-parallel
+// (several ranks, no --distributed): rank r takes modules r, r + R, ...; the other phases run on
+// rank 0 while the others wait for their files.
+struct ModularPhases {
+  const CommonOptions& c;
+  double finetune_lr, finetune_clip, finetune_drop_path, hybrid_drop_path;
+  nlohmann::json recipe = nlohmann::json::object();         // the program's entries, every phase
+  nlohmann::json module_recipe = nlohmann::json::object();  // ... and those of meta and module phases
+  double images = 0, seconds = 0;
+  hatch::FitResult last;
+
+  bool lead() const { return !c.module_parallel() || c.rank() == 0; }
+  bool mine(std::size_t i) const { return !c.module_parallel() || int(i % std::size_t(c.ranks())) == c.rank(); }
+  void account(const hatch::FitResult& r) {
+    images += r.images;
+    seconds += r.seconds;
+    last = r;
+  }
+  // Fine-tuning: its own peak rate, no warmup, its clip (ALGORITHMS.md §1).
+  hatch::FitOptions options(int epochs, bool finetune) const {
+    auto o = c.fit_options(epochs, "");
+    for (const auto& [k, v] : recipe.items()) o.recipe[k] = v;
+    if (finetune) {
+      o.lr = finetune_lr;
+      o.warmup_epochs = 0;
+      o.clip = finetune_clip;
+      o.recipe["finetune-drop-path"] = finetune_drop_path;
+    } else {
+      o.recipe["hybrid-drop-path"] = hybrid_drop_path;
+      for (const auto& [k, v] : module_recipe.items()) o.recipe[k] = v;
+    }
+    o.images_before = images;
+    o.seconds_before = seconds;
+    return o;
+  }
+};
+
 // The phases of Deep Incubation that `a.phase` names, of preset V on train/test. Returns the
 // last phase's result, with the training images and seconds of every phase run.
 template <class B, class V>
@@ -140,52 +178,28 @@ hatch::FitResult incubation_phases(const IncubateOptions& a, const hatch::data::
   Inc inc({.dir = std::filesystem::path(c.out), .tag = c.preset, .seed = c.seed,
            .hybrid_drop_path = a.hybrid_drop_path, .target_drop_path = a.finetune_drop_path,
            .collective = c.distributed ? c.world : nullptr});
-  // Module-parallel (several ranks, no --distributed): rank r incubates modules r, r + R, ...;
-  // the other phases run on rank 0; every rank waits for each phase's files.
-  const bool lead = !c.module_parallel() || c.rank() == 0;
-  auto mine = [&](std::size_t i) { return !c.module_parallel() || int(i % std::size_t(c.ranks())) == c.rank(); };
-  double images = 0, seconds = 0;
-  FitResult last;
-  auto account = [&](const FitResult& r) {
-    images += r.images;
-    seconds += r.seconds;
-    last = r;
-  };
-  auto options = [&](int epochs, bool finetune) {
-    auto o = c.fit_options(epochs, "");
-    if (finetune) {
-      o.lr = a.finetune_lr;
-      o.warmup_epochs = 0;
-      o.clip = a.finetune_clip;
-      o.recipe["finetune-drop-path"] = a.finetune_drop_path;
-    } else {
-      o.recipe["hybrid-drop-path"] = a.hybrid_drop_path;
-    }
-    o.images_before = images;
-    o.seconds_before = seconds;
-    return o;
-  };
+  ModularPhases p{c, a.finetune_lr, a.finetune_clip, a.finetune_drop_path, a.hybrid_drop_path};
   const auto& phase = a.phase;
   if (phase == "meta" || phase == "all") {
-    if (lead) account(inc.pretrain_meta(train, test, options(a.epochs_meta, false)));
+    if (p.lead()) p.account(inc.pretrain_meta(train, test, p.options(a.epochs_meta, false)));
     c.sync();
   }
   if (phase == "module" || phase == "all") {
     require(phase == "all" || a.index < int(Inc::K), "--index",
             "must be below the number of stages, " + std::to_string(Inc::K));
     for (std::size_t i = 0; i < Inc::K; ++i)
-      if ((a.index < 0 || std::size_t(a.index) == i) && mine(i))
-        account(inc.incubate(i, train, test, options(a.epochs_module, false)));
+      if ((a.index < 0 || std::size_t(a.index) == i) && p.mine(i))
+        p.account(inc.incubate(i, train, test, p.options(a.epochs_module, false)));
     c.sync();
   }
-  if ((phase == "assemble" || phase == "finetune" || phase == "all") && lead) {
+  if ((phase == "assemble" || phase == "finetune" || phase == "all") && p.lead()) {
     auto target = std::make_unique<Model<V, B>>();
     if (phase != "finetune") inc.assemble(*target);
-    if (phase != "assemble") account(inc.finetune(*target, train, test, options(a.epochs_finetune, true)));
+    if (phase != "assemble") p.account(inc.finetune(*target, train, test, p.options(a.epochs_finetune, true)));
   }
-  if (images_out) *images_out = images;
-  if (seconds_out) *seconds_out = seconds;
-  return last;
+  if (images_out) *images_out = p.images;
+  if (seconds_out) *seconds_out = p.seconds;
+  return p.last;
 }
 
 // Deep Incubation, one phase or all. Last stdout line: test_accuracy=0.XXXX (or, for
@@ -274,32 +288,10 @@ int distill(const DistillOptions& a) {
     Kd kd({.dir = out, .meta_dir = run / "meta", .meta_tag = c.preset, .tag = c.preset + ">" + student,
            .seed = c.seed, .alpha = a.alpha, .temperature = a.temperature, .hybrid_drop_path = a.hybrid_drop_path,
            .student_drop_path = a.finetune_drop_path, .collective = c.distributed ? c.world : nullptr});
-    const bool lead = !c.module_parallel() || c.rank() == 0;  // as in incubation_phases
-    auto mine = [&](std::size_t i) { return !c.module_parallel() || int(i % std::size_t(c.ranks())) == c.rank(); };
-    double images = 0, seconds = 0;
-    FitResult last;
-    auto account = [&](const FitResult& r) {
-      images += r.images;
-      seconds += r.seconds;
-      last = r;
-    };
-    auto options = [&](int epochs, bool finetune) {
-      auto o = c.fit_options(epochs, "");
-      o.recipe["student"] = student;
-      if (finetune) {
-        o.lr = a.finetune_lr;
-        o.warmup_epochs = 0;
-        o.clip = a.finetune_clip;
-        o.recipe["finetune-drop-path"] = a.finetune_drop_path;
-      } else {
-        o.recipe["hybrid-drop-path"] = a.hybrid_drop_path;
-        o.recipe["alpha"] = a.alpha;
-        o.recipe["temperature"] = a.temperature;
-      }
-      o.images_before = images;
-      o.seconds_before = seconds;
-      return o;
-    };
+    ModularPhases p{c, a.finetune_lr, a.finetune_clip, a.finetune_drop_path, a.hybrid_drop_path};
+    p.recipe["student"] = student;
+    p.module_recipe["alpha"] = a.alpha;
+    p.module_recipe["temperature"] = a.temperature;
     const auto& phase = a.phase;
     if (phase == "meta" || phase == "all") {
       if (a.teacher_dir.empty() && !std::filesystem::exists(stage_file(run / "finetuned", 0))) {
@@ -317,12 +309,12 @@ int distill(const DistillOptions& a) {
           std::printf("teacher: incubated in %s, train_images_processed=%.0f training_seconds=%.1f\n", run.c_str(), ti,
                       ts);
       }
-      if (lead) {
+      if (p.lead()) {
         auto teacher = kd.take_teacher(run, c.preset);
         const auto t = evaluate(*teacher, test, c.fit_options(0, "").evaluation_batch());
         if (c.rank() == 0)
           std::printf("teacher: %s from %s, test_accuracy=%.4f\n", c.preset.c_str(), run.c_str(), t.accuracy);
-        last.test = t;
+        p.last.test = t;
       }
       c.sync();
     }
@@ -330,27 +322,27 @@ int distill(const DistillOptions& a) {
       require(phase == "all" || a.index < int(Kd::K), "--index",
               "must be below the number of stages, " + std::to_string(Kd::K));
       for (std::size_t i = 0; i < Kd::K; ++i)
-        if ((a.index < 0 || std::size_t(a.index) == i) && mine(i)) {
-          account(kd.distill(i, train, test, options(a.epochs_module, false)));
+        if ((a.index < 0 || std::size_t(a.index) == i) && p.mine(i)) {
+          p.account(kd.distill(i, train, test, p.options(a.epochs_module, false)));
           if (c.module_parallel() || c.rank() == 0)
             std::printf("module %zu: teacher_hybrid_accuracy=%s student_hybrid_accuracy=%.4f\n", i,
-                      read_metadata(kd.files().module(i)).at("teacher_hybrid_accuracy").c_str(), last.test.accuracy);
+                      read_metadata(kd.files().module(i)).at("teacher_hybrid_accuracy").c_str(), p.last.test.accuracy);
         }
       c.sync();
     }
-    if ((phase == "assemble" || phase == "finetune" || phase == "all") && lead) {
+    if ((phase == "assemble" || phase == "finetune" || phase == "all") && p.lead()) {
       auto target = std::make_unique<typename Kd::Student>();
       if (phase != "finetune") kd.assemble(*target);
-      if (phase != "assemble") account(kd.finetune(*target, train, test, options(a.epochs_finetune, true)));
+      if (phase != "assemble") p.account(kd.finetune(*target, train, test, p.options(a.epochs_finetune, true)));
     }
     if (c.rank() != 0) return 0;  // rank 0 reports for the job (module lines: each rank its own)
     std::printf("phase=%s student=%s train_images_processed=%.0f training_seconds=%.1f\n", phase.c_str(),
-                student.c_str(), images, seconds);
+                student.c_str(), p.images, p.seconds);
     if (phase == "assemble") {
       std::printf("assembled %zu modules into %s\n", Kd::K, kd.files().assembled_dir().c_str());
       return 0;
     }
-    std::printf("test_accuracy=%.4f\n", last.test.accuracy);
+    std::printf("test_accuracy=%.4f\n", p.last.test.accuracy);
     return 0;
   });
 }
