@@ -48,13 +48,16 @@ def series(run_dir, cost):
     return points
 
 
-def main(argv):
-    cost = {}
+def parse_cost(argv):
+    """An optional leading `--cost PHASE=MS_PER_IMAGE,...`: (the costs by phase, the other args)."""
     if len(argv) > 1 and argv[1] == "--cost":
-        for item in argv[2].split(","):
-            k, v = item.split("=")
-            cost[k] = float(v)
-        argv = argv[:1] + argv[3:]
+        cost = {k: float(v) for k, v in (item.split("=") for item in argv[2].split(","))}
+        return cost, argv[:1] + argv[3:]
+    return {}, argv
+
+
+def main(argv):
+    cost, argv = parse_cost(argv)
     if len(argv) < 3:
         sys.exit(__doc__)
     out, runs = argv[1], [a.split("=", 1) for a in argv[2:]]

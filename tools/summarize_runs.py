@@ -13,14 +13,10 @@ import json
 import os
 import sys
 
+from plot_compute import metrics_file, parse_cost  # the same runs, read the same way
 
 
-def metrics_file(run):
-    """A run directory's metrics.jsonl, or a committed copy: RUN itself or RUN.metrics.jsonl."""
-    for path in (os.path.join(run, "metrics.jsonl"), run, run + ".metrics.jsonl"):
-        if os.path.isfile(path):
-            return path
-    sys.exit(f"no metrics.jsonl for '{run}'")
+
 
 def phases(run_dir):
     out = {}
@@ -43,10 +39,7 @@ def phases(run_dir):
 
 
 def main(argv):
-    cost = {}
-    if len(argv) > 1 and argv[1] == "--cost":
-        cost = {k: float(v) for k, v in (item.split("=") for item in argv[2].split(","))}
-        argv = argv[:1] + argv[3:]
+    cost, argv = parse_cost(argv)
     if len(argv) < 2:
         sys.exit(__doc__)
     for run in argv[1:]:
