@@ -110,6 +110,16 @@ inline void add_common_flags(CLI::App& app, CommonOptions& o, bool e2e_presets =
                "start afresh even if a training state exists in --out (the state is overwritten)");
 }
 
+// The NAC model's options (train_e2e, distill): its signature graph prior and dense attention.
+inline void add_nac_flags(CLI::App& app, CommonOptions& o) {
+  app.add_option("--nac-prior", o.nac_prior,
+                 std::string("NAC models: the signature graph prior drawn at initialisation and at assembly (") +
+                     hatch::kNacPriorNames + ")")
+      ->check(CLI::IsMember({"scale-free", "erdos-renyi", "planted-partition", "ring-of-cliques"}));
+  app.add_flag("--nac-dense", o.nac_dense,
+               "NAC models: dense attention without the kernel (the baseline without sparsity)");
+}
+
 // OpenMP threads that finish a parallel region spin for a while before sleeping; two such
 // programs on the same cores (parallel module jobs) spin against each other and run many times
 // slower. The wait policy is read when the OpenMP runtime loads, before main(), so the programs

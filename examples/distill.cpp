@@ -1,6 +1,7 @@
 // m2mKD (module-to-module knowledge distillation) on Fashion-MNIST, on the CPU or with
 // --device cuda: a ViT teacher trained by Deep Incubation is distilled, module by module inside
-// that run's frozen meta model, into a student (a ViT, or m2mKD's mixture-of-experts student),
+// that run's frozen meta model, into a student (a ViT, m2mKD's mixture-of-experts student, or a
+// Neural Attentive Circuit),
 // which is then assembled and fine-tuned. Each phase can run as its own process:
 //   distill --phase meta;  distill --phase module --index i (i = 0..3, in parallel);
 //   distill --phase assemble;  distill --phase finetune
@@ -19,10 +20,12 @@ int main(int argc, char** argv) {
   c.lr = 2e-3;
   c.warmup_epochs = 0.5;
   examples::add_common_flags(app, c);
+  examples::add_nac_flags(app, o.common);
   app.get_option("--preset")->description("the teacher's preset (its meta model is MetaOf<preset>)");
   app.add_option("--student", o.student,
                  std::string("vit (the teacher's preset), moe (m2mKD's mixture-of-experts student of the "
-                             "teacher's shape) or a preset; teacher > student pairs: ") +
+                             "teacher's shape), nac (a Neural Attentive Circuit: read-in, propagators, read-out) "
+                             "or a preset; teacher > student pairs: ") +
                      examples::kDistillPairs)
       ->check(examples::kNotEmpty);
   app.add_option("--teacher-dir", o.teacher_dir,

@@ -73,6 +73,24 @@ struct CommonOptions {
       return hatch::data::balanced_first(hatch::data::load_fashion_mnist(data, true, 0), train_limit);
     return hatch::data::load_fashion_mnist(data, train, train ? train_limit : test_limit);
   }
+  // NAC models (--nac-prior, --nac-dense): the graph prior of the next reset and dense
+  // attention; refused for a model without them. Call before reset and assembly.
+  std::string nac_prior = "scale-free";
+  bool nac_dense = false;
+  template <class M>
+  void configure(M& model, hatch::FitOptions* fo = nullptr) const {
+    if constexpr (requires { model.use_prior(hatch::NacPrior::scale_free); }) {
+      model.use_prior(hatch::nac_prior_from(nac_prior));
+      model.use_dense_attention(nac_dense);
+      if (fo) {
+        fo->recipe["nac-prior"] = nac_prior;
+        fo->recipe["nac-dense"] = nac_dense;
+      }
+    } else {
+      hatch::require(nac_prior == "scale-free" && !nac_dense, nac_dense ? "--nac-dense" : "--nac-prior",
+                     "applies to a NAC model only (train_e2e --preset nac-small, distill --student nac)");
+    }
+  }
   // Before any training: a data set whose images are not the preset's is refused at once.
   template <class V>
   void check_images(const hatch::data::Dataset& set) const {
@@ -107,9 +125,10 @@ int train_e2e(const E2eOptions& a) {
     c.check_images<V>(train);
     c.check_images<V>(test);
     auto model = std::make_unique<Model<V, B>>();
+    auto fo = c.fit_options(a.epochs, "e2e");
+    c.configure(*model, &fo);
     Initializer init(c.seed);
     model->reset_parameters(init);
-    auto fo = c.fit_options(a.epochs, "e2e");
     if (!a.init.empty()) {
       expect_metadata(a.init, "preset", c.preset);
       load_parameters(*model, a.init);
@@ -245,10 +264,12 @@ struct DistillOptions {
 inline std::string student_preset(const std::string& teacher, const std::string& student) {
   if (student == "vit") return teacher;
   if (student == "moe") return teacher == "vit-small" ? "moe-student-small" : "";
+  if (student == "nac") return teacher == "vit-small" ? "nac-small" : "";
   return student;
 }
 inline constexpr const char* kDistillPairs =
-    "vit-micro > vit-micro, vit-tiny > vit-tiny, vit-small > vit-small, vit-small > moe-student-small";
+    "vit-micro > vit-micro, vit-tiny > vit-tiny, vit-small > vit-small, vit-small > moe-student-small, "
+    "vit-small > nac-small";
 template <class F>
 int with_distill_pair(const std::string& teacher, const std::string& student, F&& f) {
   using namespace hatch::presets;
@@ -258,8 +279,11 @@ int with_distill_pair(const std::string& teacher, const std::string& student, F&
   if (teacher == "vit-small" && s == "vit-small") return f(std::type_identity<VitSmall>{}, std::type_identity<VitSmall>{}, s);
   if (teacher == "vit-small" && s == "moe-student-small")
     return f(std::type_identity<VitSmall>{}, std::type_identity<MoeStudentSmall>{}, s);
+  if (teacher == "vit-small" && s == "nac-small")
+    return f(std::type_identity<VitSmall>{}, std::type_identity<NacSmall>{}, s);
   throw hatch::Error("--student " + student + ": " +
-                     (s.empty() ? std::string("there is no mixture-of-experts student of the shape of --preset ") + teacher
+                     (s.empty() ? std::string("there is no ") + (student == "nac" ? "NAC" : "mixture-of-experts") +
+                                      " student of the shape of --preset " + teacher
                                 : "no student preset '" + s + "' staged like the teacher --preset " + teacher) +
                      " is built into this program (teacher > student: " + kDistillPairs + ")");
 }
@@ -332,8 +356,10 @@ int distill(const DistillOptions& a) {
     }
     if ((phase == "assemble" || phase == "finetune" || phase == "all") && p.lead()) {
       auto target = std::make_unique<typename Kd::Student>();
+      auto fo = p.options(a.epochs_finetune, true);
+      c.configure(*target, &fo);
       if (phase != "finetune") kd.assemble(*target);
-      if (phase != "assemble") p.account(kd.finetune(*target, train, test, p.options(a.epochs_finetune, true)));
+      if (phase != "assemble") p.account(kd.finetune(*target, train, test, fo));
     }
     if (c.rank() != 0) return 0;  // rank 0 reports for the job (module lines: each rank its own)
     std::printf("phase=%s student=%s train_images_processed=%.0f training_seconds=%.1f\n", phase.c_str(),

@@ -9,6 +9,7 @@ int main(int argc, char** argv) {
   examples::E2eOptions o;
   examples::MpiJob job(argc, argv, o.common);
   examples::add_common_flags(app, o.common, /*e2e_presets=*/true);
+  examples::add_nac_flags(app, o.common);
   app.add_option("--epochs", o.epochs, "training epochs")->check(examples::integer_in(0, 100000));
   app.add_option("--init", o.init, "start from this model.safetensors (written by train_e2e for the same preset)");
   CLI11_PARSE(app, argc, argv);

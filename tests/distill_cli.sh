@@ -7,7 +7,8 @@
 #    --teacher-dir, gives byte-identical module, assembled and fine-tuned files.
 # 3. Bad inputs stop with one message naming the file or flag, a non-zero exit, and every file
 #    of the run as it was: a teacher of another preset, a missing teacher run, assembling without
-#    module files, a student not staged like the teacher.
+#    module files, a student not staged like the teacher, a NAC student of a teacher without one.
+# 4. A NAC student of a vit-small teacher, every phase; its module files hold no tables.
 # Skips (77) without the Fashion-MNIST directory ($HATCH_FASHION_MNIST).
 set -euo pipefail
 [[ $# -eq 2 ]] || { echo "usage: $0 <distill binary> <work dir>" >&2; exit 2; }
@@ -71,8 +72,21 @@ expect_refusal "distill: error: $work/empty/modules/stage0.safetensors: missing"
 # A student that is not staged like the teacher.
 expect_refusal "distill: error: --student vit-base: no student preset 'vit-base' staged like the teacher --preset vit-micro" \
   "$bin" "${common[@]}" vit-base --out "$b" --phase module
+# A NAC student for a teacher that has none.
+expect_refusal "distill: error: --student nac: there is no NAC student of the shape of --preset vit-micro" \
+  "$bin" "${common[@]}" nac --out "$b" --phase module
 rm -rf "$work/empty"
 [[ $(sums "$work") == "$before" ]] || { echo "FAIL: a refused run changed files under $work" >&2; status=1; }
 
-[[ $status -eq 0 ]] && echo "OK: --phase all ends with $(tail -n1 "$a.stdout.txt"); $compared stage files identical across processes; 4 bad inputs refused, files untouched"
+# 4. A NAC student (nac-small) of a vit-small teacher, every phase: the module files hold no
+#    codes or signatures (the assembly draws them), the fine-tuned model does.
+n="$work/nac"
+"$bin" "${common[@]/vit-micro/vit-small}" nac --out "$n" --phase all > "$n.stdout.txt"
+tail -n1 "$n.stdout.txt" | grep -Eq '^test_accuracy=0[.][0-9]{4}$' || { echo "FAIL: last line of --student nac:" >&2; cat "$n.stdout.txt" >&2; status=1; }
+[[ $(grep -Ec '^module [0-3]: teacher_hybrid_accuracy=0[.][0-9]{4} student_hybrid_accuracy=0[.][0-9]{4}$' "$n.stdout.txt") -eq 4 ]] ||
+  { echo "FAIL: expected a hybrid accuracy line per NAC module" >&2; status=1; }
+if grep -aq 'codes\|signatures' "$n"/modules/stage*.safetensors; then echo "FAIL: a NAC module file holds a table" >&2; status=1; fi
+grep -aq 'codes' "$n/finetuned/stage1.safetensors" || { echo "FAIL: the fine-tuned NAC stage has no codes" >&2; status=1; }
+
+[[ $status -eq 0 ]] && echo "OK: --phase all ends with $(tail -n1 "$a.stdout.txt"); $compared stage files identical across processes; 5 bad inputs refused, files untouched; NAC student: $(tail -n1 "$n.stdout.txt")"
 exit $status

@@ -14,6 +14,10 @@ struct Parameter {
   Tensor<B> value, grad;
   bool decay = true;      // AdamW weight decay applies (false for norms, biases, tokens)
   bool trainable = true;  // false freezes it: backward skips its gradient, optimizers skip it
+  // A table the model owns and several of its layers share (NAC's codes and signatures): a
+  // module file may leave it out, and assembling from modules then keeps the model's own
+  // (fresh) table (LoadOptions::keep_missing_shared).
+  bool shared = false;
 
   Parameter() = default;
   Parameter(Shape s, bool decay_) : value(s), grad(s), decay(decay_) {

@@ -46,7 +46,7 @@ namespace hatch {
 template <Backend B, int Cols>
 struct LatentParameter {
   static constexpr int cols = Cols;
-  explicit LatentParameter(int rows) : param({rows, Cols}, /*decay=*/false) {}
+  explicit LatentParameter(int rows) : param({rows, Cols}, /*decay=*/false) { param.shared = true; }
   int rows() const { return int(param.value.shape()[0]); }
   // Standard normal entries, cut at two standard deviations (scale does not matter to a cosine or
   // to the LayerNorm of a ModFc).
@@ -261,6 +261,11 @@ class KmdpaLayer : public LeafLayer<KmdpaLayer<B, Heads, HeadDim, SigDim>, B, 3 
     k_begin_ = key_begin;
     k_end_ = key_end;
   }
+  // Without the kernel (m2mKD's distillation students, ALGORITHMS.md §2): dense attention over
+  // the pair ranges, log K = 0 for every pair, nothing sampled, no gradient to the signatures or
+  // the bandwidth (which then only give the table's row count). Default: with the kernel.
+  void use_kernel(bool on) { kernel_ = on; }
+  bool uses_kernel() const { return kernel_; }
   // The fraction of the query x key pairs kept by the last forward (d_uv <= tau).
   double kept_fraction() const {
     const double pairs = double(q1_ - q0_) * double(k1_ - k0_);
@@ -292,11 +297,15 @@ class KmdpaLayer : public LeafLayer<KmdpaLayer<B, Heads, HeadDim, SigDim>, B, 3 
                     std::to_string(k0_) + ", " + std::to_string(k1_) + ") outside the table's " + std::to_string(u_));
     build_pairs();
     // log K per kept pair: one row shared by the batch in evaluation, one per example in training
-    const int lrows = training_ ? nb_ : 1;
+    const int lrows = training_ && kernel_ ? nb_ : 1;
     logk_h_.resize(std::size_t(lrows) * nnz_);
     dlogk_dx_.resize(std::size_t(lrows) * nnz_);
-    const std::uint64_t base = training_ ? ctx.draw(std::uint64_t(nb_) * u_ * u_) : 0;
-    for (int b = 0; b < lrows; ++b)
+    const std::uint64_t base = training_ && kernel_ ? ctx.draw(std::uint64_t(nb_) * u_ * u_) : 0;
+    if (!kernel_) {
+      std::fill(logk_h_.begin(), logk_h_.end(), T(0));
+      std::fill(dlogk_dx_.begin(), dlogk_dx_.end(), 0.0);
+    }
+    for (int b = 0; b < (kernel_ ? lrows : 0); ++b)
       for (int u = 0; u < u_; ++u)
         for (int p = row_ptr_h_[u]; p < row_ptr_h_[u + 1]; ++p) {
           const double xs = dist_h_[p] / eps_;
@@ -330,7 +339,7 @@ class KmdpaLayer : public LeafLayer<KmdpaLayer<B, Heads, HeadDim, SigDim>, B, 3 
     Tensor<B>& full = restricted_ ? y_full_ : y_;
     full.resize(s);
     B::sparse_attention_forward(probs_.data(), full.data(), D, x.data(), x.data() + D, x.data() + 2 * D, 3 * D,
-                                row_ptr_.data(), col_.data(), logk_.data(), training_ ? nnz_ : 0, nb_, u_, Heads,
+                                row_ptr_.data(), col_.data(), logk_.data(), training_ && kernel_ ? nnz_ : 0, nb_, u_, Heads,
                                 HeadDim, nnz_, scale());
     if (!restricted_) return y_;
     if (s.rank >= 3) s.dims[s.rank - 2] = uq;  // (B, U, 3D) in: (B, Uq, D) out
@@ -342,7 +351,7 @@ class KmdpaLayer : public LeafLayer<KmdpaLayer<B, Heads, HeadDim, SigDim>, B, 3 
   }
 
   const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
-    const bool kernel_grads = wants_grad(*sig_, ctx) || wants_grad(bandwidth, ctx);
+    const bool kernel_grads = kernel_ && (wants_grad(*sig_, ctx) || wants_grad(bandwidth, ctx));
     if (!ctx.input_grad && !kernel_grads) return dx_;
     const T* base = x_->data();
     dscores_.resize(probs_.shape());
@@ -405,7 +414,7 @@ class KmdpaLayer : public LeafLayer<KmdpaLayer<B, Heads, HeadDim, SigDim>, B, 3 
       for (int v = queries ? k0_ : u_; v < (queries ? k1_ : u_); ++v) {
         double c = 0;
         for (int k = 0; k < SigDim; ++k) c += unit_[std::size_t(u) * SigDim + k] * unit_[std::size_t(v) * SigDim + k];
-        const double d = 1.0 - c;
+        const double d = kernel_ ? 1.0 - c : 0.0;
         if (d <= tau) {
           col_h_.push_back(v);
           dist_h_.push_back(d);
@@ -497,6 +506,7 @@ class KmdpaLayer : public LeafLayer<KmdpaLayer<B, Heads, HeadDim, SigDim>, B, 3 
   bool restricted_ = false;
   bool training_ = false;
   double eps_ = 1;
+  bool kernel_ = true;
   // host side of the kernel
   std::vector<T> sig_host_, logk_host_scalar_, dlogk_host_, grad_host_;
   std::vector<double> unit_, norm_, dist_h_, logk_h_, dlogk_dx_, gx_, dsig_;

@@ -277,17 +277,26 @@ class NacPropagatorLayer
   static constexpr double initial_layer_scale = 0.1;
   NacPropagatorLayer() : layer_scale({D}, false) {
     layer_scale.value.fill(T(initial_layer_scale));
-    attn.restrict_pairs(QBegin, QEnd, 0, QEnd);
-    out.use_rows(QBegin, QEnd);
-    ffn.use_rows(QBegin, QEnd);
+    receive(QBegin, QEnd);
+  }
+  // The receiving latents at run time (the template's QBegin, QEnd by default); m2mKD's
+  // distillation student receives on every row: receive(0, -1). Call before use_codes.
+  void receive(int begin, int end) {
+    HATCH_CHECK(begin >= 0 && (end < 0 || end > begin), "NacPropagator::receive",
+                "empty receiving range [" + std::to_string(begin) + ", " + std::to_string(end) + ")");
+    qb_ = begin;
+    qe_ = end;
+    attn.restrict_pairs(begin, end, 0, end);
+    out.use_rows(begin, end);
+    ffn.use_rows(begin, end);
   }
   void use_codes(LatentCodes<B, CodeDim>& codes) {
     qkv.use_codes(codes);
     out.use_codes(codes);
     ffn.use_codes(codes);
     u_ = codes.rows();
-    HATCH_CHECK(QEnd <= u_ && QBegin < (QEnd < 0 ? u_ : QEnd), "NacPropagator",
-                "receiving latents [" + std::to_string(QBegin) + ", " + std::to_string(QEnd) + ") outside the table's " +
+    HATCH_CHECK(qe_ <= u_ && qb_ < (qe_ < 0 ? u_ : qe_), "NacPropagator",
+                "receiving latents [" + std::to_string(qb_) + ", " + std::to_string(qe_) + ") outside the table's " +
                     std::to_string(u_));
   }
   void use_signatures(LatentSignatures<B, SigDim>& s) { attn.use_signatures(s); }
@@ -311,8 +320,8 @@ class NacPropagatorLayer
     x_ = &x;
     rows_ = int(x.rows());
     const Tensor<B>& o = attn.forward(qkv.forward(norm.forward(x, ctx), ctx), ctx);  // (B Uq, D)
-    q0_ = QBegin;
-    uq_ = (QEnd < 0 ? u_ : QEnd) - QBegin;
+    q0_ = qb_;
+    uq_ = (qe_ < 0 ? u_ : qe_) - qb_;
     nb_ = rows_ / u_;  // Kmdpa checked: a whole number of examples of u_ latents
     if (ctx.training) {
       kept_sum_ += attn.kept_fraction();
@@ -378,7 +387,7 @@ class NacPropagatorLayer
  private:
   const Tensor<B>* x_ = nullptr;
   const Tensor<B>* f_ = nullptr;
-  int rows_ = 0, u_ = 0, nb_ = 0, q0_ = 0, uq_ = 0;
+  int rows_ = 0, u_ = 0, nb_ = 0, q0_ = 0, uq_ = 0, qb_ = QBegin, qe_ = QEnd;
   double kept_sum_ = 0;
   int kept_n_ = 0;
   Tensor<B> gamma_rows_, h_, y_, dz_, tmp_, dbranch_, dx_;
@@ -409,11 +418,18 @@ class NacReadOutLayer : public LeafLayer<NacReadOutLayer<B, D, Heads, UIn, UOut,
     qkv.use_codes(codes);
     out.use_codes(codes);
     u_ = codes.rows();
-    HATCH_CHECK(u_ > UIn + UOut, "NacReadOut",
-                "the table has " + std::to_string(u_) + " latents, not more than the " + std::to_string(UIn) +
+    HATCH_CHECK(u_ > senders_ + UOut, "NacReadOut",
+                "the table has " + std::to_string(u_) + " latents, not more than the " + std::to_string(senders_) +
                     " input and " + std::to_string(UOut) + " output latents");
-    attn.restrict_pairs(u_ - UOut, u_, UIn, u_);
+    attn.restrict_pairs(u_ - UOut, u_, senders_, u_);
     out.use_rows(u_ - UOut, u_);
+  }
+  // The first latent the output latents read from at run time (the template's UIn, skipping the
+  // input latents, by default); m2mKD's distillation student reads every row before its output
+  // latents: read_from(0). Call before use_codes.
+  void read_from(int first) {
+    HATCH_CHECK(first >= 0, "NacReadOut::read_from", "negative first latent");
+    senders_ = first;
   }
   void use_signatures(LatentSignatures<B, SigDim>& s) { attn.use_signatures(s); }
   void reset_parameters(Initializer& init) {
@@ -483,7 +499,7 @@ class NacReadOutLayer : public LeafLayer<NacReadOutLayer<B, D, Heads, UIn, UOut,
  private:
   const Tensor<B>* x_ = nullptr;
   const Tensor<B>* f_ = nullptr;
-  int rows_ = 0, nb_ = 0, u_ = 0;
+  int rows_ = 0, nb_ = 0, u_ = 0, senders_ = UIn;
   Tensor<B> gamma_rows_, y_, tmp_, dbranch_, dx_;
 };
 

@@ -45,6 +45,19 @@ class TeacherObjective {
   DistilledCrossEntropy<B> loss_;
 };
 
+// What the student's hybrid holds for module I: StudentArch::distill_stage<I> where the student
+// says how its modules are distilled (a NAC: NacStudentModule, models/nac.hpp), else its stage I.
+// Either way the module's parameters carry the names of stage I, so its file assembles.
+template <class StudentArch, std::size_t I>
+struct DistilledModule {
+  using type = typename StudentArch::template stage<I>;
+};
+template <class StudentArch, std::size_t I>
+  requires requires { typename StudentArch::template distill_stage<I>; }
+struct DistilledModule<StudentArch, I> {
+  using type = typename StudentArch::template distill_stage<I>;
+};
+
 template <class MetaArch, class TeacherArch, class StudentArch, Backend B,
           template <int, int> class Stitch = LinearStitch>
 class ModuleDistiller : public ModularRun<MetaArch, B> {
@@ -62,7 +75,7 @@ class ModuleDistiller : public ModularRun<MetaArch, B> {
   template <std::size_t I>
   using TeacherHybridArch = ReplaceStage<MetaArch, I, typename TeacherArch::template stage<I>>;
   template <std::size_t I>
-  using StudentStitch = StitchTo<typename StudentArch::template stage<I>, MetaArch::template stage<I>::in,
+  using StudentStitch = StitchTo<typename DistilledModule<StudentArch, I>::type, MetaArch::template stage<I>::in,
                                  MetaArch::template stage<I>::out, Stitch>;
   template <std::size_t I>
   using StudentHybridArch = ReplaceStage<MetaArch, I, typename StudentStitch<I>::type>;

@@ -132,8 +132,12 @@ class ModularRun {
     std::string module_ids;
     std::vector<std::string> required = {"meta_id"};
     if (has_teacher_) required.push_back("teacher_id");
+    // Tables the modules leave out (a NAC's codes and signatures, which its distillation
+    // students never see) start fresh, drawn as a new model's would be.
+    Initializer init(seed_ + 3000);
+    target.reset_parameters(init);
     target.for_each_stage([&](auto& stage, std::size_t i) {
-      const auto m = load(stage, files_.module(i), "module", i, required);
+      const auto m = load(stage, files_.module(i), "module", i, required, {}, LoadOptions{.keep_missing_shared = true});
       by_meta.push_back({files_.module(i), i, m.at("meta_id")});
       if (has_teacher_) by_teacher.push_back({files_.module(i), i, m.at("teacher_id")});
       module_ids += (i ? "," : "") + m.at("lineage");
@@ -305,12 +309,12 @@ class ModularRun {
   template <class S>
   std::map<std::string, std::string> load(S& stage, const std::filesystem::path& file, const std::string& phase,
                                           std::size_t i, const std::vector<std::string>& required = {},
-                                          const std::string& tag = {}) {
+                                          const std::string& tag = {}, const LoadOptions& options = {}) {
     require(std::filesystem::exists(file), file.string(),
             "missing: the " + phase + " phase must run first and write stage " + std::to_string(i) + " here");
     const auto f = io::SafeTensorsFile::read(file);
     auto meta = inspect(detail::metadata_of(f), file, phase, i, required, tag);
-    auto pending = detail::prepare(f, detail::parameter_slots(stage), LoadOptions{});
+    auto pending = detail::prepare(f, detail::parameter_slots(stage), options);
     detail::commit(pending);
     return meta;
   }

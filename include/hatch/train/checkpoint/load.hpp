@@ -24,6 +24,10 @@ struct LoadOptions {
   // Tensors in the file that the model does not have are ignored instead of rejected
   // (e.g. loading only the parameters of a training-state file).
   bool allow_extra = false;
+  // A model's shared tables (Parameter::shared: NAC's codes and signatures) that the file does
+  // not hold keep their values instead of being reported missing: modules distilled or
+  // incubated without the tables assemble into a model whose tables start fresh.
+  bool keep_missing_shared = false;
   // Metadata the file must carry with exactly these values (e.g. {"preset", "vit-small"});
   // checked before anything else, with expect_metadata's message.
   std::map<std::string, std::string> require_metadata;
@@ -70,9 +74,10 @@ std::vector<PendingUpload<B>> prepare(const io::SafeTensorsFile& f, const std::v
 
   std::vector<std::string> missing;
   std::set<std::string> expected;
+  auto kept = [&](const TensorSlot<B>& s) { return opt.keep_missing_shared && s.shared && !f.contains(s.name); };
   for (const auto& s : slots) {
     expected.insert(s.name);
-    if (!f.contains(s.name)) missing.push_back("'" + s.name + "' " + s.tensor->shape().str());
+    if (!f.contains(s.name) && !kept(s)) missing.push_back("'" + s.name + "' " + s.tensor->shape().str());
   }
   if (!missing.empty())
     throw Error(f.source() + ": missing " + std::to_string(missing.size()) + " of the " +
@@ -81,6 +86,7 @@ std::vector<PendingUpload<B>> prepare(const io::SafeTensorsFile& f, const std::v
   std::vector<PendingUpload<B>> out;
   out.reserve(slots.size());
   for (const auto& s : slots) {
+    if (kept(s)) continue;
     const auto shape = s.tensor->shape().vec();
     try {
       if constexpr (std::is_same_v<typename B::Scalar, float>) out.push_back({s.tensor, f.to_float(s.name, shape)});

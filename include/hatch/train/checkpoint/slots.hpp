@@ -18,6 +18,7 @@ template <Backend B>
 struct TensorSlot {
   std::string name;
   Tensor<B>* tensor;
+  bool shared = false;  // a model's shared table (Parameter::shared)
 };
 
 // Every parameter once, under the first name visit gives it: a parameter shared by several
@@ -39,7 +40,7 @@ template <class M>
 std::vector<TensorSlot<typename M::backend>> parameter_slots(M& model) {
   using B = typename M::backend;
   std::vector<TensorSlot<B>> out;
-  visit_unique(model, [&](const std::string& name, Parameter<B>& p) { out.push_back({name, &p.value}); });
+  visit_unique(model, [&](const std::string& name, Parameter<B>& p) { out.push_back({name, &p.value, p.shared}); });
   return out;
 }
 
