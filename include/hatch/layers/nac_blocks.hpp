@@ -402,8 +402,12 @@ struct NacPropagator {
 // Read-out: the output latents, the last UOut rows of the table, read from the mediators (rows
 // [UIn, U - UOut)) and from themselves (so that every output latent keeps at least its own pair):
 //   h = LN theta;  o = Kmdpa over queries [U - UOut, U), keys [UIn, U) of ModFC_qkv(h)
-//   y_u = theta_u + LS(ModFC_out(o_u))      for the output latents only (ModFC_out on their codes,
+//   y_u = LS(ModFC_out(o_u))                for the output latents only (ModFC_out on their codes,
 //                                           ModFc::use_rows)
+// No residual, as the reference's read-out (include_residual_in_latent_attention: false): the
+// output latents' own states hold no image information (they receive in no propagator round),
+// and with a residual the logits start as a function of the codes alone, the image's message
+// scaled down by LayerScale 0.1 on top.
 // Output (B UOut, D), the input to OutputPooling<UOut, D, Classes>.
 //   parameters: norm.*, qkv.*, attn.*, out.*, layer_scale.gamma
 template <Backend B, int D, int Heads, int UIn, int UOut, int CodeDim, int SigDim>
@@ -452,15 +456,11 @@ class NacReadOutLayer : public LeafLayer<NacReadOutLayer<B, D, Heads, UIn, UOut,
     nac_detail::layer_scale_rows(gamma_rows_, layer_scale, ro, D);
     y_.resize({ro, D});
     B::mul(y_.data(), f_->data(), gamma_rows_.data(), std::size_t(ro) * D);
-    const std::size_t od = std::size_t(UOut) * D;
-    for (int b = 0; b < nb_; ++b)
-      B::add(y_.data() + b * od, y_.data() + b * od, x.data() + (std::size_t(b) * u_ + (u_ - UOut)) * D, od);
     return y_;
   }
 
   const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
     const int ro = nb_ * UOut;
-    const std::size_t od = std::size_t(UOut) * D;
     if (wants_grad(layer_scale, ctx)) {
       tmp_.resize({ro, D});
       B::mul(tmp_.data(), dy.data(), f_->data(), std::size_t(ro) * D);
@@ -473,10 +473,6 @@ class NacReadOutLayer : public LeafLayer<NacReadOutLayer<B, D, Heads, UIn, UOut,
     if (ctx.input_grad) {
       dx_.resize(x_->shape());
       B::copy(dx_.data(), dxn.data(), std::size_t(rows_) * D);
-      for (int b = 0; b < nb_; ++b) {
-        T* d = dx_.data() + (std::size_t(b) * u_ + (u_ - UOut)) * D;
-        B::add(d, d, dy.data() + b * od, od);
-      }
     }
     return dx_;
   }
