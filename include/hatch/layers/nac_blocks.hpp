@@ -252,33 +252,111 @@ void layer_scale_rows(Tensor<B>& gamma_rows, const Parameter<B>& gamma, int rows
 }
 }  // namespace nac_detail
 
+namespace nac_detail {
+// The attention sub-block the propagator and the read-out share, a base of both (its members are
+// theirs: norm, qkv, attn, out, layer_scale): for the receiving latents [qb, qe) of the table,
+// reading the keys [kb, ke),
+//   a = LS(ModFC_out(Kmdpa(ModFC_qkv(LN theta))))          (B Uq, D), the receiving rows only
+// ModFC_qkv is one ModFc D -> 3 D over every latent (the q, k and v projections side by side,
+// modulated by the same code projection), ModFC_out (D -> D) runs on the receiving latents'
+// rows and codes only (ModFc::use_rows); LS per channel, 0.1 at reset.
+//   parameters: norm.*, qkv.*, attn.* (signatures, bandwidth), out.*, layer_scale.gamma
+template <Backend B, int D, int Heads, int CodeDim, int SigDim>
+class LatentAttention {
+  static_assert(D % Heads == 0, "hatch::NacPropagator / NacReadOut: D must be divisible by Heads");
+
+ public:
+  using T = typename B::Scalar;
+  static constexpr double initial_layer_scale = 0.1;
+  LatentAttention() : layer_scale({D}, false) { layer_scale.value.fill(T(initial_layer_scale)); }
+  // Dense attention without the kernel (Kmdpa::use_kernel): m2mKD's students, the dense baseline.
+  void use_kernel(bool on) { attn.use_kernel(on); }
+  void use_signatures(LatentSignatures<B, SigDim>& s) { attn.use_signatures(s); }
+
+  LayerNormLayer<B, D> norm;
+  ModFcLayer<B, D, 3 * D, CodeDim> qkv;
+  KmdpaLayer<B, Heads, D / Heads, SigDim> attn;
+  ModFcLayer<B, D, D, CodeDim> out;
+  Parameter<B> layer_scale;
+
+ protected:
+  void route(int q_begin, int q_end, int k_begin, int k_end) {
+    attn.restrict_pairs(q_begin, q_end, k_begin, k_end);
+    out.use_rows(q_begin, q_end);
+  }
+  void attention_codes(LatentCodes<B, CodeDim>& codes) {
+    qkv.use_codes(codes);
+    out.use_codes(codes);
+  }
+  void reset_attention(Initializer& init) {
+    norm.reset_parameters(init);
+    qkv.reset_parameters(init);
+    attn.reset_parameters(init);
+    out.reset_parameters(init);
+    init.constant(layer_scale, initial_layer_scale);
+  }
+  template <class F>
+  void visit_attention(F& f, const std::string& prefix) {
+    norm.visit(f, prefix + "norm.");
+    qkv.visit(f, prefix + "qkv.");
+    attn.visit(f, prefix + "attn.");
+    out.visit(f, prefix + "out.");
+    f(prefix + "layer_scale.gamma", layer_scale);
+  }
+  // a for the receiving rows of x (B U, D).
+  const Tensor<B>& attend(const Tensor<B>& x, Context& ctx) {
+    const Tensor<B>& o = attn.forward(qkv.forward(norm.forward(x, ctx), ctx), ctx);  // (B Uq, D)
+    f_ = &out.forward(o, ctx);
+    const int rq = int(o.rows());
+    layer_scale_rows(gamma_rows_, layer_scale, rq, D);
+    a_.resize({rq, D});
+    B::mul(a_.data(), f_->data(), gamma_rows_.data(), std::size_t(rq) * D);
+    return a_;
+  }
+  // da -> d theta (B U, D) through LN (every row: keys and values too); parameter gradients as
+  // ctx says. The result is valid when ctx.input_grad is set.
+  const Tensor<B>& attend_backward(const Tensor<B>& da, Context& ctx) {
+    const int rq = int(da.rows());
+    if (wants_grad(layer_scale, ctx)) {
+      tmp_.resize({rq, D});
+      B::mul(tmp_.data(), da.data(), f_->data(), std::size_t(rq) * D);
+      B::sum_rows(layer_scale.grad.data(), tmp_.data(), rq, D, D, T(1));
+    }
+    dbranch_.resize({rq, D});
+    B::mul(dbranch_.data(), da.data(), gamma_rows_.data(), std::size_t(rq) * D);
+    const Tensor<B>& dqkv = backward_inner(attn, backward_inner(out, dbranch_, ctx), ctx);
+    return norm.backward(backward_inner(qkv, dqkv, ctx), ctx);
+  }
+
+ private:
+  const Tensor<B>* f_ = nullptr;
+  Tensor<B> gamma_rows_, a_, tmp_, dbranch_;
+};
+}  // namespace nac_detail
+
 // Propagator block: one round of attention among the latents, then the code-conditioned FFN, for
 // the receiving latents [QBegin, QEnd) of the table (a negative QEnd: to the last row), which read
 // from every latent before QEnd (NAC: the mediators receive from the input and mediator latents;
 // QBegin 0, QEnd -1, the default: every latent from every latent):
-//   n = LN theta;  o = Kmdpa(ModFC_qkv(n)) over queries [QBegin, QEnd), keys [0, QEnd)
-//   h_u = theta_u + LS_attn(ModFC_out(o_u));   theta'_u = ModFfn(h)_u     u in [QBegin, QEnd)
-//   theta'_u = theta_u                                                    the other latents
-// ModFC_qkv is one ModFc D -> 3 D over every latent (the q, k and v projections side by side,
-// modulated by the same code projection), ModFC_out (D -> D) and the ModFfn run on the receiving
-// latents' rows and codes only (ModFc::use_rows); LS_attn per channel, 0.1 at reset.
+//   h_u = theta_u + a_u (LatentAttention above);   theta'_u = ModFfn(h)_u     u in [QBegin, QEnd)
+//   theta'_u = theta_u                                                        the other latents
+// The ModFfn runs on the receiving latents' rows and codes only (ModFc::use_rows). The receiving
+// rows are gathered and scattered per example with `copy`.
 //   parameters: norm.*, qkv.*, attn.* (signatures, bandwidth), out.*, layer_scale.gamma, ffn.*
 // Input and output (B U, D) (or (B, U, D)).
 // take_kept_fraction(): the mean of Kmdpa's kept fraction (of the query x key pairs) over the
 // training forwards since the last call (fit reports it per epoch); 0 if there was none.
 template <Backend B, int D, int Heads, int Hidden, int CodeDim, int SigDim, int QBegin = 0, int QEnd = -1>
 class NacPropagatorLayer
-    : public LeafLayer<NacPropagatorLayer<B, D, Heads, Hidden, CodeDim, SigDim, QBegin, QEnd>, B, D, D> {
-  static_assert(D % Heads == 0, "hatch::NacPropagator: D must be divisible by Heads");
+    : public LeafLayer<NacPropagatorLayer<B, D, Heads, Hidden, CodeDim, SigDim, QBegin, QEnd>, B, D, D>,
+      public nac_detail::LatentAttention<B, D, Heads, CodeDim, SigDim> {
   static_assert(QBegin >= 0 && (QEnd < 0 || QEnd > QBegin), "hatch::NacPropagator: empty receiving range");
+  using Attention = nac_detail::LatentAttention<B, D, Heads, CodeDim, SigDim>;
 
  public:
   using T = typename B::Scalar;
-  static constexpr double initial_layer_scale = 0.1;
-  NacPropagatorLayer() : layer_scale({D}, false) {
-    layer_scale.value.fill(T(initial_layer_scale));
-    receive(QBegin, QEnd);
-  }
+  using Attention::attn;
+  NacPropagatorLayer() { receive(QBegin, QEnd); }
   // The receiving latents at run time (the template's QBegin, QEnd by default); m2mKD's
   // distillation student receives on every row: receive(0, -1). Call before use_codes.
   void receive(int begin, int end) {
@@ -286,26 +364,19 @@ class NacPropagatorLayer
                 "empty receiving range [" + std::to_string(begin) + ", " + std::to_string(end) + ")");
     qb_ = begin;
     qe_ = end;
-    attn.restrict_pairs(begin, end, 0, end);
-    out.use_rows(begin, end);
+    this->route(begin, end, 0, end);
     ffn.use_rows(begin, end);
   }
   void use_codes(LatentCodes<B, CodeDim>& codes) {
-    qkv.use_codes(codes);
-    out.use_codes(codes);
+    this->attention_codes(codes);
     ffn.use_codes(codes);
     u_ = codes.rows();
     HATCH_CHECK(qe_ <= u_ && qb_ < (qe_ < 0 ? u_ : qe_), "NacPropagator",
                 "receiving latents [" + std::to_string(qb_) + ", " + std::to_string(qe_) + ") outside the table's " +
                     std::to_string(u_));
   }
-  void use_signatures(LatentSignatures<B, SigDim>& s) { attn.use_signatures(s); }
   void reset_parameters(Initializer& init) {
-    norm.reset_parameters(init);
-    qkv.reset_parameters(init);
-    attn.reset_parameters(init);
-    out.reset_parameters(init);
-    init.constant(layer_scale, initial_layer_scale);
+    this->reset_attention(init);
     ffn.reset_parameters(init);
   }
   double take_kept_fraction() {
@@ -319,7 +390,7 @@ class NacPropagatorLayer
     HATCH_CHECK(x.cols() == D, "NacPropagator", "input width " + std::to_string(x.cols()) + ", expected " + std::to_string(D));
     x_ = &x;
     rows_ = int(x.rows());
-    const Tensor<B>& o = attn.forward(qkv.forward(norm.forward(x, ctx), ctx), ctx);  // (B Uq, D)
+    const Tensor<B>& a = this->attend(x, ctx);  // (B Uq, D)
     q0_ = qb_;
     uq_ = (qe_ < 0 ? u_ : qe_) - qb_;
     nb_ = rows_ / u_;  // Kmdpa checked: a whole number of examples of u_ latents
@@ -327,13 +398,10 @@ class NacPropagatorLayer
       kept_sum_ += attn.kept_fraction();
       ++kept_n_;
     }
-    f_ = &out.forward(o, ctx);
-    const int rq = int(o.rows());
-    nac_detail::layer_scale_rows(gamma_rows_, layer_scale, rq, D);
-    h_.resize({rq, D});  // h = theta (receiving rows) + f * gamma
-    B::mul(h_.data(), f_->data(), gamma_rows_.data(), std::size_t(rq) * D);
+    const int rq = int(a.rows());
+    h_.resize({rq, D});  // h = theta (receiving rows) + a
     const std::size_t qd = std::size_t(uq_) * D, ud = std::size_t(u_) * D, off = std::size_t(q0_) * D;
-    for (int b = 0; b < nb_; ++b) B::add(h_.data() + b * qd, h_.data() + b * qd, x.data() + b * ud + off, qd);
+    for (int b = 0; b < nb_; ++b) B::add(h_.data() + b * qd, a.data() + b * qd, x.data() + b * ud + off, qd);
     const Tensor<B>& z = ffn.forward(h_, ctx);
     y_.resize(x.shape());
     B::copy(y_.data(), x.data(), std::size_t(rows_) * D);
@@ -347,15 +415,7 @@ class NacPropagatorLayer
     dz_.resize({rq, D});
     for (int b = 0; b < nb_; ++b) B::copy(dz_.data() + b * qd, dy.data() + b * ud + off, qd);
     const Tensor<B>& dh = backward_inner(ffn, dz_, ctx);
-    if (wants_grad(layer_scale, ctx)) {
-      tmp_.resize({rq, D});
-      B::mul(tmp_.data(), dh.data(), f_->data(), std::size_t(rq) * D);
-      B::sum_rows(layer_scale.grad.data(), tmp_.data(), rq, D, D, T(1));
-    }
-    dbranch_.resize({rq, D});
-    B::mul(dbranch_.data(), dh.data(), gamma_rows_.data(), std::size_t(rq) * D);
-    const Tensor<B>& dqkv = backward_inner(attn, backward_inner(out, dbranch_, ctx), ctx);
-    const Tensor<B>& dxn = norm.backward(backward_inner(qkv, dqkv, ctx), ctx);
+    const Tensor<B>& dxn = this->attend_backward(dh, ctx);
     if (ctx.input_grad) {  // dx = dxn + (dy on the other rows, dh on the receiving rows)
       dx_.resize(x_->shape());
       B::add(dx_.data(), dxn.data(), dy.data(), std::size_t(rows_) * D);
@@ -369,28 +429,18 @@ class NacPropagatorLayer
 
   template <class F>
   void visit(F&& f, const std::string& prefix) {
-    norm.visit(f, prefix + "norm.");
-    qkv.visit(f, prefix + "qkv.");
-    attn.visit(f, prefix + "attn.");
-    out.visit(f, prefix + "out.");
-    f(prefix + "layer_scale.gamma", layer_scale);
+    this->visit_attention(f, prefix);
     ffn.visit(f, prefix + "ffn.");
   }
 
-  LayerNormLayer<B, D> norm;
-  ModFcLayer<B, D, 3 * D, CodeDim> qkv;
-  KmdpaLayer<B, Heads, D / Heads, SigDim> attn;
-  ModFcLayer<B, D, D, CodeDim> out;
-  Parameter<B> layer_scale;
   ModFfnLayer<B, D, Hidden, CodeDim> ffn;
 
  private:
   const Tensor<B>* x_ = nullptr;
-  const Tensor<B>* f_ = nullptr;
   int rows_ = 0, u_ = 0, nb_ = 0, q0_ = 0, uq_ = 0, qb_ = QBegin, qe_ = QEnd;
   double kept_sum_ = 0;
   int kept_n_ = 0;
-  Tensor<B> gamma_rows_, h_, y_, dz_, tmp_, dbranch_, dx_;
+  Tensor<B> h_, y_, dz_, dx_;
 };
 
 template <int D, int Heads, int Hidden, int CodeDim, int SigDim, int QBegin = 0, int QEnd = -1>
@@ -401,9 +451,7 @@ struct NacPropagator {
 
 // Read-out: the output latents, the last UOut rows of the table, read from the mediators (rows
 // [UIn, U - UOut)) and from themselves (so that every output latent keeps at least its own pair):
-//   h = LN theta;  o = Kmdpa over queries [U - UOut, U), keys [UIn, U) of ModFC_qkv(h)
-//   y_u = LS(ModFC_out(o_u))                for the output latents only (ModFC_out on their codes,
-//                                           ModFc::use_rows)
+//   y_u = a_u (LatentAttention above, queries [U - UOut, U), keys [UIn, U))
 // No residual, as the reference's read-out (include_residual_in_latent_attention: false): the
 // output latents' own states hold no image information (they receive in no propagator round),
 // and with a residual the logits start as a function of the codes alone, the image's message
@@ -411,22 +459,17 @@ struct NacPropagator {
 // Output (B UOut, D), the input to OutputPooling<UOut, D, Classes>.
 //   parameters: norm.*, qkv.*, attn.*, out.*, layer_scale.gamma
 template <Backend B, int D, int Heads, int UIn, int UOut, int CodeDim, int SigDim>
-class NacReadOutLayer : public LeafLayer<NacReadOutLayer<B, D, Heads, UIn, UOut, CodeDim, SigDim>, B, D, D> {
-  static_assert(D % Heads == 0, "hatch::NacReadOut: D must be divisible by Heads");
-
+class NacReadOutLayer : public LeafLayer<NacReadOutLayer<B, D, Heads, UIn, UOut, CodeDim, SigDim>, B, D, D>,
+                        public nac_detail::LatentAttention<B, D, Heads, CodeDim, SigDim> {
  public:
   using T = typename B::Scalar;
-  static constexpr double initial_layer_scale = 0.1;
-  NacReadOutLayer() : layer_scale({D}, false) { layer_scale.value.fill(T(initial_layer_scale)); }
   void use_codes(LatentCodes<B, CodeDim>& codes) {
-    qkv.use_codes(codes);
-    out.use_codes(codes);
+    this->attention_codes(codes);
     u_ = codes.rows();
     HATCH_CHECK(u_ > senders_ + UOut, "NacReadOut",
                 "the table has " + std::to_string(u_) + " latents, not more than the " + std::to_string(senders_) +
                     " input and " + std::to_string(UOut) + " output latents");
-    attn.restrict_pairs(u_ - UOut, u_, senders_, u_);
-    out.use_rows(u_ - UOut, u_);
+    this->route(u_ - UOut, u_, senders_, u_);
   }
   // The first latent the output latents read from at run time (the template's UIn, skipping the
   // input latents, by default); m2mKD's distillation student reads every row before its output
@@ -435,68 +478,22 @@ class NacReadOutLayer : public LeafLayer<NacReadOutLayer<B, D, Heads, UIn, UOut,
     HATCH_CHECK(first >= 0, "NacReadOut::read_from", "negative first latent");
     senders_ = first;
   }
-  void use_signatures(LatentSignatures<B, SigDim>& s) { attn.use_signatures(s); }
-  void reset_parameters(Initializer& init) {
-    norm.reset_parameters(init);
-    qkv.reset_parameters(init);
-    attn.reset_parameters(init);
-    out.reset_parameters(init);
-    init.constant(layer_scale, initial_layer_scale);
-  }
+  void reset_parameters(Initializer& init) { this->reset_attention(init); }
 
   const Tensor<B>& forward(const Tensor<B>& x, Context& ctx) {
     HATCH_CHECK(x.cols() == D, "NacReadOut", "input width " + std::to_string(x.cols()) + ", expected " + std::to_string(D));
     HATCH_CHECK(u_ > 0, "NacReadOut", "no codes: call use_codes(codes) before the first forward");
-    x_ = &x;
-    rows_ = int(x.rows());
-    nb_ = rows_ / u_;
-    const Tensor<B>& o = attn.forward(qkv.forward(norm.forward(x, ctx), ctx), ctx);  // (B UOut, D)
-    f_ = &out.forward(o, ctx);
-    const int ro = nb_ * UOut;
-    nac_detail::layer_scale_rows(gamma_rows_, layer_scale, ro, D);
-    y_.resize({ro, D});
-    B::mul(y_.data(), f_->data(), gamma_rows_.data(), std::size_t(ro) * D);
-    return y_;
+    return this->attend(x, ctx);
   }
-
-  const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
-    const int ro = nb_ * UOut;
-    if (wants_grad(layer_scale, ctx)) {
-      tmp_.resize({ro, D});
-      B::mul(tmp_.data(), dy.data(), f_->data(), std::size_t(ro) * D);
-      B::sum_rows(layer_scale.grad.data(), tmp_.data(), ro, D, D, T(1));
-    }
-    dbranch_.resize({ro, D});
-    B::mul(dbranch_.data(), dy.data(), gamma_rows_.data(), std::size_t(ro) * D);
-    const Tensor<B>& dqkv = backward_inner(attn, backward_inner(out, dbranch_, ctx), ctx);
-    const Tensor<B>& dxn = norm.backward(backward_inner(qkv, dqkv, ctx), ctx);
-    if (ctx.input_grad) {
-      dx_.resize(x_->shape());
-      B::copy(dx_.data(), dxn.data(), std::size_t(rows_) * D);
-    }
-    return dx_;
-  }
+  const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) { return this->attend_backward(dy, ctx); }
 
   template <class F>
   void visit(F&& f, const std::string& prefix) {
-    norm.visit(f, prefix + "norm.");
-    qkv.visit(f, prefix + "qkv.");
-    attn.visit(f, prefix + "attn.");
-    out.visit(f, prefix + "out.");
-    f(prefix + "layer_scale.gamma", layer_scale);
+    this->visit_attention(f, prefix);
   }
 
-  LayerNormLayer<B, D> norm;
-  ModFcLayer<B, D, 3 * D, CodeDim> qkv;
-  KmdpaLayer<B, Heads, D / Heads, SigDim> attn;
-  ModFcLayer<B, D, D, CodeDim> out;
-  Parameter<B> layer_scale;
-
  private:
-  const Tensor<B>* x_ = nullptr;
-  const Tensor<B>* f_ = nullptr;
-  int rows_ = 0, nb_ = 0, u_ = 0, senders_ = UIn;
-  Tensor<B> gamma_rows_, y_, tmp_, dbranch_, dx_;
+  int u_ = 0, senders_ = UIn;
 };
 
 template <int D, int Heads, int UIn, int UOut, int CodeDim, int SigDim>
