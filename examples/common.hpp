@@ -98,6 +98,10 @@ inline void add_common_flags(CLI::App& app, CommonOptions& o, bool e2e_presets =
   app.add_flag("--balanced", o.balanced,
                "with --train-limit N: the first N / 10 training images of each class instead of the first N");
   app.add_option("--test-limit", o.test_limit, "use only the first N test images (0 = all)")->check(integer_in(0, 1e9));
+  app.add_flag("--ood", o.ood,
+               "also evaluate the final model on the out-of-distribution set made from the test images (each "
+               "rotated, noisy, low in contrast, blurred or elastically deformed, with a fixed seed: docs/design.md) "
+               "and print ood_accuracy= on the line before test_accuracy=");
   app.add_option("--threads", o.threads,
                  "CPU threads (at most the cores this process may use; the default is all of them)")
       ->check(integer_in(1, 1 << 20));

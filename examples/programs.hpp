@@ -31,6 +31,7 @@ struct CommonOptions {
   bool hflip = false, no_progress = false, no_resume = false, tf32 = false, lr_per_epoch = false;
   bool balanced = false;  // --train-limit N takes the first N / 10 images of each class
   bool distributed = false;  // data-parallel over the MPI job's ranks
+  bool ood = false;          // the final model also on data::shifted(test): ood_accuracy=
   std::shared_ptr<hatch::Collective> world;  // the MPI job (null: a build without MPI)
   int rank() const { return world ? world->rank() : 0; }
   int ranks() const { return world ? world->size() : 1; }
@@ -91,6 +92,20 @@ struct CommonOptions {
                      "applies to a NAC model only (train_e2e --preset nac-small, distill --student nac)");
     }
   }
+  // With --ood, the out-of-distribution set made from the test set (data/shift.hpp); else null.
+  std::shared_ptr<const hatch::data::Dataset> ood_set(const hatch::data::Dataset& test) const {
+    return ood ? std::make_shared<const hatch::data::Dataset>(hatch::data::shifted(test)) : nullptr;
+  }
+  // --ood applies to the phases that end with the final model.
+  void check_ood(const std::string& phase) const {
+    hatch::require(!ood || phase == "all" || phase == "finetune", "--ood",
+                   "applies to --phase all or finetune, whose fine-tuned model it evaluates; --phase " + phase +
+                       " has none");
+  }
+  // "ood_accuracy=0.XXXX" when the result has one: the line before test_accuracy=.
+  static void print_ood(const hatch::FitResult& r) {
+    if (r.ood) std::printf("ood_accuracy=%.4f\n", r.ood->accuracy);
+  }
   // Before any training: a data set whose images are not the preset's is refused at once.
   template <class V>
   void check_images(const hatch::data::Dataset& set) const {
@@ -112,7 +127,8 @@ struct IncubateOptions {
   double hybrid_drop_path = 0.1, finetune_drop_path = 0.1, finetune_clip = 1.0, finetune_lr = 5e-4;
 };
 
-// End-to-end training. Last stdout line: test_accuracy=0.XXXX
+// End-to-end training. Last stdout line: test_accuracy=0.XXXX (with --ood, ood_accuracy=0.XXXX
+// before it).
 template <class B>
 int train_e2e(const E2eOptions& a) {
   const auto& c = a.common;
@@ -137,10 +153,12 @@ int train_e2e(const E2eOptions& a) {
     }
     set_drop_path(*model, c.drop_path);
     fo.recipe["drop-path"] = c.drop_path;
+    fo.ood = c.ood_set(test);
     const auto result = fit(*model, train, test, fo);
     if (c.rank() == 0) {
       save_parameters(*model, std::filesystem::path(c.out) / "model.safetensors", {{"preset", c.preset}});
       std::printf("epochs=%d train_images=%d seconds=%.1f\n", result.epochs, train.n, result.seconds);
+      c.print_ood(result);
       std::printf("test_accuracy=%.4f\n", result.test.accuracy);
     }
     return 0;
@@ -158,6 +176,7 @@ struct ModularPhases {
   nlohmann::json module_recipe = nlohmann::json::object();  // ... and those of meta and module phases
   double images = 0, seconds = 0;
   hatch::FitResult last;
+  std::shared_ptr<const hatch::data::Dataset> ood;  // --ood: evaluated after fine-tuning
 
   bool lead() const { return !c.module_parallel() || c.rank() == 0; }
   bool mine(std::size_t i) const { return !c.module_parallel() || int(i % std::size_t(c.ranks())) == c.rank(); }
@@ -175,6 +194,7 @@ struct ModularPhases {
       o.warmup_epochs = 0;
       o.clip = finetune_clip;
       o.recipe["finetune-drop-path"] = finetune_drop_path;
+      o.ood = ood;
     } else {
       o.recipe["hybrid-drop-path"] = hybrid_drop_path;
       for (const auto& [k, v] : module_recipe.items()) o.recipe[k] = v;
@@ -214,6 +234,7 @@ hatch::FitResult incubation_phases(const IncubateOptions& a, const hatch::data::
   if ((phase == "assemble" || phase == "finetune" || phase == "all") && p.lead()) {
     auto target = std::make_unique<Model<V, B>>();
     if (phase != "finetune") inc.assemble(*target);
+    if (phase != "assemble") p.ood = c.ood_set(test);
     if (phase != "assemble") p.account(inc.finetune(*target, train, test, p.options(a.epochs_finetune, true)));
   }
   if (images_out) *images_out = p.images;
@@ -222,10 +243,11 @@ hatch::FitResult incubation_phases(const IncubateOptions& a, const hatch::data::
 }
 
 // Deep Incubation, one phase or all. Last stdout line: test_accuracy=0.XXXX (or, for
-// --phase assemble, where the assembled model went).
+// --phase assemble, where the assembled model went); with --ood, ood_accuracy=0.XXXX before it.
 template <class B>
 int incubate(const IncubateOptions& a) {
   const auto& c = a.common;
+  c.check_ood(a.phase);
   const bool needs_data = a.phase != "assemble";
   const auto train = needs_data ? c.load(true) : hatch::data::Dataset{};
   const auto test = needs_data ? c.load(false) : hatch::data::Dataset{};
@@ -241,6 +263,7 @@ int incubate(const IncubateOptions& a) {
                   (std::filesystem::path(c.out) / "assembled").c_str());
       return 0;
     }
+    c.print_ood(last);
     std::printf("test_accuracy=%.4f\n", last.test.accuracy);
     return 0;
   });
@@ -293,10 +316,12 @@ int with_distill_pair(const std::string& teacher, const std::string& student, F&
 //              or <out>/teacher-run, incubated here first when it is not there);
 //   module   — distil student module --index (every module: -1);
 //   assemble, finetune — as in Deep Incubation.
-// Last stdout line: test_accuracy=0.XXXX (or, for --phase assemble, where the student went).
+// Last stdout line: test_accuracy=0.XXXX (or, for --phase assemble, where the student went);
+// with --ood, ood_accuracy=0.XXXX before it.
 template <class B>
 int distill(const DistillOptions& a) {
   const auto& c = a.common;
+  c.check_ood(a.phase);
   const bool needs_data = a.phase != "assemble";
   const auto train = needs_data ? c.load(true) : hatch::data::Dataset{};
   const auto test = needs_data ? c.load(false) : hatch::data::Dataset{};
@@ -356,6 +381,7 @@ int distill(const DistillOptions& a) {
     }
     if ((phase == "assemble" || phase == "finetune" || phase == "all") && p.lead()) {
       auto target = std::make_unique<typename Kd::Student>();
+      if (phase != "assemble") p.ood = c.ood_set(test);
       auto fo = p.options(a.epochs_finetune, true);
       c.configure(*target, &fo);
       if (phase != "finetune") kd.assemble(*target);
@@ -368,6 +394,7 @@ int distill(const DistillOptions& a) {
       std::printf("assembled %zu modules into %s\n", Kd::K, kd.files().assembled_dir().c_str());
       return 0;
     }
+    c.print_ood(p.last);
     std::printf("test_accuracy=%.4f\n", p.last.test.accuracy);
     return 0;
   });

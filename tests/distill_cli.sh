@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The distill program (m2mKD) end to end and its refusals.
 #   distill_cli.sh <path to build/examples/distill> <work dir>
-# 1. --phase all on vit-micro (a teacher incubated first into <work>/all/teacher-run) ends with
-#    test_accuracy=, with every stage file of every phase written.
+# 1. --phase all --ood on vit-micro (a teacher incubated first into <work>/all/teacher-run) ends
+#    with ood_accuracy= and test_accuracy=, with every stage file of every phase written.
 # 2. The same run phase by phase in separate processes, taking the teacher of run 1 with
 #    --teacher-dir, gives byte-identical module, assembled and fine-tuned files.
 # 3. Bad inputs stop with one message naming the file or flag, a non-zero exit, and every file
@@ -25,8 +25,9 @@ common=(--data "$data" --preset vit-micro --train-limit 256 --test-limit 128 --e
         --student)  # the student comes last: vit, or the one a refusal names
 status=0
 
-"$bin" "${common[@]}" vit --out "$a" --phase all > "$a.stdout.txt"
+"$bin" "${common[@]}" vit --out "$a" --phase all --ood > "$a.stdout.txt"
 tail -n1 "$a.stdout.txt" | grep -Eq '^test_accuracy=0[.][0-9]{4}$' || { echo "FAIL: last line of --phase all:" >&2; cat "$a.stdout.txt" >&2; status=1; }
+tail -n2 "$a.stdout.txt" | head -n1 | grep -Eq '^ood_accuracy=0[.][0-9]{4}$' || { echo "FAIL: no ood_accuracy= before the last line of --phase all --ood" >&2; status=1; }
 grep -Eq '^teacher: vit-micro from .*teacher-run, test_accuracy=0[.][0-9]{4}$' "$a.stdout.txt" || { echo "FAIL: no teacher accuracy" >&2; status=1; }
 [[ $(grep -Ec '^module [0-3]: teacher_hybrid_accuracy=0[.][0-9]{4} student_hybrid_accuracy=0[.][0-9]{4}$' "$a.stdout.txt") -eq 4 ]] ||
   { echo "FAIL: expected a teacher/student hybrid accuracy line per module" >&2; status=1; }

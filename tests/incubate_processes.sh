@@ -3,7 +3,8 @@
 #   incubate_processes.sh <path to build/examples/incubate> <work dir>
 # Runs vit-micro on a small Fashion-MNIST subset once with --phase all (into <work>/all) and
 # once phase by phase (meta; module --index 0..3; assemble; finetune) into <work>/split, then
-# compares every per-stage file of every phase byte for byte with cmp, and the final accuracy;
+# compares every per-stage file of every phase byte for byte with cmp, and the final accuracy
+# (the split run's finetune with --ood, which must print ood_accuracy= and change nothing else);
 # then checks that mixed or stale inputs are refused (lineage).
 # The data directory is $HATCH_FASHION_MNIST (default /usr/share/datasets/fashion-mnist); when
 # it is missing the script exits 77, which CTest reports as skipped (SKIP_RETURN_CODE 77).
@@ -37,7 +38,7 @@ for i in 0 1 2 3; do
   "$bin" "${common[@]}" --out "$b" --phase module --index "$i" > "$b/stdout.module$i.txt"
 done
 "$bin" "${common[@]}" --out "$b" --phase assemble > "$b/stdout.assemble.txt"
-"$bin" "${common[@]}" --out "$b" --phase finetune > "$b/stdout.finetune.txt"
+"$bin" "${common[@]}" --out "$b" --phase finetune --ood > "$b/stdout.finetune.txt"  # --ood changes no file
 
 status=0
 compared=0
@@ -62,6 +63,13 @@ acc_a=$(grep '^test_accuracy=' "$a/stdout.txt" | tail -n1)
 acc_b=$(grep '^test_accuracy=' "$b/stdout.finetune.txt" | tail -n1)
 if [[ "$acc_a" != "$acc_b" ]]; then
   echo "FAIL: one process says '$acc_a', separate processes say '$acc_b'" >&2
+  status=1
+fi
+
+# --ood: the out-of-distribution accuracy on the line before the last.
+if ! tail -n2 "$b/stdout.finetune.txt" | head -n1 | grep -Eq '^ood_accuracy=0[.][0-9]{4}$'; then
+  echo "FAIL: --phase finetune --ood printed no ood_accuracy= before its last line:" >&2
+  cat "$b/stdout.finetune.txt" >&2
   status=1
 fi
 

@@ -32,6 +32,7 @@
 #include "hatch/data/batcher.hpp"
 #include "hatch/data/fashion_mnist.hpp"
 #include "hatch/data/idx.hpp"
+#include "hatch/data/shift.hpp"
 #include "hatch/io/safetensors.hpp"
 #include "hatch/layers/activation.hpp"
 #include "hatch/layers/attention.hpp"

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <filesystem>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <set>
 #include <string>
@@ -61,6 +62,10 @@ struct FitOptions {
   double images_before = 0;              // training images seen by earlier phases (for compute plots)
   double seconds_before = 0;             // training seconds spent by earlier phases
   std::function<void(int epoch, const EvalResult& test)> on_epoch_end;  // after the state is saved
+  // A second held-out set (such as data::shifted(test), the out-of-distribution set), evaluated
+  // like the test set after the last epoch only: FitResult::ood, and ood_loss / ood_accuracy in
+  // the last epoch's metrics line. Not part of the recipe: it changes nothing that is trained.
+  std::shared_ptr<const data::Dataset> ood;
   // Data-parallel training (distributed/collective.hpp; null or one rank: a single process).
   // Every rank makes the same global batch (same order and augmentation as one process) and
   // trains on its contiguous share of the rows; the gradients, weighted by each share, are
@@ -73,6 +78,7 @@ struct FitOptions {
 
 struct FitResult {
   EvalResult test;
+  std::optional<EvalResult> ood;  // FitOptions::ood's, when it was given
   int epochs = 0;
   double seconds = 0, images = 0;
 };
@@ -267,6 +273,11 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
           test.source.empty() ? "fit" : test.source,
           "test images are " + data::shape_string(test) + ", the training images " + data::shape_string(train) +
               "; both sets must have the same image shape and classes");
+  require(!o.ood || (o.ood->channels == train.channels && o.ood->height == train.height &&
+                     o.ood->width == train.width && o.ood->classes == train.classes),
+          "fit", "the out-of-distribution images are " + (o.ood ? data::shape_string(*o.ood) : std::string()) +
+                     ", the training images " + data::shape_string(train) +
+                     "; both sets must have the same image shape and classes");
   const auto state_file = o.out.empty() ? std::filesystem::path() : o.out / (o.phase + ".state.safetensors");
   if (!o.out.empty() && writer) {
     std::filesystem::create_directories(o.out);
@@ -305,7 +316,7 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
   }
   MetricsLog log(writer ? o.out : std::filesystem::path(), o.phase, first_epoch);
   std::vector<T> staging;
-  data::Dataset test_share;
+  data::Dataset test_share, ood_share;
   if (coll) {
     // One set of weights for every rank: rank 0's. (The optimizer's moments are zero, or read
     // from the one state file every rank resumed from.)
@@ -317,7 +328,14 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
     }
     const auto [lo, hi] = detail::share(test.n, rank, ranks);
     test_share = data::subset(test, lo, hi - lo);
+    if (o.ood) {
+      const auto [olo, ohi] = detail::share(o.ood->n, rank, ranks);
+      ood_share = data::subset(*o.ood, olo, ohi - olo);
+    }
   }
+  auto evaluate_ood = [&] {
+    if (o.ood) result.ood = evaluate_shared(model, *o.ood, ood_share, o.evaluation_batch(), coll);
+  };
 
   data::Batch b;
   Tensor<B> x, t;
@@ -402,6 +420,7 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
     result.images += seen;
     const bool evaluated = (epoch + 1) % o.eval_every == 0 || epoch + 1 == o.epochs;
     if (evaluated) result.test = evaluate_shared(model, test, test_share, o.evaluation_batch(), coll);
+    if (epoch + 1 == o.epochs) evaluate_ood();
     result.epochs = epoch + 1;
     char extra[128];
     if (evaluated) std::snprintf(extra, sizeof extra, "| test loss %.4f acc %.4f", result.test.loss, result.test.accuracy);
@@ -415,6 +434,10 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
     if (evaluated) {
       line["test_loss"] = result.test.loss;
       line["test_accuracy"] = result.test.accuracy;
+    }
+    if (epoch + 1 == o.epochs && result.ood) {
+      line["ood_loss"] = result.ood->loss;
+      line["ood_accuracy"] = result.ood->accuracy;
     }
     // Expert layers, in model order: each expert's share of the epoch's routed tokens, and the
     // share of choices dropped for capacity.
@@ -444,6 +467,7 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
   }
   if (result.epochs == 0 || first_epoch == o.epochs) {
     result.test = evaluate_shared(model, test, test_share, o.evaluation_batch(), coll);
+    evaluate_ood();
     result.epochs = o.epochs;
   }
   return result;
