@@ -96,11 +96,12 @@ struct CommonOptions {
   std::shared_ptr<const hatch::data::Dataset> ood_set(const hatch::data::Dataset& test) const {
     return ood ? std::make_shared<const hatch::data::Dataset>(hatch::data::shifted(test)) : nullptr;
   }
-  // --ood applies to the phases that end with the final model.
-  void check_ood(const std::string& phase) const {
-    hatch::require(!ood || phase == "all" || phase == "finetune", "--ood",
-                   "applies to --phase all or finetune, whose fine-tuned model it evaluates; --phase " + phase +
-                       " has none");
+  // --ood applies to the phases that end with the final model (and, with teacher_phase, to
+  // distill's meta phase, which evaluates the teacher).
+  void check_ood(const std::string& phase, bool teacher_phase = false) const {
+    hatch::require(!ood || phase == "all" || phase == "finetune" || (teacher_phase && phase == "meta"), "--ood",
+                   std::string("applies to --phase all or finetune, whose fine-tuned model it evaluates") +
+                       (teacher_phase ? " (or meta, the teacher)" : "") + "; --phase " + phase + " has none");
   }
   // "ood_accuracy=0.XXXX" when the result has one: the line before test_accuracy=.
   static void print_ood(const hatch::FitResult& r) {
@@ -321,7 +322,7 @@ int with_distill_pair(const std::string& teacher, const std::string& student, F&
 template <class B>
 int distill(const DistillOptions& a) {
   const auto& c = a.common;
-  c.check_ood(a.phase);
+  c.check_ood(a.phase, /*teacher_phase=*/true);
   const bool needs_data = a.phase != "assemble";
   const auto train = needs_data ? c.load(true) : hatch::data::Dataset{};
   const auto test = needs_data ? c.load(false) : hatch::data::Dataset{};
@@ -360,9 +361,18 @@ int distill(const DistillOptions& a) {
       }
       if (p.lead()) {
         auto teacher = kd.take_teacher(run, c.preset);
-        const auto t = evaluate(*teacher, test, c.fit_options(0, "").evaluation_batch());
+        const int eval_batch = c.fit_options(0, "").evaluation_batch();
+        const auto t = evaluate(*teacher, test, eval_batch);
+        std::string ood_part;
+        if (c.ood) {  // the teacher out of distribution too
+          p.last.ood = evaluate(*teacher, *c.ood_set(test), eval_batch);
+          char buf[48];
+          std::snprintf(buf, sizeof buf, ", ood_accuracy=%.4f", p.last.ood->accuracy);
+          ood_part = buf;
+        }
         if (c.rank() == 0)
-          std::printf("teacher: %s from %s, test_accuracy=%.4f\n", c.preset.c_str(), run.c_str(), t.accuracy);
+          std::printf("teacher: %s from %s%s, test_accuracy=%.4f\n", c.preset.c_str(), run.c_str(), ood_part.c_str(),
+                      t.accuracy);
         p.last.test = t;
       }
       c.sync();

@@ -3,7 +3,7 @@
 # against nac-small trained end to end, for two graph priors, with the dense-attention NAC and
 # the teacher beside them (docs/results.md §8, issue 10).
 #
-#   tools/nac_m2mkd.sh BIN_DIR TEACHER_RUN OUT_DIR
+#   tools/nac_m2mkd.sh BIN_DIR TEACHER_RUN OUT_DIR [kd|e2e]
 #
 # BIN_DIR holds train_e2e and distill (build/examples); TEACHER_RUN is a finished
 # `incubate --preset vit-small` run (its finetuned/ stages are the teacher, its meta/ the meta
@@ -14,13 +14,14 @@
 # alpha 0.5, T 1), assembled with fresh codes and signatures on the prior, then fine-tuned 6 epochs
 # at peak RATE (no warmup, clip 1); end to end: 10 epochs (= 4 x 4 / 4 + 6, §6's accounting) at
 # peak RATE, warmup 0.5. The modules are distilled once: the prior enters only at assembly.
-# Two lanes run side by side (two cores): the distillation chain and the end-to-end runs.
+# Two lanes run side by side (two cores): the distillation chain and the end-to-end runs (a
+# fourth argument runs one lane only).
 set -euo pipefail
-[[ $# -eq 3 ]] || { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-bin=$1 teacher=$2 out=$3
+[[ $# -eq 3 || $# -eq 4 ]] || { sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+bin=$1 teacher=$2 out=$3 lane=${4:-both}
 rate=${RATE:-1e-3}
 mkdir -p "$out"
-common=(--train-limit 10000 --test-limit 0 --threads 1 --seed 0 --no-progress --label-smoothing 0.1 --ood)
+common=(--train-limit 10000 --test-limit 0 --threads 1 --seed 0 --no-progress --label-smoothing 0.1)
 log() { echo "$(date +%T) $*" | tee -a "$out/jobs.log"; }
 run() {  # <name> <command...>
   local name=$1
@@ -34,14 +35,17 @@ run() {  # <name> <command...>
 }
 kd=(--preset vit-small --student nac --teacher-dir "$teacher" "${common[@]}")
 distill_lane() {
-  run kd-meta "$bin/distill" "${kd[@]}" --out "$out/kd" --phase meta
-  run kd-modules "$bin/distill" "${kd[@]}" --out "$out/kd" --phase module --epochs-module 4
+  if [[ ! -f $out/kd/modules/stage3.safetensors ]]; then  # distilled once, reused by every prior
+    run kd-meta "$bin/distill" "${kd[@]}" --out "$out/kd" --phase meta
+    run kd-modules "$bin/distill" "${kd[@]}" --out "$out/kd" --phase module --epochs-module 4
+  fi
+  run kd-teacher-ood "$bin/distill" "${kd[@]}" --out "$out/kd" --phase meta --ood  # the teacher in and out
   for prior in scale-free erdos-renyi; do
     local dir="$out/kd-$prior"
     rm -rf "$dir" && mkdir -p "$dir" && cp -r "$out/kd/teacher" "$out/kd/modules" "$dir/"
     run "kd-$prior" "$bin/distill" "${kd[@]}" --out "$dir" --phase assemble --nac-prior "$prior"
     run "kd-$prior-ft" "$bin/distill" "${kd[@]}" --out "$dir" --phase finetune --nac-prior "$prior" \
-      --epochs-finetune 6 --finetune-lr "$rate" --finetune-clip 1
+      --epochs-finetune 6 --finetune-lr "$rate" --finetune-clip 1 --ood
   done
 }
 e2e_lane() {
@@ -49,10 +53,10 @@ e2e_lane() {
     local flags=(--nac-prior scale-free)
     [[ $arm == dense ]] && flags+=(--nac-dense) || flags=(--nac-prior "$arm")
     run "e2e-$arm" "$bin/train_e2e" --preset nac-small "${common[@]}" "${flags[@]}" --out "$out/e2e-$arm" \
-      --epochs 10 --lr "$rate" --warmup-epochs 0.5
+      --epochs 10 --lr "$rate" --warmup-epochs 0.5 --ood
   done
 }
-distill_lane &
-e2e_lane &
+[[ $lane == e2e ]] || distill_lane &
+[[ $lane == kd ]] || e2e_lane &
 wait
 log "all done"
