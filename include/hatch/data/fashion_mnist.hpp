@@ -162,11 +162,14 @@ inline Dataset load_fashion_mnist(const std::filesystem::path& dir = kFashionMni
                 " is outside [0, " + std::to_string(d.classes) + ")");
   if (limit > 0) d.n = std::min(d.n, limit);
 
-  // The file's bytes become the set's pixels without a copy; a limit gives back the rest.
+  // The file's bytes become the set's pixels without a copy; a limit gives back the rest (a copy
+  // of the kept part, so only then).
   const std::size_t count = d.n * d.sample_size();
   d.pixels = std::move(images.data);
-  d.pixels.resize(count);
-  d.pixels.shrink_to_fit();
+  if (count < d.pixels.size()) {
+    d.pixels.resize(count);
+    d.pixels.shrink_to_fit();
+  }
   d.labels.assign(labels.data.begin(), labels.data.begin() + d.n);
   return d;
 }
