@@ -61,7 +61,7 @@ run() {
   local rss wall acc
   rss="$(sed -n 's/.*Maximum resident set size (kbytes): *\([0-9]*\).*/\1/p' "$tv")"
   # "Elapsed (wall clock) time (h:mm:ss or m:ss): 3:07.41" -> seconds
-  wall="$(sed -n 's/.*Elapsed (wall clock) time.*: *\([0-9:.]*\)$/\1/p' "$tv" |
+  wall="$(sed -n 's/.*Elapsed (wall clock) time (h:mm:ss or m:ss): *//p' "$tv" |
           awk -F: '{s = 0; for (i = 1; i <= NF; ++i) s = s * 60 + $i; printf "%.1f", s}')"
   acc="$(sed -n 's/^test_accuracy=\([0-9.]*\)$/\1/p' "$out" | tail -1)"
   [[ -n "$acc" ]] || { tail -20 "$out" >&2; die "$name printed no test_accuracy= line"; }
