@@ -175,6 +175,8 @@ TEST_CASE("idx: the real files") {
   const IdxArray images = read_idx(dir / "train-images-idx3-ubyte.gz");
   CHECK(images.dims == std::vector<int>{60000, 28, 28});
   CHECK(images.data.size() == 47040000u);
+  // The payload stays in the gunzip buffer, sized from the gzip trailer: no 4x over-allocation.
+  CHECK(images.data.capacity() <= images.data.size() + 64);
   const IdxArray labels = read_idx(dir / "t10k-labels-idx1-ubyte.gz");
   CHECK(labels.dims == std::vector<int>{10000});
 }
