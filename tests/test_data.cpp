@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <numeric>
@@ -174,6 +175,8 @@ TEST_CASE("idx: the real files") {
   const IdxArray images = read_idx(dir / "train-images-idx3-ubyte.gz");
   CHECK(images.dims == std::vector<int>{60000, 28, 28});
   CHECK(images.data.size() == 47040000u);
+  // The payload stays in the gunzip buffer, sized from the gzip trailer: no 4x over-allocation.
+  CHECK(images.data.capacity() <= images.data.size() + 64);
   const IdxArray labels = read_idx(dir / "t10k-labels-idx1-ubyte.gz");
   CHECK(labels.dims == std::vector<int>{10000});
 }
@@ -235,19 +238,26 @@ TEST_CASE("fashion_mnist: loads train and test sets") {
     CHECK(d->height == 28);
     CHECK(d->width == 28);
     CHECK(d->classes == 10);
-    CHECK(d->images.size() == static_cast<std::size_t>(d->n) * 28 * 28);
+    CHECK(d->pixels.size() == static_cast<std::size_t>(d->n) * 28 * 28);  // held as 8-bit pixels
+    CHECK(d->images.empty());
     CHECK(d->labels.size() == static_cast<std::size_t>(d->n));
     CHECK(std::all_of(d->labels.begin(), d->labels.end(), [](int y) { return y >= 0 && y < 10; }));
   }
   CHECK(train.n == 60000);
   CHECK(test.n == 10000);
   // The normalisation constants are the training set's statistics.
-  const double mean = std::accumulate(train.images.begin(), train.images.end(), 0.0) / train.images.size();
+  const std::vector<float> values = normalised(train);
+  const double mean = std::accumulate(values.begin(), values.end(), 0.0) / values.size();
   double var = 0;
-  for (float v : train.images) var += (v - mean) * (v - mean);
+  for (float v : values) var += (v - mean) * (v - mean);
   CHECK(std::abs(mean) < 0.01);
-  CHECK(std::sqrt(var / train.images.size()) == doctest::Approx(1.0).epsilon(0.01));
-  CHECK(*std::min_element(train.images.begin(), train.images.end()) == doctest::Approx(kFashionMnistBlack));
+  CHECK(std::sqrt(var / values.size()) == doctest::Approx(1.0).epsilon(0.01));
+  CHECK(*std::min_element(values.begin(), values.end()) == kFashionMnistBlack);
+  // Normalising a sample gives what the loader used to store: (p / 255 - mean) / std in float.
+  std::vector<float> first(train.sample_size());
+  train.sample(0, first.data());
+  for (std::size_t j = 0; j < first.size(); ++j)
+    CHECK(first[j] == (train.pixels[j] / 255.0f - kFashionMnistMean) / kFashionMnistStd);
   std::vector<int> per_class(10);
   for (int y : train.labels) ++per_class[y];
   CHECK(per_class == std::vector<int>(10, 6000));
@@ -261,19 +271,21 @@ TEST_CASE("fashion_mnist: plain files, limit, subset and fraction") {
   const Dataset plain = load_fashion_mnist(tmp.path, false, 100);
   const Dataset gz = load_fashion_mnist(kFashionMnistDir, false);
   CHECK(plain.n == 100);
-  CHECK(plain.images.size() == 100u * 784);
-  CHECK(std::equal(plain.images.begin(), plain.images.end(), gz.images.begin()));
+  CHECK(plain.pixels.size() == 100u * 784);
+  CHECK(plain.pixels.capacity() == 100u * 784);  // the rest of the file is given back
+  CHECK(std::equal(plain.pixels.begin(), plain.pixels.end(), gz.pixels.begin()));
   CHECK(std::equal(plain.labels.begin(), plain.labels.end(), gz.labels.begin()));
   CHECK(load_fashion_mnist(tmp.path, false, 20000).n == 10000);
 
   const Dataset mid = subset(gz, 10, 5);
   CHECK(mid.n == 5);
-  CHECK(std::equal(mid.images.begin(), mid.images.end(), gz.images.begin() + 10 * 784));
+  CHECK(mid.images.empty());  // a subset of 8-bit pixels stays 8-bit
+  CHECK(std::equal(mid.pixels.begin(), mid.pixels.end(), gz.pixels.begin() + 10 * 784));
   CHECK_THROWS_AS(subset(gz, 9999, 2), hatch::Error);
 
   const Dataset quarter = fraction(real_train(), 0.25, 7);
   CHECK(quarter.n == 15000);
-  CHECK(quarter.images == fraction(real_train(), 0.25, 7).images);
+  CHECK(quarter.pixels == fraction(real_train(), 0.25, 7).pixels);
   CHECK(quarter.labels != fraction(real_train(), 0.25, 8).labels);
   CHECK_THROWS_AS(fraction(gz, 0.0, 1), hatch::Error);
   CHECK_THROWS_AS(fraction(gz, 1.5, 1), hatch::Error);
@@ -362,7 +374,7 @@ TEST_CASE("fashion_mnist: balanced_first takes the first images of each class, i
   std::vector<int> head_per(10, 0);
   for (int i = 0; i < head.n; ++i) ++head_per[head.labels[i]];
   CHECK(*std::max_element(head_per.begin(), head_per.end()) > 300);
-  CHECK(std::equal(b.images.begin(), b.images.begin() + b.sample_size(), full.images.begin()));
+  CHECK(std::equal(b.pixels.begin(), b.pixels.begin() + b.sample_size(), full.pixels.begin()));
   const Dataset odd = balanced_first(full, 25);  // 3 of classes 0-4, 2 of the others
   std::vector<int> odd_per(10, 0);
   for (int i = 0; i < odd.n; ++i) ++odd_per[odd.labels[i]];
@@ -591,6 +603,28 @@ TEST_CASE("batcher: invalid settings are rejected") {
   CHECK_THROWS_AS(Batcher(broken, 2, true, 0), hatch::Error);
   Batcher ok(d, 3, true, 0);
   CHECK_THROWS_AS(ok.start_epoch(0, 3), hatch::Error);
+}
+
+TEST_CASE("batcher: 8-bit pixels normalised per batch give the floats of a normalised copy, bit for bit") {
+  if (!have_real_data()) return;
+  const Dataset bytes = load_fashion_mnist(kFashionMnistDir, false, 300);
+  Dataset floats = bytes;
+  floats.images = normalised(bytes);
+  floats.pixels = {};
+  for (const AugmentOptions aug : {AugmentOptions{}, AugmentOptions{.crop_padding = 4, .hflip = true, .mixup_alpha = 0.8f,
+                                                                   .cutmix_alpha = 1.0f, .label_smoothing = 0.1f}}) {
+    Batcher a(bytes, 64, true, 5, aug), b(floats, 64, true, 5, aug);
+    Batch x, y;
+    int batches = 0;
+    while (a.next(x)) {
+      REQUIRE(b.next(y));
+      CHECK(std::memcmp(x.images.data(), y.images.data(), x.images.size() * sizeof(float)) == 0);
+      CHECK(x.targets == y.targets);
+      ++batches;
+    }
+    CHECK_FALSE(b.next(y));
+    CHECK(batches == 5);
+  }
 }
 
 TEST_CASE("batcher: an augmented epoch over the real test set") {

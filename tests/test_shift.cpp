@@ -98,8 +98,11 @@ bool bitwise_equal(const std::vector<float>& a, const std::vector<float>& b) {
 
 bool image_differs(const Dataset& a, const Dataset& b, int i) {
   const std::size_t s = a.sample_size();
+  std::vector<float> x(s), y(s);  // either set may hold 8-bit pixels (a loaded one) or floats
+  a.sample(std::size_t(i), x.data());
+  b.sample(std::size_t(i), y.data());
   for (std::size_t j = 0; j < s; ++j)
-    if (std::abs(a.images[i * s + j] - b.images[i * s + j]) > 1e-3f) return true;
+    if (std::abs(x[j] - y[j]) > 1e-3f) return true;
   return false;
 }
 

@@ -47,8 +47,8 @@ class Batcher {
     require(data.n >= 0 && data.channels >= 1 && data.height >= 1 && data.width >= 1 &&
                 data.classes >= 1,
             where, "dataset shape is invalid (n, channels, height, width, classes)");
-    require(data.images.size() == data.n * data.sample_size(), where,
-            "dataset has " + std::to_string(data.images.size()) + " floats of images, expected " +
+    require(data.values() == data.n * data.sample_size(), where,
+            "dataset has " + std::to_string(data.values()) + " image values, expected " +
                 std::to_string(data.n * data.sample_size()));
     require(data.labels.size() == static_cast<std::size_t>(data.n), where,
             "dataset has " + std::to_string(data.labels.size()) + " labels, expected " +
@@ -110,7 +110,7 @@ class Batcher {
     for (int i = 0; i < size; ++i) {
       const int idx = order_[cursor_ + i];
       out.labels[i] = d.labels[idx];
-      copy_augmented(&d.images[idx * s], &out.images[i * s], rng);
+      copy_augmented(idx, &out.images[i * s], rng);
     }
     out.mix_lambda = mix(out, rng);
     write_targets(out);
@@ -121,12 +121,17 @@ class Batcher {
   }
 
  private:
-  void copy_augmented(const float* src, float* dst, std::mt19937_64& rng) const {
+  // Sample idx, normalised (Dataset::sample), cropped and flipped into dst.
+  void copy_augmented(int idx, float* dst, std::mt19937_64& rng) {
     const int p = aug_.crop_padding;
     if (p == 0 && !aug_.hflip) {
-      std::copy_n(src, data_->sample_size(), dst);
+      data_->sample(std::size_t(idx), dst);
       return;
     }
+    // Crop and flip read the normalised sample, so padding is pad_value in normalised space.
+    sample_.resize(data_->sample_size());
+    data_->sample(std::size_t(idx), sample_.data());
+    const float* src = sample_.data();
     // Crop offset within the padded image, relative to the unpadded origin.
     const int oy = p ? static_cast<int>(detail::uniform_below(rng, 2 * p + 1)) - p : 0;
     const int ox = p ? static_cast<int>(detail::uniform_below(rng, 2 * p + 1)) - p : 0;
@@ -208,6 +213,7 @@ class Batcher {
   AugmentOptions aug_;
   int epoch_ = 0, batch_index_ = 0, cursor_ = 0;
   std::vector<int> order_;
+  std::vector<float> sample_;  // one normalised sample, for copy_augmented
 };
 
 }  // namespace hatch::data

@@ -70,7 +70,16 @@ inline std::vector<std::uint8_t> gunzip(const std::uint8_t* bytes, std::size_t n
 
   // zlib counts in uInt, so feed and drain in pieces that fit.
   constexpr std::size_t kPiece = std::size_t{1} << 30;
-  std::vector<std::uint8_t> out(std::min(max_bytes + 1, std::max<std::size_t>(4 * n, 1 << 16)));
+  // The first guess is the size the gzip trailer records (of the last member, modulo 2^32), one
+  // byte over so that the end of the stream fits without growing: the buffer is zero-filled, so
+  // a generous guess (it was 4x the compressed size: 106 MB for a 47 MB file) costs resident
+  // memory. Deflate expands at most ~1032:1, which bounds what a corrupt trailer can ask for.
+  std::size_t guess = 0;
+  if (n >= 18)
+    guess = std::size_t{bytes[n - 4]} | std::size_t{bytes[n - 3]} << 8 | std::size_t{bytes[n - 2]} << 16 |
+            std::size_t{bytes[n - 1]} << 24;
+  guess = std::min(guess, 1032 * n);
+  std::vector<std::uint8_t> out(std::min(max_bytes + 1, std::max<std::size_t>(guess + 1, 1 << 16)));
   std::size_t fed = 0, produced = 0;
   for (;;) {
     if (zs.avail_in == 0 && fed < n) {
@@ -116,8 +125,12 @@ inline std::vector<std::uint8_t> gunzip(const std::uint8_t* bytes, std::size_t n
   return out;
 }
 
-inline IdxArray parse_idx_plain(const std::uint8_t* p, std::size_t n, const std::string& name,
+// Checks the IDX image in `bytes` and returns it with the payload in the same buffer, the header
+// cut off in place, so that a file's bytes are not held twice.
+inline IdxArray parse_idx_plain(std::vector<std::uint8_t> bytes, const std::string& name,
                                 std::size_t max_bytes, const char* has) {
+  const std::uint8_t* p = bytes.data();
+  const std::size_t n = bytes.size();
   require(n >= 4, name,
           "too short for an IDX header: " + std::to_string(n) + " bytes, expected at least 4");
   require(p[0] == 0 && p[1] == 0, name,
@@ -157,7 +170,8 @@ inline IdxArray parse_idx_plain(const std::uint8_t* p, std::size_t n, const std:
 
   IdxArray a;
   a.dims.assign(dims.begin(), dims.end());
-  a.data.assign(p + header, p + n);
+  bytes.erase(bytes.begin(), bytes.begin() + std::ptrdiff_t(header));
+  a.data = std::move(bytes);
   return a;
 }
 
@@ -169,11 +183,10 @@ inline IdxArray parse_idx(const std::uint8_t* bytes, std::size_t n, const std::s
                           std::size_t max_bytes = kMaxIdxBytes) {
   if (bytes == nullptr) n = 0;
   max_bytes = std::min<std::size_t>(max_bytes, std::uint64_t{1} << 32);
-  if (detail::is_gzip(bytes, n)) {
-    const auto raw = detail::gunzip(bytes, n, name, max_bytes);
-    return detail::parse_idx_plain(raw.data(), raw.size(), name, max_bytes, "decompressed file has");
-  }
-  return detail::parse_idx_plain(bytes, n, name, max_bytes, "file has");
+  if (detail::is_gzip(bytes, n))
+    return detail::parse_idx_plain(detail::gunzip(bytes, n, name, max_bytes), name, max_bytes,
+                                   "decompressed file has");
+  return detail::parse_idx_plain({bytes, bytes + n}, name, max_bytes, "file has");
 }
 
 inline IdxArray read_idx(const std::filesystem::path& path) {
@@ -194,7 +207,12 @@ inline IdxArray read_idx(const std::filesystem::path& path) {
   in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
   require(static_cast<std::size_t>(in.gcount()) == bytes.size(), name,
           "read " + std::to_string(in.gcount()) + " of " + std::to_string(size) + " bytes");
-  return parse_idx(bytes.data(), bytes.size(), name);
+  // As parse_idx, but the file's buffer is handed on (plain) or dropped (gzip) rather than copied.
+  if (!detail::is_gzip(bytes.data(), bytes.size()))
+    return detail::parse_idx_plain(std::move(bytes), name, kMaxIdxBytes, "file has");
+  auto raw = detail::gunzip(bytes.data(), bytes.size(), name, kMaxIdxBytes);
+  bytes = {};
+  return detail::parse_idx_plain(std::move(raw), name, kMaxIdxBytes, "decompressed file has");
 }
 
 }  // namespace hatch::data

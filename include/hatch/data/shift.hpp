@@ -195,15 +195,20 @@ inline std::vector<Plane> corrupt_image(std::vector<Plane> planes, std::int64_t 
 // and labels, image i corrupted by corruption_of(i) with parameters drawn from (seed, i).
 inline Dataset shifted(const Dataset& test, std::uint64_t seed = kOodSeed) {
   const std::size_t s = test.sample_size(), plane = std::size_t(test.height) * test.width;
-  require(test.images.size() == std::size_t(test.n) * s && test.labels.size() == std::size_t(test.n),
+  require(test.values() == std::size_t(test.n) * s && test.labels.size() == std::size_t(test.n),
           test.source.empty() ? "shifted" : test.source,
-          "the set has " + std::to_string(test.images.size()) + " pixel values and " +
+          "the set has " + std::to_string(test.values()) + " pixel values and " +
               std::to_string(test.labels.size()) + " labels for " + std::to_string(test.n) + " images of " +
               shape_string(test));
+  // The corrupted images are held as floats: blur, noise and contrast land between 8-bit levels,
+  // and rounding them to 8 bits would change the set (and every OOD number measured on it).
   Dataset out = test;
+  out.pixels = {};
+  out.images.resize(std::size_t(test.n) * s);
+  std::vector<float> src(s);
   for (int i = 0; i < test.n; ++i) {
     std::vector<Plane> planes(std::size_t(test.channels), Plane{test.height, test.width, std::vector<double>(plane)});
-    const float* src = test.images.data() + std::size_t(i) * s;
+    test.sample(std::size_t(i), src.data());
     for (int c = 0; c < test.channels; ++c)
       for (std::size_t j = 0; j < plane; ++j)
         planes[std::size_t(c)].p[j] =
