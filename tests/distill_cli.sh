@@ -28,7 +28,7 @@ status=0
 "$bin" "${common[@]}" vit --out "$a" --phase all --ood > "$a.stdout.txt"
 tail -n1 "$a.stdout.txt" | grep -Eq '^test_accuracy=0[.][0-9]{4}$' || { echo "FAIL: last line of --phase all:" >&2; cat "$a.stdout.txt" >&2; status=1; }
 tail -n2 "$a.stdout.txt" | head -n1 | grep -Eq '^ood_accuracy=0[.][0-9]{4}$' || { echo "FAIL: no ood_accuracy= before the last line of --phase all --ood" >&2; status=1; }
-grep -Eq '^teacher: vit-micro from .*teacher-run, test_accuracy=0[.][0-9]{4}$' "$a.stdout.txt" || { echo "FAIL: no teacher accuracy" >&2; status=1; }
+grep -Eq '^teacher: vit-micro from .*teacher-run, ood_accuracy=0[.][0-9]{4}, test_accuracy=0[.][0-9]{4}$' "$a.stdout.txt" || { echo "FAIL: no teacher accuracy (in and out of distribution)" >&2; status=1; }
 [[ $(grep -Ec '^module [0-3]: teacher_hybrid_accuracy=0[.][0-9]{4} student_hybrid_accuracy=0[.][0-9]{4}$' "$a.stdout.txt") -eq 4 ]] ||
   { echo "FAIL: expected a teacher/student hybrid accuracy line per module" >&2; status=1; }
 
