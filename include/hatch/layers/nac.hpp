@@ -412,9 +412,12 @@ class KmdpaLayer : public LeafLayer<KmdpaLayer<B, Heads, HeadDim, SigDim>, B, 3 
     for (int u = 0; u < u_; ++u) {
       const bool queries = u >= q0_ && u < q1_;
       for (int v = queries ? k0_ : u_; v < (queries ? k1_ : u_); ++v) {
-        double c = 0;
-        for (int k = 0; k < SigDim; ++k) c += unit_[std::size_t(u) * SigDim + k] * unit_[std::size_t(v) * SigDim + k];
-        const double d = kernel_ ? 1.0 - c : 0.0;
+        double d = 0.0;  // without the kernel every pair is kept: no distance to compute
+        if (kernel_) {
+          double c = 0;
+          for (int k = 0; k < SigDim; ++k) c += unit_[std::size_t(u) * SigDim + k] * unit_[std::size_t(v) * SigDim + k];
+          d = 1.0 - c;
+        }
         if (d <= tau) {
           col_h_.push_back(v);
           dist_h_.push_back(d);
