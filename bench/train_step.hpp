@@ -51,15 +51,18 @@ int time_train_step(const StepOptions& o) {
     x.from_host(xh, {o.batch, s.channels, s.image, s.image});
     t.from_host(smoothed_one_hot(labels, s.classes, 0.0), {o.batch, s.classes});
     double first_loss = -1, last_loss = 0;
+    GradientPool<B> grads;
     auto step = [&] {
       Context ctx;
       ctx.training = true;
       ctx.input_grad = false;
+      ctx.use(grads);
       opt.zero_grad();
       const auto& logits = model->forward(x, ctx);
       last_loss = loss.forward_backward(logits, t);  // returns the loss to the host: the step's sync point
       if (first_loss < 0) first_loss = last_loss;
       model->backward(loss.grad(), ctx);
+      grads.release_all();
       opt.step(1e-3);
       B::synchronize();
     };

@@ -31,12 +31,15 @@ void operator delete(void* p, std::size_t) noexcept { std::free(p); }
 using namespace hatch;
 
 template <class L>
-void step(L& block, const Tensor<Cpu>& x, const Tensor<Cpu>& dy, std::uint64_t seed) {
+void step(L& block, const Tensor<Cpu>& x, const Tensor<Cpu>& dy, std::uint64_t seed,
+          GradientPool<Cpu>* pool = nullptr) {
   Context ctx;
   ctx.training = true;
   ctx.seed = seed;
+  if (pool) ctx.use(*pool);
   block.forward(x, ctx);
   block.backward(dy, ctx);
+  if (pool) pool->release_all();
 }
 
 TEST_CASE("a steady-state Block step allocates nothing") {
@@ -204,4 +207,51 @@ TEST_CASE("a steady-state NAC step (Kmdpa in training, then ModFc) allocates not
   CHECK(Cpu::allocation_count().load() == buffers);
   CHECK(news.load() == 0);
   CHECK(mallocs.load() == 0);
+}
+
+// With a gradient pool (core/grad_pool.hpp) the blocks share their backward buffers: a steady-state
+// step still allocates nothing, and the model keeps far fewer bytes than with one set per layer.
+TEST_CASE("a gradient pool: no allocation in steady state, and the blocks share their backward buffers") {
+  using Net = Sequential<Repeat<6, Block<128, 4>>>;
+  auto measure = [](bool pooled, long& allocations, std::int64_t& bytes, std::vector<float>& dx) {
+    const auto before = Cpu::live_bytes().load();
+    {
+      Model<Net, Cpu> net;
+      Initializer init(3);
+      net.reset_parameters(init);
+      set_drop_path(net, 0.1);
+      GradientPool<Cpu> pool;
+      Tensor<Cpu> x({32, 17, 128}), dy({32, 17, 128});
+      x.fill(0.1f);
+      dy.fill(0.01f);
+      for (int i = 0; i < 2; ++i) step(net, x, dy, i, pooled ? &pool : nullptr);  // sizes the pool
+      const auto count = Cpu::allocation_count().load();
+      mallocs = 0;
+      news = 0;
+      counting = true;
+      for (int i = 2; i < 5; ++i) step(net, x, dy, i, pooled ? &pool : nullptr);
+      counting = false;
+      allocations = long(Cpu::allocation_count().load() - count) + mallocs.load() + news.load();
+      bytes = Cpu::live_bytes().load() - before;
+      Context ctx;
+      ctx.training = true;
+      ctx.seed = 7;
+      if (pooled) ctx.use(pool);
+      net.forward(x, ctx);
+      dx = net.backward(dy, ctx).to_host();
+    }
+    CHECK(Cpu::live_bytes().load() == before);  // every buffer given back when the model goes
+  };
+  long alloc_own = -1, alloc_pool = -1;
+  std::int64_t bytes_own = 0, bytes_pool = 0;
+  std::vector<float> dx_own, dx_pool;
+  measure(false, alloc_own, bytes_own, dx_own);
+  measure(true, alloc_pool, bytes_pool, dx_pool);
+  CHECK(alloc_own == 0);
+  CHECK(alloc_pool == 0);
+  MESSAGE("6 blocks, batch 32: " << bytes_own / 1024 << " KiB with per-layer buffers, " << bytes_pool / 1024
+                                 << " KiB with a gradient pool");
+  CHECK(bytes_pool < bytes_own * 7 / 10);  // the backward half of the buffers is shared
+  REQUIRE(dx_own.size() == dx_pool.size());
+  for (std::size_t i = 0; i < dx_own.size(); ++i) REQUIRE(dx_own[i] == dx_pool[i]);  // same arithmetic
 }

@@ -138,6 +138,7 @@ class Tensor {
     shape_ = Shape{count, src.cols()};
   }
   bool is_view() const { return !owner_; }
+  std::size_t capacity() const { return capacity_; }  // elements allocated (0 for a view or a bound tensor)
 
   // Makes this tensor a bound view of n = s.numel() elements at `data` (memory of B that outlives
   // the binding; see the header comment). Allocates nothing; the contents are data's.

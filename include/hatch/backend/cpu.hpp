@@ -38,14 +38,24 @@ struct CpuBackend {
     static std::atomic<std::int64_t> c{0};
     return c;
   }
+  // Bytes of tensor buffers alive now (Scalar buffers; index tables not counted), so tests can
+  // compare what a configuration keeps.
+  static std::atomic<std::int64_t>& live_bytes() {
+    static std::atomic<std::int64_t> c{0};
+    return c;
+  }
   static T* allocate(std::size_t n) {
     ++allocation_count();
+    live_bytes() += std::int64_t(n * sizeof(T));
     const std::size_t bytes = ((n * sizeof(T) + 63) / 64) * 64;
     void* p = std::aligned_alloc(64, bytes ? bytes : 64);
     if (!p) throw std::bad_alloc();
     return static_cast<T*>(p);
   }
-  static void deallocate(T* p, std::size_t) { std::free(p); }
+  static void deallocate(T* p, std::size_t n) {
+    live_bytes() -= std::int64_t(n * sizeof(T));
+    std::free(p);
+  }
   static void upload(T* dst, const T* src, std::size_t n) { std::memcpy(dst, src, n * sizeof(T)); }
   static void download(T* dst, const T* src, std::size_t n) { std::memcpy(dst, src, n * sizeof(T)); }
   static void copy(T* dst, const T* src, std::size_t n) { std::memcpy(dst, src, n * sizeof(T)); }

@@ -290,8 +290,16 @@ class SequentialLayer {
   const Tensor<B>& backward_from(const Tensor<B>& dy, Context& ctx) {
     // Only the first layer is asked what the Sequential was asked (ctx.input_grad); the others
     // always pass the gradient on.
-    if constexpr (I == 0) return std::get<0>(layers_).backward(dy, ctx);
-    else return backward_from<I - 1>(backward_inner(std::get<I>(layers_), dy, ctx), ctx);
+    // Each child's gradient goes back to the pool (core/grad_pool.hpp) once the child before
+    // it has read it.
+    if constexpr (I == 0) {
+      return std::get<0>(layers_).backward(dy, ctx);
+    } else {
+      const Tensor<B>& d = backward_inner(std::get<I>(layers_), dy, ctx);
+      const Tensor<B>& r = backward_from<I - 1>(d, ctx);
+      release_grad(ctx, d, dy, r);
+      return r;
+    }
   }
   template <class F, std::size_t... I>
   void visit_children(F& f, const std::string& prefix, std::index_sequence<I...>) {
@@ -336,13 +344,21 @@ class ResidualLayer {
   }
   const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
     // The branch's input gradient is needed exactly when the block's is: dx = dy + branch dx.
+    // With a gradient pool the branch's gradient is ours: the sum is written into it.
     const bool outer = ctx.input_grad;
     const Tensor<B>& d = inner_.backward(dy, ctx);
-    if (outer) {
-      dx_.resize(dy.shape());
-      B::add(dx_.data(), dy.data(), d.data(), dy.numel());
+    if (!outer) {
+      release_grad(ctx, d, dy);
+      return dx_;
     }
-    return dx_;
+    if (Tensor<B>* w = writable_grad(ctx, d, dy)) {
+      B::add(w->data(), w->data(), dy.data(), dy.numel());
+      return *w;
+    }
+    Tensor<B>& dx = grad_buffer(ctx, dx_, dy.shape());
+    B::add(dx.data(), dy.data(), d.data(), dy.numel());
+    release_grad(ctx, d, dy, dx);
+    return dx;
   }
   template <class F> void visit(F&& f, const std::string& prefix) { inner_.visit(f, prefix); }
   template <class F> void for_each_layer(F&& f) { inner_.for_each_layer(f); }
@@ -383,8 +399,14 @@ class RepeatLayer {
       return dy;
     } else {
       const Tensor<B>* d = &dy;
-      for (int i = N - 1; i > 0; --i) d = &backward_inner(layers_[i], *d, ctx);
-      return layers_[0].backward(*d, ctx);  // the first copy: as the Repeat was asked
+      for (int i = N - 1; i >= 0; --i) {
+        // the first copy runs as the Repeat was asked; a copy's gradient goes back to the pool
+        // once the copy before it has read it
+        const Tensor<B>& next = i > 0 ? backward_inner(layers_[i], *d, ctx) : layers_[0].backward(*d, ctx);
+        if (d != &dy) release_grad(ctx, *d, dy, next);
+        d = &next;
+      }
+      return *d;
     }
   }
   template <class F>

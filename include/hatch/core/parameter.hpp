@@ -3,8 +3,10 @@
 // of a parameter is given by the path through which visit() reaches it.
 #include <cmath>
 #include <random>
+#include <type_traits>
 #include <vector>
 
+#include "hatch/core/grad_pool.hpp"
 #include "hatch/tensor.hpp"
 
 namespace hatch {
@@ -39,7 +41,50 @@ struct Context {
     counter += n;
     return c;
   }
+  // The pass's gradient pool (core/grad_pool.hpp); without one every layer keeps its own
+  // gradient buffers. Type-erased: the pool is per backend, the Context is not.
+  template <Backend B>
+  void use(GradientPool<B>& pool) {
+    grad_pool_ = &pool;
+    grad_pool_backend_ = &GradientPool<B>::tag;
+  }
+  template <Backend B>
+  GradientPool<B>* grad_pool() const {
+    return grad_pool_backend_ == &GradientPool<B>::tag ? static_cast<GradientPool<B>*>(grad_pool_) : nullptr;
+  }
+
+ private:
+  void* grad_pool_ = nullptr;
+  const void* grad_pool_backend_ = nullptr;
 };
+
+// The buffer for an input gradient or a backward temporary of shape s: the pass's pool's when it
+// has one, else the layer's own tensor `own` (see core/grad_pool.hpp for who gives it back).
+template <Backend B>
+Tensor<B>& grad_buffer(const Context& ctx, Tensor<B>& own, const Shape& s) {
+  if (auto* pool = ctx.grad_pool<B>()) return pool->acquire(s);
+  own.resize(s);
+  return own;
+}
+
+// Gives back a gradient the caller is done with (a child's returned gradient, the layer's own
+// temporary) unless a tensor the caller still holds, `keep`, is it or a view into it (a backward
+// may return its dy). Nothing happens without a pool or for a tensor that is not the pool's.
+template <Backend B, class... Keep>
+void release_grad(const Context& ctx, const Tensor<B>& g, const Keep&... keep) {
+  static_assert((std::is_same_v<Keep, Tensor<B>> && ...));
+  if (auto* pool = ctx.grad_pool<B>())
+    if (!(GradientPool<B>::holds(g, keep) || ...)) pool->release(g);
+}
+
+// A gradient g that a child returned, writable in place: when it is a pool buffer that holds
+// nothing of `other` (the caller's own dy). Null otherwise: the caller copies.
+template <Backend B>
+Tensor<B>* writable_grad(const Context& ctx, const Tensor<B>& g, const Tensor<B>& other) {
+  auto* pool = ctx.grad_pool<B>();
+  if (!pool || GradientPool<B>::holds(g, other) || GradientPool<B>::holds(other, g)) return nullptr;
+  return pool->owned(g);
+}
 
 template <Backend B>
 bool wants_grad(const Parameter<B>& p, const Context& ctx) {

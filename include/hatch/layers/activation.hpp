@@ -46,12 +46,12 @@ class ElementwiseLayer : public ParameterFreeLayer<ElementwiseLayer<B, Fn>, B> {
     B::map(y_.data(), x.data(), std::size_t(x.numel()), detail::ApplyF<Fn>{fn_});
     return y_;
   }
-  const Tensor<B>& backward(const Tensor<B>& dy, Context&) {
+  const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
     HATCH_CHECK(dy.shape() == x_->shape(), "Elementwise::backward",
                 "expected shape " + x_->shape().str() + ", got " + dy.shape().str() + " (gradient of the output)");
-    dx_.resize(x_->shape());
-    B::map_binary(dx_.data(), dy.data(), x_->data(), std::size_t(dy.numel()), detail::ApplyDf<Fn>{fn_});
-    return dx_;
+    Tensor<B>& dx = grad_buffer(ctx, dx_, x_->shape());
+    B::map_binary(dx.data(), dy.data(), x_->data(), std::size_t(dy.numel()), detail::ApplyDf<Fn>{fn_});
+    return dx;
   }
   Fn& fn() { return fn_; }
   const Fn& fn() const { return fn_; }
@@ -88,10 +88,10 @@ class GeluLayer : public ParameterFreeLayer<GeluLayer<B>, B> {
     B::gelu_forward(y_.data(), x.data(), x.numel());
     return y_;
   }
-  const Tensor<B>& backward(const Tensor<B>& dy, Context&) {
-    dx_.resize(x_->shape());
-    B::gelu_backward(dx_.data(), dy.data(), x_->data(), dy.numel());
-    return dx_;
+  const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
+    Tensor<B>& dx = grad_buffer(ctx, dx_, x_->shape());
+    B::gelu_backward(dx.data(), dy.data(), x_->data(), dy.numel());
+    return dx;
   }
 
  private:
@@ -124,14 +124,14 @@ class DropLayer : public ParameterFreeLayer<DropLayer<B, PerSample>, B> {
       B::mul(y_.data(), x.data(), mask_.data(), x.numel());
     return y_;
   }
-  const Tensor<B>& backward(const Tensor<B>& dy, Context&) {
+  const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
     if (!active_) return dy;
-    dx_.resize(dy.shape());
+    Tensor<B>& dx = grad_buffer(ctx, dx_, dy.shape());
     if constexpr (PerSample)
-      B::scale_rows(dx_.data(), dy.data(), mask_.data(), int(mask_.numel()), int(dy.numel() / mask_.numel()));
+      B::scale_rows(dx.data(), dy.data(), mask_.data(), int(mask_.numel()), int(dy.numel() / mask_.numel()));
     else
-      B::mul(dx_.data(), dy.data(), mask_.data(), dy.numel());
-    return dx_;
+      B::mul(dx.data(), dy.data(), mask_.data(), dy.numel());
+    return dx;
   }
 
  private:

@@ -44,21 +44,25 @@ class AttentionLayer : public LeafLayer<AttentionLayer<B, D, Heads, QkvBias>, B,
   const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
     const Tensor<B>& dheads = backward_inner(proj, dy, ctx);
     const T* base = qkv_out().data();
-    dprobs_.resize(probs_.shape());
-    dqkv_.resize({batch_, n_, 3 * D});
+    Tensor<B>& dprobs = grad_buffer(ctx, dprobs_, probs_.shape());
+    Tensor<B>& dqkv = grad_buffer(ctx, dqkv_, Shape{batch_, n_, 3 * D});
     const std::size_t sx = std::size_t(n_) * 3 * D, sp = std::size_t(n_) * n_, so = std::size_t(n_) * D;
     // dP = dO V^T ; dV = P^T dO
     B::gemm_batched(false, true, n_, n_, head_dim, T(1), dheads.data(), D, so, head_dim, base + 2 * D, 3 * D,
-                    sx, head_dim, T(0), dprobs_.data(), n_, Heads * sp, sp, batch_, Heads);
+                    sx, head_dim, T(0), dprobs.data(), n_, Heads * sp, sp, batch_, Heads);
     B::gemm_batched(true, false, n_, head_dim, n_, T(1), probs_.data(), n_, Heads * sp, sp, dheads.data(), D,
-                    so, head_dim, T(0), dqkv_.data() + 2 * D, 3 * D, sx, head_dim, batch_, Heads);
-    B::softmax_backward(dprobs_.data(), dprobs_.data(), probs_.data(), batch_ * Heads * n_, n_, scale());
+                    so, head_dim, T(0), dqkv.data() + 2 * D, 3 * D, sx, head_dim, batch_, Heads);
+    B::softmax_backward(dprobs.data(), dprobs.data(), probs_.data(), batch_ * Heads * n_, n_, scale());
     // dQ = dS K ; dK = dS^T Q
-    B::gemm_batched(false, false, n_, head_dim, n_, T(1), dprobs_.data(), n_, Heads * sp, sp, base + D, 3 * D,
-                    sx, head_dim, T(0), dqkv_.data(), 3 * D, sx, head_dim, batch_, Heads);
-    B::gemm_batched(true, false, n_, head_dim, n_, T(1), dprobs_.data(), n_, Heads * sp, sp, base, 3 * D, sx,
-                    head_dim, T(0), dqkv_.data() + D, 3 * D, sx, head_dim, batch_, Heads);
-    return qkv.backward(dqkv_, ctx);
+    B::gemm_batched(false, false, n_, head_dim, n_, T(1), dprobs.data(), n_, Heads * sp, sp, base + D, 3 * D,
+                    sx, head_dim, T(0), dqkv.data(), 3 * D, sx, head_dim, batch_, Heads);
+    B::gemm_batched(true, false, n_, head_dim, n_, T(1), dprobs.data(), n_, Heads * sp, sp, base, 3 * D, sx,
+                    head_dim, T(0), dqkv.data() + D, 3 * D, sx, head_dim, batch_, Heads);
+    release_grad(ctx, dprobs);
+    release_grad(ctx, dheads, dy);
+    const Tensor<B>& dx = qkv.backward(dqkv, ctx);
+    release_grad(ctx, dqkv);
+    return dx;
   }
 
   template <class F>

@@ -41,14 +41,14 @@ class PatchEmbedLayer : public LeafLayer<PatchEmbedLayer<B, C, Img, P, D>, B, C 
       B::gemm(true, false, D, patch_dim, rows, 1, dy.data(), D, cols_.data(), patch_dim, 1, weight.grad.data(),
               patch_dim);
     if (wants_grad(bias, ctx)) B::sum_rows(bias.grad.data(), dy.data(), rows, D, D, 1);
-    if (ctx.input_grad) {
-      dcols_.resize(cols_.shape());
-      B::gemm(false, false, rows, patch_dim, D, 1, dy.data(), D, weight.value.data(), patch_dim, 0,
-              dcols_.data(), patch_dim);
-      dx_.resize({batch_, C, Img, Img});
-      B::patch2im(dx_.data(), dcols_.data(), batch_, C, Img, Img, P);
-    }
-    return dx_;
+    if (!ctx.input_grad) return dx_;
+    Tensor<B>& dcols = grad_buffer(ctx, dcols_, cols_.shape());
+    B::gemm(false, false, rows, patch_dim, D, 1, dy.data(), D, weight.value.data(), patch_dim, 0, dcols.data(),
+            patch_dim);
+    Tensor<B>& dx = grad_buffer(ctx, dx_, Shape{batch_, C, Img, Img});
+    B::patch2im(dx.data(), dcols.data(), batch_, C, Img, Img, P);
+    release_grad(ctx, dcols);
+    return dx;
   }
   template <class F>
   void visit(F&& f, const std::string& prefix) {
@@ -86,11 +86,10 @@ class ClassPosLayer : public LeafLayer<ClassPosLayer<B, N, D>, B, D, D> {
     if (wants_grad(cls_token, ctx)) B::sum_rows(cls_token.grad.data(), dy.data(), batch_, D, (N + 1) * D, 1);
     if (wants_grad(pos_embed, ctx))
       B::sum_rows(pos_embed.grad.data(), dy.data(), batch_, (N + 1) * D, (N + 1) * D, 1);
-    if (ctx.input_grad) {
-      dx_.resize({batch_, N, D});
-      B::copy_2d(dx_.data(), N * D, dy.data() + D, (N + 1) * D, batch_, N * D);
-    }
-    return dx_;
+    if (!ctx.input_grad) return dx_;
+    Tensor<B>& dx = grad_buffer(ctx, dx_, Shape{batch_, N, D});
+    B::copy_2d(dx.data(), N * D, dy.data() + D, (N + 1) * D, batch_, N * D);
+    return dx;
   }
   template <class F>
   void visit(F&& f, const std::string& prefix) {
@@ -118,12 +117,11 @@ class ClassTokenLayer : public ParameterFreeLayer<ClassTokenLayer<B, D>, B, D, D
     return y_;
   }
   const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
-    if (ctx.input_grad) {
-      dx_.resize(in_shape_);
-      dx_.zero();
-      B::copy_2d(dx_.data(), int(in_shape_[1]) * D, dy.data(), D, int(in_shape_[0]), D);
-    }
-    return dx_;
+    if (!ctx.input_grad) return dx_;
+    Tensor<B>& dx = grad_buffer(ctx, dx_, in_shape_);
+    B::fill(dx.data(), std::size_t(dx.numel()), typename B::Scalar(0));
+    B::copy_2d(dx.data(), int(in_shape_[1]) * D, dy.data(), D, int(in_shape_[0]), D);
+    return dx;
   }
 
  private:

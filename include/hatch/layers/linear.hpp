@@ -36,11 +36,10 @@ class LinearLayer : public LeafLayer<LinearLayer<B, In, Out, Bias>, B, In, Out> 
       if (wants_grad(bias, ctx)) dbias = bias.grad.data();
     fused::linear_backward_params<B>(wants_grad(weight, ctx) ? weight.grad.data() : nullptr, dbias, dy.data(),
                                      x_->data(), rows, In, Out);
-    if (ctx.input_grad) {
-      dx_.resize(x_->shape());
-      B::gemm(false, false, rows, In, Out, 1, dy.data(), Out, weight.value.data(), In, 0, dx_.data(), In);
-    }
-    return dx_;
+    if (!ctx.input_grad) return dx_;
+    Tensor<B>& dx = grad_buffer(ctx, dx_, x_->shape());
+    B::gemm(false, false, rows, In, Out, 1, dy.data(), Out, weight.value.data(), In, 0, dx.data(), In);
+    return dx;
   }
   template <class F>
   void visit(F&& f, const std::string& prefix) {

@@ -332,7 +332,7 @@ class MoeLayer : public LeafLayer<MoeLayer<B, D, E, Router, ExpertSpec>, B, D, D
     xs_.resize({std::max(rows, 1), D});
     ys_.resize({std::max(rows, 1), D});
     B::gather_rows(xs_.data(), x.data(), order_.data(), nullptr, rows, D);
-    each_expert(xs_, views_, ys_, [&](Expert& ex, const Tensor<B>& rows_e) -> const Tensor<B>& {
+    each_expert(xs_, views_, ys_, ctx, [&](Expert& ex, const Tensor<B>& rows_e) -> const Tensor<B>& {
       return ex.forward(rows_e, ctx);
     });
     y_.resize(x.shape());
@@ -355,7 +355,7 @@ class MoeLayer : public LeafLayer<MoeLayer<B, D, E, Router, ExpertSpec>, B, D, D
     dys_.resize({std::max(rows, 1), D});
     B::gather_rows(dys_.data(), dy.data(), order_.data(), row_weights_.data(), rows, D);
     dxs_.resize({std::max(rows, 1), D});
-    each_expert(dys_, dviews_, dxs_, [&](Expert& ex, const Tensor<B>& rows_e) -> const Tensor<B>& {
+    each_expert(dys_, dviews_, dxs_, ctx, [&](Expert& ex, const Tensor<B>& rows_e) -> const Tensor<B>& {
       return backward_inner(ex, rows_e, ctx);  // dx sums the experts' input gradients
     });
     // The gate: dlogits back through the Linear, then dx = sum over a token's places + gate path.
@@ -364,10 +364,11 @@ class MoeLayer : public LeafLayer<MoeLayer<B, D, E, Router, ExpertSpec>, B, D, D
     B::upload(dlogits_dev_.data(), host_.data(), host_.size());
     const Tensor<B>& dgate = gate.backward(dlogits_dev_, ctx);
     if (!ctx.input_grad) return dx_;
-    dx_.resize(x_->shape());
-    B::combine_rows(dx_.data(), dxs_.data(), slots_.data(), nullptr, tokens, k, D);
-    B::axpy(dx_.data(), T(1), dgate.data(), std::size_t(dx_.numel()));
-    return dx_;
+    Tensor<B>& dx = grad_buffer(ctx, dx_, x_->shape());
+    B::combine_rows(dx.data(), dxs_.data(), slots_.data(), nullptr, tokens, k, D);
+    B::axpy(dx.data(), T(1), dgate.data(), std::size_t(dx.numel()));
+    release_grad(ctx, dgate);
+    return dx;
   }
 
   // The weighted auxiliary terms of the last training forward (0 for TopKGate, and in evaluation).
@@ -400,13 +401,14 @@ class MoeLayer : public LeafLayer<MoeLayer<B, D, E, Router, ExpertSpec>, B, D, D
   // For every expert with rows: f(expert, a view of its rows of `in`), and the result copied into
   // the same rows of `out`. (The views are members: an expert's layers keep pointers to them.)
   template <class F>
-  void each_expert(const Tensor<B>& in, std::array<Tensor<B>, E>& views, Tensor<B>& out, F&& f) {
+  void each_expert(const Tensor<B>& in, std::array<Tensor<B>, E>& views, Tensor<B>& out, const Context& ctx, F&& f) {
     for (int e = 0; e < E; ++e) {
       const int first = routing_.offset[std::size_t(e)], n = routing_.offset[std::size_t(e) + 1] - first;
       if (n == 0) continue;
       views[std::size_t(e)].view_rows(in, first, n);
       const Tensor<B>& r = f(experts[std::size_t(e)], views[std::size_t(e)]);
       B::copy(out.data() + std::size_t(first) * D, r.data(), std::size_t(n) * D);
+      release_grad(ctx, r, views[std::size_t(e)]);  // an expert's input gradient, copied (a no-op forward)
     }
   }
 

@@ -31,7 +31,7 @@ class LayerNormLayer : public LeafLayer<LayerNormLayer<B, D>, B, D, D> {
   }
   const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
     const bool pg = wants_grad(weight, ctx) || wants_grad(bias, ctx);
-    if (ctx.input_grad) dx_.resize(x_->shape());
+    Tensor<B>& dx = ctx.input_grad ? grad_buffer(ctx, dx_, x_->shape()) : dx_;
     if (pg && !(wants_grad(weight, ctx) && wants_grad(bias, ctx))) {
       // One of the two frozen: compute both into scratch and keep the trainable one.
       scratch_g_.resize({D});
@@ -41,9 +41,9 @@ class LayerNormLayer : public LeafLayer<LayerNormLayer<B, D>, B, D, D> {
     }
     T* dg = !pg ? nullptr : wants_grad(weight, ctx) ? weight.grad.data() : scratch_g_.data();
     T* db = !pg ? nullptr : wants_grad(bias, ctx) ? bias.grad.data() : scratch_b_.data();
-    B::layer_norm_backward(ctx.input_grad ? dx_.data() : nullptr, dg, db, dy.data(), x_->data(),
+    B::layer_norm_backward(ctx.input_grad ? dx.data() : nullptr, dg, db, dy.data(), x_->data(),
                            mean_.data(), rstd_.data(), weight.value.data(), int(dy.rows()), D);
-    return dx_;
+    return dx;
   }
   template <class F>
   void visit(F&& f, const std::string& prefix) {

@@ -36,10 +36,10 @@ class ActivationPenaltyLayer : public ParameterFreeLayer<ActivationPenaltyLayer<
     if (!active_ || !ctx.param_grads || !ctx.input_grad) return dy;  // frozen, or nowhere to go
     HATCH_CHECK(dy.shape() == x_->shape(), "ActivationPenalty::backward",
                 "expected shape " + x_->shape().str() + ", got " + dy.shape().str() + " (gradient of the output)");
-    dx_.resize(dy.shape());
-    B::copy(dx_.data(), dy.data(), std::size_t(dy.numel()));
-    B::axpy(dx_.data(), T(2 * Weight / double(x_->dim(0))), x_->data(), std::size_t(dy.numel()));
-    return dx_;
+    Tensor<B>& dx = grad_buffer(ctx, dx_, dy.shape());
+    B::copy(dx.data(), dy.data(), std::size_t(dy.numel()));
+    B::axpy(dx.data(), T(2 * Weight / double(x_->dim(0))), x_->data(), std::size_t(dy.numel()));
+    return dx;
   }
   // The penalty of the last training forward, weighted; 0 after an evaluation forward.
   double aux_loss() const { return aux_; }

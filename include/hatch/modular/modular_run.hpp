@@ -59,7 +59,9 @@ class FrozenExcept {
       c.param_grads = false;  // frozen suffix: input gradients only
       c.input_grad = true;
       const Tensor<backend>& d = model_.template stage<J>().backward(dy, c);
-      return backward_from<J - 1>(d, ctx);
+      const Tensor<backend>& r = backward_from<J - 1>(d, ctx);
+      release_grad(ctx, d, dy, r);
+      return r;
     }
   }
   StagesModel& model_;

@@ -340,6 +340,7 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
   data::Batch b;
   Tensor<B> x, t;
   std::vector<T> host;
+  GradientPool<B> grads;  // the layers' backward buffers, shared (core/grad_pool.hpp)
   for (int epoch = first_epoch; epoch < o.epochs; ++epoch) {
     const auto t0 = std::chrono::steady_clock::now();
     batches.start_epoch(epoch);
@@ -356,6 +357,7 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
       ctx.training = true;
       ctx.input_grad = false;
       ctx.seed = step_seed(o.seed + std::uint64_t(rank) * 0xd1b54a32d192ed03ULL, step);
+      ctx.use(grads);
       opt.zero_grad();
       double loss = 0, aux = 0;
       std::int64_t right = 0;
@@ -374,6 +376,7 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
           right += std::max_element(row, row + train.classes) - row == std::max_element(trow, trow + train.classes) - trow;
         }
         model.backward(objective.grad(), ctx);
+        grads.release_all();
       }
       if (coll) {
         // The global batch's mean gradient: each rank's mean weighted by its share of the rows,
