@@ -2,7 +2,10 @@
 # Training-step throughput and peak memory of hatch (build/bench/train_step) against PyTorch
 # (bench/torch_vit_step.py) on the same configuration. The two run alternately (hatch, torch,
 # hatch, torch, ...) so that a change in machine load hits both; each run is under
-# /usr/bin/time -v for its peak resident set size.
+# /usr/bin/time -v for its peak resident set size. First, the machine's GEMM rate (the ceiling): a
+# 2048^3 float GEMM through hatch's Cpu::gemm, through Eigen's product and through torch.mm at the
+# same thread count, the best of the three; the table gives each side's images/s as a fraction
+# of it (a step's GEMM work, counted by Cpu::gemm, times images/s over the ceiling).
 #
 #   bench/compare_torch.sh [--preset vit-small] [--batch 128] [--threads 2] [--steps 20]
 #                          [--rounds 2] [--build build]
@@ -70,6 +73,28 @@ loadavg() { cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?'; }
 echo "preset=$preset batch=$batch threads=$threads steps=$steps rounds=$rounds (load average $(loadavg))"
 echo "hatch: $hatch_bin"
 echo "torch: $python $torch_py (BLAS_INFO=$blas$([[ "$blas" == generic ]] && printf ', libblas.so.3 -> %s' "$(readlink -f /usr/lib/x86_64-linux-gnu/libblas.so.3 2>/dev/null || echo '?')"))"
+# The ceiling and the step's GEMM work.
+ceil_out="$("$hatch_bin" --preset "$preset" --batch "$batch" --threads "$threads" --steps 1 --warmup 1 --ceiling)" \
+  || die "train_step --ceiling failed"
+field() { sed -n "s/^$1=\([0-9.]*\)$/\1/p" <<<"$ceil_out" | tail -1; }
+hatch_gemm="$(field gemm_gflops)" eigen_gemm="$(field eigen_gemm_gflops)" step_gflop="$(field gemm_gflop_per_step)"
+torch_gemm="$("$python" - "$threads" <<'PY'
+import sys, time, torch
+torch.set_num_threads(int(sys.argv[1]))
+n = 2048
+a, b = torch.randn(n, n), torch.randn(n, n)
+torch.mm(a, b)
+times = []
+for _ in range(5):
+    t0 = time.perf_counter()
+    torch.mm(a, b)
+    times.append(time.perf_counter() - t0)
+print(f"{2 * n ** 3 / min(times) / 1e9:.1f}")
+PY
+)" || die "timing torch.mm failed"
+ceiling="$(printf '%s\n' "$hatch_gemm" "$eigen_gemm" "$torch_gemm" | sort -g | tail -1)"
+echo "GEMM 2048^3, $threads threads: hatch Cpu::gemm $hatch_gemm GFLOP/s, Eigen $eigen_gemm, torch.mm $torch_gemm: ceiling $ceiling GFLOP/s"
+echo "GEMM work of one step: $step_gflop GFLOP ($(awk -v g="$step_gflop" -v b="$batch" 'BEGIN{printf "%.4f", g / b}') GFLOP per image)"
 for ((round = 1; round <= rounds; round++)); do
   run hatch "$hatch_bin" --preset "$preset" --batch "$batch" --threads "$threads" --steps "$steps"
   run torch "$python" "$torch_py" --preset "$preset" --batch "$batch" --threads "$threads" --steps "$steps"
@@ -87,4 +112,7 @@ awk -v hi="$h_ips" -v ti="$t_ips" -v hb="$h_best" -v tb="$t_best" -v hr="$h_rss"
   printf "%-12s %18.1f %16.1f %20.1f\n", "hatch", hi, hb, hr / 1024
   printf "%-12s %18.1f %16.1f %20.1f\n", "torch", ti, tb, tr / 1024
   printf "%-12s %17.2fx %15.2fx %19.2fx\n", "hatch/torch", hi / ti, hb / tb, hr / tr
+}'
+awk -v hi="$h_ips" -v ti="$t_ips" -v g="$step_gflop" -v b="$batch" -v c="$ceiling" 'BEGIN {
+  printf "fraction of the GEMM ceiling (median images/s x %.4f GFLOP / %.1f GFLOP/s): hatch %.2f, torch %.2f\n", g / b, c, hi * g / b / c, ti * g / b / c
 }'

@@ -3,10 +3,37 @@
 //   build/bench/train_step --preset vit-small --batch 128 --threads 2
 //   build/bench/train_step --device cuda --preset vit-b16 --batch 64 [--tf32]
 #include <CLI/CLI.hpp>
+#include <chrono>
 #include <cstdio>
 #include <hatch/hatch.hpp>
 
 #include "train_step.hpp"
+
+namespace {
+// The best of 5 timings of C = A B at 2048^3 in float, in GFLOP/s: through Cpu::gemm (hatch's
+// threads, OpenBLAS or Eigen's kernel as built) and through Eigen's product expression (its own
+// threads). Printed as gemm_gflops= and eigen_gemm_gflops=.
+void gemm_ceiling() {
+  constexpr int n = 2048;
+  Eigen::MatrixXf a = Eigen::MatrixXf::Random(n, n), b = Eigen::MatrixXf::Random(n, n), c(n, n);
+  auto best_of = [&](auto&& f) {
+    f();  // warm-up
+    double best = 1e30;
+    for (int r = 0; r < 5; ++r) {
+      const auto t0 = std::chrono::steady_clock::now();
+      f();
+      best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    return 2.0 * n * n * double(n) / best / 1e9;
+  };
+  Eigen::setNbThreads(omp_get_max_threads());
+  const double hatch_rate = best_of([&] {
+    hatch::Cpu::gemm(false, false, n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f, c.data(), n);
+  });
+  const double eigen_rate = best_of([&] { c.noalias() = a * b; });
+  std::printf("gemm_gflops=%.1f\neigen_gemm_gflops=%.1f\n", hatch_rate, eigen_rate);
+}
+}  // namespace
 
 int main(int argc, char** argv) {
   CLI::App app{"hatch training-step throughput"};
@@ -25,12 +52,17 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "OpenMP threads (cpu)")->check(CLI::Range(1, 1024));
   app.add_option("--steps", o.steps, "timed steps")->check(CLI::Range(1, 1 << 20));
   app.add_option("--warmup", o.warmup, "untimed steps first")->check(CLI::Range(0, 1 << 20));
+  bool ceiling = false;
+  app.add_flag("--ceiling", ceiling,
+               "cpu: also time a 2048^3 sgemm through hatch's Cpu::gemm and through Eigen's own product "
+               "(the machine's GEMM rate, for the fraction of it a step reaches)");
   CLI11_PARSE(app, argc, argv);
   omp_set_num_threads(threads);
   try {
     if (device == "cuda") return bench::time_train_step_cuda(o);
     hatch::require(!o.tf32, "--tf32", "applies only to --device cuda");
     o.label = "hatch cpu threads=" + std::to_string(threads);
+    if (ceiling) gemm_ceiling();
     return bench::time_train_step<hatch::Cpu>(o);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "train_step: %s\n", e.what());

@@ -67,6 +67,12 @@ int time_train_step(const StepOptions& o) {
       B::synchronize();
     };
     for (int i = 0; i < o.warmup; ++i) step();
+    double step_flops = 0;  // the GEMM work of one step, where the backend counts it
+    if constexpr (requires { B::flop_count(); }) {
+      const auto before = B::flop_count().load();
+      step();
+      step_flops = double(B::flop_count().load() - before);
+    }
     std::vector<double> times;
     for (int i = 0; i < o.steps; ++i) {
       const auto t0 = std::chrono::steady_clock::now();
@@ -80,6 +86,7 @@ int time_train_step(const StepOptions& o) {
     // A sanity check of the timed work: about ln(classes) at the start, finite, falling.
     std::printf("first_loss=%.4f last_loss=%.4f (ln %d = %.4f)\n", first_loss, last_loss, s.classes,
                 std::log(double(s.classes)));
+    if (step_flops > 0) std::printf("gemm_gflop_per_step=%.3f\n", step_flops / 1e9);
     std::printf("images_per_second=%.1f\n", o.batch / median);
     return 0;
   });

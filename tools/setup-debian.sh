@@ -4,7 +4,7 @@
 # the CUDA parts are built too.
 set -euo pipefail
 packages=(build-essential cmake libeigen3-dev doctest-dev libbenchmark-dev zlib1g-dev libcli11-dev
-          nlohmann-json3-dev python3-torch libopenblas0-pthread dataset-fashion-mnist gnuplot-nox clang time
+          nlohmann-json3-dev python3-torch libopenblas0-pthread libopenblas-dev dataset-fashion-mnist gnuplot-nox clang time
           libopenmpi-dev openmpi-bin)
 missing=()
 for p in "${packages[@]}"; do

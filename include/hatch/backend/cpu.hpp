@@ -1,7 +1,20 @@
 #pragma once
 // The Cpu backend policy: Eigen 3.4 for GEMMs, OpenMP for everything else. Cpu trains in
 // float32; Cpu64 is the same code in double precision, for finite-difference gradient checks.
+//
+// Built with HATCH_WITH_OPENBLAS (CMake target hatch::openblas, Debian's libopenblas-dev), the
+// GEMMs above kBlasMinWork multiply-adds go to OpenBLAS's sgemm/dgemm instead of Eigen's kernel:
+// 15-30% faster per thread at a ViT's layer shapes on an AVX-512 machine (docs/performance.md). The threading stays hatch's: OpenBLAS is set to one thread and each
+// OpenMP thread calls it on its own panel of the output. Every translation unit of a program must
+// agree on the macro.
 #include <omp.h>
+#if defined(HATCH_WITH_OPENBLAS)
+#if __has_include(<cblas-openblas.h>)
+#include <cblas-openblas.h>
+#else
+#include <cblas.h>
+#endif
+#endif
 
 #include <Eigen/Core>
 #include <unsupported/Eigen/SpecialFunctions>
@@ -12,6 +25,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <memory>
 #include <new>
 #include <vector>
@@ -81,9 +95,16 @@ struct CpuBackend {
   // Row-major C(m x n) = alpha op(A) op(B) + beta C. Threads split C into row or column panels,
   // each multiplied by Eigen's single-threaded GEMM kernel; inside a parallel region (batched
   // attention) it runs on the calling thread alone.
+  // Floating-point operations (2 m n k) of every GEMM so far: the benchmarks read a step's work
+  // from it and report the fraction of the machine's GEMM rate that a step reaches.
+  static std::atomic<std::int64_t>& flop_count() {
+    static std::atomic<std::int64_t> c{0};
+    return c;
+  }
   static void gemm(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b,
                    int ldb, T beta, T* c, int ldc) {
     if (m <= 0 || n <= 0) return;
+    flop_count().fetch_add(2 * std::int64_t(m) * n * k, std::memory_order_relaxed);
     const std::int64_t work = std::int64_t(m) * n * k;
     const int nt = (work < (1 << 18) || omp_in_parallel()) ? 1 : std::min(omp_get_max_threads(), std::max(m, n) / 16);
     if (nt <= 1) return gemm_serial(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
@@ -106,10 +127,31 @@ struct CpuBackend {
     }
   }
 
-  // One thread's GEMM through Eigen's blocked kernel with a packing workspace cached per shape,
-  // so that a steady-state step never allocates (Eigen's own product allocates it per call).
+  // One thread's GEMM: OpenBLAS's when built with it and the GEMM is large enough, else
+  // gemm_eigen, Eigen's blocked kernel with a packing workspace cached per shape, so that a
+  // steady-state step never allocates (Eigen's own product allocates it per call).
   static void gemm_serial(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b,
                           int ldb, T beta, T* c, int ldc) {
+#if defined(HATCH_WITH_OPENBLAS)
+    if (k > 0 && std::int64_t(m) * n * k > kBlasMinWork)
+      return gemm_openblas(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+#endif
+    gemm_eigen(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+#if defined(HATCH_WITH_OPENBLAS)
+  static void gemm_openblas(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b,
+                            int ldb, T beta, T* c, int ldc) {
+    static const bool one_thread = (openblas_set_num_threads(1), true);  // hatch's threads call it
+    (void)one_thread;
+    const auto opa = ta ? CblasTrans : CblasNoTrans, opb = tb ? CblasTrans : CblasNoTrans;
+    if constexpr (std::is_same_v<T, float>)
+      cblas_sgemm(CblasRowMajor, opa, opb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    else
+      cblas_dgemm(CblasRowMajor, opa, opb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+#endif
+  static void gemm_eigen(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b,
+                         int ldb, T beta, T* c, int ldc) {
     if (beta == T(0))
       for (int r = 0; r < m; ++r) std::fill(c + std::int64_t(r) * ldc, c + std::int64_t(r) * ldc + n, T(0));
     else if (beta != T(1))
@@ -133,6 +175,11 @@ struct CpuBackend {
           m, n, k, a, lda, b, ldb, c, 1, ldc, alpha, blocking, nullptr);
   }
 
+  // With OpenBLAS, GEMMs of at most this many multiply-adds (attention's per-head products, small
+  // layers) stay on Eigen's kernel: OpenBLAS sends them to its small-matrix kernels, some of which
+  // allocate on every call (sgemm_small_kernel_nn with beta != 0, OpenBLAS 0.3.21), and a training
+  // step must not allocate (tests/test_alloc.cpp). Its small-matrix path starts at 100^3.
+  static constexpr std::int64_t kBlasMinWork = std::int64_t(1) << 21;
   using Blocking = Eigen::internal::gemm_blocking_space<Eigen::RowMajor, T, T, Eigen::Dynamic, Eigen::Dynamic,
                                                          Eigen::Dynamic>;
   // Shapes seen by this thread, each with its workspace. A model has a few GEMM shapes, but an

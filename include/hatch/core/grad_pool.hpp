@@ -31,6 +31,7 @@
 //    on) fills every released buffer with NaN, so that a read after release shows.
 // Buffers only grow, and acquire takes the first free one: the same step takes the same buffers
 // in the same order every time, so after the first step no step allocates (tests/test_alloc.cpp).
+#include <algorithm>
 #include <cstddef>
 #include <limits>
 #include <memory>
