@@ -4,6 +4,7 @@
 //   hatch_mpi_timeout broadcast   the same for a broadcast
 //   hatch_mpi_timeout env         the same, the time-out from HATCH_COLLECTIVE_TIMEOUT alone
 //   hatch_mpi_timeout ok          both ranks join (rank 1 late, after 0.3 s): exit 0
+//   hatch_mpi_timeout ok0         the same with time-out 0 (the blocking MPI calls)
 #include <hatch/distributed/mpi.hpp>
 
 #include <chrono>
@@ -17,11 +18,11 @@ int main(int argc, char** argv) {
   hatch::MpiSession mpi(argc, argv);
   const auto world = mpi.mpi_world();
   const std::string mode = argc > 1 ? argv[1] : "allreduce";
-  if (mode != "env") world->set_timeout(2s);
+  if (mode != "env") world->set_timeout(mode == "ok0" ? 0s : 2s);
   std::printf("rank %d: time-out %lld s\n", world->rank(), static_cast<long long>(world->timeout().count()));
   std::fflush(stdout);
   std::vector<float> values(1000, 1.0f);
-  if (mode == "ok") {
+  if (mode == "ok" || mode == "ok0") {
     if (world->rank() == 1) std::this_thread::sleep_for(300ms);  // late, within the time-out
     world->allreduce_sum(values.data(), values.size());
     char byte = world->rank() == 0 ? 'h' : 0;

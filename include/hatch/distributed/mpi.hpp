@@ -14,9 +14,13 @@
 // stops the job with MPI_Abort.
 //
 //   time-out   600 s by default; HATCH_COLLECTIVE_TIMEOUT=<seconds> in the environment changes
-//              the default, set_timeout() (or the constructor) sets it for one collective;
-//              0 waits forever. Barriers have their own time-out, none by default: ranks of a
-//              module-parallel job wait at one while rank 0 trains for hours.
+//              the default, set_timeout() (or the constructor) sets it for one collective.
+//              0 waits forever, through the blocking MPI_Allreduce and MPI_Bcast: Open MPI
+//              4.1's non-blocking all-reduce (coll/libnbc) is slower on large buffers than its
+//              blocking one (docs/performance.md: 1.6 M floats over 2 ranks), so a job that
+//              wants every microsecond and trusts its ranks sets 0. Barriers have their own
+//              time-out, none by default: ranks of a module-parallel job wait at one while
+//              rank 0 trains for hours.
 #include <mpi.h>
 
 #include <algorithm>
@@ -44,7 +48,7 @@ class MpiCollective final : public Collective {
   int size() const override { return size_; }
 
   // How long an all-reduce or broadcast may wait for the other ranks before this rank stops the
-  // job (0: forever).
+  // job (0: forever, with the blocking MPI calls).
   void set_timeout(std::chrono::seconds t) {
     require(t.count() >= 0, "MpiCollective::set_timeout", "the time-out must be >= 0 seconds (0: none)");
     timeout_ = t;
@@ -75,9 +79,13 @@ class MpiCollective final : public Collective {
   void broadcast(void* data, std::size_t bytes) override {
     for (std::size_t done = 0; done < bytes;) {  // counts are int: chunks below 2^31
       const int chunk = int(std::min<std::size_t>(bytes - done, std::size_t(1) << 30));
-      MPI_Request request;
-      MPI_Ibcast(static_cast<char*>(data) + done, chunk, MPI_BYTE, 0, comm_, &request);
-      complete(request, "broadcast", bytes, "bytes", timeout_);
+      if (timeout_.count() == 0) {
+        MPI_Bcast(static_cast<char*>(data) + done, chunk, MPI_BYTE, 0, comm_);
+      } else {
+        MPI_Request request;
+        MPI_Ibcast(static_cast<char*>(data) + done, chunk, MPI_BYTE, 0, comm_, &request);
+        complete(request, "broadcast", bytes, "bytes", timeout_);
+      }
       done += std::size_t(chunk);
     }
   }
@@ -95,9 +103,13 @@ class MpiCollective final : public Collective {
   void reduce(T* data, std::size_t n, MPI_Datatype type, const char* unit) {
     for (std::size_t done = 0; done < n;) {
       const int chunk = int(std::min<std::size_t>(n - done, std::size_t(1) << 30));
-      MPI_Request request;
-      MPI_Iallreduce(MPI_IN_PLACE, data + done, chunk, type, MPI_SUM, comm_, &request);
-      complete(request, "all-reduce", n, unit, timeout_);
+      if (timeout_.count() == 0) {
+        MPI_Allreduce(MPI_IN_PLACE, data + done, chunk, type, MPI_SUM, comm_);
+      } else {
+        MPI_Request request;
+        MPI_Iallreduce(MPI_IN_PLACE, data + done, chunk, type, MPI_SUM, comm_, &request);
+        complete(request, "all-reduce", n, unit, timeout_);
+      }
       done += std::size_t(chunk);
     }
   }
