@@ -36,7 +36,8 @@ namespace hatch {
 
 struct NcclOptions {
   int device = -1;                                // the GPU of this rank (-1: the current device)
-  cudaStream_t stream = cudaStreamLegacy;         // where the buffers' producers run
+  cudaStream_t stream = nullptr;                  // where the buffers' producers run (0: the
+                                                  // legacy default stream, the Cuda backend's)
   std::optional<std::chrono::seconds> timeout{};  // default: default_collective_timeout()
 };
 
