@@ -64,7 +64,7 @@ class MpiCollective final : public Collective {
   void set_spin(std::chrono::microseconds s) { spin_ = s; }
 
   // This rank's index among the ranks on its own machine (MPI_COMM_TYPE_SHARED): the GPU it
-  // should take when each machine has several.
+  // should take when each machine has several. A collective call: every rank makes it.
   int local_rank() const {
     MPI_Comm node;
     MPI_Comm_split_type(comm_, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &node);
