@@ -54,16 +54,16 @@ inline std::chrono::seconds default_collective_timeout() {
 
 namespace detail {
 // Polls ready() until it returns true: busily (yielding the core to anyone who wants it) for
-// `spin`, so that a training step's all-reduce completes as fast as a blocking call would; then
-// asleep between polls for 1% of the time waited so far (20 us to 10 ms), so that a long wait
-// costs little CPU. Returns false once `limit` has passed (0: never).
+// `spin`, so that polling adds no latency to a training step's all-reduce; then asleep between
+// polls for 1% of the time waited so far (20 us to 10 ms), so that a long wait costs little
+// CPU. Returns false once `limit` has passed (0: never).
 template <class Ready>
 bool poll_until(Ready&& ready, std::chrono::microseconds spin, std::chrono::seconds limit) {
   using namespace std::chrono;
   const auto start = steady_clock::now();
   while (!ready()) {
     const auto waited = duration_cast<microseconds>(steady_clock::now() - start);
-    if (limit.count() > 0 && waited >= limit) return false;
+    if (limit.count() > 0 && duration_cast<seconds>(waited) >= limit) return false;  // (no overflow)
     if (waited < spin)
       std::this_thread::yield();
     else
