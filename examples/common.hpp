@@ -17,6 +17,11 @@
 #ifdef HATCH_WITH_MPI
 #include <hatch/distributed/mpi.hpp>
 #endif
+#ifdef HATCH_WITH_NCCL
+#include <cuda_runtime.h>
+
+#include <hatch/distributed/nccl.hpp>
+#endif
 
 namespace examples {
 
@@ -152,7 +157,9 @@ int on_device(const Options& o, CpuRun cpu, CudaRun cuda) {
 
 // The MPI job this process is part of (a job of one without mpirun), for as long as main runs:
 // MPI_Init_thread here, MPI_Finalize when it goes. A build without MPI has none, and
-// --distributed is refused.
+// --distributed is refused. With --device cuda --distributed, a build with NCCL sums the
+// gradients on the GPUs (NcclCollective, rank r on its machine's GPU r) when every rank has a
+// GPU of its own; otherwise they go through host memory and MPI.
 class MpiJob {
  public:
   MpiJob(int& argc, char**& argv, CommonOptions& o) : options_(o) {
@@ -164,7 +171,7 @@ class MpiJob {
 #endif
   }
   // After the flags are parsed.
-  void check() const {
+  void check() {
 #ifndef HATCH_WITH_MPI
     hatch::require(!options_.distributed, "--distributed",
                    "this build has no MPI (install libopenmpi-dev, the setup script does, and reconfigure)");
@@ -172,10 +179,30 @@ class MpiJob {
     hatch::require(!options_.distributed || options_.batch % options_.ranks() == 0, "--batch",
                    std::to_string(options_.batch) + " is not divisible by the " + std::to_string(options_.ranks()) +
                        " ranks of this job; each rank takes an equal share of every batch");
+#ifdef HATCH_WITH_NCCL
+    if (options_.distributed && options_.device == "cuda" && options_.ranks() > 1) use_nccl();
+#endif
   }
 
  private:
-  const CommonOptions& options_;
+#ifdef HATCH_WITH_NCCL
+  void use_nccl() {
+    const auto world = session_->mpi_world();
+    int devices = 0;
+    if (cudaGetDeviceCount(&devices) != cudaSuccess) devices = 0;
+    const int local = world->local_rank();
+    double without = local < devices ? 0 : 1;  // ranks without a GPU of their own
+    world->allreduce_sum(&without, 1);
+    if (without == 0) {
+      options_.world = std::make_shared<hatch::NcclCollective>(world, hatch::NcclOptions{.device = local});
+      if (world->rank() == 0) std::fprintf(stderr, "--distributed: gradients summed on the GPUs by NCCL\n");
+    } else if (devices > 0 && world->rank() == 0) {
+      std::fprintf(stderr, "--distributed: %d rank(s) without a GPU of their own: gradients summed in host memory by MPI\n",
+                   int(without));
+    }
+  }
+#endif
+  CommonOptions& options_;
 #ifdef HATCH_WITH_MPI
   std::unique_ptr<hatch::MpiSession> session_;
 #endif

@@ -19,7 +19,8 @@ execute_process(COMMAND ${CMAKE_COMMAND} --build ${WORK}/build RESULT_VARIABLE r
 if(rc)
   message(FATAL_ERROR "build against the installed hatch failed")
 endif()
-file(GLOB programs ${WORK}/build/consumer ${WORK}/build/consumer_cuda)
+file(GLOB programs ${WORK}/build/consumer ${WORK}/build/consumer_cuda ${WORK}/build/consumer_mpi
+                   ${WORK}/build/consumer_nccl)
 foreach(program ${programs})
   execute_process(COMMAND ${program} RESULT_VARIABLE rc)
   if(rc)

@@ -320,12 +320,7 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
   if (coll) {
     // One set of weights for every rank: rank 0's. (The optimizer's moments are zero, or read
     // from the one state file every rank resumed from.)
-    if (arena.size() > 0) {
-      staging.resize(std::size_t(arena.size()));
-      B::download(staging.data(), arena.values().data(), staging.size());
-      coll->broadcast(staging.data(), staging.size() * sizeof(T));
-      B::upload(arena.values().data(), staging.data(), staging.size());
-    }
+    if (arena.size() > 0) broadcast<B>(*coll, arena.values().data(), std::size_t(arena.size()), staging);
     const auto [lo, hi] = detail::share(test.n, rank, ranks);
     test_share = data::subset(test, lo, hi - lo);
     if (o.ood) {
