@@ -382,25 +382,20 @@ struct CpuBackend {
     }
   }
   static void softmax_forward(T* y, const T* x, int rows, int cols, T scale) {
+    // Eigen's vectorised exp and reductions; y may be x (coefficient-wise, so in place is safe).
     parallel_rows(rows, cols, [&](std::int64_t r) {
-      const T* xr = x + r * cols;
-      T* yr = y + r * cols;
-      T mx = xr[0];
-      for (int c = 1; c < cols; ++c) mx = std::max(mx, xr[c]);
-      T s = 0;
-      for (int c = 0; c < cols; ++c) s += (yr[c] = std::exp(scale * (xr[c] - mx)));
-      const T inv = T(1) / s;
-      for (int c = 0; c < cols; ++c) yr[c] *= inv;
+      const Eigen::Map<const RowArr> xr(x + r * cols, cols);
+      Eigen::Map<RowArr> yr(y + r * cols, cols);
+      const T mx = xr.maxCoeff();
+      yr = (scale * (xr - mx)).exp();
+      yr *= T(1) / yr.sum();
     });
   }
   static void softmax_backward(T* dx, const T* dy, const T* y, int rows, int cols, T scale) {
     parallel_rows(rows, cols, [&](std::int64_t r) {
-      const T* yr = y + r * cols;
-      const T* dyr = dy + r * cols;
-      T* dxr = dx + r * cols;
-      T dot = 0;
-      for (int c = 0; c < cols; ++c) dot += dyr[c] * yr[c];
-      for (int c = 0; c < cols; ++c) dxr[c] = scale * yr[c] * (dyr[c] - dot);
+      const Eigen::Map<const RowArr> yr(y + r * cols, cols), dyr(dy + r * cols, cols);
+      const T dot = (dyr * yr).sum();
+      Eigen::Map<RowArr>(dx + r * cols, cols) = scale * yr * (dyr - dot);
     });
   }
 
