@@ -53,7 +53,7 @@ struct Context {
     return grad_pool_backend_ == &GradientPool<B>::tag ? static_cast<GradientPool<B>*>(grad_pool_) : nullptr;
   }
 
- private:
+  // Set by use(); public so that Context stays an aggregate (Context{.training = true}).
   void* grad_pool_ = nullptr;
   const void* grad_pool_backend_ = nullptr;
 };
