@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
 #include <memory>
 #include <random>
@@ -28,6 +29,16 @@ template <class F>
 decltype(auto) with_bench_preset(const std::string& name, F&& f) {
   if (name == "vit-b16") return f(std::type_identity<hatch::presets::VitB16>{});
   return hatch::with_preset(name, std::forward<F>(f));
+}
+
+// The backend's count of GEMM work so far (Cpu::flop_count), or -1 where it keeps none. A function
+// of its own: nvcc checks a discarded `if constexpr` branch inside the generic lambda below.
+template <class B>
+std::int64_t gemm_flops() {
+  if constexpr (requires { B::flop_count(); })
+    return B::flop_count().load();
+  else
+    return -1;
 }
 
 template <class B>
@@ -68,10 +79,10 @@ int time_train_step(const StepOptions& o) {
     };
     for (int i = 0; i < o.warmup; ++i) step();
     double step_flops = 0;  // the GEMM work of one step, where the backend counts it
-    if constexpr (requires { B::flop_count(); }) {
-      const auto before = B::flop_count().load();
+    if (gemm_flops<B>() >= 0) {
+      const auto before = gemm_flops<B>();
       step();
-      step_flops = double(B::flop_count().load() - before);
+      step_flops = double(gemm_flops<B>() - before);
     }
     std::vector<double> times;
     for (int i = 0; i < o.steps; ++i) {
