@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "error_message.hpp"
+#include "learnable_set.hpp"
 
 namespace hatch::test {
 
@@ -76,22 +77,5 @@ struct OneThread {
   OneThread() { omp_set_num_threads(1); }
   ~OneThread() { omp_set_num_threads(before); }
 };
-
-// A learnable synthetic set: the class is encoded in which image row is bright.
-inline data::Dataset learnable_set(int n, std::uint64_t seed) {
-  data::Dataset d;
-  d.n = n;
-  d.height = d.width = 28;
-  d.images.resize(std::size_t(n) * 28 * 28);
-  d.labels.resize(n);
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> noise(0.f, 0.3f);
-  for (int i = 0; i < n; ++i) {
-    const int c = int(rng() % 10);
-    d.labels[i] = c;
-    for (int p = 0; p < 28 * 28; ++p) d.images[std::size_t(i) * 784 + p] = noise(rng) + ((p / 28) / 3 == c ? 2.f : 0.f);
-  }
-  return d;
-}
 
 }  // namespace hatch::test

@@ -13,8 +13,9 @@
 #include <cmath>
 #include <cstdio>
 #include <memory>
-#include <random>
 #include <vector>
+
+#include "../learnable_set.hpp"
 
 namespace {
 using namespace hatch;
@@ -114,24 +115,8 @@ struct Counting final : Collective {
   int host_float = 0, host_broadcast = 0, device_float = 0, device_broadcast = 0;
 };
 
-data::Dataset learnable(int n, std::uint64_t seed) {  // the bright image row encodes the class
-  data::Dataset d;
-  d.n = n;
-  d.height = d.width = 28;
-  d.images.resize(std::size_t(n) * 784);
-  d.labels.resize(n);
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> noise(0.f, 0.3f);
-  for (int i = 0; i < n; ++i) {
-    const int c = int(rng() % 10);
-    d.labels[i] = c;
-    for (int p = 0; p < 784; ++p) d.images[std::size_t(i) * 784 + p] = noise(rng) + ((p / 28) / 3 == c ? 2.f : 0.f);
-  }
-  return d;
-}
-
 std::vector<float> fit_weights(std::shared_ptr<Collective> c) {
-  const auto train = learnable(96, 1), test = learnable(40, 2);
+  const auto train = test::learnable_set(96, 1), test_set = test::learnable_set(40, 2);
   Model<presets::VitMicro, Cuda> model;
   Initializer init(3);
   model.reset_parameters(init);
@@ -143,7 +128,7 @@ std::vector<float> fit_weights(std::shared_ptr<Collective> c) {
   o.progress = false;
   o.seed = 5;
   o.collective = std::move(c);
-  fit(model, train, test, o);
+  fit(model, train, test_set, o);
   std::vector<float> w;
   model.visit([&](const std::string&, auto& p) {
     const auto h = p.value.to_host();
