@@ -52,6 +52,12 @@ inline std::chrono::seconds default_collective_timeout() {
   return std::chrono::seconds(s);
 }
 
+// A time-out given in code, checked: whole seconds >= 0 (0: none). `who` names the setter.
+inline std::chrono::seconds checked_timeout(std::chrono::seconds t, const char* who) {
+  require(t.count() >= 0, who, "the time-out must be >= 0 seconds (0: none)");
+  return t;
+}
+
 namespace detail {
 // Polls ready() until it returns true: busily (yielding the core to anyone who wants it) for
 // `spin`, so that polling adds no latency to a training step's all-reduce; then asleep between

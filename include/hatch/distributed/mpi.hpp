@@ -39,8 +39,7 @@ namespace hatch {
 class MpiCollective final : public Collective {
  public:
   explicit MpiCollective(MPI_Comm comm = MPI_COMM_WORLD, std::optional<std::chrono::seconds> timeout = std::nullopt)
-      : comm_(comm), timeout_(timeout ? *timeout : default_collective_timeout()) {
-    require(timeout_.count() >= 0, "MpiCollective", "the time-out must be >= 0 seconds (0: none)");
+      : comm_(comm), timeout_(checked_timeout(timeout ? *timeout : default_collective_timeout(), "MpiCollective")) {
     MPI_Comm_rank(comm_, &rank_);
     MPI_Comm_size(comm_, &size_);
   }
@@ -49,15 +48,11 @@ class MpiCollective final : public Collective {
 
   // How long an all-reduce or broadcast may wait for the other ranks before this rank stops the
   // job (0: forever, with the blocking MPI calls).
-  void set_timeout(std::chrono::seconds t) {
-    require(t.count() >= 0, "MpiCollective::set_timeout", "the time-out must be >= 0 seconds (0: none)");
-    timeout_ = t;
-  }
+  void set_timeout(std::chrono::seconds t) { timeout_ = checked_timeout(t, "MpiCollective::set_timeout"); }
   std::chrono::seconds timeout() const { return timeout_; }
   // The same for barrier() (0, the default: forever).
   void set_barrier_timeout(std::chrono::seconds t) {
-    require(t.count() >= 0, "MpiCollective::set_barrier_timeout", "the time-out must be >= 0 seconds (0: none)");
-    barrier_timeout_ = t;
+    barrier_timeout_ = checked_timeout(t, "MpiCollective::set_barrier_timeout");
   }
   // How long a wait polls without sleeping: a step's all-reduce normally completes within it,
   // at the speed of a blocking MPI_Allreduce; longer waits sleep between polls.

@@ -50,8 +50,7 @@ class NcclCollective final : public Collective {
   explicit NcclCollective(std::shared_ptr<Collective> host, Options o = {})
       : host_(std::move(host)), stream_(o.stream) {
     require(host_ != nullptr, "NcclCollective", "needs a host collective (the job's MpiCollective)");
-    timeout_ = o.timeout ? *o.timeout : default_collective_timeout();
-    require(timeout_.count() >= 0, "NcclCollective", "the time-out must be >= 0 seconds (0: none)");
+    timeout_ = checked_timeout(o.timeout ? *o.timeout : default_collective_timeout(), "NcclCollective");
     std::string problem;
     int count = 0;
     if (const cudaError_t e = cudaGetDeviceCount(&count); e != cudaSuccess || count == 0)
@@ -86,10 +85,7 @@ class NcclCollective final : public Collective {
   int size() const override { return host_->size(); }
   int device() const { return device_; }
   ncclComm_t comm() const { return comm_; }
-  void set_timeout(std::chrono::seconds t) {
-    require(t.count() >= 0, "NcclCollective::set_timeout", "the time-out must be >= 0 seconds (0: none)");
-    timeout_ = t;
-  }
+  void set_timeout(std::chrono::seconds t) { timeout_ = checked_timeout(t, "NcclCollective::set_timeout"); }
   std::chrono::seconds timeout() const { return timeout_; }
 
   bool allreduce_sum_device(float* data, std::size_t n) override {
