@@ -79,8 +79,7 @@ int time_train_step(const StepOptions& o) {
     };
     for (int i = 0; i < o.warmup; ++i) step();
     double step_flops = 0;  // the GEMM work of one step, where the backend counts it
-    if (gemm_flops<B>() >= 0) {
-      const auto before = gemm_flops<B>();
+    if (const auto before = gemm_flops<B>(); before >= 0) {
       step();
       step_flops = double(gemm_flops<B>() - before);
     }

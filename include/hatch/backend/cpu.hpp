@@ -4,9 +4,9 @@
 //
 // Built with HATCH_WITH_OPENBLAS (CMake target hatch::openblas, Debian's libopenblas-dev), the
 // GEMMs above kBlasMinWork multiply-adds go to OpenBLAS's sgemm/dgemm instead of Eigen's kernel:
-// 15-30% faster per thread at a ViT's layer shapes on an AVX-512 machine (docs/performance.md). The threading stays hatch's: OpenBLAS is set to one thread and each
-// OpenMP thread calls it on its own panel of the output. Every translation unit of a program must
-// agree on the macro.
+// 14-25% faster per thread at a ViT's layer shapes on an AVX-512 machine (docs/performance.md).
+// The threading stays hatch's: OpenBLAS is set to one thread and each OpenMP thread calls it on
+// its own panel of the output. Every translation unit of a program must agree on the macro.
 #include <omp.h>
 #if defined(HATCH_WITH_OPENBLAS)
 #if __has_include(<cblas-openblas.h>)
@@ -25,9 +25,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <type_traits>
 #include <memory>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #include "hatch/backend/concept.hpp"
@@ -92,20 +92,20 @@ struct CpuBackend {
   }
 
   // ---- GEMM --------------------------------------------------------------------------------
-  // Row-major C(m x n) = alpha op(A) op(B) + beta C. Threads split C into row or column panels,
-  // each multiplied by Eigen's single-threaded GEMM kernel; inside a parallel region (batched
-  // attention) it runs on the calling thread alone.
   // Floating-point operations (2 m n k) of every GEMM so far: the benchmarks read a step's work
   // from it and report the fraction of the machine's GEMM rate that a step reaches.
   static std::atomic<std::int64_t>& flop_count() {
     static std::atomic<std::int64_t> c{0};
     return c;
   }
+  // Row-major C(m x n) = alpha op(A) op(B) + beta C. Threads split C into row or column panels,
+  // each multiplied by the single-threaded gemm_serial; inside a parallel region (batched
+  // attention) it runs on the calling thread alone.
   static void gemm(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b,
                    int ldb, T beta, T* c, int ldc) {
     if (m <= 0 || n <= 0) return;
-    flop_count().fetch_add(2 * std::int64_t(m) * n * k, std::memory_order_relaxed);
     const std::int64_t work = std::int64_t(m) * n * k;
+    flop_count().fetch_add(2 * work, std::memory_order_relaxed);
     const int nt = (work < (1 << 18) || omp_in_parallel()) ? 1 : std::min(omp_get_max_threads(), std::max(m, n) / 16);
     if (nt <= 1) return gemm_serial(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
     const bool by_rows = m >= n;

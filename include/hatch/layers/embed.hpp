@@ -119,7 +119,7 @@ class ClassTokenLayer : public ParameterFreeLayer<ClassTokenLayer<B, D>, B, D, D
   const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
     if (!ctx.input_grad) return dx_;
     Tensor<B>& dx = grad_buffer(ctx, dx_, in_shape_);
-    B::fill(dx.data(), std::size_t(dx.numel()), typename B::Scalar(0));
+    dx.zero();
     B::copy_2d(dx.data(), int(in_shape_[1]) * D, dy.data(), D, int(in_shape_[0]), D);
     return dx;
   }
