@@ -7,9 +7,11 @@
 # with the program's stdout, stderr (with /usr/bin/time -v) and metrics.jsonl. A JOB is
 #   e2e:PRESET:IMAGES:LR:SEED:EPOCHS   end to end, EPOCHS at peak rate LR
 #   di:PRESET:IMAGES:LR:SEED           Deep Incubation, every phase, fine-tuning at peak rate LR
-#   ft:PRESET:IMAGES:LR:SEED           fine-tuning only, at LR, of the assembly of the di job
+#   ft:PRESET:IMAGES:LR:SEED[:EPOCHS]  fine-tuning only, at LR, of the assembly of the di job
 #                                      with the same PRESET, IMAGES and SEED whose fine-tuning
-#                                      rate is 2e-3 (the tuning trials of the fine-tuning phase)
+#                                      rate is 2e-3 (the tuning trials of the fine-tuning phase);
+#                                      EPOCHS (default 20) lengthens it, and the job is then
+#                                      named ftEPOCHS-...
 # Jobs run two at a time (JOBS=N to change), one thread each. IMAGES is a class-balanced head of
 # the training set (--balanced; 0 = all 60,000); the full test set is always used, every 5th
 # epoch and the last. The recipe is the same in both arms and follows the paper's ratios
@@ -26,7 +28,8 @@ export bin out
 
 run_job() {
   IFS=: read -r kind preset images lr seed epochs <<<"$1"
-  local name="$kind-$preset-n$images-lr$lr-s$seed" dir
+  local name="$kind-$preset-n$images-lr$lr-s$seed" dir ft_epochs=${epochs:-20}
+  [[ $kind == ft && -n $epochs ]] && name="ft$epochs-$preset-n$images-lr$lr-s$seed"
   dir="$out/$name"
   local common=(--preset "$preset" --train-limit "$images" --test-limit 0 --crop-padding 2 --hflip
                 --label-smoothing 0.1 --eval-every 5 --threads 1 --seed "$seed" --no-progress --no-resume)
@@ -40,7 +43,7 @@ run_job() {
     ft) local from="$out/di-$preset-n$images-lr2e-3-s$seed"
         [[ -f $from/assembled/stage0.safetensors ]] || { echo "$name: no assembly in $from" >&2; return 1; }
         rm -rf "$dir" && mkdir -p "$dir" && cp -r "$from/meta" "$from/modules" "$from/assembled" "$dir/"
-        cmd=("$bin/incubate" "${common[@]}" --phase finetune --epochs-meta 60 --epochs-module 20 --epochs-finetune 20
+        cmd=("$bin/incubate" "${common[@]}" --phase finetune --epochs-meta 60 --epochs-module 20 --epochs-finetune "$ft_epochs"
              --lr 2e-3 --warmup-epochs 5 --hybrid-drop-path 0.1 --finetune-drop-path 0.1 --finetune-lr "$lr"
              --finetune-clip 1) ;;
     *) echo "unknown job kind '$kind' in '$1'" >&2; return 2 ;;
