@@ -1,0 +1,6 @@
+// vit-base: train_e2e and incubate.
+#include "../instances.hpp"
+
+namespace examples {
+HATCH_EXAMPLE_VIT(VitBase)
+}  // namespace examples
