@@ -57,6 +57,33 @@ TEST_CASE_TEMPLATE("Backend::map and map_binary apply a functor to every element
   B::map(nullptr, nullptr, 0, AffineFn{});  // n = 0 touches nothing
 }
 
+TEST_CASE_TEMPLATE("fused::linear_forward on Cpu: x W^T + bias, on Eigen's and OpenBLAS's sizes, with no bias and k = 0",
+                   B, Cpu, Cpu64) {
+  using T = typename B::Scalar;
+  // rows, in, out: Eigen's kernel; above Cpu::kBlasMinWork multiply-adds (OpenBLAS when built
+  // with it, split across threads); an empty inner dimension (y = bias)
+  for (const auto [rows, in, out] : {std::array{5, 7, 3}, std::array{300, 96, 80}, std::array{4, 0, 6}}) {
+    CAPTURE(rows);
+    CAPTURE(in);
+    std::vector<T> x(std::size_t(rows) * in), w(std::size_t(out) * in), bias(out);
+    for (std::size_t i = 0; i < x.size(); ++i) x[i] = T(std::sin(0.37 * double(i)));
+    for (std::size_t i = 0; i < w.size(); ++i) w[i] = T(std::cos(0.11 * double(i)));
+    for (int j = 0; j < out; ++j) bias[j] = T(0.5 - 0.25 * j);
+    for (const bool with_bias : {true, false}) {
+      std::vector<T> y(std::size_t(rows) * out, T(7));  // stale contents must not leak through
+      fused::linear_forward<B>(y.data(), x.data(), w.data(), with_bias ? bias.data() : nullptr, rows, in, out);
+      double worst = 0;
+      for (int r = 0; r < rows; ++r)
+        for (int j = 0; j < out; ++j) {
+          double ref = with_bias ? double(bias[j]) : 0.0;
+          for (int k = 0; k < in; ++k) ref += double(x[std::size_t(r) * in + k]) * double(w[std::size_t(j) * in + k]);
+          worst = std::max(worst, std::abs(double(y[std::size_t(r) * out + j]) - ref));
+        }
+      CHECK(worst < (std::is_same_v<T, float> ? 1e-4 : 1e-12));
+    }
+  }
+}
+
 TEST_CASE("SiLU: f and f' against the definition and central differences, tails included") {
   for (double x = -40; x <= 40; x += 0.125) {
     const double s = 1 / (1 + std::exp(-x));

@@ -4,8 +4,8 @@
 // runs, otherwise the unfused sequence below (the definition of X's result) does. So a backend
 // is complete with the concept's primitives alone, and a fast path is one static member.
 //
-// Cuda has both of these (cuBLASLt epilogues); Cpu runs the sequences, where Eigen's GEMM is the
-// cost and one more pass over the output is not.
+// Cuda has both of these (cuBLASLt epilogues). Cpu has linear_forward (the bias written before
+// the GEMM accumulates onto it) and runs the sequence of linear_backward_params.
 #include "hatch/backend/concept.hpp"
 
 namespace hatch::fused {
