@@ -74,6 +74,10 @@ struct CommonOptions {
       return hatch::data::balanced_first(hatch::data::load_fashion_mnist(data, true, 0), train_limit);
     return hatch::data::load_fashion_mnist(data, train, train ? train_limit : test_limit);
   }
+  // The data of a modular program's phase: none for --phase assemble, which reads only files.
+  hatch::data::Dataset load_for_phase(bool train, const std::string& phase) const {
+    return phase == "assemble" ? hatch::data::Dataset{} : load(train);
+  }
   // NAC models (--nac-prior, --nac-dense): the graph prior of the next reset and dense
   // attention; refused for a model without them. Call before reset and assembly.
   std::string nac_prior = "scale-free";
@@ -210,9 +214,7 @@ template <class B>
 int incubate(const IncubateOptions& a) {
   const auto& c = a.common;
   c.check_ood(a.phase);
-  const bool needs_data = a.phase != "assemble";
-  const auto train = needs_data ? c.load(true) : Dataset{};
-  const auto test = needs_data ? c.load(false) : Dataset{};
+  const auto train = c.load_for_phase(true, a.phase), test = c.load_for_phase(false, a.phase);
   return hatch::with_preset(c.preset, [&]<class V>(std::type_identity<V>) {
     c.check_images<V>(train);
     c.check_images<V>(test);
@@ -225,9 +227,7 @@ template <class B>
 int distill(const DistillOptions& a) {
   const auto& c = a.common;
   c.check_ood(a.phase, /*teacher_phase=*/true);
-  const bool needs_data = a.phase != "assemble";
-  const auto train = needs_data ? c.load(true) : Dataset{};
-  const auto test = needs_data ? c.load(false) : Dataset{};
+  const auto train = c.load_for_phase(true, a.phase), test = c.load_for_phase(false, a.phase);
   return with_distill_pair(c.preset, a.student, [&]<class TV, class SV>(std::type_identity<TV>, std::type_identity<SV>,
                                                                         const std::string& student) {
     c.check_images<TV>(train);
