@@ -260,9 +260,8 @@ struct CpuBackend {
   // write its zeros, and the GEMM accumulates onto it (beta = 1): one pass over y fewer than the
   // GEMM followed by add_bias_rows.
   static void linear_forward(T* y, const T* x, const T* w, const T* bias, int rows, int in, int out) {
-    if (!bias) return gemm(false, true, rows, out, in, T(1), x, in, w, in, T(0), y, out);
-    parallel_rows(rows, out, [&](std::int64_t r) { std::copy(bias, bias + out, y + r * out); });
-    gemm(false, true, rows, out, in, T(1), x, in, w, in, T(1), y, out);
+    if (bias) parallel_rows(rows, out, [&](std::int64_t r) { std::copy(bias, bias + out, y + r * out); });
+    gemm(false, true, rows, out, in, T(1), x, in, w, in, bias ? T(1) : T(0), y, out);
   }
   static void add_bias_rows(T* y, const T* bias, int rows, int cols) {
     parallel_rows(rows, cols, [&](std::int64_t r) {
