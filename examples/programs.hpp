@@ -111,11 +111,13 @@ struct CommonOptions {
   static void print_ood(const hatch::FitResult& r) {
     if (r.ood) std::printf("ood_accuracy=%.4f\n", r.ood->accuracy);
   }
-  // Before any training: a data set whose images are not the preset's is refused at once.
+  // Before any training: a data set whose images are not the preset's is refused at once (an
+  // empty one, as --phase assemble loads, is not checked).
   template <class V>
-  void check_images(const hatch::data::Dataset& set) const {
-    if (set.n == 0) return;
-    hatch::data::expect_image_shape(set, V::spec.channels, V::spec.image, V::spec.image, "preset " + preset);
+  void check_images(const hatch::data::Dataset& train, const hatch::data::Dataset& test) const {
+    for (const auto* set : {&train, &test})
+      if (set->n > 0)
+        hatch::data::expect_image_shape(*set, V::spec.channels, V::spec.image, V::spec.image, "preset " + preset);
   }
 };
 
@@ -202,8 +204,7 @@ int train_e2e(const E2eOptions& a) {
                      " MPI ranks: pass --distributed to train data-parallel, or run a single process");
   const auto train = c.load(true), test = c.load(false);
   return hatch::with_e2e_preset(c.preset, [&]<class V>(std::type_identity<V>) {
-    c.check_images<V>(train);
-    c.check_images<V>(test);
+    c.check_images<V>(train, test);
     return train_e2e_as<B, V>(a, train, test);
   });
 }
@@ -216,8 +217,7 @@ int incubate(const IncubateOptions& a) {
   c.check_ood(a.phase);
   const auto train = c.load_for_phase(true, a.phase), test = c.load_for_phase(false, a.phase);
   return hatch::with_preset(c.preset, [&]<class V>(std::type_identity<V>) {
-    c.check_images<V>(train);
-    c.check_images<V>(test);
+    c.check_images<V>(train, test);
     return incubate_as<B, V>(a, train, test);
   });
 }
@@ -230,8 +230,7 @@ int distill(const DistillOptions& a) {
   const auto train = c.load_for_phase(true, a.phase), test = c.load_for_phase(false, a.phase);
   return with_distill_pair(c.preset, a.student, [&]<class TV, class SV>(std::type_identity<TV>, std::type_identity<SV>,
                                                                         const std::string& student) {
-    c.check_images<TV>(train);
-    c.check_images<TV>(test);
+    c.check_images<TV>(train, test);
     return distill_as<B, TV, SV>(a, train, test, student);
   });
 }
