@@ -1,4 +1,5 @@
-// One thread's GEMM at the shapes of a vit-small step (batch 128: 2176 token rows, width 128),
+// One thread's GEMM at the shapes of a vit-small step (batch 128: 2176 token rows, width 128; and
+// vit-base's per-head attention products, 50 tokens, head width 32),
 // through Eigen's kernel (Cpu::gemm_eigen) and through OpenBLAS (Cpu::gemm_openblas), in GFLOP/s:
 // why the Cpu backend sends its large GEMMs to OpenBLAS when built with it (docs/performance.md).
 //   OMP_NUM_THREADS=1 build/bench/gemm_shapes
@@ -23,6 +24,8 @@ int main() {
                           {2176, 128, 512, false, true, "fc2 forward"},  {2176, 128, 512, false, false, "fc1 input grad"},
                           {512, 128, 2176, true, false, "fc1 weight grad"}, {128, 512, 2176, true, false, "fc2 weight grad"},
                           {17, 17, 32, false, true, "attention scores"}, {17, 32, 17, false, false, "attention output"},
+                          {50, 50, 32, false, true, "vit-base scores"},  {50, 32, 50, false, false, "vit-base output"},
+                          {50, 32, 50, true, false, "vit-base dV, dK"},
                           {2048, 2048, 2048, false, false, "2048^3"}};
   std::printf("%-18s %16s %12s %12s %7s\n", "GEMM", "m x n x k", "Eigen", "OpenBLAS", "ratio");
   for (const auto& s : shapes) {

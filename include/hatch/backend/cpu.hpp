@@ -3,8 +3,9 @@
 // float32; Cpu64 is the same code in double precision, for finite-difference gradient checks.
 //
 // Built with HATCH_WITH_OPENBLAS (CMake target hatch::openblas, Debian's libopenblas-dev), the
-// GEMMs above kBlasMinWork multiply-adds go to OpenBLAS's sgemm/dgemm instead of Eigen's kernel:
-// 14-25% faster per thread at a ViT's layer shapes on an AVX-512 machine (docs/performance.md).
+// GEMMs that overwrite their output (beta = 0) and those above kBlasMinWork multiply-adds go to
+// OpenBLAS's sgemm/dgemm instead of Eigen's kernel: 14-25% faster per thread at a ViT's layer
+// shapes, 1.1-1.8x at its attention's per-head shapes, on an AVX-512 machine (docs/performance.md).
 // The threading stays hatch's: OpenBLAS is set to one thread and each OpenMP thread calls it on
 // its own panel of the output. Every translation unit of a program must agree on the macro.
 #include <omp.h>
@@ -127,13 +128,13 @@ struct CpuBackend {
     }
   }
 
-  // One thread's GEMM: OpenBLAS's when built with it and the GEMM is large enough, else
+  // One thread's GEMM: OpenBLAS's when built with it and the GEMM overwrites C or is large, else
   // gemm_eigen, Eigen's blocked kernel with a packing workspace cached per shape, so that a
   // steady-state step never allocates (Eigen's own product allocates it per call).
   static void gemm_serial(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b,
                           int ldb, T beta, T* c, int ldc) {
 #if defined(HATCH_WITH_OPENBLAS)
-    if (k > 0 && std::int64_t(m) * n * k > kBlasMinWork)
+    if (k > 0 && (beta == T(0) || std::int64_t(m) * n * k > kBlasMinWork))
       return gemm_openblas(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 #endif
     gemm_eigen(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
@@ -175,10 +176,12 @@ struct CpuBackend {
           m, n, k, a, lda, b, ldb, c, 1, ldc, alpha, blocking, nullptr);
   }
 
-  // With OpenBLAS, GEMMs of at most this many multiply-adds (attention's per-head products, small
-  // layers) stay on Eigen's kernel: OpenBLAS sends them to its small-matrix kernels, some of which
-  // allocate on every call (sgemm_small_kernel_nn with beta != 0, OpenBLAS 0.3.21), and a training
-  // step must not allocate (tests/test_alloc.cpp). Its small-matrix path starts at 100^3.
+  // With OpenBLAS, GEMMs that accumulate (beta != 0) with at most this many multiply-adds stay on
+  // Eigen's kernel: OpenBLAS sends them to its small-matrix kernels, some of which allocate on
+  // every call (OpenBLAS 0.3.21: a NAC step's small accumulating GEMMs, tests/test_alloc.cpp), and
+  // a training step must not allocate. Its beta = 0 kernels allocate nothing, so attention's
+  // per-head products (all beta = 0) go to OpenBLAS whatever their size. The small-matrix path
+  // starts at 100^3.
   static constexpr std::int64_t kBlasMinWork = std::int64_t(1) << 21;
   using Blocking = Eigen::internal::gemm_blocking_space<Eigen::RowMajor, T, T, Eigen::Dynamic, Eigen::Dynamic,
                                                          Eigen::Dynamic>;
