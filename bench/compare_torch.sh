@@ -2,10 +2,11 @@
 # Training-step throughput and peak memory of hatch (build/bench/train_step) against PyTorch
 # (bench/torch_vit_step.py) on the same configuration. The two run alternately (hatch, torch,
 # hatch, torch, ...) so that a change in machine load hits both; each run is under
-# /usr/bin/time -v for its peak resident set size. First, the machine's GEMM rate (the ceiling): a
-# 2048^3 float GEMM through hatch's Cpu::gemm, through Eigen's product and through torch.mm at the
-# same thread count, the best of the three; the table gives each side's images/s as a fraction
-# of it (a step's GEMM work, counted by Cpu::gemm, times images/s over the ceiling).
+# /usr/bin/time -v for its peak resident set size. Before every round, the machine's GEMM rate
+# (the ceiling): a 2048^3 float GEMM through hatch's Cpu::gemm, through Eigen's product and
+# through torch.mm at the same thread count, the best of the three. The table gives each side's
+# images/s as a fraction of the ceiling of its own round (a step's GEMM work, counted by
+# Cpu::gemm, times images/s over the ceiling), the median over the rounds.
 #
 #   bench/compare_torch.sh [--preset vit-small] [--batch 128] [--threads 2] [--steps 20]
 #                          [--rounds 2] [--build build]
@@ -48,6 +49,9 @@ torch_py="$here/torch_vit_step.py"
 blas="$("$python" -c 'import torch, re; m = re.search(r"BLAS_INFO=(\w+)", torch.__config__.show()); print(m.group(1) if m else "?")' 2>/dev/null)" \
   || die "$python cannot import torch (Debian package python3-torch)"
 
+# torch.set_num_threads does not reach the threads of Debian's OpenBLAS (pthreads build): at
+# --threads 1, torch.mm ran on both cores. The environment limits them.
+torch_env=(OPENBLAS_NUM_THREADS="$threads" OMP_NUM_THREADS="$threads")
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 
@@ -73,12 +77,17 @@ loadavg() { cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?'; }
 echo "preset=$preset batch=$batch threads=$threads steps=$steps rounds=$rounds (load average $(loadavg))"
 echo "hatch: $hatch_bin"
 echo "torch: $python $torch_py (BLAS_INFO=$blas$([[ "$blas" == generic ]] && printf ', libblas.so.3 -> %s' "$(readlink -f /usr/lib/x86_64-linux-gnu/libblas.so.3 2>/dev/null || echo '?')"))"
-# The ceiling and the step's GEMM work.
-ceil_out="$("$hatch_bin" --preset "$preset" --batch "$batch" --threads "$threads" --steps 1 --warmup 1 --ceiling)" \
-  || die "train_step --ceiling failed"
-field() { sed -n "s/^$1=\([0-9.]*\)$/\1/p" <<<"$ceil_out" | tail -1; }
-hatch_gemm="$(field gemm_gflops)" eigen_gemm="$(field eigen_gemm_gflops)" step_gflop="$(field gemm_gflop_per_step)"
-torch_gemm="$("$python" - "$threads" <<'PY'
+# The ceiling (measured again before every round: the machine's GEMM rate drifts by several
+# percent between minutes here, so each round's images/s is taken against the ceiling of its own
+# minute) and the step's GEMM work.
+step_gflop=""
+measure_ceiling() {
+  local out hatch_gemm eigen_gemm torch_gemm
+  out="$("$hatch_bin" --preset "$preset" --batch "$batch" --threads "$threads" --steps 1 --warmup 1 --ceiling)" \
+    || die "train_step --ceiling failed"
+  field() { sed -n "s/^$1=\([0-9.]*\)$/\1/p" <<<"$out" | tail -1; }
+  hatch_gemm="$(field gemm_gflops)" eigen_gemm="$(field eigen_gemm_gflops)" step_gflop="$(field gemm_gflop_per_step)"
+  torch_gemm="$(env "${torch_env[@]}" "$python" - "$threads" <<'PY'
 import sys, time, torch
 torch.set_num_threads(int(sys.argv[1]))
 n = 2048
@@ -92,12 +101,20 @@ for _ in range(5):
 print(f"{2 * n ** 3 / min(times) / 1e9:.1f}")
 PY
 )" || die "timing torch.mm failed"
-ceiling="$(printf '%s\n' "$hatch_gemm" "$eigen_gemm" "$torch_gemm" | sort -g | tail -1)"
-echo "GEMM 2048^3, $threads threads: hatch Cpu::gemm $hatch_gemm GFLOP/s, Eigen $eigen_gemm, torch.mm $torch_gemm: ceiling $ceiling GFLOP/s"
-echo "GEMM work of one step: $step_gflop GFLOP ($(awk -v g="$step_gflop" -v b="$batch" 'BEGIN{printf "%.4f", g / b}') GFLOP per image)"
+  ceiling="$(printf '%s\n' "$hatch_gemm" "$eigen_gemm" "$torch_gemm" | sort -g | tail -1)"
+  echo "$ceiling" >>"$tmp/ceiling"
+  printf '  round %d ceiling %.1f GFLOP/s  | GEMM 2048^3, %s threads: hatch Cpu::gemm %s, Eigen %s, torch.mm %s\n' \
+    "$round" "$ceiling" "$threads" "$hatch_gemm" "$eigen_gemm" "$torch_gemm"
+}
 for ((round = 1; round <= rounds; round++)); do
+  measure_ceiling
+  [[ $round -gt 1 ]] || echo "  GEMM work of one step: $step_gflop GFLOP ($(awk -v g="$step_gflop" -v b="$batch" 'BEGIN{printf "%.4f", g / b}') GFLOP per image)"
   run hatch "$hatch_bin" --preset "$preset" --batch "$batch" --threads "$threads" --steps "$steps"
-  run torch "$python" "$torch_py" --preset "$preset" --batch "$batch" --threads "$threads" --steps "$steps"
+  run torch env "${torch_env[@]}" "$python" "$torch_py" --preset "$preset" --batch "$batch" --threads "$threads" --steps "$steps"
+  for side in hatch torch; do
+    awk -v i="$(tail -1 "$tmp/$side.ips")" -v g="$step_gflop" -v b="$batch" -v c="$ceiling" \
+      'BEGIN { printf "%.4f\n", i * g / b / c }' >>"$tmp/$side.frac"
+  done
 done
 
 echo "  load average after: $(loadavg)"
@@ -113,6 +130,9 @@ awk -v hi="$h_ips" -v ti="$t_ips" -v hb="$h_best" -v tb="$t_best" -v hr="$h_rss"
   printf "%-12s %18.1f %16.1f %20.1f\n", "torch", ti, tb, tr / 1024
   printf "%-12s %17.2fx %15.2fx %19.2fx\n", "hatch/torch", hi / ti, hb / tb, hr / tr
 }'
-awk -v hi="$h_ips" -v ti="$t_ips" -v g="$step_gflop" -v b="$batch" -v c="$ceiling" 'BEGIN {
-  printf "fraction of the GEMM ceiling (median images/s x %.4f GFLOP / %.1f GFLOP/s): hatch %.2f, torch %.2f\n", g / b, c, hi * g / b / c, ti * g / b / c
+c_med="$(median "$tmp/ceiling")" c_min="$(sort -g "$tmp/ceiling" | head -1)" c_max="$(maxof "$tmp/ceiling")"
+awk -v hf="$(median "$tmp/hatch.frac")" -v tf="$(median "$tmp/torch.frac")" -v g="$step_gflop" -v b="$batch" \
+    -v c="$c_med" -v lo="$c_min" -v hi="$c_max" 'BEGIN {
+  printf "fraction of the GEMM ceiling (each round: images/s x %.4f GFLOP / that round'"'"'s ceiling; median of the rounds): hatch %.2f, torch %.2f\n", g / b, hf, tf
+  printf "ceiling median %.1f GFLOP/s (rounds: %.1f to %.1f)\n", c, lo, hi
 }'
