@@ -84,6 +84,55 @@ TEST_CASE_TEMPLATE("fused::linear_forward on Cpu: x W^T + bias, on Eigen's and O
   }
 }
 
+TEST_CASE_TEMPLATE("Cpu::gemm against a double reference: every transposition, beta 0 / 1 / other, padded strides, serial and split over threads",
+                   B, Cpu, Cpu64) {
+  using T = typename B::Scalar;
+  // Shapes for each of gemm's paths: tiny (Eigen's kernel, or OpenBLAS's small-matrix kernels
+  // when beta = 0), attention's per-head size, above Cpu::kBlasMinWork and split over threads by
+  // rows (m >= n) and by columns (m < n), and k = 0 (C = beta C).
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(std::max(threads, 2));  // the split paths, even on a one-core machine
+  for (const auto [m, n, k] : {std::array{3, 5, 7}, std::array{50, 50, 32}, std::array{50, 32, 50},
+                               std::array{300, 96, 80}, std::array{80, 300, 96}, std::array{6, 4, 0}}) {
+    for (const bool ta : {false, true})
+      for (const bool tb : {false, true})
+        for (const double beta : {0.0, 1.0, -0.5}) {
+          CAPTURE(m); CAPTURE(n); CAPTURE(k); CAPTURE(ta); CAPTURE(tb); CAPTURE(beta);
+          // op(A) is m x k, op(B) is k x n; every leading dimension padded by 3
+          const int a_rows = ta ? k : m, a_cols = ta ? m : k, b_rows = tb ? n : k, b_cols = tb ? k : n;
+          const int lda = a_cols + 3, ldb = b_cols + 3, ldc = n + 3;
+          std::vector<T> a(std::size_t(std::max(a_rows, 1)) * lda), b(std::size_t(std::max(b_rows, 1)) * ldb),
+              c(std::size_t(m) * ldc);
+          for (std::size_t i = 0; i < a.size(); ++i) a[i] = T(std::sin(0.37 * double(i)));
+          for (std::size_t i = 0; i < b.size(); ++i) b[i] = T(std::cos(0.11 * double(i)));
+          for (std::size_t i = 0; i < c.size(); ++i) c[i] = T(0.25 * std::sin(0.05 * double(i)));
+          const std::vector<T> c0 = c;
+          if (beta == 0.0)  // C's old contents must not leak through, not even a NaN
+            for (int r = 0; r < m; ++r) c[std::size_t(r) * ldc] = std::numeric_limits<T>::quiet_NaN();
+          const double alpha = 1.5;
+          B::gemm(ta, tb, m, n, k, T(alpha), a.data(), lda, b.data(), ldb, T(beta), c.data(), ldc);
+          double worst = 0;
+          for (int r = 0; r < m; ++r)
+            for (int j = 0; j < n; ++j) {
+              double ref = 0;
+              for (int p = 0; p < k; ++p)
+                ref += double(ta ? a[std::size_t(p) * lda + r] : a[std::size_t(r) * lda + p]) *
+                       double(tb ? b[std::size_t(j) * ldb + p] : b[std::size_t(p) * ldb + j]);
+              ref = alpha * ref + (beta == 0.0 ? 0.0 : beta * double(c0[std::size_t(r) * ldc + j]));
+              const double got = double(c[std::size_t(r) * ldc + j]);
+              worst = std::max(worst, std::isfinite(got) ? std::abs(got - ref) : 1e30);
+            }
+          // the padding between rows of C is never written
+          bool padding_kept = true;
+          for (int r = 0; r < m; ++r)
+            for (int j = n; j < ldc; ++j) padding_kept = padding_kept && c[std::size_t(r) * ldc + j] == c0[std::size_t(r) * ldc + j];
+          CHECK(worst < (std::is_same_v<T, float> ? 2e-4 : 1e-11));
+          CHECK(padding_kept);
+        }
+  }
+  omp_set_num_threads(threads);
+}
+
 TEST_CASE("SiLU: f and f' against the definition and central differences, tails included") {
   for (double x = -40; x <= 40; x += 0.125) {
     const double s = 1 / (1 + std::exp(-x));
