@@ -31,10 +31,9 @@ export bin out
 
 run_job() {
   IFS=: read -r kind preset images lr seed epochs <<<"$1"
-  local name="$kind-$preset-n$images-lr$lr-s$seed" dir ft_epochs=${epochs:-20} meta=${epochs:-60}
-  local warmup=${WARMUP:-5}
-  [[ $kind == ft && -n $epochs ]] && name="ft$epochs-$preset-n$images-lr$lr-s$seed"
-  [[ $kind == di && -n $epochs ]] && name="di$epochs-$preset-n$images-lr$lr-s$seed"
+  local name="$kind-$preset-n$images-lr$lr-s$seed" dir ft_epochs=${epochs:-20} meta=${epochs:-60} warmup=${WARMUP:-5}
+  # an ft or di job with its own length names it (an e2e job's EPOCHS is not optional)
+  [[ $kind != e2e && -n $epochs ]] && name="$kind$epochs-$preset-n$images-lr$lr-s$seed"
   dir="$out/$name"
   local common=(--preset "$preset" --train-limit "$images" --test-limit 0 --crop-padding 2 --hflip
                 --label-smoothing 0.1 --eval-every 5 --threads 1 --seed "$seed" --no-progress --no-resume)
@@ -43,8 +42,8 @@ run_job() {
   case $kind in
     e2e) cmd=("$bin/train_e2e" "${common[@]}" --epochs "$epochs" --lr "$lr" --warmup-epochs "$warmup" --drop-path 0.1) ;;
     di) cmd=("$bin/incubate" "${common[@]}" --phase all --epochs-meta "$meta" --epochs-module $((meta / 3))
-             --epochs-finetune $((meta / 3)) --lr 2e-3 --warmup-epochs "$warmup" --hybrid-drop-path 0.1 --finetune-drop-path 0.1 --finetune-lr "$lr"
-             --finetune-clip 1) ;;
+             --epochs-finetune $((meta / 3)) --lr 2e-3 --warmup-epochs "$warmup" --hybrid-drop-path 0.1
+             --finetune-drop-path 0.1 --finetune-lr "$lr" --finetune-clip 1) ;;
     ft) local from="$out/di-$preset-n$images-lr2e-3-s$seed"
         [[ -f $from/assembled/stage0.safetensors ]] || { echo "$name: no assembly in $from" >&2; return 1; }
         rm -rf "$dir" && mkdir -p "$dir" && cp -r "$from/meta" "$from/modules" "$from/assembled" "$dir/"

@@ -5,7 +5,7 @@
 // Built with HATCH_WITH_OPENBLAS (CMake target hatch::openblas, Debian's libopenblas-dev), the
 // GEMMs that overwrite their output (beta = 0) and those above kBlasMinWork multiply-adds go to
 // OpenBLAS's sgemm/dgemm instead of Eigen's kernel: 14-25% faster per thread at a ViT's layer
-// shapes, 1.1-1.8x at its attention's per-head shapes, on an AVX-512 machine (docs/performance.md).
+// shapes, 1.15-1.9x at its attention's per-head shapes, on an AVX-512 machine (docs/performance.md).
 // The threading stays hatch's: OpenBLAS is set to one thread and each OpenMP thread calls it on
 // its own panel of the output. Every translation unit of a program must agree on the macro.
 #include <omp.h>
@@ -179,8 +179,9 @@ struct CpuBackend {
   // With OpenBLAS, GEMMs that accumulate (beta != 0) with at most this many multiply-adds stay on
   // Eigen's kernel: OpenBLAS sends them to its small-matrix kernels, some of which allocate on
   // every call (OpenBLAS 0.3.21: a NAC step's small accumulating GEMMs, tests/test_alloc.cpp), and
-  // a training step must not allocate. Its beta = 0 kernels allocate nothing, so attention's
-  // per-head products (all beta = 0) go to OpenBLAS whatever their size. The small-matrix path
+  // a training step must not allocate. Its beta = 0 kernels allocated nothing (the Block, MoE and
+  // NAC steps of tests/test_alloc.cpp, and bench/gemm_shapes's attention shapes under a malloc
+  // counter), so attention's per-head products (all beta = 0) go to OpenBLAS whatever their size. The small-matrix path
   // starts at 100^3.
   static constexpr std::int64_t kBlasMinWork = std::int64_t(1) << 21;
   using Blocking = Eigen::internal::gemm_blocking_space<Eigen::RowMajor, T, T, Eigen::Dynamic, Eigen::Dynamic,
