@@ -179,10 +179,9 @@ struct CpuBackend {
   // With OpenBLAS, GEMMs that accumulate (beta != 0) with at most this many multiply-adds stay on
   // Eigen's kernel: OpenBLAS sends them to its small-matrix kernels, some of which allocate on
   // every call (OpenBLAS 0.3.21: a NAC step's small accumulating GEMMs, tests/test_alloc.cpp), and
-  // a training step must not allocate. Its beta = 0 kernels allocated nothing (the Block, MoE and
-  // NAC steps of tests/test_alloc.cpp, and bench/gemm_shapes's attention shapes under a malloc
-  // counter), so attention's per-head products (all beta = 0) go to OpenBLAS whatever their size. The small-matrix path
-  // starts at 100^3.
+  // a training step must not allocate. Its beta = 0 kernels allocated nothing in the Block, MoE
+  // and NAC steps of tests/test_alloc.cpp, so attention's per-head products (all beta = 0) go to
+  // OpenBLAS whatever their size. The small-matrix path starts at 100^3.
   static constexpr std::int64_t kBlasMinWork = std::int64_t(1) << 21;
   using Blocking = Eigen::internal::gemm_blocking_space<Eigen::RowMajor, T, T, Eigen::Dynamic, Eigen::Dynamic,
                                                          Eigen::Dynamic>;
