@@ -61,8 +61,12 @@ TEST_CASE_TEMPLATE("fused::linear_forward on Cpu: x W^T + bias, on Eigen's and O
                    B, Cpu, Cpu64) {
   using T = typename B::Scalar;
   // rows, in, out: Eigen's kernel; above Cpu::kBlasMinWork multiply-adds (OpenBLAS when built
-  // with it, split across threads); an empty inner dimension (y = bias)
-  for (const auto [rows, in, out] : {std::array{5, 7, 3}, std::array{300, 96, 80}, std::array{4, 0, 6}}) {
+  // with it), split across threads by rows (rows >= out) and by columns (rows < out: each thread
+  // writes the bias of its own columns); an empty inner dimension (y = bias)
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(std::max(threads, 2));  // the split paths, even on a one-core machine
+  for (const auto [rows, in, out] : {std::array{5, 7, 3}, std::array{300, 96, 80}, std::array{40, 96, 300},
+                                     std::array{4, 0, 6}}) {
     CAPTURE(rows);
     CAPTURE(in);
     std::vector<T> x(std::size_t(rows) * in), w(std::size_t(out) * in), bias(out);
@@ -82,6 +86,102 @@ TEST_CASE_TEMPLATE("fused::linear_forward on Cpu: x W^T + bias, on Eigen's and O
       CHECK(worst < (std::is_same_v<T, float> ? 1e-4 : 1e-12));
     }
   }
+  omp_set_num_threads(threads);
+}
+
+TEST_CASE_TEMPLATE("fused::linear_backward_params on Cpu: dW += dY^T X and dbias += column sums, either null, every split",
+                   B, Cpu, Cpu64) {
+  using T = typename B::Scalar;
+  // rows, in, out: tiny (one thread), dW split by its rows (out >= in: each thread sums the
+  // columns of dY its GEMM read) and by its columns (out < in: the sums split evenly), and no rows
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(std::max(threads, 2));
+  for (const auto [rows, in, out] : {std::array{5, 7, 3}, std::array{300, 64, 160}, std::array{300, 160, 48},
+                                     std::array{0, 16, 8}}) {
+    CAPTURE(rows); CAPTURE(in); CAPTURE(out);
+    std::vector<T> x(std::size_t(rows) * in), dy(std::size_t(rows) * out);
+    for (std::size_t i = 0; i < x.size(); ++i) x[i] = T(std::sin(0.37 * double(i)));
+    for (std::size_t i = 0; i < dy.size(); ++i) dy[i] = T(std::cos(0.11 * double(i)));
+    for (const bool with_dw : {true, false})
+      for (const bool with_dbias : {true, false}) {
+        CAPTURE(with_dw); CAPTURE(with_dbias);
+        // the gradients accumulate onto what is there
+        std::vector<T> dw(std::size_t(out) * in), dbias(out);
+        for (std::size_t i = 0; i < dw.size(); ++i) dw[i] = T(0.5 * std::sin(0.05 * double(i)));
+        for (int j = 0; j < out; ++j) dbias[j] = T(0.25 * j - 1);
+        const std::vector<T> dw0 = dw, dbias0 = dbias;
+        fused::linear_backward_params<B>(with_dw ? dw.data() : nullptr, with_dbias ? dbias.data() : nullptr,
+                                         dy.data(), x.data(), rows, in, out);
+        double worst_w = 0, worst_b = 0;
+        for (int j = 0; j < out; ++j) {
+          double sb = dbias0[j];
+          for (int r = 0; r < rows; ++r) sb += double(dy[std::size_t(r) * out + j]);
+          worst_b = std::max(worst_b, std::abs(double(dbias[j]) - (with_dbias ? sb : double(dbias0[j]))));
+          for (int i = 0; i < in; ++i) {
+            double sw = dw0[std::size_t(j) * in + i];
+            for (int r = 0; r < rows; ++r) sw += double(dy[std::size_t(r) * out + j]) * double(x[std::size_t(r) * in + i]);
+            worst_w = std::max(worst_w, std::abs(double(dw[std::size_t(j) * in + i]) -
+                                                     (with_dw ? sw : double(dw0[std::size_t(j) * in + i]))));
+          }
+        }
+        CHECK(worst_w < (std::is_same_v<T, float> ? 2e-4 : 1e-11));
+        CHECK(worst_b < (std::is_same_v<T, float> ? 2e-4 : 1e-11));
+      }
+  }
+  omp_set_num_threads(threads);
+}
+
+TEST_CASE_TEMPLATE("Cpu::sum_rows and softmax_forward against double references: padded rows, beta, widths that leave a tail",
+                   B, Cpu, Cpu64) {
+  using T = typename B::Scalar;
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(std::max(threads, 2));
+  // sum_rows: out[c] = beta out[c] + sum_r x[r ld + c], rows at a padded stride, over and under
+  // the parallel grain, widths over and under its 64-column accumulator block
+  for (const auto [rows, cols] : {std::array{7, 5}, std::array{700, 150}, std::array{3000, 17}}) {
+    const int ld = cols + 3;
+    std::vector<T> x(std::size_t(rows) * ld);
+    for (std::size_t i = 0; i < x.size(); ++i) x[i] = T(std::sin(0.37 * double(i)));
+    for (const double beta : {0.0, 1.0, -0.5}) {
+      CAPTURE(rows); CAPTURE(cols); CAPTURE(beta);
+      std::vector<T> out(cols);
+      for (int c = 0; c < cols; ++c) out[c] = beta == 0.0 ? std::numeric_limits<T>::quiet_NaN() : T(0.5 * c);
+      const std::vector<T> out0 = out;
+      B::sum_rows(out.data(), x.data(), rows, cols, ld, T(beta));
+      double worst = 0;
+      for (int c = 0; c < cols; ++c) {
+        double ref = beta == 0.0 ? 0.0 : beta * double(out0[c]);
+        for (int r = 0; r < rows; ++r) ref += double(x[std::size_t(r) * ld + c]);
+        worst = std::max(worst, std::isfinite(double(out[c])) ? std::abs(double(out[c]) - ref) : 1e30);
+      }
+      CHECK(worst < (std::is_same_v<T, float> ? 1e-3 : 1e-10));
+    }
+  }
+  // softmax_forward: rows of 17 (attention's, whose 17th value had a scalar exp of its own),
+  // 1, 64 and 300 (a row wider than a block), a row count that leaves a partial last block;
+  // into another buffer and in place
+  for (const auto [rows, cols] : {std::array{2176, 17}, std::array{5, 1}, std::array{333, 64}, std::array{9, 300}}) {
+    std::vector<T> x(std::size_t(rows) * cols);
+    for (std::size_t i = 0; i < x.size(); ++i) x[i] = T(8 * std::sin(0.37 * double(i)) + (i % 7 == 0 ? 30 : 0));
+    for (const bool in_place : {false, true}) {
+      CAPTURE(rows); CAPTURE(cols); CAPTURE(in_place);
+      const double scale = 0.7;
+      std::vector<T> y = in_place ? x : std::vector<T>(x.size(), T(7));
+      B::softmax_forward(y.data(), in_place ? y.data() : x.data(), rows, cols, T(scale));
+      double worst = 0;
+      for (int r = 0; r < rows; ++r) {
+        double mx = -1e300, sum = 0;
+        for (int c = 0; c < cols; ++c) mx = std::max(mx, double(x[std::size_t(r) * cols + c]));
+        for (int c = 0; c < cols; ++c) sum += std::exp(scale * (double(x[std::size_t(r) * cols + c]) - mx));
+        for (int c = 0; c < cols; ++c) {
+          const double ref = std::exp(scale * (double(x[std::size_t(r) * cols + c]) - mx)) / sum;
+          worst = std::max(worst, std::abs(double(y[std::size_t(r) * cols + c]) - ref));
+        }
+      }
+      CHECK(worst < (std::is_same_v<T, float> ? 1e-6 : 1e-14));
+    }
+  }
+  omp_set_num_threads(threads);
 }
 
 TEST_CASE_TEMPLATE("Cpu::gemm against a double reference: every transposition, beta 0 / 1 / other, padded strides, serial and split over threads",

@@ -104,11 +104,34 @@ struct CpuBackend {
   // attention) it runs on the calling thread alone.
   static void gemm(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b,
                    int ldb, T beta, T* c, int ldc) {
+    gemm_panels(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, [](const Panel&) {}, [](const Panel&) {});
+  }
+
+  // The part of C that one thread of gemm_panels computes: rows [lo, hi) of C (by_rows) or its
+  // columns [lo, hi), as thread t of nth. On one thread, all the rows.
+  struct Panel {
+    bool by_rows;
+    int lo, hi, t, nth;
+  };
+  // gemm with work of the caller's on each thread's panel in the same parallel region: pre(panel)
+  // just before the thread's GEMM (e.g. writing the bias where it accumulates), post(panel) just
+  // after it, while the panel is still in cache (e.g. an activation, or column sums of an operand).
+  // A fused epilogue without a GEMM kernel of our own, and one fork/join fewer per fused pass.
+  // pre and post run on every thread, also where its panel is empty.
+  template <class Pre, class Post>
+  static void gemm_panels(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b,
+                          int ldb, T beta, T* c, int ldc, Pre&& pre, Post&& post) {
     if (m <= 0 || n <= 0) return;
     const std::int64_t work = std::int64_t(m) * n * k;
     flop_count().fetch_add(2 * work, std::memory_order_relaxed);
     const int nt = (work < (1 << 18) || omp_in_parallel()) ? 1 : std::min(omp_get_max_threads(), std::max(m, n) / 16);
-    if (nt <= 1) return gemm_serial(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    if (nt <= 1) {
+      const Panel p{true, 0, m, 0, 1};
+      pre(p);
+      gemm_serial(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+      post(p);
+      return;
+    }
     const bool by_rows = m >= n;
 #pragma omp parallel num_threads(nt)
     {
@@ -117,6 +140,8 @@ struct CpuBackend {
       // panel edges on multiples of 16 keep the kernels' register blocks whole
       const int lo = int(std::int64_t(total / 16) * t / nth) * 16;
       const int hi = t + 1 == nth ? total : int(std::int64_t(total / 16) * (t + 1) / nth) * 16;
+      const Panel p{by_rows, lo, std::max(lo, hi), t, nth};
+      pre(p);
       if (hi > lo) {
         if (by_rows)
           gemm_serial(ta, tb, hi - lo, n, k, alpha, ta ? a + lo : a + std::int64_t(lo) * lda, lda, b, ldb, beta,
@@ -125,6 +150,7 @@ struct CpuBackend {
           gemm_serial(ta, tb, m, hi - lo, k, alpha, a, lda, tb ? b + std::int64_t(lo) * ldb : b + lo, ldb, beta,
                       c + lo, ldc);
       }
+      post(p);
     }
   }
 
@@ -259,12 +285,35 @@ struct CpuBackend {
   static void scale(T* y, T a, std::size_t n) {
     parallel_for(n, [&](std::int64_t j) { y[j] *= a; });
   }
-  // y (rows x out) = x W^T + bias (fused::linear_forward). The bias goes where the GEMM would
-  // write its zeros, and the GEMM accumulates onto it (beta = 1): one pass over y fewer than the
-  // GEMM followed by add_bias_rows.
+  // y (rows x out) = x W^T + bias (fused::linear_forward). Each thread writes the bias where its
+  // panel's GEMM would write zeros, and the GEMM accumulates onto it (beta = 1): no pass over y
+  // of its own, and no fork/join of its own.
   static void linear_forward(T* y, const T* x, const T* w, const T* bias, int rows, int in, int out) {
-    if (bias) parallel_rows(rows, out, [&](std::int64_t r) { std::copy(bias, bias + out, y + r * out); });
-    gemm(false, true, rows, out, in, T(1), x, in, w, in, bias ? T(1) : T(0), y, out);
+    gemm_panels(false, true, rows, out, in, T(1), x, in, w, in, bias ? T(1) : T(0), y, out,
+                [&](const Panel& p) {
+                  if (!bias) return;
+                  const int r0 = p.by_rows ? p.lo : 0, r1 = p.by_rows ? p.hi : rows;
+                  const int c0 = p.by_rows ? 0 : p.lo, c1 = p.by_rows ? out : p.hi;
+                  for (int r = r0; r < r1; ++r) std::copy(bias + c0, bias + c1, y + std::int64_t(r) * out + c0);
+                },
+                [](const Panel&) {});
+  }
+  // dw (out x in) += dy^T x and dbias (out) += the column sums of dy, either may be null
+  // (fused::linear_backward_params). The column sums run on each thread after its panel of dw,
+  // in the same parallel region: over dw's rows (output features) when the threads split those,
+  // so each thread sums the columns of dy its GEMM has just read; else an even split of them.
+  static void linear_backward_params(T* dw, T* dbias, const T* dy, const T* x, int rows, int in, int out) {
+    if (!dw) {
+      if (dbias) sum_rows(dbias, dy, rows, out, out, T(1));
+      return;
+    }
+    gemm_panels(true, false, out, in, rows, T(1), dy, out, x, in, T(1), dw, in, [](const Panel&) {},
+                [&](const Panel& p) {
+                  if (!dbias) return;
+                  const int c0 = p.by_rows ? p.lo : int(std::int64_t(out) * p.t / p.nth);
+                  const int c1 = p.by_rows ? p.hi : int(std::int64_t(out) * (p.t + 1) / p.nth);
+                  column_sums(dbias, dy, rows, c0, c1, out, T(1));
+                });
   }
   static void add_bias_rows(T* y, const T* bias, int rows, int cols) {
     parallel_rows(rows, cols, [&](std::int64_t r) {
@@ -278,12 +327,21 @@ struct CpuBackend {
 #pragma omp parallel num_threads(nt)
     {
       const int t = omp_get_thread_num(), nth = omp_get_num_threads();
-      const int c0 = int(std::int64_t(cols) * t / nth), c1 = int(std::int64_t(cols) * (t + 1) / nth);
-      for (int c = c0; c < c1; ++c) out[c] = beta == T(0) ? T(0) : out[c] * beta;
+      column_sums(out, x, rows, int(std::int64_t(cols) * t / nth), int(std::int64_t(cols) * (t + 1) / nth), ld, beta);
+    }
+  }
+  // out[c] = beta out[c] + sum_r x[r ld + c] for c in [c0, c1), on the calling thread: the sums go
+  // through a local block of kSumCols accumulators (vectorised: they alias nothing), row by row.
+  static void column_sums(T* out, const T* x, int rows, int c0, int c1, int ld, T beta) {
+    constexpr int kSumCols = 64;
+    for (int cb = c0; cb < c1; cb += kSumCols) {
+      const int w = std::min(kSumCols, c1 - cb);
+      alignas(64) T acc[kSumCols] = {};
       for (int r = 0; r < rows; ++r) {
-        const T* xr = x + std::int64_t(r) * ld;
-        for (int c = c0; c < c1; ++c) out[c] += xr[c];
+        const T* xr = x + std::int64_t(r) * ld + cb;
+        for (int c = 0; c < w; ++c) acc[c] += xr[c];
       }
+      for (int c = 0; c < w; ++c) out[cb + c] = (beta == T(0) ? T(0) : beta * out[cb + c]) + acc[c];
     }
   }
   static void copy_2d(T* dst, int ld_dst, const T* src, int ld_src, int rows, int cols) {
@@ -393,13 +451,26 @@ struct CpuBackend {
   }
   static void softmax_forward(T* y, const T* x, int rows, int cols, T scale) {
     // Eigen's vectorised exp and reductions; y may be x (coefficient-wise, so in place is safe).
-    parallel_rows(rows, cols, [&](std::int64_t r) {
-      const Eigen::Map<const RowArr> xr(x + r * cols, cols);
-      Eigen::Map<RowArr> yr(y + r * cols, cols);
-      const T mx = xr.maxCoeff();
-      yr = (scale * (xr - mx)).exp();
-      yr *= T(1) / yr.sum();
-    });
+    // Rows go in blocks of about kSoftmaxBlock values: each row's max subtracted, then one exp
+    // over the whole block (a row of 17 would leave a scalar exp for its 17th value), then each
+    // row normalised.
+    constexpr std::int64_t kSoftmaxBlock = 4096;
+    const std::int64_t per = std::max<std::int64_t>(1, kSoftmaxBlock / std::max(cols, 1));
+    const std::int64_t blocks = (rows + per - 1) / per;
+#pragma omp parallel for schedule(static) if (blocks > 1 && std::int64_t(rows) * cols > detail::kParallelGrain)
+    for (std::int64_t bi = 0; bi < blocks; ++bi) {
+      const std::int64_t r0 = bi * per, r1 = std::min<std::int64_t>(rows, r0 + per);
+      for (std::int64_t r = r0; r < r1; ++r) {
+        const Eigen::Map<const RowArr> xr(x + r * cols, cols);
+        Eigen::Map<RowArr>(y + r * cols, cols) = scale * (xr - xr.maxCoeff());
+      }
+      Eigen::Map<Arr> block(y + r0 * cols, (r1 - r0) * cols);
+      block = block.exp();
+      for (std::int64_t r = r0; r < r1; ++r) {
+        Eigen::Map<RowArr> yr(y + r * cols, cols);
+        yr *= T(1) / yr.sum();
+      }
+    }
   }
   static void softmax_backward(T* dx, const T* dy, const T* y, int rows, int cols, T scale) {
     parallel_rows(rows, cols, [&](std::int64_t r) {

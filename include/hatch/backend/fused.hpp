@@ -4,8 +4,9 @@
 // runs, otherwise the unfused sequence below (the definition of X's result) does. So a backend
 // is complete with the concept's primitives alone, and a fast path is one static member.
 //
-// Cuda has both of these (cuBLASLt epilogues). Cpu has linear_forward (the bias written before
-// the GEMM accumulates onto it) and runs the sequence of linear_backward_params.
+// Cuda has both of these (cuBLASLt epilogues). Cpu has both too, each one parallel region
+// (Cpu::gemm_panels): linear_forward writes the bias where each thread's GEMM accumulates, and
+// linear_backward_params sums the bias gradient on each thread right after its panel of dW.
 #include "hatch/backend/concept.hpp"
 
 namespace hatch::fused {
