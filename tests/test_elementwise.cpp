@@ -131,59 +131,6 @@ TEST_CASE_TEMPLATE("fused::linear_backward_params on Cpu: dW += dY^T X and dbias
   omp_set_num_threads(threads);
 }
 
-TEST_CASE_TEMPLATE("LinearGelu equals Linear then Gelu: forward, every gradient, frozen parameters, threads split either way",
-                   B, Cpu, Cpu64) {
-  using T = typename B::Scalar;
-  const int threads = omp_get_max_threads();
-  omp_set_num_threads(std::max(threads, 2));
-  // fused (LinearGelu, Cpu's one-region paths) against the same parameters in a Linear and a
-  // Gelu layer (the unfused primitives): shapes that run on one thread, split dW's rows
-  // (out >= in) and its columns (out < in: GELU's derivative by rows, then a barrier)
-  auto check = [&]<int In, int Out>(int rows) {
-    CAPTURE(In); CAPTURE(Out); CAPTURE(rows);
-    LinearLayer<B, In, Out, true, true> fused_layer;
-    LinearLayer<B, In, Out> linear;
-    GeluLayer<B> gelu;
-    std::vector<T> w(static_cast<std::size_t>(Out * In)), b(Out), x(static_cast<std::size_t>(rows * In)),
-        dy(static_cast<std::size_t>(rows * Out));
-    for (std::size_t i = 0; i < w.size(); ++i) w[i] = T(0.2 * std::sin(0.37 * double(i)));
-    for (int j = 0; j < Out; ++j) b[j] = T(0.1 * std::cos(0.7 * j));
-    for (std::size_t i = 0; i < x.size(); ++i) x[i] = T(std::sin(0.11 * double(i)));
-    for (std::size_t i = 0; i < dy.size(); ++i) dy[i] = T(std::cos(0.05 * double(i)));
-    for (auto* l : {&fused_layer.weight, &linear.weight}) l->value.from_host(w, {Out, In});
-    for (auto* l : {&fused_layer.bias, &linear.bias}) l->value.from_host(b, {Out});
-    const auto xt = tensor_of<B>(x, {rows, In}), dyt = tensor_of<B>(dy, {rows, Out});
-    const double tol = std::is_same_v<T, float> ? 1e-5 : 1e-12;
-    auto worst = [](const std::vector<T>& a, const std::vector<T>& c) {
-      double m = 0;
-      for (std::size_t i = 0; i < a.size(); ++i) m = std::max(m, std::abs(double(a[i]) - double(c[i])));
-      return m;
-    };
-    for (const bool frozen : {false, true}) {
-      CAPTURE(frozen);
-      for (auto* p : {&fused_layer.weight, &fused_layer.bias, &linear.weight, &linear.bias}) {
-        p->grad.zero();
-        p->trainable = !frozen;
-      }
-      Context ctx;
-      ctx.training = true;
-      const auto y_fused = fused_layer.forward(xt, ctx).to_host();
-      const auto y_ref = gelu.forward(linear.forward(xt, ctx), ctx).to_host();
-      CHECK(worst(y_fused, y_ref) < tol);
-      const auto dx_fused = fused_layer.backward(dyt, ctx).to_host();
-      const auto dx_ref = linear.backward(gelu.backward(dyt, ctx), ctx).to_host();
-      CHECK(worst(dx_fused, dx_ref) < 10 * tol);
-      CHECK(worst(fused_layer.weight.grad.to_host(), linear.weight.grad.to_host()) < 100 * tol);
-      CHECK(worst(fused_layer.bias.grad.to_host(), linear.bias.grad.to_host()) < 100 * tol);
-      if (frozen) CHECK(worst(fused_layer.weight.grad.to_host(), std::vector<T>(w.size(), T(0))) == 0);
-    }
-  };
-  check.template operator()<7, 5>(3);
-  check.template operator()<64, 160>(300);
-  check.template operator()<160, 48>(300);
-  omp_set_num_threads(threads);
-}
-
 TEST_CASE_TEMPLATE("Cpu::sum_rows and softmax_forward against double references: padded rows, beta, widths that leave a tail",
                    B, Cpu, Cpu64) {
   using T = typename B::Scalar;

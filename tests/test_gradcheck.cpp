@@ -17,12 +17,6 @@ TEST_CASE("gradcheck: Linear") {
   LinearLayer<B, 6, 5, false> no_bias;
   expect_gradients(no_bias, {4, 6});
 }
-TEST_CASE("gradcheck: LinearGelu (GELU inside the Linear layer, the MLP's fc1)") {
-  LinearLayer<B, 6, 5, true, true> with_bias;
-  expect_gradients(with_bias, {2, 3, 6});
-  LinearLayer<B, 6, 5, false, true> no_bias;
-  expect_gradients(no_bias, {4, 6});
-}
 TEST_CASE("gradcheck: LayerNorm") {
   LayerNormLayer<B, 7> l;
   expect_gradients(l, {2, 3, 7});

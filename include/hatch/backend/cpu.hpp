@@ -32,7 +32,6 @@
 #include <vector>
 
 #include "hatch/backend/concept.hpp"
-#include "hatch/backend/fused.hpp"
 #include "hatch/backend/random.hpp"
 
 namespace hatch {
@@ -291,64 +290,30 @@ struct CpuBackend {
   // of its own, and no fork/join of its own.
   static void linear_forward(T* y, const T* x, const T* w, const T* bias, int rows, int in, int out) {
     gemm_panels(false, true, rows, out, in, T(1), x, in, w, in, bias ? T(1) : T(0), y, out,
-                [&](const Panel& p) { fill_bias(y, bias, p, rows, out); }, [](const Panel&) {});
-  }
-  // pre = x W^T + bias, y = GELU(pre) (fused::linear_gelu_forward): as linear_forward, and each
-  // thread applies GELU to its panel of pre right after its GEMM wrote it (still in cache).
-  static void linear_gelu_forward(T* pre, T* y, const T* x, const T* w, const T* bias, int rows, int in, int out) {
-    if (in <= 0) return fused::linear_gelu_forward_unfused<CpuBackend>(pre, y, x, w, bias, rows, in, out);
-    gemm_panels(false, true, rows, out, in, T(1), x, in, w, in, bias ? T(1) : T(0), pre, out,
-                [&](const Panel& p) { fill_bias(pre, bias, p, rows, out); },
                 [&](const Panel& p) {
-                  if (p.by_rows)
-                    gelu_range(y + std::int64_t(p.lo) * out, pre + std::int64_t(p.lo) * out, std::int64_t(p.hi - p.lo) * out);
-                  else
-                    for (std::int64_t r = 0; r < rows; ++r) gelu_range(y + r * out + p.lo, pre + r * out + p.lo, p.hi - p.lo);
-                });
+                  if (!bias) return;
+                  const int r0 = p.by_rows ? p.lo : 0, r1 = p.by_rows ? p.hi : rows;
+                  const int c0 = p.by_rows ? 0 : p.lo, c1 = p.by_rows ? out : p.hi;
+                  for (int r = r0; r < r1; ++r) std::copy(bias + c0, bias + c1, y + std::int64_t(r) * out + c0);
+                },
+                [](const Panel&) {});
   }
   // dw (out x in) += dy^T x and dbias (out) += the column sums of dy, either may be null
   // (fused::linear_backward_params). The column sums run on each thread after its panel of dw,
-  // in the same parallel region (bias_grad_sums).
+  // in the same parallel region: over dw's rows (output features) when the threads split those,
+  // so each thread sums the columns of dy its GEMM has just read; else an even split of them.
   static void linear_backward_params(T* dw, T* dbias, const T* dy, const T* x, int rows, int in, int out) {
-    if (!dw || in <= 0) {
+    if (!dw) {
       if (dbias) sum_rows(dbias, dy, rows, out, out, T(1));
       return;
     }
     gemm_panels(true, false, out, in, rows, T(1), dy, out, x, in, T(1), dw, in, [](const Panel&) {},
-                [&](const Panel& p) { bias_grad_sums(dbias, dy, p, rows, out); });
-  }
-  // dpre = dy GELU'(pre), then dw += dpre^T x and dbias += its column sums
-  // (fused::gelu_linear_backward_params). Each thread computes the columns of dpre that its panel
-  // of dw is about to read (its output features) just before its GEMM, and sums them after; when
-  // the threads split dw by columns instead, every GEMM reads all of dpre, so the threads compute
-  // it by rows and wait for each other first.
-  static void gelu_linear_backward_params(T* dpre, T* dw, T* dbias, const T* dy, const T* pre, const T* x, int rows,
-                                          int in, int out) {
-    if (!dw || in <= 0)
-      return fused::gelu_linear_backward_params_unfused<CpuBackend>(dpre, dw, dbias, dy, pre, x, rows, in, out);
-    gemm_panels(true, false, out, in, rows, T(1), dpre, out, x, in, T(1), dw, in,
                 [&](const Panel& p) {
-                  const std::int64_t r0 = std::int64_t(rows) * p.t / p.nth, r1 = std::int64_t(rows) * (p.t + 1) / p.nth;
-                  gelu_grad_range(dpre + r0 * out, dy + r0 * out, pre + r0 * out, (r1 - r0) * out);
-#pragma omp barrier
-                },
-                [&](const Panel& p) { bias_grad_sums(dbias, dpre, p, rows, out); });
-  }
-  // gemm_panels' helpers for the Linear layers: the bias of a panel of y (rows x out), written
-  // where the GEMM accumulates; and a thread's share of dbias += column sums of dy after its panel
-  // of dw = dy^T x: the columns of dy its GEMM has just read when the threads split dw's rows
-  // (output features), else an even split of them.
-  static void fill_bias(T* y, const T* bias, const Panel& p, int rows, int out) {
-    if (!bias) return;
-    const int r0 = p.by_rows ? p.lo : 0, r1 = p.by_rows ? p.hi : rows;
-    const int c0 = p.by_rows ? 0 : p.lo, c1 = p.by_rows ? out : p.hi;
-    for (int r = r0; r < r1; ++r) std::copy(bias + c0, bias + c1, y + std::int64_t(r) * out + c0);
-  }
-  static void bias_grad_sums(T* dbias, const T* dy, const Panel& p, int rows, int out) {
-    if (!dbias) return;
-    const int c0 = p.by_rows ? p.lo : int(std::int64_t(out) * p.t / p.nth);
-    const int c1 = p.by_rows ? p.hi : int(std::int64_t(out) * (p.t + 1) / p.nth);
-    column_sums(dbias, dy, rows, c0, c1, out, T(1));
+                  if (!dbias) return;
+                  const int c0 = p.by_rows ? p.lo : int(std::int64_t(out) * p.t / p.nth);
+                  const int c1 = p.by_rows ? p.hi : int(std::int64_t(out) * (p.t + 1) / p.nth);
+                  column_sums(dbias, dy, rows, c0, c1, out, T(1));
+                });
   }
   static void add_bias_rows(T* y, const T* bias, int rows, int cols) {
     parallel_rows(rows, cols, [&](std::int64_t r) {
@@ -415,20 +380,19 @@ struct CpuBackend {
     for (std::int64_t c = 0; c < chunks; ++c) f(c * chunk, std::min<std::int64_t>(chunk, std::int64_t(n) - c * chunk));
   }
   static void gelu_forward(T* y, const T* x, std::size_t n) {
-    chunked(n, [&](std::int64_t off, std::int64_t len) { gelu_range(y + off, x + off, len); });
+    chunked(n, [&](std::int64_t off, std::int64_t len) {
+      Eigen::Map<const Arr> xv(x + off, len);
+      Eigen::Map<Arr> yv(y + off, len);
+      yv = T(0.5) * xv * (T(1) + (xv * T(M_SQRT1_2)).erf());
+    });
   }
   static void gelu_backward(T* dx, const T* dy, const T* x, std::size_t n) {
-    chunked(n, [&](std::int64_t off, std::int64_t len) { gelu_grad_range(dx + off, dy + off, x + off, len); });
-  }
-  // One thread's GELU over len values: y = x Phi(x); dx = dy (Phi(x) + x phi(x)).
-  static void gelu_range(T* y, const T* x, std::int64_t len) {
-    Eigen::Map<const Arr> xv(x, len);
-    Eigen::Map<Arr>(y, len) = T(0.5) * xv * (T(1) + (xv * T(M_SQRT1_2)).erf());
-  }
-  static void gelu_grad_range(T* dx, const T* dy, const T* x, std::int64_t len) {
-    Eigen::Map<const Arr> xv(x, len), dyv(dy, len);
-    Eigen::Map<Arr>(dx, len) =
-        dyv * (T(0.5) * (T(1) + (xv * T(M_SQRT1_2)).erf()) + xv * (T(-0.5) * xv.square()).exp() * T(0.3989422804014327));
+    chunked(n, [&](std::int64_t off, std::int64_t len) {
+      Eigen::Map<const Arr> xv(x + off, len), dyv(dy + off, len);
+      Eigen::Map<Arr> dxv(dx + off, len);
+      dxv = dyv * (T(0.5) * (T(1) + (xv * T(M_SQRT1_2)).erf()) +
+                   xv * (T(-0.5) * xv.square()).exp() * T(0.3989422804014327));
+    });
   }
   // User-defined element-wise functions (see concept.hpp): a plain loop the compiler can inline
   // the functor into, split across threads for large n.

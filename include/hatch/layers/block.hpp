@@ -10,10 +10,8 @@
 
 namespace hatch {
 
-// fc1 -> GELU -> fc2, with GELU inside fc1's layer (LinearGelu) so that a backend fuses it into
-// fc1's GEMM passes; the parameters are fc1.* and fc2.* as with a separate Gelu.
 template <int D, int Hidden>
-using Mlp = Sequential<Named<"fc1", LinearGelu<D, Hidden>>, Named<"fc2", Linear<Hidden, D>>>;
+using Mlp = Sequential<Named<"fc1", Linear<D, Hidden>>, Gelu, Named<"fc2", Linear<Hidden, D>>>;
 
 // A block whose MLP is any spec of width D -> D (a Moe<...> for an expert layer); its parameters
 // are named "mlp.*" either way.
