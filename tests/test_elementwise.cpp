@@ -89,6 +89,32 @@ TEST_CASE_TEMPLATE("fused::linear_forward on Cpu: x W^T + bias, on Eigen's and O
   omp_set_num_threads(threads);
 }
 
+TEST_CASE_TEMPLATE("Cpu::gemm_batched: each (outer, inner) GEMM as Cpu::gemm computes it, strided operands, its work counted once",
+                   B, Cpu, Cpu64) {
+  using T = typename B::Scalar;
+  // attention's layout: A's matrices interleaved by inner index inside each outer block; one
+  // matrix (total = 1, split over threads like gemm) and many (one per thread each)
+  for (const auto [m, n, k, outer, inner] : {std::array{17, 17, 32, 6, 4}, std::array{300, 96, 80, 1, 1}}) {
+    CAPTURE(m); CAPTURE(outer);
+    const int lda = inner * k, ldb = inner * n, ldc = inner * n;
+    const std::size_t sa_o = std::size_t(m) * lda, sb_o = std::size_t(k) * ldb, sc_o = std::size_t(m) * ldc;
+    std::vector<T> a(sa_o * outer), b(sb_o * outer), c(sc_o * outer, T(7)), ref(c.size(), T(7));
+    for (std::size_t i = 0; i < a.size(); ++i) a[i] = T(std::sin(0.37 * double(i)));
+    for (std::size_t i = 0; i < b.size(); ++i) b[i] = T(std::cos(0.11 * double(i)));
+    const std::int64_t before = B::flop_count().load();
+    B::gemm_batched(false, false, m, n, k, T(1), a.data(), lda, sa_o, k, b.data(), ldb, sb_o, n, T(0), c.data(), ldc,
+                    sc_o, n, outer, inner);
+    CHECK(B::flop_count().load() - before == 2 * std::int64_t(m) * n * k * outer * inner);
+    for (int o = 0; o < outer; ++o)
+      for (int i = 0; i < inner; ++i)
+        B::gemm(false, false, m, n, k, T(1), a.data() + o * sa_o + i * k, lda, b.data() + o * sb_o + i * n, ldb, T(0),
+                ref.data() + o * sc_o + i * n, ldc);
+    double worst = 0;
+    for (std::size_t i = 0; i < c.size(); ++i) worst = std::max(worst, std::abs(double(c[i]) - double(ref[i])));
+    CHECK(worst < (std::is_same_v<T, float> ? 1e-5 : 1e-12));
+  }
+}
+
 TEST_CASE_TEMPLATE("fused::linear_backward_params on Cpu: dW += dY^T X and dbias += column sums, either null, every split",
                    B, Cpu, Cpu64) {
   using T = typename B::Scalar;

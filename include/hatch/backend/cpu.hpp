@@ -253,11 +253,16 @@ struct CpuBackend {
                            std::size_t sb_outer, std::size_t sb_inner, T beta, T* c, int ldc,
                            std::size_t sc_outer, std::size_t sc_inner, int outer, int inner) {
     const int total = outer * inner;
+    if (total <= 0 || m <= 0 || n <= 0) return;
+    if (total == 1) return gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);  // split over threads
+    // The work is counted once here: an atomic add per small GEMM from both threads would bounce
+    // the counter's cache line between the cores (attention makes thousands of these per step).
+    flop_count().fetch_add(2 * std::int64_t(m) * n * k * total, std::memory_order_relaxed);
 #pragma omp parallel for schedule(static) if (total > 1 && std::int64_t(m) * n * k * total > detail::kParallelGrain)
     for (int j = 0; j < total; ++j) {
       const int o = j / inner, i = j % inner;
-      gemm(ta, tb, m, n, k, alpha, a + o * sa_outer + i * sa_inner, lda, b + o * sb_outer + i * sb_inner,
-           ldb, beta, c + o * sc_outer + i * sc_inner, ldc);
+      gemm_serial(ta, tb, m, n, k, alpha, a + o * sa_outer + i * sa_inner, lda, b + o * sb_outer + i * sb_inner,
+                  ldb, beta, c + o * sc_outer + i * sc_inner, ldc);
     }
   }
 
