@@ -187,3 +187,58 @@ TEST_CASE("Cpu::layer_norm_backward honours a null dgamma or dbeta on its own") 
                            rows, cols);
   CHECK(db == db_ref);
 }
+
+// The one-pass backward (per-thread shares of dgamma and dbeta, added up after a barrier) against
+// the formulas in double: one thread's size and the threaded one, dx with and without the
+// parameter gradients, which accumulate onto what is there.
+TEST_CASE_TEMPLATE("Cpu::layer_norm_backward against a double reference, one thread and split", B, Cpu, Cpu64) {
+  using T = typename B::Scalar;
+  const int threads = omp_get_max_threads();
+  omp_set_num_threads(std::max(threads, 2));
+  for (const auto [rows, cols] : {std::array{3, 7}, std::array{1000, 40}, std::array{301, 130}}) {
+    CAPTURE(rows); CAPTURE(cols);
+    std::vector<T> x(std::size_t(rows) * cols), dy(x.size()), gamma(cols), mean(rows), rstd(rows);
+    for (std::size_t i = 0; i < x.size(); ++i) x[i] = T(std::sin(0.37 * double(i)) + 0.1 * double(i % 5));
+    for (std::size_t i = 0; i < dy.size(); ++i) dy[i] = T(std::cos(0.11 * double(i)));
+    for (int c = 0; c < cols; ++c) gamma[c] = T(1 + 0.1 * std::sin(double(c)));
+    std::vector<double> dx_ref(x.size()), dg_ref(cols, 0.5), db_ref(cols, 0.25);
+    for (int r = 0; r < rows; ++r) {
+      double m = 0, q = 0;
+      for (int c = 0; c < cols; ++c) m += double(x[std::size_t(r) * cols + c]);
+      m /= cols;
+      for (int c = 0; c < cols; ++c) q += std::pow(double(x[std::size_t(r) * cols + c]) - m, 2);
+      mean[r] = T(m);
+      rstd[r] = T(1 / std::sqrt(q / cols + 1e-5));
+      double s1 = 0, s2 = 0;
+      for (int c = 0; c < cols; ++c) {
+        const std::size_t i = std::size_t(r) * cols + c;
+        const double xh = (double(x[i]) - double(mean[r])) * double(rstd[r]), g = double(dy[i]) * double(gamma[c]);
+        s1 += g / cols;
+        s2 += g * xh / cols;
+        dg_ref[c] += double(dy[i]) * xh;
+        db_ref[c] += double(dy[i]);
+      }
+      for (int c = 0; c < cols; ++c) {
+        const std::size_t i = std::size_t(r) * cols + c;
+        const double xh = (double(x[i]) - double(mean[r])) * double(rstd[r]);
+        dx_ref[i] = double(rstd[r]) * (double(dy[i]) * double(gamma[c]) - s1 - xh * s2);
+      }
+    }
+    const double tol = std::is_same_v<T, float> ? 2e-4 : 1e-10;
+    for (const bool params : {true, false}) {
+      CAPTURE(params);
+      std::vector<T> dx(x.size(), T(7)), dg(cols, T(0.5)), db(cols, T(0.25));
+      B::layer_norm_backward(dx.data(), params ? dg.data() : nullptr, params ? db.data() : nullptr, dy.data(),
+                             x.data(), mean.data(), rstd.data(), gamma.data(), rows, cols);
+      double worst = 0;
+      for (std::size_t i = 0; i < dx.size(); ++i) worst = std::max(worst, std::abs(double(dx[i]) - dx_ref[i]));
+      CHECK(worst < tol);
+      worst = 0;
+      for (int c = 0; c < cols; ++c)
+        worst = std::max({worst, std::abs(double(dg[c]) - (params ? dg_ref[c] : 0.5)),
+                          std::abs(double(db[c]) - (params ? db_ref[c] : 0.25))});
+      CHECK(worst < (std::is_same_v<T, float> ? 4e-5 : 4e-12) * rows);  // sums of rows terms of size ~1
+    }
+  }
+  omp_set_num_threads(threads);
+}

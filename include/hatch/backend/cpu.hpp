@@ -423,33 +423,55 @@ struct CpuBackend {
       Eigen::Map<RowArr>(y + r * cols, cols) = (xr - mu) * rs * g + b;
     });
   }
-  // dgamma/dbeta (accumulated) may be null when the parameters are frozen.
+  // dgamma/dbeta (accumulated) may be null when the parameters are frozen. One pass over x and dy:
+  // each thread takes a block of rows, writes their dx and sums its share of dgamma and dbeta
+  // into a workspace of its own; after a barrier the threads add the shares up, by columns.
   static void layer_norm_backward(T* dx, T* dgamma, T* dbeta, const T* dy, const T* x, const T* mean,
                                   const T* rstd, const T* gamma, int rows, int cols) {
-    if (dx)
-      parallel_rows(rows, cols, [&](std::int64_t r) {
-        const Eigen::Map<const RowArr> xr(x + r * cols, cols), dyr(dy + r * cols, cols), gam(gamma, cols);
-        const T mu = mean[r], rs = rstd[r];
-        const auto g = dyr * gam;          // dy * gamma
-        const auto xh = (xr - mu) * rs;    // the normalised input
-        const T s1 = g.sum() / T(cols);    // mean of g
-        const T s2 = (g * xh).sum() / T(cols);  // mean of g * xhat
-        Eigen::Map<RowArr>(dx + r * cols, cols) = rs * (g - s1 - xh * s2);
-      });
-    if (dgamma || dbeta) {  // either may be null (the concept's contract)
-      const int nt = (std::int64_t(rows) * cols > detail::kParallelGrain) ? omp_get_max_threads() : 1;
+    const bool params = dgamma || dbeta;  // either may be null (the concept's contract)
+    if (!dx && !params) return;
+    const int nt = (std::int64_t(rows) * cols > detail::kParallelGrain) ? omp_get_max_threads() : 1;
+    // per thread: cols sums for dgamma, then cols for dbeta; the calling thread's cache, so that
+    // a steady-state step allocates nothing (grown on the first call of a shape)
+    thread_local std::vector<T> workspace;
+    if (params && workspace.size() < std::size_t(nt) * 2 * cols) workspace.resize(std::size_t(nt) * 2 * cols);
+    T* ws = workspace.data();
+    const Eigen::Map<const RowArr> gam(gamma, cols);
 #pragma omp parallel num_threads(nt)
-      {
-        const int t = omp_get_thread_num(), nth = omp_get_num_threads();
+    {
+      const int t = omp_get_thread_num(), nth = omp_get_num_threads();
+      const std::int64_t r0 = std::int64_t(rows) * t / nth, r1 = std::int64_t(rows) * (t + 1) / nth;
+      Eigen::Map<RowArr> pg(params ? ws + std::size_t(t) * 2 * cols : nullptr, params ? cols : 0);
+      Eigen::Map<RowArr> pb(params ? ws + std::size_t(t) * 2 * cols + cols : nullptr, params ? cols : 0);
+      if (params) {
+        pg.setZero();
+        pb.setZero();
+      }
+      for (std::int64_t r = r0; r < r1; ++r) {
+        const Eigen::Map<const RowArr> xr(x + r * cols, cols), dyr(dy + r * cols, cols);
+        const T mu = mean[r], rs = rstd[r];
+        const auto xh = (xr - mu) * rs;  // the normalised input
+        if (params) {
+          pg += dyr * xh;
+          pb += dyr;
+        }
+        if (dx) {
+          const auto g = dyr * gam;               // dy * gamma
+          const T s1 = g.sum() / T(cols);         // mean of g
+          const T s2 = (g * xh).sum() / T(cols);  // mean of g * xhat
+          Eigen::Map<RowArr>(dx + r * cols, cols) = rs * (g - s1 - xh * s2);
+        }
+      }
+      if (params) {
+#pragma omp barrier
         const int c0 = int(std::int64_t(cols) * t / nth), c1 = int(std::int64_t(cols) * (t + 1) / nth);
-        for (int r = 0; r < rows; ++r) {
-          const T* xr = x + std::int64_t(r) * cols;
-          const T* dyr = dy + std::int64_t(r) * cols;
-          const T mu = mean[r], rs = rstd[r];
+        for (int u = 0; u < nth; ++u) {
+          const T* g = ws + std::size_t(u) * 2 * cols;
+          const T* b = g + cols;
           if (dgamma)
-            for (int c = c0; c < c1; ++c) dgamma[c] += dyr[c] * (xr[c] - mu) * rs;
+            for (int c = c0; c < c1; ++c) dgamma[c] += g[c];
           if (dbeta)
-            for (int c = c0; c < c1; ++c) dbeta[c] += dyr[c];
+            for (int c = c0; c < c1; ++c) dbeta[c] += b[c];
         }
       }
     }
