@@ -115,45 +115,6 @@ TEST_CASE_TEMPLATE("Cpu::gemm_batched: each (outer, inner) GEMM as Cpu::gemm com
   }
 }
 
-TEST_CASE_TEMPLATE("Cpu's fused attention (one region over the heads) equals the unfused sequence of batched GEMMs and softmaxes",
-                   B, Cpu, Cpu64) {
-  using T = typename B::Scalar;
-  const int threads = omp_get_max_threads();
-  omp_set_num_threads(std::max(threads, 2));
-  // vit-small's tile (17 tokens, head width 32) over a batch split across threads, and one pair
-  for (const auto [batch, heads, n, dh] : {std::array{6, 4, 17, 32}, std::array{1, 1, 5, 3}}) {
-    CAPTURE(batch); CAPTURE(n);
-    const int D = heads * dh;
-    const std::size_t nqkv = std::size_t(batch) * n * 3 * D, np = std::size_t(batch) * heads * n * n,
-                      nout = std::size_t(batch) * n * D;
-    std::vector<T> qkv(nqkv), dout(nout);
-    for (std::size_t i = 0; i < qkv.size(); ++i) qkv[i] = T(std::sin(0.37 * double(i)));
-    for (std::size_t i = 0; i < dout.size(); ++i) dout[i] = T(std::cos(0.11 * double(i)));
-    const T scale = T(1 / std::sqrt(double(dh)));
-    std::vector<T> p1(np, T(7)), p2(np, T(7)), o1(nout, T(7)), o2(nout, T(7));
-    fused::attention_forward<B>(p1.data(), o1.data(), qkv.data(), batch, heads, n, dh, scale);
-    fused::attention_forward_unfused<B>(p2.data(), o2.data(), qkv.data(), batch, heads, n, dh, scale);
-    std::vector<T> dq1(nqkv, T(7)), dq2(nqkv, T(7)), dp1(np, T(7)), dp2(np, T(7));
-    fused::attention_backward<B>(dq1.data(), dp1.data(), dout.data(), p1.data(), qkv.data(), batch, heads, n, dh, scale);
-    fused::attention_backward_unfused<B>(dq2.data(), dp2.data(), dout.data(), p2.data(), qkv.data(), batch, heads, n, dh,
-                                         scale);
-    auto worst = [](const std::vector<T>& a, const std::vector<T>& b) {
-      double m = 0;
-      for (std::size_t i = 0; i < a.size(); ++i) m = std::max(m, std::abs(double(a[i]) - double(b[i])));
-      return m;
-    };
-    const double tol = std::is_same_v<T, float> ? 1e-5 : 1e-13;
-    CHECK(worst(p1, p2) < tol);
-    CHECK(worst(o1, o2) < tol);
-    CHECK(worst(dp1, dp2) < tol);
-    CHECK(worst(dq1, dq2) < tol);
-    double row = 0;  // a softmax row sums to 1
-    for (int c = 0; c < n; ++c) row += double(p1[c]);
-    CHECK(std::abs(row - 1) < tol);
-  }
-  omp_set_num_threads(threads);
-}
-
 TEST_CASE_TEMPLATE("fused::linear_backward_params on Cpu: dW += dY^T X and dbias += column sums, either null, every split",
                    B, Cpu, Cpu64) {
   using T = typename B::Scalar;

@@ -477,80 +477,34 @@ struct CpuBackend {
     }
   }
   static void softmax_forward(T* y, const T* x, int rows, int cols, T scale) {
-    // Blocks of rows of about kSoftmaxBlock values (softmax_rows), across threads.
+    // Eigen's vectorised exp and reductions; y may be x (coefficient-wise, so in place is safe).
+    // Rows go in blocks of about kSoftmaxBlock values: each row's max subtracted, then one exp
+    // over the whole block (a row of 17 would leave a scalar exp for its 17th value), then each
+    // row normalised.
     constexpr std::int64_t kSoftmaxBlock = 4096;
     const std::int64_t per = std::max<std::int64_t>(1, kSoftmaxBlock / std::max(cols, 1));
     const std::int64_t blocks = (rows + per - 1) / per;
 #pragma omp parallel for schedule(static) if (blocks > 1 && std::int64_t(rows) * cols > detail::kParallelGrain)
     for (std::int64_t bi = 0; bi < blocks; ++bi) {
       const std::int64_t r0 = bi * per, r1 = std::min<std::int64_t>(rows, r0 + per);
-      softmax_rows(y + r0 * cols, x + r0 * cols, r1 - r0, cols, scale);
+      for (std::int64_t r = r0; r < r1; ++r) {
+        const Eigen::Map<const RowArr> xr(x + r * cols, cols);
+        Eigen::Map<RowArr>(y + r * cols, cols) = scale * (xr - xr.maxCoeff());
+      }
+      Eigen::Map<Arr> block(y + r0 * cols, (r1 - r0) * cols);
+      block = block.exp();
+      for (std::int64_t r = r0; r < r1; ++r) {
+        Eigen::Map<RowArr> yr(y + r * cols, cols);
+        yr *= T(1) / yr.sum();
+      }
     }
   }
   static void softmax_backward(T* dx, const T* dy, const T* y, int rows, int cols, T scale) {
-    parallel_rows(rows, cols, [&](std::int64_t r) { softmax_backward_rows(dx + r * cols, dy + r * cols, y + r * cols, 1, cols, scale); });
-  }
-  // One thread's softmax over rows x cols contiguous values, through Eigen's vectorised exp and
-  // reductions; y may be x. Each row's max subtracted, then one exp over the whole block (a row
-  // of 17 exponentiated alone would leave a scalar exp for its 17th value), then each row
-  // normalised.
-  static void softmax_rows(T* y, const T* x, std::int64_t rows, int cols, T scale) {
-    for (std::int64_t r = 0; r < rows; ++r) {
-      const Eigen::Map<const RowArr> xr(x + r * cols, cols);
-      Eigen::Map<RowArr>(y + r * cols, cols) = scale * (xr - xr.maxCoeff());
-    }
-    Eigen::Map<Arr> block(y, rows * cols);
-    block = block.exp();
-    for (std::int64_t r = 0; r < rows; ++r) {
-      Eigen::Map<RowArr> yr(y + r * cols, cols);
-      yr *= T(1) / yr.sum();
-    }
-  }
-  static void softmax_backward_rows(T* dx, const T* dy, const T* y, std::int64_t rows, int cols, T scale) {
-    for (std::int64_t r = 0; r < rows; ++r) {
+    parallel_rows(rows, cols, [&](std::int64_t r) {
       const Eigen::Map<const RowArr> yr(y + r * cols, cols), dyr(dy + r * cols, cols);
       const T dot = (dyr * yr).sum();
       Eigen::Map<RowArr>(dx + r * cols, cols) = scale * yr * (dyr - dot);
-    }
-  }
-
-  // Attention's core (fused::attention_forward / attention_backward): one parallel region over
-  // the (batch, head) pairs, each pair's GEMMs and softmax one after the other on one thread,
-  // its n x n tile in L1, where the unfused sequence has a region (and a pass over every tile)
-  // per GEMM and per softmax.
-  static void attention_forward(T* probs, T* out, const T* qkv, int batch, int heads, int n, int dh, T scale) {
-    const int D = heads * dh, total = batch * heads;
-    const std::size_t sx = std::size_t(n) * 3 * D, sp = std::size_t(n) * n, so = std::size_t(n) * D;
-    flop_count().fetch_add(4 * std::int64_t(n) * n * dh * total, std::memory_order_relaxed);
-#pragma omp parallel for schedule(static) if (total > 1 && std::int64_t(n) * n * dh * total > detail::kParallelGrain)
-    for (int j = 0; j < total; ++j) {
-      const int b = j / heads, h = j % heads;
-      const T* q = qkv + b * sx + h * dh;
-      T* p = probs + std::size_t(j) * sp;
-      gemm_serial(false, true, n, n, dh, T(1), q, 3 * D, q + D, 3 * D, T(0), p, n);  // Q K^T
-      softmax_rows(p, p, n, n, scale);
-      gemm_serial(false, false, n, dh, n, T(1), p, n, q + 2 * D, 3 * D, T(0), out + b * so + h * dh, D);  // P V
-    }
-  }
-  static void attention_backward(T* dqkv, T* dprobs, const T* dout, const T* probs, const T* qkv, int batch, int heads,
-                                 int n, int dh, T scale) {
-    const int D = heads * dh, total = batch * heads;
-    const std::size_t sx = std::size_t(n) * 3 * D, sp = std::size_t(n) * n, so = std::size_t(n) * D;
-    flop_count().fetch_add(8 * std::int64_t(n) * n * dh * total, std::memory_order_relaxed);
-#pragma omp parallel for schedule(static) if (total > 1 && std::int64_t(n) * n * dh * total > detail::kParallelGrain)
-    for (int j = 0; j < total; ++j) {
-      const int b = j / heads, h = j % heads;
-      const T* q = qkv + b * sx + h * dh;
-      const T* p = probs + std::size_t(j) * sp;
-      const T* dO = dout + b * so + h * dh;
-      T* dp = dprobs + std::size_t(j) * sp;
-      T* dq = dqkv + b * sx + h * dh;
-      gemm_serial(false, true, n, n, dh, T(1), dO, D, q + 2 * D, 3 * D, T(0), dp, n);       // dP = dO V^T
-      gemm_serial(true, false, n, dh, n, T(1), p, n, dO, D, T(0), dq + 2 * D, 3 * D);      // dV = P^T dO
-      softmax_backward_rows(dp, dp, p, n, n, scale);                                        // dS
-      gemm_serial(false, false, n, dh, n, T(1), dp, n, q + D, 3 * D, T(0), dq, 3 * D);      // dQ = dS K
-      gemm_serial(true, false, n, dh, n, T(1), dp, n, q, 3 * D, T(0), dq + D, 3 * D);       // dK = dS^T Q
-    }
+    });
   }
 
   static void bernoulli_mask(T* mask, std::size_t n, T keep_prob, std::uint64_t seed, std::uint64_t offset) {
