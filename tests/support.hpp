@@ -77,5 +77,12 @@ struct OneThread {
   OneThread() { omp_set_num_threads(1); }
   ~OneThread() { omp_set_num_threads(before); }
 };
+// The other way round: at least two threads, so that a test reaches the paths that split work
+// over threads even on a one-core machine. Restores the count after.
+struct TwoThreads {
+  int before = omp_get_max_threads();
+  TwoThreads() { omp_set_num_threads(std::max(before, 2)); }
+  ~TwoThreads() { omp_set_num_threads(before); }
+};
 
 }  // namespace hatch::test

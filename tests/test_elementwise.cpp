@@ -63,8 +63,7 @@ TEST_CASE_TEMPLATE("fused::linear_forward on Cpu: x W^T + bias, on Eigen's and O
   // rows, in, out: Eigen's kernel; above Cpu::kBlasMinWork multiply-adds (OpenBLAS when built
   // with it), split across threads by rows (rows >= out) and by columns (rows < out: each thread
   // writes the bias of its own columns); an empty inner dimension (y = bias)
-  const int threads = omp_get_max_threads();
-  omp_set_num_threads(std::max(threads, 2));  // the split paths, even on a one-core machine
+  const test::TwoThreads two_threads;  // the split paths, even on a one-core machine
   for (const auto [rows, in, out] : {std::array{5, 7, 3}, std::array{300, 96, 80}, std::array{40, 96, 300},
                                      std::array{4, 0, 6}}) {
     CAPTURE(rows);
@@ -86,7 +85,6 @@ TEST_CASE_TEMPLATE("fused::linear_forward on Cpu: x W^T + bias, on Eigen's and O
       CHECK(worst < (std::is_same_v<T, float> ? 1e-4 : 1e-12));
     }
   }
-  omp_set_num_threads(threads);
 }
 
 TEST_CASE_TEMPLATE("Cpu::gemm_batched: each (outer, inner) GEMM as Cpu::gemm computes it, strided operands, its work counted once",
@@ -120,8 +118,7 @@ TEST_CASE_TEMPLATE("fused::linear_backward_params on Cpu: dW += dY^T X and dbias
   using T = typename B::Scalar;
   // rows, in, out: tiny (one thread), dW split by its rows (out >= in: each thread sums the
   // columns of dY its GEMM read) and by its columns (out < in: the sums split evenly), and no rows
-  const int threads = omp_get_max_threads();
-  omp_set_num_threads(std::max(threads, 2));
+  const test::TwoThreads two_threads;  // the split paths, even on a one-core machine
   for (const auto [rows, in, out] : {std::array{5, 7, 3}, std::array{300, 64, 160}, std::array{300, 160, 48},
                                      std::array{0, 16, 8}}) {
     CAPTURE(rows); CAPTURE(in); CAPTURE(out);
@@ -154,14 +151,12 @@ TEST_CASE_TEMPLATE("fused::linear_backward_params on Cpu: dW += dY^T X and dbias
         CHECK(worst_b < (std::is_same_v<T, float> ? 2e-4 : 1e-11));
       }
   }
-  omp_set_num_threads(threads);
 }
 
 TEST_CASE_TEMPLATE("Cpu::sum_rows and softmax_forward against double references: padded rows, beta, widths that leave a tail",
                    B, Cpu, Cpu64) {
   using T = typename B::Scalar;
-  const int threads = omp_get_max_threads();
-  omp_set_num_threads(std::max(threads, 2));
+  const test::TwoThreads two_threads;  // the split paths, even on a one-core machine
   // sum_rows: out[c] = beta out[c] + sum_r x[r ld + c], rows at a padded stride, over and under
   // the parallel grain, widths over and under its 64-column accumulator block
   for (const auto [rows, cols] : {std::array{7, 5}, std::array{700, 150}, std::array{3000, 17}}) {
@@ -207,7 +202,6 @@ TEST_CASE_TEMPLATE("Cpu::sum_rows and softmax_forward against double references:
       CHECK(worst < (std::is_same_v<T, float> ? 1e-6 : 1e-14));
     }
   }
-  omp_set_num_threads(threads);
 }
 
 TEST_CASE_TEMPLATE("Cpu::gemm against a double reference: every transposition, beta 0 / 1 / other, padded strides, serial and split over threads",
@@ -216,8 +210,7 @@ TEST_CASE_TEMPLATE("Cpu::gemm against a double reference: every transposition, b
   // Shapes for each of gemm's paths: tiny (Eigen's kernel, or OpenBLAS's small-matrix kernels
   // when beta = 0), attention's per-head size, above Cpu::kBlasMinWork and split over threads by
   // rows (m >= n) and by columns (m < n), and k = 0 (C = beta C).
-  const int threads = omp_get_max_threads();
-  omp_set_num_threads(std::max(threads, 2));  // the split paths, even on a one-core machine
+  const test::TwoThreads two_threads;  // the split paths, even on a one-core machine
   for (const auto [m, n, k] : {std::array{3, 5, 7}, std::array{50, 50, 32}, std::array{50, 32, 50},
                                std::array{300, 96, 80}, std::array{80, 300, 96}, std::array{6, 4, 0}}) {
     for (const bool ta : {false, true})
@@ -256,7 +249,6 @@ TEST_CASE_TEMPLATE("Cpu::gemm against a double reference: every transposition, b
           CHECK(padding_kept);
         }
   }
-  omp_set_num_threads(threads);
 }
 
 TEST_CASE("SiLU: f and f' against the definition and central differences, tails included") {

@@ -193,8 +193,7 @@ TEST_CASE("Cpu::layer_norm_backward honours a null dgamma or dbeta on its own") 
 // parameter gradients, which accumulate onto what is there.
 TEST_CASE_TEMPLATE("Cpu::layer_norm_backward against a double reference, one thread and split", B, Cpu, Cpu64) {
   using T = typename B::Scalar;
-  const int threads = omp_get_max_threads();
-  omp_set_num_threads(std::max(threads, 2));
+  const test::TwoThreads two_threads;  // the split paths, even on a one-core machine
   for (const auto [rows, cols] : {std::array{3, 7}, std::array{1000, 40}, std::array{301, 130}}) {
     CAPTURE(rows); CAPTURE(cols);
     std::vector<T> x(std::size_t(rows) * cols), dy(x.size()), gamma(cols), mean(rows), rstd(rows);
@@ -240,5 +239,4 @@ TEST_CASE_TEMPLATE("Cpu::layer_norm_backward against a double reference, one thr
       CHECK(worst < (std::is_same_v<T, float> ? 4e-5 : 4e-12) * rows);  // sums of rows terms of size ~1
     }
   }
-  omp_set_num_threads(threads);
 }
