@@ -117,10 +117,11 @@ TEST_CASE_TEMPLATE("fused::linear_backward_params on Cpu: dW += dY^T X and dbias
                    B, Cpu, Cpu64) {
   using T = typename B::Scalar;
   // rows, in, out: tiny (one thread), dW split by its rows (out >= in: each thread sums the
-  // columns of dY its GEMM read) and by its columns (out < in: the sums split evenly), and no rows
+  // columns of dY its GEMM read) and by its columns (out < in: the sums split evenly), no rows,
+  // and no inputs (dW empty, dbias still summed)
   const test::TwoThreads two_threads;  // the split paths, even on a one-core machine
   for (const auto [rows, in, out] : {std::array{5, 7, 3}, std::array{300, 64, 160}, std::array{300, 160, 48},
-                                     std::array{0, 16, 8}}) {
+                                     std::array{0, 16, 8}, std::array{6, 0, 4}}) {
     CAPTURE(rows); CAPTURE(in); CAPTURE(out);
     std::vector<T> x(std::size_t(rows) * in), dy(std::size_t(rows) * out);
     for (std::size_t i = 0; i < x.size(); ++i) x[i] = T(std::sin(0.37 * double(i)));
@@ -129,7 +130,7 @@ TEST_CASE_TEMPLATE("fused::linear_backward_params on Cpu: dW += dY^T X and dbias
       for (const bool with_dbias : {true, false}) {
         CAPTURE(with_dw); CAPTURE(with_dbias);
         // the gradients accumulate onto what is there
-        std::vector<T> dw(std::size_t(out) * in), dbias(out);
+        std::vector<T> dw(std::max<std::size_t>(1, std::size_t(out) * in)), dbias(out);  // never null
         for (std::size_t i = 0; i < dw.size(); ++i) dw[i] = T(0.5 * std::sin(0.05 * double(i)));
         for (int j = 0; j < out; ++j) dbias[j] = T(0.25 * j - 1);
         const std::vector<T> dw0 = dw, dbias0 = dbias;

@@ -308,7 +308,7 @@ struct CpuBackend {
   // in the same parallel region: over dw's rows (output features) when the threads split those,
   // so each thread sums the columns of dy its GEMM has just read; else an even split of them.
   static void linear_backward_params(T* dw, T* dbias, const T* dy, const T* x, int rows, int in, int out) {
-    if (!dw) {
+    if (!dw || in <= 0) {  // (gemm_panels does nothing, not even post, for an empty dw)
       if (dbias) sum_rows(dbias, dy, rows, out, out, T(1));
       return;
     }
