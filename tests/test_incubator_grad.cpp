@@ -26,7 +26,9 @@ namespace {
 
 
 // Cpu64 with a count of the layers' GEMM calls: beta != 0 is a weight-gradient GEMM (Linear and
-// PatchEmbed accumulate into .grad; every other GEMM overwrites its output).
+// PatchEmbed accumulate into .grad; every other GEMM overwrites its output). A Linear's weight
+// gradient goes through fused::linear_backward_params, which Cpu runs as one GEMM region of its
+// own (not through gemm): counted here as the one weight-gradient GEMM it is.
 struct CountingCpu64 : CpuBackend<double> {
   static inline std::atomic<std::int64_t> gemms{0}, weight_gemms{0}, batched{0};
   static void reset() { gemms = weight_gemms = batched = 0; }
@@ -35,6 +37,14 @@ struct CountingCpu64 : CpuBackend<double> {
     ++gemms;
     if (beta != 0) ++weight_gemms;
     CpuBackend<double>::gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+  static void linear_backward_params(double* dw, double* dbias, const double* dy, const double* x, int rows, int in,
+                                     int out) {
+    if (dw) {
+      ++gemms;
+      ++weight_gemms;
+    }
+    CpuBackend<double>::linear_backward_params(dw, dbias, dy, x, rows, in, out);
   }
   static void gemm_batched(bool ta, bool tb, int m, int n, int k, double alpha, const double* a, int lda,
                            std::size_t sa_o, std::size_t sa_i, const double* b, int ldb, std::size_t sb_o,
