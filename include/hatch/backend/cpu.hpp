@@ -113,6 +113,11 @@ struct CpuBackend {
     bool by_rows;
     int lo, hi, t, nth;
   };
+  // Thread t of nth's even share [lo, hi) of n items (rows or columns).
+  struct Share {
+    int lo, hi;
+  };
+  static Share share(std::int64_t n, int t, int nth) { return {int(n * t / nth), int(n * (t + 1) / nth)}; }
   // gemm with work of the caller's on each thread's panel in the same parallel region: pre(panel)
   // just before the thread's GEMM (e.g. writing the bias where it accumulates), post(panel) just
   // after it, while the panel is still in cache (e.g. an activation, or column sums of an operand).
@@ -258,7 +263,7 @@ struct CpuBackend {
     // The work is counted once here: an atomic add per small GEMM from both threads would bounce
     // the counter's cache line between the cores (attention makes thousands of these per step).
     flop_count().fetch_add(2 * std::int64_t(m) * n * k * total, std::memory_order_relaxed);
-#pragma omp parallel for schedule(static) if (total > 1 && std::int64_t(m) * n * k * total > detail::kParallelGrain)
+#pragma omp parallel for schedule(static) if (std::int64_t(m) * n * k * total > detail::kParallelGrain)
     for (int j = 0; j < total; ++j) {
       const int o = j / inner, i = j % inner;
       gemm_serial(ta, tb, m, n, k, alpha, a + o * sa_outer + i * sa_inner, lda, b + o * sb_outer + i * sb_inner,
@@ -315,9 +320,8 @@ struct CpuBackend {
     gemm_panels(true, false, out, in, rows, T(1), dy, out, x, in, T(1), dw, in, [](const Panel&) {},
                 [&](const Panel& p) {
                   if (!dbias) return;
-                  const int c0 = p.by_rows ? p.lo : int(std::int64_t(out) * p.t / p.nth);
-                  const int c1 = p.by_rows ? p.hi : int(std::int64_t(out) * (p.t + 1) / p.nth);
-                  column_sums(dbias, dy, rows, c0, c1, out, T(1));
+                  const Share c = p.by_rows ? Share{p.lo, p.hi} : share(out, p.t, p.nth);
+                  column_sums(dbias, dy, rows, c.lo, c.hi, out, T(1));
                 });
   }
   static void add_bias_rows(T* y, const T* bias, int rows, int cols) {
@@ -331,8 +335,8 @@ struct CpuBackend {
     const int nt = (std::int64_t(rows) * cols > detail::kParallelGrain) ? omp_get_max_threads() : 1;
 #pragma omp parallel num_threads(nt)
     {
-      const int t = omp_get_thread_num(), nth = omp_get_num_threads();
-      column_sums(out, x, rows, int(std::int64_t(cols) * t / nth), int(std::int64_t(cols) * (t + 1) / nth), ld, beta);
+      const Share c = share(cols, omp_get_thread_num(), omp_get_num_threads());
+      column_sums(out, x, rows, c.lo, c.hi, ld, beta);
     }
   }
   // out[c] = beta out[c] + sum_r x[r ld + c] for c in [c0, c1), on the calling thread: the sums go
@@ -434,20 +438,17 @@ struct CpuBackend {
     // per thread: cols sums for dgamma, then cols for dbeta; the calling thread's cache, so that
     // a steady-state step allocates nothing (grown on the first call of a shape)
     thread_local std::vector<T> workspace;
-    if (params && workspace.size() < std::size_t(nt) * 2 * cols) workspace.resize(std::size_t(nt) * 2 * cols);
+    if (workspace.size() < std::size_t(nt) * 2 * cols) workspace.resize(std::size_t(nt) * 2 * cols);
     T* ws = workspace.data();
     const Eigen::Map<const RowArr> gam(gamma, cols);
 #pragma omp parallel num_threads(nt)
     {
       const int t = omp_get_thread_num(), nth = omp_get_num_threads();
-      const std::int64_t r0 = std::int64_t(rows) * t / nth, r1 = std::int64_t(rows) * (t + 1) / nth;
-      Eigen::Map<RowArr> pg(params ? ws + std::size_t(t) * 2 * cols : nullptr, params ? cols : 0);
-      Eigen::Map<RowArr> pb(params ? ws + std::size_t(t) * 2 * cols + cols : nullptr, params ? cols : 0);
-      if (params) {
-        pg.setZero();
-        pb.setZero();
-      }
-      for (std::int64_t r = r0; r < r1; ++r) {
+      const Share own = share(rows, t, nth);
+      Eigen::Map<RowArr> pg(ws + std::size_t(t) * 2 * cols, cols), pb(ws + std::size_t(t) * 2 * cols + cols, cols);
+      pg.setZero();  // this thread's shares of dgamma and dbeta
+      pb.setZero();
+      for (std::int64_t r = own.lo; r < own.hi; ++r) {
         const Eigen::Map<const RowArr> xr(x + r * cols, cols), dyr(dy + r * cols, cols);
         const T mu = mean[r], rs = rstd[r];
         const auto xh = (xr - mu) * rs;  // the normalised input
@@ -464,14 +465,14 @@ struct CpuBackend {
       }
       if (params) {
 #pragma omp barrier
-        const int c0 = int(std::int64_t(cols) * t / nth), c1 = int(std::int64_t(cols) * (t + 1) / nth);
+        const Share c = share(cols, t, nth);
         for (int u = 0; u < nth; ++u) {
           const T* g = ws + std::size_t(u) * 2 * cols;
           const T* b = g + cols;
           if (dgamma)
-            for (int c = c0; c < c1; ++c) dgamma[c] += g[c];
+            for (int j = c.lo; j < c.hi; ++j) dgamma[j] += g[j];
           if (dbeta)
-            for (int c = c0; c < c1; ++c) dbeta[c] += b[c];
+            for (int j = c.lo; j < c.hi; ++j) dbeta[j] += b[j];
         }
       }
     }
