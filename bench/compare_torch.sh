@@ -75,7 +75,7 @@ run() {
 
 loadavg() { cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?'; }
 echo "preset=$preset batch=$batch threads=$threads steps=$steps rounds=$rounds (load average $(loadavg))"
-echo "hatch: $hatch_bin"
+echo "hatch: $hatch_bin; environment: OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE-(unset)} (both sides run with it as it is)"
 echo "torch: $python $torch_py (BLAS_INFO=$blas$([[ "$blas" == generic ]] && printf ', libblas.so.3 -> %s' "$(readlink -f /usr/lib/x86_64-linux-gnu/libblas.so.3 2>/dev/null || echo '?')"))"
 # The ceiling (measured again before every round: the machine's GEMM rate drifts by several
 # percent between minutes here, so each round's images/s is taken against the ceiling of its own

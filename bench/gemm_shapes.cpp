@@ -1,7 +1,8 @@
 // One thread's GEMM at the shapes of a vit-small step (batch 128: 2176 token rows, width 128; and
 // vit-base's per-head attention products, 50 tokens, head width 32),
 // through Eigen's kernel (Cpu::gemm_eigen) and through OpenBLAS (Cpu::gemm_openblas), in GFLOP/s:
-// why the Cpu backend sends its large GEMMs to OpenBLAS when built with it (docs/performance.md).
+// why the Cpu backend sends its large GEMMs to OpenBLAS when built with it, unless OpenBLAS is held
+// to narrower kernels than Eigen's and slower for it (Cpu::gemm_kernel, docs/performance.md).
 //   OMP_NUM_THREADS=1 build/bench/gemm_shapes
 #include <algorithm>
 #include <chrono>
@@ -27,6 +28,8 @@ int main() {
                           {50, 50, 32, false, true, "vit-base scores"},  {50, 32, 50, false, false, "vit-base output"},
                           {50, 32, 50, true, false, "vit-base dV, dK"},
                           {2048, 2048, 2048, false, false, "2048^3"}};
+  std::printf("OpenBLAS core %s; Cpu::gemm runs %s's kernel here\n", openblas_get_corename(),
+              Cpu::gemm_kernel() == hatch::detail::GemmKernel::eigen ? "Eigen" : "OpenBLAS");
   std::printf("%-18s %16s %12s %12s %7s\n", "GEMM", "m x n x k", "Eigen", "OpenBLAS", "ratio");
   for (const auto& s : shapes) {
     std::vector<float> a(std::size_t(s.m) * s.k, 0.5f), b(std::size_t(s.k) * s.n, 0.25f), c(std::size_t(s.m) * s.n);

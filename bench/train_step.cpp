@@ -63,7 +63,16 @@ int main(int argc, char** argv) {
     hatch::require(!o.tf32, "--tf32", "applies only to --device cuda");
     o.label = "hatch cpu threads=" + std::to_string(threads);
     if (ceiling) gemm_ceiling();
-    return bench::time_train_step<hatch::Cpu>(o);
+    const int rc = bench::time_train_step<hatch::Cpu>(o);
+    // Which kernel ran the GEMMs (Cpu::gemm_kernel: OpenBLAS's unless held to narrower kernels than Eigen's)
+#if defined(HATCH_WITH_OPENBLAS)
+    std::printf("cpu_gemm_kernel=%s (OpenBLAS core %s)\n",
+                hatch::Cpu::gemm_kernel() == hatch::detail::GemmKernel::eigen ? "eigen" : "openblas",
+                openblas_get_corename());
+#else
+    std::printf("cpu_gemm_kernel=eigen\n");
+#endif
+    return rc;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "train_step: %s\n", e.what());
     return 2;

@@ -85,4 +85,26 @@ struct TwoThreads {
   ~TwoThreads() { omp_set_num_threads(before); }
 };
 
+// Cpu's and Cpu64's GEMMs through the given kernel (Eigen's or OpenBLAS's) while it lives, so that
+// a test covers both whatever kernel the machine would choose (Cpu::gemm_kernel_choice).
+struct WithGemmKernel {
+  detail::GemmKernel before32 = Cpu::gemm_kernel(), before64 = Cpu64::gemm_kernel();
+  explicit WithGemmKernel(detail::GemmKernel k) {
+    Cpu::gemm_kernel_choice().store(k);
+    Cpu64::gemm_kernel_choice().store(k);
+  }
+  ~WithGemmKernel() {
+    Cpu::gemm_kernel_choice().store(before32);
+    Cpu64::gemm_kernel_choice().store(before64);
+  }
+};
+// The kernels a build has: Eigen's, and OpenBLAS's when built with it.
+inline std::vector<detail::GemmKernel> gemm_kernels() {
+#if defined(HATCH_WITH_OPENBLAS)
+  return {detail::GemmKernel::eigen, detail::GemmKernel::openblas};
+#else
+  return {detail::GemmKernel::eigen};
+#endif
+}
+
 }  // namespace hatch::test

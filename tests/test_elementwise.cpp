@@ -60,12 +60,15 @@ TEST_CASE_TEMPLATE("Backend::map and map_binary apply a functor to every element
 TEST_CASE_TEMPLATE("fused::linear_forward on Cpu: x W^T + bias, on Eigen's and OpenBLAS's sizes, with no bias and k = 0",
                    B, Cpu, Cpu64) {
   using T = typename B::Scalar;
-  // rows, in, out: Eigen's kernel; above Cpu::kBlasMinWork multiply-adds (OpenBLAS when built
-  // with it), split across threads by rows (rows >= out) and by columns (rows < out: each thread
+  // rows, in, out: small; above Cpu::kBlasMinWork multiply-adds (OpenBLAS's kernel when it is the
+  // one in use), split across threads by rows (rows >= out) and by columns (rows < out: each thread
   // writes the bias of its own columns); an empty inner dimension (y = bias)
   const test::TwoThreads two_threads;  // the split paths, even on a one-core machine
+  for (const auto kernel : test::gemm_kernels())  // each kernel the build has
   for (const auto [rows, in, out] : {std::array{5, 7, 3}, std::array{300, 96, 80}, std::array{40, 96, 300},
                                      std::array{4, 0, 6}}) {
+    const test::WithGemmKernel with(kernel);
+    CAPTURE(int(kernel));
     CAPTURE(rows);
     CAPTURE(in);
     std::vector<T> x(std::size_t(rows) * in), w(std::size_t(out) * in), bias(out);
@@ -205,15 +208,58 @@ TEST_CASE_TEMPLATE("Cpu::sum_rows and softmax_forward against double references:
   }
 }
 
+TEST_CASE("Cpu's GEMM kernel: OpenBLAS where its kernels are as wide as Eigen's, else timed; HATCH_CPU_GEMM overrides, checked") {
+  using K = detail::GemmKernel;
+  int timings = 0;
+  // as Cpu times it: Eigen's rate over OpenBLAS's
+  auto choose = [&](const char* setting, const char* core, int eigen_floats, double eigen_speedup = 0) {
+    return detail::choose_gemm_kernel(setting, core, eigen_floats, [&] {
+      ++timings;
+      return eigen_speedup;
+    });
+  };
+  // OpenBLAS's kernels as wide or wider (the core names as OpenBLAS spells them, in any case): OpenBLAS, untimed
+  CHECK(choose(nullptr, "SkylakeX", 16) == K::openblas);
+  CHECK(choose(nullptr, "COOPERLAKE", 16) == K::openblas);
+  CHECK(choose("auto", "sapphirerapids", 8) == K::openblas);
+  CHECK(choose("", "Haswell", 8) == K::openblas);
+  CHECK(choose(nullptr, "Nehalem", 4) == K::openblas);
+  CHECK(timings == 0);
+  // narrower (OPENBLAS_CORETYPE=Haswell on an AVX-512 machine): Eigen's only if clearly faster
+  CHECK(choose(nullptr, "Haswell", 16, 1.35) == K::eigen);  // a Zen 5 so configured
+  CHECK(choose(nullptr, "Zen", 16, 0.82) == K::openblas);   // AVX-512 on 256-bit units
+  CHECK(choose(nullptr, "Nehalem", 8, 1.05) == K::openblas);  // a near tie keeps OpenBLAS
+  CHECK(choose(nullptr, "Unknown", 16, detail::kEigenMargin) == K::eigen);
+  CHECK(timings == 4);
+  // the override wins either way, untimed; anything else is an error naming the variable
+  CHECK(choose("openblas", "Haswell", 16, 2.0) == K::openblas);
+  CHECK(choose("eigen", "SkylakeX", 16) == K::eigen);
+  CHECK(timings == 4);
+  const auto message = error_message([&] { choose("mkl", "SkylakeX", 16); });
+  CHECK(has(message, "HATCH_CPU_GEMM"));
+  CHECK(has(message, "expected eigen, openblas or auto, got 'mkl'"));
+#if defined(HATCH_WITH_OPENBLAS)
+  const double speedup = Cpu::eigen_speedup();  // a ratio of two real timings
+  CHECK(speedup > 0.1);
+  CHECK(speedup < 10);
+#else
+  CHECK(Cpu::gemm_kernel() == K::eigen);  // nothing else to run
+#endif
+}
+
 TEST_CASE_TEMPLATE("Cpu::gemm against a double reference: every transposition, beta 0 / 1 / other, padded strides, serial and split over threads",
                    B, Cpu, Cpu64) {
   using T = typename B::Scalar;
   // Shapes for each of gemm's paths: tiny (Eigen's kernel, or OpenBLAS's small-matrix kernels
   // when beta = 0), attention's per-head size, above Cpu::kBlasMinWork and split over threads by
   // rows (m >= n) and by columns (m < n), and k = 0 (C = beta C).
+  // Through each kernel the build has (Eigen's, OpenBLAS's), whichever this machine would choose.
   const test::TwoThreads two_threads;  // the split paths, even on a one-core machine
+  for (const auto kernel : test::gemm_kernels())
   for (const auto [m, n, k] : {std::array{3, 5, 7}, std::array{50, 50, 32}, std::array{50, 32, 50},
                                std::array{300, 96, 80}, std::array{80, 300, 96}, std::array{6, 4, 0}}) {
+    const test::WithGemmKernel with(kernel);
+    CAPTURE(int(kernel));
     for (const bool ta : {false, true})
       for (const bool tb : {false, true})
         for (const double beta : {0.0, 1.0, -0.5}) {

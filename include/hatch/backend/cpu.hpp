@@ -5,7 +5,8 @@
 // Built with HATCH_WITH_OPENBLAS (CMake target hatch::openblas, Debian's libopenblas-dev), the
 // GEMMs that overwrite their output (beta = 0) and those above kBlasMinWork multiply-adds go to
 // OpenBLAS's sgemm/dgemm instead of Eigen's kernel: 14-25% faster per thread at a ViT's layer
-// shapes, 1.15-1.9x at its attention's per-head shapes, on an AVX-512 machine (docs/performance.md).
+// shapes, 1.15-1.9x at its attention's per-head shapes, on an AVX-512 machine (docs/performance.md)
+// -- when OpenBLAS's kernels are as wide as Eigen's (detail::choose_gemm_kernel).
 // The threading stays hatch's: OpenBLAS is set to one thread and each OpenMP thread calls it on
 // its own panel of the output. Every translation unit of a program must agree on the macro.
 #include <omp.h>
@@ -22,16 +23,20 @@
 #include <algorithm>
 #include <bit>
 #include <atomic>
+#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <new>
+#include <string>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
 #include "hatch/backend/concept.hpp"
+#include "hatch/core/error.hpp"
 #include "hatch/backend/random.hpp"
 
 namespace hatch {
@@ -39,6 +44,58 @@ namespace hatch {
 namespace detail {
 // Loops with fewer elements than this run on one thread: a parallel region costs microseconds.
 inline constexpr std::int64_t kParallelGrain = 1 << 15;
+
+// ---- which GEMM kernel a thread runs: Eigen's or OpenBLAS's --------------------------------------
+// OpenBLAS is faster than Eigen's kernel when its kernels are as wide as the ones Eigen was
+// compiled with (1.14-1.25x per thread at a ViT's layer shapes on an earlier machine of this
+// project; 1.3-1.5x on a Zen 5 with both on AVX-512). But OpenBLAS runs the kernels of the core it
+// detects or is given, and OPENBLAS_CORETYPE can hold it to narrower ones than the CPU has: some
+// machines set OPENBLAS_CORETYPE=Haswell (AVX2) on AVX-512 processors because older OpenBLAS
+// builds misbehave on them, and on a Zen 5 so configured Eigen's AVX-512 kernel is 1.2-1.5x faster
+// than OpenBLAS's at every ViT shape (docs/performance.md, "OpenBLAS held to AVX2"). Wider is not
+// always faster, though: a Zen 4 has AVX-512 on 256-bit units. So:
+//  - OpenBLAS's kernels at least as wide as Eigen's: OpenBLAS, no questions asked;
+//  - narrower: one timing, once per process, of a 512^3 GEMM through each on the calling thread
+//    (best of 3 each, about 15 ms), and Eigen's kernel only if it is at least kEigenMargin faster,
+//    so that a near tie keeps OpenBLAS and two runs do not choose differently by noise.
+// HATCH_CPU_GEMM=eigen|openblas chooses without either; auto (or unset) is the rule above.
+enum class GemmKernel { eigen, openblas };
+
+// Floats per vector register of an OpenBLAS core (its names as openblas_get_corename reports them).
+inline int openblas_core_floats(std::string_view core) {
+  std::string c(core);
+  for (auto& ch : c) ch = char(std::tolower(static_cast<unsigned char>(ch)));
+  for (const char* wide : {"skylakex", "cooperlake", "sapphirerapids"})
+    if (c == wide) return 16;
+  for (const char* avx : {"sandybridge", "haswell", "zen", "bulldozer", "piledriver", "steamroller", "excavator"})
+    if (c == avx) return 8;
+  return 4;
+}
+// Floats per vector register of the Eigen kernel this translation unit was compiled with.
+inline constexpr int eigen_kernel_floats() {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  return 16;
+#elif defined(EIGEN_VECTORIZE_AVX)
+  return 8;
+#elif defined(EIGEN_VECTORIZE_SSE) || defined(EIGEN_VECTORIZE_NEON)
+  return 4;
+#else
+  return 1;
+#endif
+}
+inline constexpr double kEigenMargin = 1.10;
+// The rule above; `setting` is HATCH_CPU_GEMM's value (null, "" or "auto": the rule decides), and
+// eigen_speedup() times both kernels (Eigen's rate over OpenBLAS's), called only when needed.
+template <class Timing>
+GemmKernel choose_gemm_kernel(const char* setting, std::string_view openblas_core, int eigen_floats,
+                              Timing&& eigen_speedup) {
+  const std::string_view v = setting ? setting : "";
+  if (v == "eigen") return GemmKernel::eigen;
+  if (v == "openblas") return GemmKernel::openblas;
+  require(v.empty() || v == "auto", "HATCH_CPU_GEMM", "expected eigen, openblas or auto, got '" + std::string(v) + "'");
+  if (openblas_core_floats(openblas_core) >= eigen_floats) return GemmKernel::openblas;
+  return eigen_speedup() >= kEigenMargin ? GemmKernel::eigen : GemmKernel::openblas;
+}
 }  // namespace detail
 
 template <class T>
@@ -127,6 +184,7 @@ struct CpuBackend {
   static void gemm_panels(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b,
                           int ldb, T beta, T* c, int ldc, Pre&& pre, Post&& post) {
     if (m <= 0 || n <= 0) return;
+    gemm_kernel();  // decided here, outside the parallel region: a bad HATCH_CPU_GEMM throws
     const std::int64_t work = std::int64_t(m) * n * k;
     flop_count().fetch_add(2 * work, std::memory_order_relaxed);
     const int nt = (work < (1 << 18) || omp_in_parallel()) ? 1 : std::min(omp_get_max_threads(), std::max(m, n) / 16);
@@ -165,11 +223,48 @@ struct CpuBackend {
   static void gemm_serial(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b,
                           int ldb, T beta, T* c, int ldc) {
 #if defined(HATCH_WITH_OPENBLAS)
-    if (k > 0 && (beta == T(0) || std::int64_t(m) * n * k > kBlasMinWork))
+    if (gemm_kernel() == detail::GemmKernel::openblas && k > 0 &&
+        (beta == T(0) || std::int64_t(m) * n * k > kBlasMinWork))
       return gemm_openblas(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 #endif
     gemm_eigen(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   }
+  // The kernel gemm_serial runs: detail::choose_gemm_kernel's, decided on first use. Tests store
+  // the other one to cover both paths on any machine (without OpenBLAS it is always Eigen's).
+  static std::atomic<detail::GemmKernel>& gemm_kernel_choice() {
+#if defined(HATCH_WITH_OPENBLAS)
+    static std::atomic<detail::GemmKernel> k{detail::choose_gemm_kernel(
+        std::getenv("HATCH_CPU_GEMM"), openblas_get_corename(), detail::eigen_kernel_floats(), eigen_speedup)};
+#else
+    static std::atomic<detail::GemmKernel> k{detail::GemmKernel::eigen};
+#endif
+    return k;
+  }
+  static detail::GemmKernel gemm_kernel() { return gemm_kernel_choice().load(std::memory_order_relaxed); }
+#if defined(HATCH_WITH_OPENBLAS)
+  // Eigen's kernel's rate over OpenBLAS's on this thread: a 512^3 GEMM, best of 3 each, alternating.
+  static double eigen_speedup() {
+    constexpr int n = 512;
+    std::vector<T> a(std::size_t(n) * n), b(a.size()), c(a.size());
+    for (std::size_t i = 0; i < a.size(); ++i) {
+      a[i] = T(std::sin(0.37 * double(i)));
+      b[i] = T(std::cos(0.11 * double(i)));
+    }
+    auto seconds = [&](auto gemm) {
+      const double t0 = omp_get_wtime();
+      gemm(false, false, n, n, n, T(1), a.data(), n, b.data(), n, T(0), c.data(), n);
+      return omp_get_wtime() - t0;
+    };
+    gemm_eigen(false, false, n, n, n, T(1), a.data(), n, b.data(), n, T(0), c.data(), n);  // warm-up
+    gemm_openblas(false, false, n, n, n, T(1), a.data(), n, b.data(), n, T(0), c.data(), n);
+    double eigen = 1e30, blas = 1e30;
+    for (int r = 0; r < 3; ++r) {
+      eigen = std::min(eigen, seconds(gemm_eigen));
+      blas = std::min(blas, seconds(gemm_openblas));
+    }
+    return blas / eigen;
+  }
+#endif
 #if defined(HATCH_WITH_OPENBLAS)
   static void gemm_openblas(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b,
                             int ldb, T beta, T* c, int ldc) {
@@ -260,6 +355,7 @@ struct CpuBackend {
     const int total = outer * inner;
     if (total <= 0 || m <= 0 || n <= 0) return;
     if (total == 1) return gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);  // split over threads
+    gemm_kernel();  // as in gemm_panels
     // The work is counted once here: an atomic add per small GEMM from both threads would bounce
     // the counter's cache line between the cores (attention makes thousands of these per step).
     flop_count().fetch_add(2 * std::int64_t(m) * n * k * total, std::memory_order_relaxed);
