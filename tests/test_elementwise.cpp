@@ -119,12 +119,15 @@ TEST_CASE_TEMPLATE("Cpu::gemm_batched: each (outer, inner) GEMM as Cpu::gemm com
 TEST_CASE_TEMPLATE("fused::linear_backward_params on Cpu: dW += dY^T X and dbias += column sums, either null, every split",
                    B, Cpu, Cpu64) {
   using T = typename B::Scalar;
-  // rows, in, out: tiny (one thread), dW split by its rows (out >= in: each thread sums the
-  // columns of dY its GEMM read) and by its columns (out < in: the sums split evenly), no rows,
+  // rows, in, out: tiny (one thread); more rows than dW has rows or columns, so the threads split
+  // the rows (split-K: partial products and partial bias sums added up after a barrier), also with
+  // an odd row count; fewer rows, so dW splits by its rows (out >= in: each thread sums the
+  // columns of dY its GEMM read) and by its columns (out < in: the sums split evenly); no rows;
   // and no inputs (dW empty, dbias still summed)
   const test::TwoThreads two_threads;  // the split paths, even on a one-core machine
-  for (const auto [rows, in, out] : {std::array{5, 7, 3}, std::array{300, 64, 160}, std::array{300, 160, 48},
-                                     std::array{0, 16, 8}, std::array{6, 0, 4}}) {
+  for (const auto [rows, in, out] : {std::array{5, 7, 3}, std::array{300, 64, 160}, std::array{301, 160, 48},
+                                     std::array{120, 64, 160}, std::array{120, 160, 48}, std::array{0, 16, 8},
+                                     std::array{6, 0, 4}}) {
     CAPTURE(rows); CAPTURE(in); CAPTURE(out);
     std::vector<T> x(std::size_t(rows) * in), dy(std::size_t(rows) * out);
     for (std::size_t i = 0; i < x.size(); ++i) x[i] = T(std::sin(0.37 * double(i)));

@@ -405,20 +405,64 @@ struct CpuBackend {
                 [](const Panel&) {});
   }
   // dw (out x in) += dy^T x and dbias (out) += the column sums of dy, either may be null
-  // (fused::linear_backward_params). The column sums run on each thread after its panel of dw,
-  // in the same parallel region: over dw's rows (output features) when the threads split those,
-  // so each thread sums the columns of dy its GEMM has just read; else an even split of them.
+  // (fused::linear_backward_params). Its inner dimension is the batch's rows, far larger than dw
+  // (vit-small: 2176 rows against dw's 512 x 128), so the threads split the rows (split-K): each
+  // multiplies its own rows of dy and x, thread 0 onto dw and the others into a workspace, and
+  // after a barrier the threads add the partial products into dw by rows of dw. Split by dw's
+  // panels, as gemm does, every thread would pack the whole of one operand (x, or dy) for its
+  // panel: the same 2176-row matrix packed once per thread. The bias gradient: each thread sums
+  // the columns of its own rows of dy, added up the same way. With fewer rows than dw has rows or
+  // columns, or on one thread, dw's panels (gemm_panels) as before, the column sums of dy on each
+  // thread after its panel.
   static void linear_backward_params(T* dw, T* dbias, const T* dy, const T* x, int rows, int in, int out) {
     if (!dw || in <= 0) {  // (gemm_panels does nothing, not even post, for an empty dw)
       if (dbias) sum_rows(dbias, dy, rows, out, out, T(1));
       return;
     }
-    gemm_panels(true, false, out, in, rows, T(1), dy, out, x, in, T(1), dw, in, [](const Panel&) {},
-                [&](const Panel& p) {
-                  if (!dbias) return;
-                  const Share c = p.by_rows ? Share{p.lo, p.hi} : share(out, p.t, p.nth);
-                  column_sums(dbias, dy, rows, c.lo, c.hi, out, T(1));
-                });
+    const std::int64_t work = std::int64_t(out) * in * rows;
+    const int nt = (work < (1 << 18) || omp_in_parallel() || rows < std::max(in, out))
+                       ? 1
+                       : std::min(omp_get_max_threads(), rows / 64);
+    if (nt <= 1) {
+      gemm_panels(true, false, out, in, rows, T(1), dy, out, x, in, T(1), dw, in, [](const Panel&) {},
+                  [&](const Panel& p) {
+                    if (!dbias) return;
+                    const Share c = p.by_rows ? Share{p.lo, p.hi} : share(out, p.t, p.nth);
+                    column_sums(dbias, dy, rows, c.lo, c.hi, out, T(1));
+                  });
+      return;
+    }
+    gemm_kernel();  // as in gemm_panels: decided outside the parallel region
+    flop_count().fetch_add(2 * work, std::memory_order_relaxed);
+    // partial products of threads 1..nt-1, then their partial bias sums; kept by the calling thread
+    const std::size_t dw_size = std::size_t(out) * in;
+    thread_local std::vector<T> workspace;
+    if (workspace.size() < std::size_t(nt - 1) * (dw_size + out)) workspace.resize(std::size_t(nt - 1) * (dw_size + out));
+    T* ws = workspace.data();
+    T* ws_bias = ws + std::size_t(nt - 1) * dw_size;
+#pragma omp parallel num_threads(nt)
+    {
+      const int t = omp_get_thread_num(), nth = omp_get_num_threads();
+      const Share r = share(rows, t, nth);
+      T* part = t == 0 ? dw : ws + std::size_t(t - 1) * dw_size;
+      gemm_serial(true, false, out, in, r.hi - r.lo, T(1), dy + std::int64_t(r.lo) * out, out,
+                  x + std::int64_t(r.lo) * in, in, t == 0 ? T(1) : T(0), part, in);
+      if (dbias)
+        column_sums(t == 0 ? dbias : ws_bias + std::size_t(t - 1) * out, dy + std::int64_t(r.lo) * out, r.hi - r.lo, 0,
+                    out, out, t == 0 ? T(1) : T(0));
+#pragma omp barrier
+      const Share o = share(out, t, nth);  // this thread's rows of dw (and entries of dbias)
+      for (int j = 1; j < nth; ++j) {
+        const T* pj = ws + std::size_t(j - 1) * dw_size;
+        for (int row = o.lo; row < o.hi; ++row) {
+          T* dst = dw + std::int64_t(row) * in;
+          const T* src = pj + std::int64_t(row) * in;
+          for (int c = 0; c < in; ++c) dst[c] += src[c];
+        }
+        if (dbias)
+          for (int c = o.lo; c < o.hi; ++c) dbias[c] += ws_bias[std::size_t(j - 1) * out + c];
+      }
+    }
   }
   static void add_bias_rows(T* y, const T* bias, int rows, int cols) {
     parallel_rows(rows, cols, [&](std::int64_t r) {
