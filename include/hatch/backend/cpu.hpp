@@ -10,6 +10,9 @@
 // The threading stays hatch's: OpenBLAS is set to one thread and each OpenMP thread calls it on
 // its own panel of the output. Every translation unit of a program must agree on the macro.
 #include <omp.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 #if defined(HATCH_WITH_OPENBLAS)
 #if __has_include(<cblas-openblas.h>)
 #include <cblas-openblas.h>
@@ -52,13 +55,13 @@ inline constexpr std::int64_t kParallelGrain = 1 << 15;
 // detects or is given, and OPENBLAS_CORETYPE can hold it to narrower ones than the CPU has: some
 // machines set OPENBLAS_CORETYPE=Haswell (AVX2) on AVX-512 processors because older OpenBLAS
 // builds misbehave on them, and on a Zen 5 so configured Eigen's AVX-512 kernel is 1.2-1.5x faster
-// than OpenBLAS's at every ViT shape (docs/performance.md, "OpenBLAS held to AVX2"). Wider is not
-// always faster, though: a Zen 4 has AVX-512 on 256-bit units. So:
-//  - OpenBLAS's kernels at least as wide as Eigen's: OpenBLAS, no questions asked;
-//  - narrower: one timing, once per process, of a 512^3 GEMM through each on the calling thread
-//    (best of 3 each, about 15 ms), and Eigen's kernel only if it is at least kEigenMargin faster,
-//    so that a near tie keeps OpenBLAS and two runs do not choose differently by noise.
-// HATCH_CPU_GEMM=eigen|openblas chooses without either; auto (or unset) is the rule above.
+// than OpenBLAS's at every ViT shape (docs/performance.md, "OpenBLAS held to AVX2"). So OpenBLAS
+// gets the GEMMs when its vectors are at least as wide as Eigen's, counting AVX-512 as 256 bits
+// on a CPU that executes it on 256-bit units (AMD's Zen 4, family 19h), where it buys Eigen no
+// throughput. The choice is a pure function of the build, the CPU model and the environment, never
+// of a timing: the same program on the same machine always runs the same kernel, so its results
+// are reproducible to the bit (tests/mpi_programs.sh compares files byte for byte across runs).
+// HATCH_CPU_GEMM=eigen|openblas overrides; auto (or unset) is the rule.
 enum class GemmKernel { eigen, openblas };
 
 // Floats per vector register of an OpenBLAS core (its names as openblas_get_corename reports them).
@@ -83,18 +86,28 @@ inline constexpr int eigen_kernel_floats() {
   return 1;
 #endif
 }
-inline constexpr double kEigenMargin = 1.10;
-// The rule above; `setting` is HATCH_CPU_GEMM's value (null, "" or "auto": the rule decides), and
-// eigen_speedup() times both kernels (Eigen's rate over OpenBLAS's), called only when needed.
-template <class Timing>
-GemmKernel choose_gemm_kernel(const char* setting, std::string_view openblas_core, int eigen_floats,
-                              Timing&& eigen_speedup) {
+// Whether this CPU runs 512-bit vector instructions on 256-bit units (AMD family 19h: Zen 4).
+inline bool cpu_splits_512bit() {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool amd = ebx == 0x68747541u && edx == 0x69746e65u && ecx == 0x444d4163u;  // "AuthenticAMD"
+  if (!amd || !__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return false;
+  const unsigned base = (eax >> 8) & 0xFu, family = base == 0xFu ? base + ((eax >> 20) & 0xFFu) : base;
+  return family == 0x19u;
+#else
+  return false;
+#endif
+}
+// The rule above. `setting` is HATCH_CPU_GEMM's value (null, "" or "auto": the rule decides).
+inline GemmKernel choose_gemm_kernel(const char* setting, std::string_view openblas_core, int eigen_floats,
+                                     bool splits_512bit) {
   const std::string_view v = setting ? setting : "";
   if (v == "eigen") return GemmKernel::eigen;
   if (v == "openblas") return GemmKernel::openblas;
   require(v.empty() || v == "auto", "HATCH_CPU_GEMM", "expected eigen, openblas or auto, got '" + std::string(v) + "'");
-  if (openblas_core_floats(openblas_core) >= eigen_floats) return GemmKernel::openblas;
-  return eigen_speedup() >= kEigenMargin ? GemmKernel::eigen : GemmKernel::openblas;
+  const int eigen_effective = (eigen_floats > 8 && splits_512bit) ? 8 : eigen_floats;
+  return openblas_core_floats(openblas_core) >= eigen_effective ? GemmKernel::openblas : GemmKernel::eigen;
 }
 }  // namespace detail
 
@@ -234,37 +247,14 @@ struct CpuBackend {
   static std::atomic<detail::GemmKernel>& gemm_kernel_choice() {
 #if defined(HATCH_WITH_OPENBLAS)
     static std::atomic<detail::GemmKernel> k{detail::choose_gemm_kernel(
-        std::getenv("HATCH_CPU_GEMM"), openblas_get_corename(), detail::eigen_kernel_floats(), eigen_speedup)};
+        std::getenv("HATCH_CPU_GEMM"), openblas_get_corename(), detail::eigen_kernel_floats(),
+        detail::cpu_splits_512bit())};
 #else
     static std::atomic<detail::GemmKernel> k{detail::GemmKernel::eigen};
 #endif
     return k;
   }
   static detail::GemmKernel gemm_kernel() { return gemm_kernel_choice().load(std::memory_order_relaxed); }
-#if defined(HATCH_WITH_OPENBLAS)
-  // Eigen's kernel's rate over OpenBLAS's on this thread: a 512^3 GEMM, best of 3 each, alternating.
-  static double eigen_speedup() {
-    constexpr int n = 512;
-    std::vector<T> a(std::size_t(n) * n), b(a.size()), c(a.size());
-    for (std::size_t i = 0; i < a.size(); ++i) {
-      a[i] = T(std::sin(0.37 * double(i)));
-      b[i] = T(std::cos(0.11 * double(i)));
-    }
-    auto seconds = [&](auto gemm) {
-      const double t0 = omp_get_wtime();
-      gemm(false, false, n, n, n, T(1), a.data(), n, b.data(), n, T(0), c.data(), n);
-      return omp_get_wtime() - t0;
-    };
-    gemm_eigen(false, false, n, n, n, T(1), a.data(), n, b.data(), n, T(0), c.data(), n);  // warm-up
-    gemm_openblas(false, false, n, n, n, T(1), a.data(), n, b.data(), n, T(0), c.data(), n);
-    double eigen = 1e30, blas = 1e30;
-    for (int r = 0; r < 3; ++r) {
-      eigen = std::min(eigen, seconds(gemm_eigen));
-      blas = std::min(blas, seconds(gemm_openblas));
-    }
-    return blas / eigen;
-  }
-#endif
 #if defined(HATCH_WITH_OPENBLAS)
   static void gemm_openblas(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b,
                             int ldb, T beta, T* c, int ldc) {
