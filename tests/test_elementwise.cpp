@@ -1,5 +1,7 @@
 // User-defined element-wise functions (B::map, B::map_binary, Elementwise<Fn>, Silu) and the
 // zero-copy shape layers (Tensor::view_of, Flatten, Reshape).
+#include <fstream>
+
 #include "support.hpp"
 
 using namespace hatch;
@@ -242,6 +244,25 @@ TEST_CASE("Cpu's GEMM kernel: OpenBLAS where its kernels are as wide as Eigen's,
 #if !defined(HATCH_WITH_OPENBLAS)
   CHECK(Cpu::gemm_kernel() == K::eigen);  // nothing else to run
 #endif
+}
+
+TEST_CASE("detail::cpu_model reads the vendor and family that Linux reports in /proc/cpuinfo") {
+  std::ifstream in("/proc/cpuinfo");
+  if (!in) return;  // not Linux: nothing to compare with
+  std::string line, vendor;
+  unsigned family = 0;
+  while (std::getline(in, line) && (vendor.empty() || family == 0)) {
+    const auto colon = line.find(':');
+    if (colon == std::string::npos || colon + 2 > line.size()) continue;
+    const std::string key = line.substr(0, line.find_first_of(" \t")), value = line.substr(colon + 2);
+    if (key == "vendor_id") vendor = value;
+    if (line.rfind("cpu family", 0) == 0) family = unsigned(std::stoul(value));
+  }
+  if (vendor.empty()) return;  // not x86: cpuid has nothing to say
+  const auto m = detail::cpu_model();
+  CHECK(m.vendor == vendor);
+  CHECK(m.family == family);
+  CHECK(detail::cpu_splits_512bit() == (vendor == "AuthenticAMD" && family == 25));
 }
 
 TEST_CASE_TEMPLATE("Cpu::gemm against a double reference: every transposition, beta 0 / 1 / other, padded strides, serial and split over threads",

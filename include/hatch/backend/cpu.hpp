@@ -86,18 +86,32 @@ inline constexpr int eigen_kernel_floats() {
   return 1;
 #endif
 }
-// Whether this CPU runs 512-bit vector instructions on 256-bit units (AMD family 19h: Zen 4).
-inline bool cpu_splits_512bit() {
+// The CPU's vendor string ("AuthenticAMD", "GenuineIntel") and family (with the extended family
+// added, as the kernel's /proc/cpuinfo reports it); empty and 0 where cpuid is not available.
+struct CpuModel {
+  std::string vendor;
+  unsigned family = 0;
+};
+inline CpuModel cpu_model() {
+  CpuModel m;
 #if defined(__x86_64__) || defined(__i386__)
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return false;
-  const bool amd = ebx == 0x68747541u && edx == 0x69746e65u && ecx == 0x444d4163u;  // "AuthenticAMD"
-  if (!amd || !__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return false;
-  const unsigned base = (eax >> 8) & 0xFu, family = base == 0xFu ? base + ((eax >> 20) & 0xFFu) : base;
-  return family == 0x19u;
-#else
-  return false;
+  if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return m;
+  char v[13] = {};
+  std::memcpy(v, &ebx, 4);
+  std::memcpy(v + 4, &edx, 4);
+  std::memcpy(v + 8, &ecx, 4);
+  m.vendor = v;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return m;
+  const unsigned base = (eax >> 8) & 0xFu;
+  m.family = base == 0xFu ? base + ((eax >> 20) & 0xFFu) : base;
 #endif
+  return m;
+}
+// Whether this CPU runs 512-bit vector instructions on 256-bit units (AMD family 19h: Zen 4).
+inline bool cpu_splits_512bit() {
+  const CpuModel m = cpu_model();
+  return m.vendor == "AuthenticAMD" && m.family == 0x19u;
 }
 // The rule above. `setting` is HATCH_CPU_GEMM's value (null, "" or "auto": the rule decides).
 inline GemmKernel choose_gemm_kernel(const char* setting, std::string_view openblas_core, int eigen_floats,
