@@ -28,8 +28,8 @@ int main() {
                           {50, 50, 32, false, true, "vit-base scores"},  {50, 32, 50, false, false, "vit-base output"},
                           {50, 32, 50, true, false, "vit-base dV, dK"},
                           {2048, 2048, 2048, false, false, "2048^3"}};
-  std::printf("OpenBLAS core %s; Cpu::gemm runs %s's kernel here\n", openblas_get_corename(),
-              Cpu::gemm_kernel() == hatch::detail::GemmKernel::eigen ? "Eigen" : "OpenBLAS");
+  std::printf("OpenBLAS core %s; Cpu::gemm runs the %s kernel here\n", openblas_get_corename(),
+              hatch::detail::name(Cpu::gemm_kernel()));
   std::printf("%-18s %16s %12s %12s %7s\n", "GEMM", "m x n x k", "Eigen", "OpenBLAS", "ratio");
   for (const auto& s : shapes) {
     std::vector<float> a(std::size_t(s.m) * s.k, 0.5f), b(std::size_t(s.k) * s.n, 0.25f), c(std::size_t(s.m) * s.n);

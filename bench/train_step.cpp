@@ -66,8 +66,7 @@ int main(int argc, char** argv) {
     const int rc = bench::time_train_step<hatch::Cpu>(o);
     // Which kernel ran the GEMMs (Cpu::gemm_kernel: OpenBLAS's unless held to narrower kernels than Eigen's)
 #if defined(HATCH_WITH_OPENBLAS)
-    std::printf("cpu_gemm_kernel=%s (OpenBLAS core %s)\n",
-                hatch::Cpu::gemm_kernel() == hatch::detail::GemmKernel::eigen ? "eigen" : "openblas",
+    std::printf("cpu_gemm_kernel=%s (OpenBLAS core %s)\n", hatch::detail::name(hatch::Cpu::gemm_kernel()),
                 openblas_get_corename());
 #else
     std::printf("cpu_gemm_kernel=eigen\n");

@@ -254,8 +254,8 @@ TEST_CASE("detail::cpu_model reads the vendor and family that Linux reports in /
   while (std::getline(in, line) && (vendor.empty() || family == 0)) {
     const auto colon = line.find(':');
     if (colon == std::string::npos || colon + 2 > line.size()) continue;
-    const std::string key = line.substr(0, line.find_first_of(" \t")), value = line.substr(colon + 2);
-    if (key == "vendor_id") vendor = value;
+    const std::string value = line.substr(colon + 2);
+    if (line.rfind("vendor_id", 0) == 0) vendor = value;
     if (line.rfind("cpu family", 0) == 0) family = unsigned(std::stoul(value));
   }
   if (vendor.empty()) return;  // not x86: cpuid has nothing to say

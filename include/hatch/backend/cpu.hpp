@@ -63,6 +63,7 @@ inline constexpr std::int64_t kParallelGrain = 1 << 15;
 // are reproducible to the bit (tests/mpi_programs.sh compares files byte for byte across runs).
 // HATCH_CPU_GEMM=eigen|openblas overrides; auto (or unset) is the rule.
 enum class GemmKernel { eigen, openblas };
+inline const char* name(GemmKernel k) { return k == GemmKernel::eigen ? "eigen" : "openblas"; }
 
 // Floats per vector register of an OpenBLAS core (its names as openblas_get_corename reports them).
 inline int openblas_core_floats(std::string_view core) {
