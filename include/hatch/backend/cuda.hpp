@@ -2,11 +2,14 @@
 // The Cuda backend policy: cuBLAS for GEMMs, Thrust for whole-array reductions, the kernels of
 // cuda_kernels.cuh for everything else. Semantics match backend/cpu.hpp primitive by primitive.
 //
-// Execution model: all work is issued on the legacy default stream of the current device, so
-// kernels, cuBLAS calls and cudaMemcpy are ordered with respect to each other. That ordering is
-// what lets the caching allocator hand a block back for reuse as soon as the host is done with
-// it, without events. Primitives that return a value to the host (sum_squares, all_finite,
-// softmax_cross_entropy) synchronise; the others return as soon as the work is enqueued.
+// Execution model: all work of a device is issued on one stream, Cuda::stream(): hatch's own
+// (created on first use, a blocking stream, so it is also ordered with the legacy default stream
+// that NCCL and plain cudaMemcpy calls use) or one the user set (Cuda::set_stream). Kernels,
+// cuBLAS and cuBLASLt calls, Thrust and copies are therefore ordered with respect to each other.
+// That ordering is what lets the caching allocator hand a block back for reuse as soon as the
+// host is done with it, without events. Primitives that return a value to the host (download,
+// sum_squares, all_finite, softmax_cross_entropy, read_scalars) wait for the stream and are
+// counted (Cuda::host_waits()); the others return as soon as the work is enqueued.
 //
 // Include <hatch/cuda.hpp> from .cu files; this header never includes Eigen or the Cpu backend.
 #if !defined(__CUDACC__)
@@ -38,6 +41,7 @@
 #include <utility>
 #include <vector>
 
+#include "hatch/backend/async.hpp"
 #include "hatch/backend/concept.hpp"
 #include "hatch/backend/cuda_kernels.cuh"
 #include "hatch/backend/fused.hpp"
@@ -71,13 +75,58 @@ inline void check_cublas(cublasStatus_t s, const char* call, const char* file, i
 #define HATCH_CUBLAS_CHECK(call) ::hatch::cuda_detail::check_cublas((call), #call, __FILE__, __LINE__)
 // Launch errors (bad configuration, no device) surface at the launch; faults inside a kernel
 // surface at the next synchronising call, which is checked too.
+// Kernels run on the backend's stream (cuda_detail::stream()).
 #define HATCH_CUDA_LAUNCH(kernel, grid, block, ...)                          \
   do {                                                                       \
-    kernel<<<(grid), (block)>>>(__VA_ARGS__);                                \
+    kernel<<<(grid), (block), 0, ::hatch::cuda_detail::stream()>>>(__VA_ARGS__); \
     ::hatch::cuda_detail::check_cuda(cudaGetLastError(), "launch of " #kernel, __FILE__, __LINE__); \
   } while (0)
 
 namespace cuda_detail {
+
+// ---- the stream --------------------------------------------------------------------------------
+// Per device: the stream set by Cuda::set_stream, else hatch's own, created on first use with
+// cudaStreamCreate (a blocking stream: work on the legacy default stream waits for it and it for
+// that, so code that uses stream 0 stays ordered with hatch's work). Never destroyed, like the
+// cuBLAS handles below.
+struct StreamTable {
+  std::mutex mu;
+  std::vector<cudaStream_t> own, chosen;
+  std::vector<bool> user;  // chosen[d] was set by the user
+  void fit(int device) {
+    if (std::size_t(device) < own.size()) return;
+    own.resize(std::size_t(device) + 1, nullptr);
+    chosen.resize(std::size_t(device) + 1, nullptr);
+    user.resize(std::size_t(device) + 1, false);
+  }
+};
+inline StreamTable& stream_table() {
+  static auto* t = new StreamTable;
+  return *t;
+}
+inline cudaStream_t stream() {
+  int device = 0;
+  HATCH_CUDA_CHECK(cudaGetDevice(&device));
+  auto& t = stream_table();
+  std::lock_guard<std::mutex> lock(t.mu);
+  t.fit(device);
+  if (t.user[std::size_t(device)]) return t.chosen[std::size_t(device)];
+  cudaStream_t& own = t.own[std::size_t(device)];
+  if (!own) HATCH_CUDA_CHECK(cudaStreamCreate(&own));
+  return own;
+}
+
+// Every time the host waits for the device (a stream or device synchronisation, a copy to
+// pageable host memory, a reduction returned to the host). A training step through fit waits
+// once; tests count.
+inline std::atomic<std::int64_t>& host_waits() {
+  static std::atomic<std::int64_t> n{0};
+  return n;
+}
+inline void wait_for_stream() {
+  ++host_waits();
+  HATCH_CUDA_CHECK(cudaStreamSynchronize(stream()));
+}
 
 // ---- caching allocator -------------------------------------------------------------------------
 // cudaMalloc and cudaFree synchronise the device and cost tens of microseconds, so freed blocks
@@ -243,9 +292,6 @@ struct ThrustAllocator {
 
 // Functors of the Thrust reductions. They are public namespace-scope types because the launch
 // stubs nvcc generates for the reduction kernels name them.
-struct Square {
-  __host__ __device__ double operator()(float v) const { return double(v) * double(v); }
-};
 struct NotFinite {
   __host__ __device__ std::size_t operator()(float v) const { return isfinite(v) ? 0 : 1; }
 };
@@ -287,6 +333,7 @@ inline cublasHandle_t cublas_handle() {
   struct Entry {
     cublasHandle_t handle = nullptr;
     bool tf32 = false;
+    cudaStream_t stream = nullptr;
   };
   static std::mutex mu;
   static auto* entries = new std::vector<Entry>;
@@ -307,6 +354,10 @@ inline cublasHandle_t cublas_handle() {
   } else if (e.tf32 != want) {
     HATCH_CUBLAS_CHECK(cublasSetMathMode(e.handle, want ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
     e.tf32 = want;
+  }
+  if (const cudaStream_t s = stream(); s != e.stream) {  // a new handle is on stream 0 until set
+    HATCH_CUBLAS_CHECK(cublasSetStream(e.handle, s));
+    e.stream = s;
   }
   return e.handle;
 }
@@ -446,7 +497,7 @@ class LtPlans {
       if (s != CUBLAS_STATUS_SUCCESS) return s;
     }
     return cublasLtMatmul(handle(device), p.op, &alpha, a, p.a, b, p.b, &beta, d, p.d, d, p.d, &algo,
-                          gemm_workspace(device), kGemmWorkspace, nullptr);
+                          gemm_workspace(device), kGemmWorkspace, stream());
   }
 
   template <class Trial>
@@ -520,10 +571,11 @@ class LtPlans {
     bool have = false;
     for (const auto& algo : algos) {
       if (trial(algo, plan, d.get(), v.get()) != CUBLAS_STATUS_SUCCESS) continue;
-      HATCH_CUDA_CHECK(cudaEventRecord(start));
+      HATCH_CUDA_CHECK(cudaEventRecord(start, stream()));
       bool ok = true;
       for (int t = 0; t < kTrials && ok; ++t) ok = trial(algo, plan, d.get(), v.get()) == CUBLAS_STATUS_SUCCESS;
-      HATCH_CUDA_CHECK(cudaEventRecord(stop));
+      HATCH_CUDA_CHECK(cudaEventRecord(stop, stream()));
+      ++host_waits();
       HATCH_CUDA_CHECK(cudaEventSynchronize(stop));
       float ms = 0;
       HATCH_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
@@ -626,6 +678,20 @@ struct Cuda {
   static void set_autotune(bool on) { cuda_detail::autotune_flag() = on; }
   static bool autotune() { return cuda_detail::autotune_flag().load(); }
 
+  // ---- the stream ----------------------------------------------------------------------------------
+  // Where hatch enqueues its work on the current device (see the top of this file).
+  static cudaStream_t stream() { return cuda_detail::stream(); }
+  // Runs hatch's work for the current device on `s` from now on (a caller's stream, such as the
+  // one PyTorch or another library works on; nullptr is the legacy default stream). The stream
+  // in use until now is synchronised first: memory freed by work still queued there must not be
+  // handed to work on `s`. reset_stream() returns to hatch's own stream. Not to be called while
+  // another host thread issues hatch work on the same device.
+  static void set_stream(cudaStream_t s) { choose_stream(true, s); }
+  static void reset_stream() { choose_stream(false, nullptr); }
+  // Times the host waited for the device so far (stream or device synchronisations, copies to
+  // pageable host memory, values returned to the host); fit waits once per training step.
+  static std::int64_t host_waits() { return cuda_detail::host_waits().load(); }
+
   // ---- memory ------------------------------------------------------------------------------------
   // Real cudaMalloc calls (cache misses); a steady-state training step leaves it unchanged.
   static std::atomic<std::int64_t>& allocation_count() { return cuda_detail::DeviceCache::instance().malloc_count(); }
@@ -637,29 +703,90 @@ struct Cuda {
     return static_cast<T*>(cuda_detail::DeviceCache::instance().allocate((n ? n : 1) * sizeof(T)));
   }
   static void deallocate(T* p, std::size_t) noexcept { cuda_detail::DeviceCache::instance().deallocate(p); }
-  static void upload(T* dst, const T* src, std::size_t n) {
-    if (n) HATCH_CUDA_CHECK(cudaMemcpy(dst, src, n * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  static void download(T* dst, const T* src, std::size_t n) {
-    if (n) HATCH_CUDA_CHECK(cudaMemcpy(dst, src, n * sizeof(T), cudaMemcpyDeviceToHost));
-  }
+  // From any host memory: src may be reused as soon as this returns (the driver stages pageable
+  // memory, and may wait for the stream to do so: counted as a wait).
+  static void upload(T* dst, const T* src, std::size_t n) { upload_bytes(dst, src, n * sizeof(T)); }
+  static void download(T* dst, const T* src, std::size_t n) { download_bytes(dst, src, n * sizeof(T)); }
   static void copy(T* dst, const T* src, std::size_t n) {
-    if (n && dst != src) HATCH_CUDA_CHECK(cudaMemcpy(dst, src, n * sizeof(T), cudaMemcpyDeviceToDevice));
+    if (n && dst != src)
+      HATCH_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyDeviceToDevice, cuda_detail::stream()));
   }
   static void fill(T* y, std::size_t n, T v) {
     if (n) HATCH_CUDA_LAUNCH(cuda_kernels::fill<T>, cuda_detail::element_blocks(n), cuda_kernels::kThreads, y, n, v);
   }
-  static void synchronize() { HATCH_CUDA_CHECK(cudaDeviceSynchronize()); }
+  static void synchronize() {
+    ++cuda_detail::host_waits();
+    HATCH_CUDA_CHECK(cudaDeviceSynchronize());
+  }
   // int32 index buffers (routing tables), from the same cache.
   static std::int32_t* allocate_indices(std::size_t n) {
     return static_cast<std::int32_t*>(cuda_detail::DeviceCache::instance().allocate((n ? n : 1) * sizeof(std::int32_t)));
   }
   static void deallocate_indices(std::int32_t* p, std::size_t) noexcept { cuda_detail::DeviceCache::instance().deallocate(p); }
   static void upload_indices(std::int32_t* dst, const std::int32_t* src, std::size_t n) {
-    if (n) HATCH_CUDA_CHECK(cudaMemcpy(dst, src, n * sizeof(std::int32_t), cudaMemcpyHostToDevice));
+    upload_bytes(dst, src, n * sizeof(std::int32_t));
   }
   static void download_indices(std::int32_t* dst, const std::int32_t* src, std::size_t n) {
-    if (n) HATCH_CUDA_CHECK(cudaMemcpy(dst, src, n * sizeof(std::int32_t), cudaMemcpyDeviceToHost));
+    download_bytes(dst, src, n * sizeof(std::int32_t));
+  }
+
+  // ---- staging and step scalars (backend/async.hpp): a training step waits once ------------------
+  // Page-locked host memory: an upload from it is a DMA that returns at once (upload_async).
+  static T* allocate_pinned(std::size_t n) {
+    void* p = nullptr;
+    HATCH_CUDA_CHECK(cudaMallocHost(&p, (n ? n : 1) * sizeof(T)));
+    return static_cast<T*>(p);
+  }
+  static void deallocate_pinned(T* p, std::size_t) noexcept {
+    if (p) (void)cudaFreeHost(p);
+  }
+  // src must be pinned (allocate_pinned) and must not change until the stream has passed the copy.
+  static void upload_async(T* dst, const T* src, std::size_t n) {
+    if (n)
+      HATCH_CUDA_CHECK(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyHostToDevice, cuda_detail::stream()));
+  }
+  // Doubles in device memory, written by the *_into reductions below and read by the host together.
+  static double* allocate_scalars(std::size_t n) {
+    return static_cast<double*>(cuda_detail::DeviceCache::instance().allocate((n ? n : 1) * sizeof(double)));
+  }
+  static void deallocate_scalars(double* p, std::size_t) noexcept { cuda_detail::DeviceCache::instance().deallocate(p); }
+  static void zero_scalars(double* p, std::size_t n) {
+    if (n) HATCH_CUDA_CHECK(cudaMemsetAsync(p, 0, n * sizeof(double), cuda_detail::stream()));
+  }
+  // The one wait of a training step.
+  static void read_scalars(double* host, const double* p, std::size_t n) { download_bytes(host, p, n * sizeof(double)); }
+  // *out = the summed loss / divisor; dz (may be null) = scale * the gradient. Deterministic: per-row
+  // losses, then one block adds them in a fixed order.
+  static void softmax_cross_entropy_into(double* out, T* dz, const T* z, const T* t, int rows, int cols, T scale,
+                                         double divisor) {
+    if (rows <= 0 || cols <= 0) return zero_scalars(out, 1);
+    cuda_detail::Scratch<double> loss{std::size_t(rows)};
+    HATCH_CUDA_LAUNCH(cuda_kernels::softmax_cross_entropy<T>, cuda_detail::row_blocks(rows), cuda_detail::kRowBlock,
+                      loss.get(), dz, z, t, rows, cols, scale);
+    sum_doubles(out, loss.get(), std::size_t(rows), divisor);
+  }
+  // *out = the number of rows whose largest logit is at their target's largest value (first on ties).
+  static void argmax_matches_into(double* out, const T* z, const T* t, int rows, int cols) {
+    if (rows <= 0 || cols <= 0) return zero_scalars(out, 1);
+    cuda_detail::Scratch<double> hit{std::size_t(rows)};
+    HATCH_CUDA_LAUNCH(cuda_kernels::argmax_matches<T>, cuda_detail::row_blocks(rows), cuda_detail::kRowBlock,
+                      hit.get(), z, t, rows, cols);
+    sum_doubles(out, hit.get(), std::size_t(rows), 1.0);
+  }
+  // *out = sum of x^2 in double: per-block partial sums (at most kReduceBlocks), then one block.
+  static void sum_squares_into(double* out, const T* x, std::size_t n) {
+    if (!n) return zero_scalars(out, 1);
+    const unsigned blocks = std::min(cuda_detail::element_blocks(n), cuda_kernels::kReduceBlocks);
+    cuda_detail::Scratch<double> partial{blocks};
+    HATCH_CUDA_LAUNCH(cuda_kernels::sum_squares_partial<T>, blocks, cuda_kernels::kThreads, partial.get(), x, n);
+    sum_doubles(out, partial.get(), blocks, 1.0);
+  }
+  // g *= max_norm / (norm + 1e-6) where norm = sqrt(*sumsq) > max_norm (clip_grad_norm's rule), read
+  // on the device.
+  static void clip_to_norm(T* g, std::size_t n, const double* sumsq, double max_norm) {
+    if (n && max_norm > 0)
+      HATCH_CUDA_LAUNCH(cuda_kernels::clip_to_norm<T>, cuda_detail::element_blocks(n), cuda_kernels::kThreads, g, n,
+                        sumsq, max_norm);
   }
 
   // ---- GEMM --------------------------------------------------------------------------------------
@@ -800,17 +927,19 @@ struct Cuda {
   // Squares summed in double, as on the CPU (gradient-norm clipping over millions of values).
   static double sum_squares(const T* x, std::size_t n) {
     if (!n) return 0.0;
-    cuda_detail::ThrustAllocator alloc;
-    return cuda_detail::thrust_call("thrust::transform_reduce (sum_squares)", __FILE__, __LINE__, [&] {
-      return thrust::transform_reduce(thrust::cuda::par(alloc), x, x + n, cuda_detail::Square{}, 0.0, thrust::plus<double>());
-    });
+    cuda_detail::Scratch<double> out{1};
+    sum_squares_into(out.get(), x, n);
+    double h = 0;
+    read_scalars(&h, out.get(), 1);
+    return h;
   }
   static bool all_finite(const T* x, std::size_t n) {
     if (!n) return true;
     cuda_detail::ThrustAllocator alloc;
+    ++cuda_detail::host_waits();  // the count comes back to the host
     const std::size_t bad = cuda_detail::thrust_call("thrust::transform_reduce (all_finite)", __FILE__, __LINE__, [&] {
-      return thrust::transform_reduce(thrust::cuda::par(alloc), x, x + n, cuda_detail::NotFinite{}, std::size_t(0),
-                                      thrust::plus<std::size_t>());
+      return thrust::transform_reduce(thrust::cuda::par(alloc).on(cuda_detail::stream()), x, x + n,
+                                      cuda_detail::NotFinite{}, std::size_t(0), thrust::plus<std::size_t>());
     });
     return bad == 0;
   }
@@ -988,17 +1117,14 @@ struct Cuda {
   }
 
   // ---- loss and optimizer ------------------------------------------------------------------------
-  // Returns the summed loss (copied to the host, so this synchronises); dz may be null.
+  // Returns the summed loss (copied to the host, so this waits); dz may be null.
   static double softmax_cross_entropy(T* dz, const T* z, const T* t, int rows, int cols, T scale) {
     if (rows <= 0 || cols <= 0) return 0.0;
-    cuda_detail::Scratch<double> loss{std::size_t(rows)};
-    HATCH_CUDA_LAUNCH(cuda_kernels::softmax_cross_entropy<T>, cuda_detail::row_blocks(rows), cuda_detail::kRowBlock,
-                      loss.get(), dz, z, t, rows, cols, scale);
-    cuda_detail::ThrustAllocator alloc;
-    const double* l = loss.get();
-    return cuda_detail::thrust_call("thrust::reduce (softmax_cross_entropy)", __FILE__, __LINE__, [&] {
-      return thrust::reduce(thrust::cuda::par(alloc), l, l + rows, 0.0, thrust::plus<double>());
-    });
+    cuda_detail::Scratch<double> out{1};
+    softmax_cross_entropy_into(out.get(), dz, z, t, rows, cols, scale, 1.0);
+    double h = 0;
+    read_scalars(&h, out.get(), 1);
+    return h;
   }
   static void adamw_update(T* w, T* m, T* v, const T* g, std::size_t n, T lr, T beta1, T beta2, T eps,
                            T weight_decay, T bias_corr1, T bias_corr2) {
@@ -1008,6 +1134,33 @@ struct Cuda {
   }
 
  private:
+  static void upload_bytes(void* dst, const void* src, std::size_t bytes) {
+    if (!bytes) return;
+    ++cuda_detail::host_waits();  // pageable memory: the driver may wait for the stream to stage it
+    HATCH_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, cuda_detail::stream()));
+  }
+  static void download_bytes(void* dst, const void* src, std::size_t bytes) {
+    if (!bytes) return;
+    const cudaStream_t s = cuda_detail::stream();
+    HATCH_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, s));
+    cuda_detail::wait_for_stream();
+  }
+  // out = (the sum of x[0, n)) / divisor, in a fixed order by one block.
+  static void sum_doubles(double* out, const double* x, std::size_t n, double divisor) {
+    HATCH_CUDA_LAUNCH(cuda_kernels::sum_doubles<double>, 1, cuda_kernels::kThreads, out, x, n, divisor);
+  }
+  static void choose_stream(bool user, cudaStream_t s) {
+    const cudaStream_t before = cuda_detail::stream();
+    ++cuda_detail::host_waits();
+    HATCH_CUDA_CHECK(cudaStreamSynchronize(before));
+    int device = 0;
+    HATCH_CUDA_CHECK(cudaGetDevice(&device));
+    auto& t = cuda_detail::stream_table();
+    std::lock_guard<std::mutex> lock(t.mu);
+    t.fit(device);
+    t.user[std::size_t(device)] = user;
+    t.chosen[std::size_t(device)] = s;
+  }
   static void scale_or_zero(T* y, std::size_t n, T beta) {
     if (beta == T(0)) fill(y, n, T(0));
     else scale(y, beta, n);
@@ -1015,5 +1168,6 @@ struct Cuda {
 };
 
 static_assert(Backend<Cuda>);
+static_assert(HasBackendScalars<Cuda> && HasPinnedStaging<Cuda>, "Cuda's step scalars or staging members do not match backend/async.hpp");
 
 }  // namespace hatch

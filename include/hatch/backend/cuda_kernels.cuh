@@ -652,6 +652,83 @@ __global__ void softmax_cross_entropy(double* loss, T* dz, const T* z, const T* 
   if (lane == 0) loss[row] = l;
 }
 
+// ---- step scalars (whole-array reductions into one double, deterministic) -------------------------
+inline constexpr unsigned kReduceBlocks = 1024;  // at most this many partial sums
+
+// The sum of v over the block (blockDim.x a multiple of 32, at most 1024), valid in thread 0.
+// Every thread of the block must call it, once per kernel.
+template <class V>
+__device__ V block_sum(V v) {
+  __shared__ V warp_sums[32];
+  v = warp_sum(v);
+  const int lane = int(threadIdx.x) % 32, warp = int(threadIdx.x) / 32;
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  const int warps = int(blockDim.x + 31) / 32;
+  v = int(threadIdx.x) < warps ? warp_sums[threadIdx.x] : V(0);
+  return warp == 0 ? warp_sum(v) : v;
+}
+
+// One block: *out = (x[0] + ... + x[n-1]) / divisor, in an order fixed by n and the block size.
+template <class V>
+__global__ void sum_doubles(V* out, const V* x, std::size_t n, V divisor) {
+  V s = 0;
+  for (std::size_t j = threadIdx.x; j < n; j += blockDim.x) s += x[j];
+  s = block_sum(s);
+  if (threadIdx.x == 0) *out = s / divisor;
+}
+
+// partial[block] = the sum of x^2 (in double) over the block's grid-stride share of x.
+template <class T>
+__global__ void sum_squares_partial(double* partial, const T* x, std::size_t n) {
+  double s = 0;
+  for (std::size_t j = global_index(); j < n; j += global_stride()) s += double(x[j]) * double(x[j]);
+  s = block_sum(s);
+  if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+// Row kernel: hit[row] = 1 when the row's largest logit and its target's largest value are in
+// the same column (the first such column on ties, as std::max_element), else 0.
+template <class T>
+__device__ inline int warp_argmax(const T* row, int cols, int lane) {
+  T best = row[0];
+  int at = 0;
+  for (int c = lane; c < cols; c += 32)
+    if (row[c] > best || (c < at && !(row[c] < best))) {
+      best = row[c];
+      at = c;
+    }
+  // at is this lane's first column holding its largest value (or column 0, read by every lane).
+  for (int o = 16; o > 0; o >>= 1) {
+    const T b = __shfl_xor_sync(kFullMask, best, o);
+    const int a = __shfl_xor_sync(kFullMask, at, o);
+    if (b > best || (!(b < best) && a < at)) {
+      best = b;
+      at = a;
+    }
+  }
+  return at;
+}
+template <class T>
+__global__ void argmax_matches(double* hit, const T* z, const T* t, int rows, int cols) {
+  const int row = warp_row();
+  if (row >= rows) return;
+  const int lane = int(threadIdx.x);
+  const std::size_t o = std::size_t(row) * cols;
+  const int zi = warp_argmax(z + o, cols, lane), ti = warp_argmax(t + o, cols, lane);
+  if (lane == 0) hit[row] = zi == ti ? 1.0 : 0.0;
+}
+
+// Gradient clipping with the norm read on the device: g *= max_norm / (norm + 1e-6) when
+// norm = sqrt(*sumsq) > max_norm (the host rule of clip_grad_norm, with the same rounding).
+template <class T>
+__global__ void clip_to_norm(T* g, std::size_t n, const double* sumsq, double max_norm) {
+  const double norm = sqrt(*sumsq);
+  if (!(norm > max_norm)) return;
+  const T f = T(max_norm / (norm + 1e-6));
+  for (std::size_t j = global_index(); j < n; j += global_stride()) g[j] *= f;
+}
+
 // ---- batched GEMM pointers -----------------------------------------------------------------------
 // The pointer arrays of cublasSgemmBatched for the two-level (outer x inner) strided layout.
 template <class T>

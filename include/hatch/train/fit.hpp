@@ -210,11 +210,19 @@ EvalResult evaluate(M& model, const data::Dataset& set, int batch) {
 //   const Tensor<B>& grad() const;
 // images is the (augmented) batch the logits came from, for objectives that run another model on
 // it, such as a distillation teacher. The default is soft-target cross-entropy.
+// An objective may also have
+//   void forward_backward_into(logits, targets, images, StepScalars<B>& s, int slot);
+// writing the loss into a step scalar (backend/async.hpp) instead of returning it; fit then
+// need not wait for the device before the step's end. Without it fit calls forward_backward.
 template <Backend B>
 struct CrossEntropyObjective {
   SoftTargetCrossEntropy<B> ce;
   double forward_backward(const Tensor<B>& logits, const Tensor<B>& targets, const Tensor<B>&) {
     return ce.forward_backward(logits, targets);
+  }
+  void forward_backward_into(const Tensor<B>& logits, const Tensor<B>& targets, const Tensor<B>&, StepScalars<B>& s,
+                             int slot) {
+    ce.forward_backward_into(logits, targets, s, slot);
   }
   const Tensor<B>& grad() const { return ce.grad(); }
 };
@@ -334,8 +342,13 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
 
   data::Batch b;
   Tensor<B> x, t;
-  std::vector<T> host;
   GradientPool<B> grads;  // the layers' backward buffers, shared (core/grad_pool.hpp)
+  // The host waits for the backend once per step: the loss, the correct predictions and the
+  // gradient norm are reduced into step scalars and read together after the update is enqueued,
+  // and the batch is uploaded from staging memory (pinned on a GPU) without waiting.
+  enum Slot { kLoss, kRight, kNormSq, kSlots };
+  StepScalars<B> scalars(kSlots);
+  HostStaging<B> stage_x, stage_t;
   for (int epoch = first_epoch; epoch < o.epochs; ++epoch) {
     const auto t0 = std::chrono::steady_clock::now();
     batches.start_epoch(epoch);
@@ -357,39 +370,57 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
       double loss = 0, aux = 0;
       std::int64_t right = 0;
       if (rows > 0) {
-        host.assign(b.images.begin() + std::ptrdiff_t(lo * sample), b.images.begin() + std::ptrdiff_t(hi * sample));
-        x.from_host(host, {rows, train.channels, train.height, train.width});
-        host.assign(b.targets.begin() + std::ptrdiff_t(lo * classes), b.targets.begin() + std::ptrdiff_t(hi * classes));
-        t.from_host(host, {rows, train.classes});
+        stage_x.upload(b.images.begin() + std::ptrdiff_t(lo * sample), b.images.begin() + std::ptrdiff_t(hi * sample),
+                       x, {rows, train.channels, train.height, train.width});
+        stage_t.upload(b.targets.begin() + std::ptrdiff_t(lo * classes),
+                       b.targets.begin() + std::ptrdiff_t(hi * classes), t, {rows, train.classes});
         const auto& logits = model.forward(x, ctx);
-        loss = objective.forward_backward(logits, t, x);
+        if constexpr (requires { objective.forward_backward_into(logits, t, x, scalars, int(kLoss)); })
+          objective.forward_backward_into(logits, t, x, scalars, kLoss);
+        else
+          scalars.set(kLoss, objective.forward_backward(logits, t, x));
         aux = collect_aux_loss(model);  // the layers add its gradient in backward
-        const auto z = logits.to_host();
-        for (int r = 0; r < rows; ++r) {
-          const auto* row = z.data() + std::size_t(r) * train.classes;
-          const auto* trow = b.targets.data() + std::size_t(lo + r) * train.classes;
-          right += std::max_element(row, row + train.classes) - row == std::max_element(trow, trow + train.classes) - trow;
-        }
+        scalars.argmax_matches(kRight, logits.data(), t.data(), rows, train.classes);
         model.backward(objective.grad(), ctx);
         grads.release_all();
+      } else {
+        scalars.set(kLoss, 0);
+        scalars.set(kRight, 0);
       }
       if (coll) {
         // The global batch's mean gradient: each rank's mean weighted by its share of the rows,
         // summed in one all-reduce; the losses and counts in a second, tiny one.
         if (rows != b.size) B::scale(arena.grads().data(), T(double(rows) / b.size), std::size_t(arena.size()));
         allreduce_sum<B>(*coll, arena.grads().data(), std::size_t(arena.size()), staging);
-        double sums[3] = {loss * rows, aux * rows, double(right)};
+        const auto& mine = scalars.read();
+        double sums[3] = {mine[kLoss] * rows, aux * rows, mine[kRight]};
         coll->allreduce_sum(sums, 3);
-        loss = sums[0] / b.size;
+        scalars.set(kLoss, sums[0] / b.size);
         aux = sums[1] / b.size;
-        right = std::int64_t(sums[2]);
+        scalars.set(kRight, sums[2]);
       }
+      // Clipping reads the norm where it was reduced; the update is enqueued before the host
+      // waits, once, for this step's values.
+      const double last_lr = lr;
+      if (o.clip > 0) {
+        scalars.sum_squares(kNormSq, arena.grads().data(), std::size_t(arena.trainable_end()));
+        scalars.clip_to_norm(arena.grads().data(), std::size_t(arena.trainable_end()), kNormSq, o.clip);
+      }
+      lr = schedule.at(o.lr_per_epoch ? std::int64_t(epoch) * per_epoch : step);
+      opt.step(lr);
+      {
+        const auto& v = scalars.read();
+        loss = v[kLoss];
+        right = std::int64_t(v[kRight]);
+      }
+      // The checks below see the step's values after its update was applied; they stop the run
+      // either way (the state on disk is the last epoch's).
       if (!std::isfinite(loss) && step == std::int64_t(first_epoch) * per_epoch)
         throw Error(o.phase + ": the loss is " + std::to_string(loss) +
                     " at the first step, before any update: the model's weights or the data hold non-finite values");
       if (!std::isfinite(loss))
         throw Error(o.phase + ": training diverged: the loss is " + std::to_string(loss) + " at epoch " +
-                    std::to_string(epoch + 1) + ", step " + std::to_string(i + 1) + " (lr " + std::to_string(lr) +
+                    std::to_string(epoch + 1) + ", step " + std::to_string(i + 1) + " (lr " + std::to_string(last_lr) +
                     "); lower --lr or set a gradient clip");
       if (!std::isfinite(aux))
         throw Error(o.phase + ": the auxiliary loss (the sum of the layers' aux_loss() terms) is " +
@@ -397,16 +428,13 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
                     std::to_string(i + 1) +
                     (step == std::int64_t(first_epoch) * per_epoch
                          ? std::string(", the first step, before any update: a layer's auxiliary term is not finite")
-                         : " (lr " + std::to_string(lr) + "); lower --lr or set a gradient clip"));
+                         : " (lr " + std::to_string(last_lr) + "); lower --lr or set a gradient clip"));
       const double total = loss + aux;
       if (!std::isfinite(total))
         throw Error(o.phase + ": training diverged: the loss is " + std::to_string(loss) + " plus an auxiliary loss of " +
                     std::to_string(aux) + " at epoch " + std::to_string(epoch + 1) + ", step " + std::to_string(i + 1) +
                     "; lower --lr or set a gradient clip");
       correct += double(right);
-      if (o.clip > 0) arena.clip_grad_norm(o.clip);
-      lr = schedule.at(o.lr_per_epoch ? std::int64_t(epoch) * per_epoch : step);
-      opt.step(lr);
       loss_sum += total * b.size;
       aux_sum += aux * b.size;
       seen += b.size;

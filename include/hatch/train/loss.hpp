@@ -4,6 +4,7 @@
 #include <string>
 #include <vector>
 
+#include "hatch/backend/async.hpp"
 #include "hatch/core/parameter.hpp"
 
 namespace hatch {
@@ -25,6 +26,14 @@ class SoftTargetCrossEntropy {
     const int rows = int(logits.rows()), cols = int(logits.cols());
     grad_.resize(logits.shape());
     return B::softmax_cross_entropy(grad_.data(), logits.data(), targets.data(), rows, cols, T(1.0 / rows)) / rows;
+  }
+  // The same, with the loss written into a step scalar instead of returned: the host need not
+  // wait for it (backend/async.hpp).
+  void forward_backward_into(const Tensor<B>& logits, const Tensor<B>& targets, StepScalars<B>& s, int slot) {
+    expect_shape(targets, logits.shape(), "SoftTargetCrossEntropy targets");
+    const int rows = int(logits.rows()), cols = int(logits.cols());
+    grad_.resize(logits.shape());
+    s.softmax_cross_entropy(slot, grad_.data(), logits.data(), targets.data(), rows, cols, T(1.0 / rows), rows);
   }
   const Tensor<B>& grad() const { return grad_; }
 

@@ -1,0 +1,227 @@
+#pragma once
+// What a training step needs so that the host waits for the device at most once per step:
+//
+//  - StepScalars<B>: a few double-precision values a step reduces (the loss, the number of
+//    correct predictions, the squared gradient norm), computed where the backend computes and
+//    read by the host together, with one wait. Gradient clipping reads the norm where it lies,
+//    so the host never needs it.
+//  - HostStaging<B>: host memory a batch is assembled in and uploaded from without waiting
+//    (pinned memory on a GPU, so the copy is asynchronous and the host goes on launching work).
+//
+// As in fused.hpp, a backend opts in with static members; any other backend (Cpu, Cpu64) runs the
+// definitions below, which compute each value at once with the concept's primitives, so results
+// are bit-identical to calling those primitives directly. The members, all or none of a group:
+//
+//   scalars (values in backend memory, doubles):
+//     static double* allocate_scalars(std::size_t n);
+//     static void deallocate_scalars(double* p, std::size_t n) noexcept;
+//     static void zero_scalars(double* p, std::size_t n);
+//     static void read_scalars(double* host, const double* p, std::size_t n);   // waits: the sync point
+//     static void softmax_cross_entropy_into(double* out, T* dz, const T* z, const T* t, int rows,
+//                                            int cols, T scale, double divisor); // *out = sum / divisor
+//     static void argmax_matches_into(double* out, const T* z, const T* t, int rows, int cols);
+//     static void sum_squares_into(double* out, const T* x, std::size_t n);
+//     static void clip_to_norm(T* g, std::size_t n, const double* sumsq, double max_norm);
+//   staging (page-locked host memory):
+//     static T* allocate_pinned(std::size_t n);
+//     static void deallocate_pinned(T* p, std::size_t n) noexcept;
+//     static void upload_async(T* dst, const T* pinned_src, std::size_t n);  // does not wait
+//
+// Ordering: everything a backend enqueues runs in order (Cuda: one stream), so a value written
+// into a slot is there when read_scalars' copy runs, and a staged upload has finished by the time
+// the host has read the step's scalars. HostStaging's contract follows: refill a staging buffer
+// only after a read() (or any other wait) that followed its last upload.
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <iterator>
+#include <string>
+#include <vector>
+
+#include "hatch/backend/concept.hpp"
+#include "hatch/core/error.hpp"
+#include "hatch/tensor.hpp"
+
+namespace hatch {
+
+template <class B>
+concept HasBackendScalars = requires(double* d, const double* cd, typename B::Scalar* y, const typename B::Scalar* x,
+                                     typename B::Scalar a, std::size_t n, int i) {
+  { B::allocate_scalars(n) } -> std::same_as<double*>;
+  B::deallocate_scalars(d, n);
+  B::zero_scalars(d, n);
+  B::read_scalars(d, cd, n);
+  B::softmax_cross_entropy_into(d, y, x, x, i, i, a, 1.0);
+  B::argmax_matches_into(d, x, x, i, i);
+  B::sum_squares_into(d, x, n);
+  B::clip_to_norm(y, n, cd, 1.0);
+};
+
+template <class B>
+concept HasPinnedStaging = requires(typename B::Scalar* y, const typename B::Scalar* x, std::size_t n) {
+  { B::allocate_pinned(n) } -> std::same_as<typename B::Scalar*>;
+  B::deallocate_pinned(y, n);
+  B::upload_async(y, x, n);
+};
+
+// The index of the largest value of a row, the first one on ties (std::max_element's rule, which
+// backends with their own argmax_matches_into follow too).
+template <class T>
+int argmax_row(const T* row, int cols) {
+  return int(std::max_element(row, row + cols) - row);
+}
+
+template <Backend B>
+class StepScalars {
+ public:
+  using T = typename B::Scalar;
+  static constexpr bool on_backend = HasBackendScalars<B>;
+
+  explicit StepScalars(int n) : host_(std::size_t(n), 0.0), from_host_(std::size_t(n), false) {
+    require(n > 0, "StepScalars", "needs at least one slot");
+    if constexpr (on_backend) {
+      dev_ = B::allocate_scalars(host_.size());
+      B::zero_scalars(dev_, host_.size());
+    }
+  }
+  ~StepScalars() {
+    if constexpr (on_backend) B::deallocate_scalars(dev_, host_.size());
+  }
+  StepScalars(const StepScalars&) = delete;
+  StepScalars& operator=(const StepScalars&) = delete;
+
+  int size() const { return int(host_.size()); }
+
+  // A value the host already has (an objective that returns its loss, a rank without rows).
+  void set(int slot, double v) {
+    host_[index(slot)] = v;
+    from_host_[index(slot)] = true;
+  }
+  // slot = (sum over rows of -sum_c t log softmax(z)) / divisor; dz = scale * its gradient (dz may be null).
+  void softmax_cross_entropy(int slot, T* dz, const T* z, const T* t, int rows, int cols, T scale, double divisor) {
+    const auto i = index(slot);
+    from_host_[i] = false;
+    if constexpr (on_backend) B::softmax_cross_entropy_into(dev_ + i, dz, z, t, rows, cols, scale, divisor);
+    else host_[i] = B::softmax_cross_entropy(dz, z, t, rows, cols, scale) / divisor;
+  }
+  // slot = the number of rows whose largest logit is where their target's largest value is.
+  void argmax_matches(int slot, const T* z, const T* t, int rows, int cols) {
+    const auto i = index(slot);
+    from_host_[i] = false;
+    if constexpr (on_backend) {
+      B::argmax_matches_into(dev_ + i, z, t, rows, cols);
+    } else {
+      const std::size_t n = std::size_t(std::max(rows, 0)) * std::size_t(std::max(cols, 0));
+      std::vector<T> hz(n), ht(n);
+      if (n) {
+        B::download(hz.data(), z, n);
+        B::download(ht.data(), t, n);
+      }
+      std::int64_t right = 0;
+      for (int r = 0; r < rows && cols > 0; ++r)
+        right += argmax_row(hz.data() + std::size_t(r) * cols, cols) == argmax_row(ht.data() + std::size_t(r) * cols, cols);
+      host_[i] = double(right);
+    }
+  }
+  // slot = the sum of squares of x, accumulated in double.
+  void sum_squares(int slot, const T* x, std::size_t n) {
+    const auto i = index(slot);
+    from_host_[i] = false;
+    if constexpr (on_backend) B::sum_squares_into(dev_ + i, x, n);
+    else host_[i] = B::sum_squares(x, n);
+  }
+  // Scales g (n values) so that its L2 norm, sqrt(slot), is at most max_norm: by
+  // max_norm / (norm + 1e-6) when norm > max_norm (clip_grad_norm's rule), else not at all.
+  // The slot holds g's sum of squares (sum_squares above); the host does not need its value.
+  void clip_to_norm(T* g, std::size_t n, int sumsq_slot, double max_norm) {
+    const auto i = index(sumsq_slot);
+    if (max_norm <= 0 || n == 0) return;
+    if constexpr (on_backend) {
+      if (from_host_[i]) {  // a norm the host computed: clip with it here
+        const double norm = std::sqrt(host_[i]);
+        if (norm > max_norm) B::scale(g, T(max_norm / (norm + 1e-6)), n);
+      } else {
+        B::clip_to_norm(g, n, dev_ + i, max_norm);
+      }
+    } else {
+      const double norm = std::sqrt(host_[i]);
+      if (norm > max_norm) B::scale(g, T(max_norm / (norm + 1e-6)), n);
+    }
+  }
+  // Every slot, as last written (set or computed); on a backend with its own scalars this is the
+  // one wait for the device. Slots never written read 0.
+  const std::vector<double>& read() {
+    if constexpr (on_backend) {
+      buffer_.resize(host_.size());
+      B::read_scalars(buffer_.data(), dev_, host_.size());
+      for (std::size_t i = 0; i < host_.size(); ++i)
+        if (!from_host_[i]) host_[i] = buffer_[i];
+    }
+    return host_;
+  }
+
+ private:
+  std::size_t index(int slot) const {
+    HATCH_CHECK(slot >= 0 && slot < size(), "StepScalars",
+                "slot " + std::to_string(slot) + " of " + std::to_string(size()));
+    return std::size_t(slot);
+  }
+  std::vector<double> host_, buffer_;
+  std::vector<bool> from_host_;
+  double* dev_ = nullptr;
+};
+
+// Host memory a batch is staged in before its upload: page-locked on backends that have it, so
+// upload() returns at once and the copy overlaps the work the host launches next. Refill it only
+// after a wait that followed its last upload (StepScalars::read, say); see the top of this file.
+template <Backend B>
+class HostStaging {
+ public:
+  using T = typename B::Scalar;
+  static constexpr bool pinned = HasPinnedStaging<B>;
+
+  HostStaging() = default;
+  ~HostStaging() { release(); }
+  HostStaging(const HostStaging&) = delete;
+  HostStaging& operator=(const HostStaging&) = delete;
+
+  // Room for n values (grown geometrically, never shrunk; contents unspecified after growth).
+  T* reserve(std::size_t n) {
+    if (n > capacity_) {
+      release();
+      const std::size_t cap = std::max(n, 2 * capacity_);
+      if constexpr (pinned) data_ = B::allocate_pinned(cap);
+      else data_ = new T[cap];
+      capacity_ = cap;
+    }
+    return data_;
+  }
+  // Converts [first, last) into the staging buffer and uploads it to tensor `to`, resized to s.
+  template <class It>
+  void upload(It first, It last, Tensor<B>& to, Shape s) {
+    const auto n = std::size_t(std::distance(first, last));
+    require(std::int64_t(n) == s.numel(), "HostStaging::upload",
+            "got " + std::to_string(n) + " values for shape " + s.str());
+    T* p = reserve(n);
+    std::copy(first, last, p);
+    to.resize(s);
+    if (!n) return;
+    if constexpr (pinned) B::upload_async(to.data(), p, n);
+    else B::upload(to.data(), p, n);
+  }
+  std::size_t capacity() const { return capacity_; }
+
+ private:
+  void release() {
+    if (!data_) return;
+    if constexpr (pinned) B::deallocate_pinned(data_, capacity_);
+    else delete[] data_;
+    data_ = nullptr;
+    capacity_ = 0;
+  }
+  T* data_ = nullptr;
+  std::size_t capacity_ = 0;
+};
+
+}  // namespace hatch
