@@ -39,7 +39,8 @@ cp "$build/tests/hatch_cuda_tests" "$build/bench/train_step" "$build/examples/tr
   "$out/bin/"
 strip --strip-unneeded "$out"/bin/*
 cp "$data"/*.gz "$out/data/"
-cp "$here/gpu.sh" "$here/gpu-sanitize.sh" "$here/gpu-profile.sh" "$here/torch_vit_step.py" "$out/bench/"
+cp "$here/gpu.sh" "$here/gpu-sanitize.sh" "$here/gpu-profile.sh" "$here/torch_vit_step.py" "$here/torch_fmnist_train.py" \
+  "$out/bench/"
 
 : >"$out/libs.txt"
 for b in "$out"/bin/*; do

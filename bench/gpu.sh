@@ -9,7 +9,9 @@
 #      in its PyTorch twin and in timm's vit_base_patch16_224 (fused attention), float32 and
 #      TF32, alternating, and prints each timed run's first and last loss (about ln 1000 = 6.91
 #      at the start, never NaN) and PyTorch's matmul precision setting,
-#   4. trains vit-tiny on Fashion-MNIST for one epoch with `train_e2e --device cuda`,
+#   4. trains vit-tiny on Fashion-MNIST for one epoch with `train_e2e --device cuda` (fit: one
+#      wait for the device per step, batches from pinned memory) and with its PyTorch twin
+#      (bench/torch_fmnist_train.py --device cuda), and compares their training seconds,
 # and prints a markdown table (also written to $OUT/gpu.md when OUT is set), even when a step
 # fails or times out: every step has its own time-out.
 #
@@ -99,7 +101,7 @@ better() {
   elif [[ -z "$2" || "$2" == failed ]]; then echo "$1"
   else "$python" -c "print(max($1, $2))"; fi
 }
-ratio() { if [[ "$1" == failed || "$2" == failed || -z "$1" || -z "$2" ]]; then echo "-"; else
+ratio() { if [[ "$1" == failed || "$2" == failed || "$1" == - || "$2" == - || -z "$1" || -z "$2" ]]; then echo "-"; else
   "$python" -c "print(f'{$1 / $2:.2f}')"; fi; }
 
 : >"$build/gpu-runs.log"
@@ -133,13 +135,20 @@ for prec in fp32 tf32; do
   done
 done
 
-acc="-"
+acc="-" e2e_s="-" twin_s="-" twin_acc="-"
 if [[ -d /usr/share/datasets/fashion-mnist || -n "${HATCH_FMNIST:-}" ]]; then
   echo "== train_e2e --device cuda (vit-tiny, 1 epoch, full Fashion-MNIST)"
   e2e_out="$(timeout 120 "$e2e_bin" --device cuda --preset vit-tiny --epochs 1 --no-progress --no-resume \
     --out "$build/e2e-gpu" ${HATCH_FMNIST:+--data "$HATCH_FMNIST"} 2>&1)"
   echo "$e2e_out" | tail -3
   acc="$(echo "$e2e_out" | sed -n 's/^test_accuracy=//p')"; acc="${acc:-failed}"
+  e2e_s="$(echo "$e2e_out" | sed -n 's/.* seconds=\([0-9.]*\).*/\1/p')"; e2e_s="${e2e_s:-failed}"
+  echo "== its PyTorch twin on the GPU (bench/torch_fmnist_train.py --device cuda, same recipe)"
+  twin_out="$(timeout 180 "$python" "$here/torch_fmnist_train.py" --device cuda --preset vit-tiny --epochs 1 \
+    --data "${HATCH_FMNIST:-/usr/share/datasets/fashion-mnist}" 2>&1)"
+  echo "$twin_out" | tail -3
+  twin_s="$(echo "$twin_out" | sed -n 's/^train_seconds=//p')"; twin_s="${twin_s:-failed}"
+  twin_acc="$(echo "$twin_out" | sed -n 's/^test_accuracy=//p')"; twin_acc="${twin_acc:-failed}"
 fi
 
 table="$(cat <<EOT
@@ -148,7 +157,13 @@ table="$(cat <<EOT
 | ViT-B/16 step, batch $batch, fp32 | ${H[fp32]} | ${T[fp32]} | ${M[fp32]} | $(ratio "${H[fp32]}" "${T[fp32]}") | $(ratio "${H[fp32]}" "${M[fp32]}") |
 | ViT-B/16 step, batch $batch, TF32 | ${H[tf32]} | ${T[tf32]} | ${M[tf32]} | $(ratio "${H[tf32]}" "${T[tf32]}") | $(ratio "${H[tf32]}" "${M[tf32]}") |
 
-CUDA tests: $tests_status. train_e2e --device cuda, vit-tiny 1 epoch: test_accuracy $acc. Total $((SECONDS - start)) s.
+CUDA tests: $tests_status. Total $((SECONDS - start)) s.
+
+| vit-tiny, 1 epoch of Fashion-MNIST (60,000 images, batch 128) | training s | test accuracy |
+|---|---:|---:|
+| hatch train_e2e --device cuda | $e2e_s | $acc |
+| PyTorch twin, --device cuda | $twin_s | $twin_acc |
+| twin / hatch (speed-up) | $(ratio "$twin_s" "$e2e_s") | |
 
 | hatch, ViT-B/16 step, batch $batch | fp32 img/s | all on / this | TF32 img/s | all on / this |
 |---|---:|---:|---:|---:|

@@ -29,7 +29,7 @@ int train_e2e_as(const E2eOptions& a, const Dataset& train, const Dataset& test)
   const auto result = fit(*model, train, test, fo);
   if (c.rank() == 0) {
     save_parameters(*model, std::filesystem::path(c.out) / "model.safetensors", {{"preset", c.preset}});
-    std::printf("epochs=%d train_images=%d seconds=%.1f\n", result.epochs, train.n, result.seconds);
+    std::printf("epochs=%d train_images=%d seconds=%.2f\n", result.epochs, train.n, result.seconds);
     c.print_ood(result);
     std::printf("test_accuracy=%.4f\n", result.test.accuracy);
   }

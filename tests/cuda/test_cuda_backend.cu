@@ -937,6 +937,125 @@ TEST_CASE("cuda: sum_squares and all_finite") {
   CHECK_FALSE(Cuda::all_finite(d.data(), n));
 }
 
+// ---- the stream, staging and step scalars (backend/async.hpp) ---------------------------------------
+TEST_CASE("cuda: step scalars on the device (loss, argmax matches with ties, sum of squares, clipping), read with one wait") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  const int rows = 300, cols = 37;  // rows over one block of the final sum
+  HostVec z = randn(std::size_t(rows) * cols, 81), t(z.size(), 0.f);
+  for (int r = 0; r < rows; ++r) t[std::size_t(r) * cols + std::size_t(r % cols)] = 1.f;
+  for (int c = 0; c < cols; ++c) z[std::size_t(5) * cols + c] = 0.25f;  // row 5: all equal -> 0
+  t[std::size_t(5) * cols + 0] = t[std::size_t(5) * cols + 3] = 0.5f;   // target tie at 0 and 3 -> 0
+  z[std::size_t(6) * cols + 6] = z[std::size_t(6) * cols + 20] = 50.f;  // row 6: tie at 6 and 20 -> 6
+  double ce = 0, hits = 0;
+  for (int r = 0; r < rows; ++r) {
+    const float* zr = z.data() + std::size_t(r) * cols;
+    const float* tr = t.data() + std::size_t(r) * cols;
+    const double mx = *std::max_element(zr, zr + cols);
+    double se = 0;
+    for (int c = 0; c < cols; ++c) se += std::exp(double(zr[c]) - mx);
+    for (int c = 0; c < cols; ++c) ce -= double(tr[c]) * (double(zr[c]) - mx - std::log(se));
+    hits += hatch::argmax_row(zr, cols) == hatch::argmax_row(tr, cols);
+  }
+  REQUIRE(hits >= 3);  // rows 5 and 6 match only through the first-index rule
+  const std::size_t n = 3000017;
+  HostVec g = randn(n, 82);
+  double ss = 0;
+  for (float v : g) ss += double(v) * v;
+  Dev dz(hatch::Shape{rows, cols}), dzt = dev(z), dtt = dev(t), dg = dev(g);
+  hatch::StepScalars<Cuda> s(4);
+  static_assert(hatch::StepScalars<Cuda>::on_backend);
+  const auto before = Cuda::host_waits();
+  s.softmax_cross_entropy(0, dz.data(), dzt.data(), dtt.data(), rows, cols, 0.5f, rows);
+  s.argmax_matches(1, dzt.data(), dtt.data(), rows, cols);
+  s.sum_squares(2, dg.data(), n);
+  const double max_norm = 0.5 * std::sqrt(ss);
+  s.clip_to_norm(dg.data(), n, 2, max_norm);
+  s.set(3, 7.0);
+  const auto v = s.read();
+  CHECK(Cuda::host_waits() - before == 1);
+  CHECK(std::abs(v[0] - ce / rows) <= 1e-9 * std::abs(ce / rows));
+  CHECK(v[1] == hits);
+  CHECK(std::abs(v[2] - ss) <= 1e-9 * ss);
+  CHECK(v[3] == 7.0);
+  const float f = float(max_norm / (std::sqrt(v[2]) + 1e-6));
+  HostVec clipped = g;
+  for (auto& x : clipped) x *= f;
+  CHECK(dg.to_host() == clipped);  // the same float factor, one multiply per value
+  // Under the limit nothing changes; an empty slot reads 0.
+  hatch::StepScalars<Cuda> s2(2);
+  s2.sum_squares(0, dg.data(), n);
+  s2.clip_to_norm(dg.data(), n, 0, 1e30);
+  CHECK(s2.read()[1] == 0.0);
+  CHECK(dg.to_host() == clipped);
+  // The returning forms are the same reductions, read at once.
+  CHECK(Cuda::softmax_cross_entropy(nullptr, dzt.data(), dtt.data(), rows, cols, 1.f) == doctest::Approx(ce).epsilon(1e-12));
+}
+
+TEST_CASE("cuda: a staged (pinned) upload does not wait; a pageable one is counted") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  static_assert(hatch::HostStaging<Cuda>::pinned);
+  std::vector<std::uint8_t> bytes(1 << 20);
+  for (std::size_t j = 0; j < bytes.size(); ++j) bytes[j] = std::uint8_t(j * 7);
+  hatch::HostStaging<Cuda> st;
+  Dev x;
+  const auto before = Cuda::host_waits();
+  st.upload(bytes.begin(), bytes.end(), x, {1024, 1024});
+  CHECK(Cuda::host_waits() == before);
+  const auto back = x.to_host();
+  CHECK(Cuda::host_waits() == before + 1);
+  for (std::size_t j = 0; j < bytes.size(); j += 4099) CHECK(back[j] == float(bytes[j]));
+  x.from_host(back, {1024, 1024});
+  CHECK(Cuda::host_waits() == before + 2);
+}
+
+TEST_CASE("cuda: set_stream runs hatch's work on the caller's stream, reset_stream goes back") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  const cudaStream_t own = Cuda::stream();
+  cudaStream_t mine = nullptr;
+  HATCH_CUDA_CHECK(cudaStreamCreateWithFlags(&mine, cudaStreamNonBlocking));
+  Cuda::set_stream(mine);
+  CHECK(Cuda::stream() == mine);
+  const int m = 33, n = 47, k = 29;
+  const HostVec a = randn(std::size_t(m) * k, 91), b = randn(std::size_t(k) * n, 92);
+  Dev da = dev(a), db = dev(b), dc(hatch::Shape{m, n});
+  Cuda::gemm(false, false, m, n, k, 1.f, da.data(), k, db.data(), n, 0.f, dc.data(), n);
+  Cuda::softmax_forward(dc.data(), dc.data(), m, n, 1.f);
+  cudaStream_t on = nullptr;
+  HATCH_CUBLAS_CHECK(cublasGetStream(hatch::cuda_detail::cublas_handle(), &on));
+  CHECK(on == mine);
+  RefVec c(std::size_t(m) * n);
+  gemm_ref(false, false, m, n, k, 1, a.data(), k, b.data(), n, 0, nullptr, c.data(), n);
+  for (int i = 0; i < m; ++i) {
+    double mx = -1e300, se = 0;
+    for (int j = 0; j < n; ++j) mx = std::max(mx, c[std::size_t(i) * n + j]);
+    for (int j = 0; j < n; ++j) se += std::exp(c[std::size_t(i) * n + j] - mx);
+    for (int j = 0; j < n; ++j) c[std::size_t(i) * n + j] = std::exp(c[std::size_t(i) * n + j] - mx) / se;
+  }
+  CHECK_CLOSE(dc.to_host(), c, kTol);
+  Cuda::reset_stream();
+  CHECK(Cuda::stream() == own);
+  HATCH_CUDA_CHECK(cudaStreamDestroy(mine));
+  Cuda::gemm(false, false, m, n, k, 1.f, da.data(), k, db.data(), n, 0.f, dc.data(), n);  // handle moved back
+  HATCH_CUBLAS_CHECK(cublasGetStream(hatch::cuda_detail::cublas_handle(), &on));
+  CHECK(on == own);
+}
+
+TEST_CASE("cuda: fit waits for the device once per training step") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  auto waits = [](int train_n) {
+    const auto train = hatch_test::synthetic_images(41, train_n), test = hatch_test::synthetic_images(42, 100);
+    hatch::Model<hatch::presets::VitMicro, Cuda> model;
+    hatch::Initializer init(43);
+    model.reset_parameters(init);
+    auto o = hatch_test::small_fit(2);  // clipping, mixup, evaluation after each epoch
+    const auto before = Cuda::host_waits();
+    hatch::fit(model, train, test, o);
+    return Cuda::host_waits() - before;
+  };
+  // 2 epochs of 4 and of 2 steps, the same evaluation: the difference is 4 steps' waits.
+  CHECK(waits(128) - waits(64) == 4);
+}
+
 // ---- normalisation and softmax -----------------------------------------------------------------------
 TEST_CASE("cuda: layer_norm forward and backward, with every output optional") {
   HATCH_REQUIRE_CUDA_DEVICE();

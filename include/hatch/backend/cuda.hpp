@@ -703,8 +703,7 @@ struct Cuda {
     return static_cast<T*>(cuda_detail::DeviceCache::instance().allocate((n ? n : 1) * sizeof(T)));
   }
   static void deallocate(T* p, std::size_t) noexcept { cuda_detail::DeviceCache::instance().deallocate(p); }
-  // From any host memory: src may be reused as soon as this returns (the driver stages pageable
-  // memory, and may wait for the stream to do so: counted as a wait).
+  // From any host memory; src may be reused as soon as this returns (it waits for the copy).
   static void upload(T* dst, const T* src, std::size_t n) { upload_bytes(dst, src, n * sizeof(T)); }
   static void download(T* dst, const T* src, std::size_t n) { download_bytes(dst, src, n * sizeof(T)); }
   static void copy(T* dst, const T* src, std::size_t n) {
@@ -1134,10 +1133,12 @@ struct Cuda {
   }
 
  private:
+  // From pageable memory: waits until the copy is done, so the caller may reuse src at once
+  // whatever the driver does with pageable memory (staged uploads use upload_async instead).
   static void upload_bytes(void* dst, const void* src, std::size_t bytes) {
     if (!bytes) return;
-    ++cuda_detail::host_waits();  // pageable memory: the driver may wait for the stream to stage it
     HATCH_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, cuda_detail::stream()));
+    cuda_detail::wait_for_stream();
   }
   static void download_bytes(void* dst, const void* src, std::size_t bytes) {
     if (!bytes) return;

@@ -37,7 +37,9 @@ namespace hatch {
 struct NcclOptions {
   int device = -1;                                // the GPU of this rank (-1: the current device)
   cudaStream_t stream = nullptr;                  // where the buffers' producers run (0: the
-                                                  // legacy default stream, the Cuda backend's)
+                                                  // legacy default stream, with which the Cuda
+                                                  // backend's own stream is ordered; after
+                                                  // Cuda::set_stream(s), pass s)
   std::optional<std::chrono::seconds> timeout{};  // default: default_collective_timeout()
 };
 

@@ -183,23 +183,24 @@ EvalResult evaluate(M& model, const data::Dataset& set, int batch) {
   data::Batch b;
   Tensor<B> x, t;
   SoftTargetCrossEntropy<B> ce;
-  std::vector<typename B::Scalar> host;
+  // One wait per batch, as in fit: the loss and the correct predictions are read together.
+  // Without augmentation a batch's targets are its labels one-hot (smoothed at most), so their
+  // argmax is the label.
+  HostStaging<B> stage_x, stage_t;
+  StepScalars<B> scalars(2);
   double loss = 0;
   std::int64_t correct = 0;
   while (batches.next(b)) {
-    host.assign(b.images.begin(), b.images.end());
-    x.from_host(host, {b.size, set.channels, set.height, set.width});
-    host.assign(b.targets.begin(), b.targets.end());
-    t.from_host(host, {b.size, set.classes});
+    stage_x.upload(b.images.begin(), b.images.end(), x, {b.size, set.channels, set.height, set.width});
+    stage_t.upload(b.targets.begin(), b.targets.end(), t, {b.size, set.classes});
     Context ctx;
     ctx.training = false;
     const auto& logits = model.forward(x, ctx);
-    loss += ce.forward_backward(logits, t) * b.size;
-    const auto z = logits.to_host();
-    for (int r = 0; r < b.size; ++r) {
-      const auto* row = z.data() + std::size_t(r) * set.classes;
-      correct += int(std::max_element(row, row + set.classes) - row) == b.labels[r];
-    }
+    ce.forward_backward_into(logits, t, scalars, 0);
+    scalars.argmax_matches(1, logits.data(), t.data(), b.size, set.classes);
+    const auto& v = scalars.read();
+    loss += v[0] * b.size;
+    correct += std::int64_t(v[1]);
   }
   return {loss / set.n, double(correct) / set.n};
 }
