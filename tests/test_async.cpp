@@ -39,10 +39,25 @@ struct DeviceLikeCpu : Cpu {
   static void deallocate_scalars(double* p, std::size_t) noexcept { delete[] p; }
   static void zero_scalars(double* p, std::size_t n) { std::fill(p, p + n, 0.0); }
   static void read_scalars(double* h, const double* p, std::size_t n) { ++waits, std::copy(p, p + n, h); }
+  static inline std::int64_t losses = 0;  // softmax_cross_entropy_into calls: a step queued, or a batch evaluated
   static void softmax_cross_entropy_into(double* out, T* dz, const T* z, const T* t, int rows, int cols, T scale,
                                          double divisor) {
+    ++losses;
     *out = Cpu::softmax_cross_entropy(dz, z, t, rows, cols, scale) / divisor;
   }
+  // A copy of the slots taken where start() is called (as a copy queued on a stream reads them
+  // when the stream reaches it); wait() logs how many losses had been queued by then.
+  static inline std::vector<std::int64_t> losses_at_wait;
+  struct ScalarFetch {
+    std::vector<double> host;
+    explicit ScalarFetch(std::size_t n) : host(n) {}
+    void start(const double* p) { std::copy(p, p + host.size(), host.begin()); }
+    const double* wait() {
+      ++waits;
+      losses_at_wait.push_back(losses);
+      return host.data();
+    }
+  };
   static void argmax_matches_into(double* out, const T* z, const T* t, int rows, int cols) {
     double hits = 0;
     for (int r = 0; r < rows; ++r)
@@ -59,8 +74,9 @@ struct DeviceLikeCpu : Cpu {
   static void deallocate_pinned(T* p, std::size_t) noexcept { delete[] p; }
   static void upload_async(T* d, const T* s, std::size_t n) { ++pinned_uploads, Cpu::upload(d, s, n); }
 };
-static_assert(Backend<DeviceLikeCpu> && HasBackendScalars<DeviceLikeCpu> && HasPinnedStaging<DeviceLikeCpu>);
-static_assert(!HasBackendScalars<Cpu> && !HasPinnedStaging<Cpu>);
+static_assert(Backend<DeviceLikeCpu> && HasBackendScalars<DeviceLikeCpu> && HasScalarFetch<DeviceLikeCpu> &&
+              HasPinnedStaging<DeviceLikeCpu>);
+static_assert(!HasBackendScalars<Cpu> && !HasScalarFetch<Cpu> && !HasPinnedStaging<Cpu>);
 
 // Logits with ties (row 1: two equal maxima; row 3: all equal) and soft targets with ties too.
 struct Case {
@@ -206,6 +222,8 @@ FitRun<B> fit_micro(int train_n, const std::string& name) {
   std::filesystem::remove_all(o.out);
   FitRun<B> run;
   DeviceLikeCpu::waits = 0;
+  DeviceLikeCpu::losses = 0;
+  DeviceLikeCpu::losses_at_wait.clear();
   run.result = fit(model, train, test_set, o);
   run.waits = DeviceLikeCpu::waits;
   model.visit([&](const std::string&, Parameter<B>& p) {
@@ -224,6 +242,10 @@ TEST_CASE("fit through a backend with its own step scalars: the same training, o
   CHECK(dev.result.test.loss == cpu.result.test.loss);
   CHECK(dev.result.test.accuracy == cpu.result.test.accuracy);
   CHECK(dev.result.images == cpu.result.images);
+  // Step i's values are waited for after step i + 1 was queued: the first epoch's four steps
+  // are read when 2, 3, 4 and (at the epoch's end) 4 losses had been queued, then the two
+  // evaluation batches each read their own; the second epoch likewise.
+  CHECK(DeviceLikeCpu::losses_at_wait == std::vector<std::int64_t>{2, 3, 4, 4, 5, 6, 8, 9, 10, 10, 11, 12});
   // 2 epochs of 4 and of 2 steps, the same evaluation and setup: the difference is 4 steps' waits.
   const auto fewer = fit_micro<DeviceLikeCpu>(64, "dev64");
   CHECK(dev.waits - fewer.waits == 4);

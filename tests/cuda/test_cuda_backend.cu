@@ -991,6 +991,26 @@ TEST_CASE("cuda: step scalars on the device (loss, argmax matches with ties, sum
   CHECK(Cuda::softmax_cross_entropy(nullptr, dzt.data(), dtt.data(), rows, cols, 1.f) == doctest::Approx(ce).epsilon(1e-12));
 }
 
+TEST_CASE("cuda: a fetch of step scalars holds the values queued before it, and its wait counts once") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  static_assert(hatch::StepScalars<Cuda>::async_fetch);
+  hatch::StepScalars<Cuda> s(1);
+  Dev x = dev(HostVec{3, 4});
+  const std::size_t n = std::size_t(1) << 24;
+  Dev big(hatch::Shape{std::int64_t(n)});
+  const auto before = Cuda::host_waits();
+  s.sum_squares(0, x.data(), 2);
+  s.fetch();
+  s.sum_squares(0, x.data(), 1);  // queued after the fetch: not in it
+  Cuda::fill(big.data(), n, 1.f);
+  for (int k = 0; k < 10; ++k) Cuda::scale(big.data(), 0.5f, n);  // work the wait need not wait for
+  CHECK(s.values()[0] == 25.0);
+  CHECK(s.values()[0] == 25.0);  // no fetch since: the same values, no wait
+  CHECK(Cuda::host_waits() - before == 1);
+  CHECK(s.read()[0] == 9.0);
+  CHECK(Cuda::host_waits() - before == 2);
+}
+
 TEST_CASE("cuda: a staged (pinned) upload does not wait; a pageable one is counted") {
   HATCH_REQUIRE_CUDA_DEVICE();
   static_assert(hatch::HostStaging<Cuda>::pinned);

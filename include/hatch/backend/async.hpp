@@ -22,20 +22,29 @@
 //     static void argmax_matches_into(double* out, const T* z, const T* t, int rows, int cols);
 //     static void sum_squares_into(double* out, const T* x, std::size_t n);
 //     static void clip_to_norm(T* g, std::size_t n, const double* sumsq, double max_norm);
+//   and, to wait for a step's values while later steps are already queued (fit reads step i's
+//   values after enqueuing step i + 1), a nested type:
+//     struct ScalarFetch {                        // one copy of n scalars to the host in flight
+//       explicit ScalarFetch(std::size_t n);
+//       void start(const double* p);              // enqueue the copy, return at once
+//       const double* wait();                     // wait for that copy only: the sync point
+//     };
 //   staging (page-locked host memory):
 //     static T* allocate_pinned(std::size_t n);
 //     static void deallocate_pinned(T* p, std::size_t n) noexcept;
 //     static void upload_async(T* dst, const T* pinned_src, std::size_t n);  // does not wait
 //
 // Ordering: everything a backend enqueues runs in order (Cuda: one stream), so a value written
-// into a slot is there when read_scalars' copy runs, and a staged upload has finished by the time
-// the host has read the step's scalars. HostStaging's contract follows: refill a staging buffer
-// only after a read() (or any other wait) that followed its last upload.
+// into a slot is there when a later copy of the slots runs, and a staged upload has finished by
+// the time the host has the values of a fetch queued after it. HostStaging's contract follows:
+// refill a staging buffer only after values() of a fetch (or any other wait) queued after its
+// last upload. fit alternates two of each, so that it can wait for step i while step i + 1 runs.
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <iterator>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -59,6 +68,13 @@ concept HasBackendScalars = requires(double* d, const double* cd, typename B::Sc
 };
 
 template <class B>
+concept HasScalarFetch = HasBackendScalars<B> && requires(typename B::ScalarFetch f, const double* p) {
+  requires std::constructible_from<typename B::ScalarFetch, std::size_t>;
+  f.start(p);
+  { f.wait() } -> std::same_as<const double*>;
+};
+
+template <class B>
 concept HasPinnedStaging = requires(typename B::Scalar* y, const typename B::Scalar* x, std::size_t n) {
   { B::allocate_pinned(n) } -> std::same_as<typename B::Scalar*>;
   B::deallocate_pinned(y, n);
@@ -72,11 +88,29 @@ int argmax_row(const T* row, int cols) {
   return int(std::max_element(row, row + cols) - row);
 }
 
+namespace detail {
+template <class B>
+struct FetchType {
+  struct None {
+    explicit None(std::size_t) {}
+  };
+  using type = None;
+};
+template <class B>
+  requires HasScalarFetch<B>
+struct FetchType<B> {
+  using type = typename B::ScalarFetch;
+};
+}  // namespace detail
+template <class B>
+using FetchOf = typename detail::FetchType<B>::type;
+
 template <Backend B>
 class StepScalars {
  public:
   using T = typename B::Scalar;
   static constexpr bool on_backend = HasBackendScalars<B>;
+  static constexpr bool async_fetch = HasScalarFetch<B>;
 
   explicit StepScalars(int n) : host_(std::size_t(n), 0.0), from_host_(std::size_t(n), false) {
     require(n > 0, "StepScalars", "needs at least one slot");
@@ -84,6 +118,7 @@ class StepScalars {
       dev_ = B::allocate_scalars(host_.size());
       B::zero_scalars(dev_, host_.size());
     }
+    if constexpr (async_fetch) fetch_.emplace(host_.size());
   }
   ~StepScalars() {
     if constexpr (on_backend) B::deallocate_scalars(dev_, host_.size());
@@ -152,11 +187,32 @@ class StepScalars {
   // Every slot, as last written (set or computed); on a backend with its own scalars this is the
   // one wait for the device. Slots never written read 0.
   const std::vector<double>& read() {
+    fetch();
+    return values();
+  }
+  // read() in two halves, so that the host can queue more work before it waits: fetch() starts
+  // the copy of every slot as written so far; values() waits for that copy (only, on a backend
+  // with ScalarFetch; for everything queued, otherwise) and returns the slots. Slots written
+  // after fetch() are not in it. Without a fetch since the last values(), values() returns the
+  // slots as last read.
+  void fetch() {
+    if constexpr (async_fetch) fetch_->start(dev_);
+    fetched_ = true;
+  }
+  const std::vector<double>& values() {
+    if (!fetched_) return host_;
+    fetched_ = false;
     if constexpr (on_backend) {
-      buffer_.resize(host_.size());
-      B::read_scalars(buffer_.data(), dev_, host_.size());
+      const double* got = nullptr;
+      if constexpr (async_fetch) {
+        got = fetch_->wait();
+      } else {
+        buffer_.resize(host_.size());
+        B::read_scalars(buffer_.data(), dev_, host_.size());
+        got = buffer_.data();
+      }
       for (std::size_t i = 0; i < host_.size(); ++i)
-        if (!from_host_[i]) host_[i] = buffer_[i];
+        if (!from_host_[i]) host_[i] = got[i];
     }
     return host_;
   }
@@ -170,11 +226,14 @@ class StepScalars {
   std::vector<double> host_, buffer_;
   std::vector<bool> from_host_;
   double* dev_ = nullptr;
+  bool fetched_ = false;
+  std::optional<FetchOf<B>> fetch_;  // on a backend with ScalarFetch
 };
 
 // Host memory a batch is staged in before its upload: page-locked on backends that have it, so
 // upload() returns at once and the copy overlaps the work the host launches next. Refill it only
-// after a wait that followed its last upload (StepScalars::read, say); see the top of this file.
+// after a wait for work queued after its last upload (StepScalars::values of a later fetch, say);
+// see the top of this file.
 template <Backend B>
 class HostStaging {
  public:

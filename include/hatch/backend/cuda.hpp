@@ -752,8 +752,44 @@ struct Cuda {
   static void zero_scalars(double* p, std::size_t n) {
     if (n) HATCH_CUDA_CHECK(cudaMemsetAsync(p, 0, n * sizeof(double), cuda_detail::stream()));
   }
-  // The one wait of a training step.
   static void read_scalars(double* host, const double* p, std::size_t n) { download_bytes(host, p, n * sizeof(double)); }
+  // The copy of a step's scalars to pinned host memory, and an event after it: waiting for it
+  // waits for that step only, not for the work queued since (fit queues the next step first).
+  // The one wait of a training step.
+  class ScalarFetch {
+   public:
+    explicit ScalarFetch(std::size_t n) : n_(n ? n : 1) {
+      void* p = nullptr;
+      HATCH_CUDA_CHECK(cudaMallocHost(&p, n_ * sizeof(double)));
+      host_ = static_cast<double*>(p);
+      if (const cudaError_t e = cudaEventCreateWithFlags(&done_, cudaEventDisableTiming); e != cudaSuccess) {
+        (void)cudaFreeHost(host_);
+        cuda_detail::check_cuda(e, "cudaEventCreateWithFlags(&done_, cudaEventDisableTiming)", __FILE__, __LINE__);
+      }
+    }
+    ~ScalarFetch() {
+      (void)cudaEventSynchronize(done_);  // a copy still in flight writes host_
+      (void)cudaEventDestroy(done_);
+      (void)cudaFreeHost(host_);
+    }
+    ScalarFetch(const ScalarFetch&) = delete;
+    ScalarFetch& operator=(const ScalarFetch&) = delete;
+    void start(const double* p) {
+      const cudaStream_t s = cuda_detail::stream();
+      HATCH_CUDA_CHECK(cudaMemcpyAsync(host_, p, n_ * sizeof(double), cudaMemcpyDeviceToHost, s));
+      HATCH_CUDA_CHECK(cudaEventRecord(done_, s));
+    }
+    const double* wait() {
+      ++cuda_detail::host_waits();
+      HATCH_CUDA_CHECK(cudaEventSynchronize(done_));
+      return host_;
+    }
+
+   private:
+    std::size_t n_;
+    double* host_ = nullptr;
+    cudaEvent_t done_ = nullptr;
+  };
   // *out = the summed loss / divisor; dz (may be null) = scale * the gradient. Deterministic: per-row
   // losses, then one block adds them in a fixed order.
   static void softmax_cross_entropy_into(double* out, T* dz, const T* z, const T* t, int rows, int cols, T scale,
@@ -1169,6 +1205,7 @@ struct Cuda {
 };
 
 static_assert(Backend<Cuda>);
-static_assert(HasBackendScalars<Cuda> && HasPinnedStaging<Cuda>, "Cuda's step scalars or staging members do not match backend/async.hpp");
+static_assert(HasBackendScalars<Cuda> && HasScalarFetch<Cuda> && HasPinnedStaging<Cuda>,
+              "Cuda's step scalars or staging members do not match backend/async.hpp");
 
 }  // namespace hatch

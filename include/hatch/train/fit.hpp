@@ -344,37 +344,80 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
   data::Batch b;
   Tensor<B> x, t;
   GradientPool<B> grads;  // the layers' backward buffers, shared (core/grad_pool.hpp)
-  // The host waits for the backend once per step: the loss, the correct predictions and the
-  // gradient norm are reduced into step scalars and read together after the update is enqueued,
-  // and the batch is uploaded from staging memory (pinned on a GPU) without waiting.
+  // The host waits for the backend once per step, and not for the step it has just queued: the
+  // loss, the correct predictions and the gradient norm are reduced into step scalars, and step
+  // i's are read after step i + 1 is queued (so the device has work while the host waits and
+  // stages the next batch). Batches are uploaded from staging memory (pinned on a GPU) without
+  // waiting. Two of each alternate: step i writes set i % 2, whose last user, step i - 2, has
+  // been read by then (backend/async.hpp). In a data-parallel job each step's values are read at
+  // once, for the all-reduce of the losses.
   enum Slot { kLoss, kRight, kNormSq, kSlots };
-  StepScalars<B> scalars(kSlots);
-  HostStaging<B> stage_x, stage_t;
+  StepScalars<B> scalars_a(kSlots), scalars_b(kSlots);
+  StepScalars<B>* const sets[2] = {&scalars_a, &scalars_b};
+  HostStaging<B> stage_x[2], stage_t[2];
+  struct Queued {  // a step whose values are yet to be read
+    int index;     // in the epoch, from 0
+    std::int64_t step;
+    int size;
+    double aux, lr_before;
+  };
   for (int epoch = first_epoch; epoch < o.epochs; ++epoch) {
     const auto t0 = std::chrono::steady_clock::now();
     batches.start_epoch(epoch);
     ProgressBar bar(o.phase + " " + std::to_string(epoch + 1) + "/" + std::to_string(o.epochs), int(per_epoch),
                     o.progress && writer);
     double loss_sum = 0, aux_sum = 0, seen = 0, correct = 0, lr = 0;
+    // Reads a queued step's values, stops the run on a non-finite loss, adds them to the epoch's.
+    // The checks see a step's values after its update (and the next step) were queued; they stop
+    // the run either way, and the state on disk is the last epoch's.
+    auto finish = [&](const Queued& q) {
+      const auto& v = sets[q.step % 2]->values();
+      const double loss = v[kLoss], aux = q.aux;
+      const bool first = q.step == std::int64_t(first_epoch) * per_epoch;
+      const std::string at = " at epoch " + std::to_string(epoch + 1) + ", step " + std::to_string(q.index + 1);
+      if (!std::isfinite(loss) && first)
+        throw Error(o.phase + ": the loss is " + std::to_string(loss) +
+                    " at the first step, before any update: the model's weights or the data hold non-finite values");
+      if (!std::isfinite(loss))
+        throw Error(o.phase + ": training diverged: the loss is " + std::to_string(loss) + at + " (lr " +
+                    std::to_string(q.lr_before) + "); lower --lr or set a gradient clip");
+      if (!std::isfinite(aux))
+        throw Error(o.phase + ": the auxiliary loss (the sum of the layers' aux_loss() terms) is " +
+                    std::to_string(aux) + at +
+                    (first ? std::string(", the first step, before any update: a layer's auxiliary term is not finite")
+                           : " (lr " + std::to_string(q.lr_before) + "); lower --lr or set a gradient clip"));
+      const double total = loss + aux;
+      if (!std::isfinite(total))
+        throw Error(o.phase + ": training diverged: the loss is " + std::to_string(loss) + " plus an auxiliary loss of " +
+                    std::to_string(aux) + at + "; lower --lr or set a gradient clip");
+      correct += double(std::int64_t(v[kRight]));
+      loss_sum += total * q.size;
+      aux_sum += aux * q.size;
+      seen += q.size;
+      const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      bar.update(q.index + 1, loss_sum / seen, correct / seen, seen / secs);
+    };
+    std::optional<Queued> queued;
     std::int64_t step = std::int64_t(epoch) * per_epoch;
     for (int i = 0; batches.next(b); ++i, ++step) {
       // This rank's rows of the global batch (all of them in a single process).
       const auto [lo, hi] = detail::share(b.size, rank, ranks);
       const int rows = hi - lo;
       const std::size_t sample = train.sample_size(), classes = std::size_t(train.classes);
+      StepScalars<B>& scalars = *sets[step % 2];
       Context ctx;
       ctx.training = true;
       ctx.input_grad = false;
       ctx.seed = step_seed(o.seed + std::uint64_t(rank) * 0xd1b54a32d192ed03ULL, step);
       ctx.use(grads);
       opt.zero_grad();
-      double loss = 0, aux = 0;
-      std::int64_t right = 0;
+      double aux = 0;
       if (rows > 0) {
-        stage_x.upload(b.images.begin() + std::ptrdiff_t(lo * sample), b.images.begin() + std::ptrdiff_t(hi * sample),
-                       x, {rows, train.channels, train.height, train.width});
-        stage_t.upload(b.targets.begin() + std::ptrdiff_t(lo * classes),
-                       b.targets.begin() + std::ptrdiff_t(hi * classes), t, {rows, train.classes});
+        stage_x[step % 2].upload(b.images.begin() + std::ptrdiff_t(lo * sample),
+                                 b.images.begin() + std::ptrdiff_t(hi * sample), x,
+                                 {rows, train.channels, train.height, train.width});
+        stage_t[step % 2].upload(b.targets.begin() + std::ptrdiff_t(lo * classes),
+                                 b.targets.begin() + std::ptrdiff_t(hi * classes), t, {rows, train.classes});
         const auto& logits = model.forward(x, ctx);
         if constexpr (requires { objective.forward_backward_into(logits, t, x, scalars, int(kLoss)); })
           objective.forward_backward_into(logits, t, x, scalars, kLoss);
@@ -400,48 +443,23 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
         aux = sums[1] / b.size;
         scalars.set(kRight, sums[2]);
       }
-      // Clipping reads the norm where it was reduced; the update is enqueued before the host
-      // waits, once, for this step's values.
-      const double last_lr = lr;
+      // Clipping reads the norm where it was reduced.
+      const double lr_before = lr;
       if (o.clip > 0) {
         scalars.sum_squares(kNormSq, arena.grads().data(), std::size_t(arena.trainable_end()));
         scalars.clip_to_norm(arena.grads().data(), std::size_t(arena.trainable_end()), kNormSq, o.clip);
       }
       lr = schedule.at(o.lr_per_epoch ? std::int64_t(epoch) * per_epoch : step);
       opt.step(lr);
-      {
-        const auto& v = scalars.read();
-        loss = v[kLoss];
-        right = std::int64_t(v[kRight]);
+      scalars.fetch();
+      if (queued) finish(*queued);  // the previous step, while this one runs
+      queued = Queued{i, step, b.size, aux, lr_before};
+      if (coll) {
+        finish(*queued);
+        queued.reset();
       }
-      // The checks below see the step's values after its update was applied; they stop the run
-      // either way (the state on disk is the last epoch's).
-      if (!std::isfinite(loss) && step == std::int64_t(first_epoch) * per_epoch)
-        throw Error(o.phase + ": the loss is " + std::to_string(loss) +
-                    " at the first step, before any update: the model's weights or the data hold non-finite values");
-      if (!std::isfinite(loss))
-        throw Error(o.phase + ": training diverged: the loss is " + std::to_string(loss) + " at epoch " +
-                    std::to_string(epoch + 1) + ", step " + std::to_string(i + 1) + " (lr " + std::to_string(last_lr) +
-                    "); lower --lr or set a gradient clip");
-      if (!std::isfinite(aux))
-        throw Error(o.phase + ": the auxiliary loss (the sum of the layers' aux_loss() terms) is " +
-                    std::to_string(aux) + " at epoch " + std::to_string(epoch + 1) + ", step " +
-                    std::to_string(i + 1) +
-                    (step == std::int64_t(first_epoch) * per_epoch
-                         ? std::string(", the first step, before any update: a layer's auxiliary term is not finite")
-                         : " (lr " + std::to_string(last_lr) + "); lower --lr or set a gradient clip"));
-      const double total = loss + aux;
-      if (!std::isfinite(total))
-        throw Error(o.phase + ": training diverged: the loss is " + std::to_string(loss) + " plus an auxiliary loss of " +
-                    std::to_string(aux) + " at epoch " + std::to_string(epoch + 1) + ", step " + std::to_string(i + 1) +
-                    "; lower --lr or set a gradient clip");
-      correct += double(right);
-      loss_sum += total * b.size;
-      aux_sum += aux * b.size;
-      seen += b.size;
-      const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      bar.update(i + 1, loss_sum / seen, correct / seen, seen / secs);
     }
+    if (queued) finish(*queued);
     const double train_secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     result.seconds += train_secs;
     result.images += seen;
