@@ -89,7 +89,7 @@ ips() {
   local out
   if out="$(timeout 60 "$@" 2>&1)"; then
     echo "$out" >>"$build/gpu-runs.log"
-    echo "$out" | grep -E "^first_loss=|matmul precision" | sed 's/^/     /' >&2
+    echo "$out" | grep -E "^first_loss=|^host_waits_per_step=|matmul precision" | sed 's/^/     /' >&2
     echo "$out" | sed -n 's/^images_per_second=//p' | tail -1
   else
     echo "$out" >>"$build/gpu-runs.log"; echo "$out" | tail -3 >&2; echo failed
