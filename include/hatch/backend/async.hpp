@@ -148,14 +148,21 @@ class StepScalars {
       B::argmax_matches_into(dev_ + i, z, t, rows, cols);
     } else {
       const std::size_t n = std::size_t(std::max(rows, 0)) * std::size_t(std::max(cols, 0));
-      std::vector<T> hz(n), ht(n);
-      if (n) {
-        B::download(hz.data(), z, n);
-        B::download(ht.data(), t, n);
+      const T *hz = z, *ht = t;  // read in place from host memory, else from copies
+      std::vector<T> cz, ct;
+      if constexpr (!host_memory_v<B>) {
+        cz.resize(n);
+        ct.resize(n);
+        if (n) {
+          B::download(cz.data(), z, n);
+          B::download(ct.data(), t, n);
+        }
+        hz = cz.data();
+        ht = ct.data();
       }
       std::int64_t right = 0;
       for (int r = 0; r < rows && cols > 0; ++r)
-        right += argmax_row(hz.data() + std::size_t(r) * cols, cols) == argmax_row(ht.data() + std::size_t(r) * cols, cols);
+        right += argmax_row(hz + std::size_t(r) * cols, cols) == argmax_row(ht + std::size_t(r) * cols, cols);
       host_[i] = double(right);
     }
   }
@@ -173,16 +180,10 @@ class StepScalars {
     const auto i = index(sumsq_slot);
     if (max_norm <= 0 || n == 0) return;
     if constexpr (on_backend) {
-      if (from_host_[i]) {  // a norm the host computed: clip with it here
-        const double norm = std::sqrt(host_[i]);
-        if (norm > max_norm) B::scale(g, T(max_norm / (norm + 1e-6)), n);
-      } else {
-        B::clip_to_norm(g, n, dev_ + i, max_norm);
-      }
-    } else {
-      const double norm = std::sqrt(host_[i]);
-      if (norm > max_norm) B::scale(g, T(max_norm / (norm + 1e-6)), n);
+      if (!from_host_[i]) return B::clip_to_norm(g, n, dev_ + i, max_norm);
     }
+    const double norm = std::sqrt(host_[i]);  // a norm the host has
+    if (norm > max_norm) B::scale(g, T(max_norm / (norm + 1e-6)), n);
   }
   // Every slot, as last written (set or computed); on a backend with its own scalars this is the
   // one wait for the device. Slots never written read 0.
@@ -231,7 +232,8 @@ class StepScalars {
 };
 
 // Host memory a batch is staged in before its upload: page-locked on backends that have it, so
-// upload() returns at once and the copy overlaps the work the host launches next. Refill it only
+// upload() returns at once and the copy overlaps the work the host launches next (a backend whose
+// buffers are host memory gets the values written straight into the tensor). Refill it only
 // after a wait for work queued after its last upload (StepScalars::values of a later fetch, say);
 // see the top of this file.
 template <Backend B>
@@ -262,12 +264,16 @@ class HostStaging {
     const auto n = std::size_t(std::distance(first, last));
     require(std::int64_t(n) == s.numel(), "HostStaging::upload",
             "got " + std::to_string(n) + " values for shape " + s.str());
-    T* p = reserve(n);
-    std::copy(first, last, p);
     to.resize(s);
-    if (!n) return;
-    if constexpr (pinned) B::upload_async(to.data(), p, n);
-    else B::upload(to.data(), p, n);
+    if constexpr (!pinned && host_memory_v<B>) {
+      std::copy(first, last, to.data());
+    } else {
+      T* p = reserve(n);
+      std::copy(first, last, p);
+      if (!n) return;
+      if constexpr (pinned) B::upload_async(to.data(), p, n);
+      else B::upload(to.data(), p, n);
+    }
   }
   std::size_t capacity() const { return capacity_; }
 

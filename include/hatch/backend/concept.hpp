@@ -88,4 +88,10 @@ concept Backend = requires(typename B::Scalar* y, const typename B::Scalar* x, t
   B::adamw_update(y, y, y, x, n, a, a, a, a, a, a, a);
 };
 
+// Whether a backend's buffers are host memory the host may read and write in place (Cpu, Cpu64:
+// `static constexpr bool host_memory = true`); other backends' buffers go through download and
+// upload (collectives, step scalars, staging).
+template <Backend B>
+constexpr bool host_memory_v = requires { requires B::host_memory; };
+
 }  // namespace hatch

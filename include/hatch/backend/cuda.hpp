@@ -962,11 +962,7 @@ struct Cuda {
   // Squares summed in double, as on the CPU (gradient-norm clipping over millions of values).
   static double sum_squares(const T* x, std::size_t n) {
     if (!n) return 0.0;
-    cuda_detail::Scratch<double> out{1};
-    sum_squares_into(out.get(), x, n);
-    double h = 0;
-    read_scalars(&h, out.get(), 1);
-    return h;
+    return read_one([&](double* out) { sum_squares_into(out, x, n); });
   }
   static bool all_finite(const T* x, std::size_t n) {
     if (!n) return true;
@@ -1155,11 +1151,7 @@ struct Cuda {
   // Returns the summed loss (copied to the host, so this waits); dz may be null.
   static double softmax_cross_entropy(T* dz, const T* z, const T* t, int rows, int cols, T scale) {
     if (rows <= 0 || cols <= 0) return 0.0;
-    cuda_detail::Scratch<double> out{1};
-    softmax_cross_entropy_into(out.get(), dz, z, t, rows, cols, scale, 1.0);
-    double h = 0;
-    read_scalars(&h, out.get(), 1);
-    return h;
+    return read_one([&](double* out) { softmax_cross_entropy_into(out, dz, z, t, rows, cols, scale, 1.0); });
   }
   static void adamw_update(T* w, T* m, T* v, const T* g, std::size_t n, T lr, T beta1, T beta2, T eps,
                            T weight_decay, T bias_corr1, T bias_corr2) {
@@ -1181,6 +1173,15 @@ struct Cuda {
     const cudaStream_t s = cuda_detail::stream();
     HATCH_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, s));
     cuda_detail::wait_for_stream();
+  }
+  // The value a *_into reduction writes into one device double, returned to the host (waits).
+  template <class Into>
+  static double read_one(Into&& into) {
+    cuda_detail::Scratch<double> out{1};
+    into(out.get());
+    double h = 0;
+    read_scalars(&h, out.get(), 1);
+    return h;
   }
   // out = (the sum of x[0, n)) / divisor, in a fixed order by one block.
   static void sum_doubles(double* out, const double* x, std::size_t n, double divisor) {

@@ -79,11 +79,6 @@ bool poll_until(Ready&& ready, std::chrono::microseconds spin, std::chrono::seco
 }
 }  // namespace detail
 
-// Whether a backend's buffers are host memory that a collective can read in place (Cpu, Cpu64);
-// other backends' buffers go through a host copy (or, with NCCL, stay on the device).
-template <Backend B>
-constexpr bool host_memory_v = requires { requires B::host_memory; };
-
 // Sums a backend buffer over every rank in place: directly for host memory, in device memory
 // when the collective can (NCCL), else through a host copy kept in `staging`.
 template <Backend B>

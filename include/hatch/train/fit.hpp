@@ -7,6 +7,7 @@
 // Incubator's hybrid with its frozen stages. The loss it minimises and reports is the
 // objective's plus the auxiliary terms of the layers that train (collect_aux_loss); those terms
 // are also written on their own ("aux_loss", the epoch mean) into metrics.jsonl.
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <filesystem>
@@ -352,11 +353,9 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
   // been read by then (backend/async.hpp). In a data-parallel job each step's values are read at
   // once, for the all-reduce of the losses.
   enum Slot { kLoss, kRight, kNormSq, kSlots };
-  StepScalars<B> scalars_a(kSlots), scalars_b(kSlots);
-  StepScalars<B>* const sets[2] = {&scalars_a, &scalars_b};
+  std::array<StepScalars<B>, 2> sets{StepScalars<B>(kSlots), StepScalars<B>(kSlots)};
   HostStaging<B> stage_x[2], stage_t[2];
   struct Queued {  // a step whose values are yet to be read
-    int index;     // in the epoch, from 0
     std::int64_t step;
     int size;
     double aux, lr_before;
@@ -371,10 +370,11 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
     // The checks see a step's values after its update (and the next step) were queued; they stop
     // the run either way, and the state on disk is the last epoch's.
     auto finish = [&](const Queued& q) {
-      const auto& v = sets[q.step % 2]->values();
+      const auto& v = sets[q.step % 2].values();
       const double loss = v[kLoss], aux = q.aux;
       const bool first = q.step == std::int64_t(first_epoch) * per_epoch;
-      const std::string at = " at epoch " + std::to_string(epoch + 1) + ", step " + std::to_string(q.index + 1);
+      const std::int64_t index = q.step - std::int64_t(epoch) * per_epoch;  // in the epoch, from 0
+      const std::string at = " at epoch " + std::to_string(epoch + 1) + ", step " + std::to_string(index + 1);
       if (!std::isfinite(loss) && first)
         throw Error(o.phase + ": the loss is " + std::to_string(loss) +
                     " at the first step, before any update: the model's weights or the data hold non-finite values");
@@ -395,16 +395,16 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
       aux_sum += aux * q.size;
       seen += q.size;
       const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      bar.update(q.index + 1, loss_sum / seen, correct / seen, seen / secs);
+      bar.update(int(index + 1), loss_sum / seen, correct / seen, seen / secs);
     };
     std::optional<Queued> queued;
     std::int64_t step = std::int64_t(epoch) * per_epoch;
-    for (int i = 0; batches.next(b); ++i, ++step) {
+    for (; batches.next(b); ++step) {
       // This rank's rows of the global batch (all of them in a single process).
       const auto [lo, hi] = detail::share(b.size, rank, ranks);
       const int rows = hi - lo;
       const std::size_t sample = train.sample_size(), classes = std::size_t(train.classes);
-      StepScalars<B>& scalars = *sets[step % 2];
+      StepScalars<B>& scalars = sets[step % 2];
       Context ctx;
       ctx.training = true;
       ctx.input_grad = false;
@@ -453,7 +453,7 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
       opt.step(lr);
       scalars.fetch();
       if (queued) finish(*queued);  // the previous step, while this one runs
-      queued = Queued{i, step, b.size, aux, lr_before};
+      queued = Queued{step, b.size, aux, lr_before};
       if (coll) {
         finish(*queued);
         queued.reset();
