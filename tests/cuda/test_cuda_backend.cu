@@ -1079,7 +1079,11 @@ TEST_CASE("cuda: fit waits for the device once per training step") {
 // ---- normalisation and softmax -----------------------------------------------------------------------
 TEST_CASE("cuda: layer_norm forward and backward, with every output optional") {
   HATCH_REQUIRE_CUDA_DEVICE();
-  for (const auto& [rows, cols] : {std::pair{5, 32}, std::pair{700, 45}, std::pair{9, 300}}) {
+  // Register kernels with 128-bit packs (32, 300, 64 columns) and without (45), one block
+  // (5 rows) and several that add their sums (3,000 rows: 256 blocks), and the general kernels
+  // for rows over 1,024 columns (1,536).
+  for (const auto& [rows, cols] : {std::pair{5, 32}, std::pair{700, 45}, std::pair{9, 300}, std::pair{3000, 64},
+                                   std::pair{40, 1536}}) {
     CAPTURE(rows);
     CAPTURE(cols);
     const std::size_t n = std::size_t(rows) * cols;
@@ -1137,6 +1141,23 @@ TEST_CASE("cuda: layer_norm forward and backward, with every output optional") {
     Cuda::layer_norm_backward(gx.data(), nullptr, nullptr, dy_d.data(), dx_d.data(), mean_d.data(), rstd_d.data(),
                               dg_d.data(), rows, cols);
     CHECK_CLOSE(gx.to_host(), dx, kTol);
+    // The same sums in the same order on every call: bit for bit.
+    HostVec first;
+    for (int call = 0; call < 2; ++call) {
+      gg = dev(dg0);
+      gb = dev(db0);
+      Cuda::layer_norm_backward(gx.data(), gg.data(), gb.data(), dy_d.data(), dx_d.data(), mean_d.data(),
+                                rstd_d.data(), dg_d.data(), rows, cols);
+      HostVec both = gg.to_host(), hb = gb.to_host();
+      both.insert(both.end(), hb.begin(), hb.end());
+      if (call == 0) first = both;
+      else CHECK(both == first);
+    }
+    // dx in place of dy (each lane reads its columns of a row before it writes them).
+    Dev inplace = dev(dy);
+    Cuda::layer_norm_backward(inplace.data(), nullptr, nullptr, inplace.data(), dx_d.data(), mean_d.data(),
+                              rstd_d.data(), dg_d.data(), rows, cols);
+    CHECK_CLOSE(inplace.to_host(), dx, kTol);
   }
 }
 
@@ -1146,7 +1167,10 @@ TEST_CASE("cuda: softmax forward and backward, in place and out of place") {
     int rows, cols;
     float scale;
   };
-  for (const Case k : {Case{40, 17, 0.25f}, Case{9, 100, 1.0f}, Case{3, 1, 1.0f}, Case{1000, 33, 0.5f}}) {
+  // 128-bit packs where cols is a multiple of 4 (100, 256), single values otherwise, the
+  // general kernels past 1,024 columns (2,048).
+  for (const Case k : {Case{40, 17, 0.25f}, Case{9, 100, 1.0f}, Case{3, 1, 1.0f}, Case{1000, 33, 0.5f},
+                       Case{64, 256, 0.125f}, Case{5, 2048, 1.0f}}) {
     CAPTURE(k.rows);
     CAPTURE(k.cols);
     const std::size_t n = std::size_t(k.rows) * k.cols;
@@ -1172,6 +1196,15 @@ TEST_CASE("cuda: softmax forward and backward, in place and out of place") {
     CHECK_CLOSE(dxd.to_host(), dx, kTol);
     Cuda::softmax_backward(dyd.data(), dyd.data(), yd.data(), k.rows, k.cols, k.scale);  // in place
     CHECK_CLOSE(dyd.to_host(), dx, kTol);
+    // Rows a float past 16-byte alignment: single-value loads, the same results.
+    if (k.cols % 4 == 0) {
+      HostVec shifted(n + 1, 0.f);
+      std::copy(x.begin(), x.end(), shifted.begin() + 1);
+      Dev sd = dev(shifted);
+      Cuda::softmax_forward(sd.data() + 1, sd.data() + 1, k.rows, k.cols, k.scale);
+      const HostVec hs = sd.to_host();
+      CHECK_CLOSE(HostVec(hs.begin() + 1, hs.end()), y, kTol);
+    }
   }
 }
 
@@ -1278,6 +1311,19 @@ TEST_CASE("cuda: adamw_update") {
   Dev wd_ = dev(w0), md = dev(m0), vd = dev(v0), gd = dev(g);
   Cuda::adamw_update(wd_.data(), md.data(), vd.data(), gd.data(), n, float(lr), float(b1), float(b2), float(eps),
                      float(wd), float(bc1), float(bc2));
+  CHECK_CLOSE(wd_.to_host(), w, kTol);
+  CHECK_CLOSE(md.to_host(), m, kTol);
+  CHECK_CLOSE(vd.to_host(), v, kTol);
+
+  // The arena's one launch: decay on [0, 1000) only, the same moments.
+  const std::size_t decay_end = 1000;
+  for (std::size_t j = decay_end; j < n; ++j)
+    w[j] = w0[j] - lr * (m[j] / bc1) / (std::sqrt(v[j] / bc2) + eps);
+  wd_ = dev(w0);
+  md = dev(m0);
+  vd = dev(v0);
+  Cuda::adamw_update_segments(wd_.data(), md.data(), vd.data(), gd.data(), n, decay_end, float(lr), float(b1),
+                              float(b2), float(eps), float(wd), float(bc1), float(bc2));
   CHECK_CLOSE(wd_.to_host(), w, kTol);
   CHECK_CLOSE(md.to_host(), m, kTol);
   CHECK_CLOSE(vd.to_host(), v, kTol);

@@ -33,6 +33,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <map>
 #include <mutex>
 #include <string>
@@ -627,6 +628,20 @@ void with_row_registers(int cols, F&& f) {
 inline bool vectorizable(std::size_t n, const void* a, const void* b, const void* c) {
   return n % 4 == 0 && alignment_of(a) >= 16 && alignment_of(b) >= 16 && alignment_of(c) >= 16;
 }
+// The register row kernels' layout: calls f(N, W) (integral constants) with with_row_registers'
+// N and W = 4 (128-bit loads and stores) when cols is a multiple of 4 and every pointer given is
+// 16-byte aligned (so is every row), else W = 1. N = 0 (the general kernels) comes with W = 1.
+template <class F>
+void with_row_layout(int cols, std::initializer_list<const void*> pointers, F&& f) {
+  with_row_registers(cols, [&](auto regs) {
+    constexpr int N = decltype(regs)::value;
+    bool wide = N != 0 && cols % 4 == 0;
+    for (const void* p : pointers) wide = wide && alignment_of(p) >= 16;
+    if constexpr (N == 0) f(regs, std::integral_constant<int, 1>{});
+    else if (wide) f(regs, std::integral_constant<int, 4>{});
+    else f(regs, std::integral_constant<int, 1>{});
+  });
+}
 
 // Launch geometry. Element kernels loop grid-stride, so the grid is capped well below the limit.
 inline unsigned element_blocks(std::size_t n) {
@@ -637,6 +652,24 @@ inline const dim3 kRowBlock{32, cuda_kernels::kRowsPerBlock};
 inline const dim3 kColBlock{32, cuda_kernels::kColLanes};
 // Column reductions split the rows into chunks of at least 256 and at most 64 chunks.
 inline int rows_per_chunk(int rows) { return std::max(256, (rows + 63) / 64); }
+// Row kernels that also sum across rows (LayerNorm's parameter gradients) run one wave: as many
+// blocks of kRowBlock as the device holds at once (multiprocessors x resident blocks of this
+// kernel), so every warp takes several rows and the last block adds few partial sums. Asked once
+// per device and kernel. The order of the sums, and so the last bits, depend on the shapes and
+// the card, never on the run.
+template <class Kernel>
+unsigned resident_row_blocks(Kernel kernel) {
+  static std::mutex mu;
+  static std::map<int, unsigned> blocks;
+  int device = 0;
+  HATCH_CUDA_CHECK(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mu);
+  if (auto it = blocks.find(device); it != blocks.end()) return it->second;
+  int sms = 0, per_sm = 0;
+  HATCH_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  HATCH_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 32 * cuda_kernels::kRowsPerBlock, 0));
+  return blocks[device] = unsigned(std::max(1, sms * per_sm));
+}
 
 // Row-major C = alpha op(A) op(B) + beta C is column-major C^T = alpha op(B)^T op(A)^T + beta C^T:
 // swap the operands and their dimensions, keep the transpose flags.
@@ -1010,30 +1043,47 @@ struct Cuda {
   static void layer_norm_forward(T* y, T* mean, T* rstd, const T* x, const T* gamma, const T* beta, int rows,
                                  int cols, T eps) {
     if (rows <= 0 || cols <= 0) return;
-    cuda_detail::with_row_registers(cols, [&](auto regs) {
-      constexpr int N = decltype(regs)::value;
+    cuda_detail::with_row_layout(cols, {y, x, gamma, beta}, [&](auto regs, auto width) {
+      constexpr int N = decltype(regs)::value, W = decltype(width)::value;
       if constexpr (N == 0)
         HATCH_CUDA_LAUNCH(cuda_kernels::layer_norm_forward<T>, cuda_detail::row_blocks(rows), cuda_detail::kRowBlock,
                           y, mean, rstd, x, gamma, beta, rows, cols, eps);
       else
-        HATCH_CUDA_LAUNCH((cuda_kernels::layer_norm_forward_regs<T, N>), cuda_detail::row_blocks(rows),
+        HATCH_CUDA_LAUNCH((cuda_kernels::layer_norm_forward_regs<T, W, N>), cuda_detail::row_blocks(rows),
                           cuda_detail::kRowBlock, y, mean, rstd, x, gamma, beta, rows, cols, eps);
     });
   }
-  // dx, dgamma and dbeta may each be null; dgamma and dbeta accumulate.
+  // dx, dgamma and dbeta may each be null; dgamma and dbeta accumulate. Rows of at most 1,024
+  // columns: one kernel for all three (cuda_kernels::layer_norm_backward_regs); longer rows (or
+  // HATCH_CUDA_ROW_REGISTERS=0): dx by rows, then the parameter gradients by columns.
   static void layer_norm_backward(T* dx, T* dgamma, T* dbeta, const T* dy, const T* x, const T* mean, const T* rstd,
                                   const T* gamma, int rows, int cols) {
-    if (rows <= 0 || cols <= 0) return;
+    if (rows <= 0 || cols <= 0 || (!dx && !dgamma && !dbeta)) return;
+    bool done = false;
+    cuda_detail::with_row_layout(cols, {dx, dy, x, gamma}, [&](auto regs, auto width) {
+      constexpr int N = decltype(regs)::value, W = decltype(width)::value;
+      if constexpr (N != 0) {
+        const auto kernel = cuda_kernels::layer_norm_backward_regs<T, W, N>;
+        if (!dgamma && !dbeta) {  // a warp per row, nothing to add up across rows
+          HATCH_CUDA_LAUNCH(kernel, cuda_detail::row_blocks(rows), cuda_detail::kRowBlock, dx, nullptr, nullptr,
+                            nullptr, nullptr, dy, x, mean, rstd, gamma, rows, cols);
+        } else {
+          const unsigned blocks = std::min(cuda_detail::row_blocks(rows), cuda_detail::resident_row_blocks(kernel));
+          const std::size_t sums = 2 * std::size_t(blocks) * std::size_t(cols);
+          // The blocks' sums, then the counter of finished blocks (zeroed here, on the stream).
+          cuda_detail::Scratch<T> partial(blocks > 1 ? sums + 1 : 0);
+          unsigned* counter = blocks > 1 ? reinterpret_cast<unsigned*>(partial.get() + sums) : nullptr;
+          if (counter) HATCH_CUDA_CHECK(cudaMemsetAsync(counter, 0, sizeof(unsigned), cuda_detail::stream()));
+          HATCH_CUDA_LAUNCH(kernel, blocks, cuda_detail::kRowBlock, dx, dgamma, dbeta, partial.get(), counter, dy, x,
+                            mean, rstd, gamma, rows, cols);
+        }
+        done = true;
+      }
+    });
+    if (done) return;
     if (dx)
-      cuda_detail::with_row_registers(cols, [&](auto regs) {
-        constexpr int N = decltype(regs)::value;
-        if constexpr (N == 0)
-          HATCH_CUDA_LAUNCH(cuda_kernels::layer_norm_backward_dx<T>, cuda_detail::row_blocks(rows),
-                            cuda_detail::kRowBlock, dx, dy, x, mean, rstd, gamma, rows, cols);
-        else
-          HATCH_CUDA_LAUNCH((cuda_kernels::layer_norm_backward_dx_regs<T, N>), cuda_detail::row_blocks(rows),
-                            cuda_detail::kRowBlock, dx, dy, x, mean, rstd, gamma, rows, cols);
-      });
+      HATCH_CUDA_LAUNCH(cuda_kernels::layer_norm_backward_dx<T>, cuda_detail::row_blocks(rows), cuda_detail::kRowBlock,
+                        dx, dy, x, mean, rstd, gamma, rows, cols);
     if (!dgamma && !dbeta) return;
     const int rpc = cuda_detail::rows_per_chunk(rows), chunks = (rows + rpc - 1) / rpc;
     const dim3 grid(unsigned((cols + 31) / 32), unsigned(chunks));
@@ -1051,26 +1101,26 @@ struct Cuda {
   // In place allowed (y == x).
   static void softmax_forward(T* y, const T* x, int rows, int cols, T scale) {
     if (rows <= 0 || cols <= 0) return;
-    cuda_detail::with_row_registers(cols, [&](auto regs) {
-      constexpr int N = decltype(regs)::value;
+    cuda_detail::with_row_layout(cols, {y, x}, [&](auto regs, auto width) {
+      constexpr int N = decltype(regs)::value, W = decltype(width)::value;
       if constexpr (N == 0)
         HATCH_CUDA_LAUNCH(cuda_kernels::softmax_forward<T>, cuda_detail::row_blocks(rows), cuda_detail::kRowBlock, y,
                           x, rows, cols, scale);
       else
-        HATCH_CUDA_LAUNCH((cuda_kernels::softmax_forward_regs<T, N>), cuda_detail::row_blocks(rows),
+        HATCH_CUDA_LAUNCH((cuda_kernels::softmax_forward_regs<T, W, N>), cuda_detail::row_blocks(rows),
                           cuda_detail::kRowBlock, y, x, rows, cols, scale);
     });
   }
   // In place allowed (dx == dy).
   static void softmax_backward(T* dx, const T* dy, const T* y, int rows, int cols, T scale) {
     if (rows <= 0 || cols <= 0) return;
-    cuda_detail::with_row_registers(cols, [&](auto regs) {
-      constexpr int N = decltype(regs)::value;
+    cuda_detail::with_row_layout(cols, {dx, dy, y}, [&](auto regs, auto width) {
+      constexpr int N = decltype(regs)::value, W = decltype(width)::value;
       if constexpr (N == 0)
         HATCH_CUDA_LAUNCH(cuda_kernels::softmax_backward<T>, cuda_detail::row_blocks(rows), cuda_detail::kRowBlock,
                           dx, dy, y, rows, cols, scale);
       else
-        HATCH_CUDA_LAUNCH((cuda_kernels::softmax_backward_regs<T, N>), cuda_detail::row_blocks(rows),
+        HATCH_CUDA_LAUNCH((cuda_kernels::softmax_backward_regs<T, W, N>), cuda_detail::row_blocks(rows),
                           cuda_detail::kRowBlock, dx, dy, y, rows, cols, scale);
     });
   }
@@ -1155,9 +1205,14 @@ struct Cuda {
   }
   static void adamw_update(T* w, T* m, T* v, const T* g, std::size_t n, T lr, T beta1, T beta2, T eps,
                            T weight_decay, T bias_corr1, T bias_corr2) {
+    adamw_update_segments(w, m, v, g, n, n, lr, beta1, beta2, eps, weight_decay, bias_corr1, bias_corr2);
+  }
+  // fused.hpp: the whole arena in one launch, decay on [0, decay_end) only.
+  static void adamw_update_segments(T* w, T* m, T* v, const T* g, std::size_t n, std::size_t decay_end, T lr,
+                                    T beta1, T beta2, T eps, T weight_decay, T bias_corr1, T bias_corr2) {
     if (n)
       HATCH_CUDA_LAUNCH(cuda_kernels::adamw_update<T>, cuda_detail::element_blocks(n), cuda_kernels::kThreads, w, m, v,
-                        g, n, lr, beta1, beta2, eps, weight_decay, bias_corr1, bias_corr2);
+                        g, n, decay_end, lr, beta1, beta2, eps, weight_decay, bias_corr1, bias_corr2);
   }
 
  private:

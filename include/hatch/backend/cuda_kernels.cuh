@@ -151,12 +151,13 @@ __global__ void bernoulli_mask(T* mask, std::size_t n, double keep_prob, T inv, 
   for (std::size_t j = global_index(); j < n; j += global_stride())
     mask[j] = uniform01(seed, offset + std::uint64_t(j)) < keep_prob ? inv : T(0);
 }
+// Weight decay applies to [0, decay_end) only (the flat arena keeps decayed parameters first).
 template <class T>
-__global__ void adamw_update(T* w, T* m, T* v, const T* g, std::size_t n, T lr, T beta1, T beta2, T eps,
-                             T weight_decay, T bias_corr1, T bias_corr2) {
+__global__ void adamw_update(T* w, T* m, T* v, const T* g, std::size_t n, std::size_t decay_end, T lr, T beta1,
+                             T beta2, T eps, T weight_decay, T bias_corr1, T bias_corr2) {
   for (std::size_t j = global_index(); j < n; j += global_stride()) {
     T wj = w[j];
-    wj -= lr * weight_decay * wj;
+    wj -= lr * (j < decay_end ? weight_decay : T(0)) * wj;
     const T mj = beta1 * m[j] + (T(1) - beta1) * g[j];
     const T vj = beta2 * v[j] + (T(1) - beta2) * g[j] * g[j];
     m[j] = mj;
@@ -357,116 +358,254 @@ __global__ void softmax_backward(T* dx, const T* dy, const T* y, int rows, int c
   for (int c = lane; c < cols; c += 32) dx[o + c] = scale * y[o + c] * (dy[o + c] - dot);
 }
 // ---- row kernels with the row in registers ---------------------------------------------------------
-// The same arithmetic as the kernels above, in the same order (results agree to float rounding:
-// FMA contraction may differ), for rows of at most 32 * N columns: each lane keeps its N values in registers, so the row is
-// read from memory once instead of two or three times. Rows of ViT-B/16: 197 (attention
-// probabilities, N = 8) and 768 (LayerNorm, N = 32). The launcher picks N (cuda.hpp).
-template <class T, int N>
+// The same arithmetic as the kernels above (results agree to float rounding: the order of the
+// lane sums and FMA contraction differ), for rows of at most 32 * N columns: each lane keeps its
+// N values in registers, so the row is read from memory once instead of two or three times.
+// W is the width of each load and store: 4 (one 128-bit float4) when cols is a multiple of 4
+// and every pointer is 16-byte aligned, else 1. A lane owns the packs lane, lane + 32, ... of W
+// consecutive columns; its value j = i * W + c is column W * (lane + 32 i) + c. Rows of
+// ViT-B/16: 197 (attention probabilities: N = 8, W = 1) and 768 (LayerNorm: N = 32, W = 4).
+// The launcher picks N and W (cuda.hpp, with_row_layout).
+template <class T, int W>
+struct Pack {
+  T v[W];
+};
+// Pack k of a row: row[W k, W k + W).
+template <int W, class T>
+__device__ inline Pack<T, W> load_pack(const T* row, int k) {
+  Pack<T, W> p;
+  if constexpr (W == 4) {
+    static_assert(sizeof(T) == 4, "128-bit packs are four floats");
+    const float4 f = reinterpret_cast<const float4*>(row)[k];
+    p.v[0] = f.x;
+    p.v[1] = f.y;
+    p.v[2] = f.z;
+    p.v[3] = f.w;
+  } else {
+    static_assert(W == 1, "packs are 1 or 4 values wide");
+    p.v[0] = row[k];
+  }
+  return p;
+}
+template <int W, class T>
+__device__ inline void store_pack(T* row, int k, const Pack<T, W>& p) {
+  if constexpr (W == 4)
+    reinterpret_cast<float4*>(row)[k] = make_float4(p.v[0], p.v[1], p.v[2], p.v[3]);
+  else
+    row[k] = p.v[0];
+}
+
+template <class T, int W, int N>
 __global__ void softmax_forward_regs(T* y, const T* x, int rows, int cols, T scale) {
+  constexpr int P = N / W;  // packs per lane
   const int row = warp_row();
   if (row >= rows) return;
-  const int lane = int(threadIdx.x);
+  const int lane = int(threadIdx.x), packs = cols / W;
   const T* xr = x + std::size_t(row) * cols;
   T* yr = y + std::size_t(row) * cols;
   T v[N];
   T mx = xr[0];
 #pragma unroll
-  for (int i = 0; i < N; ++i) {
-    const int c = lane + 32 * i;
-    v[i] = c < cols ? xr[c] : T(0);
-    if (c < cols) mx = v[i] > mx ? v[i] : mx;
+  for (int i = 0; i < P; ++i) {
+    const int k = lane + 32 * i;
+    const Pack<T, W> p = k < packs ? load_pack<W>(xr, k) : Pack<T, W>{};
+#pragma unroll
+    for (int c = 0; c < W; ++c) {
+      v[i * W + c] = p.v[c];
+      if (k < packs) mx = p.v[c] > mx ? p.v[c] : mx;
+    }
   }
   mx = warp_max(mx);
   T s = T(0);
 #pragma unroll
-  for (int i = 0; i < N; ++i)
-    if (lane + 32 * i < cols) {
-      v[i] = d_exp(scale * (v[i] - mx));
-      s += v[i];
-    }
+  for (int i = 0; i < P; ++i)
+    if (lane + 32 * i < packs)
+#pragma unroll
+      for (int c = 0; c < W; ++c) {
+        v[i * W + c] = d_exp(scale * (v[i * W + c] - mx));
+        s += v[i * W + c];
+      }
   const T inv = T(1) / warp_sum(s);
 #pragma unroll
-  for (int i = 0; i < N; ++i)
-    if (lane + 32 * i < cols) yr[lane + 32 * i] = v[i] * inv;
+  for (int i = 0; i < P; ++i) {
+    const int k = lane + 32 * i;
+    if (k >= packs) continue;
+    Pack<T, W> p;
+#pragma unroll
+    for (int c = 0; c < W; ++c) p.v[c] = v[i * W + c] * inv;
+    store_pack<W>(yr, k, p);
+  }
 }
-template <class T, int N>
+template <class T, int W, int N>
 __global__ void softmax_backward_regs(T* dx, const T* dy, const T* y, int rows, int cols, T scale) {
+  constexpr int P = N / W;
   const int row = warp_row();
   if (row >= rows) return;
-  const int lane = int(threadIdx.x);
+  const int lane = int(threadIdx.x), packs = cols / W;
   const std::size_t o = std::size_t(row) * cols;
-  T g[N], p[N];
+  Pack<T, W> g[P], p[P];
   T dot = T(0);
 #pragma unroll
-  for (int i = 0; i < N; ++i) {
-    const int c = lane + 32 * i;
-    g[i] = c < cols ? dy[o + c] : T(0);
-    p[i] = c < cols ? y[o + c] : T(0);
-    dot += g[i] * p[i];
+  for (int i = 0; i < P; ++i) {
+    const int k = lane + 32 * i;
+    g[i] = k < packs ? load_pack<W>(dy + o, k) : Pack<T, W>{};
+    p[i] = k < packs ? load_pack<W>(y + o, k) : Pack<T, W>{};
+#pragma unroll
+    for (int c = 0; c < W; ++c) dot += g[i].v[c] * p[i].v[c];
   }
   dot = warp_sum(dot);
 #pragma unroll
-  for (int i = 0; i < N; ++i)
-    if (lane + 32 * i < cols) dx[o + lane + 32 * i] = scale * p[i] * (g[i] - dot);
+  for (int i = 0; i < P; ++i) {
+    const int k = lane + 32 * i;
+    if (k >= packs) continue;
+    Pack<T, W> d;
+#pragma unroll
+    for (int c = 0; c < W; ++c) d.v[c] = scale * p[i].v[c] * (g[i].v[c] - dot);
+    store_pack<W>(dx + o, k, d);
+  }
 }
-template <class T, int N>
+template <class T, int W, int N>
 __global__ void layer_norm_forward_regs(T* y, T* mean, T* rstd, const T* x, const T* gamma, const T* beta, int rows,
                                         int cols, T eps) {
+  constexpr int P = N / W;
   const int row = warp_row();
   if (row >= rows) return;
-  const int lane = int(threadIdx.x);
+  const int lane = int(threadIdx.x), packs = cols / W;
   const T* xr = x + std::size_t(row) * cols;
   T* yr = y + std::size_t(row) * cols;
-  T v[N];
+  Pack<T, W> v[P];
   T s = T(0);
 #pragma unroll
-  for (int i = 0; i < N; ++i) {
-    const int c = lane + 32 * i;
-    v[i] = c < cols ? xr[c] : T(0);
-    s += v[i];
+  for (int i = 0; i < P; ++i) {
+    const int k = lane + 32 * i;
+    v[i] = k < packs ? load_pack<W>(xr, k) : Pack<T, W>{};
+#pragma unroll
+    for (int c = 0; c < W; ++c) s += v[i].v[c];
   }
   const T mu = warp_sum(s) / T(cols);
   T q = T(0);
 #pragma unroll
-  for (int i = 0; i < N; ++i)
-    if (lane + 32 * i < cols) q += (v[i] - mu) * (v[i] - mu);
+  for (int i = 0; i < P; ++i)
+    if (lane + 32 * i < packs)
+#pragma unroll
+      for (int c = 0; c < W; ++c) q += (v[i].v[c] - mu) * (v[i].v[c] - mu);
   const T rs = T(1) / d_sqrt(warp_sum(q) / T(cols) + eps);
   if (lane == 0) {
     mean[row] = mu;
     rstd[row] = rs;
   }
 #pragma unroll
-  for (int i = 0; i < N; ++i) {
-    const int c = lane + 32 * i;
-    if (c < cols) yr[c] = (v[i] - mu) * rs * gamma[c] + beta[c];
+  for (int i = 0; i < P; ++i) {
+    const int k = lane + 32 * i;
+    if (k >= packs) continue;
+    const Pack<T, W> g = load_pack<W>(gamma, k), b = load_pack<W>(beta, k);
+#pragma unroll
+    for (int c = 0; c < W; ++c) v[i].v[c] = (v[i].v[c] - mu) * rs * g.v[c] + b.v[c];
+    store_pack<W>(yr, k, v[i]);
   }
 }
-template <class T, int N>
-__global__ void layer_norm_backward_dx_regs(T* dx, const T* dy, const T* x, const T* mean, const T* rstd,
-                                            const T* gamma, int rows, int cols) {
-  const int row = warp_row();
-  if (row >= rows) return;
-  const int lane = int(threadIdx.x);
-  const std::size_t o = std::size_t(row) * cols;
-  const T mu = mean[row], rs = rstd[row];
-  T g[N], xc[N];  // dy * gamma, and x centred
-  T s1 = T(0), s2 = T(0);
+
+// LayerNorm backward in one kernel: dx (row by row, as layer_norm_backward_dx) and the parameter
+// gradients dgamma += sum_r dy xhat, dbeta += sum_r dy, each of the three optional.
+// Warp w of the grid takes rows w, w + warps, ... and sums its share of the parameter gradients
+// in registers (a lane owns the same columns in every row); the warps of a block add theirs in
+// shared memory in warp order, each block writes its sums to partial[block][2][cols], and the
+// block that finishes last (counter, zero at launch) adds the blocks' sums in block order into
+// dgamma and dbeta. Every sum has a fixed order for a given grid: deterministic, no atomics on
+// values. With one block the block adds its sums directly. dx may alias dy (a lane reads its
+// packs of a row before it writes them).
+inline constexpr int kMaxRowRegisterCols = 1024;  // the longest row a register kernel takes (N = 32)
+template <class T, int W, int N>
+__global__ void layer_norm_backward_regs(T* dx, T* dgamma, T* dbeta, T* partial, unsigned* counter, const T* dy,
+                                         const T* x, const T* mean, const T* rstd, const T* gamma, int rows,
+                                         int cols) {
+  constexpr int P = N / W;
+  const int lane = int(threadIdx.x), packs = cols / W;
+  const bool params = dgamma != nullptr || dbeta != nullptr;
+  T ag[N], ab[N];  // this warp's share of dgamma and dbeta, for the columns this lane owns
 #pragma unroll
-  for (int i = 0; i < N; ++i) {
-    const int c = lane + 32 * i;
-    if (c < cols) {
-      g[i] = dy[o + c] * gamma[c];
-      xc[i] = x[o + c] - mu;
-      s1 += g[i];
-      s2 += g[i] * xc[i] * rs;
+  for (int j = 0; j < N; ++j) ag[j] = ab[j] = T(0);
+  const int warps = int(gridDim.x) * kRowsPerBlock;
+  for (int row = warp_row(); row < rows; row += warps) {  // the same trip count for a whole warp
+    const std::size_t o = std::size_t(row) * cols;
+    const T mu = mean[row], rs = rstd[row];
+    T g[N], xc[N];  // dy * gamma, and x centred
+    T s1 = T(0), s2 = T(0);
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+      const int k = lane + 32 * i;
+      if (k >= packs) continue;
+      const Pack<T, W> d = load_pack<W>(dy + o, k), xv = load_pack<W>(x + o, k), gm = load_pack<W>(gamma, k);
+#pragma unroll
+      for (int c = 0; c < W; ++c) {
+        const int j = i * W + c;
+        g[j] = d.v[c] * gm.v[c];
+        xc[j] = xv.v[c] - mu;
+        s1 += g[j];
+        s2 += g[j] * xc[j] * rs;
+        ag[j] += d.v[c] * xc[j] * rs;
+        ab[j] += d.v[c];
+      }
+    }
+    if (!dx) continue;
+    s1 = warp_sum(s1) / T(cols);
+    s2 = warp_sum(s2) / T(cols);
+#pragma unroll
+    for (int i = 0; i < P; ++i) {
+      const int k = lane + 32 * i;
+      if (k >= packs) continue;
+      Pack<T, W> out;
+#pragma unroll
+      for (int c = 0; c < W; ++c) out.v[c] = rs * (g[i * W + c] - s1 - xc[i * W + c] * rs * s2);
+      store_pack<W>(dx + o, k, out);
     }
   }
-  s1 = warp_sum(s1) / T(cols);
-  s2 = warp_sum(s2) / T(cols);
+  if (!params) return;  // the same for every thread of the grid
+
+  __shared__ T sg[kMaxRowRegisterCols], sb[kMaxRowRegisterCols];
+  for (int w = 0; w < kRowsPerBlock; ++w) {  // the block's warps, in order
+    if (int(threadIdx.y) == w)
 #pragma unroll
-  for (int i = 0; i < N; ++i) {
-    const int c = lane + 32 * i;
-    if (c < cols) dx[o + c] = rs * (g[i] - s1 - xc[i] * rs * s2);
+      for (int i = 0; i < P; ++i) {
+        const int k = lane + 32 * i;
+        if (k >= packs) continue;
+#pragma unroll
+        for (int c = 0; c < W; ++c) {
+          const int col = W * k + c;
+          sg[col] = (w == 0 ? T(0) : sg[col]) + ag[i * W + c];
+          sb[col] = (w == 0 ? T(0) : sb[col]) + ab[i * W + c];
+        }
+      }
+    __syncthreads();
+  }
+  const int tid = int(threadIdx.y) * 32 + lane, threads = 32 * kRowsPerBlock;
+  if (gridDim.x == 1) {
+    for (int col = tid; col < cols; col += threads) {
+      if (dgamma) dgamma[col] += sg[col];
+      if (dbeta) dbeta[col] += sb[col];
+    }
+    return;
+  }
+  T* mine = partial + std::size_t(blockIdx.x) * 2 * cols;
+  for (int col = tid; col < cols; col += threads) {
+    mine[col] = sg[col];
+    mine[cols + col] = sb[col];
+  }
+  __threadfence();  // the sums are visible to every block before this block is counted
+  __syncthreads();
+  __shared__ bool last;
+  if (tid == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int col = tid; col < 2 * cols; col += threads) {
+    T s = T(0);
+    for (unsigned b = 0; b < gridDim.x; ++b) s += __ldcg(partial + std::size_t(b) * 2 * cols + col);
+    if (col < cols) {
+      if (dgamma) dgamma[col] += s;
+    } else if (dbeta) {
+      dbeta[col - cols] += s;
+    }
   }
 }
 

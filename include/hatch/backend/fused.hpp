@@ -4,9 +4,10 @@
 // runs, otherwise the unfused sequence below (the definition of X's result) does. So a backend
 // is complete with the concept's primitives alone, and a fast path is one static member.
 //
-// Cuda has both of these (cuBLASLt epilogues). Cpu has both too, each one parallel region
-// (Cpu::gemm_panels): linear_forward writes the bias where each thread's GEMM accumulates, and
-// linear_backward_params sums the bias gradient on each thread right after its panel of dW.
+// Cuda has all three (cuBLASLt epilogues; AdamW in one launch). Cpu has the two linear ones, each
+// one parallel region (Cpu::gemm_panels): linear_forward writes the bias where each thread's GEMM
+// accumulates, and linear_backward_params sums the bias gradient on each thread right after its
+// panel of dW.
 #include "hatch/backend/concept.hpp"
 
 namespace hatch::fused {
@@ -41,6 +42,30 @@ void linear_backward_params(S<B>* dw, S<B>* dbias, const S<B>* dy, const S<B>* x
     B::linear_backward_params(dw, dbias, dy, x, rows, in, out);
   else
     linear_backward_params_unfused<B>(dw, dbias, dy, x, rows, in, out);
+}
+
+// AdamW over [0, n) with weight decay on [0, decay_end) only, as over a ParameterArena (decayed
+// parameters first): two adamw_update calls, or one pass where the backend has the member.
+template <Backend B>
+void adamw_update_segments_unfused(S<B>* w, S<B>* m, S<B>* v, const S<B>* g, std::size_t n, std::size_t decay_end,
+                                   S<B> lr, S<B> beta1, S<B> beta2, S<B> eps, S<B> weight_decay, S<B> bias_corr1,
+                                   S<B> bias_corr2) {
+  const std::size_t d = decay_end < n ? decay_end : n;
+  if (d) B::adamw_update(w, m, v, g, d, lr, beta1, beta2, eps, weight_decay, bias_corr1, bias_corr2);
+  if (n > d)
+    B::adamw_update(w + d, m + d, v + d, g + d, n - d, lr, beta1, beta2, eps, S<B>(0), bias_corr1, bias_corr2);
+}
+template <Backend B>
+void adamw_update_segments(S<B>* w, S<B>* m, S<B>* v, const S<B>* g, std::size_t n, std::size_t decay_end, S<B> lr,
+                           S<B> beta1, S<B> beta2, S<B> eps, S<B> weight_decay, S<B> bias_corr1, S<B> bias_corr2) {
+  if constexpr (requires {
+                  B::adamw_update_segments(w, m, v, g, n, decay_end, lr, beta1, beta2, eps, weight_decay, bias_corr1,
+                                           bias_corr2);
+                })
+    B::adamw_update_segments(w, m, v, g, n, decay_end, lr, beta1, beta2, eps, weight_decay, bias_corr1, bias_corr2);
+  else
+    adamw_update_segments_unfused<B>(w, m, v, g, n, decay_end, lr, beta1, beta2, eps, weight_decay, bias_corr1,
+                                     bias_corr2);
 }
 
 }  // namespace hatch::fused

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "hatch/backend/fused.hpp"
 #include "hatch/core/error.hpp"
 #include "hatch/core/arena.hpp"
 #include "hatch/core/parameter.hpp"
@@ -97,7 +98,8 @@ class AdamW {
     }
   }
   // Over an arena (which must outlive the optimizer): moments in the arena's layout, a step is
-  // one adamw_update over the decayed segment and one over the rest of the trainable range.
+  // one pass over the trainable range with decay on its first (decayed) segment
+  // (fused::adamw_update_segments: one launch on Cuda).
   AdamW(ParameterArena<B>& arena, AdamWOptions opt = {}) : opt_(opt), arena_(&arena) {
     const auto n = arena.trainable_end();
     m_.resize({n});
@@ -129,8 +131,9 @@ class AdamW {
       T* w = arena_->values().data();
       const T* g = arena_->grads().data();
       const auto d = arena_->decay_end(), t = arena_->trainable_end();
-      update(w, m_.data(), v_.data(), g, d, true);
-      update(w + d, m_.data() + d, v_.data() + d, g + d, t - d, false);
+      if (t > 0)
+        fused::adamw_update_segments<B>(w, m_.data(), v_.data(), g, std::size_t(t), std::size_t(d), T(lr),
+                                        T(opt_.beta1), T(opt_.beta2), T(opt_.eps), T(opt_.weight_decay), bc1, bc2);
       return;
     }
     for (auto& s : slots_) {
