@@ -4,7 +4,7 @@
 #
 #   bench/gpu-bundle.sh [--build build-bundle] [--out gpu-bundle]
 #
-# The CUDA test binary, train_step, train_e2e, incubate and distill are built for sm_90 with
+# The CUDA test binary, train_step, cuda_rows, train_e2e, incubate and distill are built for sm_90 with
 # -DHATCH_NATIVE=OFF (the GPU machine's CPU may lack this one's instructions), without MPI, NCCL
 # or OpenBLAS, and packed with the Fashion-MNIST files, the scripts gpu.sh needs, the host
 # libraries the binaries need that a bare machine may lack (not glibc, not the CUDA libraries:
@@ -37,16 +37,16 @@ data=/usr/share/datasets/fashion-mnist
 cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DHATCH_ENABLE_CUDA=ON -DHATCH_NATIVE=OFF \
   -DHATCH_ENABLE_MPI=OFF -DHATCH_ENABLE_NCCL=OFF -DHATCH_ENABLE_OPENBLAS=OFF \
   -DCMAKE_CUDA_ARCHITECTURES=90-real -DHATCH_BUILD_TESTS=ON -DHATCH_BUILD_EXAMPLES=ON -DHATCH_BUILD_BENCHMARKS=ON >/dev/null
-targets=(hatch_cuda_tests train_step train_e2e incubate distill)
+targets=(hatch_cuda_tests train_step cuda_rows train_e2e incubate distill)
 cmake --build "$build" -j"$(nproc)" --target "${targets[@]}"
 
 rm -rf "$out" && mkdir -p "$out/bin" "$out/lib" "$out/data" "$out/bench"
-cp "$build/tests/hatch_cuda_tests" "$build/bench/train_step" "$build/examples/train_e2e" "$build/examples/incubate" "$build/examples/distill" \
+cp "$build/tests/hatch_cuda_tests" "$build/bench/train_step" "$build/bench/cuda_rows" "$build/examples/train_e2e" "$build/examples/incubate" "$build/examples/distill" \
   "$out/bin/"
 strip --strip-unneeded "$out"/bin/*
 cp "$data"/*.gz "$out/data/"
 cp "$here/gpu.sh" "$here/gpu-sanitize.sh" "$here/gpu-profile.sh" "$here/torch_vit_step.py" "$here/torch_fmnist_train.py" \
-  "$out/bench/"
+  "$here/torch_rows.py" "$out/bench/"
 
 : >"$out/libs.txt"
 for b in "$out"/bin/*; do

@@ -9,7 +9,9 @@
 #      in its PyTorch twin and in timm's vit_base_patch16_224 (fused attention), float32 and
 #      TF32, alternating, and prints each timed run's first and last loss (about ln 1000 = 6.91
 #      at the start, never NaN) and PyTorch's matmul precision setting,
-#   4. trains vit-tiny on Fashion-MNIST for one epoch with `train_e2e --device cuda` (fit: one
+#   4. times the row kernels (LayerNorm, softmax) at ViT-B/16's shapes, each variant the launcher
+#      can pick, against PyTorch's in the same run (cuda_rows, torch_rows.py),
+#   5. trains vit-tiny on Fashion-MNIST for one epoch with `train_e2e --device cuda` (fit: one
 #      wait for the device per step, batches from pinned memory) and with its PyTorch twin
 #      (bench/torch_fmnist_train.py --device cuda), and compares their training seconds,
 # and prints a markdown table (also written to $OUT/gpu.md when OUT is set), even when a step
@@ -29,7 +31,7 @@ while [[ $# -gt 0 ]]; do
       [[ $# -ge 2 ]] || die "$1 needs a value"
       declare "${1#--}=$2"; shift 2 ;;
     --no-build) no_build=1; shift ;;
-    -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
@@ -44,10 +46,12 @@ jobs="$(nproc)"
 
 # Where each binary is: the build tree's layout, or the bundle's bin/.
 tests_bin="$build/tests/hatch_cuda_tests" step_bin="$build/bench/train_step" e2e_bin="$build/examples/train_e2e"
+rows_bin="$build/bench/cuda_rows"
 if [[ -n $bundle ]]; then
   bundle="$(cd "$bundle" && pwd)" || die "--bundle: no directory '$bundle'"
   no_build=1 build="$bundle"
   tests_bin="$bundle/bin/hatch_cuda_tests" step_bin="$bundle/bin/train_step" e2e_bin="$bundle/bin/train_e2e"
+  rows_bin="$bundle/bin/cuda_rows"
   export HATCH_FMNIST="${HATCH_FMNIST:-$bundle/data}"
   export LD_LIBRARY_PATH="$bundle/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   # cuBLAS and the CUDA runtime are the machine's own: the toolkit's, or the ones PyTorch ships.
@@ -66,11 +70,11 @@ if [[ $no_build == 0 ]]; then
   cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DHATCH_ENABLE_CUDA=ON -DHATCH_BUILD_TESTS=ON \
     -DHATCH_BUILD_EXAMPLES=ON -DHATCH_BUILD_BENCHMARKS=ON >"$build.configure.log" 2>&1 \
     || { tail -30 "$build.configure.log"; die "configure failed (log: $build.configure.log)"; }
-  cmake --build "$build" -j"$jobs" --target hatch_cuda_tests train_step train_e2e >"$build.build.log" 2>&1 \
+  cmake --build "$build" -j"$jobs" --target hatch_cuda_tests train_step cuda_rows train_e2e >"$build.build.log" 2>&1 \
     || { grep -m20 -B2 -A6 "error" "$build.build.log"; die "build failed (log: $build.build.log)"; }
   echo "   built in $((SECONDS - start)) s"
 fi
-for bin in "$tests_bin" "$step_bin" "$e2e_bin"; do
+for bin in "$tests_bin" "$step_bin" "$rows_bin" "$e2e_bin"; do
   [[ -x "$bin" ]] || die "missing $bin"
 done
 
@@ -83,6 +87,19 @@ echo "   measured parity margins (Cpu vs Cuda):"
 grep -o "parity .*tolerance .*" "$build/gpu-tests.log" | sed 's/^/     /'
 grep -o "fused: .*" "$build/gpu-tests.log" | sort | uniq -c | sed 's/^/     /'
 [[ -n "${OUT:-}" ]] && cp "$build/gpu-tests.log" "$OUT/" 2>/dev/null
+
+echo "== row kernels at ViT-B/16's shapes: each variant, and PyTorch's (cuda_rows, torch_rows.py)"
+rows_table="$( { timeout 60 "$rows_bin" 2>&1; timeout 90 "$python" "$here/torch_rows.py" 2>&1; } | "$python" -c '
+import sys
+lines = [l.split() for l in sys.stdin if l.startswith("rows ")]
+torch = {l[1]: float(l[3]) for l in lines if l[2] == "torch"}
+print("| kernel, ViT-B/16 shape (batch 64) | variant | median us | effective GB/s | PyTorch us / this |")
+print("|---|---|---:|---:|---:|")
+for _, name, variant, us, gbps in lines:
+    r = f"{torch[name] / float(us):.2f}" if name in torch else "-"
+    print(f"| {name} | {variant} | {us} | {gbps} | {r} |")
+' 2>&1)"
+echo "$rows_table"
 
 # images/s of one run, or "failed"; the run's own output goes to the log.
 ips() {
@@ -164,6 +181,8 @@ CUDA tests: $tests_status. Total $((SECONDS - start)) s.
 | hatch train_e2e --device cuda | $e2e_s | $acc |
 | PyTorch twin, --device cuda | $twin_s | $twin_acc |
 | twin / hatch (speed-up) | $(ratio "$twin_s" "$e2e_s") | |
+
+$rows_table
 
 | hatch, ViT-B/16 step, batch $batch | fp32 img/s | all on / this | TF32 img/s | all on / this |
 |---|---:|---:|---:|---:|
