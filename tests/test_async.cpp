@@ -4,10 +4,12 @@
 // makes Cuda wait for its stream counted. fit through it must train exactly as through Cpu and
 // wait once per step (tests/cuda counts Cuda's real waits the same way on a GPU).
 #include <hatch/backend/async.hpp>
+#include <hatch/modular/distiller.hpp>
 #include <hatch/train/fit.hpp>
 
 #include <cmath>
 #include <filesystem>
+#include <fstream>
 #include <random>
 
 #include "support.hpp"
@@ -203,13 +205,24 @@ struct FitRun {
   FitResult result;
   std::vector<float> values;
   std::int64_t waits = 0;
+  std::vector<double> train_losses;  // each epoch's, from metrics.jsonl
+};
+// With distill, the objective is the distiller's (TeacherObjective: a second, fixed ViT as the
+// teacher, alpha 0.5, temperature 2); with returned_loss, its loss comes back from
+// forward_backward instead of going through step scalars (the objective before 2026-11-28).
+template <class Teacher>
+struct ReturnedLoss {  // TeacherObjective without forward_backward_into
+  TeacherObjective<Teacher> inner;
+  double forward_backward(const auto& z, const auto& t, const auto& x) { return inner.forward_backward(z, t, x); }
+  const auto& grad() const { return inner.grad(); }
 };
 template <class B>
-FitRun<B> fit_micro(int train_n, const std::string& name) {
+FitRun<B> fit_micro(int train_n, const std::string& name, bool distill = false, bool returned_loss = false) {
   const auto train = test::learnable_set(train_n, 31), test_set = test::learnable_set(48, 32);
-  Model<presets::VitMicro, B> model;
-  Initializer init(9);
+  Model<presets::VitMicro, B> model, teacher;
+  Initializer init(9), teacher_init(10);
   model.reset_parameters(init);
+  teacher.reset_parameters(teacher_init);
   FitOptions o;
   o.epochs = 2;
   o.batch = 32;
@@ -224,12 +237,23 @@ FitRun<B> fit_micro(int train_n, const std::string& name) {
   DeviceLikeCpu::waits = 0;
   DeviceLikeCpu::losses = 0;
   DeviceLikeCpu::losses_at_wait.clear();
-  run.result = fit(model, train, test_set, o);
+  if (!distill) {
+    run.result = fit(model, train, test_set, o);
+  } else if (!returned_loss) {
+    TeacherObjective<Model<presets::VitMicro, B>> objective(teacher, 0.5, 2.0);
+    run.result = fit(model, train, test_set, o, objective);
+  } else {
+    ReturnedLoss<Model<presets::VitMicro, B>> objective{{teacher, 0.5, 2.0}};
+    run.result = fit(model, train, test_set, o, objective);
+  }
   run.waits = DeviceLikeCpu::waits;
   model.visit([&](const std::string&, Parameter<B>& p) {
     auto h = p.value.to_host();
     run.values.insert(run.values.end(), h.begin(), h.end());
   }, "");
+  std::ifstream metrics(o.out / "metrics.jsonl");
+  for (std::string line; std::getline(metrics, line);)
+    run.train_losses.push_back(nlohmann::json::parse(line).at("train_loss").get<double>());
   std::filesystem::remove_all(o.out);
   return run;
 }
@@ -249,4 +273,67 @@ TEST_CASE("fit through a backend with its own step scalars: the same training, o
   // 2 epochs of 4 and of 2 steps, the same evaluation and setup: the difference is 4 steps' waits.
   const auto fewer = fit_micro<DeviceLikeCpu>(64, "dev64");
   CHECK(dev.waits - fewer.waits == 4);
+}
+
+TEST_CASE("fit with the distiller's objective: the loss through step scalars, the same training, one wait per step") {
+  const auto returned = fit_micro<Cpu>(128, "kd_ret", true, true);
+  const auto cpu = fit_micro<Cpu>(128, "kd_cpu", true);
+  const auto dev = fit_micro<DeviceLikeCpu>(128, "kd_dev", true);
+  CHECK(cpu.values == returned.values);  // the gradients do not depend on how the loss is read
+  CHECK(dev.values == cpu.values);
+  CHECK(dev.result.test.loss == cpu.result.test.loss);
+  REQUIRE(cpu.train_losses.size() == 2);
+  REQUIRE(returned.train_losses.size() == 2);
+  for (int e = 0; e < 2; ++e)  // the loss combined from its parts: the same to rounding
+    CHECK(cpu.train_losses[std::size_t(e)] == doctest::Approx(returned.train_losses[std::size_t(e)]).epsilon(1e-12));
+  CHECK(dev.train_losses == cpu.train_losses);
+  // One wait per training step as with cross-entropy; returned, the loss cost three more (the
+  // cross-entropy and the two distillation sums, each read back on its own).
+  const auto fewer = fit_micro<DeviceLikeCpu>(64, "kd_dev64", true);
+  CHECK(dev.waits - fewer.waits == 4);
+  const auto dev_returned = fit_micro<DeviceLikeCpu>(128, "kd_dev_ret", true, true);
+  const auto fewer_returned = fit_micro<DeviceLikeCpu>(64, "kd_dev_ret64", true, true);
+  CHECK(dev_returned.waits - fewer_returned.waits == 4 * 4);
+}
+
+TEST_CASE("step scalars: a slot combined from others when read; the distillation loss through it") {
+  StepScalars<DeviceLikeCpu> s(4);
+  Tensor<DeviceLikeCpu> x;
+  x.from_host(std::vector<float>{3, 4}, {2});
+  s.sum_squares(1, x.data(), 2);  // 25
+  s.set(2, 2);
+  s.combine(0, {{1, 0.5}, {2, -3}});
+  DeviceLikeCpu::waits = 0;
+  CHECK(s.read()[0] == 0.5 * 25 - 3 * 2);
+  CHECK(DeviceLikeCpu::waits == 1);
+  s.set(2, 4);
+  CHECK(s.read()[0] == 0.5 * 25 - 3 * 4);  // formed again at every read
+  s.set(0, 1);  // written otherwise: no longer combined
+  CHECK(s.read()[0] == 1);
+  CHECK_THROWS_AS(s.combine(0, {{0, 1.0}}), Error);
+  CHECK_THROWS_AS(s.combine(0, {{1, 1.0}, {2, 1.0}, {3, 1.0}, {1, 1.0}, {2, 1.0}}), Error);
+  CHECK_THROWS_AS(s.combine(0, {{4, 1.0}}), Error);
+
+  // DistilledCrossEntropy: its loss through four slots equals the returned one, its gradient is
+  // the same bit for bit, on Cpu and on the device-like backend.
+  const Case c;
+  std::mt19937 g(8);
+  std::normal_distribution<float> n;
+  std::vector<float> zt(c.z.size());
+  for (auto& v : zt) v = n(g);
+  auto check = [&](auto backend) {
+    using B = decltype(backend);
+    Tensor<B> z, t, teacher;
+    z.from_host(c.z, {c.rows, c.cols});
+    t.from_host(c.t, {c.rows, c.cols});
+    teacher.from_host(zt, {c.rows, c.cols});
+    DistilledCrossEntropy<B> returned(0.3, 2.0), into(0.3, 2.0);
+    const double loss = returned.forward_backward(z, t, teacher);
+    StepScalars<B> sc(1 + DistilledCrossEntropy<B>::scalar_slots);
+    into.forward_backward_into(z, t, teacher, sc, 1);
+    CHECK(sc.read()[1] == doctest::Approx(loss).epsilon(1e-12));
+    CHECK(into.grad().to_host() == returned.grad().to_host());
+  };
+  check(Cpu{});
+  check(DeviceLikeCpu{});
 }

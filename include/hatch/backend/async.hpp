@@ -43,9 +43,11 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <iterator>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "hatch/backend/concept.hpp"
@@ -132,11 +134,29 @@ class StepScalars {
   void set(int slot, double v) {
     host_[index(slot)] = v;
     from_host_[index(slot)] = true;
+    derived_[index(slot)].n = 0;
+  }
+  // slot = sum of c * (slot j) over the terms {j, c}, formed by the host when the values are read
+  // (values(), after the other slots arrived): a loss made of several reductions still costs one
+  // wait. The terms must be other slots, written in the same step. Writing the slot otherwise ends it.
+  void combine(int slot, std::initializer_list<std::pair<int, double>> terms) {
+    const auto i = index(slot);
+    HATCH_CHECK(terms.size() <= kMaxTerms, "StepScalars::combine",
+                "at most " + std::to_string(kMaxTerms) + " terms, got " + std::to_string(terms.size()));
+    Derived d;
+    for (const auto& [j, c] : terms) {
+      HATCH_CHECK(index(j) != i, "StepScalars::combine", "slot " + std::to_string(slot) + " cannot be its own term");
+      d.slot[d.n] = index(j);
+      d.coef[d.n++] = c;
+    }
+    derived_[i] = d;
+    from_host_[i] = true;  // never copied from the backend
   }
   // slot = (sum over rows of -sum_c t log softmax(z)) / divisor; dz = scale * its gradient (dz may be null).
   void softmax_cross_entropy(int slot, T* dz, const T* z, const T* t, int rows, int cols, T scale, double divisor) {
     const auto i = index(slot);
     from_host_[i] = false;
+    derived_[i].n = 0;
     if constexpr (on_backend) B::softmax_cross_entropy_into(dev_ + i, dz, z, t, rows, cols, scale, divisor);
     else host_[i] = B::softmax_cross_entropy(dz, z, t, rows, cols, scale) / divisor;
   }
@@ -144,6 +164,7 @@ class StepScalars {
   void argmax_matches(int slot, const T* z, const T* t, int rows, int cols) {
     const auto i = index(slot);
     from_host_[i] = false;
+    derived_[i].n = 0;
     if constexpr (on_backend) {
       B::argmax_matches_into(dev_ + i, z, t, rows, cols);
     } else {
@@ -170,11 +191,12 @@ class StepScalars {
   void sum_squares(int slot, const T* x, std::size_t n) {
     const auto i = index(slot);
     from_host_[i] = false;
+    derived_[i].n = 0;
     if constexpr (on_backend) B::sum_squares_into(dev_ + i, x, n);
     else host_[i] = B::sum_squares(x, n);
   }
   // Scales g (n values) so that its L2 norm, sqrt(slot), is at most max_norm: by
-  // max_norm / (norm + 1e-6) when norm > max_norm (clip_grad_norm's rule), else not at all.
+  // clip_factor(norm, max_norm) (core/host_device.hpp), the rule of clip_grad_norm.
   // The slot holds g's sum of squares (sum_squares above); the host does not need its value.
   void clip_to_norm(T* g, std::size_t n, int sumsq_slot, double max_norm) {
     const auto i = index(sumsq_slot);
@@ -182,8 +204,8 @@ class StepScalars {
     if constexpr (on_backend) {
       if (!from_host_[i]) return B::clip_to_norm(g, n, dev_ + i, max_norm);
     }
-    const double norm = std::sqrt(host_[i]);  // a norm the host has
-    if (norm > max_norm) B::scale(g, T(max_norm / (norm + 1e-6)), n);
+    const double f = clip_factor(std::sqrt(host_[i]), max_norm);  // a norm the host has
+    if (f != 1.0) B::scale(g, T(f), n);
   }
   // Every slot, as last written (set or computed); on a backend with its own scalars this is the
   // one wait for the device. Slots never written read 0.
@@ -215,6 +237,13 @@ class StepScalars {
       for (std::size_t i = 0; i < host_.size(); ++i)
         if (!from_host_[i]) host_[i] = got[i];
     }
+    for (std::size_t i = 0; i < host_.size(); ++i) {
+      const Derived& d = derived_[i];
+      if (!d.n) continue;
+      double v = 0;
+      for (int k = 0; k < d.n; ++k) v += d.coef[k] * host_[d.slot[k]];
+      host_[i] = v;
+    }
     return host_;
   }
 
@@ -224,8 +253,15 @@ class StepScalars {
                 "slot " + std::to_string(slot) + " of " + std::to_string(size()));
     return std::size_t(slot);
   }
+  static constexpr std::size_t kMaxTerms = 4;
+  struct Derived {  // slot = sum coef[k] * slot[k], k < n (n = 0: not derived)
+    int n = 0;
+    std::size_t slot[kMaxTerms] = {};
+    double coef[kMaxTerms] = {};
+  };
   std::vector<double> host_, buffer_;
   std::vector<bool> from_host_;
+  std::vector<Derived> derived_ = std::vector<Derived>(host_.size());
   double* dev_ = nullptr;
   bool fetched_ = false;
   std::optional<FetchOf<B>> fetch_;  // on a backend with ScalarFetch

@@ -862,9 +862,9 @@ __global__ void argmax_matches(double* hit, const T* z, const T* t, int rows, in
 // norm = sqrt(*sumsq) > max_norm (the host rule of clip_grad_norm, with the same rounding).
 template <class T>
 __global__ void clip_to_norm(T* g, std::size_t n, const double* sumsq, double max_norm) {
-  const double norm = sqrt(*sumsq);
-  if (!(norm > max_norm)) return;
-  const T f = T(max_norm / (norm + 1e-6));
+  const double factor = clip_factor(sqrt(*sumsq), max_norm);  // core/host_device.hpp
+  if (factor == 1.0) return;
+  const T f = T(factor);
   for (std::size_t j = global_index(); j < n; j += global_stride()) g[j] *= f;
 }
 

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "hatch/core/error.hpp"
+#include "hatch/core/host_device.hpp"
 #include "hatch/core/parameter.hpp"
 
 namespace hatch {
@@ -133,9 +134,8 @@ class ParameterArena {
   // Scales the trainable gradients so their global norm is at most max_norm (one scale); returns
   // the norm before. Same rule as clip_grad_norm over parameter lists.
   double clip_grad_norm(double max_norm) {
-    const double norm = grad_norm();
-    if (max_norm > 0 && norm > max_norm)
-      B::scale(grads_.data(), T(max_norm / (norm + 1e-6)), std::size_t(trainable_end_));
+    const double norm = grad_norm(), f = clip_factor(norm, max_norm);
+    if (f != 1.0) B::scale(grads_.data(), T(f), std::size_t(trainable_end_));
     return norm;
   }
 

@@ -42,3 +42,16 @@ HATCH_HD inline T sigmoid(T x) {
 }
 
 }  // namespace hatch::hd
+
+namespace hatch {
+
+// Gradient clipping's rule, the one place it is written: gradients of global L2 norm `norm` are
+// scaled by the returned factor, max_norm / (norm + 1e-6) when norm > max_norm, else 1 (callers
+// skip the scale then; a NaN norm is never clipped). Used by clip_grad_norm over parameter lists
+// (train/optimizer.hpp), ParameterArena::clip_grad_norm, StepScalars::clip_to_norm and Cuda's
+// clip_to_norm kernel, which reads the norm on the device.
+HATCH_HD inline double clip_factor(double norm, double max_norm) {
+  return max_norm > 0 && norm > max_norm ? max_norm / (norm + 1e-6) : 1.0;
+}
+
+}  // namespace hatch

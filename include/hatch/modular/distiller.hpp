@@ -37,6 +37,17 @@ class TeacherObjective {
     ctx.input_grad = false;
     return loss_.forward_backward(logits, targets, teacher_.forward(images, ctx));
   }
+  // fit's one-wait form (fit.hpp): the loss into step scalar `slot`, from the scalar_slots slots
+  // that start there.
+  static constexpr int scalar_slots = DistilledCrossEntropy<B>::scalar_slots;
+  void forward_backward_into(const Tensor<B>& logits, const Tensor<B>& targets, const Tensor<B>& images,
+                             StepScalars<B>& s, int slot) {
+    Context ctx;
+    ctx.training = false;
+    ctx.param_grads = false;
+    ctx.input_grad = false;
+    loss_.forward_backward_into(logits, targets, teacher_.forward(images, ctx), s, slot);
+  }
   const Tensor<B>& grad() const { return loss_.grad(); }
   const DistilledCrossEntropy<B>& loss() const { return loss_; }
 

@@ -216,6 +216,9 @@ EvalResult evaluate(M& model, const data::Dataset& set, int batch) {
 //   void forward_backward_into(logits, targets, images, StepScalars<B>& s, int slot);
 // writing the loss into a step scalar (backend/async.hpp) instead of returning it; fit then
 // need not wait for the device before the step's end. Without it fit calls forward_backward.
+// An objective that needs more slots for its parts (the distiller's: a cross-entropy and two
+// sums, StepScalars::combine'd into the loss) says how many with `static constexpr int
+// scalar_slots = n;`: the slots slot .. slot + n - 1 are its own.
 template <Backend B>
 struct CrossEntropyObjective {
   SoftTargetCrossEntropy<B> ce;
@@ -240,6 +243,16 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
 }
 
 namespace detail {
+// The step scalars an objective writes (fit.hpp's objective contract above): 1 unless it says.
+template <class Objective>
+constexpr int objective_scalar_slots() {
+  if constexpr (requires { Objective::scalar_slots; }) {
+    static_assert(Objective::scalar_slots >= 1, "an objective's scalar_slots must be at least 1");
+    return Objective::scalar_slots;
+  } else {
+    return 1;
+  }
+}
 // Rows [lo, hi) of n for `rank` of `ranks`: contiguous shares that differ by at most one row.
 inline std::pair<int, int> share(int n, int rank, int ranks) {
   return {int(std::int64_t(n) * rank / ranks), int(std::int64_t(n) * (rank + 1) / ranks)};
@@ -352,7 +365,8 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
   // waiting. Two of each alternate: step i writes set i % 2, whose last user, step i - 2, has
   // been read by then (backend/async.hpp). In a data-parallel job each step's values are read at
   // once, for the all-reduce of the losses.
-  enum Slot { kLoss, kRight, kNormSq, kSlots };
+  enum Slot { kRight, kNormSq, kLoss };  // the objective's slots start at kLoss
+  constexpr int kSlots = kLoss + detail::objective_scalar_slots<Objective>();
   std::array<StepScalars<B>, 2> sets{StepScalars<B>(kSlots), StepScalars<B>(kSlots)};
   HostStaging<B> stage_x[2], stage_t[2];
   struct Queued {  // a step whose values are yet to be read

@@ -53,11 +53,9 @@ double global_grad_norm(const std::vector<ParamRef<B>>& params) {
 // Scales all gradients so their global L2 norm is at most max_norm; returns the norm before.
 template <Backend B>
 double clip_grad_norm(const std::vector<ParamRef<B>>& params, double max_norm) {
-  const double norm = global_grad_norm(params);
-  if (max_norm > 0 && norm > max_norm) {
-    const auto f = typename B::Scalar(max_norm / (norm + 1e-6));
-    for (auto& r : params) B::scale(r.param->grad.data(), f, r.param->grad.numel());
-  }
+  const double norm = global_grad_norm(params), f = clip_factor(norm, max_norm);
+  if (f != 1.0)
+    for (auto& r : params) B::scale(r.param->grad.data(), typename B::Scalar(f), r.param->grad.numel());
   return norm;
 }
 
