@@ -112,13 +112,7 @@ int main(int argc, char** argv) {
     });
     // Backward with all three gradients, as a Block's LayerNorm needs.
     auto columns = [&] {  // dgamma and dbeta by column chunks (before 2026-11-28)
-      const int rpc = d::rows_per_chunk(rows), chunks = (rows + rpc - 1) / rpc;
-      d::Scratch<float> partial(2 * std::size_t(chunks) * cols);
-      HATCH_CUDA_LAUNCH(k::layer_norm_param_partial<float>, dim3(unsigned((cols + 31) / 32), unsigned(chunks)),
-                        d::kColBlock, dg.data(), db.data(), partial.get(), dy.data(), x.data(), mean.data(),
-                        rstd.data(), rows, cols, rpc);
-      HATCH_CUDA_LAUNCH(k::layer_norm_param_finish<float>, d::element_blocks(std::size_t(cols)), k::kThreads,
-                        dg.data(), db.data(), partial.get(), chunks, cols);
+      d::layer_norm_params_by_columns(dg.data(), db.data(), dy.data(), x.data(), mean.data(), rstd.data(), rows, cols);
     };
     auto bwd = [&](const char* variant, auto launch) { report("layer_norm_backward", variant, bwd_bytes, median_us(launch)); };
     bwd("general_two_kernels", [&] {
@@ -127,21 +121,18 @@ int main(int argc, char** argv) {
       columns();
     });
     bwd("regs_W1_two_kernels", [&] {  // the default before 2026-11-28
-      HATCH_CUDA_LAUNCH((k::layer_norm_backward_regs<float, 1, 32>), grid, block, dx.data(), nullptr, nullptr,
-                        nullptr, nullptr, dy.data(), x.data(), mean.data(), rstd.data(), gamma.data(), rows, cols);
+      d::layer_norm_backward_one_kernel<float, 1, 32>(dx.data(), nullptr, nullptr, dy.data(), x.data(), mean.data(),
+                                                      rstd.data(), gamma.data(), rows, cols);
       columns();
     });
-    auto one_kernel = [&](auto kernel) {
-      const unsigned blocks = std::min(grid, d::resident_row_blocks(kernel));
-      const std::size_t sums = 2 * std::size_t(blocks) * cols;
-      d::Scratch<float> partial(sums + 1);
-      auto* counter = reinterpret_cast<unsigned*>(partial.get() + sums);
-      HATCH_CUDA_CHECK(cudaMemsetAsync(counter, 0, sizeof(unsigned), Cuda::stream()));
-      HATCH_CUDA_LAUNCH(kernel, blocks, block, dx.data(), dg.data(), db.data(), partial.get(), counter, dy.data(),
-                        x.data(), mean.data(), rstd.data(), gamma.data(), rows, cols);
-    };
-    bwd("regs_W1_one_kernel", [&] { one_kernel(k::layer_norm_backward_regs<float, 1, 32>); });
-    bwd("regs_W4_one_kernel", [&] { one_kernel(k::layer_norm_backward_regs<float, 4, 32>); });
+    bwd("regs_W1_one_kernel", [&] {
+      d::layer_norm_backward_one_kernel<float, 1, 32>(dx.data(), dg.data(), db.data(), dy.data(), x.data(),
+                                                      mean.data(), rstd.data(), gamma.data(), rows, cols);
+    });
+    bwd("regs_W4_one_kernel", [&] {
+      d::layer_norm_backward_one_kernel<float, 4, 32>(dx.data(), dg.data(), db.data(), dy.data(), x.data(),
+                                                      mean.data(), rstd.data(), gamma.data(), rows, cols);
+    });
     bwd("primitive", [&] {  // what Cuda::layer_norm_backward picks
       Cuda::layer_norm_backward(dx.data(), dg.data(), db.data(), dy.data(), x.data(), mean.data(), rstd.data(),
                                 gamma.data(), rows, cols);

@@ -150,8 +150,9 @@ TEST_CASE("cuda kernels: row-in-registers softmax and LayerNorm agree with the g
         HATCH_CUDA_LAUNCH((k::layer_norm_forward_regs<float, W, N>), grid, block, l1.data(), m1.data(), r1.data(),
                           x.data(), gamma.data(), beta.data(), rows, cols, 1e-6f);
         // dx alone: a warp per row, no sums across rows.
-        HATCH_CUDA_LAUNCH((k::layer_norm_backward_regs<float, W, N>), grid, block, dx1.data(), nullptr, nullptr,
-                          nullptr, nullptr, dy.data(), x.data(), m0.data(), r0.data(), gamma.data(), rows, cols);
+        hatch::cuda_detail::layer_norm_backward_one_kernel<float, W, N>(dx1.data(), nullptr, nullptr, dy.data(),
+                                                                        x.data(), m0.data(), r0.data(), gamma.data(),
+                                                                        rows, cols);
         Cuda::synchronize();
         CHECK_SAME_TOL(l0, l1, tol);
         CHECK_SAME_TOL(m0, m1, tol);
@@ -160,10 +161,8 @@ TEST_CASE("cuda kernels: row-in-registers softmax and LayerNorm agree with the g
         for (const unsigned blocks : {1u, 3u, grid}) {
           CAPTURE(blocks);
           auto backward = [&](float* dx, float* dg, float* db) {
-            Dev partial = zeros(2 * std::size_t(blocks) * cols + 1);  // the blocks' sums, then the counter (0)
-            unsigned* counter = reinterpret_cast<unsigned*>(partial.data() + 2 * std::size_t(blocks) * cols);
-            HATCH_CUDA_LAUNCH((k::layer_norm_backward_regs<float, W, N>), blocks, block, dx, dg, db, partial.data(),
-                              counter, dy.data(), x.data(), m0.data(), r0.data(), gamma.data(), rows, cols);
+            hatch::cuda_detail::layer_norm_backward_one_kernel<float, W, N>(dx, dg, db, dy.data(), x.data(), m0.data(),
+                                                                            r0.data(), gamma.data(), rows, cols, blocks);
             Cuda::synchronize();
           };
           Dev dx2 = zeros(n), g1 = g_start, b1 = b_start;

@@ -620,7 +620,7 @@ void with_row_registers(int cols, F&& f) {
   else if (cols <= 128) f(std::integral_constant<int, 4>{});
   else if (cols <= 256) f(std::integral_constant<int, 8>{});
   else if (cols <= 512) f(std::integral_constant<int, 16>{});
-  else if (cols <= 1024) f(std::integral_constant<int, 32>{});
+  else if (cols <= cuda_kernels::kMaxRowRegisterCols) f(std::integral_constant<int, 32>{});
   else f(std::integral_constant<int, 0>{});
 }
 
@@ -669,6 +669,49 @@ unsigned resident_row_blocks(Kernel kernel) {
   HATCH_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   HATCH_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 32 * cuda_kernels::kRowsPerBlock, 0));
   return blocks[device] = unsigned(std::max(1, sms * per_sm));
+}
+
+// LayerNorm backward's two forms (Cuda::layer_norm_backward picks one; bench/cuda_rows and the
+// kernel tests call each directly). Either of dgamma, dbeta may be null; they accumulate.
+// In one kernel (rows of at most kMaxRowRegisterCols, cuda_kernels::layer_norm_backward_regs):
+// with parameter gradients on `blocks` blocks (0: one wave, resident_row_blocks), each block's
+// sums and the counter of finished blocks (zeroed here, on the stream) in scratch memory; without,
+// a warp per row.
+template <class T, int W, int N>
+void layer_norm_backward_one_kernel(T* dx, T* dgamma, T* dbeta, const T* dy, const T* x, const T* mean,
+                                    const T* rstd, const T* gamma, int rows, int cols, unsigned blocks = 0) {
+  const auto kernel = cuda_kernels::layer_norm_backward_regs<T, W, N>;
+  if (!dgamma && !dbeta) {
+    HATCH_CUDA_LAUNCH(kernel, row_blocks(rows), kRowBlock, dx, nullptr, nullptr, nullptr, nullptr, dy, x, mean, rstd,
+                      gamma, rows, cols);
+    return;
+  }
+  if (!blocks) blocks = std::min(row_blocks(rows), resident_row_blocks(kernel));
+  const std::size_t sums = 2 * std::size_t(blocks) * std::size_t(cols);
+  Scratch<T> partial(blocks > 1 ? sums + 1 : 0);
+  unsigned* counter = blocks > 1 ? reinterpret_cast<unsigned*>(partial.get() + sums) : nullptr;
+  if (counter) HATCH_CUDA_CHECK(cudaMemsetAsync(counter, 0, sizeof(unsigned), stream()));
+  HATCH_CUDA_LAUNCH(kernel, blocks, kRowBlock, dx, dgamma, dbeta, partial.get(), counter, dy, x, mean, rstd, gamma,
+                    rows, cols);
+}
+// The parameter gradients alone, by columns (any row length): chunks of rows per block, then a
+// second kernel adds the chunks in order. dx, if wanted, comes from layer_norm_backward_dx.
+template <class T>
+void layer_norm_params_by_columns(T* dgamma, T* dbeta, const T* dy, const T* x, const T* mean, const T* rstd,
+                                  int rows, int cols) {
+  if (!dgamma && !dbeta) return;
+  const int rpc = rows_per_chunk(rows), chunks = (rows + rpc - 1) / rpc;
+  const dim3 grid(unsigned((cols + 31) / 32), unsigned(chunks));
+  if (chunks == 1) {
+    HATCH_CUDA_LAUNCH(cuda_kernels::layer_norm_param_partial<T>, grid, kColBlock, dgamma, dbeta, nullptr, dy, x, mean,
+                      rstd, rows, cols, rpc);
+    return;
+  }
+  Scratch<T> partial(2 * std::size_t(chunks) * cols);
+  HATCH_CUDA_LAUNCH(cuda_kernels::layer_norm_param_partial<T>, grid, kColBlock, dgamma, dbeta, partial.get(), dy, x,
+                    mean, rstd, rows, cols, rpc);
+  HATCH_CUDA_LAUNCH(cuda_kernels::layer_norm_param_finish<T>, element_blocks(std::size_t(cols)), cuda_kernels::kThreads,
+                    dgamma, dbeta, partial.get(), chunks, cols);
 }
 
 // Row-major C = alpha op(A) op(B) + beta C is column-major C^T = alpha op(B)^T op(A)^T + beta C^T:
@@ -1059,44 +1102,17 @@ struct Cuda {
   static void layer_norm_backward(T* dx, T* dgamma, T* dbeta, const T* dy, const T* x, const T* mean, const T* rstd,
                                   const T* gamma, int rows, int cols) {
     if (rows <= 0 || cols <= 0 || (!dx && !dgamma && !dbeta)) return;
-    bool done = false;
     cuda_detail::with_row_layout(cols, {dx, dy, x, gamma}, [&](auto regs, auto width) {
       constexpr int N = decltype(regs)::value, W = decltype(width)::value;
       if constexpr (N != 0) {
-        const auto kernel = cuda_kernels::layer_norm_backward_regs<T, W, N>;
-        if (!dgamma && !dbeta) {  // a warp per row, nothing to add up across rows
-          HATCH_CUDA_LAUNCH(kernel, cuda_detail::row_blocks(rows), cuda_detail::kRowBlock, dx, nullptr, nullptr,
-                            nullptr, nullptr, dy, x, mean, rstd, gamma, rows, cols);
-        } else {
-          const unsigned blocks = std::min(cuda_detail::row_blocks(rows), cuda_detail::resident_row_blocks(kernel));
-          const std::size_t sums = 2 * std::size_t(blocks) * std::size_t(cols);
-          // The blocks' sums, then the counter of finished blocks (zeroed here, on the stream).
-          cuda_detail::Scratch<T> partial(blocks > 1 ? sums + 1 : 0);
-          unsigned* counter = blocks > 1 ? reinterpret_cast<unsigned*>(partial.get() + sums) : nullptr;
-          if (counter) HATCH_CUDA_CHECK(cudaMemsetAsync(counter, 0, sizeof(unsigned), cuda_detail::stream()));
-          HATCH_CUDA_LAUNCH(kernel, blocks, cuda_detail::kRowBlock, dx, dgamma, dbeta, partial.get(), counter, dy, x,
-                            mean, rstd, gamma, rows, cols);
-        }
-        done = true;
+        cuda_detail::layer_norm_backward_one_kernel<T, W, N>(dx, dgamma, dbeta, dy, x, mean, rstd, gamma, rows, cols);
+      } else {
+        if (dx)
+          HATCH_CUDA_LAUNCH(cuda_kernels::layer_norm_backward_dx<T>, cuda_detail::row_blocks(rows),
+                            cuda_detail::kRowBlock, dx, dy, x, mean, rstd, gamma, rows, cols);
+        cuda_detail::layer_norm_params_by_columns(dgamma, dbeta, dy, x, mean, rstd, rows, cols);
       }
     });
-    if (done) return;
-    if (dx)
-      HATCH_CUDA_LAUNCH(cuda_kernels::layer_norm_backward_dx<T>, cuda_detail::row_blocks(rows), cuda_detail::kRowBlock,
-                        dx, dy, x, mean, rstd, gamma, rows, cols);
-    if (!dgamma && !dbeta) return;
-    const int rpc = cuda_detail::rows_per_chunk(rows), chunks = (rows + rpc - 1) / rpc;
-    const dim3 grid(unsigned((cols + 31) / 32), unsigned(chunks));
-    if (chunks == 1) {
-      HATCH_CUDA_LAUNCH(cuda_kernels::layer_norm_param_partial<T>, grid, cuda_detail::kColBlock, dgamma, dbeta,
-                        nullptr, dy, x, mean, rstd, rows, cols, rpc);
-      return;
-    }
-    cuda_detail::Scratch<T> partial(2 * std::size_t(chunks) * cols);
-    HATCH_CUDA_LAUNCH(cuda_kernels::layer_norm_param_partial<T>, grid, cuda_detail::kColBlock, dgamma, dbeta,
-                      partial.get(), dy, x, mean, rstd, rows, cols, rpc);
-    HATCH_CUDA_LAUNCH(cuda_kernels::layer_norm_param_finish<T>, cuda_detail::element_blocks(std::size_t(cols)),
-                      cuda_kernels::kThreads, dgamma, dbeta, partial.get(), chunks, cols);
   }
   // In place allowed (y == x).
   static void softmax_forward(T* y, const T* x, int rows, int cols, T scale) {
