@@ -131,11 +131,7 @@ class StepScalars {
   int size() const { return int(host_.size()); }
 
   // A value the host already has (an objective that returns its loss, a rank without rows).
-  void set(int slot, double v) {
-    host_[index(slot)] = v;
-    from_host_[index(slot)] = true;
-    derived_[index(slot)].n = 0;
-  }
+  void set(int slot, double v) { host_[written(slot, true)] = v; }
   // slot = sum of c * (slot j) over the terms {j, c}, formed by the host when the values are read
   // (values(), after the other slots arrived): a loss made of several reductions still costs one
   // wait. The terms must be other slots, written in the same step. Writing the slot otherwise ends it.
@@ -154,17 +150,13 @@ class StepScalars {
   }
   // slot = (sum over rows of -sum_c t log softmax(z)) / divisor; dz = scale * its gradient (dz may be null).
   void softmax_cross_entropy(int slot, T* dz, const T* z, const T* t, int rows, int cols, T scale, double divisor) {
-    const auto i = index(slot);
-    from_host_[i] = false;
-    derived_[i].n = 0;
+    const auto i = written(slot, false);
     if constexpr (on_backend) B::softmax_cross_entropy_into(dev_ + i, dz, z, t, rows, cols, scale, divisor);
     else host_[i] = B::softmax_cross_entropy(dz, z, t, rows, cols, scale) / divisor;
   }
   // slot = the number of rows whose largest logit is where their target's largest value is.
   void argmax_matches(int slot, const T* z, const T* t, int rows, int cols) {
-    const auto i = index(slot);
-    from_host_[i] = false;
-    derived_[i].n = 0;
+    const auto i = written(slot, false);
     if constexpr (on_backend) {
       B::argmax_matches_into(dev_ + i, z, t, rows, cols);
     } else {
@@ -189,9 +181,7 @@ class StepScalars {
   }
   // slot = the sum of squares of x, accumulated in double.
   void sum_squares(int slot, const T* x, std::size_t n) {
-    const auto i = index(slot);
-    from_host_[i] = false;
-    derived_[i].n = 0;
+    const auto i = written(slot, false);
     if constexpr (on_backend) B::sum_squares_into(dev_ + i, x, n);
     else host_[i] = B::sum_squares(x, n);
   }
@@ -248,6 +238,13 @@ class StepScalars {
   }
 
  private:
+  // Slot `slot` is written now, by the host or on the backend: no longer combined from others.
+  std::size_t written(int slot, bool by_host) {
+    const auto i = index(slot);
+    from_host_[i] = by_host;
+    derived_[i].n = 0;
+    return i;
+  }
   std::size_t index(int slot) const {
     HATCH_CHECK(slot >= 0 && slot < size(), "StepScalars",
                 "slot " + std::to_string(slot) + " of " + std::to_string(size()));

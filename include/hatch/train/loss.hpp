@@ -54,7 +54,7 @@ class DistillationLoss {
     run(student, teacher, [&](int k, T* dz, const T* z, const T* t, int rows, int cols, T scale) {
       sums[k] = B::softmax_cross_entropy(dz, z, t, rows, cols, scale);
     });
-    return weight(student) * (sums[1] - sums[0]);
+    return temp_ * temp_ * (sums[1] - sums[0]) / (double(student.rows()) * double(student.cols()));
   }
   // The same, with the two sums written into step scalars (backend/async.hpp) instead of
   // returned: the loss is weight(student) * (slot cross - slot entropy).

@@ -120,23 +120,17 @@ class AdamW {
   void step(double lr) {
     ++t_;
     const T bc1 = T(1 - std::pow(opt_.beta1, double(t_))), bc2 = T(1 - std::pow(opt_.beta2, double(t_)));
-    auto update = [&](T* w, T* m, T* v, const T* g, std::int64_t n, bool decay) {
-      if (n > 0)
-        B::adamw_update(w, m, v, g, std::size_t(n), T(lr), T(opt_.beta1), T(opt_.beta2), T(opt_.eps),
-                        T(decay ? opt_.weight_decay : 0), bc1, bc2);
-    };
     if (arena_) {
-      T* w = arena_->values().data();
-      const T* g = arena_->grads().data();
-      const auto d = arena_->decay_end(), t = arena_->trainable_end();
-      if (t > 0)
-        fused::adamw_update_segments<B>(w, m_.data(), v_.data(), g, std::size_t(t), std::size_t(d), T(lr),
-                                        T(opt_.beta1), T(opt_.beta2), T(opt_.eps), T(opt_.weight_decay), bc1, bc2);
+      fused::adamw_update_segments<B>(arena_->values().data(), m_.data(), v_.data(), arena_->grads().data(),
+                                      std::size_t(arena_->trainable_end()), std::size_t(arena_->decay_end()), T(lr),
+                                      T(opt_.beta1), T(opt_.beta2), T(opt_.eps), T(opt_.weight_decay), bc1, bc2);
       return;
     }
     for (auto& s : slots_) {
       auto& p = *s.ref.param;
-      update(p.value.data(), s.m.data(), s.v.data(), p.grad.data(), p.value.numel(), p.decay);
+      if (p.value.numel() > 0)
+        B::adamw_update(p.value.data(), s.m.data(), s.v.data(), p.grad.data(), std::size_t(p.value.numel()), T(lr),
+                        T(opt_.beta1), T(opt_.beta2), T(opt_.eps), T(p.decay ? opt_.weight_decay : 0), bc1, bc2);
     }
   }
   void zero_grad() {
