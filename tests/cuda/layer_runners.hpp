@@ -379,7 +379,7 @@ inline const std::vector<std::string>& case_names() {
       "fit",             "incubator",          "silu",             "reshape_flatten",
       "moe_block_topk",  "moe_block_vmoe_train", "nac_modfc",   "nac_kmdpa",
       "nac_kmdpa_train", "nac_modffn",         "nac_seeder_train", "nac_repulsion_train",
-      "nac_pooling_train", "nac_kmdpa_rect_train"};
+      "nac_pooling_train", "nac_kmdpa_rect_train", "attention_heads64", "block_heads64_train"};
   return names;
 }
 
@@ -406,6 +406,11 @@ Results run_case(const std::string& name, std::uint64_t seed) {
   if (name == "dropout") return run_layer<B, Dropout>(seed, {4, 33}, {.training = true, .drop = 0.3});
   if (name == "attention") return run_layer<B, Attention<32, 2>>(seed, {2, 17, 32});
   if (name == "attention_nobias") return run_layer<B, Attention<48, 3, false>>(seed, {3, 10, 48});
+  // heads of width 64 (the ViT presets'), where Cuda's fused attention kernels apply when enabled;
+  // 197 tokens (ViT-B/16's) cross every tile edge of those kernels
+  if (name == "attention_heads64") return run_layer<B, Attention<128, 2>>(seed, {3, 197, 128});
+  if (name == "block_heads64_train")
+    return run_layer<B, Block<128, 2>>(seed, {2, 70, 128}, {.training = true, .drop = 0.25});
   if (name == "block") return run_layer<B, Block<32, 2>>(seed, {2, 17, 32});
   if (name == "block_train") return run_layer<B, Block<32, 2>>(seed, {4, 17, 32}, {.training = true, .drop = 0.25});
   // Expert blocks: routing on the host from the backend's logits, the same choices on both sides.

@@ -84,6 +84,11 @@ struct Tf32Guard {
   explicit Tf32Guard(bool on) { Cuda::set_tf32(on); }
   ~Tf32Guard() { Cuda::set_tf32(false); }
 };
+struct FusedAttentionGuard {
+  explicit FusedAttentionGuard(bool on) : was_(Cuda::fused_attention()) { Cuda::set_fused_attention(on); }
+  ~FusedAttentionGuard() { Cuda::set_fused_attention(was_); }
+  bool was_;
+};
 
 // ---- host references -----------------------------------------------------------------------------
 // Row-major C(m x n) = alpha op(A) op(B) + beta C, leaving the padding of ldc untouched.
@@ -1429,6 +1434,43 @@ TEST_CASE("cuda parity: Attention") {
   check_parity("attention");
   check_parity("attention_nobias");
 }
+TEST_CASE("cuda parity: Attention and Block with heads of 64, on the GEMM path and through the fused kernels") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  for (bool fused : {false, true}) {
+    FusedAttentionGuard guard(fused);
+    CAPTURE(fused);
+    check_parity("attention_heads64");
+    check_parity("block_heads64_train");
+  }
+}
+TEST_CASE("cuda: fused attention kernels against the GEMM path at ViT-B/16's shapes, repeatable bit for bit") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  constexpr int batch = 64, n = 197, heads = 12, dh = 64, d = heads * dh;
+  const float scale = 1.0f / 8.0f;
+  const std::size_t nqkv = std::size_t(batch) * n * 3 * d, nout = std::size_t(batch) * n * d;
+  const Dev qkv = dev(randn(nqkv, 71, 0, 1.5)), dout = dev(randn(nout, 72));
+  auto run = [&](bool fused) {
+    FusedAttentionGuard guard(fused);
+    Dev out = dev(HostVec(nout)), dqkv = dev(HostVec(nqkv, std::numeric_limits<float>::quiet_NaN()));
+    Dev saved = dev(HostVec(hatch::fused::attention_saved_size<Cuda>(batch, heads, n, dh)));
+    Dev scratch = dev(HostVec(hatch::fused::attention_scratch_size<Cuda>(batch, heads, n, dh)));
+    hatch::fused::attention_forward<Cuda>(out.data(), saved.data(), qkv.data(), batch, n, heads, dh, scale);
+    hatch::fused::attention_backward<Cuda>(dqkv.data(), scratch.data(), dout.data(), qkv.data(), out.data(),
+                                           saved.data(), batch, n, heads, dh, scale);
+    return std::make_pair(out.to_host(), dqkv.to_host());
+  };
+  const auto gemm = run(false), fused = run(true), again = run(true);
+  // the fused forward saves one value per row, not n
+  FusedAttentionGuard guard(true);
+  CHECK(hatch::fused::attention_saved_size<Cuda>(batch, heads, n, dh) == std::size_t(batch) * heads * n);
+  CHECK(hatch::fused::attention_saved_size<Cuda>(batch, heads, n, 32) == std::size_t(batch) * heads * n * n);
+  CHECK_CLOSE(fused.first, gemm.first, kLayerTol);
+  CHECK_CLOSE(fused.second, gemm.second, kLayerTol);
+  CHECK(fused.first == again.first);    // no atomics: the same bits on every run
+  CHECK(fused.second == again.second);
+  double worst = std::max(rel_err(fused.first, gemm.first), rel_err(fused.second, gemm.second));
+  MESSAGE("fused attention vs GEMM path at ViT-B/16: max relative error " << worst);
+}
 TEST_CASE("cuda parity: Block, in evaluation and in training with drop path") {
   HATCH_REQUIRE_CUDA_DEVICE();
   check_parity("block");
@@ -1492,7 +1534,7 @@ TEST_CASE("cuda parity: every case is covered") {
                                         "silu", "reshape_flatten", "moe_block_topk", "moe_block_vmoe_train",
                                         "nac_modfc", "nac_kmdpa", "nac_kmdpa_train", "nac_modffn",
                                         "nac_seeder_train", "nac_repulsion_train", "nac_pooling_train",
-                                        "nac_kmdpa_rect_train"};
+                                        "nac_kmdpa_rect_train", "attention_heads64", "block_heads64_train"};
   for (const auto& name : hatch_test::case_names())
     if (std::find(tested.begin(), tested.end(), name) == tested.end()) check_parity(name);
 }

@@ -44,6 +44,7 @@
 
 #include "hatch/backend/async.hpp"
 #include "hatch/backend/concept.hpp"
+#include "hatch/backend/cuda_attention.cuh"
 #include "hatch/backend/cuda_kernels.cuh"
 #include "hatch/backend/fused.hpp"
 #include "hatch/backend/random.hpp"
@@ -77,9 +78,11 @@ inline void check_cublas(cublasStatus_t s, const char* call, const char* file, i
 // Launch errors (bad configuration, no device) surface at the launch; faults inside a kernel
 // surface at the next synchronising call, which is checked too.
 // Kernels run on the backend's stream (cuda_detail::stream()).
-#define HATCH_CUDA_LAUNCH(kernel, grid, block, ...)                          \
-  do {                                                                       \
-    kernel<<<(grid), (block), 0, ::hatch::cuda_detail::stream()>>>(__VA_ARGS__); \
+#define HATCH_CUDA_LAUNCH(kernel, grid, block, ...) HATCH_CUDA_LAUNCH_SHARED(kernel, grid, block, 0, __VA_ARGS__)
+// with `shared` bytes of dynamic shared memory
+#define HATCH_CUDA_LAUNCH_SHARED(kernel, grid, block, shared, ...)                             \
+  do {                                                                                         \
+    kernel<<<(grid), (block), (shared), ::hatch::cuda_detail::stream()>>>(__VA_ARGS__);        \
     ::hatch::cuda_detail::check_cuda(cudaGetLastError(), "launch of " #kernel, __FILE__, __LINE__); \
   } while (0)
 
@@ -714,6 +717,56 @@ void layer_norm_params_by_columns(T* dgamma, T* dbeta, const T* dy, const T* x, 
                     dgamma, dbeta, partial.get(), chunks, cols);
 }
 
+// ---- fused attention (kernels in cuda_attention.cuh) -------------------------------------------
+// Off by default until timed on a GPU against the GEMM path (bench/gpu.sh times both);
+// HATCH_CUDA_FUSED_ATTENTION=1 or Cuda::set_fused_attention(true) turns it on. Switch between
+// steps, never between a forward and its backward: the forward sizes what it saves by the switch.
+inline std::atomic<bool>& fused_attention_flag() {
+  static std::atomic<bool> on{env_switch("HATCH_CUDA_FUSED_ATTENTION", false)};
+  return on;
+}
+inline bool fused_attention_applies(int head_dim) { return fused_attention_flag().load() && head_dim == 64; }
+
+// A kernel asking for more than 48 KiB of dynamic shared memory must say so once per device.
+template <class Kernel>
+void allow_shared_bytes(Kernel kernel, std::size_t bytes) {
+  if (bytes <= 48 * 1024) return;
+  static std::mutex mu;
+  static std::map<int, bool> done;
+  int device = 0;
+  HATCH_CUDA_CHECK(cudaGetDevice(&device));
+  std::lock_guard<std::mutex> lock(mu);
+  if (done[device]) return;
+  HATCH_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  done[device] = true;
+}
+
+template <class T, int D>
+void attention_forward_fused(T* out, T* lse, const T* qkv, int batch, int n, int heads, T scale) {
+  namespace ka = cuda_kernels::attention;
+  constexpr std::size_t bytes = ka::forward_shared_bytes<T, D>();
+  allow_shared_bytes(ka::forward<T, D>, bytes);
+  const dim3 grid(unsigned((n + ka::kFwdRows - 1) / ka::kFwdRows), unsigned(batch * heads));
+  HATCH_CUDA_LAUNCH_SHARED((ka::forward<T, D>), grid, ka::kFwdThreads, bytes, out, lse, qkv, n, heads, scale);
+}
+// scratch: delta (batch heads n), then the key blocks' dQ parts (key_blocks(n) batch heads n D)
+template <class T, int D>
+void attention_backward_fused(T* dqkv, T* scratch, const T* dout, const T* qkv, const T* out, const T* lse, int batch,
+                              int n, int heads, T scale) {
+  namespace ka = cuda_kernels::attention;
+  const int bhs = batch * heads, rows = bhs * n, blocks = ka::key_blocks(n);
+  T* delta = scratch;
+  T* part = scratch + std::size_t(rows);
+  HATCH_CUDA_LAUNCH((ka::delta<T, D>), unsigned((rows + ka::kDeltaThreads / 32 - 1) / (ka::kDeltaThreads / 32)),
+                    ka::kDeltaThreads, delta, dout, out, rows, n, heads);
+  constexpr std::size_t bytes = ka::backward_shared_bytes<T, D>();
+  allow_shared_bytes(ka::backward<T, D>, bytes);
+  HATCH_CUDA_LAUNCH_SHARED((ka::backward<T, D>), dim3(unsigned(blocks), unsigned(bhs)), ka::kBwdThreads, bytes, dqkv,
+                           part, dout, qkv, lse, delta, n, heads, scale);
+  const std::size_t values = std::size_t(rows) * D;
+  HATCH_CUDA_LAUNCH((ka::dq_sum<T, D>), unsigned((values + 255) / 256), 256, dqkv, part, blocks, bhs, n, heads);
+}
+
 // Row-major C = alpha op(A) op(B) + beta C is column-major C^T = alpha op(B)^T op(A)^T + beta C^T:
 // swap the operands and their dimensions, keep the transpose flags.
 inline cublasOperation_t op(bool t) { return t ? CUBLAS_OP_T : CUBLAS_OP_N; }
@@ -753,6 +806,11 @@ struct Cuda {
   static bool cublaslt() { return cuda_detail::lt_flag().load(); }
   static void set_autotune(bool on) { cuda_detail::autotune_flag() = on; }
   static bool autotune() { return cuda_detail::autotune_flag().load(); }
+
+  // Fused attention kernels for fused::attention_forward/backward (heads of width 64; others and
+  // the default take the GEMM path); see cuda_detail::fused_attention_flag.
+  static void set_fused_attention(bool on) { cuda_detail::fused_attention_flag() = on; }
+  static bool fused_attention() { return cuda_detail::fused_attention_flag().load(); }
 
   // ---- the stream ----------------------------------------------------------------------------------
   // Where hatch enqueues its work on the current device (see the top of this file).
@@ -1128,6 +1186,34 @@ struct Cuda {
     });
   }
   // In place allowed (dx == dy).
+  // ---- fused attention (backend/fused.hpp's attention_*; cuda_attention.cuh) ----------------------
+  // Fused: the forward saves one log-sum-exp per (example, head, row) instead of the n x n
+  // probabilities; the backward's scratch is one value per row plus one dQ per key block of 64.
+  static std::size_t attention_saved_size(int batch, int heads, int n, int dh) {
+    const std::size_t rows = std::size_t(batch) * heads * n;
+    return cuda_detail::fused_attention_applies(dh) ? rows : rows * n;
+  }
+  static std::size_t attention_scratch_size(int batch, int heads, int n, int dh) {
+    const std::size_t rows = std::size_t(batch) * heads * n;
+    if (!cuda_detail::fused_attention_applies(dh)) return rows * n;
+    return rows + std::size_t(cuda_kernels::attention::key_blocks(n)) * rows * dh;
+  }
+  static void attention_forward(T* out, T* saved, const T* qkv, int batch, int n, int heads, int dh, T scale) {
+    if (batch <= 0 || n <= 0) return;
+    if (cuda_detail::fused_attention_applies(dh))
+      cuda_detail::attention_forward_fused<T, 64>(out, saved, qkv, batch, n, heads, scale);
+    else
+      fused::attention_forward_unfused<Cuda>(out, saved, qkv, batch, n, heads, dh, scale);
+  }
+  static void attention_backward(T* dqkv, T* scratch, const T* dout, const T* qkv, const T* out, const T* saved,
+                                 int batch, int n, int heads, int dh, T scale) {
+    if (batch <= 0 || n <= 0) return;
+    if (cuda_detail::fused_attention_applies(dh))
+      cuda_detail::attention_backward_fused<T, 64>(dqkv, scratch, dout, qkv, out, saved, batch, n, heads, scale);
+    else
+      fused::attention_backward_unfused<Cuda>(dqkv, scratch, dout, qkv, saved, batch, n, heads, dh, scale);
+  }
+
   static void softmax_backward(T* dx, const T* dy, const T* y, int rows, int cols, T scale) {
     if (rows <= 0 || cols <= 0) return;
     cuda_detail::with_row_layout(cols, {dx, dy, y}, [&](auto regs, auto width) {

@@ -8,6 +8,8 @@
 // one parallel region (Cpu::gemm_panels): linear_forward writes the bias where each thread's GEMM
 // accumulates, and linear_backward_params sums the bias gradient on each thread right after its
 // panel of dW.
+#include <cstddef>
+
 #include "hatch/backend/concept.hpp"
 
 namespace hatch::fused {
@@ -66,6 +68,77 @@ void adamw_update_segments(S<B>* w, S<B>* m, S<B>* v, const S<B>* g, std::size_t
   else
     adamw_update_segments_unfused<B>(w, m, v, g, n, decay_end, lr, beta1, beta2, eps, weight_decay, bias_corr1,
                                      bias_corr2);
+}
+
+// Multi-head scaled-dot-product self-attention, softmax(scale Q K^T) V per (example, head), with
+// the heads read in place: qkv (batch, n, 3, heads, dh), out (batch, n, heads, dh). The forward
+// keeps attention_saved_size values in `saved` for the backward; the backward takes
+// attention_scratch_size values of scratch and writes all of dqkv.
+// Unfused (the definition): the probabilities (batch, heads, n, n) are what is saved, and the
+// scratch holds their gradient; two batched GEMMs and a softmax forward, four GEMMs and a softmax
+// backward. Cuda's members run one fused kernel forward (saving one log-sum-exp per row) and three
+// backward, where enabled (Cuda::set_fused_attention).
+template <Backend B>
+std::size_t attention_saved_size(int batch, int heads, int n, int dh) {
+  if constexpr (requires { B::attention_saved_size(batch, heads, n, dh); })
+    return B::attention_saved_size(batch, heads, n, dh);
+  else
+    return std::size_t(batch) * heads * n * n;
+}
+template <Backend B>
+std::size_t attention_scratch_size(int batch, int heads, int n, int dh) {
+  if constexpr (requires { B::attention_scratch_size(batch, heads, n, dh); })
+    return B::attention_scratch_size(batch, heads, n, dh);
+  else
+    return std::size_t(batch) * heads * n * n;
+}
+
+template <Backend B>
+void attention_forward_unfused(S<B>* out, S<B>* probs, const S<B>* qkv, int batch, int n, int heads, int dh,
+                               S<B> scale) {
+  const int d = heads * dh;
+  const std::size_t sx = std::size_t(n) * 3 * d, sp = std::size_t(n) * n, so = std::size_t(n) * d;
+  // scores = Q K^T (scaled inside the softmax)
+  B::gemm_batched(false, true, n, n, dh, S<B>(1), qkv, 3 * d, sx, dh, qkv + d, 3 * d, sx, dh, S<B>(0), probs, n,
+                  heads * sp, sp, batch, heads);
+  B::softmax_forward(probs, probs, batch * heads * n, n, scale);
+  B::gemm_batched(false, false, n, dh, n, S<B>(1), probs, n, heads * sp, sp, qkv + 2 * d, 3 * d, sx, dh, S<B>(0), out,
+                  d, so, dh, batch, heads);
+}
+template <Backend B>
+void attention_forward(S<B>* out, S<B>* saved, const S<B>* qkv, int batch, int n, int heads, int dh, S<B> scale) {
+  if constexpr (requires { B::attention_forward(out, saved, qkv, batch, n, heads, dh, scale); })
+    B::attention_forward(out, saved, qkv, batch, n, heads, dh, scale);
+  else
+    attention_forward_unfused<B>(out, saved, qkv, batch, n, heads, dh, scale);
+}
+
+// dqkv (batch, n, 3, heads, dh) from dout (batch, n, heads, dh); out is the forward's output
+// (the unfused form does not read it) and saved what the forward saved.
+template <Backend B>
+void attention_backward_unfused(S<B>* dqkv, S<B>* dprobs, const S<B>* dout, const S<B>* qkv, const S<B>* probs,
+                                int batch, int n, int heads, int dh, S<B> scale) {
+  const int d = heads * dh;
+  const std::size_t sx = std::size_t(n) * 3 * d, sp = std::size_t(n) * n, so = std::size_t(n) * d;
+  // dP = dO V^T ; dV = P^T dO
+  B::gemm_batched(false, true, n, n, dh, S<B>(1), dout, d, so, dh, qkv + 2 * d, 3 * d, sx, dh, S<B>(0), dprobs, n,
+                  heads * sp, sp, batch, heads);
+  B::gemm_batched(true, false, n, dh, n, S<B>(1), probs, n, heads * sp, sp, dout, d, so, dh, S<B>(0), dqkv + 2 * d,
+                  3 * d, sx, dh, batch, heads);
+  B::softmax_backward(dprobs, dprobs, probs, batch * heads * n, n, scale);
+  // dQ = dS K ; dK = dS^T Q
+  B::gemm_batched(false, false, n, dh, n, S<B>(1), dprobs, n, heads * sp, sp, qkv + d, 3 * d, sx, dh, S<B>(0), dqkv,
+                  3 * d, sx, dh, batch, heads);
+  B::gemm_batched(true, false, n, dh, n, S<B>(1), dprobs, n, heads * sp, sp, qkv, 3 * d, sx, dh, S<B>(0), dqkv + d,
+                  3 * d, sx, dh, batch, heads);
+}
+template <Backend B>
+void attention_backward(S<B>* dqkv, S<B>* scratch, const S<B>* dout, const S<B>* qkv, const S<B>* out,
+                        const S<B>* saved, int batch, int n, int heads, int dh, S<B> scale) {
+  if constexpr (requires { B::attention_backward(dqkv, scratch, dout, qkv, out, saved, batch, n, heads, dh, scale); })
+    B::attention_backward(dqkv, scratch, dout, qkv, out, saved, batch, n, heads, dh, scale);
+  else
+    attention_backward_unfused<B>(dqkv, scratch, dout, qkv, saved, batch, n, heads, dh, scale);
 }
 
 }  // namespace hatch::fused

@@ -1,0 +1,304 @@
+#pragma once
+// Fused scaled-dot-product self-attention for the Cuda backend: softmax(scale Q K^T) V per
+// (example, head) without writing the tokens x tokens probabilities to memory.
+//
+// Layouts are the attention layer's (layers/attention.hpp): qkv (batch, n, 3, heads, D) rows of
+// 3 heads D values, read in place; out and dout (batch, n, heads, D); lse and delta (batch heads, n).
+//
+//  - forward (FlashAttention's online softmax): a block takes 64 query rows of one (example,
+//    head), walks the keys 32 at a time through shared memory, keeps each row's running maximum
+//    m, sum l and output in registers, and writes out = O / l and lse = m + log l, the row's
+//    log-sum-exp of the scaled scores, which is all the backward needs of the probabilities;
+//  - backward: attention_delta writes delta = rowsum(dout * out); a block of the backward kernel
+//    takes 64 keys, walks the queries 32 at a time, recomputes P = exp(scale S - lse), forms
+//    dS = scale P (dP - delta) with dP = dout V^T, and accumulates dK = dS^T Q and dV = P^T dout
+//    in registers. dQ = dS K needs a sum over key blocks: each block writes its part to its own
+//    slice of a scratch buffer and attention_dq_sum adds the slices in block order. So the result
+//    is the same on every run (no atomics), at the price of (key blocks) x dQ's size in scratch.
+//
+// Tiles are fixed for D = 64 and 128 (the ViT presets' head width is 64); the Cuda backend falls
+// back to the GEMM path for other widths. Work per thread: 4 x 4 scores and 4 x D/8 outputs in
+// the forward, 2 x 4 scores and 2 x D/8 of dK and of dV in the backward; shared-memory tiles are
+// stored transposed where a thread reads 4 consecutive rows at one column, padded by 4 values.
+//
+// The file compiles without nvcc too (tests/cuda_emulation.hpp runs these kernels on CPU threads
+// to test them where no GPU is), so it uses only threadIdx, blockIdx, __syncthreads,
+// __shfl_xor_sync, dynamic shared memory through HATCH_DYNAMIC_SHARED and hatch::hd maths.
+#include <cmath>
+#include <cstddef>
+
+#include "hatch/core/host_device.hpp"
+
+#ifndef HATCH_CUDA_EMULATION
+#define HATCH_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
+namespace hatch::cuda_kernels::attention {
+
+inline constexpr int kPad = 4;
+// forward: 64 query rows per block, keys 32 at a time, 128 threads
+inline constexpr int kFwdRows = 64, kFwdKeys = 32, kFwdThreads = 128;
+// backward: 64 keys per block, queries 32 at a time, 256 threads
+inline constexpr int kBwdKeys = 64, kBwdRows = 32, kBwdThreads = 256;
+// delta: one warp per row, 8 rows per block
+inline constexpr int kDeltaThreads = 256;
+
+template <int D>
+constexpr bool supported_width = D == 64 || D == 128;
+
+template <class T, int D>
+constexpr std::size_t forward_shared_bytes() {
+  return sizeof(T) * (std::size_t(D) * (kFwdRows + kPad) + std::size_t(D) * (kFwdKeys + kPad) +
+                      std::size_t(kFwdKeys) * D + std::size_t(kFwdKeys) * (kFwdRows + kPad));
+}
+template <class T, int D>
+constexpr std::size_t backward_shared_bytes() {
+  return sizeof(T) * (2 * std::size_t(kBwdKeys) * (D + kPad) + 2 * std::size_t(D) * (kBwdRows + kPad) +
+                      2 * std::size_t(kBwdRows) * (D + kPad) + 2 * std::size_t(kBwdRows) * (kBwdKeys + kPad) +
+                      2 * std::size_t(kBwdRows));
+}
+inline int key_blocks(int n) { return (n + kBwdKeys - 1) / kBwdKeys; }
+
+template <class T>
+struct alignas(16) Vec4 {
+  T v[4];
+};
+template <class T>
+__device__ __forceinline__ Vec4<T> load4(const T* p) {
+  return *reinterpret_cast<const Vec4<T>*>(p);
+}
+
+// grid (ceil(n / 64), batch heads), kFwdThreads threads, forward_shared_bytes<T, D>() bytes
+template <class T, int D>
+__global__ void forward(T* __restrict__ out, T* __restrict__ lse, const T* __restrict__ qkv, int n, int heads,
+                        T scale) {
+  static_assert(supported_width<D>, "hatch::cuda_kernels::attention: head width 64 or 128");
+  constexpr int BR = kFwdRows, BC = kFwdKeys, LQ = BR + kPad, LK = BC + kPad, DV = D / 8;
+  HATCH_DYNAMIC_SHARED(smem);
+  T* Qt = reinterpret_cast<T*>(smem);  // [D][LQ]  queries, transposed
+  T* Kt = Qt + D * LQ;                 // [D][LK]  keys, transposed
+  T* Vs = Kt + D * LK;                 // [BC][D]  values
+  T* Pt = Vs + BC * D;                 // [BC][LQ] probabilities, transposed
+  const int t = int(threadIdx.x), ty = t / 8, tx = t % 8;
+  const int bh = int(blockIdx.y), b = bh / heads, h = bh % heads, q0 = int(blockIdx.x) * BR;
+  const std::size_t row = std::size_t(3) * heads * D;
+  const T* qb = qkv + std::size_t(b) * n * row + std::size_t(h) * D;
+  const T* kb = qb + std::size_t(heads) * D;
+  const T* vb = kb + std::size_t(heads) * D;
+  for (int e = t; e < BR * D; e += kFwdThreads) {
+    const int i = e / D, d = e % D;
+    Qt[d * LQ + i] = q0 + i < n ? qb[std::size_t(q0 + i) * row + d] : T(0);
+  }
+  const T kNegInf = -T(INFINITY);
+  T m[4], l[4], o[4][DV];
+  for (int r = 0; r < 4; ++r) {
+    m[r] = kNegInf;
+    l[r] = T(0);
+    for (int c = 0; c < DV; ++c) o[r][c] = T(0);
+  }
+  for (int k0 = 0; k0 < n; k0 += BC) {
+    __syncthreads();  // the previous tile's readers are done (and the queries are in place)
+    for (int e = t; e < BC * D; e += kFwdThreads) {
+      const int j = e / D, d = e % D;
+      const bool in = k0 + j < n;
+      Kt[d * LK + j] = in ? kb[std::size_t(k0 + j) * row + d] : T(0);
+      Vs[j * D + d] = in ? vb[std::size_t(k0 + j) * row + d] : T(0);
+    }
+    __syncthreads();
+    T s[4][4] = {};
+    for (int d = 0; d < D; ++d) {
+      const Vec4<T> a = load4(Qt + d * LQ + ty * 4), c = load4(Kt + d * LK + tx * 4);
+      for (int r = 0; r < 4; ++r)
+        for (int j = 0; j < 4; ++j) s[r][j] += a.v[r] * c.v[j];
+    }
+    for (int r = 0; r < 4; ++r) {
+      T mx = kNegInf;
+      for (int j = 0; j < 4; ++j) {
+        s[r][j] = k0 + tx * 4 + j < n ? s[r][j] * scale : kNegInf;
+        mx = s[r][j] > mx ? s[r][j] : mx;
+      }
+      for (int w = 1; w < 8; w *= 2) {  // the 8 threads of a row group are 8 consecutive lanes
+        const T other = __shfl_xor_sync(0xffffffffu, mx, w);
+        mx = other > mx ? other : mx;
+      }
+      const T m_new = m[r] > mx ? m[r] : mx;  // finite: every tile has a key
+      const T alpha = hd::exp(m[r] - m_new);  // 0 on the first tile
+      T sum = T(0);
+      for (int j = 0; j < 4; ++j) {
+        s[r][j] = hd::exp(s[r][j] - m_new);
+        sum += s[r][j];
+      }
+      for (int w = 1; w < 8; w *= 2) sum += __shfl_xor_sync(0xffffffffu, sum, w);
+      l[r] = l[r] * alpha + sum;
+      m[r] = m_new;
+      for (int c = 0; c < DV; ++c) o[r][c] *= alpha;
+      for (int j = 0; j < 4; ++j) Pt[(tx * 4 + j) * LQ + ty * 4 + r] = s[r][j];
+    }
+    __syncthreads();
+    const int keys = n - k0 < BC ? n - k0 : BC;
+    for (int j = 0; j < keys; ++j) {
+      const Vec4<T> p = load4(Pt + j * LQ + ty * 4);
+      for (int c4 = 0; c4 < DV; c4 += 4) {
+        const Vec4<T> v = load4(Vs + j * D + tx * DV + c4);
+        for (int r = 0; r < 4; ++r)
+          for (int c = 0; c < 4; ++c) o[r][c4 + c] += p.v[r] * v.v[c];
+      }
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    const int i = q0 + ty * 4 + r;
+    if (i >= n) continue;
+    T* dst = out + (std::size_t(b) * n + i) * heads * D + std::size_t(h) * D + tx * DV;
+    for (int c = 0; c < DV; ++c) dst[c] = o[r][c] / l[r];
+    if (tx == 0) lse[std::size_t(bh) * n + i] = m[r] + hd::log(l[r]);
+  }
+}
+
+// delta[bh n + i] = sum_d dout[b, i, h, d] out[b, i, h, d]: one warp per row, grid of
+// ceil(batch heads n / 8) blocks of kDeltaThreads
+template <class T, int D>
+__global__ void delta(T* __restrict__ dst, const T* __restrict__ dout, const T* __restrict__ out, int rows, int n,
+                      int heads) {
+  const int warp = int(blockIdx.x) * (kDeltaThreads / 32) + int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  const bool in = warp < rows;
+  T sum = T(0);
+  if (in) {
+    const int bh = warp / n, i = warp % n, b = bh / heads, h = bh % heads;
+    const std::size_t at = (std::size_t(b) * n + i) * heads * D + std::size_t(h) * D;
+    for (int d = lane; d < D; d += 32) sum += dout[at + d] * out[at + d];
+  }
+  for (int w = 16; w > 0; w /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, w);
+  if (in && lane == 0) dst[warp] = sum;
+}
+
+// grid (key_blocks(n), batch heads), kBwdThreads threads, backward_shared_bytes<T, D>() bytes.
+// Writes dK and dV into dqkv's key and value slots and this block's part of dQ into
+// dq_part[(blockIdx.x batch heads + bh) n + i][D].
+template <class T, int D>
+__global__ void backward(T* __restrict__ dqkv, T* __restrict__ dq_part, const T* __restrict__ dout,
+                         const T* __restrict__ qkv, const T* __restrict__ lse, const T* __restrict__ delta_rows, int n,
+                         int heads, T scale) {
+  static_assert(supported_width<D>, "hatch::cuda_kernels::attention: head width 64 or 128");
+  constexpr int BC = kBwdKeys, BR = kBwdRows, LD = D + kPad, LQ = BR + kPad, LB = BC + kPad, DV = D / 8, DQ = D / 16;
+  HATCH_DYNAMIC_SHARED(smem);
+  T* Ks = reinterpret_cast<T*>(smem);  // [BC][LD] this block's keys
+  T* Vs = Ks + BC * LD;                // [BC][LD] and values
+  T* Qt = Vs + BC * LD;                // [D][LQ]  queries, transposed
+  T* dOt = Qt + D * LQ;                // [D][LQ]  output gradients, transposed
+  T* Qs = dOt + D * LQ;                // [BR][LD] queries
+  T* dOs = Qs + BR * LD;               // [BR][LD] output gradients
+  T* Ps = dOs + BR * LD;               // [BR][LB] probabilities (query, key)
+  T* dSs = Ps + BR * LB;               // [BR][LB] score gradients (query, key)
+  T* lse_s = dSs + BR * LB;            // [BR]
+  T* del_s = lse_s + BR;               // [BR]
+  const int t = int(threadIdx.x), ty = t / 8, tx = t % 8;  // keys ty*2 + {0,1}; queries tx*4 + {0..3}; dims tx*DV
+  const int qy = t / 16, qx = t % 16;                       // dQ: queries qy*2 + {0,1}, dims qx*DQ
+  const int bh = int(blockIdx.y), b = bh / heads, h = bh % heads, k0 = int(blockIdx.x) * BC;
+  const int bhs = int(gridDim.y);
+  const std::size_t row = std::size_t(3) * heads * D, orow = std::size_t(heads) * D;
+  const T* qb = qkv + std::size_t(b) * n * row + std::size_t(h) * D;
+  const T* kb = qb + std::size_t(heads) * D;
+  const T* vb = kb + std::size_t(heads) * D;
+  const T* ob = dout + std::size_t(b) * n * orow + std::size_t(h) * D;
+  for (int e = t; e < BC * D; e += kBwdThreads) {
+    const int j = e / D, d = e % D;
+    const bool in = k0 + j < n;
+    Ks[j * LD + d] = in ? kb[std::size_t(k0 + j) * row + d] : T(0);
+    Vs[j * LD + d] = in ? vb[std::size_t(k0 + j) * row + d] : T(0);
+  }
+  T dk[2][DV] = {}, dv[2][DV] = {};
+  for (int q0 = 0; q0 < n; q0 += BR) {
+    __syncthreads();  // the previous step's readers are done (and the keys are in place)
+    for (int e = t; e < BR * D; e += kBwdThreads) {
+      const int i = e / D, d = e % D;
+      const bool in = q0 + i < n;
+      const T q = in ? qb[std::size_t(q0 + i) * row + d] : T(0);
+      const T g = in ? ob[std::size_t(q0 + i) * orow + d] : T(0);
+      Qt[d * LQ + i] = q;
+      Qs[i * LD + d] = q;
+      dOt[d * LQ + i] = g;
+      dOs[i * LD + d] = g;
+    }
+    if (t < BR) {
+      const bool in = q0 + t < n;
+      lse_s[t] = in ? lse[std::size_t(bh) * n + q0 + t] : T(0);
+      del_s[t] = in ? delta_rows[std::size_t(bh) * n + q0 + t] : T(0);
+    }
+    __syncthreads();
+    T s[2][4] = {}, dp[2][4] = {};
+    for (int d = 0; d < D; ++d) {
+      const Vec4<T> q = load4(Qt + d * LQ + tx * 4), g = load4(dOt + d * LQ + tx * 4);
+      for (int r = 0; r < 2; ++r) {
+        const T kv = Ks[(ty * 2 + r) * LD + d], vv = Vs[(ty * 2 + r) * LD + d];
+        for (int c = 0; c < 4; ++c) {
+          s[r][c] += kv * q.v[c];
+          dp[r][c] += vv * g.v[c];
+        }
+      }
+    }
+    for (int r = 0; r < 2; ++r)
+      for (int c = 0; c < 4; ++c) {
+        const int key = ty * 2 + r, qi = tx * 4 + c;
+        const bool in = k0 + key < n && q0 + qi < n;
+        const T p = in ? hd::exp(s[r][c] * scale - lse_s[qi]) : T(0);
+        Ps[qi * LB + key] = p;
+        dSs[qi * LB + key] = p * (dp[r][c] - del_s[qi]) * scale;
+      }
+    __syncthreads();
+    for (int i = 0; i < BR; ++i) {
+      const T p0 = Ps[i * LB + ty * 2], p1 = Ps[i * LB + ty * 2 + 1];
+      const T g0 = dSs[i * LB + ty * 2], g1 = dSs[i * LB + ty * 2 + 1];
+      for (int c4 = 0; c4 < DV; c4 += 4) {
+        const Vec4<T> o = load4(dOs + i * LD + tx * DV + c4), q = load4(Qs + i * LD + tx * DV + c4);
+        for (int c = 0; c < 4; ++c) {
+          dv[0][c4 + c] += p0 * o.v[c];
+          dv[1][c4 + c] += p1 * o.v[c];
+          dk[0][c4 + c] += g0 * q.v[c];
+          dk[1][c4 + c] += g1 * q.v[c];
+        }
+      }
+    }
+    T dq[2][DQ] = {};
+    const int keys = n - k0 < BC ? n - k0 : BC;
+    for (int k = 0; k < keys; ++k) {
+      const T g0 = dSs[(qy * 2) * LB + k], g1 = dSs[(qy * 2 + 1) * LB + k];
+      for (int c4 = 0; c4 < DQ; c4 += 4) {
+        const Vec4<T> kv = load4(Ks + k * LD + qx * DQ + c4);
+        for (int c = 0; c < 4; ++c) {
+          dq[0][c4 + c] += g0 * kv.v[c];
+          dq[1][c4 + c] += g1 * kv.v[c];
+        }
+      }
+    }
+    for (int r = 0; r < 2; ++r) {
+      const int i = q0 + qy * 2 + r;
+      if (i >= n) continue;
+      T* dst = dq_part + ((std::size_t(blockIdx.x) * bhs + bh) * n + i) * D + qx * DQ;
+      for (int c = 0; c < DQ; ++c) dst[c] = dq[r][c];
+    }
+  }
+  for (int r = 0; r < 2; ++r) {
+    const int key = k0 + ty * 2 + r;
+    if (key >= n) continue;
+    T* dst = dqkv + (std::size_t(b) * n + key) * row + std::size_t(h) * D + tx * DV;
+    for (int c = 0; c < DV; ++c) {
+      dst[std::size_t(heads) * D + c] = dk[r][c];
+      dst[2 * std::size_t(heads) * D + c] = dv[r][c];
+    }
+  }
+}
+
+// dqkv's query slots = the sum of the key blocks' parts, in block order: one thread per value,
+// grid of ceil(batch heads n D / 256) blocks of 256
+template <class T, int D>
+__global__ void dq_sum(T* __restrict__ dqkv, const T* __restrict__ dq_part, int blocks, int bhs, int n, int heads) {
+  const std::size_t e = std::size_t(blockIdx.x) * 256 + threadIdx.x, per = std::size_t(bhs) * n * D;
+  if (e >= per) return;
+  T sum = dq_part[e];
+  for (int k = 1; k < blocks; ++k) sum += dq_part[std::size_t(k) * per + e];
+  const std::size_t rowi = e / D;
+  const int d = int(e % D), i = int(rowi % n), bh = int(rowi / n), b = bh / heads, h = bh % heads;
+  dqkv[(std::size_t(b) * n + i) * 3 * heads * D + std::size_t(h) * D + d] = sum;
+}
+
+}  // namespace hatch::cuda_kernels::attention
