@@ -7,6 +7,8 @@
 //   regs W=4     the row in registers, 128-bit loads (cols a multiple of 4, aligned rows)
 //   two kernels  LayerNorm backward as before 2026-11-28: dx by rows, then dgamma/dbeta by columns
 //   one kernel   LayerNorm backward in one kernel (dx and the parameter sums; the default now)
+//   gemm, fused  attention's core (softmax(scale Q K^T) V, forward and backward): batched GEMMs and
+//                the softmax kernels, or the fused kernels of cuda_attention.cuh
 //
 // Prints one line per row: "rows name variant median_us effective_GBps" (bytes each variant must
 // move at least, over its median time of --reps launches timed with events). The PyTorch peer,
@@ -173,6 +175,32 @@ int main(int argc, char** argv) {
     report("softmax_forward_196", "regs_W4", bytes, median_us([&] {
              HATCH_CUDA_LAUNCH((k::softmax_forward_regs<float, 4, 8>), grid, block, p.data(), x.data(), rows, cols, 1.0f);
            }));
+  }
+  // Attention's core at ViT-B/16's shapes (64 examples, 197 tokens, 12 heads of 64), fp32: the
+  // GEMM path (two batched GEMMs and the softmax forward; four and the softmax backward) against
+  // the fused kernels (HATCH_CUDA_FUSED_ATTENTION=1). Bytes: q, k, v read and out written (forward),
+  // and those with dout read and dq, dk, dv written (backward): the least either must move.
+  {
+    const int batch = 64, n = 197, heads = 12, dh = 64;
+    const std::size_t nout = std::size_t(batch) * n * heads * dh, nqkv = 3 * nout;
+    Dev qkv = filled(nqkv, 2), out = filled(nout, 0), dout = filled(nout, 1), dqkv = filled(nqkv, 0);
+    const float scale = 0.125f;
+    const double fwd_bytes = 4.0 * (nqkv + nout), bwd_bytes = 4.0 * (2 * nqkv + 2 * nout);
+    for (bool fused : {false, true}) {
+      Cuda::set_fused_attention(fused);
+      namespace f = hatch::fused;
+      Dev saved = filled(f::attention_saved_size<Cuda>(batch, heads, n, dh), 0);
+      Dev scratch = filled(f::attention_scratch_size<Cuda>(batch, heads, n, dh), 0);
+      const char* variant = fused ? "fused" : "gemm";
+      report("attention_forward", variant, fwd_bytes, median_us([&] {
+               f::attention_forward<Cuda>(out.data(), saved.data(), qkv.data(), batch, n, heads, dh, scale);
+             }));
+      report("attention_backward", variant, bwd_bytes, median_us([&] {
+               f::attention_backward<Cuda>(dqkv.data(), scratch.data(), dout.data(), qkv.data(), out.data(),
+                                           saved.data(), batch, n, heads, dh, scale);
+             }));
+    }
+    Cuda::set_fused_attention(false);
   }
   Cuda::synchronize();
   return 0;

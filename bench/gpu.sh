@@ -127,6 +127,7 @@ declare -A VARIANTS=(
   ["GEMMs autotuned (HATCH_CUDA_AUTOTUNE=1)"]="HATCH_CUDA_AUTOTUNE=1"
   ["without cuBLASLt: cublasSgemm, separate bias kernels (HATCH_CUDA_LT=0)"]="HATCH_CUDA_LT=0"
   ["row kernels without registers (HATCH_CUDA_ROW_REGISTERS=0)"]="HATCH_CUDA_ROW_REGISTERS=0"
+  ["fused attention kernels on (HATCH_CUDA_FUSED_ATTENTION=1)"]="HATCH_CUDA_FUSED_ATTENTION=1"
   ["all off (the backend before 2026-11-27)"]="HATCH_CUDA_LT=0 HATCH_CUDA_ROW_REGISTERS=0"
 )
 for prec in fp32 tf32; do

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch's peer of bench/cuda_rows.cu: LayerNorm and softmax at ViT-B/16's shapes on the GPU,
+"""PyTorch's peer of bench/cuda_rows.cu: LayerNorm, softmax and attention at ViT-B/16's shapes on the GPU,
 printed as the same "rows name variant median_us effective_GBps" lines (bytes counted as there),
 so that bench/gpu.sh can put both in one table.
 
@@ -65,6 +65,19 @@ def main():
     prob = torch.softmax(s, -1)
     report("softmax_backward", "torch", 12.0 * n,
            median_us(lambda: torch.autograd.grad(prob, (s,), dp, retain_graph=True), a.reps))
+
+    # attention's core: scaled_dot_product_attention on (batch, heads, tokens, head width), fp32,
+    # with PyTorch's own choice of kernel (a fused one where it has one for fp32)
+    batch, n, heads, dh = 64, 197, 12, 64
+    nout = batch * n * heads * dh
+    q, k, v = ((torch.rand(batch, heads, n, dh, device=dev) * 4 - 2).requires_grad_(True) for _ in range(3))
+    do = torch.rand(batch, heads, n, dh, device=dev) * 2 - 1
+    with torch.no_grad():
+        report("attention_forward", "torch", 4.0 * 4 * nout,
+               median_us(lambda: F.scaled_dot_product_attention(q, k, v), a.reps))
+    o = F.scaled_dot_product_attention(q, k, v)
+    report("attention_backward", "torch", 4.0 * 8 * nout,
+           median_us(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True), a.reps))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cpu_side.hpp"
@@ -1443,33 +1444,53 @@ TEST_CASE("cuda parity: Attention and Block with heads of 64, on the GEMM path a
     check_parity("block_heads64_train");
   }
 }
-TEST_CASE("cuda: fused attention kernels against the GEMM path at ViT-B/16's shapes, repeatable bit for bit") {
-  HATCH_REQUIRE_CUDA_DEVICE();
-  constexpr int batch = 64, n = 197, heads = 12, dh = 64, d = heads * dh;
-  const float scale = 1.0f / 8.0f;
-  const std::size_t nqkv = std::size_t(batch) * n * 3 * d, nout = std::size_t(batch) * n * d;
-  const Dev qkv = dev(randn(nqkv, 71, 0, 1.5)), dout = dev(randn(nout, 72));
-  auto run = [&](bool fused) {
-    FusedAttentionGuard guard(fused);
-    Dev out = dev(HostVec(nout)), dqkv = dev(HostVec(nqkv, std::numeric_limits<float>::quiet_NaN()));
-    Dev saved = dev(HostVec(hatch::fused::attention_saved_size<Cuda>(batch, heads, n, dh)));
-    Dev scratch = dev(HostVec(hatch::fused::attention_scratch_size<Cuda>(batch, heads, n, dh)));
-    hatch::fused::attention_forward<Cuda>(out.data(), saved.data(), qkv.data(), batch, n, heads, dh, scale);
-    hatch::fused::attention_backward<Cuda>(dqkv.data(), scratch.data(), dout.data(), qkv.data(), out.data(),
-                                           saved.data(), batch, n, heads, dh, scale);
-    return std::make_pair(out.to_host(), dqkv.to_host());
-  };
-  const auto gemm = run(false), fused = run(true), again = run(true);
-  // the fused forward saves one value per row, not n
-  FusedAttentionGuard guard(true);
-  CHECK(hatch::fused::attention_saved_size<Cuda>(batch, heads, n, dh) == std::size_t(batch) * heads * n);
-  CHECK(hatch::fused::attention_saved_size<Cuda>(batch, heads, n, 32) == std::size_t(batch) * heads * n * n);
+namespace {
+// fused::attention_forward + attention_backward on the device, with Cuda's fused kernels on or off
+std::pair<HostVec, HostVec> attention_core(bool fused, const Dev& qkv, const Dev& dout, int batch, int n, int heads,
+                                           int dh) {
+  FusedAttentionGuard guard(fused);
+  const std::size_t nout = std::size_t(batch) * n * heads * dh;
+  const float scale = 1.0f / std::sqrt(float(dh));
+  Dev out = dev(HostVec(nout)), dqkv = dev(HostVec(3 * nout, std::numeric_limits<float>::quiet_NaN()));
+  Dev saved = dev(HostVec(hatch::fused::attention_saved_size<Cuda>(batch, heads, n, dh)));
+  Dev scratch = dev(HostVec(hatch::fused::attention_scratch_size<Cuda>(batch, heads, n, dh)));
+  hatch::fused::attention_forward<Cuda>(out.data(), saved.data(), qkv.data(), batch, n, heads, dh, scale);
+  hatch::fused::attention_backward<Cuda>(dqkv.data(), scratch.data(), dout.data(), qkv.data(), out.data(),
+                                         saved.data(), batch, n, heads, dh, scale);
+  return {out.to_host(), dqkv.to_host()};
+}
+void check_fused_attention(int batch, int n, int heads) {
+  CAPTURE(batch);
+  CAPTURE(n);
+  CAPTURE(heads);
+  constexpr int dh = 64;
+  const std::size_t nout = std::size_t(batch) * n * heads * dh;
+  const Dev qkv = dev(randn(3 * nout, 71, 0, 1.5)), dout = dev(randn(nout, 72));
+  const auto gemm = attention_core(false, qkv, dout, batch, n, heads, dh);
+  const auto fused = attention_core(true, qkv, dout, batch, n, heads, dh);
+  const auto again = attention_core(true, qkv, dout, batch, n, heads, dh);
   CHECK_CLOSE(fused.first, gemm.first, kLayerTol);
   CHECK_CLOSE(fused.second, gemm.second, kLayerTol);
-  CHECK(fused.first == again.first);    // no atomics: the same bits on every run
+  CHECK(fused.first == again.first);  // no atomics: the same bits on every run
   CHECK(fused.second == again.second);
-  double worst = std::max(rel_err(fused.first, gemm.first), rel_err(fused.second, gemm.second));
-  MESSAGE("fused attention vs GEMM path at ViT-B/16: max relative error " << worst);
+  MESSAGE("fused attention vs GEMM path, batch " << batch << ", " << n << " tokens, " << heads
+                                                 << " heads: max relative error "
+                                                 << std::max(rel_err(fused.first, gemm.first),
+                                                             rel_err(fused.second, gemm.second)));
+}
+}  // namespace
+
+TEST_CASE("cuda: fused attention kernels against the GEMM path, repeatable bit for bit") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  check_fused_attention(2, 5, 1);   // one partial tile everywhere
+  check_fused_attention(2, 70, 3);  // across the 64-row, 32-key and 64-key tiles
+  FusedAttentionGuard guard(true);  // the fused forward saves one value per row, not n; heads of 32 are not fused
+  CHECK(hatch::fused::attention_saved_size<Cuda>(2, 3, 70, 64) == std::size_t(2) * 3 * 70);
+  CHECK(hatch::fused::attention_saved_size<Cuda>(2, 3, 70, 32) == std::size_t(2) * 3 * 70 * 70);
+}
+TEST_CASE("cuda: fused attention kernels at ViT-B/16 sizes (64 x 12 heads x 197 tokens)") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  check_fused_attention(64, 197, 12);
 }
 TEST_CASE("cuda parity: Block, in evaluation and in training with drop path") {
   HATCH_REQUIRE_CUDA_DEVICE();
