@@ -7,8 +7,9 @@
 //   regs W=4     the row in registers, 128-bit loads (cols a multiple of 4, aligned rows)
 //   two kernels  LayerNorm backward as before 2026-11-28: dx by rows, then dgamma/dbeta by columns
 //   one kernel   LayerNorm backward in one kernel (dx and the parameter sums; the default now)
-//   gemm, fused  attention's core (softmax(scale Q K^T) V, forward and backward): batched GEMMs and
-//                the softmax kernels, or the fused kernels of cuda_attention.cuh
+//   gemm, fused_tile32, fused_tile64
+//                attention's core (softmax(scale Q K^T) V, forward and backward): batched GEMMs and
+//                the softmax kernels, or the fused kernels of cuda_attention.cuh with either tile
 //
 // Prints one line per row: "rows name variant median_us effective_GBps" (bytes each variant must
 // move at least, over its median time of --reps launches timed with events). The PyTorch peer,
@@ -186,12 +187,13 @@ int main(int argc, char** argv) {
     Dev qkv = filled(nqkv, 2), out = filled(nout, 0), dout = filled(nout, 1), dqkv = filled(nqkv, 0);
     const float scale = 0.125f;
     const double fwd_bytes = 4.0 * (nqkv + nout), bwd_bytes = 4.0 * (2 * nqkv + 2 * nout);
-    for (bool fused : {false, true}) {
-      Cuda::set_fused_attention(fused);
+    for (int tile : {0, 32, 64}) {  // 0: the GEMM path
+      Cuda::set_fused_attention(tile != 0);
+      if (tile) Cuda::set_attention_tile(tile);
       namespace f = hatch::fused;
       Dev saved = filled(f::attention_saved_size<Cuda>(batch, heads, n, dh), 0);
       Dev scratch = filled(f::attention_scratch_size<Cuda>(batch, heads, n, dh), 0);
-      const char* variant = fused ? "fused" : "gemm";
+      const char* variant = tile == 0 ? "gemm" : tile == 32 ? "fused_tile32" : "fused_tile64";
       report("attention_forward", variant, fwd_bytes, median_us([&] {
                f::attention_forward<Cuda>(out.data(), saved.data(), qkv.data(), batch, n, heads, dh, scale);
              }));

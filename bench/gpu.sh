@@ -127,7 +127,8 @@ declare -A VARIANTS=(
   ["GEMMs autotuned (HATCH_CUDA_AUTOTUNE=1)"]="HATCH_CUDA_AUTOTUNE=1"
   ["without cuBLASLt: cublasSgemm, separate bias kernels (HATCH_CUDA_LT=0)"]="HATCH_CUDA_LT=0"
   ["row kernels without registers (HATCH_CUDA_ROW_REGISTERS=0)"]="HATCH_CUDA_ROW_REGISTERS=0"
-  ["fused attention kernels on (HATCH_CUDA_FUSED_ATTENTION=1)"]="HATCH_CUDA_FUSED_ATTENTION=1"
+  ["fused attention kernels on, tile 32 (HATCH_CUDA_FUSED_ATTENTION=1)"]="HATCH_CUDA_FUSED_ATTENTION=1"
+  ["fused attention kernels on, tile 64 (and HATCH_CUDA_ATTENTION_TILE=64)"]="HATCH_CUDA_FUSED_ATTENTION=1 HATCH_CUDA_ATTENTION_TILE=64"
   ["all off (the backend before 2026-11-27)"]="HATCH_CUDA_LT=0 HATCH_CUDA_ROW_REGISTERS=0"
 )
 for prec in fp32 tf32; do

@@ -30,7 +30,7 @@ struct Result {
 };
 
 // what Cuda::attention_forward / attention_backward launch, in the same order
-template <class T, int D>
+template <class T, int D, int Tile>
 Result<T> emulate(const std::vector<T>& qkv, const std::vector<T>& dout, int batch, int n, int heads, T scale) {
   const int bhs = batch * heads;
   const T nan = std::numeric_limits<T>::quiet_NaN();  // anything a kernel fails to write shows
@@ -38,18 +38,19 @@ Result<T> emulate(const std::vector<T>& qkv, const std::vector<T>& dout, int bat
   r.out.assign(std::size_t(batch) * n * heads * D, nan);
   r.lse.assign(std::size_t(bhs) * n, nan);
   r.dqkv.assign(std::size_t(batch) * n * 3 * heads * D, nan);
-  hatch_emulation::launch(ka::forward<T, D>, dim3(unsigned((n + ka::kFwdRows - 1) / ka::kFwdRows), unsigned(bhs)),
-                          dim3(ka::kFwdThreads), ka::forward_shared_bytes<T, D>(), r.out.data(), r.lse.data(),
-                          qkv.data(), n, heads, scale);
-  std::vector<T> delta(std::size_t(bhs) * n, nan), part(std::size_t(ka::key_blocks(n)) * bhs * n * D, nan);
+  const int blocks = ka::row_blocks(n, Tile);
+  hatch_emulation::launch(ka::forward<T, D, Tile>, dim3(unsigned(blocks), unsigned(bhs)), dim3(ka::kFwdThreads),
+                          ka::forward_shared_bytes<T, D, Tile>(), r.out.data(), r.lse.data(), qkv.data(), n, heads,
+                          scale);
+  std::vector<T> delta(std::size_t(bhs) * n, nan), part(std::size_t(blocks) * bhs * n * D, nan);
   hatch_emulation::launch(ka::delta<T, D>, dim3(unsigned((bhs * n + 7) / 8)), dim3(ka::kDeltaThreads), 0,
                           delta.data(), dout.data(), const_cast<const T*>(r.out.data()), bhs * n, n, heads);
-  hatch_emulation::launch(ka::backward<T, D>, dim3(unsigned(ka::key_blocks(n)), unsigned(bhs)),
-                          dim3(ka::kBwdThreads), ka::backward_shared_bytes<T, D>(), r.dqkv.data(), part.data(),
+  hatch_emulation::launch(ka::backward<T, D, Tile>, dim3(unsigned(blocks), unsigned(bhs)), dim3(ka::kBwdThreads),
+                          ka::backward_shared_bytes<T, D, Tile>(), r.dqkv.data(), part.data(),
                           dout.data(), qkv.data(), const_cast<const T*>(r.lse.data()),
                           const_cast<const T*>(delta.data()), n, heads, scale);
   hatch_emulation::launch(ka::dq_sum<T, D>, dim3(unsigned((std::size_t(bhs) * n * D + 255) / 256)), dim3(256), 0,
-                          r.dqkv.data(), const_cast<const T*>(part.data()), ka::key_blocks(n), bhs, n, heads);
+                          r.dqkv.data(), const_cast<const T*>(part.data()), blocks, bhs, n, heads);
   return r;
 }
 
@@ -99,12 +100,13 @@ double max_error(const std::vector<T>& got, const std::vector<double>& want) {
   return worst;
 }
 
-template <class T, int D>
+template <class T, int D, int Tile>
 void check(int batch, int n, int heads, double tolerance, unsigned seed) {
   CAPTURE(batch);
   CAPTURE(n);
   CAPTURE(heads);
   CAPTURE(D);
+  CAPTURE(Tile);
   std::mt19937 rng(seed);
   std::normal_distribution<double> normal(0.0, 1.0);
   // scores of a few units, as in training: some rows peaked, none flat
@@ -113,7 +115,7 @@ void check(int batch, int n, int heads, double tolerance, unsigned seed) {
   for (auto& v : dout) v = normal(rng);
   const double scale = 1.0 / std::sqrt(double(D));
   const std::vector<T> qkv_t(qkv.begin(), qkv.end()), dout_t(dout.begin(), dout.end());
-  const Result<T> got = emulate<T, D>(qkv_t, dout_t, batch, n, heads, T(scale));
+  const Result<T> got = emulate<T, D, Tile>(qkv_t, dout_t, batch, n, heads, T(scale));
   // the reference sees the same (rounded) inputs
   const Reference want = reference(std::vector<double>(qkv_t.begin(), qkv_t.end()),
                                    std::vector<double>(dout_t.begin(), dout_t.end()), batch, n, heads, D, scale);
@@ -125,12 +127,19 @@ void check(int batch, int n, int heads, double tolerance, unsigned seed) {
 }  // namespace
 
 TEST_CASE("fused attention kernels (emulated on the CPU): double, against the unfused definition") {
-  check<double, 64>(1, 5, 2, 1e-12, 1);     // one partial tile everywhere
-  check<double, 64>(2, 70, 1, 1e-12, 2);    // crosses the 64-row, 32-key and 64-key tiles
-  check<double, 64>(1, 197, 2, 1e-12, 3);   // ViT-B/16's 197 tokens
-  check<double, 128>(1, 33, 1, 1e-12, 4);   // the other supported head width
+  for (int tile : {32, 64}) {
+    auto run = [&]<int Tile>() {
+      check<double, 64, Tile>(1, 5, 2, 1e-12, 1);    // one partial tile everywhere
+      check<double, 64, Tile>(2, 70, 1, 1e-12, 2);   // crosses every tile edge (32, 64 rows and keys)
+      check<double, 64, Tile>(1, 197, 1, 1e-12, 3);  // ViT-B/16's 197 tokens
+      check<double, 128, Tile>(1, 33, 1, 1e-12, 4);  // the other supported head width
+    };
+    if (tile == 32) run.template operator()<32>();
+    else run.template operator()<64>();
+  }
 }
 
 TEST_CASE("fused attention kernels (emulated on the CPU): float, to float rounding") {
-  check<float, 64>(2, 97, 2, 2e-5, 5);
+  check<float, 64, 32>(2, 97, 2, 2e-5, 5);
+  check<float, 64, 64>(2, 97, 2, 2e-5, 5);
 }

@@ -85,10 +85,18 @@ struct Tf32Guard {
   explicit Tf32Guard(bool on) { Cuda::set_tf32(on); }
   ~Tf32Guard() { Cuda::set_tf32(false); }
 };
+// fused attention on (with a tile of 32 or 64) or off, restored at the end of the scope
 struct FusedAttentionGuard {
-  explicit FusedAttentionGuard(bool on) : was_(Cuda::fused_attention()) { Cuda::set_fused_attention(on); }
-  ~FusedAttentionGuard() { Cuda::set_fused_attention(was_); }
+  explicit FusedAttentionGuard(bool on, int tile = 32) : was_(Cuda::fused_attention()), tile_(Cuda::attention_tile()) {
+    Cuda::set_fused_attention(on);
+    Cuda::set_attention_tile(tile);
+  }
+  ~FusedAttentionGuard() {
+    Cuda::set_fused_attention(was_);
+    Cuda::set_attention_tile(tile_);
+  }
   bool was_;
+  int tile_;
 };
 
 // ---- host references -----------------------------------------------------------------------------
@@ -1437,18 +1445,18 @@ TEST_CASE("cuda parity: Attention") {
 }
 TEST_CASE("cuda parity: Attention and Block with heads of 64, on the GEMM path and through the fused kernels") {
   HATCH_REQUIRE_CUDA_DEVICE();
-  for (bool fused : {false, true}) {
-    FusedAttentionGuard guard(fused);
-    CAPTURE(fused);
+  for (int tile : {0, 32, 64}) {  // 0: the GEMM path
+    FusedAttentionGuard guard(tile != 0, tile ? tile : 32);
+    CAPTURE(tile);
     check_parity("attention_heads64");
     check_parity("block_heads64_train");
   }
 }
 namespace {
 // fused::attention_forward + attention_backward on the device, with Cuda's fused kernels on or off
-std::pair<HostVec, HostVec> attention_core(bool fused, const Dev& qkv, const Dev& dout, int batch, int n, int heads,
-                                           int dh) {
-  FusedAttentionGuard guard(fused);
+std::pair<HostVec, HostVec> attention_core(int tile, const Dev& qkv, const Dev& dout, int batch, int n, int heads,
+                                           int dh) {  // tile 0: the GEMM path
+  FusedAttentionGuard guard(tile != 0, tile ? tile : 32);
   const std::size_t nout = std::size_t(batch) * n * heads * dh;
   const float scale = 1.0f / std::sqrt(float(dh));
   Dev out = dev(HostVec(nout)), dqkv = dev(HostVec(3 * nout, std::numeric_limits<float>::quiet_NaN()));
@@ -1466,17 +1474,19 @@ void check_fused_attention(int batch, int n, int heads) {
   constexpr int dh = 64;
   const std::size_t nout = std::size_t(batch) * n * heads * dh;
   const Dev qkv = dev(randn(3 * nout, 71, 0, 1.5)), dout = dev(randn(nout, 72));
-  const auto gemm = attention_core(false, qkv, dout, batch, n, heads, dh);
-  const auto fused = attention_core(true, qkv, dout, batch, n, heads, dh);
-  const auto again = attention_core(true, qkv, dout, batch, n, heads, dh);
-  CHECK_CLOSE(fused.first, gemm.first, kLayerTol);
-  CHECK_CLOSE(fused.second, gemm.second, kLayerTol);
-  CHECK(fused.first == again.first);  // no atomics: the same bits on every run
-  CHECK(fused.second == again.second);
-  MESSAGE("fused attention vs GEMM path, batch " << batch << ", " << n << " tokens, " << heads
-                                                 << " heads: max relative error "
-                                                 << std::max(rel_err(fused.first, gemm.first),
-                                                             rel_err(fused.second, gemm.second)));
+  const auto gemm = attention_core(0, qkv, dout, batch, n, heads, dh);
+  for (int tile : {32, 64}) {
+    CAPTURE(tile);
+    const auto fused = attention_core(tile, qkv, dout, batch, n, heads, dh);
+    const auto again = attention_core(tile, qkv, dout, batch, n, heads, dh);
+    CHECK_CLOSE(fused.first, gemm.first, kLayerTol);
+    CHECK_CLOSE(fused.second, gemm.second, kLayerTol);
+    CHECK(fused.first == again.first);  // no atomics: the same bits on every run
+    CHECK(fused.second == again.second);
+    MESSAGE("fused attention (tile " << tile << ") vs GEMM path, batch " << batch << ", " << n << " tokens, "
+                                     << heads << " heads: max relative error "
+                                     << std::max(rel_err(fused.first, gemm.first), rel_err(fused.second, gemm.second)));
+  }
 }
 }  // namespace
 
@@ -1487,6 +1497,7 @@ TEST_CASE("cuda: fused attention kernels against the GEMM path, repeatable bit f
   FusedAttentionGuard guard(true);  // the fused forward saves one value per row, not n; heads of 32 are not fused
   CHECK(hatch::fused::attention_saved_size<Cuda>(2, 3, 70, 64) == std::size_t(2) * 3 * 70);
   CHECK(hatch::fused::attention_saved_size<Cuda>(2, 3, 70, 32) == std::size_t(2) * 3 * 70 * 70);
+  CHECK_THROWS_AS(Cuda::set_attention_tile(48), hatch::Error);
 }
 TEST_CASE("cuda: fused attention kernels at ViT-B/16 sizes (64 x 12 heads x 197 tokens)") {
   HATCH_REQUIRE_CUDA_DEVICE();

@@ -719,11 +719,20 @@ void layer_norm_params_by_columns(T* dgamma, T* dbeta, const T* dy, const T* x, 
 
 // ---- fused attention (kernels in cuda_attention.cuh) -------------------------------------------
 // Off by default until timed on a GPU against the GEMM path (bench/gpu.sh times both);
-// HATCH_CUDA_FUSED_ATTENTION=1 or Cuda::set_fused_attention(true) turns it on. Switch between
-// steps, never between a forward and its backward: the forward sizes what it saves by the switch.
+// HATCH_CUDA_FUSED_ATTENTION=1 or Cuda::set_fused_attention(true) turns it on. The tile (query
+// rows per forward block, keys per backward block) is 32 or 64: HATCH_CUDA_ATTENTION_TILE=64 or
+// Cuda::set_attention_tile. Change either between steps, never between a forward and its
+// backward: the forward sizes what it saves, and the backward its scratch, by them.
 inline std::atomic<bool>& fused_attention_flag() {
   static std::atomic<bool> on{env_switch("HATCH_CUDA_FUSED_ATTENTION", false)};
   return on;
+}
+inline std::atomic<int>& attention_tile_setting() {
+  static std::atomic<int> tile{[] {
+    const char* v = std::getenv("HATCH_CUDA_ATTENTION_TILE");
+    return v && std::strcmp(v, "64") == 0 ? 64 : cuda_kernels::attention::kDefaultTile;
+  }()};
+  return tile;
 }
 inline bool fused_attention_applies(int head_dim) { return fused_attention_flag().load() && head_dim == 64; }
 
@@ -741,28 +750,39 @@ void allow_shared_bytes(Kernel kernel, std::size_t bytes) {
   done[device] = true;
 }
 
-template <class T, int D>
+// Calls f(std::integral_constant<int, Tile>) with the tile in use.
+template <class F>
+void with_attention_tile(F&& f) {
+  if (attention_tile_setting().load() == 64) f(std::integral_constant<int, 64>{});
+  else f(std::integral_constant<int, 32>{});
+}
+
+template <class T, int D, int Tile>
 void attention_forward_fused(T* out, T* lse, const T* qkv, int batch, int n, int heads, T scale) {
   namespace ka = cuda_kernels::attention;
-  constexpr std::size_t bytes = ka::forward_shared_bytes<T, D>();
-  allow_shared_bytes(ka::forward<T, D>, bytes);
-  const dim3 grid(unsigned((n + ka::kFwdRows - 1) / ka::kFwdRows), unsigned(batch * heads));
-  HATCH_CUDA_LAUNCH_SHARED((ka::forward<T, D>), grid, ka::kFwdThreads, bytes, out, lse, qkv, n, heads, scale);
+  constexpr std::size_t bytes = ka::forward_shared_bytes<T, D, Tile>();
+  allow_shared_bytes(ka::forward<T, D, Tile>, bytes);
+  const dim3 grid(unsigned(ka::row_blocks(n, Tile)), unsigned(batch * heads));
+  HATCH_CUDA_LAUNCH_SHARED((ka::forward<T, D, Tile>), grid, ka::kFwdThreads, bytes, out, lse, qkv, n, heads, scale);
 }
-// scratch: delta (batch heads n), then the key blocks' dQ parts (key_blocks(n) batch heads n D)
-template <class T, int D>
+// scratch: delta (batch heads n), then the key blocks' dQ parts (row_blocks(n, Tile) batch heads n D)
+inline std::size_t attention_scratch_values(int batch, int heads, int n, int dh, int tile) {
+  const std::size_t rows = std::size_t(batch) * heads * n;
+  return rows + std::size_t(cuda_kernels::attention::row_blocks(n, tile)) * rows * dh;
+}
+template <class T, int D, int Tile>
 void attention_backward_fused(T* dqkv, T* scratch, const T* dout, const T* qkv, const T* out, const T* lse, int batch,
                               int n, int heads, T scale) {
   namespace ka = cuda_kernels::attention;
-  const int bhs = batch * heads, rows = bhs * n, blocks = ka::key_blocks(n);
+  const int bhs = batch * heads, rows = bhs * n, blocks = ka::row_blocks(n, Tile);
   T* delta = scratch;
   T* part = scratch + std::size_t(rows);
   HATCH_CUDA_LAUNCH((ka::delta<T, D>), unsigned((rows + ka::kDeltaThreads / 32 - 1) / (ka::kDeltaThreads / 32)),
                     ka::kDeltaThreads, delta, dout, out, rows, n, heads);
-  constexpr std::size_t bytes = ka::backward_shared_bytes<T, D>();
-  allow_shared_bytes(ka::backward<T, D>, bytes);
-  HATCH_CUDA_LAUNCH_SHARED((ka::backward<T, D>), dim3(unsigned(blocks), unsigned(bhs)), ka::kBwdThreads, bytes, dqkv,
-                           part, dout, qkv, lse, delta, n, heads, scale);
+  constexpr std::size_t bytes = ka::backward_shared_bytes<T, D, Tile>();
+  allow_shared_bytes(ka::backward<T, D, Tile>, bytes);
+  HATCH_CUDA_LAUNCH_SHARED((ka::backward<T, D, Tile>), dim3(unsigned(blocks), unsigned(bhs)), ka::kBwdThreads, bytes,
+                           dqkv, part, dout, qkv, lse, delta, n, heads, scale);
   const std::size_t values = std::size_t(rows) * D;
   HATCH_CUDA_LAUNCH((ka::dq_sum<T, D>), unsigned((values + 255) / 256), 256, dqkv, part, blocks, bhs, n, heads);
 }
@@ -811,6 +831,12 @@ struct Cuda {
   // the default take the GEMM path); see cuda_detail::fused_attention_flag.
   static void set_fused_attention(bool on) { cuda_detail::fused_attention_flag() = on; }
   static bool fused_attention() { return cuda_detail::fused_attention_flag().load(); }
+  // their tile, 32 or 64 (anything else is refused)
+  static void set_attention_tile(int tile) {
+    HATCH_CHECK(tile == 32 || tile == 64, "Cuda::set_attention_tile", "expected 32 or 64, got " + std::to_string(tile));
+    cuda_detail::attention_tile_setting() = tile;
+  }
+  static int attention_tile() { return cuda_detail::attention_tile_setting().load(); }
 
   // ---- the stream ----------------------------------------------------------------------------------
   // Where hatch enqueues its work on the current device (see the top of this file).
@@ -1194,24 +1220,26 @@ struct Cuda {
     return cuda_detail::fused_attention_applies(dh) ? rows : rows * n;
   }
   static std::size_t attention_scratch_size(int batch, int heads, int n, int dh) {
-    const std::size_t rows = std::size_t(batch) * heads * n;
-    if (!cuda_detail::fused_attention_applies(dh)) return rows * n;
-    return rows + std::size_t(cuda_kernels::attention::key_blocks(n)) * rows * dh;
+    if (!cuda_detail::fused_attention_applies(dh)) return std::size_t(batch) * heads * n * n;
+    return cuda_detail::attention_scratch_values(batch, heads, n, dh, cuda_detail::attention_tile_setting().load());
   }
   static void attention_forward(T* out, T* saved, const T* qkv, int batch, int n, int heads, int dh, T scale) {
     if (batch <= 0 || n <= 0) return;
-    if (cuda_detail::fused_attention_applies(dh))
-      cuda_detail::attention_forward_fused<T, 64>(out, saved, qkv, batch, n, heads, scale);
-    else
-      fused::attention_forward_unfused<Cuda>(out, saved, qkv, batch, n, heads, dh, scale);
+    if (!cuda_detail::fused_attention_applies(dh))
+      return fused::attention_forward_unfused<Cuda>(out, saved, qkv, batch, n, heads, dh, scale);
+    cuda_detail::with_attention_tile([&](auto tile) {
+      cuda_detail::attention_forward_fused<T, 64, decltype(tile)::value>(out, saved, qkv, batch, n, heads, scale);
+    });
   }
   static void attention_backward(T* dqkv, T* scratch, const T* dout, const T* qkv, const T* out, const T* saved,
                                  int batch, int n, int heads, int dh, T scale) {
     if (batch <= 0 || n <= 0) return;
-    if (cuda_detail::fused_attention_applies(dh))
-      cuda_detail::attention_backward_fused<T, 64>(dqkv, scratch, dout, qkv, out, saved, batch, n, heads, scale);
-    else
-      fused::attention_backward_unfused<Cuda>(dqkv, scratch, dout, qkv, saved, batch, n, heads, dh, scale);
+    if (!cuda_detail::fused_attention_applies(dh))
+      return fused::attention_backward_unfused<Cuda>(dqkv, scratch, dout, qkv, saved, batch, n, heads, dh, scale);
+    cuda_detail::with_attention_tile([&](auto tile) {
+      cuda_detail::attention_backward_fused<T, 64, decltype(tile)::value>(dqkv, scratch, dout, qkv, out, saved, batch,
+                                                                         n, heads, scale);
+    });
   }
 
   static void softmax_backward(T* dx, const T* dy, const T* y, int rows, int cols, T scale) {

@@ -5,7 +5,7 @@
 // Layouts are the attention layer's (layers/attention.hpp): qkv (batch, n, 3, heads, D) rows of
 // 3 heads D values, read in place; out and dout (batch, n, heads, D); lse and delta (batch heads, n).
 //
-//  - forward (FlashAttention's online softmax): a block takes 64 query rows of one (example,
+//  - forward (FlashAttention's online softmax): a block takes Tile query rows of one (example,
 //    head), walks the keys 32 at a time through shared memory, keeps each row's running maximum
 //    m, sum l and output in registers, and writes out = O / l and lse = m + log l, the row's
 //    log-sum-exp of the scaled scores, which is all the backward needs of the probabilities;
@@ -16,10 +16,13 @@
 //    slice of a scratch buffer and attention_dq_sum adds the slices in block order. So the result
 //    is the same on every run (no atomics), at the price of (key blocks) x dQ's size in scratch.
 //
-// Tiles are fixed for D = 64 and 128 (the ViT presets' head width is 64); the Cuda backend falls
-// back to the GEMM path for other widths. Work per thread: 4 x 4 scores and 4 x D/8 outputs in
-// the forward, 2 x 4 scores and 2 x D/8 of dK and of dV in the backward; shared-memory tiles are
-// stored transposed where a thread reads 4 consecutive rows at one column, padded by 4 values.
+// Head widths D = 64 and 128 (the ViT presets' is 64; the Cuda backend takes the GEMM path for
+// others); Tile = 32 or 64. Work per thread: Tile/16 rows x 4 keys of scores and Tile/16 x D/8
+// outputs in the forward, Tile/32 keys x 4 queries of scores and Tile/32 x D/8 of dK and of dV in
+// the backward. Small tiles waste less on the last, partial tile (197 tokens: 224 rows computed
+// with 32, 256 with 64), large ones reuse each value loaded from shared memory more; which wins
+// is measured (bench/cuda_rows). Shared-memory tiles are stored transposed where a thread reads
+// consecutive rows at one column, padded by 4 values.
 //
 // The file compiles without nvcc too (tests/cuda_emulation.hpp runs these kernels on CPU threads
 // to test them where no GPU is), so it uses only threadIdx, blockIdx, __syncthreads,
@@ -36,50 +39,59 @@
 namespace hatch::cuda_kernels::attention {
 
 inline constexpr int kPad = 4;
-// forward: 64 query rows per block, keys 32 at a time, 128 threads
-inline constexpr int kFwdRows = 64, kFwdKeys = 32, kFwdThreads = 128;
-// backward: 64 keys per block, queries 32 at a time, 256 threads
-inline constexpr int kBwdKeys = 64, kBwdRows = 32, kBwdThreads = 256;
+// forward: Tile query rows per block (16 threads' rows of Tile / 16 each), keys 32 at a time,
+// 128 threads
+inline constexpr int kFwdKeys = 32, kFwdThreads = 128;
+// backward: Tile keys per block (32 threads' rows of Tile / 32 each), queries 32 at a time,
+// 256 threads
+inline constexpr int kBwdRows = 32, kBwdThreads = 256;
+// the tile sizes the launchers offer (bench/cuda_rows times both; Cuda picks by
+// HATCH_CUDA_ATTENTION_TILE, default kDefaultTile)
+inline constexpr int kDefaultTile = 32;
+template <int Tile>
+constexpr bool supported_tile = Tile == 32 || Tile == 64;
 // delta: one warp per row, 8 rows per block
 inline constexpr int kDeltaThreads = 256;
 
 template <int D>
 constexpr bool supported_width = D == 64 || D == 128;
 
-template <class T, int D>
+template <class T, int D, int Tile>
 constexpr std::size_t forward_shared_bytes() {
-  return sizeof(T) * (std::size_t(D) * (kFwdRows + kPad) + std::size_t(D) * (kFwdKeys + kPad) +
-                      std::size_t(kFwdKeys) * D + std::size_t(kFwdKeys) * (kFwdRows + kPad));
+  return sizeof(T) * (std::size_t(D) * (Tile + kPad) + std::size_t(D) * (kFwdKeys + kPad) + std::size_t(kFwdKeys) * D +
+                      std::size_t(kFwdKeys) * (Tile + kPad));
 }
-template <class T, int D>
+template <class T, int D, int Tile>
 constexpr std::size_t backward_shared_bytes() {
-  return sizeof(T) * (2 * std::size_t(kBwdKeys) * (D + kPad) + 2 * std::size_t(D) * (kBwdRows + kPad) +
-                      2 * std::size_t(kBwdRows) * (D + kPad) + 2 * std::size_t(kBwdRows) * (kBwdKeys + kPad) +
+  return sizeof(T) * (2 * std::size_t(Tile) * (D + kPad) + 2 * std::size_t(D) * (kBwdRows + kPad) +
+                      2 * std::size_t(kBwdRows) * (D + kPad) + 2 * std::size_t(kBwdRows) * (Tile + kPad) +
                       2 * std::size_t(kBwdRows));
 }
-inline int key_blocks(int n) { return (n + kBwdKeys - 1) / kBwdKeys; }
+inline int row_blocks(int n, int tile) { return (n + tile - 1) / tile; }  // forward blocks / backward key blocks
 
-template <class T>
-struct alignas(16) Vec4 {
-  T v[4];
+// N consecutive values, loaded at once (one 64- or 128-bit load for floats)
+template <class T, int N>
+struct alignas(N * sizeof(T) < 16 ? N * sizeof(T) : 16) Vec {
+  T v[N];
 };
-template <class T>
-__device__ __forceinline__ Vec4<T> load4(const T* p) {
-  return *reinterpret_cast<const Vec4<T>*>(p);
+template <int N, class T>
+__device__ __forceinline__ Vec<T, N> load(const T* p) {
+  return *reinterpret_cast<const Vec<T, N>*>(p);
 }
 
-// grid (ceil(n / 64), batch heads), kFwdThreads threads, forward_shared_bytes<T, D>() bytes
-template <class T, int D>
+// grid (row_blocks(n, Tile), batch heads), kFwdThreads threads, forward_shared_bytes<T, D, Tile>() bytes
+template <class T, int D, int Tile>
 __global__ void forward(T* __restrict__ out, T* __restrict__ lse, const T* __restrict__ qkv, int n, int heads,
                         T scale) {
   static_assert(supported_width<D>, "hatch::cuda_kernels::attention: head width 64 or 128");
-  constexpr int BR = kFwdRows, BC = kFwdKeys, LQ = BR + kPad, LK = BC + kPad, DV = D / 8;
+  static_assert(supported_tile<Tile>, "hatch::cuda_kernels::attention: tiles of 32 or 64");
+  constexpr int BR = Tile, BC = kFwdKeys, RT = Tile / 16, LQ = BR + kPad, LK = BC + kPad, DV = D / 8;
   HATCH_DYNAMIC_SHARED(smem);
   T* Qt = reinterpret_cast<T*>(smem);  // [D][LQ]  queries, transposed
   T* Kt = Qt + D * LQ;                 // [D][LK]  keys, transposed
   T* Vs = Kt + D * LK;                 // [BC][D]  values
   T* Pt = Vs + BC * D;                 // [BC][LQ] probabilities, transposed
-  const int t = int(threadIdx.x), ty = t / 8, tx = t % 8;
+  const int t = int(threadIdx.x), ty = t / 8, tx = t % 8;  // rows ty*RT + r, keys tx*4 + j, dims tx*DV + c
   const int bh = int(blockIdx.y), b = bh / heads, h = bh % heads, q0 = int(blockIdx.x) * BR;
   const std::size_t row = std::size_t(3) * heads * D;
   const T* qb = qkv + std::size_t(b) * n * row + std::size_t(h) * D;
@@ -90,8 +102,8 @@ __global__ void forward(T* __restrict__ out, T* __restrict__ lse, const T* __res
     Qt[d * LQ + i] = q0 + i < n ? qb[std::size_t(q0 + i) * row + d] : T(0);
   }
   const T kNegInf = -T(INFINITY);
-  T m[4], l[4], o[4][DV];
-  for (int r = 0; r < 4; ++r) {
+  T m[RT], l[RT], o[RT][DV];
+  for (int r = 0; r < RT; ++r) {
     m[r] = kNegInf;
     l[r] = T(0);
     for (int c = 0; c < DV; ++c) o[r][c] = T(0);
@@ -105,13 +117,14 @@ __global__ void forward(T* __restrict__ out, T* __restrict__ lse, const T* __res
       Vs[j * D + d] = in ? vb[std::size_t(k0 + j) * row + d] : T(0);
     }
     __syncthreads();
-    T s[4][4] = {};
+    T s[RT][4] = {};
     for (int d = 0; d < D; ++d) {
-      const Vec4<T> a = load4(Qt + d * LQ + ty * 4), c = load4(Kt + d * LK + tx * 4);
-      for (int r = 0; r < 4; ++r)
+      const Vec<T, RT> a = load<RT>(Qt + d * LQ + ty * RT);
+      const Vec<T, 4> c = load<4>(Kt + d * LK + tx * 4);
+      for (int r = 0; r < RT; ++r)
         for (int j = 0; j < 4; ++j) s[r][j] += a.v[r] * c.v[j];
     }
-    for (int r = 0; r < 4; ++r) {
+    for (int r = 0; r < RT; ++r) {
       T mx = kNegInf;
       for (int j = 0; j < 4; ++j) {
         s[r][j] = k0 + tx * 4 + j < n ? s[r][j] * scale : kNegInf;
@@ -132,21 +145,21 @@ __global__ void forward(T* __restrict__ out, T* __restrict__ lse, const T* __res
       l[r] = l[r] * alpha + sum;
       m[r] = m_new;
       for (int c = 0; c < DV; ++c) o[r][c] *= alpha;
-      for (int j = 0; j < 4; ++j) Pt[(tx * 4 + j) * LQ + ty * 4 + r] = s[r][j];
+      for (int j = 0; j < 4; ++j) Pt[(tx * 4 + j) * LQ + ty * RT + r] = s[r][j];
     }
     __syncthreads();
     const int keys = n - k0 < BC ? n - k0 : BC;
     for (int j = 0; j < keys; ++j) {
-      const Vec4<T> p = load4(Pt + j * LQ + ty * 4);
+      const Vec<T, RT> p = load<RT>(Pt + j * LQ + ty * RT);
       for (int c4 = 0; c4 < DV; c4 += 4) {
-        const Vec4<T> v = load4(Vs + j * D + tx * DV + c4);
-        for (int r = 0; r < 4; ++r)
+        const Vec<T, 4> v = load<4>(Vs + j * D + tx * DV + c4);
+        for (int r = 0; r < RT; ++r)
           for (int c = 0; c < 4; ++c) o[r][c4 + c] += p.v[r] * v.v[c];
       }
     }
   }
-  for (int r = 0; r < 4; ++r) {
-    const int i = q0 + ty * 4 + r;
+  for (int r = 0; r < RT; ++r) {
+    const int i = q0 + ty * RT + r;
     if (i >= n) continue;
     T* dst = out + (std::size_t(b) * n + i) * heads * D + std::size_t(h) * D + tx * DV;
     for (int c = 0; c < DV; ++c) dst[c] = o[r][c] / l[r];
@@ -171,15 +184,17 @@ __global__ void delta(T* __restrict__ dst, const T* __restrict__ dout, const T* 
   if (in && lane == 0) dst[warp] = sum;
 }
 
-// grid (key_blocks(n), batch heads), kBwdThreads threads, backward_shared_bytes<T, D>() bytes.
-// Writes dK and dV into dqkv's key and value slots and this block's part of dQ into
+// grid (row_blocks(n, Tile), batch heads), kBwdThreads threads, backward_shared_bytes<T, D, Tile>()
+// bytes. Writes dK and dV into dqkv's key and value slots and this block's part of dQ into
 // dq_part[(blockIdx.x batch heads + bh) n + i][D].
-template <class T, int D>
+template <class T, int D, int Tile>
 __global__ void backward(T* __restrict__ dqkv, T* __restrict__ dq_part, const T* __restrict__ dout,
                          const T* __restrict__ qkv, const T* __restrict__ lse, const T* __restrict__ delta_rows, int n,
                          int heads, T scale) {
   static_assert(supported_width<D>, "hatch::cuda_kernels::attention: head width 64 or 128");
-  constexpr int BC = kBwdKeys, BR = kBwdRows, LD = D + kPad, LQ = BR + kPad, LB = BC + kPad, DV = D / 8, DQ = D / 16;
+  static_assert(supported_tile<Tile>, "hatch::cuda_kernels::attention: tiles of 32 or 64");
+  constexpr int BC = Tile, BR = kBwdRows, KT = Tile / 32, LD = D + kPad, LQ = BR + kPad, LB = BC + kPad;
+  constexpr int DV = D / 8, DQ = D / 16;
   HATCH_DYNAMIC_SHARED(smem);
   T* Ks = reinterpret_cast<T*>(smem);  // [BC][LD] this block's keys
   T* Vs = Ks + BC * LD;                // [BC][LD] and values
@@ -191,8 +206,8 @@ __global__ void backward(T* __restrict__ dqkv, T* __restrict__ dq_part, const T*
   T* dSs = Ps + BR * LB;               // [BR][LB] score gradients (query, key)
   T* lse_s = dSs + BR * LB;            // [BR]
   T* del_s = lse_s + BR;               // [BR]
-  const int t = int(threadIdx.x), ty = t / 8, tx = t % 8;  // keys ty*2 + {0,1}; queries tx*4 + {0..3}; dims tx*DV
-  const int qy = t / 16, qx = t % 16;                       // dQ: queries qy*2 + {0,1}, dims qx*DQ
+  const int t = int(threadIdx.x), ty = t / 8, tx = t % 8;  // keys ty*KT + r; queries tx*4 + c; dims tx*DV + c
+  const int qy = t / 16, qx = t % 16;                       // dQ: queries qy*2 + {0,1}, dims qx*DQ + c
   const int bh = int(blockIdx.y), b = bh / heads, h = bh % heads, k0 = int(blockIdx.x) * BC;
   const int bhs = int(gridDim.y);
   const std::size_t row = std::size_t(3) * heads * D, orow = std::size_t(heads) * D;
@@ -206,7 +221,7 @@ __global__ void backward(T* __restrict__ dqkv, T* __restrict__ dq_part, const T*
     Ks[j * LD + d] = in ? kb[std::size_t(k0 + j) * row + d] : T(0);
     Vs[j * LD + d] = in ? vb[std::size_t(k0 + j) * row + d] : T(0);
   }
-  T dk[2][DV] = {}, dv[2][DV] = {};
+  T dk[KT][DV] = {}, dv[KT][DV] = {};
   for (int q0 = 0; q0 < n; q0 += BR) {
     __syncthreads();  // the previous step's readers are done (and the keys are in place)
     for (int e = t; e < BR * D; e += kBwdThreads) {
@@ -225,20 +240,20 @@ __global__ void backward(T* __restrict__ dqkv, T* __restrict__ dq_part, const T*
       del_s[t] = in ? delta_rows[std::size_t(bh) * n + q0 + t] : T(0);
     }
     __syncthreads();
-    T s[2][4] = {}, dp[2][4] = {};
+    T s[KT][4] = {}, dp[KT][4] = {};
     for (int d = 0; d < D; ++d) {
-      const Vec4<T> q = load4(Qt + d * LQ + tx * 4), g = load4(dOt + d * LQ + tx * 4);
-      for (int r = 0; r < 2; ++r) {
-        const T kv = Ks[(ty * 2 + r) * LD + d], vv = Vs[(ty * 2 + r) * LD + d];
+      const Vec<T, 4> q = load<4>(Qt + d * LQ + tx * 4), g = load<4>(dOt + d * LQ + tx * 4);
+      for (int r = 0; r < KT; ++r) {
+        const T kv = Ks[(ty * KT + r) * LD + d], vv = Vs[(ty * KT + r) * LD + d];
         for (int c = 0; c < 4; ++c) {
           s[r][c] += kv * q.v[c];
           dp[r][c] += vv * g.v[c];
         }
       }
     }
-    for (int r = 0; r < 2; ++r)
+    for (int r = 0; r < KT; ++r)
       for (int c = 0; c < 4; ++c) {
-        const int key = ty * 2 + r, qi = tx * 4 + c;
+        const int key = ty * KT + r, qi = tx * 4 + c;
         const bool in = k0 + key < n && q0 + qi < n;
         const T p = in ? hd::exp(s[r][c] * scale - lse_s[qi]) : T(0);
         Ps[qi * LB + key] = p;
@@ -246,16 +261,14 @@ __global__ void backward(T* __restrict__ dqkv, T* __restrict__ dq_part, const T*
       }
     __syncthreads();
     for (int i = 0; i < BR; ++i) {
-      const T p0 = Ps[i * LB + ty * 2], p1 = Ps[i * LB + ty * 2 + 1];
-      const T g0 = dSs[i * LB + ty * 2], g1 = dSs[i * LB + ty * 2 + 1];
+      const Vec<T, KT> p = load<KT>(Ps + i * LB + ty * KT), g = load<KT>(dSs + i * LB + ty * KT);
       for (int c4 = 0; c4 < DV; c4 += 4) {
-        const Vec4<T> o = load4(dOs + i * LD + tx * DV + c4), q = load4(Qs + i * LD + tx * DV + c4);
-        for (int c = 0; c < 4; ++c) {
-          dv[0][c4 + c] += p0 * o.v[c];
-          dv[1][c4 + c] += p1 * o.v[c];
-          dk[0][c4 + c] += g0 * q.v[c];
-          dk[1][c4 + c] += g1 * q.v[c];
-        }
+        const Vec<T, 4> o = load<4>(dOs + i * LD + tx * DV + c4), q = load<4>(Qs + i * LD + tx * DV + c4);
+        for (int r = 0; r < KT; ++r)
+          for (int c = 0; c < 4; ++c) {
+            dv[r][c4 + c] += p.v[r] * o.v[c];
+            dk[r][c4 + c] += g.v[r] * q.v[c];
+          }
       }
     }
     T dq[2][DQ] = {};
@@ -263,7 +276,7 @@ __global__ void backward(T* __restrict__ dqkv, T* __restrict__ dq_part, const T*
     for (int k = 0; k < keys; ++k) {
       const T g0 = dSs[(qy * 2) * LB + k], g1 = dSs[(qy * 2 + 1) * LB + k];
       for (int c4 = 0; c4 < DQ; c4 += 4) {
-        const Vec4<T> kv = load4(Ks + k * LD + qx * DQ + c4);
+        const Vec<T, 4> kv = load<4>(Ks + k * LD + qx * DQ + c4);
         for (int c = 0; c < 4; ++c) {
           dq[0][c4 + c] += g0 * kv.v[c];
           dq[1][c4 + c] += g1 * kv.v[c];
@@ -277,8 +290,8 @@ __global__ void backward(T* __restrict__ dqkv, T* __restrict__ dq_part, const T*
       for (int c = 0; c < DQ; ++c) dst[c] = dq[r][c];
     }
   }
-  for (int r = 0; r < 2; ++r) {
-    const int key = k0 + ty * 2 + r;
+  for (int r = 0; r < KT; ++r) {
+    const int key = k0 + ty * KT + r;
     if (key >= n) continue;
     T* dst = dqkv + (std::size_t(b) * n + key) * row + std::size_t(h) * D + tx * DV;
     for (int c = 0; c < DV; ++c) {
