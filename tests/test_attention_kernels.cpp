@@ -45,8 +45,9 @@ Result<T> emulate(const std::vector<T>& qkv, const std::vector<T>& dout, int bat
   std::vector<T> delta(std::size_t(bhs) * n, nan), part(std::size_t(blocks) * bhs * n * D, nan);
   hatch_emulation::launch(ka::delta<T, D>, dim3(unsigned((bhs * n + 7) / 8)), dim3(ka::kDeltaThreads), 0,
                           delta.data(), dout.data(), const_cast<const T*>(r.out.data()), bhs * n, n, heads);
-  hatch_emulation::launch(ka::backward<T, D, Tile>, dim3(unsigned(blocks), unsigned(bhs)), dim3(ka::kBwdThreads),
-                          ka::backward_shared_bytes<T, D, Tile>(), r.dqkv.data(), part.data(),
+  using Bwd = ka::Backward<T, D, Tile>;
+  hatch_emulation::launch(Bwd::kernel(), dim3(unsigned(blocks), unsigned(bhs)), dim3(Bwd::threads),
+                          Bwd::shared_bytes, r.dqkv.data(), part.data(),
                           dout.data(), qkv.data(), const_cast<const T*>(r.lse.data()),
                           const_cast<const T*>(delta.data()), n, heads, scale);
   hatch_emulation::launch(ka::dq_sum<T, D>, dim3(unsigned((std::size_t(bhs) * n * D + 255) / 256)), dim3(256), 0,

@@ -779,10 +779,10 @@ void attention_backward_fused(T* dqkv, T* scratch, const T* dout, const T* qkv, 
   T* part = scratch + std::size_t(rows);
   HATCH_CUDA_LAUNCH((ka::delta<T, D>), unsigned((rows + ka::kDeltaThreads / 32 - 1) / (ka::kDeltaThreads / 32)),
                     ka::kDeltaThreads, delta, dout, out, rows, n, heads);
-  constexpr std::size_t bytes = ka::backward_shared_bytes<T, D, Tile>();
-  allow_shared_bytes(ka::backward<T, D, Tile>, bytes);
-  HATCH_CUDA_LAUNCH_SHARED((ka::backward<T, D, Tile>), dim3(unsigned(blocks), unsigned(bhs)), ka::kBwdThreads, bytes,
-                           dqkv, part, dout, qkv, lse, delta, n, heads, scale);
+  using Bwd = ka::Backward<T, D, Tile>;
+  allow_shared_bytes(Bwd::kernel(), Bwd::shared_bytes);
+  HATCH_CUDA_LAUNCH_SHARED(Bwd::kernel(), dim3(unsigned(blocks), unsigned(bhs)), Bwd::threads, Bwd::shared_bytes, dqkv,
+                           part, dout, qkv, lse, delta, n, heads, scale);
   const std::size_t values = std::size_t(rows) * D;
   HATCH_CUDA_LAUNCH((ka::dq_sum<T, D>), unsigned((values + 255) / 256), 256, dqkv, part, blocks, bhs, n, heads);
 }

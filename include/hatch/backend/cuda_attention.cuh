@@ -18,8 +18,9 @@
 //
 // Head widths D = 64 and 128 (the ViT presets' is 64; the Cuda backend takes the GEMM path for
 // others); Tile = 32 or 64. Work per thread: Tile/16 rows x 4 keys of scores and Tile/16 x D/8
-// outputs in the forward, Tile/32 keys x 4 queries of scores and Tile/32 x D/8 of dK and of dV in
-// the backward. Small tiles waste less on the last, partial tile (197 tokens: 224 rows computed
+// outputs in the forward; in the backward 1 key x 4 queries of scores and 1 x D/8 of dK and dV
+// over 256 threads (tile 32, backward_narrow), or 4 keys x 4 queries and 4 x D/8 over 128
+// threads (tile 64, backward_wide, which keeps keys and values transposed too). Small tiles waste less on the last, partial tile (197 tokens: 224 rows computed
 // with 32, 256 with 64), large ones reuse each value loaded from shared memory more; which wins
 // is measured (bench/cuda_rows). Shared-memory tiles are stored transposed where a thread reads
 // consecutive rows at one column, padded by 4 values.
@@ -42,9 +43,9 @@ inline constexpr int kPad = 4;
 // forward: Tile query rows per block (16 threads' rows of Tile / 16 each), keys 32 at a time,
 // 128 threads
 inline constexpr int kFwdKeys = 32, kFwdThreads = 128;
-// backward: Tile keys per block (32 threads' rows of Tile / 32 each), queries 32 at a time,
-// 256 threads
-inline constexpr int kBwdRows = 32, kBwdThreads = 256;
+// backward: Tile keys per block, queries 32 at a time; tile 32: 256 threads (backward_narrow),
+// tile 64: 128 threads (backward_wide)
+inline constexpr int kBwdRows = 32, kBwdThreads = 256, kBwdWideThreads = 128;
 // the tile sizes the launchers offer (bench/cuda_rows times both; Cuda picks by
 // HATCH_CUDA_ATTENTION_TILE, default kDefaultTile)
 inline constexpr int kDefaultTile = 32;
@@ -61,11 +62,17 @@ constexpr std::size_t forward_shared_bytes() {
   return sizeof(T) * (std::size_t(D) * (Tile + kPad) + std::size_t(D) * (kFwdKeys + kPad) + std::size_t(kFwdKeys) * D +
                       std::size_t(kFwdKeys) * (Tile + kPad));
 }
-template <class T, int D, int Tile>
-constexpr std::size_t backward_shared_bytes() {
-  return sizeof(T) * (2 * std::size_t(Tile) * (D + kPad) + 2 * std::size_t(D) * (kBwdRows + kPad) +
-                      2 * std::size_t(kBwdRows) * (D + kPad) + 2 * std::size_t(kBwdRows) * (Tile + kPad) +
-                      2 * std::size_t(kBwdRows));
+template <class T, int D>
+constexpr std::size_t backward_narrow_shared_bytes() {
+  constexpr std::size_t BC = 32, BR = kBwdRows;
+  return sizeof(T) * (2 * BC * (D + kPad) + 2 * std::size_t(D) * (BR + kPad) + 2 * BR * (D + kPad) +
+                      2 * BR * (BC + kPad) + 2 * BR);
+}
+template <class T, int D>
+constexpr std::size_t backward_wide_shared_bytes() {
+  constexpr std::size_t BC = 64, BR = kBwdRows;
+  return sizeof(T) * (2 * std::size_t(D) * (BC + kPad) + BC * (D + kPad) + 2 * std::size_t(D) * (BR + kPad) +
+                      2 * BR * (D + kPad) + 2 * BR * (BC + kPad) + 2 * BR);
 }
 inline int row_blocks(int n, int tile) { return (n + tile - 1) / tile; }  // forward blocks / backward key blocks
 
@@ -77,6 +84,10 @@ struct alignas(N * sizeof(T) < 16 ? N * sizeof(T) : 16) Vec {
 template <int N, class T>
 __device__ __forceinline__ Vec<T, N> load(const T* p) {
   return *reinterpret_cast<const Vec<T, N>*>(p);
+}
+template <int N, class T>
+__device__ __forceinline__ void store(T* p, const Vec<T, N>& v) {
+  *reinterpret_cast<Vec<T, N>*>(p) = v;
 }
 
 // grid (row_blocks(n, Tile), batch heads), kFwdThreads threads, forward_shared_bytes<T, D, Tile>() bytes
@@ -184,16 +195,16 @@ __global__ void delta(T* __restrict__ dst, const T* __restrict__ dout, const T* 
   if (in && lane == 0) dst[warp] = sum;
 }
 
-// grid (row_blocks(n, Tile), batch heads), kBwdThreads threads, backward_shared_bytes<T, D, Tile>()
-// bytes. Writes dK and dV into dqkv's key and value slots and this block's part of dQ into
+// Tile 32: grid (row_blocks(n, 32), batch heads), kBwdThreads threads,
+// backward_narrow_shared_bytes<T, D>() bytes. One key and 4 queries of scores per thread.
+// Writes dK and dV into dqkv's key and value slots and this block's part of dQ into
 // dq_part[(blockIdx.x batch heads + bh) n + i][D].
-template <class T, int D, int Tile>
-__global__ void backward(T* __restrict__ dqkv, T* __restrict__ dq_part, const T* __restrict__ dout,
-                         const T* __restrict__ qkv, const T* __restrict__ lse, const T* __restrict__ delta_rows, int n,
-                         int heads, T scale) {
+template <class T, int D>
+__global__ void backward_narrow(T* __restrict__ dqkv, T* __restrict__ dq_part, const T* __restrict__ dout,
+                                const T* __restrict__ qkv, const T* __restrict__ lse, const T* __restrict__ delta_rows,
+                                int n, int heads, T scale) {
   static_assert(supported_width<D>, "hatch::cuda_kernels::attention: head width 64 or 128");
-  static_assert(supported_tile<Tile>, "hatch::cuda_kernels::attention: tiles of 32 or 64");
-  constexpr int BC = Tile, BR = kBwdRows, KT = Tile / 32, LD = D + kPad, LQ = BR + kPad, LB = BC + kPad;
+  constexpr int BC = 32, BR = kBwdRows, KT = 1, LD = D + kPad, LQ = BR + kPad, LB = BC + kPad;
   constexpr int DV = D / 8, DQ = D / 16;
   HATCH_DYNAMIC_SHARED(smem);
   T* Ks = reinterpret_cast<T*>(smem);  // [BC][LD] this block's keys
@@ -206,7 +217,7 @@ __global__ void backward(T* __restrict__ dqkv, T* __restrict__ dq_part, const T*
   T* dSs = Ps + BR * LB;               // [BR][LB] score gradients (query, key)
   T* lse_s = dSs + BR * LB;            // [BR]
   T* del_s = lse_s + BR;               // [BR]
-  const int t = int(threadIdx.x), ty = t / 8, tx = t % 8;  // keys ty*KT + r; queries tx*4 + c; dims tx*DV + c
+  const int t = int(threadIdx.x), ty = t / 8, tx = t % 8;  // key ty; queries tx*4 + c; dims tx*DV + c
   const int qy = t / 16, qx = t % 16;                       // dQ: queries qy*2 + {0,1}, dims qx*DQ + c
   const int bh = int(blockIdx.y), b = bh / heads, h = bh % heads, k0 = int(blockIdx.x) * BC;
   const int bhs = int(gridDim.y);
@@ -300,6 +311,144 @@ __global__ void backward(T* __restrict__ dqkv, T* __restrict__ dq_part, const T*
     }
   }
 }
+
+// Tile 64: grid (row_blocks(n, 64), batch heads), kBwdWideThreads threads,
+// backward_wide_shared_bytes<T, D>() bytes. The same outputs as backward_narrow, with 4 keys x 4
+// queries of scores and 4 keys x D/8 of dK and dV per thread: keys and values are also kept
+// transposed, so that every shared-memory read in the inner loops is a 128-bit load feeding 8
+// (scores), 10 (dK, dV) or 4 (dQ) multiply-adds.
+template <class T, int D>
+__global__ void backward_wide(T* __restrict__ dqkv, T* __restrict__ dq_part, const T* __restrict__ dout,
+                              const T* __restrict__ qkv, const T* __restrict__ lse, const T* __restrict__ delta_rows,
+                              int n, int heads, T scale) {
+  static_assert(supported_width<D>, "hatch::cuda_kernels::attention: head width 64 or 128");
+  constexpr int BC = 64, BR = kBwdRows, LD = D + kPad, LQ = BR + kPad, LB = BC + kPad, DV = D / 8;
+  HATCH_DYNAMIC_SHARED(smem);
+  T* Kt = reinterpret_cast<T*>(smem);  // [D][LB]  this block's keys, transposed
+  T* Vt = Kt + D * LB;                 // [D][LB]  and values, transposed
+  T* Ks = Vt + D * LB;                 // [BC][LD] the keys again, by rows (for dQ)
+  T* Qt = Ks + BC * LD;                // [D][LQ]  queries, transposed
+  T* dOt = Qt + D * LQ;                // [D][LQ]  output gradients, transposed
+  T* Qs = dOt + D * LQ;                // [BR][LD] queries
+  T* dOs = Qs + BR * LD;               // [BR][LD] output gradients
+  T* Ps = dOs + BR * LD;               // [BR][LB] probabilities (query, key)
+  T* dSs = Ps + BR * LB;               // [BR][LB] score gradients (query, key)
+  T* lse_s = dSs + BR * LB;            // [BR]
+  T* del_s = lse_s + BR;               // [BR]
+  // keys ty*4 + r; queries tx*4 + c (scores); dims tx*DV + c (dK, dV, dQ); dQ rows ty*2 + r
+  const int t = int(threadIdx.x), ty = t / 8, tx = t % 8;
+  const int bh = int(blockIdx.y), b = bh / heads, h = bh % heads, k0 = int(blockIdx.x) * BC;
+  const int bhs = int(gridDim.y);
+  const std::size_t row = std::size_t(3) * heads * D, orow = std::size_t(heads) * D;
+  const T* qb = qkv + std::size_t(b) * n * row + std::size_t(h) * D;
+  const T* kb = qb + std::size_t(heads) * D;
+  const T* vb = kb + std::size_t(heads) * D;
+  const T* ob = dout + std::size_t(b) * n * orow + std::size_t(h) * D;
+  for (int e = t; e < BC * D; e += kBwdWideThreads) {
+    const int j = e / D, d = e % D;
+    const bool in = k0 + j < n;
+    const T k = in ? kb[std::size_t(k0 + j) * row + d] : T(0);
+    Kt[d * LB + j] = k;
+    Ks[j * LD + d] = k;
+    Vt[d * LB + j] = in ? vb[std::size_t(k0 + j) * row + d] : T(0);
+  }
+  T dk[4][DV] = {}, dv[4][DV] = {};
+  for (int q0 = 0; q0 < n; q0 += BR) {
+    __syncthreads();  // the previous step's readers are done (and the keys are in place)
+    for (int e = t; e < BR * D; e += kBwdWideThreads) {
+      const int i = e / D, d = e % D;
+      const bool in = q0 + i < n;
+      const T q = in ? qb[std::size_t(q0 + i) * row + d] : T(0);
+      const T g = in ? ob[std::size_t(q0 + i) * orow + d] : T(0);
+      Qt[d * LQ + i] = q;
+      Qs[i * LD + d] = q;
+      dOt[d * LQ + i] = g;
+      dOs[i * LD + d] = g;
+    }
+    if (t < BR) {
+      const bool in = q0 + t < n;
+      lse_s[t] = in ? lse[std::size_t(bh) * n + q0 + t] : T(0);
+      del_s[t] = in ? delta_rows[std::size_t(bh) * n + q0 + t] : T(0);
+    }
+    __syncthreads();
+    T s[4][4] = {}, dp[4][4] = {};
+    for (int d = 0; d < D; ++d) {
+      const Vec<T, 4> k = load<4>(Kt + d * LB + ty * 4), v = load<4>(Vt + d * LB + ty * 4);
+      const Vec<T, 4> q = load<4>(Qt + d * LQ + tx * 4), g = load<4>(dOt + d * LQ + tx * 4);
+      for (int r = 0; r < 4; ++r)
+        for (int c = 0; c < 4; ++c) {
+          s[r][c] += k.v[r] * q.v[c];
+          dp[r][c] += v.v[r] * g.v[c];
+        }
+    }
+    for (int c = 0; c < 4; ++c) {
+      const int qi = tx * 4 + c;
+      Vec<T, 4> p4, g4;
+      for (int r = 0; r < 4; ++r) {
+        const bool in = k0 + ty * 4 + r < n && q0 + qi < n;
+        p4.v[r] = in ? hd::exp(s[r][c] * scale - lse_s[qi]) : T(0);
+        g4.v[r] = p4.v[r] * (dp[r][c] - del_s[qi]) * scale;
+      }
+      store<4>(Ps + qi * LB + ty * 4, p4);
+      store<4>(dSs + qi * LB + ty * 4, g4);
+    }
+    __syncthreads();
+    for (int i = 0; i < BR; ++i) {
+      const Vec<T, 4> p = load<4>(Ps + i * LB + ty * 4), g = load<4>(dSs + i * LB + ty * 4);
+      for (int c4 = 0; c4 < DV; c4 += 4) {
+        const Vec<T, 4> o = load<4>(dOs + i * LD + tx * DV + c4), q = load<4>(Qs + i * LD + tx * DV + c4);
+        for (int r = 0; r < 4; ++r)
+          for (int c = 0; c < 4; ++c) {
+            dv[r][c4 + c] += p.v[r] * o.v[c];
+            dk[r][c4 + c] += g.v[r] * q.v[c];
+          }
+      }
+    }
+    T dq[2][DV] = {};
+    const int keys = n - k0 < BC ? n - k0 : BC;
+    for (int k = 0; k < keys; ++k) {
+      const T g0 = dSs[(ty * 2) * LB + k], g1 = dSs[(ty * 2 + 1) * LB + k];
+      for (int c4 = 0; c4 < DV; c4 += 4) {
+        const Vec<T, 4> kv = load<4>(Ks + k * LD + tx * DV + c4);
+        for (int c = 0; c < 4; ++c) {
+          dq[0][c4 + c] += g0 * kv.v[c];
+          dq[1][c4 + c] += g1 * kv.v[c];
+        }
+      }
+    }
+    for (int r = 0; r < 2; ++r) {
+      const int i = q0 + ty * 2 + r;
+      if (i >= n) continue;
+      T* dst = dq_part + ((std::size_t(blockIdx.x) * bhs + bh) * n + i) * D + tx * DV;
+      for (int c = 0; c < DV; ++c) dst[c] = dq[r][c];
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    const int key = k0 + ty * 4 + r;
+    if (key >= n) continue;
+    T* dst = dqkv + (std::size_t(b) * n + key) * row + std::size_t(h) * D + tx * DV;
+    for (int c = 0; c < DV; ++c) {
+      dst[std::size_t(heads) * D + c] = dk[r][c];
+      dst[2 * std::size_t(heads) * D + c] = dv[r][c];
+    }
+  }
+}
+
+// The backward kernel of each tile, its block size and shared memory: what a launcher needs.
+template <class T, int D, int Tile>
+struct Backward;
+template <class T, int D>
+struct Backward<T, D, 32> {
+  static constexpr auto kernel() { return &backward_narrow<T, D>; }
+  static constexpr int threads = kBwdThreads;
+  static constexpr std::size_t shared_bytes = backward_narrow_shared_bytes<T, D>();
+};
+template <class T, int D>
+struct Backward<T, D, 64> {
+  static constexpr auto kernel() { return &backward_wide<T, D>; }
+  static constexpr int threads = kBwdWideThreads;
+  static constexpr std::size_t shared_bytes = backward_wide_shared_bytes<T, D>();
+};
 
 // dqkv's query slots = the sum of the key blocks' parts, in block order: one thread per value,
 // grid of ceil(batch heads n D / 256) blocks of 256
