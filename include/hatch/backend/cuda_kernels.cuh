@@ -11,7 +11,7 @@
 //  - column reductions (bias gradients, LayerNorm dgamma/dbeta): blocks of (32, kColLanes)
 //    threads own 32 columns and a chunk of rows; chunks are summed in a fixed order by a second
 //    kernel, so results are deterministic (no atomics).
-#if !defined(__CUDACC__)
+#if !defined(__CUDACC__) && !defined(HATCH_CUDA_EMULATION)  // (tests/cuda_emulation.hpp runs them on the CPU)
 #error "hatch/backend/cuda_kernels.cuh holds CUDA kernels: compile this translation unit with nvcc (a .cu file)"
 #endif
 
