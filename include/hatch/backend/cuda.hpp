@@ -1211,10 +1211,9 @@ struct Cuda {
                           cuda_detail::kRowBlock, y, x, rows, cols, scale);
     });
   }
-  // In place allowed (dx == dy).
   // ---- fused attention (backend/fused.hpp's attention_*; cuda_attention.cuh) ----------------------
   // Fused: the forward saves one log-sum-exp per (example, head, row) instead of the n x n
-  // probabilities; the backward's scratch is one value per row plus one dQ per key block of 64.
+  // probabilities; the backward's scratch is one value per row plus one dQ per block of keys.
   static std::size_t attention_saved_size(int batch, int heads, int n, int dh) {
     const std::size_t rows = std::size_t(batch) * heads * n;
     return cuda_detail::fused_attention_applies(dh) ? rows : rows * n;
@@ -1242,6 +1241,7 @@ struct Cuda {
     });
   }
 
+  // In place allowed (dx == dy).
   static void softmax_backward(T* dx, const T* dy, const T* y, int rows, int cols, T scale) {
     if (rows <= 0 || cols <= 0) return;
     cuda_detail::with_row_layout(cols, {dx, dy, y}, [&](auto regs, auto width) {

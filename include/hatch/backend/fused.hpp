@@ -4,7 +4,8 @@
 // runs, otherwise the unfused sequence below (the definition of X's result) does. So a backend
 // is complete with the concept's primitives alone, and a fast path is one static member.
 //
-// Cuda has all three (cuBLASLt epilogues; AdamW in one launch). Cpu has the two linear ones, each
+// Cuda has all of them (cuBLASLt epilogues; AdamW in one launch; attention in fused kernels when
+// switched on, backend/cuda_attention.cuh). Cpu has the two linear ones, each
 // one parallel region (Cpu::gemm_panels): linear_forward writes the bias where each thread's GEMM
 // accumulates, and linear_backward_params sums the bias gradient on each thread right after its
 // panel of dW.
