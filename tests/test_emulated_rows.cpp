@@ -1,6 +1,7 @@
 // The Cuda backend's row kernels (backend/cuda_kernels.cuh: softmax and LayerNorm, the general
 // kernels and the register variants with 1- and 4-wide loads, LayerNorm's backward in one kernel
-// with its last-block sum, and the column reductions), run on CPU threads through
+// with its last-block sum, the column reductions, the step-scalar kernels and AdamW over an
+// arena), run on CPU threads through
 // tests/cuda_emulation.hpp against a double-precision reference. The launch geometry is the
 // Cuda backend's (blocks of 32 x kRowsPerBlock threads, a warp per row; 32 x kColLanes for the
 // column sums). These kernels are the defaults of the Cuda backend; here they are checked on
@@ -343,4 +344,26 @@ TEST_CASE("Cuda step-scalar kernels (emulated on the CPU): cross-entropy rows, a
       for (std::size_t j = 0; j < n; j += 97) CHECK(g[j] == x[j] * f);  // the host rule, bit for bit
     }
   }
+}
+
+TEST_CASE("Cuda AdamW kernel (emulated on the CPU): one pass over an arena, weight decay on its first segment only") {
+  const std::size_t n = 3000, decay_end = 1234;
+  const Vec w0 = randn(n, 71), g = randn(n, 72), m0 = randn(n, 73, 0.1);
+  Vec v0 = randn(n, 74, 0.1);
+  for (auto& x : v0) x = x * x;
+  Vec w = w0, m = m0, v = v0;
+  const float lr = 1e-2f, b1 = 0.9f, b2 = 0.999f, eps = 1e-8f, wd = 0.05f, c1 = 0.19f, c2 = 0.002f;
+  // a grid smaller than n: the grid-stride loop covers the rest
+  hatch_emulation::launch(k::adamw_update<float>, dim3(2), dim3(k::kThreads), 0, w.data(), m.data(), v.data(),
+                          g.data(), n, decay_end, lr, b1, b2, eps, wd, c1, c2);
+  Ref ww(n), wm(n), wv(n);
+  for (std::size_t j = 0; j < n; ++j) {
+    const double wj = w0[j] - double(lr) * (j < decay_end ? wd : 0.0) * w0[j];
+    wm[j] = double(b1) * m0[j] + (1.0 - double(b1)) * g[j];
+    wv[j] = double(b2) * v0[j] + (1.0 - double(b2)) * double(g[j]) * g[j];
+    ww[j] = wj - double(lr) * (wm[j] / c1) / (std::sqrt(wv[j] / c2) + eps);
+  }
+  CHECK(max_error(w, ww) < 1e-6);
+  CHECK(max_error(m, wm) < 1e-6);
+  CHECK(max_error(v, wv) < 1e-6);
 }
