@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <limits>
 #include <hatch/hatch.hpp>
 #include <hatch/testing/gradcheck.hpp>
 #include <omp.h>
@@ -48,6 +49,20 @@ inline double rel_error(const std::vector<float>& a, const std::vector<float>& b
     den = std::max(den, std::abs(double(b[i])));
   }
   return num / std::max(den, 1e-30);
+}
+
+// max |got - want| / (1 + |want|) against a double reference: relative for large values, absolute
+// near zero; a NaN in `got` (an element never written) counts as infinitely wrong.
+template <class T>
+double max_error_vs(const std::vector<T>& got, const std::vector<double>& want) {
+  REQUIRE(got.size() == want.size());
+  double worst = 0;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    const double e = std::abs(double(got[i]) - want[i]) / (1.0 + std::abs(want[i]));
+    if (std::isnan(e)) return std::numeric_limits<double>::infinity();
+    worst = std::max(worst, e);
+  }
+  return worst;
 }
 
 // The largest |gradient| over a module's parameters (0 when it received none).

@@ -90,17 +90,6 @@ Reference reference(const std::vector<double>& qkv, const std::vector<double>& d
   return r;
 }
 
-template <class T>
-double max_error(const std::vector<T>& got, const std::vector<double>& want) {
-  REQUIRE(got.size() == want.size());
-  double worst = 0;
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    const double e = std::abs(double(got[i]) - want[i]) / (1.0 + std::abs(want[i]));
-    worst = std::isnan(e) ? std::numeric_limits<double>::infinity() : std::max(worst, e);
-  }
-  return worst;
-}
-
 template <class T, int D, int Tile>
 void check(int batch, int n, int heads, double tolerance, unsigned seed) {
   CAPTURE(batch);
@@ -120,9 +109,9 @@ void check(int batch, int n, int heads, double tolerance, unsigned seed) {
   // the reference sees the same (rounded) inputs
   const Reference want = reference(std::vector<double>(qkv_t.begin(), qkv_t.end()),
                                    std::vector<double>(dout_t.begin(), dout_t.end()), batch, n, heads, D, scale);
-  CHECK(max_error(got.out, want.out) < tolerance);
-  CHECK(max_error(got.lse, want.lse) < tolerance);
-  CHECK(max_error(got.dqkv, want.dqkv) < tolerance);
+  CHECK(hatch::test::max_error_vs(got.out, want.out) < tolerance);
+  CHECK(hatch::test::max_error_vs(got.lse, want.lse) < tolerance);
+  CHECK(hatch::test::max_error_vs(got.dqkv, want.dqkv) < tolerance);
 }
 
 }  // namespace

@@ -36,17 +36,7 @@ Vec randn(std::size_t n, unsigned seed, double sd = 1.0) {
   return v;
 }
 
-// max |got - want| / (1 + |want|); a NaN (an element never written) is infinitely wrong
-double max_error(const Vec& got, const Ref& want) {
-  REQUIRE(got.size() == want.size());
-  double worst = 0;
-  for (std::size_t i = 0; i < got.size(); ++i) {
-    const double e = std::abs(double(got[i]) - want[i]) / (1.0 + std::abs(want[i]));
-    if (std::isnan(e)) return std::numeric_limits<double>::infinity();
-    worst = std::max(worst, e);
-  }
-  return worst;
-}
+using hatch::test::max_error_vs;
 constexpr double kTol = 2e-6;
 
 Ref softmax_ref(const Vec& x, int rows, int cols, double scale) {
@@ -127,7 +117,7 @@ void softmax_forward_case(Kernel kernel, int rows, int cols, bool in_place) {
   float* out = in_place ? xin.data() : y.data();
   hatch_emulation::launch(kernel, row_grid(rows), kRowBlock, 0, out, const_cast<const float*>(xin.data()), rows, cols,
                           scale);
-  CHECK(max_error(in_place ? xin : y, softmax_ref(x, rows, cols, scale)) < kTol);
+  CHECK(max_error_vs(in_place ? xin : y, softmax_ref(x, rows, cols, scale)) < kTol);
 }
 template <class Kernel>
 void softmax_backward_case(Kernel kernel, int rows, int cols, bool in_place) {
@@ -141,7 +131,7 @@ void softmax_backward_case(Kernel kernel, int rows, int cols, bool in_place) {
   float* out = in_place ? dyin.data() : dx.data();
   hatch_emulation::launch(kernel, row_grid(rows), kRowBlock, 0, out, const_cast<const float*>(dyin.data()), y.data(),
                           rows, cols, scale);
-  CHECK(max_error(in_place ? dyin : dx, softmax_backward_ref(dy, y, rows, cols, scale)) < kTol);
+  CHECK(max_error_vs(in_place ? dyin : dx, softmax_backward_ref(dy, y, rows, cols, scale)) < kTol);
 }
 template <class Kernel>
 void layer_norm_forward_case(Kernel kernel, int rows, int cols) {
@@ -153,9 +143,9 @@ void layer_norm_forward_case(Kernel kernel, int rows, int cols) {
   hatch_emulation::launch(kernel, row_grid(rows), kRowBlock, 0, y.data(), mean.data(), rstd.data(), x.data(),
                           gamma.data(), beta.data(), rows, cols, 1e-6f);
   const Norm want = layer_norm_ref(x, gamma, beta, rows, cols, 1e-6);
-  CHECK(max_error(y, want.y) < kTol);
-  CHECK(max_error(mean, want.mean) < kTol);
-  CHECK(max_error(rstd, want.rstd) < kTol);
+  CHECK(max_error_vs(y, want.y) < kTol);
+  CHECK(max_error_vs(mean, want.mean) < kTol);
+  CHECK(max_error_vs(rstd, want.rstd) < kTol);
 }
 
 // LayerNorm backward in one kernel on `blocks` blocks (1: the block adds its sums directly;
@@ -194,9 +184,9 @@ void layer_norm_backward_one_kernel_case(const BackwardInputs& in, unsigned bloc
                           in.rstd.data(), in.gamma.data(), in.rows, in.cols);
   const NormGrad want =
       layer_norm_backward_ref(in.dy, in.x, in.mean, in.rstd, in.gamma, in.dgamma0, in.dbeta0, in.rows, in.cols);
-  if (want_dx) CHECK(max_error(dx_in_place ? dyin : dx, want.dx) < kTol);
-  CHECK(max_error(dgamma, want_dgamma ? want.dgamma : Ref(in.dgamma0.begin(), in.dgamma0.end())) < 1e-5);
-  CHECK(max_error(dbeta, want_dbeta ? want.dbeta : Ref(in.dbeta0.begin(), in.dbeta0.end())) < 1e-5);
+  if (want_dx) CHECK(max_error_vs(dx_in_place ? dyin : dx, want.dx) < kTol);
+  CHECK(max_error_vs(dgamma, want_dgamma ? want.dgamma : Ref(in.dgamma0.begin(), in.dgamma0.end())) < 1e-5);
+  CHECK(max_error_vs(dbeta, want_dbeta ? want.dbeta : Ref(in.dbeta0.begin(), in.dbeta0.end())) < 1e-5);
   if (blocks > 1 && (want_dgamma || want_dbeta)) CHECK(counter == blocks);  // every block was counted
 }
 
@@ -249,8 +239,8 @@ TEST_CASE("Cuda column kernels (emulated on the CPU): LayerNorm's parameter sums
   // a grid smaller than the columns: the finishing kernel's grid-stride loop covers the rest
   hatch_emulation::launch(k::layer_norm_param_finish<float>, dim3(1), dim3(32), 0, dgamma.data(), dbeta.data(),
                           const_cast<const float*>(partial.data()), chunks, cols);
-  CHECK(max_error(dgamma, want.dgamma) < 1e-5);
-  CHECK(max_error(dbeta, want.dbeta) < 1e-5);
+  CHECK(max_error_vs(dgamma, want.dgamma) < 1e-5);
+  CHECK(max_error_vs(dbeta, want.dbeta) < 1e-5);
 
   // sum_rows: out = beta out + column sums, rows at a leading dimension wider than the row
   const int ld = 50;
@@ -265,7 +255,7 @@ TEST_CASE("Cuda column kernels (emulated on the CPU): LayerNorm's parameter sums
     want_out[c] = 0.5 * out0[c];
     for (int r = 0; r < rows; ++r) want_out[c] += x[std::size_t(r) * ld + c];
   }
-  CHECK(max_error(out, want_out) < 1e-5);
+  CHECK(max_error_vs(out, want_out) < 1e-5);
 }
 
 TEST_CASE("Cuda step-scalar kernels (emulated on the CPU): cross-entropy rows, argmax with ties, sums, clipping") {
@@ -297,7 +287,7 @@ TEST_CASE("Cuda step-scalar kernels (emulated on the CPU): cross-entropy rows, a
       for (int c = 0; c < cols; ++c) want_dz[o + c] = scale * (std::exp(double(z[o + c]) - lse) * tsum - t[o + c]);
     }
     for (int r = 0; r < rows; ++r) CHECK(loss[r] == doctest::Approx(want_loss[r]).epsilon(1e-6));  // z - max in float, as on the device
-    CHECK(max_error(dz, want_dz) < kTol);
+    CHECK(max_error_vs(dz, want_dz) < kTol);
   }
   SUBCASE("argmax_matches: the first largest column on ties, as std::max_element") {
     Vec zt = z, tt = t;
@@ -363,7 +353,7 @@ TEST_CASE("Cuda AdamW kernel (emulated on the CPU): one pass over an arena, weig
     wv[j] = double(b2) * v0[j] + (1.0 - double(b2)) * double(g[j]) * g[j];
     ww[j] = wj - double(lr) * (wm[j] / c1) / (std::sqrt(wv[j] / c2) + eps);
   }
-  CHECK(max_error(w, ww) < 1e-6);
-  CHECK(max_error(m, wm) < 1e-6);
-  CHECK(max_error(v, wv) < 1e-6);
+  CHECK(max_error_vs(w, ww) < 1e-6);
+  CHECK(max_error_vs(m, wm) < 1e-6);
+  CHECK(max_error_vs(v, wv) < 1e-6);
 }

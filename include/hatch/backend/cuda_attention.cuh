@@ -62,18 +62,6 @@ constexpr std::size_t forward_shared_bytes() {
   return sizeof(T) * (std::size_t(D) * (Tile + kPad) + std::size_t(D) * (kFwdKeys + kPad) + std::size_t(kFwdKeys) * D +
                       std::size_t(kFwdKeys) * (Tile + kPad));
 }
-template <class T, int D>
-constexpr std::size_t backward_narrow_shared_bytes() {
-  constexpr std::size_t BC = 32, BR = kBwdRows;
-  return sizeof(T) * (2 * BC * (D + kPad) + 2 * std::size_t(D) * (BR + kPad) + 2 * BR * (D + kPad) +
-                      2 * BR * (BC + kPad) + 2 * BR);
-}
-template <class T, int D>
-constexpr std::size_t backward_wide_shared_bytes() {
-  constexpr std::size_t BC = 64, BR = kBwdRows;
-  return sizeof(T) * (2 * std::size_t(D) * (BC + kPad) + BC * (D + kPad) + 2 * std::size_t(D) * (BR + kPad) +
-                      2 * BR * (D + kPad) + 2 * BR * (BC + kPad) + 2 * BR);
-}
 inline int row_blocks(int n, int tile) { return (n + tile - 1) / tile; }  // forward blocks / backward key blocks
 
 // N consecutive values, loaded at once (one 64- or 128-bit load for floats)
@@ -195,6 +183,115 @@ __global__ void delta(T* __restrict__ dst, const T* __restrict__ dout, const T* 
   if (in && lane == 0) dst[warp] = sum;
 }
 
+// ---- the backward kernels' common steps ---------------------------------------------------------
+// backward_narrow and backward_wide differ in how their threads share the scores; loading a step
+// of queries, accumulating dK and dV, this block's part of dQ and the final stores are the same.
+
+// The shared memory of one step of kBwdRows queries against a block of BC keys, carved from `at`
+// (values in all): the queries and output gradients by rows (Qs, dOs) and transposed (Qt, dOt),
+// the step's probabilities and score gradients by (query, key) (Ps, dSs), and each query's
+// log-sum-exp and delta.
+template <class T, int D, int BC>
+struct QueryStep {
+  static constexpr int BR = kBwdRows, LD = D + kPad, LQ = BR + kPad, LB = BC + kPad;
+  static constexpr std::size_t values = 2 * std::size_t(D) * LQ + 2 * std::size_t(BR) * LD + 2 * std::size_t(BR) * LB +
+                                        2 * std::size_t(BR);
+  T *Qt, *dOt, *Qs, *dOs, *Ps, *dSs, *lse, *del;
+  __device__ explicit QueryStep(T* at)
+      : Qt(at), dOt(Qt + D * LQ), Qs(dOt + D * LQ), dOs(Qs + BR * LD), Ps(dOs + BR * LD), dSs(Ps + BR * LB),
+        lse(dSs + BR * LB), del(lse + BR) {}
+  // Queries q0 .. q0 + BR of one (example, head): rows of qb (stride row) and ob (stride orow),
+  // log-sum-exps and deltas from lse_bh and delta_bh; rows past n are zeros.
+  template <int Threads>
+  __device__ void load(const T* qb, const T* ob, std::size_t row, std::size_t orow, const T* lse_bh,
+                       const T* delta_bh, int n, int q0) {
+    const int t = int(threadIdx.x);
+    for (int e = t; e < BR * D; e += Threads) {
+      const int i = e / D, d = e % D;
+      const bool in = q0 + i < n;
+      const T q = in ? qb[std::size_t(q0 + i) * row + d] : T(0);
+      const T g = in ? ob[std::size_t(q0 + i) * orow + d] : T(0);
+      Qt[d * LQ + i] = q;
+      Qs[i * LD + d] = q;
+      dOt[d * LQ + i] = g;
+      dOs[i * LD + d] = g;
+    }
+    if (t < BR) {
+      const bool in = q0 + t < n;
+      lse[t] = in ? lse_bh[q0 + t] : T(0);
+      del[t] = in ? delta_bh[q0 + t] : T(0);
+    }
+  }
+};
+
+template <class T, int D>
+constexpr std::size_t backward_narrow_shared_bytes() {  // keys and values by rows, then a query step
+  return sizeof(T) * (2 * std::size_t(32) * (D + kPad) + QueryStep<T, D, 32>::values);
+}
+template <class T, int D>
+constexpr std::size_t backward_wide_shared_bytes() {  // keys and values transposed, keys by rows, then a query step
+  return sizeof(T) * (2 * std::size_t(D) * (64 + kPad) + std::size_t(64) * (D + kPad) + QueryStep<T, D, 64>::values);
+}
+
+// dV[key] += sum_i P[i][key] dout[i] and dK[key] += sum_i dS[i][key] q[i] over the step's query
+// rows, for this thread's K keys from key0 and D/8 dims from d0.
+template <class T, int D, int BC, int K>
+__device__ __forceinline__ void accumulate_dk_dv(T (&dk)[K][D / 8], T (&dv)[K][D / 8], const QueryStep<T, D, BC>& step,
+                                                 int key0, int d0) {
+  constexpr int LD = D + kPad, LB = BC + kPad, DV = D / 8;
+  for (int i = 0; i < kBwdRows; ++i) {
+    const Vec<T, K> p = load<K>(step.Ps + i * LB + key0), g = load<K>(step.dSs + i * LB + key0);
+    for (int c4 = 0; c4 < DV; c4 += 4) {
+      const Vec<T, 4> o = load<4>(step.dOs + i * LD + d0 + c4), q = load<4>(step.Qs + i * LD + d0 + c4);
+      for (int r = 0; r < K; ++r)
+        for (int c = 0; c < 4; ++c) {
+          dv[r][c4 + c] += p.v[r] * o.v[c];
+          dk[r][c4 + c] += g.v[r] * q.v[c];
+        }
+    }
+  }
+}
+
+// This block's part of dQ (the sum over its first `keys` keys of dS K) for query rows q0 + r0 and
+// q0 + r0 + 1 and C dims from d0, written to part[i][D] (rows past n are skipped).
+template <class T, int D, int BC, int C>
+__device__ __forceinline__ void write_dq_part(T* part, const QueryStep<T, D, BC>& step, const T* Ks, int keys, int n,
+                                              int q0, int r0, int d0) {
+  constexpr int LD = D + kPad, LB = BC + kPad;
+  T dq[2][C] = {};
+  for (int k = 0; k < keys; ++k) {
+    const T g0 = step.dSs[r0 * LB + k], g1 = step.dSs[(r0 + 1) * LB + k];
+    for (int c4 = 0; c4 < C; c4 += 4) {
+      const Vec<T, 4> kv = load<4>(Ks + k * LD + d0 + c4);
+      for (int c = 0; c < 4; ++c) {
+        dq[0][c4 + c] += g0 * kv.v[c];
+        dq[1][c4 + c] += g1 * kv.v[c];
+      }
+    }
+  }
+  for (int r = 0; r < 2; ++r) {
+    const int i = q0 + r0 + r;
+    if (i >= n) continue;
+    T* dst = part + std::size_t(i) * D + d0;
+    for (int c = 0; c < C; ++c) dst[c] = dq[r][c];
+  }
+}
+
+// dK and dV of this thread's K keys from key (absolute) into dqkv's key and value slots; kslot is
+// the key slot of the example's row 0 for this head (dqkv + b n row + heads D + h D).
+template <class T, int D, int K>
+__device__ __forceinline__ void store_dk_dv(T* kslot, const T (&dk)[K][D / 8], const T (&dv)[K][D / 8],
+                                            std::size_t row, int heads, int key, int n, int d0) {
+  for (int r = 0; r < K; ++r) {
+    if (key + r >= n) continue;
+    T* dst = kslot + std::size_t(key + r) * row + d0;
+    for (int c = 0; c < D / 8; ++c) {
+      dst[c] = dk[r][c];
+      dst[std::size_t(heads) * D + c] = dv[r][c];
+    }
+  }
+}
+
 // Tile 32: grid (row_blocks(n, 32), batch heads), kBwdThreads threads,
 // backward_narrow_shared_bytes<T, D>() bytes. One key and 4 queries of scores per thread.
 // Writes dK and dV into dqkv's key and value slots and this block's part of dQ into
@@ -209,14 +306,7 @@ __global__ void backward_narrow(T* __restrict__ dqkv, T* __restrict__ dq_part, c
   HATCH_DYNAMIC_SHARED(smem);
   T* Ks = reinterpret_cast<T*>(smem);  // [BC][LD] this block's keys
   T* Vs = Ks + BC * LD;                // [BC][LD] and values
-  T* Qt = Vs + BC * LD;                // [D][LQ]  queries, transposed
-  T* dOt = Qt + D * LQ;                // [D][LQ]  output gradients, transposed
-  T* Qs = dOt + D * LQ;                // [BR][LD] queries
-  T* dOs = Qs + BR * LD;               // [BR][LD] output gradients
-  T* Ps = dOs + BR * LD;               // [BR][LB] probabilities (query, key)
-  T* dSs = Ps + BR * LB;               // [BR][LB] score gradients (query, key)
-  T* lse_s = dSs + BR * LB;            // [BR]
-  T* del_s = lse_s + BR;               // [BR]
+  QueryStep<T, D, BC> step(Vs + BC * LD);
   const int t = int(threadIdx.x), ty = t / 8, tx = t % 8;  // key ty; queries tx*4 + c; dims tx*DV + c
   const int qy = t / 16, qx = t % 16;                       // dQ: queries qy*2 + {0,1}, dims qx*DQ + c
   const int bh = int(blockIdx.y), b = bh / heads, h = bh % heads, k0 = int(blockIdx.x) * BC;
@@ -235,25 +325,12 @@ __global__ void backward_narrow(T* __restrict__ dqkv, T* __restrict__ dq_part, c
   T dk[KT][DV] = {}, dv[KT][DV] = {};
   for (int q0 = 0; q0 < n; q0 += BR) {
     __syncthreads();  // the previous step's readers are done (and the keys are in place)
-    for (int e = t; e < BR * D; e += kBwdThreads) {
-      const int i = e / D, d = e % D;
-      const bool in = q0 + i < n;
-      const T q = in ? qb[std::size_t(q0 + i) * row + d] : T(0);
-      const T g = in ? ob[std::size_t(q0 + i) * orow + d] : T(0);
-      Qt[d * LQ + i] = q;
-      Qs[i * LD + d] = q;
-      dOt[d * LQ + i] = g;
-      dOs[i * LD + d] = g;
-    }
-    if (t < BR) {
-      const bool in = q0 + t < n;
-      lse_s[t] = in ? lse[std::size_t(bh) * n + q0 + t] : T(0);
-      del_s[t] = in ? delta_rows[std::size_t(bh) * n + q0 + t] : T(0);
-    }
+    step.template load<kBwdThreads>(qb, ob, row, orow, lse + std::size_t(bh) * n, delta_rows + std::size_t(bh) * n, n,
+                                    q0);
     __syncthreads();
     T s[KT][4] = {}, dp[KT][4] = {};
     for (int d = 0; d < D; ++d) {
-      const Vec<T, 4> q = load<4>(Qt + d * LQ + tx * 4), g = load<4>(dOt + d * LQ + tx * 4);
+      const Vec<T, 4> q = load<4>(step.Qt + d * LQ + tx * 4), g = load<4>(step.dOt + d * LQ + tx * 4);
       for (int r = 0; r < KT; ++r) {
         const T kv = Ks[(ty * KT + r) * LD + d], vv = Vs[(ty * KT + r) * LD + d];
         for (int c = 0; c < 4; ++c) {
@@ -266,50 +343,17 @@ __global__ void backward_narrow(T* __restrict__ dqkv, T* __restrict__ dq_part, c
       for (int c = 0; c < 4; ++c) {
         const int key = ty * KT + r, qi = tx * 4 + c;
         const bool in = k0 + key < n && q0 + qi < n;
-        const T p = in ? hd::exp(s[r][c] * scale - lse_s[qi]) : T(0);
-        Ps[qi * LB + key] = p;
-        dSs[qi * LB + key] = p * (dp[r][c] - del_s[qi]) * scale;
+        const T p = in ? hd::exp(s[r][c] * scale - step.lse[qi]) : T(0);
+        step.Ps[qi * LB + key] = p;
+        step.dSs[qi * LB + key] = p * (dp[r][c] - step.del[qi]) * scale;
       }
     __syncthreads();
-    for (int i = 0; i < BR; ++i) {
-      const Vec<T, KT> p = load<KT>(Ps + i * LB + ty * KT), g = load<KT>(dSs + i * LB + ty * KT);
-      for (int c4 = 0; c4 < DV; c4 += 4) {
-        const Vec<T, 4> o = load<4>(dOs + i * LD + tx * DV + c4), q = load<4>(Qs + i * LD + tx * DV + c4);
-        for (int r = 0; r < KT; ++r)
-          for (int c = 0; c < 4; ++c) {
-            dv[r][c4 + c] += p.v[r] * o.v[c];
-            dk[r][c4 + c] += g.v[r] * q.v[c];
-          }
-      }
-    }
-    T dq[2][DQ] = {};
-    const int keys = n - k0 < BC ? n - k0 : BC;
-    for (int k = 0; k < keys; ++k) {
-      const T g0 = dSs[(qy * 2) * LB + k], g1 = dSs[(qy * 2 + 1) * LB + k];
-      for (int c4 = 0; c4 < DQ; c4 += 4) {
-        const Vec<T, 4> kv = load<4>(Ks + k * LD + qx * DQ + c4);
-        for (int c = 0; c < 4; ++c) {
-          dq[0][c4 + c] += g0 * kv.v[c];
-          dq[1][c4 + c] += g1 * kv.v[c];
-        }
-      }
-    }
-    for (int r = 0; r < 2; ++r) {
-      const int i = q0 + qy * 2 + r;
-      if (i >= n) continue;
-      T* dst = dq_part + ((std::size_t(blockIdx.x) * bhs + bh) * n + i) * D + qx * DQ;
-      for (int c = 0; c < DQ; ++c) dst[c] = dq[r][c];
-    }
+    accumulate_dk_dv<T, D, BC, KT>(dk, dv, step, ty * KT, tx * DV);
+    write_dq_part<T, D, BC, DQ>(dq_part + (std::size_t(blockIdx.x) * bhs + bh) * n * D, step, Ks,
+                                n - k0 < BC ? n - k0 : BC, n, q0, qy * 2, qx * DQ);
   }
-  for (int r = 0; r < KT; ++r) {
-    const int key = k0 + ty * KT + r;
-    if (key >= n) continue;
-    T* dst = dqkv + (std::size_t(b) * n + key) * row + std::size_t(h) * D + tx * DV;
-    for (int c = 0; c < DV; ++c) {
-      dst[std::size_t(heads) * D + c] = dk[r][c];
-      dst[2 * std::size_t(heads) * D + c] = dv[r][c];
-    }
-  }
+  store_dk_dv<T, D, KT>(dqkv + std::size_t(b) * n * row + std::size_t(heads + h) * D, dk, dv, row, heads,
+                        k0 + ty * KT, n, tx * DV);
 }
 
 // Tile 64: grid (row_blocks(n, 64), batch heads), kBwdWideThreads threads,
@@ -327,14 +371,7 @@ __global__ void backward_wide(T* __restrict__ dqkv, T* __restrict__ dq_part, con
   T* Kt = reinterpret_cast<T*>(smem);  // [D][LB]  this block's keys, transposed
   T* Vt = Kt + D * LB;                 // [D][LB]  and values, transposed
   T* Ks = Vt + D * LB;                 // [BC][LD] the keys again, by rows (for dQ)
-  T* Qt = Ks + BC * LD;                // [D][LQ]  queries, transposed
-  T* dOt = Qt + D * LQ;                // [D][LQ]  output gradients, transposed
-  T* Qs = dOt + D * LQ;                // [BR][LD] queries
-  T* dOs = Qs + BR * LD;               // [BR][LD] output gradients
-  T* Ps = dOs + BR * LD;               // [BR][LB] probabilities (query, key)
-  T* dSs = Ps + BR * LB;               // [BR][LB] score gradients (query, key)
-  T* lse_s = dSs + BR * LB;            // [BR]
-  T* del_s = lse_s + BR;               // [BR]
+  QueryStep<T, D, BC> step(Ks + BC * LD);
   // keys ty*4 + r; queries tx*4 + c (scores); dims tx*DV + c (dK, dV, dQ); dQ rows ty*2 + r
   const int t = int(threadIdx.x), ty = t / 8, tx = t % 8;
   const int bh = int(blockIdx.y), b = bh / heads, h = bh % heads, k0 = int(blockIdx.x) * BC;
@@ -355,26 +392,13 @@ __global__ void backward_wide(T* __restrict__ dqkv, T* __restrict__ dq_part, con
   T dk[4][DV] = {}, dv[4][DV] = {};
   for (int q0 = 0; q0 < n; q0 += BR) {
     __syncthreads();  // the previous step's readers are done (and the keys are in place)
-    for (int e = t; e < BR * D; e += kBwdWideThreads) {
-      const int i = e / D, d = e % D;
-      const bool in = q0 + i < n;
-      const T q = in ? qb[std::size_t(q0 + i) * row + d] : T(0);
-      const T g = in ? ob[std::size_t(q0 + i) * orow + d] : T(0);
-      Qt[d * LQ + i] = q;
-      Qs[i * LD + d] = q;
-      dOt[d * LQ + i] = g;
-      dOs[i * LD + d] = g;
-    }
-    if (t < BR) {
-      const bool in = q0 + t < n;
-      lse_s[t] = in ? lse[std::size_t(bh) * n + q0 + t] : T(0);
-      del_s[t] = in ? delta_rows[std::size_t(bh) * n + q0 + t] : T(0);
-    }
+    step.template load<kBwdWideThreads>(qb, ob, row, orow, lse + std::size_t(bh) * n,
+                                        delta_rows + std::size_t(bh) * n, n, q0);
     __syncthreads();
     T s[4][4] = {}, dp[4][4] = {};
     for (int d = 0; d < D; ++d) {
       const Vec<T, 4> k = load<4>(Kt + d * LB + ty * 4), v = load<4>(Vt + d * LB + ty * 4);
-      const Vec<T, 4> q = load<4>(Qt + d * LQ + tx * 4), g = load<4>(dOt + d * LQ + tx * 4);
+      const Vec<T, 4> q = load<4>(step.Qt + d * LQ + tx * 4), g = load<4>(step.dOt + d * LQ + tx * 4);
       for (int r = 0; r < 4; ++r)
         for (int c = 0; c < 4; ++c) {
           s[r][c] += k.v[r] * q.v[c];
@@ -386,52 +410,19 @@ __global__ void backward_wide(T* __restrict__ dqkv, T* __restrict__ dq_part, con
       Vec<T, 4> p4, g4;
       for (int r = 0; r < 4; ++r) {
         const bool in = k0 + ty * 4 + r < n && q0 + qi < n;
-        p4.v[r] = in ? hd::exp(s[r][c] * scale - lse_s[qi]) : T(0);
-        g4.v[r] = p4.v[r] * (dp[r][c] - del_s[qi]) * scale;
+        p4.v[r] = in ? hd::exp(s[r][c] * scale - step.lse[qi]) : T(0);
+        g4.v[r] = p4.v[r] * (dp[r][c] - step.del[qi]) * scale;
       }
-      store<4>(Ps + qi * LB + ty * 4, p4);
-      store<4>(dSs + qi * LB + ty * 4, g4);
+      store<4>(step.Ps + qi * LB + ty * 4, p4);
+      store<4>(step.dSs + qi * LB + ty * 4, g4);
     }
     __syncthreads();
-    for (int i = 0; i < BR; ++i) {
-      const Vec<T, 4> p = load<4>(Ps + i * LB + ty * 4), g = load<4>(dSs + i * LB + ty * 4);
-      for (int c4 = 0; c4 < DV; c4 += 4) {
-        const Vec<T, 4> o = load<4>(dOs + i * LD + tx * DV + c4), q = load<4>(Qs + i * LD + tx * DV + c4);
-        for (int r = 0; r < 4; ++r)
-          for (int c = 0; c < 4; ++c) {
-            dv[r][c4 + c] += p.v[r] * o.v[c];
-            dk[r][c4 + c] += g.v[r] * q.v[c];
-          }
-      }
-    }
-    T dq[2][DV] = {};
-    const int keys = n - k0 < BC ? n - k0 : BC;
-    for (int k = 0; k < keys; ++k) {
-      const T g0 = dSs[(ty * 2) * LB + k], g1 = dSs[(ty * 2 + 1) * LB + k];
-      for (int c4 = 0; c4 < DV; c4 += 4) {
-        const Vec<T, 4> kv = load<4>(Ks + k * LD + tx * DV + c4);
-        for (int c = 0; c < 4; ++c) {
-          dq[0][c4 + c] += g0 * kv.v[c];
-          dq[1][c4 + c] += g1 * kv.v[c];
-        }
-      }
-    }
-    for (int r = 0; r < 2; ++r) {
-      const int i = q0 + ty * 2 + r;
-      if (i >= n) continue;
-      T* dst = dq_part + ((std::size_t(blockIdx.x) * bhs + bh) * n + i) * D + tx * DV;
-      for (int c = 0; c < DV; ++c) dst[c] = dq[r][c];
-    }
+    accumulate_dk_dv<T, D, BC, 4>(dk, dv, step, ty * 4, tx * DV);
+    write_dq_part<T, D, BC, DV>(dq_part + (std::size_t(blockIdx.x) * bhs + bh) * n * D, step, Ks,
+                                n - k0 < BC ? n - k0 : BC, n, q0, ty * 2, tx * DV);
   }
-  for (int r = 0; r < 4; ++r) {
-    const int key = k0 + ty * 4 + r;
-    if (key >= n) continue;
-    T* dst = dqkv + (std::size_t(b) * n + key) * row + std::size_t(h) * D + tx * DV;
-    for (int c = 0; c < DV; ++c) {
-      dst[std::size_t(heads) * D + c] = dk[r][c];
-      dst[2 * std::size_t(heads) * D + c] = dv[r][c];
-    }
-  }
+  store_dk_dv<T, D, 4>(dqkv + std::size_t(b) * n * row + std::size_t(heads + h) * D, dk, dv, row, heads, k0 + ty * 4,
+                       n, tx * DV);
 }
 
 // The backward kernel of each tile, its block size and shared memory: what a launcher needs.
