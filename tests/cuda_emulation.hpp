@@ -1,10 +1,13 @@
 #pragma once
 // Runs a CUDA kernel's source on the CPU, for testing its indexing and synchronisation on a
-// machine without a GPU. Blocks run one after another, each with one std::thread per CUDA
-// thread (warps are 32 consecutive linear thread indices, x fastest, as on the device):
-// __syncthreads() is a barrier over the block's threads and __syncwarp() over the warp's;
-// __shfl_xor_sync is a warp barrier around an exchange buffer; a thread that returns drops out
-// of both barriers (as exited threads do on the device). Static __shared__ variables are
+// machine without a GPU. Blocks run one after another; within a block every CUDA thread is a
+// fiber (its own stack, switched cooperatively on one OS thread; warps are 32 consecutive
+// linear thread indices, x fastest, as on the device). __syncthreads() is a barrier over the
+// block's threads and __syncwarp() over the warp's: a thread that arrives gives way to the next
+// until every thread has arrived; __shfl_xor_sync is a warp barrier around an exchange buffer; a
+// thread that returns drops out of both barriers (as exited threads do on the device). Threads
+// that wait at barriers no other thread can reach (a __syncthreads in divergent code) are
+// reported as a deadlock (std::logic_error) instead of hanging. Static __shared__ variables are
 // function-local statics (one per kernel instantiation, reused by the next block, as
 // uninitialised as the device's), dynamic shared memory is one zeroed buffer per block;
 // atomicAdd is a std::atomic_ref, __threadfence a sequentially consistent fence.
@@ -14,20 +17,29 @@
 //
 // Kernel headers written against this subset compile here (backend/cuda_attention.cuh,
 // backend/cuda_kernels.cuh): include this file first, then the kernel header, and call
-// hatch_emulation::launch(kernel, grid, block, shared_bytes, args...).
+// hatch_emulation::launch(kernel, grid, block, shared_bytes, args...). tests/cuda_on_cpu runs the
+// whole Cuda backend this way.
 #ifndef HATCH_CUDA_EMULATION
 #define HATCH_CUDA_EMULATION 1
 #endif
+#include <algorithm>
 #include <atomic>
-#include <barrier>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
-#include <thread>
 #include <vector>
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 namespace hatch_emulation {
 
@@ -36,61 +48,256 @@ struct dim3 {
   dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 
+// ---- fibers --------------------------------------------------------------------------------------
+// x86-64: a context is a stack pointer; switch_to saves the callee-saved registers and the
+// floating-point control words on the old stack and restores them from the new one. Elsewhere
+// ucontext (slower: it saves the signal mask with a system call on every switch).
+#if defined(__x86_64__)
+extern "C" void hatch_emulation_switch(void** save_sp, void* next_sp);
+asm(R"(
+  .text
+  .weak hatch_emulation_switch
+  .type hatch_emulation_switch, @function
+hatch_emulation_switch:
+  .cfi_startproc
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .cfi_endproc
+  .size hatch_emulation_switch, .-hatch_emulation_switch
+)");
+struct Context {
+  void* sp = nullptr;
+};
+#else
+struct Context {
+  ucontext_t uc;
+};
+#endif
+
+inline constexpr std::size_t kFiberStack = std::size_t(256) << 10;
+
+struct Fiber {
+  Context ctx;
+  std::unique_ptr<unsigned char[]> stack;
+  unsigned linear = 0;
+  bool done = false;
+};
+
+// A barrier over `expected` fibers; arrive_and_drop lowers the count (an exited thread).
+struct Barrier {
+  unsigned expected = 0, arrived = 0;
+  std::uint64_t phase = 0;
+};
+
 struct Block {
-  dim3 dim, grid;
-  std::unique_ptr<std::barrier<>> all;
-  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  dim3 dim, grid, index;
+  Barrier all;
+  std::vector<Barrier> warps;
   std::vector<unsigned char> exchange;  // 8 bytes per thread for the shuffles
   std::vector<unsigned char> shared;
+  std::vector<Fiber> fibers;
+  Context scheduler;
+  std::uint64_t progress = 0;  // arrivals and exits: a round without any is a deadlock
+  std::exception_ptr error;
+  void (*body)(void*) = nullptr;
+  void* body_arg = nullptr;
 };
 inline Block* current = nullptr;  // the block being run (blocks run one after another)
 inline thread_local dim3 thread_index, block_index;
 inline thread_local unsigned thread_linear = 0;
+inline Fiber* running = nullptr;
+#if defined(__SANITIZE_ADDRESS__)
+inline const void* scheduler_stack_bottom = nullptr;
+inline std::size_t scheduler_stack_size = 0;
+#endif
 
-inline void syncthreads() { current->all->arrive_and_wait(); }
-inline void syncwarp() { current->warps[thread_linear / 32]->arrive_and_wait(); }
+inline void switch_context(Context& from, Context& to, const void* to_stack, std::size_t to_size) {
+#if defined(__SANITIZE_ADDRESS__)
+  void* fake = nullptr;
+  __sanitizer_start_switch_fiber(&fake, to_stack, to_size);
+#else
+  (void)to_stack;
+  (void)to_size;
+#endif
+#if defined(__x86_64__)
+  hatch_emulation_switch(&from.sp, to.sp);
+#else
+  swapcontext(&from.uc, &to.uc);
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+}
+
+// From a thread (fiber) back to the block's scheduler.
+inline void yield() {
+  Fiber* f = running;
+#if defined(__SANITIZE_ADDRESS__)
+  switch_context(f->ctx, current->scheduler, scheduler_stack_bottom, scheduler_stack_size);
+#else
+  switch_context(f->ctx, current->scheduler, nullptr, 0);
+#endif
+}
+
+inline void arrive_and_wait(Barrier& b) {
+  ++current->progress;
+  if (++b.arrived == b.expected) {
+    b.arrived = 0;
+    ++b.phase;
+    return;
+  }
+  const std::uint64_t phase = b.phase;
+  while (b.phase == phase) yield();
+}
+inline void arrive_and_drop(Barrier& b) {
+  --b.expected;
+  if (b.arrived > 0 && b.arrived == b.expected) {
+    b.arrived = 0;
+    ++b.phase;
+  }
+}
+
+inline void syncthreads() { arrive_and_wait(current->all); }
+inline void syncwarp() { arrive_and_wait(current->warps[thread_linear / 32]); }
 
 template <class T>
 T shfl_xor(T v, int lane_mask) {
   static_assert(sizeof(T) <= 8, "hatch_emulation: shuffles of at most 8 bytes");
   const unsigned t = thread_linear, warp = t / 32, partner = warp * 32 + ((t % 32) ^ unsigned(lane_mask));
   std::memcpy(current->exchange.data() + 8 * t, &v, sizeof(T));
-  current->warps[warp]->arrive_and_wait();
+  arrive_and_wait(current->warps[warp]);
   T r;
   std::memcpy(&r, current->exchange.data() + 8 * partner, sizeof(T));
-  current->warps[warp]->arrive_and_wait();  // nobody overwrites a slot before its partner read it
+  arrive_and_wait(current->warps[warp]);  // nobody overwrites a slot before its partner read it
   return r;
+}
+
+// Where every fiber starts: runs the kernel for its thread, then leaves both barriers for good.
+inline void fiber_main() {
+  Block& b = *current;
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(nullptr, &scheduler_stack_bottom, &scheduler_stack_size);
+#endif
+  try {
+    b.body(b.body_arg);
+  } catch (...) {
+    if (!b.error) b.error = std::current_exception();
+  }
+  Fiber* f = running;
+  f->done = true;
+  ++b.progress;
+  arrive_and_drop(b.warps[f->linear / 32]);
+  arrive_and_drop(b.all);
+  yield();  // never resumed
+  std::terminate();
+}
+inline void start_fiber(Fiber& f) {
+#if defined(__x86_64__)
+  auto top = reinterpret_cast<std::uintptr_t>(f.stack.get() + kFiberStack) & ~std::uintptr_t(15);
+  auto* w = reinterpret_cast<std::uint64_t*>(top);
+  std::uint32_t csr[2] = {0, 0};
+  asm volatile("stmxcsr %0" : "=m"(csr[0]));
+  asm volatile("fnstcw %0" : "=m"(csr[1]));
+  w[-1] = 0;                                                                   // no caller
+  w[-2] = reinterpret_cast<std::uint64_t>(&fiber_main);  // `ret` lands here
+  for (int r = 3; r <= 8; ++r) w[-r] = 0;                                       // rbp, rbx, r12-r15
+  std::memcpy(&w[-9], csr, 8);                                                  // mxcsr, x87 control word
+  f.ctx.sp = &w[-9];
+#else
+  getcontext(&f.ctx.uc);
+  f.ctx.uc.uc_stack.ss_sp = f.stack.get();
+  f.ctx.uc.uc_stack.ss_size = kFiberStack;
+  f.ctx.uc.uc_link = nullptr;
+  makecontext(&f.ctx.uc, &fiber_main, 0);
+#endif
+}
+
+// Fiber stacks, kept from one launch to the next.
+inline std::vector<std::unique_ptr<unsigned char[]>>& stack_pool() {
+  static std::vector<std::unique_ptr<unsigned char[]>> pool;
+  return pool;
 }
 
 template <class Kernel, class... Args>
 void launch(Kernel kernel, dim3 grid, dim3 block, std::size_t shared_bytes, Args... args) {
+  static std::mutex mu;  // one launch at a time: `current` and `running` are process-wide
+  std::lock_guard<std::mutex> lock(mu);
   const unsigned threads = block.x * block.y * block.z;
-  if (threads == 0 || threads % 32 != 0) throw std::logic_error("hatch_emulation: blocks of whole warps");
+  if (threads == 0) throw std::logic_error("hatch_emulation: a block of no threads");
+  auto call = [&] { kernel(args...); };
+  using Call = decltype(call);
+  auto& pool = stack_pool();
+  while (pool.size() < threads) pool.push_back(std::make_unique<unsigned char[]>(kFiberStack));
+  Block b;
+  b.dim = block;
+  b.grid = grid;
+  b.body = [](void* p) { (*static_cast<Call*>(p))(); };
+  b.body_arg = &call;
+  b.fibers.resize(threads);
+  for (unsigned t = 0; t < threads; ++t) {
+    b.fibers[t].stack = std::move(pool[t]);
+    b.fibers[t].linear = t;
+  }
+  current = &b;
+  struct Restore {  // the stacks go back to the pool whatever happens
+    Block& b;
+    std::vector<std::unique_ptr<unsigned char[]>>& pool;
+    ~Restore() {
+      for (std::size_t t = 0; t < b.fibers.size(); ++t) pool[t] = std::move(b.fibers[t].stack);
+      current = nullptr;
+      running = nullptr;
+    }
+  } restore{b, pool};
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
-        Block b;
-        b.dim = block;
-        b.grid = grid;
-        b.all = std::make_unique<std::barrier<>>(std::ptrdiff_t(threads));
-        for (unsigned w = 0; w < threads / 32; ++w) b.warps.push_back(std::make_unique<std::barrier<>>(32));
+        b.index = dim3(bx, by, bz);
+        b.all = Barrier{threads};
+        b.warps.assign((threads + 31) / 32, Barrier{});
+        for (unsigned w = 0; w < b.warps.size(); ++w) b.warps[w].expected = std::min(32u, threads - 32 * w);
         b.exchange.assign(8 * std::size_t(threads), 0);
         b.shared.assign(shared_bytes + 16, 0);
-        current = &b;
-        std::vector<std::thread> pool;
-        pool.reserve(threads);
-        for (unsigned t = 0; t < threads; ++t)
-          pool.emplace_back([&, t] {
-            thread_linear = t;
-            thread_index = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-            block_index = dim3(bx, by, bz);
-            kernel(args...);
-            // a finished thread no longer holds up its block's or its warp's barriers
-            b.warps[t / 32]->arrive_and_drop();
-            b.all->arrive_and_drop();
-          });
-        for (auto& th : pool) th.join();
-        current = nullptr;
+        for (auto& f : b.fibers) {
+          f.done = false;
+          start_fiber(f);
+        }
+        unsigned live = threads;
+        while (live > 0) {
+          const std::uint64_t before = b.progress;
+          for (auto& f : b.fibers) {
+            if (f.done) continue;
+            running = &f;
+            thread_linear = f.linear;
+            thread_index = dim3(f.linear % block.x, (f.linear / block.x) % block.y, f.linear / (block.x * block.y));
+            block_index = b.index;
+            switch_context(b.scheduler, f.ctx, f.stack.get(), kFiberStack);
+            if (f.done) --live;
+          }
+          if (live > 0 && b.progress == before) {
+            if (b.error) std::rethrow_exception(b.error);
+            throw std::logic_error("hatch_emulation: deadlock: threads wait at barriers the others never reach");
+          }
+        }
+        if (b.error) std::rethrow_exception(b.error);
       }
 }
 

@@ -12,7 +12,7 @@
 // counted (Cuda::host_waits()); the others return as soon as the work is enqueued.
 //
 // Include <hatch/cuda.hpp> from .cu files; this header never includes Eigen or the Cpu backend.
-#if !defined(__CUDACC__)
+#if !defined(__CUDACC__) && !defined(HATCH_CUDA_ON_CPU)  // (tests/cuda_on_cpu runs it on the CPU)
 #error "hatch/backend/cuda.hpp must be compiled by nvcc: include <hatch/cuda.hpp> from a .cu file"
 #endif
 
@@ -80,11 +80,19 @@ inline void check_cublas(cublasStatus_t s, const char* call, const char* file, i
 // Kernels run on the backend's stream (cuda_detail::stream()).
 #define HATCH_CUDA_LAUNCH(kernel, grid, block, ...) HATCH_CUDA_LAUNCH_SHARED(kernel, grid, block, 0, __VA_ARGS__)
 // with `shared` bytes of dynamic shared memory
+#if defined(HATCH_CUDA_ON_CPU)
+#define HATCH_CUDA_LAUNCH_SHARED(kernel, grid, block, shared, ...)                                          \
+  do {                                                                                                      \
+    (void)::hatch_cuda_on_cpu::launch(kernel, (grid), (block), (shared), ::hatch::cuda_detail::stream(), __VA_ARGS__); \
+    ::hatch::cuda_detail::check_cuda(cudaGetLastError(), "launch of " #kernel, __FILE__, __LINE__);              \
+  } while (0)
+#else
 #define HATCH_CUDA_LAUNCH_SHARED(kernel, grid, block, shared, ...)                             \
   do {                                                                                         \
     kernel<<<(grid), (block), (shared), ::hatch::cuda_detail::stream()>>>(__VA_ARGS__);        \
     ::hatch::cuda_detail::check_cuda(cudaGetLastError(), "launch of " #kernel, __FILE__, __LINE__); \
   } while (0)
+#endif
 
 namespace cuda_detail {
 
@@ -737,17 +745,20 @@ inline std::atomic<int>& attention_tile_setting() {
 inline bool fused_attention_applies(int head_dim) { return fused_attention_flag().load() && head_dim == 64; }
 
 // A kernel asking for more than 48 KiB of dynamic shared memory must say so once per device.
+// Once per (device, kernel): the attribute belongs to the kernel, and kernels of one signature
+// (the two backward tiles) share this function's instantiation, so the kernel is part of the key.
 template <class Kernel>
 void allow_shared_bytes(Kernel kernel, std::size_t bytes) {
   if (bytes <= 48 * 1024) return;
   static std::mutex mu;
-  static std::map<int, bool> done;
+  static std::map<std::pair<int, const void*>, std::size_t> done;  // -> bytes allowed
   int device = 0;
   HATCH_CUDA_CHECK(cudaGetDevice(&device));
   std::lock_guard<std::mutex> lock(mu);
-  if (done[device]) return;
+  std::size_t& allowed = done[{device, reinterpret_cast<const void*>(kernel)}];
+  if (allowed >= bytes) return;
   HATCH_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-  done[device] = true;
+  allowed = bytes;
 }
 
 // Calls f(std::integral_constant<int, Tile>) with the tile in use.
