@@ -38,6 +38,7 @@
 #include <ucontext.h>
 #endif
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 
@@ -211,6 +212,10 @@ inline void fiber_main() {
   std::terminate();
 }
 inline void start_fiber(Fiber& f) {
+#if defined(__SANITIZE_ADDRESS__)
+  // the previous block's thread left its frames' red zones poisoned (it never returned)
+  __asan_unpoison_memory_region(f.stack.get(), kFiberStack);
+#endif
 #if defined(__x86_64__)
   auto top = reinterpret_cast<std::uintptr_t>(f.stack.get() + kFiberStack) & ~std::uintptr_t(15);
   auto* w = reinterpret_cast<std::uint64_t*>(top);
