@@ -25,6 +25,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -257,7 +258,8 @@ inline cudaError_t cudaMalloc(void** p, std::size_t bytes) {
   if (bytes == 0) return cudaSuccess;
   if (s.device_bytes + bytes > hatch_cuda_on_cpu::memory_limit())
     return hatch_cuda_on_cpu::fail(cudaErrorMemoryAllocation);
-  void* q = std::aligned_alloc(256, (bytes + 255) / 256 * 256);
+  // exactly `bytes`, so that AddressSanitizer sees an access past the end of the allocation
+  void* q = ::operator new(bytes, std::align_val_t(256), std::nothrow);
   if (!q) return hatch_cuda_on_cpu::fail(cudaErrorMemoryAllocation);
   s.device[reinterpret_cast<std::uintptr_t>(q)] = bytes;
   s.device_bytes += bytes;
@@ -276,7 +278,7 @@ inline cudaError_t cudaFree(void* p) {
   if (it == s.device.end()) return hatch_cuda_on_cpu::fail(cudaErrorInvalidValue);
   s.device_bytes -= it->second;
   s.device.erase(it);
-  std::free(p);
+  ::operator delete(p, std::align_val_t(256));
   return cudaSuccess;
 }
 inline cudaError_t cudaMallocHost(void** p, std::size_t bytes) {

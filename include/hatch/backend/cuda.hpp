@@ -155,6 +155,11 @@ class DeviceCache {
   }
 
   static std::size_t round_size(std::size_t bytes) {
+#if defined(HATCH_CUDA_ON_CPU_EXACT_BLOCKS)
+    // (the CUDA suite on CPU threads under AddressSanitizer: every block its tensor's exact size,
+    // so that a kernel reading or writing past a tensor's end is caught; docs/cuda.md)
+    return bytes ? bytes : 1;
+#endif
     constexpr std::size_t kStep = 512, kSmall = std::size_t(1) << 20;
     if (bytes <= kStep) return kStep;
     if (bytes <= kSmall) return (bytes + kStep - 1) / kStep * kStep;
