@@ -12,9 +12,10 @@ flags=(-std=c++20 -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -f
 dev=(-DHATCH_CUDA_ON_CPU -DHATCH_CUDA_ON_CPU_EXACT_BLOCKS -Itests/cuda_on_cpu -Iinclude -Itests -Itests/cuda)
 g++ "${flags[@]}" "${dev[@]}" -c tests/cuda_on_cpu/backend_tests.cpp -o "$out/backend.o" &
 g++ "${flags[@]}" "${dev[@]}" -c tests/cuda_on_cpu/kernel_tests.cpp -o "$out/kernels.o" &&
+  g++ "${flags[@]}" "${dev[@]}" -c tests/cuda_on_cpu/test_stand_ins.cpp -o "$out/stand_ins.o" &&
   g++ "${flags[@]}" -fopenmp -Iinclude -I/usr/include/eigen3 -Itests/cuda -c tests/cuda/cpu_side.cpp -o "$out/cpu_side.o" &&
   g++ -std=c++20 -c tests/test_main.cpp -o "$out/main.o"
 wait
-g++ -fsanitize=address,undefined -fopenmp "$out"/backend.o "$out"/kernels.o "$out"/cpu_side.o "$out"/main.o -lz \
+g++ -fsanitize=address,undefined -fopenmp "$out"/backend.o "$out"/kernels.o "$out"/stand_ins.o "$out"/cpu_side.o "$out"/main.o -lz \
   -o "$out/hatch_cuda_on_cpu_asan"
 OMP_NUM_THREADS=2 "$out/hatch_cuda_on_cpu_asan" "-tce=*ViT-B/16 sizes*" "$@"

@@ -179,6 +179,7 @@ inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t d,
   const float al_v = *static_cast<const float*>(alpha), be_v = *static_cast<const float*>(beta);
   auto* out = static_cast<float*>(dout);
   const auto* fb = static_cast<const float*>(b);
+  hatch_cuda_on_cpu::DeviceAccess open{a, b, dout, d->bias};  // the epilogue is device work too
   hatch_cuda_on_cpu::sgemm(ta, tb, m, n, k, al_v, static_cast<const float*>(a), int(al->ld), fb, int(bl->ld), be_v,
                            out, int(dl->ld), d->compute == CUBLAS_COMPUTE_32F_FAST_TF32);
   if (d->epilogue == CUBLASLT_EPILOGUE_BIAS) {

@@ -116,6 +116,7 @@ inline cublasStatus_t cublasSgemmBatched(cublasHandle_t h, cublasOperation_t ta,
   hatch_cuda_on_cpu::require_device(a, count * sizeof(float*), "cublasSgemmBatched: the A pointer array");
   hatch_cuda_on_cpu::require_device(b, count * sizeof(float*), "cublasSgemmBatched: the B pointer array");
   hatch_cuda_on_cpu::require_device(c, count * sizeof(float*), "cublasSgemmBatched: the C pointer array");
+  hatch_cuda_on_cpu::DeviceAccess open{a, b, c};  // the pointer arrays are device memory
   for (int i = 0; i < count; ++i)
     hatch_cuda_on_cpu::sgemm(ta == CUBLAS_OP_T, tb == CUBLAS_OP_T, m, n, k, *alpha, a[i], lda, b[i], ldb, *beta, c[i],
                              ldc, h->math == CUBLAS_TF32_TENSOR_OP_MATH);

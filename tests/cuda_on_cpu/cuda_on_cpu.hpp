@@ -11,7 +11,13 @@
 // without cudaFuncSetAttribute), copies and GEMM operands that leave the device allocation they
 // start in, copies whose direction does not match where their pointers live, cuBLAS argument
 // rules (leading dimensions), cuBLASLt plans (a bias pointer without a bias epilogue, and the
-// reverse), bad device ordinals. TF32 is emulated by rounding GEMM inputs to 10 mantissa bits.
+// reverse), bad device ordinals, and -- the fault a CPU run would otherwise hide -- host code that
+// reads or writes device memory: device memory lies in one reserved range whose allocations are
+// inaccessible (PROT_NONE) except while a kernel (those its pointer arguments name), copy, GEMM
+// or reduction that uses them runs, so such an access stops the program with a message naming
+// the address. (Under HATCH_CUDA_ON_CPU_EXACT_BLOCKS, the
+// AddressSanitizer build, blocks come from the heap at their exact sizes instead.) TF32 is
+// emulated by rounding GEMM inputs to 10 mantissa bits.
 //
 // What it cannot show: speed, concurrency between streams or between blocks (everything runs
 // in issue order, at once, so a missing synchronisation goes unnoticed), the device's memory
@@ -23,15 +29,24 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <map>
+#include <csignal>
+#include <cstdio>
 #include <mutex>
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "../cuda_emulation.hpp"
+
+#if !defined(HATCH_CUDA_ON_CPU_EXACT_BLOCKS)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
 
 using dim3 = hatch_emulation::dim3;
 using std::isfinite;
@@ -94,11 +109,167 @@ struct State {
   std::map<std::uintptr_t, std::size_t> device, pinned;  // base -> bytes
   std::size_t device_bytes = 0;
   std::map<const void*, std::size_t> shared_limit;  // kernel -> cudaFuncSetAttribute value
-  std::mutex launch_mu;                             // blocks run one launch at a time
+#if !defined(HATCH_CUDA_ON_CPU_EXACT_BLOCKS)
+  std::map<std::uintptr_t, int> open;  // allocations open for device work -> how many holders
+  unsigned char* arena = nullptr;  // memory_limit() bytes reserved, [arena, arena + used) handed out
+  std::size_t used = 0;
+  std::multimap<std::size_t, std::uintptr_t> free_chunks;  // bytes (whole pages) -> address
+#endif
 };
 inline State& state() {
   static auto* s = new State;
   return *s;
+}
+
+#if !defined(HATCH_CUDA_ON_CPU_EXACT_BLOCKS)
+inline std::size_t page_size() {
+  static const std::size_t p = std::size_t(sysconf(_SC_PAGESIZE));
+  return p;
+}
+inline struct sigaction& previous_segv() {
+  static struct sigaction old {};
+  return old;
+}
+// A fault inside the device range is host code touching device memory: say so, then let the
+// previous handler (doctest's, which names the test) or the default one report the crash.
+inline void on_segv(int sig, siginfo_t* info, void* ctx) {
+  State& s = state();
+  const auto a = reinterpret_cast<std::uintptr_t>(info->si_addr), base = reinterpret_cast<std::uintptr_t>(s.arena);
+  if (s.arena && a >= base && a < base + memory_limit()) {
+    char msg[200];
+    const int n = std::snprintf(msg, sizeof msg,
+                                "cuda_on_cpu: host code touched device memory at %p (offset %zu of the device "
+                                "range): on a GPU this is an invalid host access\n",
+                                info->si_addr, std::size_t(a - base));
+    if (n > 0) (void)!write(2, msg, std::size_t(n));
+  }
+  struct sigaction& old = previous_segv();
+  if (old.sa_flags & SA_SIGINFO) {
+    if (old.sa_sigaction) return old.sa_sigaction(sig, info, ctx);
+  } else if (old.sa_handler != SIG_DFL && old.sa_handler != SIG_IGN && old.sa_handler) {
+    return old.sa_handler(sig);
+  }
+  signal(sig, SIG_DFL);
+  raise(sig);
+}
+// Puts on_segv in front of whatever handler is installed now (test frameworks install theirs
+// per test case), so that the message comes first and their report after it.
+inline void ensure_segv_handler() {
+  struct sigaction cur {};
+  sigaction(SIGSEGV, nullptr, &cur);
+  if ((cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == &on_segv) return;
+  struct sigaction sa {};
+  sa.sa_sigaction = &on_segv;
+  sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGSEGV, &sa, &previous_segv());
+}
+#endif
+
+// Opens the device allocations an emulated device operation touches (readable and writable by
+// this process) until it ends; every other allocation stays closed, so host code that reads or
+// writes device memory faults, while kernels run. Opening an allocation is one mprotect of its
+// pages, and nested or repeated opens of one allocation are counted.
+class DeviceAccess {
+ public:
+  DeviceAccess() = default;
+  DeviceAccess(std::initializer_list<const void*> ps) {
+    for (const void* p : ps) add(p);
+  }
+  void add(const void* p) {
+#if defined(HATCH_CUDA_ON_CPU_EXACT_BLOCKS)
+    (void)p;
+#else
+    ensure_segv_handler();
+    State& s = state();
+    std::lock_guard<std::mutex> lock(s.mu);
+    const auto a = reinterpret_cast<std::uintptr_t>(p);
+    auto it = s.device.upper_bound(a);
+    if (it == s.device.begin()) return;
+    --it;
+    if (a >= it->first + std::max<std::size_t>(it->second, 1)) return;  // not device memory
+    if (s.open[it->first]++ == 0) set(it->first, it->second, PROT_READ | PROT_WRITE);
+    opened_.push_back(it->first);
+#endif
+  }
+  // A kernel argument: a pointer, or a struct (a functor) whose words may hold device pointers,
+  // found conservatively: every aligned word that points into a device allocation opens it.
+  template <class A>
+  void add_argument(const A& a) {
+    if constexpr (std::is_pointer_v<A>) {
+      add(static_cast<const void*>(a));
+    } else if constexpr (std::is_class_v<A> && std::is_trivially_copyable_v<A> && sizeof(A) >= sizeof(void*)) {
+      for (std::size_t o = 0; o + sizeof(void*) <= sizeof(A); o += alignof(void*)) {
+        const void* p;
+        std::memcpy(&p, reinterpret_cast<const unsigned char*>(&a) + o, sizeof p);
+        add(p);
+      }
+    }
+  }
+  ~DeviceAccess() {
+#if !defined(HATCH_CUDA_ON_CPU_EXACT_BLOCKS)
+    if (opened_.empty()) return;
+    State& s = state();
+    std::lock_guard<std::mutex> lock(s.mu);
+    for (std::uintptr_t base : opened_) {
+      auto it = s.open.find(base);
+      if (--it->second == 0) {
+        s.open.erase(it);
+        if (auto d = s.device.find(base); d != s.device.end()) set(base, d->second, PROT_NONE);
+      }
+    }
+#endif
+  }
+  DeviceAccess(const DeviceAccess&) = delete;
+  DeviceAccess& operator=(const DeviceAccess&) = delete;
+
+ private:
+#if !defined(HATCH_CUDA_ON_CPU_EXACT_BLOCKS)
+  static void set(std::uintptr_t base, std::size_t bytes, int prot) {
+    const std::size_t size = (std::max<std::size_t>(bytes, 1) + page_size() - 1) / page_size() * page_size();
+    if (mprotect(reinterpret_cast<void*>(base), size, prot) != 0) {
+      std::perror("cuda_on_cpu: mprotect");
+      std::abort();
+    }
+  }
+  std::vector<std::uintptr_t> opened_;
+#endif
+};
+
+// A block of `bytes` of device memory, 256-byte aligned, or nullptr. Called with state().mu held.
+inline void* device_block(State& s, std::size_t bytes) {
+#if defined(HATCH_CUDA_ON_CPU_EXACT_BLOCKS)
+  (void)s;
+  // exactly `bytes`, so that AddressSanitizer sees an access past the end of the allocation
+  return ::operator new(bytes, std::align_val_t(256), std::nothrow);
+#else
+  if (!s.arena) {
+    void* r = mmap(nullptr, memory_limit(), PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (r == MAP_FAILED) return nullptr;
+    s.arena = static_cast<unsigned char*>(r);
+  }
+  const std::size_t size = (bytes + page_size() - 1) / page_size() * page_size();
+  void* p = nullptr;
+  if (auto it = s.free_chunks.find(size); it != s.free_chunks.end()) {
+    p = reinterpret_cast<void*>(it->second);
+    s.free_chunks.erase(it);
+  } else {
+    if (s.used + size > memory_limit()) return nullptr;
+    p = s.arena + s.used;
+    s.used += size;
+  }
+  return p;
+#endif
+}
+inline void free_device_block(State& s, void* p, std::size_t bytes) {
+#if defined(HATCH_CUDA_ON_CPU_EXACT_BLOCKS)
+  (void)s;
+  (void)bytes;
+  ::operator delete(p, std::align_val_t(256));
+#else
+  const std::size_t size = (bytes + page_size() - 1) / page_size() * page_size();
+  s.free_chunks.emplace(size, reinterpret_cast<std::uintptr_t>(p));
+#endif
 }
 inline thread_local cudaError_t last_error = cudaSuccess;
 inline thread_local int current_device = 0;
@@ -143,7 +314,8 @@ cudaError_t launch(Kernel kernel, dim3 grid, dim3 block, std::size_t shared, cud
     if (it != state().shared_limit.end()) limit = it->second;
   }
   if (shared > limit) return fail(cudaErrorInvalidValue);
-  std::lock_guard<std::mutex> lock(state().launch_mu);
+  DeviceAccess open;  // what the kernel's arguments point to (memory reached through others faults)
+  (open.add_argument(args), ...);
   hatch_emulation::launch(kernel, grid, block, shared, std::forward<Args>(args)...);
   return cudaSuccess;
 }
@@ -165,6 +337,7 @@ inline void sgemm(bool ta, bool tb, int m, int n, int k, float alpha, const floa
     require_device(b, eb * sizeof(float), "GEMM operand B");
   }
   require_device(c, (std::size_t(ldc) * (n - 1) + m) * sizeof(float), "GEMM operand C");
+  DeviceAccess open{a, b, c};
   auto in = [&](float v) { return round_tf32 ? tf32(v) : v; };
   for (int j = 0; j < n; ++j)
     for (int i = 0; i < m; ++i) {
@@ -258,8 +431,7 @@ inline cudaError_t cudaMalloc(void** p, std::size_t bytes) {
   if (bytes == 0) return cudaSuccess;
   if (s.device_bytes + bytes > hatch_cuda_on_cpu::memory_limit())
     return hatch_cuda_on_cpu::fail(cudaErrorMemoryAllocation);
-  // exactly `bytes`, so that AddressSanitizer sees an access past the end of the allocation
-  void* q = ::operator new(bytes, std::align_val_t(256), std::nothrow);
+  void* q = hatch_cuda_on_cpu::device_block(s, bytes);
   if (!q) return hatch_cuda_on_cpu::fail(cudaErrorMemoryAllocation);
   s.device[reinterpret_cast<std::uintptr_t>(q)] = bytes;
   s.device_bytes += bytes;
@@ -277,8 +449,8 @@ inline cudaError_t cudaFree(void* p) {
   auto it = s.device.find(reinterpret_cast<std::uintptr_t>(p));
   if (it == s.device.end()) return hatch_cuda_on_cpu::fail(cudaErrorInvalidValue);
   s.device_bytes -= it->second;
+  hatch_cuda_on_cpu::free_device_block(s, p, it->second);
   s.device.erase(it);
-  ::operator delete(p, std::align_val_t(256));
   return cudaSuccess;
 }
 inline cudaError_t cudaMallocHost(void** p, std::size_t bytes) {
@@ -316,6 +488,7 @@ inline cudaError_t cudaMemcpy(void* dst, const void* src, std::size_t bytes, cud
     if (!want_dst && dst_dev) return hatch_cuda_on_cpu::fail(cudaErrorInvalidValue);
     if (!want_src && src_dev) return hatch_cuda_on_cpu::fail(cudaErrorInvalidValue);
   }
+  hatch_cuda_on_cpu::DeviceAccess open{dst, src};
   std::memmove(dst, src, bytes);
   return cudaSuccess;
 }
@@ -325,6 +498,7 @@ inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, std::size_t bytes
 }
 inline cudaError_t cudaMemset(void* p, int v, std::size_t bytes) {
   hatch_cuda_on_cpu::require_device(p, bytes, "cudaMemset");
+  hatch_cuda_on_cpu::DeviceAccess open{p};
   std::memset(p, v, bytes);
   return cudaSuccess;
 }

@@ -12,6 +12,7 @@ T transform_reduce(const cuda::policy<Alloc>& policy, It first, It last, Op op, 
   const auto n = std::size_t(last - first);
   hatch_cuda_on_cpu::require_device(&*first, n * sizeof(*first), "thrust::transform_reduce: the range");
   // the temporary storage Thrust's reduction takes from the allocator
+  hatch_cuda_on_cpu::DeviceAccess open{&*first};
   char* tmp = policy.alloc->allocate(std::ptrdiff_t(256));
   for (It i = first; i != last; ++i) init = bin(init, op(*i));
   policy.alloc->deallocate(tmp, 256);

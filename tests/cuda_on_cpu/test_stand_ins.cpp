@@ -1,0 +1,155 @@
+// The stand-ins of tests/cuda_on_cpu refuse what a GPU refuses: each rule the CUDA suite relies on
+// them to enforce, broken on purpose here. (hatch_cuda_on_cpu_tests)
+#include <doctest/doctest.h>
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "hatch/cuda.hpp"
+
+using hatch::Cuda;
+
+namespace {
+
+template <int Tag>
+__global__ void write_shared(float* out) {
+  HATCH_DYNAMIC_SHARED(smem);
+  auto* s = reinterpret_cast<float*>(smem);
+  s[threadIdx.x] = float(threadIdx.x + Tag);
+  __syncthreads();
+  out[threadIdx.x] = s[blockDim.x - 1 - threadIdx.x];
+}
+
+// Half of warp 0 waits at the block barrier, the other half at the warp barrier: neither can
+// complete (on a GPU: a hang, or undefined behaviour).
+__global__ void divergent_barriers(float* out) {
+  if (threadIdx.x < 16) __syncthreads();
+  else __syncwarp();
+  out[threadIdx.x] = 1.f;
+}
+
+std::string error_of(auto&& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+
+}  // namespace
+
+TEST_CASE("cuda_on_cpu: more than 48 KiB of dynamic shared memory needs the kernel's own opt-in") {
+  float* out = Cuda::allocate(64);
+  constexpr std::size_t big = 64 * 1024;
+  CHECK(error_of([&] { HATCH_CUDA_LAUNCH_SHARED(write_shared<0>, 1, 64, big, out); }).find("cudaErrorInvalidValue") !=
+        std::string::npos);
+  hatch::cuda_detail::allow_shared_bytes(write_shared<0>, big);  // cudaFuncSetAttribute for this kernel
+  HATCH_CUDA_LAUNCH_SHARED(write_shared<0>, 1, 64, big, out);
+  std::vector<float> host(64);
+  Cuda::download(host.data(), out, 64);
+  CHECK(host[0] == 63.f);
+  CHECK(host[63] == 0.f);
+  // Another kernel of the same signature has not been allowed anything, and allow_shared_bytes
+  // must allow it too (the fault it once had: one opt-in per signature instead of per kernel).
+  CHECK(error_of([&] { HATCH_CUDA_LAUNCH_SHARED(write_shared<1>, 1, 64, big, out); }).find("cudaErrorInvalidValue") !=
+        std::string::npos);
+  hatch::cuda_detail::allow_shared_bytes(write_shared<1>, big);
+  HATCH_CUDA_LAUNCH_SHARED(write_shared<1>, 1, 64, big, out);
+  Cuda::deallocate(out, 64);
+}
+
+TEST_CASE("cuda_on_cpu: launch limits, barriers no thread can pass, copies, GEMM operands, cuBLASLt epilogues") {
+  float* out = Cuda::allocate(2048);
+  CHECK(error_of([&] { HATCH_CUDA_LAUNCH(divergent_barriers, 1, 1025, out); }).find("cudaErrorInvalidConfiguration") !=
+        std::string::npos);
+  CHECK(error_of([&] { HATCH_CUDA_LAUNCH(divergent_barriers, dim3(1, 65536), 32, out); })
+            .find("cudaErrorInvalidConfiguration") != std::string::npos);
+  CHECK(error_of([&] { HATCH_CUDA_LAUNCH(divergent_barriers, 1, 32, out); }).find("deadlock") != std::string::npos);
+
+  std::vector<float> host(2048, 1.f);
+  // a copy "to the device" whose destination is host memory, and one that runs past its block
+  CHECK(error_of([&] { (void)cudaMemcpy(host.data(), host.data() + 1024, 16, cudaMemcpyHostToDevice); })
+            .find("illegal address") != std::string::npos);
+  CHECK(error_of([&] { (void)cudaMemcpy(out + 2000, host.data(), 49 * sizeof(float), cudaMemcpyHostToDevice); })
+            .find("illegal address") != std::string::npos);
+  CHECK(cudaMemcpy(out, out + 100, 16, cudaMemcpyHostToDevice) == cudaErrorInvalidValue);  // the source is device memory
+  (void)cudaGetLastError();
+
+  // a GEMM whose C, 32 x 64 with ld 32, does not fit the 2048 floats it starts in at out + 1
+  cublasHandle_t h = nullptr;
+  REQUIRE(cublasCreate(&h) == CUBLAS_STATUS_SUCCESS);
+  const float one = 1.f, zero = 0.f;
+  CHECK(error_of([&] {
+          (void)cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, 32, 64, 1, &one, out, 32, out, 1, &zero, out + 1, 32);
+        }).find("GEMM operand C") != std::string::npos);
+  CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, 32, 64, 1, &one, out, 16, out, 1, &zero, out, 32) ==
+        CUBLAS_STATUS_INVALID_VALUE);  // lda < m
+  (void)cublasDestroy(h);
+
+  // cuBLASLt: a bias pointer on a plan without a bias epilogue is refused (what run 3a hit on an H200)
+  cublasLtHandle_t lt = nullptr;
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t la = nullptr, lb = nullptr, ld = nullptr;
+  REQUIRE(cublasLtCreate(&lt) == CUBLAS_STATUS_SUCCESS);
+  REQUIRE(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F) == CUBLAS_STATUS_SUCCESS);
+  REQUIRE(cublasLtMatrixLayoutCreate(&la, CUDA_R_32F, 8, 4, 8) == CUBLAS_STATUS_SUCCESS);
+  REQUIRE(cublasLtMatrixLayoutCreate(&lb, CUDA_R_32F, 4, 8, 4) == CUBLAS_STATUS_SUCCESS);
+  REQUIRE(cublasLtMatrixLayoutCreate(&ld, CUDA_R_32F, 8, 8, 8) == CUBLAS_STATUS_SUCCESS);
+  cublasLtMatmulAlgo_t algo{};
+  float* d = out + 1024;
+  CHECK(cublasLtMatmul(lt, desc, &one, out, la, out + 256, lb, &zero, d, ld, d, ld, &algo, nullptr, 0, nullptr) ==
+        CUBLAS_STATUS_SUCCESS);
+  void* bias = out + 512;
+  REQUIRE(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias) ==
+          CUBLAS_STATUS_SUCCESS);
+  CHECK(cublasLtMatmul(lt, desc, &one, out, la, out + 256, lb, &zero, d, ld, d, ld, &algo, nullptr, 0, nullptr) ==
+        CUBLAS_STATUS_INVALID_VALUE);
+  (void)cublasLtMatrixLayoutDestroy(la);
+  (void)cublasLtMatrixLayoutDestroy(lb);
+  (void)cublasLtMatrixLayoutDestroy(ld);
+  (void)cublasLtMatmulDescDestroy(desc);
+  (void)cublasLtDestroy(lt);
+  Cuda::deallocate(out, 2048);
+}
+
+#if !defined(HATCH_CUDA_ON_CPU_EXACT_BLOCKS)
+TEST_CASE("cuda_on_cpu: host code that touches device memory stops with a message naming the address") {
+  float* p = Cuda::allocate(16);
+  Cuda::synchronize();
+  int pipe_fd[2];
+  REQUIRE(pipe(pipe_fd) == 0);
+  std::fflush(nullptr);
+  const pid_t child = fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    dup2(pipe_fd[1], 2);
+    close(pipe_fd[0]);
+    signal(SIGSEGV, SIG_DFL);  // no test framework's report in the child: the stand-in's message, then the signal
+    hatch_cuda_on_cpu::ensure_segv_handler();
+    volatile float* v = p;
+    v[3] = 1.f;  // what a GPU program cannot do
+    _exit(0);
+  }
+  close(pipe_fd[1]);
+  std::string err;
+  char buf[512];
+  for (ssize_t n; (n = read(pipe_fd[0], buf, sizeof buf)) > 0;) err.append(buf, std::size_t(n));
+  close(pipe_fd[0]);
+  int status = 0;
+  REQUIRE(waitpid(child, &status, 0) == child);
+  CHECK(WIFSIGNALED(status));
+  CHECK(err.find("host code touched device memory") != std::string::npos);
+  // device work on the same memory is fine
+  Cuda::fill(p, 16, 2.f);
+  std::vector<float> host(16);
+  Cuda::download(host.data(), p, 16);
+  CHECK(host[3] == 2.f);
+  Cuda::deallocate(p, 16);
+}
+#endif
