@@ -52,16 +52,19 @@ using dim3 = hatch_emulation::dim3;
 using std::isfinite;
 
 // ---- runtime types ---------------------------------------------------------------------------------
-enum cudaError_t {
-  cudaSuccess = 0,
-  cudaErrorInvalidValue = 1,
-  cudaErrorMemoryAllocation = 2,
-  cudaErrorInvalidConfiguration = 9,
-  cudaErrorNoDevice = 100,
-  cudaErrorInvalidDevice = 101,
-  cudaErrorInvalidResourceHandle = 400,
-  cudaErrorIllegalAddress = 700,
-};
+// name, value, message (the runtime's own strings)
+#define HATCH_CUDA_ON_CPU_ERRORS(X)                                              \
+  X(cudaSuccess, 0, "no error")                                                  \
+  X(cudaErrorInvalidValue, 1, "invalid argument")                                \
+  X(cudaErrorMemoryAllocation, 2, "out of memory")                               \
+  X(cudaErrorInvalidConfiguration, 9, "invalid configuration argument")          \
+  X(cudaErrorNoDevice, 100, "no CUDA-capable device is detected")                \
+  X(cudaErrorInvalidDevice, 101, "invalid device ordinal")                       \
+  X(cudaErrorInvalidResourceHandle, 400, "invalid resource handle")              \
+  X(cudaErrorIllegalAddress, 700, "an illegal memory access was encountered")
+#define HATCH_CUDA_ON_CPU_ENUM(name, value, message) name = value,
+enum cudaError_t { HATCH_CUDA_ON_CPU_ERRORS(HATCH_CUDA_ON_CPU_ENUM) };
+#undef HATCH_CUDA_ON_CPU_ENUM
 using cudaError = cudaError_t;
 enum cudaMemcpyKind {
   cudaMemcpyHostToHost = 0,
@@ -356,29 +359,19 @@ inline void sgemm(bool ta, bool tb, int m, int n, int k, float alpha, const floa
 
 // ---- runtime API -----------------------------------------------------------------------------------
 inline const char* cudaGetErrorName(cudaError_t e) {
-  switch (e) {
-    case cudaSuccess: return "cudaSuccess";
-    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
-    case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
-    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
-    case cudaErrorNoDevice: return "cudaErrorNoDevice";
-    case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
-    case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
-    case cudaErrorIllegalAddress: return "cudaErrorIllegalAddress";
-  }
+#define HATCH_CUDA_ON_CPU_NAME(name, value, message) \
+  case name:                                         \
+    return #name;
+  switch (e) { HATCH_CUDA_ON_CPU_ERRORS(HATCH_CUDA_ON_CPU_NAME) }
+#undef HATCH_CUDA_ON_CPU_NAME
   return "cudaErrorUnknown";
 }
 inline const char* cudaGetErrorString(cudaError_t e) {
-  switch (e) {
-    case cudaSuccess: return "no error";
-    case cudaErrorInvalidValue: return "invalid argument";
-    case cudaErrorMemoryAllocation: return "out of memory";
-    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
-    case cudaErrorNoDevice: return "no CUDA-capable device is detected";
-    case cudaErrorInvalidDevice: return "invalid device ordinal";
-    case cudaErrorInvalidResourceHandle: return "invalid resource handle";
-    case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
-  }
+#define HATCH_CUDA_ON_CPU_MESSAGE(name, value, message) \
+  case name:                                            \
+    return message;
+  switch (e) { HATCH_CUDA_ON_CPU_ERRORS(HATCH_CUDA_ON_CPU_MESSAGE) }
+#undef HATCH_CUDA_ON_CPU_MESSAGE
   return "unknown error";
 }
 inline cudaError_t cudaGetLastError() {
