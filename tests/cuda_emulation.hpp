@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <memory>
@@ -236,6 +237,13 @@ inline void start_fiber(Fiber& f) {
 #endif
 }
 
+// Blocks run one after another, first to last, unless HATCH_EMULATION_BLOCK_ORDER=reverse: a
+// kernel whose blocks depend on each other's order (which a GPU does not keep) then shows it.
+inline bool blocks_in_reverse() {
+  const char* v = std::getenv("HATCH_EMULATION_BLOCK_ORDER");
+  return v && std::strcmp(v, "reverse") == 0;
+}
+
 // Fiber stacks, kept from one launch to the next.
 inline std::vector<std::unique_ptr<unsigned char[]>>& stack_pool() {
   static std::vector<std::unique_ptr<unsigned char[]>> pool;
@@ -272,38 +280,40 @@ void launch(Kernel kernel, dim3 grid, dim3 block, std::size_t shared_bytes, Args
       running = nullptr;
     }
   } restore{b, pool};
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        b.index = dim3(bx, by, bz);
-        b.all = Barrier{threads};
-        b.warps.assign((threads + 31) / 32, Barrier{});
-        for (unsigned w = 0; w < b.warps.size(); ++w) b.warps[w].expected = std::min(32u, threads - 32 * w);
-        b.exchange.assign(8 * std::size_t(threads), 0);
-        b.shared.assign(shared_bytes + 16, 0);
-        for (auto& f : b.fibers) {
-          f.done = false;
-          start_fiber(f);
-        }
-        unsigned live = threads;
-        while (live > 0) {
-          const std::uint64_t before = b.progress;
-          for (auto& f : b.fibers) {
-            if (f.done) continue;
-            running = &f;
-            thread_linear = f.linear;
-            thread_index = dim3(f.linear % block.x, (f.linear / block.x) % block.y, f.linear / (block.x * block.y));
-            block_index = b.index;
-            switch_context(b.scheduler, f.ctx, f.stack.get(), kFiberStack);
-            if (f.done) --live;
-          }
-          if (live > 0 && b.progress == before) {
-            if (b.error) std::rethrow_exception(b.error);
-            throw std::logic_error("hatch_emulation: deadlock: threads wait at barriers the others never reach");
-          }
-        }
-        if (b.error) std::rethrow_exception(b.error);
+  const std::uint64_t blocks = std::uint64_t(grid.x) * grid.y * grid.z;
+  const bool reverse = blocks_in_reverse();
+  for (std::uint64_t i = 0; i < blocks; ++i) {
+    const std::uint64_t l = reverse ? blocks - 1 - i : i;
+    b.index = dim3(unsigned(l % grid.x), unsigned((l / grid.x) % grid.y),
+                   unsigned(l / (std::uint64_t(grid.x) * grid.y)));
+    b.all = Barrier{threads};
+    b.warps.assign((threads + 31) / 32, Barrier{});
+    for (unsigned w = 0; w < b.warps.size(); ++w) b.warps[w].expected = std::min(32u, threads - 32 * w);
+    b.exchange.assign(8 * std::size_t(threads), 0);
+    b.shared.assign(shared_bytes + 16, 0);
+    for (auto& f : b.fibers) {
+      f.done = false;
+      start_fiber(f);
+    }
+    unsigned live = threads;
+    while (live > 0) {
+      const std::uint64_t before = b.progress;
+      for (auto& f : b.fibers) {
+        if (f.done) continue;
+        running = &f;
+        thread_linear = f.linear;
+        thread_index = dim3(f.linear % block.x, (f.linear / block.x) % block.y, f.linear / (block.x * block.y));
+        block_index = b.index;
+        switch_context(b.scheduler, f.ctx, f.stack.get(), kFiberStack);
+        if (f.done) --live;
       }
+      if (live > 0 && b.progress == before) {
+        if (b.error) std::rethrow_exception(b.error);
+        throw std::logic_error("hatch_emulation: deadlock: threads wait at barriers the others never reach");
+      }
+    }
+    if (b.error) std::rethrow_exception(b.error);
+  }
 }
 
 template <class T>

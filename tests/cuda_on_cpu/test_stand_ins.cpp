@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -31,6 +32,11 @@ __global__ void divergent_barriers(float* out) {
   if (threadIdx.x < 16) __syncthreads();
   else __syncwarp();
   out[threadIdx.x] = 1.f;
+}
+
+// Wrong on a GPU: each block reads what the block before it wrote (blocks run in no fixed order).
+__global__ void chain_blocks(float* out) {
+  if (threadIdx.x == 0) out[blockIdx.x] = blockIdx.x == 0 ? 1.f : out[blockIdx.x - 1] + 1.f;
 }
 
 std::string error_of(auto&& f) {
@@ -153,3 +159,23 @@ TEST_CASE("cuda_on_cpu: host code that touches device memory stops with a messag
   Cuda::deallocate(p, 16);
 }
 #endif
+
+TEST_CASE("cuda_on_cpu: HATCH_EMULATION_BLOCK_ORDER=reverse runs a grid's blocks last to first") {
+  const char* was = std::getenv("HATCH_EMULATION_BLOCK_ORDER");
+  const std::string saved = was ? was : "";
+  float* out = Cuda::allocate(8);
+  std::vector<float> host(8);
+  auto run = [&](const char* order) {
+    Cuda::fill(out, 8, 0.f);
+    if (order) setenv("HATCH_EMULATION_BLOCK_ORDER", order, 1);
+    else unsetenv("HATCH_EMULATION_BLOCK_ORDER");
+    HATCH_CUDA_LAUNCH(chain_blocks, 8, 32, out);
+    Cuda::download(host.data(), out, 8);
+    return host[7];
+  };
+  CHECK(run(nullptr) == 8.f);    // in order, the chain happens to hold
+  CHECK(run("reverse") == 1.f);  // last to first, block 7 reads block 6's value before it exists
+  if (was) setenv("HATCH_EMULATION_BLOCK_ORDER", saved.c_str(), 1);
+  else unsetenv("HATCH_EMULATION_BLOCK_ORDER");
+  Cuda::deallocate(out, 8);
+}
