@@ -98,6 +98,7 @@ namespace hatch_cuda_on_cpu {
 // memory is capped well below the host's so that a runaway allocation fails like on a device.
 inline constexpr int kSms = 132;
 inline constexpr std::size_t kDefaultShared = 48 * 1024, kOptinShared = 227 * 1024;
+// (read at every allocation, so a test can lower it for a while)
 inline std::size_t memory_limit() {
   const char* v = std::getenv("HATCH_CUDA_ON_CPU_MEMORY_MIB");
   return (v && *v ? std::size_t(std::strtoull(v, nullptr, 10)) : std::size_t(8192)) << 20;
@@ -114,7 +115,7 @@ struct State {
   std::map<const void*, std::size_t> shared_limit;  // kernel -> cudaFuncSetAttribute value
 #if !defined(HATCH_CUDA_ON_CPU_EXACT_BLOCKS)
   std::map<std::uintptr_t, int> open;  // allocations open for device work -> how many holders
-  unsigned char* arena = nullptr;  // memory_limit() bytes reserved, [arena, arena + used) handed out
+  unsigned char* arena = nullptr;  // kArenaBytes reserved, [arena, arena + used) handed out
   std::size_t used = 0;
   std::multimap<std::size_t, std::uintptr_t> free_chunks;  // bytes (whole pages) -> address
 #endif
@@ -125,6 +126,9 @@ inline State& state() {
 }
 
 #if !defined(HATCH_CUDA_ON_CPU_EXACT_BLOCKS)
+// Address space reserved for device memory (no memory is committed until used); what may be in
+// use at once is memory_limit().
+inline constexpr std::size_t kArenaBytes = std::size_t(64) << 30;
 inline std::size_t page_size() {
   static const std::size_t p = std::size_t(sysconf(_SC_PAGESIZE));
   return p;
@@ -138,7 +142,7 @@ inline struct sigaction& previous_segv() {
 inline void on_segv(int sig, siginfo_t* info, void* ctx) {
   State& s = state();
   const auto a = reinterpret_cast<std::uintptr_t>(info->si_addr), base = reinterpret_cast<std::uintptr_t>(s.arena);
-  if (s.arena && a >= base && a < base + memory_limit()) {
+  if (s.arena && a >= base && a < base + kArenaBytes) {
     char msg[200];
     const int n = std::snprintf(msg, sizeof msg,
                                 "cuda_on_cpu: host code touched device memory at %p (offset %zu of the device "
@@ -247,7 +251,7 @@ inline void* device_block(State& s, std::size_t bytes) {
   return ::operator new(bytes, std::align_val_t(256), std::nothrow);
 #else
   if (!s.arena) {
-    void* r = mmap(nullptr, memory_limit(), PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    void* r = mmap(nullptr, kArenaBytes, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (r == MAP_FAILED) return nullptr;
     s.arena = static_cast<unsigned char*>(r);
   }
@@ -257,7 +261,7 @@ inline void* device_block(State& s, std::size_t bytes) {
     p = reinterpret_cast<void*>(it->second);
     s.free_chunks.erase(it);
   } else {
-    if (s.used + size > memory_limit()) return nullptr;
+    if (s.used + size > kArenaBytes) return nullptr;
     p = s.arena + s.used;
     s.used += size;
   }

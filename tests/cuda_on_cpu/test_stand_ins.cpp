@@ -179,3 +179,27 @@ TEST_CASE("cuda_on_cpu: HATCH_EMULATION_BLOCK_ORDER=reverse runs a grid's blocks
   else unsetenv("HATCH_EMULATION_BLOCK_ORDER");
   Cuda::deallocate(out, 8);
 }
+
+TEST_CASE("cuda_on_cpu: out of device memory, the caching allocator gives its cached blocks back and tries again") {
+  Cuda::release_cache();
+  const char* was = std::getenv("HATCH_CUDA_ON_CPU_MEMORY_MIB");
+  const std::string saved = was ? was : "";
+  // what hatch holds now, plus 3 MiB: room for a cached 2 MiB block or a new 2.5 MiB one, not both
+  const std::size_t held = hatch::cuda_detail::DeviceCache::instance().live_bytes();
+  setenv("HATCH_CUDA_ON_CPU_MEMORY_MIB", std::to_string((held >> 20) + 4).c_str(), 1);
+  float* a = Cuda::allocate((std::size_t(2) << 20) / sizeof(float));
+  Cuda::deallocate(a, 0);
+  CHECK(Cuda::cached_bytes() >= (std::size_t(2) << 20));
+  const std::int64_t before = Cuda::allocation_count();
+  float* b = nullptr;
+  CHECK_NOTHROW(b = Cuda::allocate((std::size_t(5) << 19) / sizeof(float)));  // 2.5 MiB
+  CHECK(Cuda::allocation_count() == before + 1);
+  CHECK(Cuda::cached_bytes() == 0);  // the 2 MiB block went back to make room
+  // More than the device has: a clear error, nothing left half done.
+  CHECK(error_of([] { (void)Cuda::allocate(std::size_t(64) << 20); }).find("cudaErrorMemoryAllocation") !=
+        std::string::npos);
+  Cuda::deallocate(b, 0);
+  if (was) setenv("HATCH_CUDA_ON_CPU_MEMORY_MIB", saved.c_str(), 1);
+  else unsetenv("HATCH_CUDA_ON_CPU_MEMORY_MIB");
+  Cuda::release_cache();
+}
