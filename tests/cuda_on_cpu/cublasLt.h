@@ -1,6 +1,6 @@
 #pragma once
 // cuBLASLt on the host (tests/cuda_on_cpu/cuda_on_cpu.hpp): descriptors, layouts, preferences, the
-// heuristic (one algorithm) and cublasLtMatmul with the DEFAULT, BIAS and BGRADB epilogues.
+// heuristic (up to three candidates) and cublasLtMatmul with the DEFAULT, BIAS and BGRADB epilogues.
 // As the library does, it refuses a bias pointer on a plan without a bias epilogue, and a bias
 // epilogue without a pointer.
 #include <cstdint>
@@ -141,7 +141,7 @@ inline bool shapes_agree(cublasLtMatmulDesc_t d, cublasLtMatrixLayout_t a, cubla
 }
 }  // namespace hatch_cuda_on_cpu
 
-// One algorithm, when the shapes agree and the epilogue is one this emulation runs. A bias
+// Candidates when the shapes agree and the epilogue is one this emulation runs. A bias
 // epilogue needs a 16-byte-aligned vector on the device too, but that is checked at the call.
 inline cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t h, cublasLtMatmulDesc_t d,
                                                      cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b,
@@ -154,10 +154,15 @@ inline cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t h, cublasL
   if (d->epilogue != CUBLASLT_EPILOGUE_DEFAULT && d->epilogue != CUBLASLT_EPILOGUE_BIAS &&
       d->epilogue != CUBLASLT_EPILOGUE_BGRADB)
     return CUBLAS_STATUS_NOT_SUPPORTED;
-  results[0] = {};
-  results[0].state = CUBLAS_STATUS_SUCCESS;
-  results[0].wavesCount = 1.f;
-  *found = 1;
+  // Up to three candidates (one computation under three ids), so that a caller's autotuning
+  // trials run here too, as they do against the library.
+  *found = std::min(requested, 3);
+  for (int i = 0; i < *found; ++i) {
+    results[i] = {};
+    results[i].algo.data[0] = std::uint64_t(i);
+    results[i].state = CUBLAS_STATUS_SUCCESS;
+    results[i].wavesCount = 1.f;
+  }
   return CUBLAS_STATUS_SUCCESS;
 }
 
