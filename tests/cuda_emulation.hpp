@@ -101,6 +101,7 @@ struct Fiber {
   Context ctx;
   std::unique_ptr<unsigned char[]> stack;
   unsigned linear = 0;
+  dim3 index;  // threadIdx
   bool done = false;
 };
 
@@ -111,7 +112,7 @@ struct Barrier {
 };
 
 struct Block {
-  dim3 dim, grid, index;
+  dim3 dim, grid;
   Barrier all;
   std::vector<Barrier> warps;
   std::vector<unsigned char> exchange;  // 8 bytes per thread for the shuffles
@@ -269,6 +270,7 @@ void launch(Kernel kernel, dim3 grid, dim3 block, std::size_t shared_bytes, Args
   for (unsigned t = 0; t < threads; ++t) {
     b.fibers[t].stack = std::move(pool[t]);
     b.fibers[t].linear = t;
+    b.fibers[t].index = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
   }
   current = &b;
   struct Restore {  // the stacks go back to the pool whatever happens
@@ -284,8 +286,8 @@ void launch(Kernel kernel, dim3 grid, dim3 block, std::size_t shared_bytes, Args
   const bool reverse = blocks_in_reverse();
   for (std::uint64_t i = 0; i < blocks; ++i) {
     const std::uint64_t l = reverse ? blocks - 1 - i : i;
-    b.index = dim3(unsigned(l % grid.x), unsigned((l / grid.x) % grid.y),
-                   unsigned(l / (std::uint64_t(grid.x) * grid.y)));
+    block_index = dim3(unsigned(l % grid.x), unsigned((l / grid.x) % grid.y),
+                       unsigned(l / (std::uint64_t(grid.x) * grid.y)));  // the same for all its fibers
     b.all = Barrier{threads};
     b.warps.assign((threads + 31) / 32, Barrier{});
     for (unsigned w = 0; w < b.warps.size(); ++w) b.warps[w].expected = std::min(32u, threads - 32 * w);
@@ -302,8 +304,7 @@ void launch(Kernel kernel, dim3 grid, dim3 block, std::size_t shared_bytes, Args
         if (f.done) continue;
         running = &f;
         thread_linear = f.linear;
-        thread_index = dim3(f.linear % block.x, (f.linear / block.x) % block.y, f.linear / (block.x * block.y));
-        block_index = b.index;
+        thread_index = f.index;
         switch_context(b.scheduler, f.ctx, f.stack.get(), kFiberStack);
         if (f.done) --live;
       }

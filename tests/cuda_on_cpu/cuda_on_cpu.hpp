@@ -124,6 +124,14 @@ inline State& state() {
   static auto* s = new State;
   return *s;
 }
+// The allocation of `map` (base -> bytes) that holds address p, or map.end().
+inline auto allocation_of(const std::map<std::uintptr_t, std::size_t>& map, const void* p) {
+  const auto a = reinterpret_cast<std::uintptr_t>(p);
+  auto it = map.upper_bound(a);
+  if (it == map.begin()) return map.end();
+  --it;
+  return a < it->first + std::max<std::size_t>(it->second, 1) ? it : map.end();
+}
 
 #if !defined(HATCH_CUDA_ON_CPU_EXACT_BLOCKS)
 // Address space reserved for device memory (no memory is committed until used); what may be in
@@ -132,6 +140,10 @@ inline constexpr std::size_t kArenaBytes = std::size_t(64) << 30;
 inline std::size_t page_size() {
   static const std::size_t p = std::size_t(sysconf(_SC_PAGESIZE));
   return p;
+}
+// What a device block of `bytes` takes of the arena: whole pages (at least one).
+inline std::size_t whole_pages(std::size_t bytes) {
+  return (std::max<std::size_t>(bytes, 1) + page_size() - 1) / page_size() * page_size();
 }
 inline struct sigaction& previous_segv() {
   static struct sigaction old {};
@@ -190,11 +202,8 @@ class DeviceAccess {
     ensure_segv_handler();
     State& s = state();
     std::lock_guard<std::mutex> lock(s.mu);
-    const auto a = reinterpret_cast<std::uintptr_t>(p);
-    auto it = s.device.upper_bound(a);
-    if (it == s.device.begin()) return;
-    --it;
-    if (a >= it->first + std::max<std::size_t>(it->second, 1)) return;  // not device memory
+    const auto it = allocation_of(s.device, p);
+    if (it == s.device.end()) return;  // not device memory
     if (s.open[it->first]++ == 0) set(it->first, it->second, PROT_READ | PROT_WRITE);
     opened_.push_back(it->first);
 #endif
@@ -233,8 +242,7 @@ class DeviceAccess {
  private:
 #if !defined(HATCH_CUDA_ON_CPU_EXACT_BLOCKS)
   static void set(std::uintptr_t base, std::size_t bytes, int prot) {
-    const std::size_t size = (std::max<std::size_t>(bytes, 1) + page_size() - 1) / page_size() * page_size();
-    if (mprotect(reinterpret_cast<void*>(base), size, prot) != 0) {
+    if (mprotect(reinterpret_cast<void*>(base), whole_pages(bytes), prot) != 0) {
       std::perror("cuda_on_cpu: mprotect");
       std::abort();
     }
@@ -255,7 +263,7 @@ inline void* device_block(State& s, std::size_t bytes) {
     if (r == MAP_FAILED) return nullptr;
     s.arena = static_cast<unsigned char*>(r);
   }
-  const std::size_t size = (bytes + page_size() - 1) / page_size() * page_size();
+  const std::size_t size = whole_pages(bytes);
   void* p = nullptr;
   if (auto it = s.free_chunks.find(size); it != s.free_chunks.end()) {
     p = reinterpret_cast<void*>(it->second);
@@ -274,8 +282,7 @@ inline void free_device_block(State& s, void* p, std::size_t bytes) {
   (void)bytes;
   ::operator delete(p, std::align_val_t(256));
 #else
-  const std::size_t size = (bytes + page_size() - 1) / page_size() * page_size();
-  s.free_chunks.emplace(size, reinterpret_cast<std::uintptr_t>(p));
+  s.free_chunks.emplace(whole_pages(bytes), reinterpret_cast<std::uintptr_t>(p));
 #endif
 }
 inline thread_local cudaError_t last_error = cudaSuccess;
@@ -286,17 +293,12 @@ inline cudaError_t fail(cudaError_t e) {
   return e;
 }
 
-// [p, p + bytes) inside one live allocation of `map`?
-inline bool inside(const std::map<std::uintptr_t, std::size_t>& map, const void* p, std::size_t bytes) {
-  const auto a = reinterpret_cast<std::uintptr_t>(p);
-  auto it = map.upper_bound(a);
-  if (it == map.begin()) return false;
-  --it;
-  return a >= it->first && a + bytes <= it->first + it->second;
-}
+// [p, p + bytes) inside one live device allocation?
 inline bool on_device(const void* p, std::size_t bytes) {
   std::lock_guard<std::mutex> lock(state().mu);
-  return inside(state().device, p, bytes ? bytes : 1);
+  const auto& map = state().device;
+  const auto it = allocation_of(map, p);
+  return it != map.end() && reinterpret_cast<std::uintptr_t>(p) + (bytes ? bytes : 1) <= it->first + it->second;
 }
 // A fault the device would report as an illegal address (and the caller's test as a crash).
 [[noreturn]] inline void illegal(const std::string& what) {

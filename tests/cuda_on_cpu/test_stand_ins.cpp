@@ -7,6 +7,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -38,6 +39,25 @@ __global__ void divergent_barriers(float* out) {
 __global__ void chain_blocks(float* out) {
   if (threadIdx.x == 0) out[blockIdx.x] = blockIdx.x == 0 ? 1.f : out[blockIdx.x - 1] + 1.f;
 }
+
+// Sets an environment variable for a scope, then puts back what was there.
+class ScopedEnv {
+ public:
+  explicit ScopedEnv(const char* name) : name_(name) {
+    if (const char* v = std::getenv(name)) saved_ = v;
+  }
+  void set(const char* value) {
+    if (value) setenv(name_, value, 1);
+    else unsetenv(name_);
+  }
+  ~ScopedEnv() { set(saved_ ? saved_->c_str() : nullptr); }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
+  std::optional<std::string> saved_;
+};
 
 std::string error_of(auto&& f) {
   try {
@@ -161,32 +181,27 @@ TEST_CASE("cuda_on_cpu: host code that touches device memory stops with a messag
 #endif
 
 TEST_CASE("cuda_on_cpu: HATCH_EMULATION_BLOCK_ORDER=reverse runs a grid's blocks last to first") {
-  const char* was = std::getenv("HATCH_EMULATION_BLOCK_ORDER");
-  const std::string saved = was ? was : "";
+  ScopedEnv order_env("HATCH_EMULATION_BLOCK_ORDER");
   float* out = Cuda::allocate(8);
   std::vector<float> host(8);
   auto run = [&](const char* order) {
     Cuda::fill(out, 8, 0.f);
-    if (order) setenv("HATCH_EMULATION_BLOCK_ORDER", order, 1);
-    else unsetenv("HATCH_EMULATION_BLOCK_ORDER");
+    order_env.set(order);
     HATCH_CUDA_LAUNCH(chain_blocks, 8, 32, out);
     Cuda::download(host.data(), out, 8);
     return host[7];
   };
   CHECK(run(nullptr) == 8.f);    // in order, the chain happens to hold
   CHECK(run("reverse") == 1.f);  // last to first, block 7 reads block 6's value before it exists
-  if (was) setenv("HATCH_EMULATION_BLOCK_ORDER", saved.c_str(), 1);
-  else unsetenv("HATCH_EMULATION_BLOCK_ORDER");
   Cuda::deallocate(out, 8);
 }
 
 TEST_CASE("cuda_on_cpu: out of device memory, the caching allocator gives its cached blocks back and tries again") {
   Cuda::release_cache();
-  const char* was = std::getenv("HATCH_CUDA_ON_CPU_MEMORY_MIB");
-  const std::string saved = was ? was : "";
+  ScopedEnv memory_env("HATCH_CUDA_ON_CPU_MEMORY_MIB");
   // what hatch holds now, plus 3 MiB: room for a cached 2 MiB block or a new 2.5 MiB one, not both
   const std::size_t held = hatch::cuda_detail::DeviceCache::instance().live_bytes();
-  setenv("HATCH_CUDA_ON_CPU_MEMORY_MIB", std::to_string((held >> 20) + 4).c_str(), 1);
+  memory_env.set(std::to_string((held >> 20) + 4).c_str());
   float* a = Cuda::allocate((std::size_t(2) << 20) / sizeof(float));
   Cuda::deallocate(a, 0);
   CHECK(Cuda::cached_bytes() >= (std::size_t(2) << 20));
@@ -199,7 +214,5 @@ TEST_CASE("cuda_on_cpu: out of device memory, the caching allocator gives its ca
   CHECK(error_of([] { (void)Cuda::allocate(std::size_t(64) << 20); }).find("cudaErrorMemoryAllocation") !=
         std::string::npos);
   Cuda::deallocate(b, 0);
-  if (was) setenv("HATCH_CUDA_ON_CPU_MEMORY_MIB", saved.c_str(), 1);
-  else unsetenv("HATCH_CUDA_ON_CPU_MEMORY_MIB");
   Cuda::release_cache();
 }
