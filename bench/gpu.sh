@@ -8,7 +8,8 @@
 #   3. times a ViT-B/16 training step (224x224x3 random data, 1000 classes, batch 64) in hatch,
 #      in its PyTorch twin and in timm's vit_base_patch16_224 (fused attention), float32 and
 #      TF32, alternating, and prints each timed run's first and last loss (about ln 1000 = 6.91
-#      at the start, never NaN) and PyTorch's matmul precision setting,
+#      at the start, never NaN), PyTorch's matmul precision setting, and each one's peak device
+#      memory (hatch's cache and PyTorch's caching allocator: in use, and held from the driver),
 #   4. times the row kernels (LayerNorm, softmax) at ViT-B/16's shapes, each variant the launcher
 #      can pick, against PyTorch's in the same run (cuda_rows, torch_rows.py),
 #   5. trains vit-tiny on Fashion-MNIST for one epoch with `train_e2e --device cuda` (fit: one
@@ -101,15 +102,18 @@ for _, name, variant, us, gbps in lines:
 ' 2>&1)"
 echo "$rows_table"
 
-# images/s of one run, or "failed"; the run's own output goes to the log.
+# "images/s peak-MiB held-MiB" of one run (peak device memory in use, and held from the driver),
+# or "failed - -"; the run's own output goes to the log.
 ips() {
-  local out
+  local out i m
   if out="$(timeout 60 "$@" 2>&1)"; then
     echo "$out" >>"$build/gpu-runs.log"
-    echo "$out" | grep -E "^first_loss=|^host_waits_per_step=|matmul precision" | sed 's/^/     /' >&2
-    echo "$out" | sed -n 's/^images_per_second=//p' | tail -1
+    echo "$out" | grep -E "^first_loss=|^host_waits_per_step=|^peak_device_mib=|matmul precision" | sed 's/^/     /' >&2
+    i="$(echo "$out" | sed -n 's/^images_per_second=//p' | tail -1)"
+    m="$(echo "$out" | sed -n 's/^peak_device_mib=\([0-9.]*\) reserved_device_mib=\([0-9.]*\).*/\1 \2/p' | tail -1)"
+    echo "${i:-failed} ${m:-- -}"
   else
-    echo "$out" >>"$build/gpu-runs.log"; echo "$out" | tail -3 >&2; echo failed
+    echo "$out" >>"$build/gpu-runs.log"; echo "$out" | tail -3 >&2; echo "failed - -"
   fi
 }
 # The better of two images/s results, either of which may be empty or "failed".
@@ -122,7 +126,7 @@ ratio() { if [[ "$1" == failed || "$2" == failed || "$1" == - || "$2" == - || -z
   "$python" -c "print(f'{$1 / $2:.2f}')"; fi; }
 
 : >"$build/gpu-runs.log"
-declare -A H T M A
+declare -A H T M A MEM
 declare -A VARIANTS=(
   ["GEMMs autotuned (HATCH_CUDA_AUTOTUNE=1)"]="HATCH_CUDA_AUTOTUNE=1"
   ["without cuBLASLt: cublasSgemm, separate bias kernels (HATCH_CUDA_LT=0)"]="HATCH_CUDA_LT=0"
@@ -136,16 +140,22 @@ for prec in fp32 tf32; do
   echo "== ViT-B/16 training step, batch $batch, $prec"
   for ((round = 1; round <= rounds; ++round)); do  # alternate so that a change in the machine's state hits all three
     torch_args=("$here/torch_vit_step.py" --device cuda --preset vit-b16 --batch "$batch" --steps "$steps" --warmup 5 "${flag[@]}")
-    h="$(ips "$step_bin" --device cuda --preset vit-b16 --batch "$batch" --steps "$steps" --warmup 5 "${flag[@]}")"
-    t="$(ips "$python" "${torch_args[@]}")"
-    m="$(ips "$python" "${torch_args[@]}" --model timm)"
-    echo "   round $round: hatch $h, torch twin $t, timm $m images/s"
+    read -r h hp hr <<<"$(ips "$step_bin" --device cuda --preset vit-b16 --batch "$batch" --steps "$steps" --warmup 5 "${flag[@]}")"
+    read -r t tp tr <<<"$(ips "$python" "${torch_args[@]}")"
+    read -r m mp mr <<<"$(ips "$python" "${torch_args[@]}" --model timm)"
+    echo "   round $round: hatch $h, torch twin $t, timm $m images/s; peak device memory in use (held) MiB: hatch $hp ($hr), twin $tp ($tr), timm $mp ($mr)"
+    # peak memory: the same in every round (the last one's is kept)
+    MEM[$prec,hatch]="$hp ($hr)" MEM[$prec,twin]="$tp ($tr)" MEM[$prec,timm]="$mp ($mr)"
+    MEM[$prec,ratio]="$(ratio "$hp" "$tp")"
     # hatch with one speed-up turned off at a time (environment switches of backend/cuda.hpp;
     # autotuning, off by default, turned on), and with all of them off: what each is worth,
     # measured in the same run.
     for v in "${!VARIANTS[@]}"; do
-      r="$(env ${VARIANTS[$v]} "$step_bin" --device cuda --preset vit-b16 --batch "$batch" --steps "$steps" --warmup 5 "${flag[@]}" 2>/dev/null | sed -n 's/^images_per_second=//p')"
+      vout="$(env ${VARIANTS[$v]} timeout 60 "$step_bin" --device cuda --preset vit-b16 --batch "$batch" --steps "$steps" --warmup 5 "${flag[@]}" 2>/dev/null)"
+      r="$(echo "$vout" | sed -n 's/^images_per_second=//p')"
       A[$prec,$v]="$(better "${A[$prec,$v]:-}" "${r:-failed}")"
+      vp="$(echo "$vout" | sed -n 's/^peak_device_mib=\([0-9.]*\).*/\1/p')"
+      [[ $prec == fp32 && -n $vp ]] && MEM[variant,$v]="$vp"
     done
     # keep the better round of each (the first may pay for cuBLAS heuristics and clocks)
     H[$prec]="$(better "${H[$prec]:-}" "$h")"
@@ -176,6 +186,11 @@ table="$(cat <<EOT
 | ViT-B/16 step, batch $batch, fp32 | ${H[fp32]} | ${T[fp32]} | ${M[fp32]} | $(ratio "${H[fp32]}" "${T[fp32]}") | $(ratio "${H[fp32]}" "${M[fp32]}") |
 | ViT-B/16 step, batch $batch, TF32 | ${H[tf32]} | ${T[tf32]} | ${M[tf32]} | $(ratio "${H[tf32]}" "${T[tf32]}") | $(ratio "${H[tf32]}" "${M[tf32]}") |
 
+| ViT-B/16 step, batch $batch: peak device memory, MiB in use (held) | hatch | PyTorch twin | timm | hatch / twin (in use) |
+|---|---:|---:|---:|---:|
+| fp32 | ${MEM[fp32,hatch]:--} | ${MEM[fp32,twin]:--} | ${MEM[fp32,timm]:--} | ${MEM[fp32,ratio]:--} |
+| TF32 | ${MEM[tf32,hatch]:--} | ${MEM[tf32,twin]:--} | ${MEM[tf32,timm]:--} | ${MEM[tf32,ratio]:--} |
+
 CUDA tests: $tests_status. Total $((SECONDS - start)) s.
 
 | vit-tiny, 1 epoch of Fashion-MNIST (60,000 images, batch 128) | training s | test accuracy |
@@ -186,9 +201,9 @@ CUDA tests: $tests_status. Total $((SECONDS - start)) s.
 
 $rows_table
 
-| hatch, ViT-B/16 step, batch $batch | fp32 img/s | all on / this | TF32 img/s | all on / this |
-|---|---:|---:|---:|---:|
-$(for v in "${!VARIANTS[@]}"; do echo "| $v | ${A[fp32,$v]:--} | $(ratio "${H[fp32]}" "${A[fp32,$v]:-}") | ${A[tf32,$v]:--} | $(ratio "${H[tf32]}" "${A[tf32,$v]:-}") |"; done)
+| hatch, ViT-B/16 step, batch $batch | fp32 img/s | all on / this | TF32 img/s | all on / this | fp32 peak MiB in use |
+|---|---:|---:|---:|---:|---:|
+$(for v in "${!VARIANTS[@]}"; do echo "| $v | ${A[fp32,$v]:--} | $(ratio "${H[fp32]}" "${A[fp32,$v]:-}") | ${A[tf32,$v]:--} | $(ratio "${H[tf32]}" "${A[tf32,$v]:-}") | ${MEM[variant,$v]:--} |"; done)
 EOT
 )"
 echo; echo "$table"

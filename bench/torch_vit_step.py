@@ -196,6 +196,9 @@ def main(argv):
           f"(ln {a.classes} = {math.log(a.classes):.4f})")
     print(f"torch {torch.__version__} {a.preset} ({a.model}) batch={a.batch} {where}: "
           f"median {median * 1e3:.1f} ms/step (min {times[0] * 1e3:.1f})")
+    if dev.type == "cuda":  # the same two numbers as hatch's train_step prints (caching allocators both)
+        print(f"peak_device_mib={torch.cuda.max_memory_allocated() / 2**20:.1f} "
+              f"reserved_device_mib={torch.cuda.max_memory_reserved() / 2**20:.1f}")
     if getattr(a, "profile", False):
         from torch.profiler import ProfilerActivity, profile
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])

@@ -107,6 +107,13 @@ int time_train_step(const StepOptions& o) {
     std::printf("first_loss=%.4f last_loss=%.4f (ln %d = %.4f)\n", first_loss, last_loss, s.classes,
                 std::log(double(s.classes)));
     if (step_flops > 0) std::printf("gemm_gflop_per_step=%.3f\n", step_flops / 1e9);
+    if constexpr (requires { B::memory_stats(); }) {
+      // device memory since the start: the model, its optimizer state and the step's peak
+      // (torch_vit_step.py prints torch.cuda.max_memory_allocated / max_memory_reserved alike)
+      const auto m = B::memory_stats();
+      std::printf("peak_device_mib=%.1f reserved_device_mib=%.1f\n", double(m.peak_in_use) / (1 << 20),
+                  double(m.peak_reserved) / (1 << 20));
+    }
     std::printf("images_per_second=%.1f\n", o.batch / median);
     return 0;
   });

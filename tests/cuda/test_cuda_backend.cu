@@ -192,6 +192,50 @@ TEST_CASE("cuda: the caching allocator reuses blocks and releases them on reques
   CHECK(hatch::cuda_detail::DeviceCache::round_size((1u << 20) + 1) == (1u << 20) + (1u << 17));
 }
 
+TEST_CASE("cuda: memory statistics: in use, held from the driver, and their peaks") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  Cuda::synchronize();
+  Cuda::release_cache();
+  const std::size_t mib = std::size_t(1) << 20, size = 6 * mib;  // a size class of its own: 6 MiB exactly
+  const std::size_t rounded = hatch::cuda_detail::DeviceCache::round_size(size);
+  const Cuda::MemoryStats s0 = Cuda::memory_stats();
+  CHECK(s0.reserved == s0.in_use);  // nothing cached after release_cache
+  Cuda::reset_peak_memory();
+  CHECK(Cuda::memory_stats().peak_in_use == s0.in_use);
+  CHECK(Cuda::memory_stats().peak_reserved == s0.reserved);
+
+  float* a = Cuda::allocate(size / sizeof(float));
+  float* b = Cuda::allocate(size / sizeof(float));
+  const Cuda::MemoryStats s1 = Cuda::memory_stats();
+  CHECK(s1.in_use == s0.in_use + 2 * rounded);
+  CHECK(s1.reserved == s0.reserved + 2 * rounded);
+  CHECK(s1.peak_in_use == s1.in_use);
+  CHECK(s1.peak_reserved == s1.reserved);
+
+  Cuda::deallocate(a, size / sizeof(float));  // back to the cache: no longer in use, still held
+  const Cuda::MemoryStats s2 = Cuda::memory_stats();
+  CHECK(s2.in_use == s0.in_use + rounded);
+  CHECK(s2.reserved == s1.reserved);
+  CHECK(s2.peak_in_use == s1.peak_in_use);  // the peaks stay
+
+  float* c = Cuda::allocate(size / sizeof(float));  // the cached block again: reserved unchanged
+  CHECK(c == a);
+  CHECK(Cuda::memory_stats().reserved == s1.reserved);
+  CHECK(Cuda::memory_stats().in_use == s1.in_use);
+  Cuda::deallocate(c, size / sizeof(float));
+  Cuda::deallocate(b, size / sizeof(float));
+
+  Cuda::reset_peak_memory();  // the peaks start again from now
+  const Cuda::MemoryStats s3 = Cuda::memory_stats();
+  CHECK(s3.in_use == s0.in_use);
+  CHECK(s3.peak_in_use == s3.in_use);
+  CHECK(s3.peak_reserved == s1.reserved);  // both blocks are still held (cached)
+  Cuda::release_cache();
+  const Cuda::MemoryStats s4 = Cuda::memory_stats();
+  CHECK(s4.reserved == s0.reserved);
+  CHECK(s4.peak_reserved == s1.reserved);  // a peak is not lowered by giving memory back
+}
+
 // ---- GEMM -------------------------------------------------------------------------------------------
 namespace {
 void check_gemm(bool ta, bool tb, int m, int n, int k, float alpha, float beta, bool nan_c, double tol) {

@@ -178,6 +178,7 @@ class DeviceCache {
       it->second.pop_back();
       cached_bytes_ -= size;
       track(p, Block{device, size});
+      note_peaks();
       return p;
     }
     void* p = nullptr;
@@ -202,6 +203,7 @@ class DeviceCache {
       throw;
     }
     live_bytes_ += size;
+    note_peaks();
     return p;
   }
 
@@ -240,6 +242,21 @@ class DeviceCache {
     std::lock_guard<std::mutex> lock(mu_);
     return live_bytes_;
   }
+  // Bytes in blocks handed out (in use), held from the driver (in use or cached), and the
+  // largest of each since the start or the last reset_peaks(): PyTorch's memory_allocated,
+  // memory_reserved and their max_ forms, counted the same way (block sizes as rounded).
+  struct Stats {
+    std::size_t in_use = 0, reserved = 0, peak_in_use = 0, peak_reserved = 0;
+  };
+  Stats stats() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return {live_bytes_ - cached_bytes_, live_bytes_, peak_in_use_, peak_reserved_};
+  }
+  void reset_peaks() {
+    std::lock_guard<std::mutex> lock(mu_);
+    peak_in_use_ = live_bytes_ - cached_bytes_;
+    peak_reserved_ = live_bytes_;
+  }
 
  private:
   struct Block {
@@ -261,6 +278,10 @@ class DeviceCache {
     node.mapped() = b;
     live_.insert(std::move(node));
   }
+  void note_peaks() {  // after a block is handed out (the only time either count grows)
+    peak_in_use_ = std::max(peak_in_use_, live_bytes_ - cached_bytes_);
+    peak_reserved_ = std::max(peak_reserved_, live_bytes_);
+  }
   void release_locked() {
     int current = 0;
     HATCH_CUDA_CHECK(cudaGetDevice(&current));
@@ -281,6 +302,7 @@ class DeviceCache {
   std::vector<LiveMap::node_type> spare_nodes_;
   std::size_t live_bytes_ = 0;    // held from the driver, in use or cached
   std::size_t cached_bytes_ = 0;  // of which in the free lists
+  std::size_t peak_in_use_ = 0, peak_reserved_ = 0;
   std::atomic<std::int64_t> mallocs_{0};
 };
 
@@ -874,6 +896,12 @@ struct Cuda {
   // Frees every cached (unused) block back to the driver.
   static void release_cache() { cuda_detail::DeviceCache::instance().release(); }
   static std::size_t cached_bytes() { return cuda_detail::DeviceCache::instance().cached_bytes(); }
+  // Device memory through hatch's cache, over all devices: in use, held from the driver, and
+  // their peaks since the start or reset_peak_memory() (torch.cuda.max_memory_allocated and
+  // max_memory_reserved, which bench/gpu.sh prints beside these).
+  using MemoryStats = cuda_detail::DeviceCache::Stats;
+  static MemoryStats memory_stats() { return cuda_detail::DeviceCache::instance().stats(); }
+  static void reset_peak_memory() { cuda_detail::DeviceCache::instance().reset_peaks(); }
 
   static T* allocate(std::size_t n) {
     return static_cast<T*>(cuda_detail::DeviceCache::instance().allocate((n ? n : 1) * sizeof(T)));
