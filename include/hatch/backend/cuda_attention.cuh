@@ -78,6 +78,28 @@ __device__ __forceinline__ void store(T* p, const Vec<T, N>& v) {
   *reinterpret_cast<Vec<T, N>*>(p) = v;
 }
 
+// The (example, head) of this block (blockIdx.y = example * heads + head) and where its rows are:
+// in a qkv-like tensor (batch, n, 3, heads, D), rows `row` values apart, and in an out-like one
+// (batch, n, heads, D), rows `orow` apart.
+template <int D>
+struct Head {
+  int bh, b, h, n;
+  std::size_t row, orow;
+  __device__ Head(int n_, int heads)
+      : bh(int(blockIdx.y)), b(bh / heads), h(bh % heads), n(n_), row(std::size_t(3) * heads * D),
+        orow(std::size_t(heads) * D) {}
+  // this head's queries (row 0) in qkv; its keys and values follow at + heads D and + 2 heads D
+  template <class T>
+  __device__ T* in_qkv(T* qkv) const {
+    return qkv + std::size_t(b) * n * row + std::size_t(h) * D;
+  }
+  template <class T>
+  __device__ T* in_out(T* out) const {  // this head's row 0 in out
+    return out + std::size_t(b) * n * orow + std::size_t(h) * D;
+  }
+  __device__ std::size_t heads_d() const { return orow; }  // from a head's queries to its keys, keys to values
+};
+
 // grid (row_blocks(n, Tile), batch heads), kFwdThreads threads, forward_shared_bytes<T, D, Tile>() bytes
 template <class T, int D, int Tile>
 __global__ void forward(T* __restrict__ out, T* __restrict__ lse, const T* __restrict__ qkv, int n, int heads,
@@ -91,11 +113,12 @@ __global__ void forward(T* __restrict__ out, T* __restrict__ lse, const T* __res
   T* Vs = Kt + D * LK;                 // [BC][D]  values
   T* Pt = Vs + BC * D;                 // [BC][LQ] probabilities, transposed
   const int t = int(threadIdx.x), ty = t / 8, tx = t % 8;  // rows ty*RT + r, keys tx*4 + j, dims tx*DV + c
-  const int bh = int(blockIdx.y), b = bh / heads, h = bh % heads, q0 = int(blockIdx.x) * BR;
-  const std::size_t row = std::size_t(3) * heads * D;
-  const T* qb = qkv + std::size_t(b) * n * row + std::size_t(h) * D;
-  const T* kb = qb + std::size_t(heads) * D;
-  const T* vb = kb + std::size_t(heads) * D;
+  const int q0 = int(blockIdx.x) * BR;
+  const Head<D> head(n, heads);
+  const std::size_t row = head.row;
+  const T* qb = head.in_qkv(qkv);
+  const T* kb = qb + head.heads_d();
+  const T* vb = kb + head.heads_d();
   for (int e = t; e < BR * D; e += kFwdThreads) {
     const int i = e / D, d = e % D;
     Qt[d * LQ + i] = q0 + i < n ? qb[std::size_t(q0 + i) * row + d] : T(0);
@@ -160,9 +183,9 @@ __global__ void forward(T* __restrict__ out, T* __restrict__ lse, const T* __res
   for (int r = 0; r < RT; ++r) {
     const int i = q0 + ty * RT + r;
     if (i >= n) continue;
-    T* dst = out + (std::size_t(b) * n + i) * heads * D + std::size_t(h) * D + tx * DV;
+    T* dst = head.in_out(out) + std::size_t(i) * head.orow + tx * DV;
     for (int c = 0; c < DV; ++c) dst[c] = o[r][c] / l[r];
-    if (tx == 0) lse[std::size_t(bh) * n + i] = m[r] + hd::log(l[r]);
+    if (tx == 0) lse[std::size_t(head.bh) * n + i] = m[r] + hd::log(l[r]);
   }
 }
 
@@ -309,13 +332,14 @@ __global__ void backward_narrow(T* __restrict__ dqkv, T* __restrict__ dq_part, c
   QueryStep<T, D, BC> step(Vs + BC * LD);
   const int t = int(threadIdx.x), ty = t / 8, tx = t % 8;  // key ty; queries tx*4 + c; dims tx*DV + c
   const int qy = t / 16, qx = t % 16;                       // dQ: queries qy*2 + {0,1}, dims qx*DQ + c
-  const int bh = int(blockIdx.y), b = bh / heads, h = bh % heads, k0 = int(blockIdx.x) * BC;
-  const int bhs = int(gridDim.y);
-  const std::size_t row = std::size_t(3) * heads * D, orow = std::size_t(heads) * D;
-  const T* qb = qkv + std::size_t(b) * n * row + std::size_t(h) * D;
-  const T* kb = qb + std::size_t(heads) * D;
-  const T* vb = kb + std::size_t(heads) * D;
-  const T* ob = dout + std::size_t(b) * n * orow + std::size_t(h) * D;
+  const int k0 = int(blockIdx.x) * BC, bhs = int(gridDim.y);
+  const Head<D> head(n, heads);
+  const int bh = head.bh;
+  const std::size_t row = head.row, orow = head.orow;
+  const T* qb = head.in_qkv(qkv);
+  const T* kb = qb + head.heads_d();
+  const T* vb = kb + head.heads_d();
+  const T* ob = head.in_out(dout);
   for (int e = t; e < BC * D; e += kBwdThreads) {
     const int j = e / D, d = e % D;
     const bool in = k0 + j < n;
@@ -352,8 +376,7 @@ __global__ void backward_narrow(T* __restrict__ dqkv, T* __restrict__ dq_part, c
     write_dq_part<T, D, BC, DQ>(dq_part + (std::size_t(blockIdx.x) * bhs + bh) * n * D, step, Ks,
                                 n - k0 < BC ? n - k0 : BC, n, q0, qy * 2, qx * DQ);
   }
-  store_dk_dv<T, D, KT>(dqkv + std::size_t(b) * n * row + std::size_t(heads + h) * D, dk, dv, row, heads,
-                        k0 + ty * KT, n, tx * DV);
+  store_dk_dv<T, D, KT>(head.in_qkv(dqkv) + head.heads_d(), dk, dv, row, heads, k0 + ty * KT, n, tx * DV);
 }
 
 // Tile 64: grid (row_blocks(n, 64), batch heads), kBwdWideThreads threads,
@@ -374,13 +397,14 @@ __global__ void backward_wide(T* __restrict__ dqkv, T* __restrict__ dq_part, con
   QueryStep<T, D, BC> step(Ks + BC * LD);
   // keys ty*4 + r; queries tx*4 + c (scores); dims tx*DV + c (dK, dV, dQ); dQ rows ty*2 + r
   const int t = int(threadIdx.x), ty = t / 8, tx = t % 8;
-  const int bh = int(blockIdx.y), b = bh / heads, h = bh % heads, k0 = int(blockIdx.x) * BC;
-  const int bhs = int(gridDim.y);
-  const std::size_t row = std::size_t(3) * heads * D, orow = std::size_t(heads) * D;
-  const T* qb = qkv + std::size_t(b) * n * row + std::size_t(h) * D;
-  const T* kb = qb + std::size_t(heads) * D;
-  const T* vb = kb + std::size_t(heads) * D;
-  const T* ob = dout + std::size_t(b) * n * orow + std::size_t(h) * D;
+  const int k0 = int(blockIdx.x) * BC, bhs = int(gridDim.y);
+  const Head<D> head(n, heads);
+  const int bh = head.bh;
+  const std::size_t row = head.row, orow = head.orow;
+  const T* qb = head.in_qkv(qkv);
+  const T* kb = qb + head.heads_d();
+  const T* vb = kb + head.heads_d();
+  const T* ob = head.in_out(dout);
   for (int e = t; e < BC * D; e += kBwdWideThreads) {
     const int j = e / D, d = e % D;
     const bool in = k0 + j < n;
@@ -421,8 +445,7 @@ __global__ void backward_wide(T* __restrict__ dqkv, T* __restrict__ dq_part, con
     write_dq_part<T, D, BC, DV>(dq_part + (std::size_t(blockIdx.x) * bhs + bh) * n * D, step, Ks,
                                 n - k0 < BC ? n - k0 : BC, n, q0, ty * 2, tx * DV);
   }
-  store_dk_dv<T, D, 4>(dqkv + std::size_t(b) * n * row + std::size_t(heads + h) * D, dk, dv, row, heads, k0 + ty * 4,
-                       n, tx * DV);
+  store_dk_dv<T, D, 4>(head.in_qkv(dqkv) + head.heads_d(), dk, dv, row, heads, k0 + ty * 4, n, tx * DV);
 }
 
 // The backward kernel of each tile, its block size and shared memory: what a launcher needs.
