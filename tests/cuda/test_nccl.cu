@@ -6,13 +6,15 @@
 //     (the staging vector stays empty) and the host path with the plain MPI collective;
 //   - data-parallel fit on Cuda (2 ranks or more): every gradient all-reduce reaches NCCL in device memory (none
 //     goes through a host float all-reduce), and the weights equal those of the same fit whose
-//     gradients are staged through host memory and MPI, to float tolerance.
+//     gradients are staged through host memory and MPI, to float tolerance;
+//   - two ranks of one machine given the same GPU: every rank throws (2 ranks or more).
 #include <hatch/cuda.hpp>
 #include <hatch/distributed/nccl.hpp>
 
 #include <cmath>
 #include <cstdio>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "../learnable_set.hpp"
@@ -162,6 +164,20 @@ void data_parallel_fit(const std::shared_ptr<Collective>& nccl, const std::share
               worst);
   NCCL_TEST_CHECK(on_device.size() == staged.size() && mean < 1e-6 && worst < 1e-4, "weights differ");
 }
+// Two ranks of one machine on the same GPU: NCCL refuses the communicator ("Duplicate GPU
+// detected"), and every rank throws, naming the call, instead of one rank hanging.
+void duplicate_device_refused(const std::shared_ptr<Collective>& host, int device) {
+  if (host->size() < 2) return;
+  std::string what;
+  try {
+    NcclCollective same(host, NcclOptions{.device = 0});
+  } catch (const Error& e) {
+    what = e.what();
+  }
+  HATCH_CUDA_CHECK(cudaSetDevice(device));
+  NCCL_TEST_CHECK(what.find("ncclCommInitRank") != std::string::npos || what.find("could not set up NCCL") != std::string::npos,
+                  "every rank on device 0: %s", what.empty() ? "no error" : what.c_str());
+}
 }  // namespace
 
 // Runs the tests on this rank's GPU (`device`); returns the number of failed checks.
@@ -174,5 +190,6 @@ int run_nccl_tests(std::shared_ptr<hatch::Collective> host, int device) {
   device_broadcast(*nccl);
   backend_helpers(*nccl, *host);
   data_parallel_fit(nccl, host);
+  duplicate_device_refused(host, device);
   return g_failures;
 }
