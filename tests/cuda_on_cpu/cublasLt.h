@@ -172,7 +172,7 @@ inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t d,
                                      cublasLtMatrixLayout_t al, const void* b, cublasLtMatrixLayout_t bl,
                                      const void* beta, const void* c, cublasLtMatrixLayout_t cl, void* dout,
                                      cublasLtMatrixLayout_t dl, const cublasLtMatmulAlgo_t* algo, void* workspace,
-                                     std::size_t workspace_bytes, cudaStream_t) {
+                                     std::size_t workspace_bytes, cudaStream_t stream) {
   if (!h || !algo || !hatch_cuda_on_cpu::shapes_agree(d, al, bl, cl, dl)) return CUBLAS_STATUS_INVALID_VALUE;
   if (c != dout || cl->ld != dl->ld) return CUBLAS_STATUS_NOT_SUPPORTED;
   if (workspace_bytes && !hatch_cuda_on_cpu::on_device(workspace, workspace_bytes)) return CUBLAS_STATUS_INVALID_VALUE;
@@ -183,23 +183,31 @@ inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t d,
   const bool ta = d->ta == CUBLAS_OP_T, tb = d->tb == CUBLAS_OP_T;
   const float al_v = *static_cast<const float*>(alpha), be_v = *static_cast<const float*>(beta);
   auto* out = static_cast<float*>(dout);
+  const auto* fa = static_cast<const float*>(a);
   const auto* fb = static_cast<const float*>(b);
-  hatch_cuda_on_cpu::DeviceAccess open{a, b, dout, d->bias};  // the epilogue is device work too
-  hatch_cuda_on_cpu::sgemm(ta, tb, m, n, k, al_v, static_cast<const float*>(a), int(al->ld), fb, int(bl->ld), be_v,
-                           out, int(dl->ld), d->compute == CUBLAS_COMPUTE_32F_FAST_TF32);
-  if (d->epilogue == CUBLASLT_EPILOGUE_BIAS) {
-    const auto* bias = static_cast<const float*>(d->bias);
-    hatch_cuda_on_cpu::require_device(bias, std::size_t(m) * sizeof(float), "cublasLtMatmul: the bias vector");
-    for (int j = 0; j < n; ++j)
-      for (int i = 0; i < m; ++i) out[std::size_t(j) * dl->ld + i] += bias[i];
-  } else if (d->epilogue == CUBLASLT_EPILOGUE_BGRADB) {
-    auto* grad = static_cast<float*>(d->bias);
-    hatch_cuda_on_cpu::require_device(grad, std::size_t(n) * sizeof(float), "cublasLtMatmul: the bias-gradient vector");
-    for (int j = 0; j < n; ++j) {
-      float s = 0.f;
-      for (int p = 0; p < k; ++p) s += tb ? fb[std::size_t(p) * bl->ld + j] : fb[std::size_t(j) * bl->ld + p];
-      grad[j] = s;
+  const int lda = int(al->ld), ldb = int(bl->ld), ldd = int(dl->ld);
+  const bool tf32 = d->compute == CUBLAS_COMPUTE_32F_FAST_TF32;
+  const cublasLtEpilogue_t epi = d->epilogue;
+  auto* vec = static_cast<float*>(d->bias);
+  hatch_cuda_on_cpu::check_sgemm(ta, tb, m, n, k, fa, lda, fb, ldb, out, ldd);
+  if (epi == CUBLASLT_EPILOGUE_BIAS)
+    hatch_cuda_on_cpu::require_device(vec, std::size_t(m) * sizeof(float), "cublasLtMatmul: the bias vector");
+  else if (epi == CUBLASLT_EPILOGUE_BGRADB)
+    hatch_cuda_on_cpu::require_device(vec, std::size_t(n) * sizeof(float), "cublasLtMatmul: the bias-gradient vector");
+  // (the descriptor's state is taken now, as the library reads it at the call)
+  hatch_cuda_on_cpu::issue(stream, [=] {
+    hatch_cuda_on_cpu::DeviceAccess open{fa, fb, out, vec};  // the epilogue is device work too
+    hatch_cuda_on_cpu::sgemm(ta, tb, m, n, k, al_v, fa, lda, fb, ldb, be_v, out, ldd, tf32);
+    if (epi == CUBLASLT_EPILOGUE_BIAS) {
+      for (int j = 0; j < n; ++j)
+        for (int i = 0; i < m; ++i) out[std::size_t(j) * ldd + i] += vec[i];
+    } else if (epi == CUBLASLT_EPILOGUE_BGRADB) {
+      for (int j = 0; j < n; ++j) {
+        float s = 0.f;
+        for (int p = 0; p < k; ++p) s += tb ? fb[std::size_t(p) * ldb + j] : fb[std::size_t(j) * ldb + p];
+        vec[j] = s;
+      }
     }
-  }
+  });
   return CUBLAS_STATUS_SUCCESS;
 }

@@ -1,6 +1,8 @@
 #pragma once
 // cuBLAS on the host (tests/cuda_on_cpu/cuda_on_cpu.hpp): the handle calls and the single-precision
-// GEMMs the Cuda backend makes, with cuBLAS's argument rules.
+// GEMMs the Cuda backend makes, with cuBLAS's argument rules. A GEMM is device work on the
+// handle's stream: its arguments are checked, and alpha and beta read, when it is issued; it runs
+// when the host waits for it.
 #include "cuda_on_cpu.hpp"
 
 enum cublasStatus_t {
@@ -89,8 +91,11 @@ inline cublasStatus_t cublasSgemm(cublasHandle_t h, cublasOperation_t ta, cublas
                                   const float* beta, float* c, int ldc) {
   if (auto s = hatch_cuda_on_cpu::check_gemm(h, ta, tb, m, n, k, lda, ldb, ldc); s != CUBLAS_STATUS_SUCCESS) return s;
   if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
-  hatch_cuda_on_cpu::sgemm(ta == CUBLAS_OP_T, tb == CUBLAS_OP_T, m, n, k, *alpha, a, lda, b, ldb, *beta, c, ldc,
-                           h->math == CUBLAS_TF32_TENSOR_OP_MATH);
+  const bool t_a = ta == CUBLAS_OP_T, t_b = tb == CUBLAS_OP_T, tf32 = h->math == CUBLAS_TF32_TENSOR_OP_MATH;
+  hatch_cuda_on_cpu::check_sgemm(t_a, t_b, m, n, k, a, lda, b, ldb, c, ldc);
+  hatch_cuda_on_cpu::issue(h->stream, [=, al = *alpha, be = *beta] {
+    hatch_cuda_on_cpu::sgemm(t_a, t_b, m, n, k, al, a, lda, b, ldb, be, c, ldc, tf32);
+  });
   return CUBLAS_STATUS_SUCCESS;
 }
 inline cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m,
@@ -100,9 +105,13 @@ inline cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t h, cublasOperatio
   if (auto s = hatch_cuda_on_cpu::check_gemm(h, ta, tb, m, n, k, lda, ldb, ldc); s != CUBLAS_STATUS_SUCCESS) return s;
   if (count < 0) return CUBLAS_STATUS_INVALID_VALUE;
   if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
+  const bool t_a = ta == CUBLAS_OP_T, t_b = tb == CUBLAS_OP_T, tf32 = h->math == CUBLAS_TF32_TENSOR_OP_MATH;
   for (int i = 0; i < count; ++i)
-    hatch_cuda_on_cpu::sgemm(ta == CUBLAS_OP_T, tb == CUBLAS_OP_T, m, n, k, *alpha, a + i * sa, lda, b + i * sb, ldb,
-                             *beta, c + i * sc, ldc, h->math == CUBLAS_TF32_TENSOR_OP_MATH);
+    hatch_cuda_on_cpu::check_sgemm(t_a, t_b, m, n, k, a + i * sa, lda, b + i * sb, ldb, c + i * sc, ldc);
+  hatch_cuda_on_cpu::issue(h->stream, [=, al = *alpha, be = *beta] {
+    for (int i = 0; i < count; ++i)
+      hatch_cuda_on_cpu::sgemm(t_a, t_b, m, n, k, al, a + i * sa, lda, b + i * sb, ldb, be, c + i * sc, ldc, tf32);
+  });
   return CUBLAS_STATUS_SUCCESS;
 }
 // The pointer arrays live in device memory, as cuBLAS requires.
@@ -116,9 +125,13 @@ inline cublasStatus_t cublasSgemmBatched(cublasHandle_t h, cublasOperation_t ta,
   hatch_cuda_on_cpu::require_device(a, count * sizeof(float*), "cublasSgemmBatched: the A pointer array");
   hatch_cuda_on_cpu::require_device(b, count * sizeof(float*), "cublasSgemmBatched: the B pointer array");
   hatch_cuda_on_cpu::require_device(c, count * sizeof(float*), "cublasSgemmBatched: the C pointer array");
-  hatch_cuda_on_cpu::DeviceAccess open{a, b, c};  // the pointer arrays are device memory
-  for (int i = 0; i < count; ++i)
-    hatch_cuda_on_cpu::sgemm(ta == CUBLAS_OP_T, tb == CUBLAS_OP_T, m, n, k, *alpha, a[i], lda, b[i], ldb, *beta, c[i],
-                             ldc, h->math == CUBLAS_TF32_TENSOR_OP_MATH);
+  const bool t_a = ta == CUBLAS_OP_T, t_b = tb == CUBLAS_OP_T, tf32 = h->math == CUBLAS_TF32_TENSOR_OP_MATH;
+  // The pointers are read (and each GEMM's operands checked) when the GEMMs run: a kernel queued
+  // before may be what writes them.
+  hatch_cuda_on_cpu::issue(h->stream, [=, al = *alpha, be = *beta] {
+    hatch_cuda_on_cpu::DeviceAccess open{a, b, c};  // the pointer arrays are device memory
+    for (int i = 0; i < count; ++i)
+      hatch_cuda_on_cpu::sgemm(t_a, t_b, m, n, k, al, a[i], lda, b[i], ldb, be, c[i], ldc, tf32);
+  });
   return CUBLAS_STATUS_SUCCESS;
 }

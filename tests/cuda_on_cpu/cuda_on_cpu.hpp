@@ -19,9 +19,19 @@
 // AddressSanitizer build, blocks come from the heap at their exact sizes instead.) TF32 is
 // emulated by rounding GEMM inputs to 10 mantissa bits.
 //
-// What it cannot show: speed, concurrency between streams or between blocks (everything runs
-// in issue order, at once, so a missing synchronisation goes unnoticed), the device's memory
-// model, out-of-bounds accesses inside kernels beyond what AddressSanitizer sees.
+// Device work is asynchronous, as on a GPU: kernels, asynchronous copies and memsets, GEMMs and
+// event records are queued when issued and run, in issue order, only when the host waits for
+// them (a stream, event or device synchronisation, a stream query, a synchronous copy, cudaFree,
+// a value returned to the host). So host code that reads what device work writes without
+// waiting for it reads it too early: a copy into pinned host memory leaves NaN bytes (0xff) there
+// until it runs, and a copy from pinned memory reads its source when it runs, not when it was
+// issued (overwriting the source too early uploads the new contents). HATCH_CUDA_ON_CPU_IMMEDIATE=1
+// runs each piece of work when it is issued instead (a fault inside a kernel then stops at the
+// launching call, which a debugger shows).
+//
+// What it cannot show: speed, concurrency between streams or between blocks (queued work runs in
+// issue order across streams, so a missing wait between two streams goes unnoticed), the device's
+// memory model, out-of-bounds accesses inside kernels beyond what AddressSanitizer sees.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -33,10 +43,14 @@
 #include <map>
 #include <csignal>
 #include <cstdio>
+#include <deque>
+#include <functional>
+#include <memory>
 #include <mutex>
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -80,8 +94,13 @@ struct CUstream_st {
   bool non_blocking = false;
 };
 struct CUevent_st {
-  bool timing = true, recorded = false;
-  std::chrono::steady_clock::time_point at{};
+  struct State {  // shared with the queued record, which may run after the event is destroyed
+    std::uint64_t seq = 0;  // the record's place in the device's queue (0: nothing to wait for)
+    bool recorded = false, ran = false;
+    std::chrono::steady_clock::time_point at{};
+  };
+  bool timing = true;
+  std::shared_ptr<State> state = std::make_shared<State>();
 };
 using cudaStream_t = CUstream_st*;
 using cudaEvent_t = CUevent_st*;
@@ -294,6 +313,66 @@ inline cudaError_t fail(cudaError_t e) {
   return e;
 }
 
+// ---- the device's queue ------------------------------------------------------------------------------
+// Work issued on any stream, waiting to run; it runs in issue order (which keeps every ordering a
+// program can ask for between streams, and no more).
+struct Queue {
+  std::recursive_mutex mu;
+  struct Work {
+    std::uint64_t seq;
+    std::function<void()> run;
+  };
+  std::deque<Work> pending;
+  std::uint64_t issued = 0, done = 0;
+  std::map<const void*, std::uint64_t> last;  // stream -> its last work's number
+};
+inline Queue& queue() {
+  static auto* q = new Queue;
+  return *q;
+}
+inline bool run_at_issue() {  // read at every issue, so that a test can switch it
+  const char* v = std::getenv("HATCH_CUDA_ON_CPU_IMMEDIATE");
+  return v && *v && *v != '0';
+}
+// Issues device work on stream s; returns its number in the queue.
+template <class F>
+std::uint64_t issue(cudaStream_t s, F&& f) {
+  Queue& q = queue();
+  std::lock_guard<std::recursive_mutex> lock(q.mu);
+  const std::uint64_t seq = ++q.issued;
+  q.last[s] = seq;
+  if (run_at_issue() && q.pending.empty()) {
+    q.done = seq;
+    f();
+  } else {
+    q.pending.push_back({seq, std::function<void()>(std::forward<F>(f))});
+  }
+  return seq;
+}
+// Runs the queued work up to number seq (the host waits for it).
+inline void run_until(std::uint64_t seq) {
+  Queue& q = queue();
+  std::lock_guard<std::recursive_mutex> lock(q.mu);
+  while (!q.pending.empty() && q.pending.front().seq <= seq) {
+    Queue::Work w = std::move(q.pending.front());
+    q.pending.pop_front();
+    q.done = w.seq;
+    w.run();
+  }
+}
+inline void run_all() { run_until(~std::uint64_t(0)); }
+inline std::uint64_t last_of(cudaStream_t s) {
+  Queue& q = queue();
+  std::lock_guard<std::recursive_mutex> lock(q.mu);
+  const auto it = q.last.find(s);
+  return it == q.last.end() ? 0 : it->second;
+}
+inline bool ran(std::uint64_t seq) {
+  Queue& q = queue();
+  std::lock_guard<std::recursive_mutex> lock(q.mu);
+  return q.done >= seq;
+}
+
 // [p, p + bytes) inside one live device allocation?
 inline bool on_device(const void* p, std::size_t bytes) {
   std::lock_guard<std::mutex> lock(state().mu);
@@ -312,7 +391,7 @@ inline void require_device(const void* p, std::size_t bytes, const char* what) {
 }
 
 template <class Kernel, class... Args>
-cudaError_t launch(Kernel kernel, dim3 grid, dim3 block, std::size_t shared, cudaStream_t, Args&&... args) {
+cudaError_t launch(Kernel kernel, dim3 grid, dim3 block, std::size_t shared, cudaStream_t stream, Args&&... args) {
   const unsigned long long threads = 1ull * block.x * block.y * block.z;
   if (threads == 0 || threads > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64 || grid.x == 0 ||
       grid.y == 0 || grid.z == 0 || grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535)
@@ -324,9 +403,15 @@ cudaError_t launch(Kernel kernel, dim3 grid, dim3 block, std::size_t shared, cud
     if (it != state().shared_limit.end()) limit = it->second;
   }
   if (shared > limit) return fail(cudaErrorInvalidValue);
-  DeviceAccess open;  // what the kernel's arguments point to (memory reached through others faults)
-  (open.add_argument(args), ...);
-  hatch_emulation::launch(kernel, grid, block, shared, std::forward<Args>(args)...);
+  issue(stream, [kernel, grid, block, shared, as = std::make_tuple(std::decay_t<Args>(args)...)] {
+    std::apply(
+        [&](const auto&... a) {
+          DeviceAccess open;  // what the kernel's arguments point to (memory reached through others faults)
+          (open.add_argument(a), ...);
+          hatch_emulation::launch(kernel, grid, block, shared, a...);
+        },
+        as);
+  });
   return cudaSuccess;
 }
 
@@ -338,8 +423,10 @@ inline float tf32(float v) {
   return v;
 }
 // Column-major C (m x n, ldc) = alpha op(A) op(B) + beta C; C is not read when beta == 0.
-inline void sgemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
-                  int ldb, float beta, float* c, int ldc, bool round_tf32) {
+// Each operand inside one device allocation (checked when a GEMM is issued, and for pointer-array
+// GEMMs, whose pointers the device reads, when it runs).
+inline void check_sgemm(bool ta, bool tb, int m, int n, int k, const float* a, int lda, const float* b, int ldb,
+                        const float* c, int ldc) {
   const std::size_t ea = ta ? std::size_t(lda) * (m - 1) + k : std::size_t(lda) * (k - 1) + m;
   const std::size_t eb = tb ? std::size_t(ldb) * (k - 1) + n : std::size_t(ldb) * (n - 1) + k;
   if (k > 0) {
@@ -347,6 +434,10 @@ inline void sgemm(bool ta, bool tb, int m, int n, int k, float alpha, const floa
     require_device(b, eb * sizeof(float), "GEMM operand B");
   }
   require_device(c, (std::size_t(ldc) * (n - 1) + m) * sizeof(float), "GEMM operand C");
+}
+inline void sgemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
+                  int ldb, float beta, float* c, int ldc, bool round_tf32) {
+  check_sgemm(ta, tb, m, n, k, a, lda, b, ldb, c, ldc);
   DeviceAccess open{a, b, c};
   auto in = [&](float v) { return round_tf32 ? tf32(v) : v; };
   for (int j = 0; j < n; ++j)
@@ -422,7 +513,10 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int d) {
   else return hatch_cuda_on_cpu::fail(cudaErrorInvalidValue);
   return cudaSuccess;
 }
-inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+inline cudaError_t cudaDeviceSynchronize() {
+  hatch_cuda_on_cpu::run_all();
+  return cudaSuccess;
+}
 
 inline cudaError_t cudaMalloc(void** p, std::size_t bytes) {
   auto& s = hatch_cuda_on_cpu::state();
@@ -444,6 +538,7 @@ cudaError_t cudaMalloc(T** p, std::size_t bytes) {
 }
 inline cudaError_t cudaFree(void* p) {
   if (!p) return cudaSuccess;
+  hatch_cuda_on_cpu::run_all();  // cudaFree waits for the device
   auto& s = hatch_cuda_on_cpu::state();
   std::lock_guard<std::mutex> lock(s.mu);
   auto it = s.device.find(reinterpret_cast<std::uintptr_t>(p));
@@ -467,6 +562,7 @@ cudaError_t cudaMallocHost(T** p, std::size_t bytes) {
 }
 inline cudaError_t cudaFreeHost(void* p) {
   if (!p) return cudaSuccess;
+  hatch_cuda_on_cpu::run_all();  // as cudaFree
   auto& s = hatch_cuda_on_cpu::state();
   std::lock_guard<std::mutex> lock(s.mu);
   auto it = s.pinned.find(reinterpret_cast<std::uintptr_t>(p));
@@ -476,34 +572,84 @@ inline cudaError_t cudaFreeHost(void* p) {
   return cudaSuccess;
 }
 
-inline cudaError_t cudaMemcpy(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind kind) {
-  using hatch_cuda_on_cpu::on_device;
-  if (bytes == 0) return cudaSuccess;
-  const bool dst_dev = on_device(dst, bytes), src_dev = on_device(src, bytes);
+namespace hatch_cuda_on_cpu {
+// Where a copy's two ends are (device memory, or host memory: pinned or pageable), checked against
+// its kind; cudaErrorInvalidValue when a host end is device memory, an illegal address when a
+// device end is not.
+struct CopyEnds {
+  bool dst_device, src_device, dst_pinned, src_pinned;
+};
+inline cudaError_t copy_ends(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind kind, const char* call,
+                             CopyEnds& e) {
+  e.dst_device = on_device(dst, bytes);
+  e.src_device = on_device(src, bytes);
+  {
+    std::lock_guard<std::mutex> lock(state().mu);
+    e.dst_pinned = allocation_of(state().pinned, dst) != state().pinned.end();
+    e.src_pinned = allocation_of(state().pinned, src) != state().pinned.end();
+  }
+  if (kind == cudaMemcpyDefault) return cudaSuccess;
   const bool want_dst = kind == cudaMemcpyHostToDevice || kind == cudaMemcpyDeviceToDevice;
   const bool want_src = kind == cudaMemcpyDeviceToHost || kind == cudaMemcpyDeviceToDevice;
-  if (kind != cudaMemcpyDefault) {
-    if (want_dst && !dst_dev) hatch_cuda_on_cpu::illegal("cudaMemcpy: the destination is not device memory of that size");
-    if (want_src && !src_dev) hatch_cuda_on_cpu::illegal("cudaMemcpy: the source is not device memory of that size");
-    if (!want_dst && dst_dev) return hatch_cuda_on_cpu::fail(cudaErrorInvalidValue);
-    if (!want_src && src_dev) return hatch_cuda_on_cpu::fail(cudaErrorInvalidValue);
-  }
-  hatch_cuda_on_cpu::DeviceAccess open{dst, src};
-  std::memmove(dst, src, bytes);
+  if (want_dst && !e.dst_device) illegal(std::string(call) + ": the destination is not device memory of that size");
+  if (want_src && !e.src_device) illegal(std::string(call) + ": the source is not device memory of that size");
+  if (!want_dst && e.dst_device) return fail(cudaErrorInvalidValue);
+  if (!want_src && e.src_device) return fail(cudaErrorInvalidValue);
   return cudaSuccess;
 }
+inline void copy_now(void* dst, const void* src, std::size_t bytes) {
+  DeviceAccess open{dst, src};
+  std::memmove(dst, src, bytes);
+}
+}  // namespace hatch_cuda_on_cpu
+
+// Waits for all device work, then copies.
+inline cudaError_t cudaMemcpy(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind kind) {
+  if (bytes == 0) return cudaSuccess;
+  hatch_cuda_on_cpu::CopyEnds e;
+  if (const cudaError_t r = hatch_cuda_on_cpu::copy_ends(dst, src, bytes, kind, "cudaMemcpy", e); r != cudaSuccess)
+    return r;
+  hatch_cuda_on_cpu::run_all();
+  hatch_cuda_on_cpu::copy_now(dst, src, bytes);
+  return cudaSuccess;
+}
+// As CUDA does: from pageable host memory the source is taken when the call is made; into
+// pageable host memory the call returns when the copy is done (after the stream's earlier work);
+// copies between device and pinned memory, and within the device, run when the stream gets to
+// them, and a pinned destination holds 0xff bytes (NaN) until then.
 inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind kind,
-                                   cudaStream_t = nullptr) {
-  return cudaMemcpy(dst, src, bytes, kind);
+                                   cudaStream_t stream = nullptr) {
+  namespace c = hatch_cuda_on_cpu;
+  if (bytes == 0) return cudaSuccess;
+  c::CopyEnds e;
+  if (const cudaError_t r = c::copy_ends(dst, src, bytes, kind, "cudaMemcpyAsync", e); r != cudaSuccess) return r;
+  if (!e.dst_device && !e.dst_pinned) {  // into pageable memory: synchronous
+    c::run_until(c::last_of(stream));
+    c::copy_now(dst, src, bytes);
+  } else if (!e.src_device && !e.src_pinned) {  // from pageable memory: the source as it is now
+    auto taken = std::make_shared<std::vector<unsigned char>>(static_cast<const unsigned char*>(src),
+                                                              static_cast<const unsigned char*>(src) + bytes);
+    c::issue(stream, [dst, taken] { c::copy_now(dst, taken->data(), taken->size()); });
+  } else {
+    if (e.dst_pinned) std::memset(dst, 0xff, bytes);  // not there yet
+    c::issue(stream, [dst, src, bytes] { c::copy_now(dst, src, bytes); });
+  }
+  return cudaSuccess;
 }
 inline cudaError_t cudaMemset(void* p, int v, std::size_t bytes) {
   hatch_cuda_on_cpu::require_device(p, bytes, "cudaMemset");
+  hatch_cuda_on_cpu::run_all();
   hatch_cuda_on_cpu::DeviceAccess open{p};
   std::memset(p, v, bytes);
   return cudaSuccess;
 }
-inline cudaError_t cudaMemsetAsync(void* p, int v, std::size_t bytes, cudaStream_t = nullptr) {
-  return cudaMemset(p, v, bytes);
+inline cudaError_t cudaMemsetAsync(void* p, int v, std::size_t bytes, cudaStream_t stream = nullptr) {
+  hatch_cuda_on_cpu::require_device(p, bytes, "cudaMemsetAsync");
+  hatch_cuda_on_cpu::issue(stream, [p, v, bytes] {
+    hatch_cuda_on_cpu::DeviceAccess open{p};
+    std::memset(p, v, bytes);
+  });
+  return cudaSuccess;
 }
 
 inline cudaError_t cudaStreamCreate(cudaStream_t* s) {
@@ -518,9 +664,17 @@ inline cudaError_t cudaStreamDestroy(cudaStream_t s) {
   delete s;
   return cudaSuccess;
 }
-inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
-// Work is done when it is issued: every stream is always idle.
-inline cudaError_t cudaStreamQuery(cudaStream_t) { return cudaSuccess; }
+inline cudaError_t cudaStreamSynchronize(cudaStream_t s) {
+  hatch_cuda_on_cpu::run_until(hatch_cuda_on_cpu::last_of(s));
+  return cudaSuccess;
+}
+// Not ready while the stream has queued work (which then runs: the next query finds it done).
+inline cudaError_t cudaStreamQuery(cudaStream_t s) {
+  const std::uint64_t last = hatch_cuda_on_cpu::last_of(s);
+  if (hatch_cuda_on_cpu::ran(last)) return cudaSuccess;
+  hatch_cuda_on_cpu::run_until(last);
+  return cudaErrorNotReady;
+}
 inline cudaError_t cudaEventCreate(cudaEvent_t* e) {
   *e = new CUevent_st;
   return cudaSuccess;
@@ -534,19 +688,33 @@ inline cudaError_t cudaEventDestroy(cudaEvent_t e) {
   delete e;
   return cudaSuccess;
 }
-inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t = nullptr) {
+inline cudaError_t cudaEventRecord(cudaEvent_t e, cudaStream_t stream = nullptr) {
   if (!e) return hatch_cuda_on_cpu::fail(cudaErrorInvalidResourceHandle);
-  e->recorded = true;
-  e->at = std::chrono::steady_clock::now();
+  auto st = e->state;
+  st->recorded = true;
+  st->ran = false;
+  st->seq = hatch_cuda_on_cpu::issue(stream, [st] {
+    st->at = std::chrono::steady_clock::now();
+    st->ran = true;
+  });
   return cudaSuccess;
 }
 inline cudaError_t cudaEventSynchronize(cudaEvent_t e) {
-  return e ? cudaSuccess : hatch_cuda_on_cpu::fail(cudaErrorInvalidResourceHandle);
+  if (!e) return hatch_cuda_on_cpu::fail(cudaErrorInvalidResourceHandle);
+  hatch_cuda_on_cpu::run_until(e->state->seq);
+  return cudaSuccess;
+}
+inline cudaError_t cudaEventQuery(cudaEvent_t e) {
+  if (!e) return hatch_cuda_on_cpu::fail(cudaErrorInvalidResourceHandle);
+  if (hatch_cuda_on_cpu::ran(e->state->seq)) return cudaSuccess;
+  hatch_cuda_on_cpu::run_until(e->state->seq);
+  return cudaErrorNotReady;
 }
 inline cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t a, cudaEvent_t b) {
-  if (!a || !b || !a->timing || !b->timing || !a->recorded || !b->recorded)
+  if (!a || !b || !a->timing || !b->timing || !a->state->recorded || !b->state->recorded)
     return hatch_cuda_on_cpu::fail(cudaErrorInvalidResourceHandle);
-  *ms = std::chrono::duration<float, std::milli>(b->at - a->at).count();
+  if (!a->state->ran || !b->state->ran) return hatch_cuda_on_cpu::fail(cudaErrorNotReady);
+  *ms = std::chrono::duration<float, std::milli>(b->state->at - a->state->at).count();
   return cudaSuccess;
 }
 

@@ -5,6 +5,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <optional>
@@ -96,7 +97,11 @@ TEST_CASE("cuda_on_cpu: launch limits, barriers no thread can pass, copies, GEMM
         std::string::npos);
   CHECK(error_of([&] { HATCH_CUDA_LAUNCH(divergent_barriers, dim3(1, 65536), 32, out); })
             .find("cudaErrorInvalidConfiguration") != std::string::npos);
-  CHECK(error_of([&] { HATCH_CUDA_LAUNCH(divergent_barriers, 1, 32, out); }).find("deadlock") != std::string::npos);
+  // (a kernel runs when the host waits for it: the deadlock shows at the wait, as a GPU would hang there)
+  CHECK(error_of([&] {
+          HATCH_CUDA_LAUNCH(divergent_barriers, 1, 32, out);
+          Cuda::synchronize();
+        }).find("deadlock") != std::string::npos);
 
   std::vector<float> host(2048, 1.f);
   // a copy "to the device" whose destination is host memory, and one that runs past its block
@@ -215,4 +220,65 @@ TEST_CASE("cuda_on_cpu: out of device memory, the caching allocator gives its ca
         std::string::npos);
   Cuda::deallocate(b, 0);
   Cuda::release_cache();
+}
+
+// Device work runs when the host waits for it, as on a GPU, so reading its results too early shows.
+TEST_CASE("cuda_on_cpu: device work runs when the host waits for it; pinned copies read and write when they run") {
+  if (hatch_cuda_on_cpu::run_at_issue()) {
+    MESSAGE("HATCH_CUDA_ON_CPU_IMMEDIATE is set: device work runs when issued, nothing to check here");
+    return;
+  }
+  Cuda::synchronize();
+  float* d = Cuda::allocate(256);
+  float* pinned = Cuda::allocate_pinned(256);
+  std::vector<float> h(256, 3.f);
+  Cuda::upload(d, h.data(), 256);  // pageable: waits
+
+  // a fill, then a copy into pinned memory: nothing has run yet, the destination holds NaN
+  Cuda::fill(d, 256, 7.f);
+  REQUIRE(cudaMemcpyAsync(pinned, d, 256 * sizeof(float), cudaMemcpyDeviceToHost, hatch::cuda_detail::stream()) ==
+          cudaSuccess);
+  CHECK(std::isnan(pinned[0]));
+  CHECK(cudaStreamQuery(hatch::cuda_detail::stream()) == cudaErrorNotReady);  // ... and now it has run
+  CHECK(cudaStreamQuery(hatch::cuda_detail::stream()) == cudaSuccess);
+  CHECK(pinned[0] == 7.f);
+  CHECK(pinned[255] == 7.f);
+
+  // an upload from pinned memory takes its source when it runs: overwriting it too early uploads
+  // the new values (a staging buffer must not be reused before its copy has run)
+  for (int i = 0; i < 256; ++i) pinned[i] = 1.f;
+  Cuda::upload_async(d, pinned, 256);
+  for (int i = 0; i < 256; ++i) pinned[i] = 2.f;
+  Cuda::download(h.data(), d, 256);  // pageable: waits
+  CHECK(h[0] == 2.f);
+
+  // an event waits for the work before it, and only that
+  cudaEvent_t e = nullptr;
+  REQUIRE(cudaEventCreate(&e) == cudaSuccess);
+  Cuda::fill(d, 256, 5.f);
+  REQUIRE(cudaMemcpyAsync(pinned, d, 128 * sizeof(float), cudaMemcpyDeviceToHost, hatch::cuda_detail::stream()) ==
+          cudaSuccess);
+  REQUIRE(cudaEventRecord(e, hatch::cuda_detail::stream()) == cudaSuccess);
+  Cuda::fill(d, 256, 6.f);
+  REQUIRE(cudaMemcpyAsync(pinned + 128, d, 128 * sizeof(float), cudaMemcpyDeviceToHost, hatch::cuda_detail::stream()) ==
+          cudaSuccess);
+  CHECK(cudaEventQuery(e) == cudaErrorNotReady);
+  REQUIRE(cudaEventSynchronize(e) == cudaSuccess);
+  CHECK(pinned[0] == 5.f);
+  CHECK(std::isnan(pinned[128]));  // the copy after the event has not run
+  Cuda::synchronize();
+  CHECK(pinned[128] == 6.f);
+  (void)cudaEventDestroy(e);
+
+  // HATCH_CUDA_ON_CPU_IMMEDIATE=1: work runs when it is issued
+  {
+    ScopedEnv immediate("HATCH_CUDA_ON_CPU_IMMEDIATE");
+    immediate.set("1");
+    Cuda::fill(d, 256, 9.f);
+    REQUIRE(cudaMemcpyAsync(pinned, d, 256 * sizeof(float), cudaMemcpyDeviceToHost, hatch::cuda_detail::stream()) ==
+            cudaSuccess);
+    CHECK(pinned[0] == 9.f);
+  }
+  Cuda::deallocate_pinned(pinned, 256);
+  Cuda::deallocate(d, 256);
 }
