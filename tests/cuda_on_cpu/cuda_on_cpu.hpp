@@ -12,7 +12,8 @@
 // start in, copies whose direction does not match where their pointers live, cuBLAS argument
 // rules (leading dimensions), cuBLASLt plans (a bias pointer without a bias epilogue, and the
 // reverse), bad device ordinals, and -- the fault a CPU run would otherwise hide -- host code that
-// reads or writes device memory: device memory lies in one reserved range whose allocations are
+// reads or writes device memory (and kernels that read device memory nothing wrote: new
+// allocations hold 0xff bytes, NaN as floats): device memory lies in one reserved range whose allocations are
 // inaccessible (PROT_NONE) except while a kernel (those its pointer arguments name), copy, GEMM
 // or reduction that uses them runs, so such an access stops the program with a message naming
 // the address. (Under HATCH_CUDA_ON_CPU_EXACT_BLOCKS, the
@@ -296,6 +297,20 @@ inline void* device_block(State& s, std::size_t bytes) {
   return p;
 #endif
 }
+// New device memory holds whatever was there, not zeros: 0xff bytes (NaN as floats and doubles),
+// so that a kernel reading memory nothing wrote yet shows it. Called with state().mu held.
+inline void poison(void* p, std::size_t bytes) {
+#if defined(HATCH_CUDA_ON_CPU_EXACT_BLOCKS)
+  std::memset(p, 0xff, bytes);
+#else
+  const std::size_t span = whole_pages(bytes);
+  if (mprotect(p, span, PROT_READ | PROT_WRITE) != 0 || (std::memset(p, 0xff, bytes), false) ||
+      mprotect(p, span, PROT_NONE) != 0) {
+    std::perror("cuda_on_cpu: mprotect");
+    std::abort();
+  }
+#endif
+}
 inline void free_device_block(State& s, void* p, std::size_t bytes) {
 #if defined(HATCH_CUDA_ON_CPU_EXACT_BLOCKS)
   (void)s;
@@ -529,6 +544,7 @@ inline cudaError_t cudaMalloc(void** p, std::size_t bytes) {
   if (!q) return hatch_cuda_on_cpu::fail(cudaErrorMemoryAllocation);
   s.device[reinterpret_cast<std::uintptr_t>(q)] = bytes;
   s.device_bytes += bytes;
+  hatch_cuda_on_cpu::poison(q, bytes);
   *p = q;
   return cudaSuccess;
 }

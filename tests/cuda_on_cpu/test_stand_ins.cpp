@@ -282,3 +282,13 @@ TEST_CASE("cuda_on_cpu: device work runs when the host waits for it; pinned copi
   Cuda::deallocate_pinned(pinned, 256);
   Cuda::deallocate(d, 256);
 }
+
+TEST_CASE("cuda_on_cpu: new device memory holds NaN, not zeros (reads of memory nothing wrote show)") {
+  float* p = nullptr;
+  REQUIRE(cudaMalloc(&p, 100 * sizeof(float)) == cudaSuccess);
+  std::vector<float> h(100, 0.f);
+  REQUIRE(cudaMemcpy(h.data(), p, 100 * sizeof(float), cudaMemcpyDeviceToHost) == cudaSuccess);
+  CHECK(std::isnan(h[0]));
+  CHECK(std::isnan(h[99]));
+  REQUIRE(cudaFree(p) == cudaSuccess);
+}
