@@ -39,14 +39,14 @@ Result<T> emulate(const std::vector<T>& qkv, const std::vector<T>& dout, int bat
   r.lse.assign(std::size_t(bhs) * n, nan);
   r.dqkv.assign(std::size_t(batch) * n * 3 * heads * D, nan);
   const int blocks = ka::row_blocks(n, Tile);
-  hatch_emulation::launch(ka::forward<T, D, Tile>, dim3(unsigned(blocks), unsigned(bhs)), dim3(ka::kFwdThreads),
+  hatch_emulation::launch(ka::forward<T, D, Tile>, dim3(unsigned(bhs), unsigned(blocks)), dim3(ka::kFwdThreads),
                           ka::forward_shared_bytes<T, D, Tile>(), r.out.data(), r.lse.data(), qkv.data(), n, heads,
                           scale);
   std::vector<T> delta(std::size_t(bhs) * n, nan), part(std::size_t(blocks) * bhs * n * D, nan);
   hatch_emulation::launch(ka::delta<T, D>, dim3(unsigned((bhs * n + 7) / 8)), dim3(ka::kDeltaThreads), 0,
                           delta.data(), dout.data(), const_cast<const T*>(r.out.data()), bhs * n, n, heads);
   using Bwd = ka::Backward<T, D, Tile>;
-  hatch_emulation::launch(Bwd::kernel(), dim3(unsigned(blocks), unsigned(bhs)), dim3(Bwd::threads),
+  hatch_emulation::launch(Bwd::kernel(), dim3(unsigned(bhs), unsigned(blocks)), dim3(Bwd::threads),
                           Bwd::shared_bytes, r.dqkv.data(), part.data(),
                           dout.data(), qkv.data(), const_cast<const T*>(r.lse.data()),
                           const_cast<const T*>(delta.data()), n, heads, scale);

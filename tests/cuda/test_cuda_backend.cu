@@ -1553,6 +1553,10 @@ TEST_CASE("cuda: fused attention kernels against the GEMM path, repeatable bit f
   CHECK(hatch::fused::attention_saved_size<Cuda>(2, 3, 70, 32) == std::size_t(2) * 3 * 70 * 70);
   CHECK_THROWS_AS(Cuda::set_attention_tile(48), hatch::Error);
 }
+TEST_CASE("cuda: fused attention kernels over more (example, head) pairs than a grid's y dimension holds (on a GPU only)") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  check_fused_attention(21846, 2, 3);  // 65,538 pairs: they go in the grid's x dimension (y stops at 65,535)
+}
 TEST_CASE("cuda: fused attention kernels at ViT-B/16 sizes (64 x 12 heads x 197 tokens)") {
   HATCH_REQUIRE_CUDA_DEVICE();
   check_fused_attention(64, 197, 12);

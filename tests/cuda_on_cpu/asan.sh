@@ -18,4 +18,4 @@ g++ "${flags[@]}" "${dev[@]}" -c tests/cuda_on_cpu/kernel_tests.cpp -o "$out/ker
 wait
 g++ -fsanitize=address,undefined -fopenmp "$out"/backend.o "$out"/kernels.o "$out"/stand_ins.o "$out"/cpu_side.o "$out"/main.o -lz \
   -o "$out/hatch_cuda_on_cpu_asan"
-OMP_NUM_THREADS=2 "$out/hatch_cuda_on_cpu_asan" "-tce=*ViT-B/16 sizes*" "$@"
+OMP_NUM_THREADS=2 "$out/hatch_cuda_on_cpu_asan" "-tce=*ViT-B/16 sizes*,*on a GPU only*" "$@"

@@ -292,3 +292,29 @@ TEST_CASE("cuda_on_cpu: new device memory holds NaN, not zeros (reads of memory 
   CHECK(std::isnan(h[99]));
   REQUIRE(cudaFree(p) == cudaSuccess);
 }
+
+// The fused attention grid holds the (example, head) pairs in x, which has no 65,535 limit; their
+// values at this size are checked on a GPU ("on a GPU only": emulated, 65,538 blocks take many
+// minutes), here only that every launch is accepted (with the pairs in y, the first one was not).
+TEST_CASE("cuda_on_cpu: fused attention launches over more (example, head) pairs than a grid's y holds") {
+  const bool was = Cuda::fused_attention();
+  Cuda::set_fused_attention(true);
+  const int batch = 21846, heads = 3, n = 2, dh = 64;  // 65,538 pairs
+  const std::size_t nout = std::size_t(batch) * n * heads * dh;
+  const std::size_t saved_n = hatch::fused::attention_saved_size<Cuda>(batch, heads, n, dh);
+  const std::size_t scratch_n = hatch::fused::attention_scratch_size<Cuda>(batch, heads, n, dh);
+  float* qkv = Cuda::allocate(3 * nout);
+  float* dqkv = Cuda::allocate(3 * nout);
+  float* out = Cuda::allocate(nout);
+  float* dout = Cuda::allocate(nout);
+  float* saved = Cuda::allocate(saved_n);
+  float* scratch = Cuda::allocate(scratch_n);
+  CHECK_NOTHROW(hatch::fused::attention_forward<Cuda>(out, saved, qkv, batch, n, heads, dh, 0.125f));
+  CHECK_NOTHROW(
+      hatch::fused::attention_backward<Cuda>(dqkv, scratch, dout, qkv, out, saved, batch, n, heads, dh, 0.125f));
+  hatch_cuda_on_cpu::discard_queued();
+  for (auto [p, k] : {std::pair{qkv, 3 * nout}, {dqkv, 3 * nout}, {out, nout}, {dout, nout}, {saved, saved_n},
+                      {scratch, scratch_n}})
+    Cuda::deallocate(p, k);
+  Cuda::set_fused_attention(was);
+}

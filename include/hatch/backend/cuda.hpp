@@ -800,7 +800,7 @@ void attention_forward_fused(T* out, T* lse, const T* qkv, int batch, int n, int
   namespace ka = cuda_kernels::attention;
   constexpr std::size_t bytes = ka::forward_shared_bytes<T, D, Tile>();
   allow_shared_bytes(ka::forward<T, D, Tile>, bytes);
-  const dim3 grid(unsigned(ka::row_blocks(n, Tile)), unsigned(batch * heads));
+  const dim3 grid(unsigned(batch * heads), unsigned(ka::row_blocks(n, Tile)));  // (example, head) in x: no 65,535 limit
   HATCH_CUDA_LAUNCH_SHARED((ka::forward<T, D, Tile>), grid, ka::kFwdThreads, bytes, out, lse, qkv, n, heads, scale);
 }
 // scratch: delta (batch heads n), then the key blocks' dQ parts (row_blocks(n, Tile) batch heads n D)
@@ -819,7 +819,7 @@ void attention_backward_fused(T* dqkv, T* scratch, const T* dout, const T* qkv, 
                     ka::kDeltaThreads, delta, dout, out, rows, n, heads);
   using Bwd = ka::Backward<T, D, Tile>;
   allow_shared_bytes(Bwd::kernel(), Bwd::shared_bytes);
-  HATCH_CUDA_LAUNCH_SHARED(Bwd::kernel(), dim3(unsigned(blocks), unsigned(bhs)), Bwd::threads, Bwd::shared_bytes, dqkv,
+  HATCH_CUDA_LAUNCH_SHARED(Bwd::kernel(), dim3(unsigned(bhs), unsigned(blocks)), Bwd::threads, Bwd::shared_bytes, dqkv,
                            part, dout, qkv, lse, delta, n, heads, scale);
   const std::size_t values = std::size_t(rows) * D;
   HATCH_CUDA_LAUNCH((ka::dq_sum<T, D>), unsigned((values + 255) / 256), 256, dqkv, part, blocks, bhs, n, heads);

@@ -78,7 +78,11 @@ __device__ __forceinline__ void store(T* p, const Vec<T, N>& v) {
   *reinterpret_cast<Vec<T, N>*>(p) = v;
 }
 
-// The (example, head) of this block (blockIdx.y = example * heads + head) and where its rows are:
+// The grid of the forward and backward kernels is (batch heads, row blocks): blockIdx.x is the
+// (example, head), which may number more than a grid's y dimension allows (65,535), blockIdx.y
+// the block of query rows (forward) or keys (backward) of it.
+//
+// The (example, head) of this block (blockIdx.x = example * heads + head) and where its rows are:
 // in a qkv-like tensor (batch, n, 3, heads, D), rows `row` values apart, and in an out-like one
 // (batch, n, heads, D), rows `orow` apart.
 template <int D>
@@ -86,7 +90,7 @@ struct Head {
   int bh, b, h, n;
   std::size_t row, orow;
   __device__ Head(int n_, int heads)
-      : bh(int(blockIdx.y)), b(bh / heads), h(bh % heads), n(n_), row(std::size_t(3) * heads * D),
+      : bh(int(blockIdx.x)), b(bh / heads), h(bh % heads), n(n_), row(std::size_t(3) * heads * D),
         orow(std::size_t(heads) * D) {}
   // this head's queries (row 0) in qkv; its keys and values follow at + heads D and + 2 heads D
   template <class T>
@@ -100,7 +104,7 @@ struct Head {
   __device__ std::size_t heads_d() const { return orow; }  // from a head's queries to its keys, keys to values
 };
 
-// grid (row_blocks(n, Tile), batch heads), kFwdThreads threads, forward_shared_bytes<T, D, Tile>() bytes
+// grid (batch heads, row_blocks(n, Tile)), kFwdThreads threads, forward_shared_bytes<T, D, Tile>() bytes
 template <class T, int D, int Tile>
 __global__ void forward(T* __restrict__ out, T* __restrict__ lse, const T* __restrict__ qkv, int n, int heads,
                         T scale) {
@@ -113,7 +117,7 @@ __global__ void forward(T* __restrict__ out, T* __restrict__ lse, const T* __res
   T* Vs = Kt + D * LK;                 // [BC][D]  values
   T* Pt = Vs + BC * D;                 // [BC][LQ] probabilities, transposed
   const int t = int(threadIdx.x), ty = t / 8, tx = t % 8;  // rows ty*RT + r, keys tx*4 + j, dims tx*DV + c
-  const int q0 = int(blockIdx.x) * BR;
+  const int q0 = int(blockIdx.y) * BR;
   const Head<D> head(n, heads);
   const std::size_t row = head.row;
   const T* qb = head.in_qkv(qkv);
@@ -315,10 +319,10 @@ __device__ __forceinline__ void store_dk_dv(T* kslot, const T (&dk)[K][D / 8], c
   }
 }
 
-// Tile 32: grid (row_blocks(n, 32), batch heads), kBwdThreads threads,
+// Tile 32: grid (batch heads, row_blocks(n, 32)), kBwdThreads threads,
 // backward_narrow_shared_bytes<T, D>() bytes. One key and 4 queries of scores per thread.
 // Writes dK and dV into dqkv's key and value slots and this block's part of dQ into
-// dq_part[(blockIdx.x batch heads + bh) n + i][D].
+// dq_part[(blockIdx.y batch heads + bh) n + i][D].
 template <class T, int D>
 __global__ void backward_narrow(T* __restrict__ dqkv, T* __restrict__ dq_part, const T* __restrict__ dout,
                                 const T* __restrict__ qkv, const T* __restrict__ lse, const T* __restrict__ delta_rows,
@@ -332,7 +336,7 @@ __global__ void backward_narrow(T* __restrict__ dqkv, T* __restrict__ dq_part, c
   QueryStep<T, D, BC> step(Vs + BC * LD);
   const int t = int(threadIdx.x), ty = t / 8, tx = t % 8;  // key ty; queries tx*4 + c; dims tx*DV + c
   const int qy = t / 16, qx = t % 16;                       // dQ: queries qy*2 + {0,1}, dims qx*DQ + c
-  const int k0 = int(blockIdx.x) * BC, bhs = int(gridDim.y);
+  const int k0 = int(blockIdx.y) * BC, bhs = int(gridDim.x);
   const Head<D> head(n, heads);
   const int bh = head.bh;
   const std::size_t row = head.row, orow = head.orow;
@@ -373,13 +377,13 @@ __global__ void backward_narrow(T* __restrict__ dqkv, T* __restrict__ dq_part, c
       }
     __syncthreads();
     accumulate_dk_dv<T, D, BC, KT>(dk, dv, step, ty * KT, tx * DV);
-    write_dq_part<T, D, BC, DQ>(dq_part + (std::size_t(blockIdx.x) * bhs + bh) * n * D, step, Ks,
+    write_dq_part<T, D, BC, DQ>(dq_part + (std::size_t(blockIdx.y) * bhs + bh) * n * D, step, Ks,
                                 n - k0 < BC ? n - k0 : BC, n, q0, qy * 2, qx * DQ);
   }
   store_dk_dv<T, D, KT>(head.in_qkv(dqkv) + head.heads_d(), dk, dv, row, heads, k0 + ty * KT, n, tx * DV);
 }
 
-// Tile 64: grid (row_blocks(n, 64), batch heads), kBwdWideThreads threads,
+// Tile 64: grid (batch heads, row_blocks(n, 64)), kBwdWideThreads threads,
 // backward_wide_shared_bytes<T, D>() bytes. The same outputs as backward_narrow, with 4 keys x 4
 // queries of scores and 4 keys x D/8 of dK and dV per thread: keys and values are also kept
 // transposed, so that every shared-memory read in the inner loops is a 128-bit load feeding 8
@@ -397,7 +401,7 @@ __global__ void backward_wide(T* __restrict__ dqkv, T* __restrict__ dq_part, con
   QueryStep<T, D, BC> step(Ks + BC * LD);
   // keys ty*4 + r; queries tx*4 + c (scores); dims tx*DV + c (dK, dV, dQ); dQ rows ty*2 + r
   const int t = int(threadIdx.x), ty = t / 8, tx = t % 8;
-  const int k0 = int(blockIdx.x) * BC, bhs = int(gridDim.y);
+  const int k0 = int(blockIdx.y) * BC, bhs = int(gridDim.x);
   const Head<D> head(n, heads);
   const int bh = head.bh;
   const std::size_t row = head.row, orow = head.orow;
@@ -442,7 +446,7 @@ __global__ void backward_wide(T* __restrict__ dqkv, T* __restrict__ dq_part, con
     }
     __syncthreads();
     accumulate_dk_dv<T, D, BC, 4>(dk, dv, step, ty * 4, tx * DV);
-    write_dq_part<T, D, BC, DV>(dq_part + (std::size_t(blockIdx.x) * bhs + bh) * n * D, step, Ks,
+    write_dq_part<T, D, BC, DV>(dq_part + (std::size_t(blockIdx.y) * bhs + bh) * n * D, step, Ks,
                                 n - k0 < BC ? n - k0 : BC, n, q0, ty * 2, tx * DV);
   }
   store_dk_dv<T, D, 4>(head.in_qkv(dqkv) + head.heads_d(), dk, dv, row, heads, k0 + ty * 4, n, tx * DV);
