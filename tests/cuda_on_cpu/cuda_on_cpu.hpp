@@ -21,18 +21,19 @@
 // emulated by rounding GEMM inputs to 10 mantissa bits.
 //
 // Device work is asynchronous, as on a GPU: kernels, asynchronous copies and memsets, GEMMs and
-// event records are queued when issued and run, in issue order, only when the host waits for
-// them (a stream, event or device synchronisation, a stream query, a synchronous copy, cudaFree,
-// a value returned to the host). So host code that reads what device work writes without
+// event records are queued when issued and run only when the host waits for them, each after
+// exactly the work CUDA orders it before it (see Queue below). The host waits at a stream, event or
+// device synchronisation, a stream or event query, a synchronous copy, cudaFree, a value returned
+// to the host. So host code that reads what device work writes without
 // waiting for it reads it too early: a copy into pinned host memory leaves NaN bytes (0xff) there
 // until it runs, and a copy from pinned memory reads its source when it runs, not when it was
 // issued (overwriting the source too early uploads the new contents). HATCH_CUDA_ON_CPU_IMMEDIATE=1
 // runs each piece of work when it is issued instead (a fault inside a kernel then stops at the
 // launching call, which a debugger shows).
 //
-// What it cannot show: speed, concurrency between streams or between blocks (queued work runs in
-// issue order across streams, so a missing wait between two streams goes unnoticed), the device's
-// memory model, out-of-bounds accesses inside kernels beyond what AddressSanitizer sees.
+// What it cannot show: speed, concurrency between blocks, cudaStreamWaitEvent (not stood in for:
+// the backend does not use it), the device's memory model, out-of-bounds accesses inside kernels
+// beyond what AddressSanitizer sees.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -329,16 +330,22 @@ inline cudaError_t fail(cudaError_t e) {
 }
 
 // ---- the device's queue ------------------------------------------------------------------------------
-// Work issued on any stream, waiting to run; it runs in issue order (which keeps every ordering a
-// program can ask for between streams, and no more).
+// Work issued and not yet run, with the ordering CUDA promises between streams and no more: work
+// on one stream runs in issue order; the legacy default stream (0) waits for the earlier work of
+// every blocking stream (cudaStreamCreate), and a blocking stream for the earlier work of the
+// legacy stream; a non-blocking stream (cudaStreamNonBlocking) waits for nothing else. When the
+// host waits for a piece of work, that work runs, after exactly what it depends on: other work
+// stays queued, so a missing ordering between two streams leaves its reader with stale data.
 struct Queue {
-  std::recursive_mutex mu;
+  enum Kind { legacy, blocking, non_blocking };
   struct Work {
-    std::uint64_t seq;
+    const void* stream;
+    Kind kind;
     std::function<void()> run;
   };
-  std::deque<Work> pending;
-  std::uint64_t issued = 0, done = 0;
+  std::recursive_mutex mu;
+  std::map<std::uint64_t, Work> pending;  // by issue number
+  std::uint64_t issued = 0;
   std::map<const void*, std::uint64_t> last;  // stream -> its last work's number
 };
 inline Queue& queue() {
@@ -356,33 +363,52 @@ std::uint64_t issue(cudaStream_t s, F&& f) {
   std::lock_guard<std::recursive_mutex> lock(q.mu);
   const std::uint64_t seq = ++q.issued;
   q.last[s] = seq;
-  if (run_at_issue() && q.pending.empty()) {
-    q.done = seq;
-    f();
-  } else {
-    q.pending.push_back({seq, std::function<void()>(std::forward<F>(f))});
-  }
+  const Queue::Kind kind = !s ? Queue::legacy : s->non_blocking ? Queue::non_blocking : Queue::blocking;
+  if (run_at_issue() && q.pending.empty()) f();
+  else q.pending.emplace(seq, Queue::Work{s, kind, std::function<void()>(std::forward<F>(f))});
   return seq;
 }
-// Runs the queued work up to number seq (the host waits for it).
+// Runs work number seq (the host waits for it) and the queued work it depends on, in issue order.
 inline void run_until(std::uint64_t seq) {
   Queue& q = queue();
   std::lock_guard<std::recursive_mutex> lock(q.mu);
-  while (!q.pending.empty() && q.pending.front().seq <= seq) {
-    Queue::Work w = std::move(q.pending.front());
-    q.pending.pop_front();
-    q.done = w.seq;
-    w.run();
+  auto it = q.pending.find(seq);
+  if (it == q.pending.end()) return;
+  // Walking back from seq: earlier work is needed when needed later work is on its stream, or is
+  // legacy work after it (when it is on a blocking stream), or blocking work after it (when legacy).
+  std::vector<std::uint64_t> needed{seq};
+  std::map<const void*, bool> streams{{it->second.stream, true}};
+  bool any_legacy = it->second.kind == Queue::legacy, any_blocking = it->second.kind == Queue::blocking;
+  for (auto r = std::make_reverse_iterator(it); r != q.pending.rend(); ++r) {
+    const Queue::Work& w = r->second;
+    const bool need = streams.count(w.stream) || (w.kind == Queue::blocking && any_legacy) ||
+                      (w.kind == Queue::legacy && any_blocking);
+    if (!need) continue;
+    needed.push_back(r->first);
+    streams[w.stream] = true;
+    any_legacy = any_legacy || w.kind == Queue::legacy;
+    any_blocking = any_blocking || w.kind == Queue::blocking;
+  }
+  for (auto n = needed.rbegin(); n != needed.rend(); ++n) {
+    auto w = q.pending.extract(*n);
+    w.mapped().run();
   }
 }
-inline void run_all() { run_until(~std::uint64_t(0)); }
+// Runs everything queued (a device synchronisation).
+inline void run_all() {
+  Queue& q = queue();
+  std::lock_guard<std::recursive_mutex> lock(q.mu);
+  while (!q.pending.empty()) {
+    auto w = q.pending.extract(q.pending.begin());
+    w.mapped().run();
+  }
+}
 // Drops the queued work that has not run (for a test that checks only that work is accepted and
 // would otherwise wait minutes for its emulation); its results are never written.
 inline void discard_queued() {
   Queue& q = queue();
   std::lock_guard<std::recursive_mutex> lock(q.mu);
   q.pending.clear();
-  q.done = q.issued;
 }
 inline std::uint64_t last_of(cudaStream_t s) {
   Queue& q = queue();
@@ -393,7 +419,12 @@ inline std::uint64_t last_of(cudaStream_t s) {
 inline bool ran(std::uint64_t seq) {
   Queue& q = queue();
   std::lock_guard<std::recursive_mutex> lock(q.mu);
-  return q.done >= seq;
+  return !q.pending.count(seq);
+}
+// Issues work on stream s and waits for it (a call that is synchronous for the host).
+template <class F>
+void run_now(cudaStream_t s, F&& f) {
+  run_until(issue(s, std::forward<F>(f)));
 }
 
 // [p, p + bytes) inside one live device allocation?
@@ -627,14 +658,14 @@ inline void copy_now(void* dst, const void* src, std::size_t bytes) {
 }
 }  // namespace hatch_cuda_on_cpu
 
-// Waits for all device work, then copies.
+// Synchronous for the host.
 inline cudaError_t cudaMemcpy(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind kind) {
   if (bytes == 0) return cudaSuccess;
   hatch_cuda_on_cpu::CopyEnds e;
   if (const cudaError_t r = hatch_cuda_on_cpu::copy_ends(dst, src, bytes, kind, "cudaMemcpy", e); r != cudaSuccess)
     return r;
-  hatch_cuda_on_cpu::run_all();
-  hatch_cuda_on_cpu::copy_now(dst, src, bytes);
+  // on the legacy stream: after it and the blocking streams, not after non-blocking ones
+  hatch_cuda_on_cpu::run_now(nullptr, [dst, src, bytes] { hatch_cuda_on_cpu::copy_now(dst, src, bytes); });
   return cudaSuccess;
 }
 // As CUDA does: from pageable host memory the source is taken when the call is made; into
@@ -648,8 +679,7 @@ inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, std::size_t bytes
   c::CopyEnds e;
   if (const cudaError_t r = c::copy_ends(dst, src, bytes, kind, "cudaMemcpyAsync", e); r != cudaSuccess) return r;
   if (!e.dst_device && !e.dst_pinned) {  // into pageable memory: synchronous
-    c::run_until(c::last_of(stream));
-    c::copy_now(dst, src, bytes);
+    c::run_now(stream, [dst, src, bytes] { c::copy_now(dst, src, bytes); });
   } else if (!e.src_device && !e.src_pinned) {  // from pageable memory: the source as it is now
     auto taken = std::make_shared<std::vector<unsigned char>>(static_cast<const unsigned char*>(src),
                                                               static_cast<const unsigned char*>(src) + bytes);
@@ -662,9 +692,10 @@ inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, std::size_t bytes
 }
 inline cudaError_t cudaMemset(void* p, int v, std::size_t bytes) {
   hatch_cuda_on_cpu::require_device(p, bytes, "cudaMemset");
-  hatch_cuda_on_cpu::run_all();
-  hatch_cuda_on_cpu::DeviceAccess open{p};
-  std::memset(p, v, bytes);
+  hatch_cuda_on_cpu::run_now(nullptr, [p, v, bytes] {
+    hatch_cuda_on_cpu::DeviceAccess open{p};
+    std::memset(p, v, bytes);
+  });
   return cudaSuccess;
 }
 inline cudaError_t cudaMemsetAsync(void* p, int v, std::size_t bytes, cudaStream_t stream = nullptr) {

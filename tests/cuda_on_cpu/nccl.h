@@ -2,9 +2,9 @@
 // Stands in for NCCL's header in builds that run the Cuda backend on the CPU (tests/cuda_on_cpu):
 // the calls hatch::NcclCollective makes, carried out over MPI between the processes of the job
 // (hatch_nccl_on_cpu_tests runs under mpirun; each rank's emulated device memory is its own
-// process's). An operation runs when it is issued, on the host, after the device work queued
-// before it (as NCCL's kernel would on the stream) and with the device allocations it names opened
-// for it as for a kernel (hatch_cuda_on_cpu::DeviceAccess).
+// process's). An operation runs when it is issued, on the host, after the device work it depends
+// on (what its stream must wait for, as NCCL's kernel would) and with the device allocations it
+// names opened for it as for a kernel (hatch_cuda_on_cpu::DeviceAccess).
 //
 // What it refuses, as NCCL does: an id that ncclGetUniqueId did not make, a rank outside
 // [0, nranks) or a communicator whose ranks do not add up to nranks, two ranks on one machine
@@ -234,7 +234,7 @@ inline ncclResult_t ncclCommGetAsyncError(ncclComm_t comm, ncclResult_t* result)
 }
 
 inline ncclResult_t ncclAllReduce(const void* send, void* recv, std::size_t count, ncclDataType_t type,
-                                  ncclRedOp_t op, ncclComm_t comm, cudaStream_t) {
+                                  ncclRedOp_t op, ncclComm_t comm, cudaStream_t stream) {
   namespace n = hatch_cuda_on_cpu::nccl;
   if (!comm) return n::warn(ncclInvalidArgument, "ncclAllReduce: null communicator");
   const MPI_Datatype t = n::mpi_type(type);
@@ -245,17 +245,22 @@ inline ncclResult_t ncclAllReduce(const void* send, void* recv, std::size_t coun
   const std::size_t elem = n::type_bytes(type), bytes = count * elem;
   if (const ncclResult_t r = n::check_buffer(send, bytes, "ncclAllReduce", "sendbuff"); r != ncclSuccess) return r;
   if (const ncclResult_t r = n::check_buffer(recv, bytes, "ncclAllReduce", "recvbuff"); r != ncclSuccess) return r;
-  hatch_cuda_on_cpu::run_all();  // the work queued before it produces the buffers
-  hatch_cuda_on_cpu::DeviceAccess open{send, recv};
   auto* out = static_cast<unsigned char*>(recv);
   const auto* in = static_cast<const unsigned char*>(send);
-  return n::in_pieces(count, elem, [&](std::size_t off, int k) {
-    return MPI_Allreduce(send == recv ? MPI_IN_PLACE : in + off, out + off, k, t, o, comm->mpi);
+  // on its stream, after the work it depends on there (and not after other work: a buffer
+  // produced on a stream NCCL's does not wait for is read as it is)
+  ncclResult_t r = ncclSuccess;
+  hatch_cuda_on_cpu::run_now(stream, [&] {
+    hatch_cuda_on_cpu::DeviceAccess open{send, recv};
+    r = n::in_pieces(count, elem, [&](std::size_t off, int k) {
+      return MPI_Allreduce(send == recv ? MPI_IN_PLACE : in + off, out + off, k, t, o, comm->mpi);
+    });
   });
+  return r;
 }
 
 inline ncclResult_t ncclBroadcast(const void* send, void* recv, std::size_t count, ncclDataType_t type, int root,
-                                  ncclComm_t comm, cudaStream_t) {
+                                  ncclComm_t comm, cudaStream_t stream) {
   namespace n = hatch_cuda_on_cpu::nccl;
   if (!comm) return n::warn(ncclInvalidArgument, "ncclBroadcast: null communicator");
   if (root < 0 || root >= comm->size)
@@ -268,9 +273,12 @@ inline ncclResult_t ncclBroadcast(const void* send, void* recv, std::size_t coun
   if (comm->rank == root)
     if (const ncclResult_t r = n::check_buffer(send, bytes, "ncclBroadcast", "sendbuff"); r != ncclSuccess) return r;
   if (const ncclResult_t r = n::check_buffer(recv, bytes, "ncclBroadcast", "recvbuff"); r != ncclSuccess) return r;
-  hatch_cuda_on_cpu::run_all();
-  hatch_cuda_on_cpu::DeviceAccess open{send, recv};
-  if (comm->rank == root && send != recv && bytes) std::memmove(recv, send, bytes);
   auto* out = static_cast<unsigned char*>(recv);
-  return n::in_pieces(count, elem, [&](std::size_t off, int k) { return MPI_Bcast(out + off, k, t, root, comm->mpi); });
+  ncclResult_t r = ncclSuccess;
+  hatch_cuda_on_cpu::run_now(stream, [&] {
+    hatch_cuda_on_cpu::DeviceAccess open{send, recv};
+    if (comm->rank == root && send != recv && bytes) std::memmove(recv, send, bytes);
+    r = n::in_pieces(count, elem, [&](std::size_t off, int k) { return MPI_Bcast(out + off, k, t, root, comm->mpi); });
+  });
+  return r;
 }

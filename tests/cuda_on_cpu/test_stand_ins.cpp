@@ -318,3 +318,38 @@ TEST_CASE("cuda_on_cpu: fused attention launches over more (example, head) pairs
     Cuda::deallocate(p, k);
   Cuda::set_fused_attention(was);
 }
+
+// Between streams, only the orderings CUDA promises: the legacy default stream (a synchronous
+// cudaMemcpy) waits for blocking streams, not for non-blocking ones.
+TEST_CASE("cuda_on_cpu: work on a non-blocking stream is not ordered before the legacy stream's") {
+  if (hatch_cuda_on_cpu::run_at_issue()) {
+    MESSAGE("HATCH_CUDA_ON_CPU_IMMEDIATE is set: device work runs when issued, nothing to check here");
+    return;
+  }
+  Cuda::synchronize();
+  float* d = Cuda::allocate(64);
+  Cuda::fill(d, 64, 1.f);
+  Cuda::synchronize();
+  cudaStream_t nb = nullptr, bl = nullptr;
+  REQUIRE(cudaStreamCreateWithFlags(&nb, cudaStreamNonBlocking) == cudaSuccess);
+  REQUIRE(cudaStreamCreate(&bl) == cudaSuccess);
+  float h = 0.f;
+  const float two = 2.f, three = 3.f;
+  // (a 4-byte copy from pinned memory stands for a kernel on that stream)
+  float* pinned = Cuda::allocate_pinned(2);
+  pinned[0] = two;
+  pinned[1] = three;
+  REQUIRE(cudaMemcpyAsync(d, pinned, 4, cudaMemcpyHostToDevice, nb) == cudaSuccess);
+  REQUIRE(cudaMemcpy(&h, d, 4, cudaMemcpyDeviceToHost) == cudaSuccess);
+  CHECK(h == 1.f);  // the legacy stream did not wait for the non-blocking one: the old value
+  REQUIRE(cudaStreamSynchronize(nb) == cudaSuccess);
+  REQUIRE(cudaMemcpy(&h, d, 4, cudaMemcpyDeviceToHost) == cudaSuccess);
+  CHECK(h == two);
+  REQUIRE(cudaMemcpyAsync(d, pinned + 1, 4, cudaMemcpyHostToDevice, bl) == cudaSuccess);
+  REQUIRE(cudaMemcpy(&h, d, 4, cudaMemcpyDeviceToHost) == cudaSuccess);
+  CHECK(h == three);  // it waits for a blocking stream
+  (void)cudaStreamDestroy(nb);
+  (void)cudaStreamDestroy(bl);
+  Cuda::deallocate_pinned(pinned, 2);
+  Cuda::deallocate(d, 64);
+}

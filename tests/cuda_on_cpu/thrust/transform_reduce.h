@@ -11,11 +11,13 @@ template <class Alloc, class It, class Op, class T, class Bin>
 T transform_reduce(const cuda::policy<Alloc>& policy, It first, It last, Op op, T init, Bin bin) {
   const auto n = std::size_t(last - first);
   hatch_cuda_on_cpu::require_device(&*first, n * sizeof(*first), "thrust::transform_reduce: the range");
-  hatch_cuda_on_cpu::run_all();  // the result comes back to the host: it waits for the work before it
   // the temporary storage Thrust's reduction takes from the allocator
-  hatch_cuda_on_cpu::DeviceAccess open{&*first};
   char* tmp = policy.alloc->allocate(std::ptrdiff_t(256));
-  for (It i = first; i != last; ++i) init = bin(init, op(*i));
+  // on the policy's stream, and the result comes back to the host: it waits for it
+  hatch_cuda_on_cpu::run_now(policy.stream, [&] {
+    hatch_cuda_on_cpu::DeviceAccess open{&*first};
+    for (It i = first; i != last; ++i) init = bin(init, op(*i));
+  });
   policy.alloc->deallocate(tmp, 256);
   return init;
 }
