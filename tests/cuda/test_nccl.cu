@@ -7,6 +7,8 @@
 //   - data-parallel fit on Cuda (2 ranks or more): every gradient all-reduce reaches NCCL in device memory (none
 //     goes through a host float all-reduce), and the weights equal those of the same fit whose
 //     gradients are staged through host memory and MPI, to float tolerance;
+//   - after Cuda::set_stream(s) (non-blocking), NCCL on s (NcclOptions::stream) sums what hatch
+//     wrote there;
 //   - two ranks of one machine given the same GPU: every rank throws (2 ranks or more).
 #include <hatch/cuda.hpp>
 #include <hatch/distributed/nccl.hpp>
@@ -164,6 +166,40 @@ void data_parallel_fit(const std::shared_ptr<Collective>& nccl, const std::share
               worst);
   NCCL_TEST_CHECK(on_device.size() == staged.size() && mean < 1e-6 && worst < 1e-4, "weights differ");
 }
+// After Cuda::set_stream(s), NCCL runs on s too (NcclOptions::stream): its all-reduce then follows
+// the work hatch queued there. On the stand-ins (which run exactly what a wait needs) also the
+// mistake the option is for: NCCL left on the legacy stream, which a non-blocking s is not
+// ordered with, sums the buffer before hatch's fill has run (on a GPU that is a race).
+void caller_stream(const std::shared_ptr<Collective>& host, int device) {
+  const int r = host->rank(), R = host->size();
+  cudaStream_t s = nullptr;
+  HATCH_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  Cuda::set_stream(s);
+  {
+    const std::size_t n = 1000;
+    Tensor<Cuda> t;
+    t.from_host(std::vector<float>(n, 0.f), {int(n)});
+    NcclCollective on_s(host, NcclOptions{.device = device, .stream = s});
+    Cuda::fill(t.data(), n, float(r + 10));
+    NCCL_TEST_CHECK(on_s.allreduce_sum_device(t.data(), n), "the device all-reduce was not taken");
+    const float expect = float(10 * R + R * (R - 1) / 2);
+    const auto back = t.to_host();
+    NCCL_TEST_CHECK(back[0] == expect && back[n - 1] == expect, "on the caller's stream: %g, expected %g",
+                    double(back[0]), double(expect));
+#if defined(HATCH_CUDA_ON_CPU)
+    if (R >= 2) {  // (with one rank an all-reduce changes nothing, early or not)
+      NcclCollective on_legacy(host, NcclOptions{.device = device});
+      Cuda::fill(t.data(), n, float(r + 10));
+      NCCL_TEST_CHECK(on_legacy.allreduce_sum_device(t.data(), n), "the device all-reduce was not taken");
+      const auto early = t.to_host();
+      NCCL_TEST_CHECK(early[0] != expect, "NCCL on the legacy stream waited for a non-blocking stream's fill");
+    }
+#endif
+  }
+  Cuda::reset_stream();
+  HATCH_CUDA_CHECK(cudaStreamDestroy(s));
+}
+
 // Two ranks of one machine on the same GPU: NCCL refuses the communicator ("Duplicate GPU
 // detected"), and every rank throws, naming the call, instead of one rank hanging.
 void duplicate_device_refused(const std::shared_ptr<Collective>& host, int device) {
@@ -190,6 +226,7 @@ int run_nccl_tests(std::shared_ptr<hatch::Collective> host, int device) {
   device_broadcast(*nccl);
   backend_helpers(*nccl, *host);
   data_parallel_fit(nccl, host);
+  caller_stream(host, device);
   duplicate_device_refused(host, device);
   return g_failures;
 }
