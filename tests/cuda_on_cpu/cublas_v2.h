@@ -130,8 +130,10 @@ inline cublasStatus_t cublasSgemmBatched(cublasHandle_t h, cublasOperation_t ta,
   // before may be what writes them.
   hatch_cuda_on_cpu::issue(h->stream, [=, al = *alpha, be = *beta] {
     hatch_cuda_on_cpu::DeviceAccess open{a, b, c};  // the pointer arrays are device memory
-    for (int i = 0; i < count; ++i)
+    for (int i = 0; i < count; ++i) {
+      hatch_cuda_on_cpu::check_sgemm(t_a, t_b, m, n, k, a[i], lda, b[i], ldb, c[i], ldc);
       hatch_cuda_on_cpu::sgemm(t_a, t_b, m, n, k, al, a[i], lda, b[i], ldb, be, c[i], ldc, tf32);
+    }
   });
   return CUBLAS_STATUS_SUCCESS;
 }

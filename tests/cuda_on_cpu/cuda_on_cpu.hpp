@@ -476,7 +476,6 @@ inline float tf32(float v) {
   std::memcpy(&v, &u, 4);
   return v;
 }
-// Column-major C (m x n, ldc) = alpha op(A) op(B) + beta C; C is not read when beta == 0.
 // Each operand inside one device allocation (checked when a GEMM is issued, and for pointer-array
 // GEMMs, whose pointers the device reads, when it runs).
 inline void check_sgemm(bool ta, bool tb, int m, int n, int k, const float* a, int lda, const float* b, int ldb,
@@ -489,9 +488,10 @@ inline void check_sgemm(bool ta, bool tb, int m, int n, int k, const float* a, i
   }
   require_device(c, (std::size_t(ldc) * (n - 1) + m) * sizeof(float), "GEMM operand C");
 }
+// Column-major C (m x n, ldc) = alpha op(A) op(B) + beta C; C is not read when beta == 0 (the
+// caller checks the operands first, check_sgemm).
 inline void sgemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
                   int ldb, float beta, float* c, int ldc, bool round_tf32) {
-  check_sgemm(ta, tb, m, n, k, a, lda, b, ldb, c, ldc);
   DeviceAccess open{a, b, c};
   auto in = [&](float v) { return round_tf32 ? tf32(v) : v; };
   for (int j = 0; j < n; ++j)
