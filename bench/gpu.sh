@@ -151,11 +151,9 @@ for prec in fp32 tf32; do
     # autotuning, off by default, turned on), and with all of them off: what each is worth,
     # measured in the same run.
     for v in "${!VARIANTS[@]}"; do
-      vout="$(env ${VARIANTS[$v]} timeout 60 "$step_bin" --device cuda --preset vit-b16 --batch "$batch" --steps "$steps" --warmup 5 "${flag[@]}" 2>/dev/null)"
-      r="$(echo "$vout" | sed -n 's/^images_per_second=//p')"
-      A[$prec,$v]="$(better "${A[$prec,$v]:-}" "${r:-failed}")"
-      vp="$(echo "$vout" | sed -n 's/^peak_device_mib=\([0-9.]*\).*/\1/p')"
-      [[ $prec == fp32 && -n $vp ]] && MEM[variant,$v]="$vp"
+      read -r r vp _ <<<"$(ips env ${VARIANTS[$v]} "$step_bin" --device cuda --preset vit-b16 --batch "$batch" --steps "$steps" --warmup 5 "${flag[@]}" 2>/dev/null)"
+      A[$prec,$v]="$(better "${A[$prec,$v]:-}" "$r")"
+      [[ $prec == fp32 && $vp != - ]] && MEM[variant,$v]="$vp"
     done
     # keep the better round of each (the first may pay for cuBLAS heuristics and clocks)
     H[$prec]="$(better "${H[$prec]:-}" "$h")"
