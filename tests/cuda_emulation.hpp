@@ -9,11 +9,15 @@
 // that wait at barriers no other thread can reach (a __syncthreads in divergent code) are
 // reported as a deadlock (std::logic_error) instead of hanging. Static __shared__ variables are
 // function-local statics (one per kernel instantiation, reused by the next block, as
-// uninitialised as the device's), dynamic shared memory is one zeroed buffer per block;
+// uninitialised as the device's), dynamic shared memory is one buffer per block, filled with 0xff
+// bytes (NaN as floats: uninitialised, as on the device);
 // atomicAdd is a std::atomic_ref, __threadfence a sequentially consistent fence.
 // It proves a kernel computes the right values (every thread, every block, every tile edge, the
 // "last block" logic of a grid-wide sum); it says nothing about speed, nor about concurrency
-// between blocks, nor about the device's memory model beyond these barriers.
+// between blocks, nor about the device's memory model beyond these barriers. A missing barrier
+// shows when some thread reads a value before its writer ran; which threads run first is up to
+// HATCH_EMULATION_THREAD_ORDER (forward, reverse, shuffle; below), and which blocks, up to
+// HATCH_EMULATION_BLOCK_ORDER.
 //
 // Kernel headers written against this subset compile here (backend/cuda_attention.cuh,
 // backend/cuda_kernels.cuh): include this file first, then the kernel header, and call
@@ -33,6 +37,8 @@
 #include <memory>
 #include <mutex>
 #include <stdexcept>
+#include <string>
+#include <utility>
 #include <vector>
 
 #if !defined(__x86_64__)
@@ -245,6 +251,39 @@ inline bool blocks_in_reverse() {
   return v && std::strcmp(v, "reverse") == 0;
 }
 
+// Within a block, threads run in the order of their linear index unless
+// HATCH_EMULATION_THREAD_ORDER says otherwise: "reverse" (last to first) or "shuffle" (a new
+// random order in every round of the scheduler, from HATCH_EMULATION_SEED, default 1). A thread
+// runs until it waits at a barrier, so with one order a missing barrier shows only when a thread
+// reads what a later thread writes (or overwrites what a later thread still has to read); the
+// other orders show the rest, as a GPU's warps, which keep no order, would now and then.
+enum class ThreadOrder { forward, reverse, shuffle };
+inline ThreadOrder thread_order() {
+  const char* v = std::getenv("HATCH_EMULATION_THREAD_ORDER");
+  if (!v || !*v || std::strcmp(v, "forward") == 0) return ThreadOrder::forward;
+  if (std::strcmp(v, "reverse") == 0) return ThreadOrder::reverse;
+  if (std::strcmp(v, "shuffle") == 0) return ThreadOrder::shuffle;
+  throw std::invalid_argument(std::string("HATCH_EMULATION_THREAD_ORDER=") + v +
+                              ": expected forward, reverse or shuffle");
+}
+inline std::uint64_t shuffle_seed() {
+  const char* v = std::getenv("HATCH_EMULATION_SEED");
+  if (!v || !*v) return 1;
+  char* end = nullptr;
+  const unsigned long long s = std::strtoull(v, &end, 10);
+  if (*end != '\0') throw std::invalid_argument(std::string("HATCH_EMULATION_SEED=") + v + ": expected an integer");
+  return s;
+}
+
+// splitmix64, one stream per process (every kernel, every round draws from it)
+inline std::uint64_t next_random() {
+  static std::uint64_t state = shuffle_seed() * 0x9E3779B97F4A7C15ull + 1;
+  std::uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
 // Fiber stacks, kept from one launch to the next.
 inline std::vector<std::unique_ptr<unsigned char[]>>& stack_pool() {
   static std::vector<std::unique_ptr<unsigned char[]>> pool;
@@ -284,6 +323,9 @@ void launch(Kernel kernel, dim3 grid, dim3 block, std::size_t shared_bytes, Args
   } restore{b, pool};
   const std::uint64_t blocks = std::uint64_t(grid.x) * grid.y * grid.z;
   const bool reverse = blocks_in_reverse();
+  const ThreadOrder order = thread_order();
+  std::vector<unsigned> turn(threads);  // the order of the fibers in a round of the scheduler
+  for (unsigned t = 0; t < threads; ++t) turn[t] = order == ThreadOrder::reverse ? threads - 1 - t : t;
   for (std::uint64_t i = 0; i < blocks; ++i) {
     const std::uint64_t l = reverse ? blocks - 1 - i : i;
     block_index = dim3(unsigned(l % grid.x), unsigned((l / grid.x) % grid.y),
@@ -292,7 +334,7 @@ void launch(Kernel kernel, dim3 grid, dim3 block, std::size_t shared_bytes, Args
     b.warps.assign((threads + 31) / 32, Barrier{});
     for (unsigned w = 0; w < b.warps.size(); ++w) b.warps[w].expected = std::min(32u, threads - 32 * w);
     b.exchange.assign(8 * std::size_t(threads), 0);
-    b.shared.assign(shared_bytes + 16, 0);
+    b.shared.assign(shared_bytes + 16, 0xff);  // uninitialised, as on the device: NaN as floats
     for (auto& f : b.fibers) {
       f.done = false;
       start_fiber(f);
@@ -300,7 +342,10 @@ void launch(Kernel kernel, dim3 grid, dim3 block, std::size_t shared_bytes, Args
     unsigned live = threads;
     while (live > 0) {
       const std::uint64_t before = b.progress;
-      for (auto& f : b.fibers) {
+      if (order == ThreadOrder::shuffle)
+        for (unsigned t = threads; t > 1; --t) std::swap(turn[t - 1], turn[next_random() % t]);
+      for (unsigned t : turn) {
+        Fiber& f = b.fibers[t];
         if (f.done) continue;
         running = &f;
         thread_linear = f.linear;

@@ -41,6 +41,16 @@ __global__ void chain_blocks(float* out) {
   if (threadIdx.x == 0) out[blockIdx.x] = blockIdx.x == 0 ? 1.f : out[blockIdx.x - 1] + 1.f;
 }
 
+// Wrong on a GPU: no barrier between each thread's write to shared memory and its read of a
+// neighbour's slot (`step` threads on, wrapping). Which wrong values show depends on the order the
+// threads run in.
+__global__ void read_neighbour_unsynced(float* out, int step) {
+  HATCH_DYNAMIC_SHARED(smem);
+  auto* s = reinterpret_cast<float*>(smem);
+  s[threadIdx.x] = float(threadIdx.x);
+  out[threadIdx.x] = s[(threadIdx.x + blockDim.x + step) % blockDim.x];  // __syncthreads() missing
+}
+
 // Sets an environment variable for a scope, then puts back what was there.
 class ScopedEnv {
  public:
@@ -199,6 +209,41 @@ TEST_CASE("cuda_on_cpu: HATCH_EMULATION_BLOCK_ORDER=reverse runs a grid's blocks
   CHECK(run(nullptr) == 8.f);    // in order, the chain happens to hold
   CHECK(run("reverse") == 1.f);  // last to first, block 7 reads block 6's value before it exists
   Cuda::deallocate(out, 8);
+}
+
+// A missing __syncthreads shows only when a thread reads a slot before its writer ran: reading
+// the next thread's slot fails in thread order, the previous thread's only in reverse order, and
+// both fail in a shuffled order (each round of the scheduler draws a new one).
+TEST_CASE("cuda_on_cpu: HATCH_EMULATION_THREAD_ORDER runs a block's threads in order, reversed or shuffled") {
+  ScopedEnv order_env("HATCH_EMULATION_THREAD_ORDER");
+  constexpr int kThreads = 64;
+  float* out = Cuda::allocate(kThreads);
+  std::vector<float> host(kThreads);
+  // how many threads read their neighbour's value (`step` on) as it should be
+  auto right = [&](const char* order, int step) {
+    order_env.set(order);
+    HATCH_CUDA_LAUNCH_SHARED(read_neighbour_unsynced, 1, kThreads, kThreads * sizeof(float), out, step);
+    Cuda::download(host.data(), out, kThreads);
+    int n = 0;
+    for (int t = 0; t < kThreads; ++t) n += host[t] == float((t + kThreads + step) % kThreads);
+    return n;
+  };
+  // In order, thread t reads thread t + 1's slot before it was written: uninitialised (NaN), except
+  // for the last thread, which reads thread 0's.
+  CHECK(right(nullptr, +1) == 1);
+  CHECK(std::isnan(host[0]));  // dynamic shared memory starts uninitialised: 0xff bytes, NaN
+  CHECK(right("forward", -1) == kThreads - 1);  // and the first thread reads the last's: not written yet
+  CHECK(right("reverse", +1) == kThreads - 1);
+  CHECK(right("reverse", -1) == 1);
+  const int next = right("shuffle", +1), previous = right("shuffle", -1);
+  CHECK(next < kThreads - 8);
+  CHECK(previous < kThreads - 8);
+  CHECK(next > 8);  // a random order, not one of the two above
+  CHECK(previous > 8);
+  order_env.set("backwards");
+  CHECK(error_of([] { (void)hatch_emulation::thread_order(); }) ==
+        "HATCH_EMULATION_THREAD_ORDER=backwards: expected forward, reverse or shuffle");
+  Cuda::deallocate(out, kThreads);
 }
 
 TEST_CASE("cuda_on_cpu: out of device memory, the caching allocator gives its cached blocks back and tries again") {

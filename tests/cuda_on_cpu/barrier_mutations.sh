@@ -1,0 +1,50 @@
+#!/bin/bash
+# Barrier mutations: which of the emulator's thread orders catch a missing barrier?
+#
+# Takes each __syncthreads() and __syncwarp() of the CUDA kernels (backend/cuda_kernels.cuh,
+# backend/cuda_attention.cuh) out in turn, in a copy of this working tree, rebuilds the kernels'
+# two CPU test programs and runs them with the block's threads in order, reversed and shuffled
+# (HATCH_EMULATION_THREAD_ORDER): the CUDA suite on the stand-ins (hatch_cuda_on_cpu_tests, less
+# its four slowest cases, which run the same kernels as the parity cases, and those left to a GPU)
+# and the emulated kernel tests of the unit suite (test_emulated_rows.cpp,
+# test_emulated_attention.cpp). Prints a markdown table: "caught" where the run failed.
+# About 35 minutes on two cores.
+#
+#   tests/cuda_on_cpu/barrier_mutations.sh [WORKDIR]   # default /tmp/hatch-barrier-mutations
+set -euo pipefail
+src=$(cd "$(dirname "$0")/../.." && pwd)
+work=${1:-/tmp/hatch-barrier-mutations}
+rm -rf "$work" && mkdir -p "$work"
+(cd "$src" && git ls-files -co --exclude-standard -z | xargs -0 cp --parents -t "$work")
+cd "$work"
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >build.log 2>&1
+skip="*ViT-B/16 sizes*,*on a GPU only*,*waits for the device once*,*four phases*,*a fetch of step scalars*,*the fit loop, two epochs*"
+build() {
+  cmake --build build --target hatch_cuda_on_cpu_tests -j2 >>build.log 2>&1 &&
+    g++ -std=c++20 -O1 -fopenmp -Iinclude -I/usr/include/eigen3 -Itests -DHATCH_FIXTURE_DIR="\"$work/tests/fixtures\"" \
+      tests/test_emulated_rows.cpp tests/test_emulated_attention.cpp tests/test_main.cpp -lz -o build/emulated >>build.log 2>&1
+}
+verdict() { if "$@" >run.log 2>&1; then echo -n "passed"; else echo -n "**caught**"; fi; }
+row() {  # the six verdicts for the tree as it is
+  for o in forward reverse shuffle; do
+    echo -n " | $(HATCH_EMULATION_THREAD_ORDER=$o OMP_NUM_THREADS=2 verdict timeout 600 build/tests/hatch_cuda_on_cpu_tests "-tce=$skip")"
+    echo -n " / $(HATCH_EMULATION_THREAD_ORDER=$o verdict timeout 600 build/emulated)"
+  done
+  echo " |"
+}
+echo "| barrier taken out (file:line, kernel) | in order: suite / emulated | reversed | shuffled |"
+echo "|---|---|---|---|"
+build || { echo "the unchanged tree does not build: $work/build.log"; exit 1; }
+echo -n "| none (the tree as it is)"; row
+for f in include/hatch/backend/cuda_kernels.cuh include/hatch/backend/cuda_attention.cuh; do
+  for ln in $(grep -n "__syncthreads();\|__syncwarp();" "$f" | cut -d: -f1); do
+    # the function the barrier is in: the last kernel or device function declared above it
+    fn=$(head -n "$ln" "$f" | grep -E "^(__global__|__device__)|^  *__device__ .*\(" | tail -1 |
+         sed -E 's/\(.*//; s/.* //')
+    cp "$f" "$f.orig"
+    sed -i "${ln}s/__syncthreads();/(void)0;/; ${ln}s/__syncwarp();/(void)0;/" "$f"
+    echo -n "| $(basename "$f"):$ln, \`$fn\`"
+    if build; then row; else echo " | build failed | | |"; fi
+    mv "$f.orig" "$f"
+  done
+done
