@@ -102,6 +102,21 @@ struct Head {
     return out + std::size_t(b) * n * orow + std::size_t(h) * D;
   }
   __device__ std::size_t heads_d() const { return orow; }  // from a head's queries to its keys, keys to values
+  // this head's row 0 of queries, keys and values in qkv
+  template <class T>
+  struct Slots {
+    T *q, *k, *v;
+  };
+  template <class T>
+  __device__ Slots<T> slots(T* qkv) const {
+    T* q = in_qkv(qkv);
+    return {q, q + heads_d(), q + 2 * heads_d()};
+  }
+  // the backward kernels' part of dQ for this head and this block of keys (blockIdx.y): rows of D
+  template <class T>
+  __device__ T* dq_part(T* parts) const {
+    return parts + (std::size_t(blockIdx.y) * gridDim.x + bh) * n * D;
+  }
 };
 
 // grid (batch heads, row_blocks(n, Tile)), kFwdThreads threads, forward_shared_bytes<T, D, Tile>() bytes
@@ -120,9 +135,7 @@ __global__ void forward(T* __restrict__ out, T* __restrict__ lse, const T* __res
   const int q0 = int(blockIdx.y) * BR;
   const Head<D> head(n, heads);
   const std::size_t row = head.row;
-  const T* qb = head.in_qkv(qkv);
-  const T* kb = qb + head.heads_d();
-  const T* vb = kb + head.heads_d();
+  const auto [qb, kb, vb] = head.slots(qkv);
   for (int e = t; e < BR * D; e += kFwdThreads) {
     const int i = e / D, d = e % D;
     Qt[d * LQ + i] = q0 + i < n ? qb[std::size_t(q0 + i) * row + d] : T(0);
@@ -227,12 +240,15 @@ struct QueryStep {
   __device__ explicit QueryStep(T* at)
       : Qt(at), dOt(Qt + D * LQ), Qs(dOt + D * LQ), dOs(Qs + BR * LD), Ps(dOs + BR * LD), dSs(Ps + BR * LB),
         lse(dSs + BR * LB), del(lse + BR) {}
-  // Queries q0 .. q0 + BR of one (example, head): rows of qb (stride row) and ob (stride orow),
-  // log-sum-exps and deltas from lse_bh and delta_bh; rows past n are zeros.
+  // Queries q0 .. q0 + BR of the block's (example, head): rows of its queries qb and output
+  // gradient ob, its log-sum-exps and deltas (lse, delta: batch heads rows of n); rows past n are zeros.
   template <int Threads>
-  __device__ void load(const T* qb, const T* ob, std::size_t row, std::size_t orow, const T* lse_bh,
-                       const T* delta_bh, int n, int q0) {
-    const int t = int(threadIdx.x);
+  __device__ void load(const Head<D>& head, const T* qb, const T* ob, const T* lse_rows, const T* delta_rows,
+                       int q0) {
+    const int t = int(threadIdx.x), n = head.n;
+    const std::size_t row = head.row, orow = head.orow;
+    const T* lse_bh = lse_rows + std::size_t(head.bh) * n;
+    const T* delta_bh = delta_rows + std::size_t(head.bh) * n;
     for (int e = t; e < BR * D; e += Threads) {
       const int i = e / D, d = e % D;
       const bool in = q0 + i < n;
@@ -336,14 +352,12 @@ __global__ void backward_narrow(T* __restrict__ dqkv, T* __restrict__ dq_part, c
   QueryStep<T, D, BC> step(Vs + BC * LD);
   const int t = int(threadIdx.x), ty = t / 8, tx = t % 8;  // key ty; queries tx*4 + c; dims tx*DV + c
   const int qy = t / 16, qx = t % 16;                       // dQ: queries qy*2 + {0,1}, dims qx*DQ + c
-  const int k0 = int(blockIdx.y) * BC, bhs = int(gridDim.x);
+  const int k0 = int(blockIdx.y) * BC;
   const Head<D> head(n, heads);
-  const int bh = head.bh;
-  const std::size_t row = head.row, orow = head.orow;
-  const T* qb = head.in_qkv(qkv);
-  const T* kb = qb + head.heads_d();
-  const T* vb = kb + head.heads_d();
+  const std::size_t row = head.row;
+  const auto [qb, kb, vb] = head.slots(qkv);
   const T* ob = head.in_out(dout);
+  T* part = head.dq_part(dq_part);
   for (int e = t; e < BC * D; e += kBwdThreads) {
     const int j = e / D, d = e % D;
     const bool in = k0 + j < n;
@@ -353,8 +367,7 @@ __global__ void backward_narrow(T* __restrict__ dqkv, T* __restrict__ dq_part, c
   T dk[KT][DV] = {}, dv[KT][DV] = {};
   for (int q0 = 0; q0 < n; q0 += BR) {
     __syncthreads();  // the previous step's readers are done (and the keys are in place)
-    step.template load<kBwdThreads>(qb, ob, row, orow, lse + std::size_t(bh) * n, delta_rows + std::size_t(bh) * n, n,
-                                    q0);
+    step.template load<kBwdThreads>(head, qb, ob, lse, delta_rows, q0);
     __syncthreads();
     T s[KT][4] = {}, dp[KT][4] = {};
     for (int d = 0; d < D; ++d) {
@@ -377,8 +390,7 @@ __global__ void backward_narrow(T* __restrict__ dqkv, T* __restrict__ dq_part, c
       }
     __syncthreads();
     accumulate_dk_dv<T, D, BC, KT>(dk, dv, step, ty * KT, tx * DV);
-    write_dq_part<T, D, BC, DQ>(dq_part + (std::size_t(blockIdx.y) * bhs + bh) * n * D, step, Ks,
-                                n - k0 < BC ? n - k0 : BC, n, q0, qy * 2, qx * DQ);
+    write_dq_part<T, D, BC, DQ>(part, step, Ks, n - k0 < BC ? n - k0 : BC, n, q0, qy * 2, qx * DQ);
   }
   store_dk_dv<T, D, KT>(head.in_qkv(dqkv) + head.heads_d(), dk, dv, row, heads, k0 + ty * KT, n, tx * DV);
 }
@@ -401,14 +413,12 @@ __global__ void backward_wide(T* __restrict__ dqkv, T* __restrict__ dq_part, con
   QueryStep<T, D, BC> step(Ks + BC * LD);
   // keys ty*4 + r; queries tx*4 + c (scores); dims tx*DV + c (dK, dV, dQ); dQ rows ty*2 + r
   const int t = int(threadIdx.x), ty = t / 8, tx = t % 8;
-  const int k0 = int(blockIdx.y) * BC, bhs = int(gridDim.x);
+  const int k0 = int(blockIdx.y) * BC;
   const Head<D> head(n, heads);
-  const int bh = head.bh;
-  const std::size_t row = head.row, orow = head.orow;
-  const T* qb = head.in_qkv(qkv);
-  const T* kb = qb + head.heads_d();
-  const T* vb = kb + head.heads_d();
+  const std::size_t row = head.row;
+  const auto [qb, kb, vb] = head.slots(qkv);
   const T* ob = head.in_out(dout);
+  T* part = head.dq_part(dq_part);
   for (int e = t; e < BC * D; e += kBwdWideThreads) {
     const int j = e / D, d = e % D;
     const bool in = k0 + j < n;
@@ -420,8 +430,7 @@ __global__ void backward_wide(T* __restrict__ dqkv, T* __restrict__ dq_part, con
   T dk[4][DV] = {}, dv[4][DV] = {};
   for (int q0 = 0; q0 < n; q0 += BR) {
     __syncthreads();  // the previous step's readers are done (and the keys are in place)
-    step.template load<kBwdWideThreads>(qb, ob, row, orow, lse + std::size_t(bh) * n,
-                                        delta_rows + std::size_t(bh) * n, n, q0);
+    step.template load<kBwdWideThreads>(head, qb, ob, lse, delta_rows, q0);
     __syncthreads();
     T s[4][4] = {}, dp[4][4] = {};
     for (int d = 0; d < D; ++d) {
@@ -446,8 +455,7 @@ __global__ void backward_wide(T* __restrict__ dqkv, T* __restrict__ dq_part, con
     }
     __syncthreads();
     accumulate_dk_dv<T, D, BC, 4>(dk, dv, step, ty * 4, tx * DV);
-    write_dq_part<T, D, BC, DV>(dq_part + (std::size_t(blockIdx.y) * bhs + bh) * n * D, step, Ks,
-                                n - k0 < BC ? n - k0 : BC, n, q0, ty * 2, tx * DV);
+    write_dq_part<T, D, BC, DV>(part, step, Ks, n - k0 < BC ? n - k0 : BC, n, q0, ty * 2, tx * DV);
   }
   store_dk_dv<T, D, 4>(head.in_qkv(dqkv) + head.heads_d(), dk, dv, row, heads, k0 + ty * 4, n, tx * DV);
 }
