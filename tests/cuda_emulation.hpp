@@ -1,23 +1,25 @@
 #pragma once
 // Runs a CUDA kernel's source on the CPU, for testing its indexing and synchronisation on a
-// machine without a GPU. Blocks run one after another; within a block every CUDA thread is a
+// machine without a GPU. Blocks run one after another (or a few at once, interleaved:
+// HATCH_EMULATION_BLOCKS_AT_ONCE); within a block every CUDA thread is a
 // fiber (its own stack, switched cooperatively on one OS thread; warps are 32 consecutive
 // linear thread indices, x fastest, as on the device). __syncthreads() is a barrier over the
 // block's threads and __syncwarp() over the warp's: a thread that arrives gives way to the next
 // until every thread has arrived; __shfl_xor_sync is a warp barrier around an exchange buffer; a
 // thread that returns drops out of both barriers (as exited threads do on the device). Threads
 // that wait at barriers no other thread can reach (a __syncthreads in divergent code) are
-// reported as a deadlock (std::logic_error) instead of hanging. Static __shared__ variables are
-// function-local statics (one per kernel instantiation, reused by the next block, as
-// uninitialised as the device's), dynamic shared memory is one buffer per block, filled with 0xff
-// bytes (NaN as floats: uninitialised, as on the device);
+// reported as a deadlock (std::logic_error) instead of hanging. Static shared variables
+// (HATCH_STATIC_SHARED) and dynamic shared memory are buffers of each resident block, 0xff bytes
+// (NaN as floats: uninitialised, as on the device) when made; a static one keeps its last block's
+// values for the next block run in its slot (as uninitialised as the device's);
 // atomicAdd is a std::atomic_ref, __threadfence a sequentially consistent fence.
 // It proves a kernel computes the right values (every thread, every block, every tile edge, the
-// "last block" logic of a grid-wide sum); it says nothing about speed, nor about concurrency
-// between blocks, nor about the device's memory model beyond these barriers. A missing barrier
+// "last block" logic of a grid-wide sum); it says nothing about speed, nor about the device's
+// memory model beyond these barriers (memory here is sequentially consistent). A missing barrier
 // shows when some thread reads a value before its writer ran; which threads run first is up to
-// HATCH_EMULATION_THREAD_ORDER (forward, reverse, shuffle; below), and which blocks, up to
-// HATCH_EMULATION_BLOCK_ORDER.
+// HATCH_EMULATION_THREAD_ORDER (forward, reverse, shuffle; below), which blocks, up to
+// HATCH_EMULATION_BLOCK_ORDER, and whether one block's threads run between another's, up to
+// HATCH_EMULATION_BLOCKS_AT_ONCE.
 //
 // Kernel headers written against this subset compile here (backend/cuda_attention.cuh,
 // backend/cuda_kernels.cuh): include this file first, then the kernel header, and call
@@ -109,6 +111,7 @@ struct Fiber {
   unsigned linear = 0;
   dim3 index;  // threadIdx
   bool done = false;
+  std::uint64_t idle_at = ~std::uint64_t(0);  // `progress` when it last gave way
 };
 
 // A barrier over `expected` fibers; arrive_and_drop lowers the count (an exited thread).
@@ -117,20 +120,28 @@ struct Barrier {
   std::uint64_t phase = 0;
 };
 
+// One block being run: its threads, barriers and shared memory. Several may be resident at once
+// (HATCH_EMULATION_BLOCKS_AT_ONCE); a slot takes the next block of the grid when its block ends.
 struct Block {
-  dim3 dim, grid;
+  dim3 dim, grid, index;  // blockDim, gridDim, blockIdx
   Barrier all;
   std::vector<Barrier> warps;
   std::vector<unsigned char> exchange;  // 8 bytes per thread for the shuffles
-  std::vector<unsigned char> shared;
+  std::vector<unsigned char> shared;    // dynamic shared memory
+  // HATCH_STATIC_SHARED variables, by declaration; kept for the slot's next block (as
+  // uninitialised as the device's)
+  std::vector<std::pair<const void*, std::unique_ptr<unsigned char[]>>> statics;
   std::vector<Fiber> fibers;
+  unsigned live = 0;  // threads not yet returned; 0: the slot is empty
+  std::uint64_t held = 0;       // >0: waits since the held-th atomic (see launch)
+  bool hold_on_atomic = false;  // shuffled, several blocks resident
   Context scheduler;
-  std::uint64_t progress = 0;  // arrivals and exits: a round without any is a deadlock
   std::exception_ptr error;
   void (*body)(void*) = nullptr;
   void* body_arg = nullptr;
 };
-inline Block* current = nullptr;  // the block being run (blocks run one after another)
+inline Block* current = nullptr;  // the block of the thread being run
+inline std::uint64_t progress = 0;  // arrivals and exits: a round without any is a deadlock
 inline thread_local dim3 thread_index, block_index;
 inline thread_local unsigned thread_linear = 0;
 inline Fiber* running = nullptr;
@@ -168,7 +179,7 @@ inline void yield() {
 }
 
 inline void arrive_and_wait(Barrier& b) {
-  ++current->progress;
+  ++progress;
   if (++b.arrived == b.expected) {
     b.arrived = 0;
     ++b.phase;
@@ -213,7 +224,7 @@ inline void fiber_main() {
   }
   Fiber* f = running;
   f->done = true;
-  ++b.progress;
+  ++progress;
   arrive_and_drop(b.warps[f->linear / 32]);
   arrive_and_drop(b.all);
   yield();  // never resumed
@@ -256,7 +267,9 @@ inline bool blocks_in_reverse() {
 // random order in every round of the scheduler, from HATCH_EMULATION_SEED, default 1). A thread
 // runs until it waits at a barrier, so with one order a missing barrier shows only when a thread
 // reads what a later thread writes (or overwrites what a later thread still has to read); the
-// other orders show the rest, as a GPU's warps, which keep no order, would now and then.
+// other orders show the rest, as a GPU's warps, which keep no order, would now and then. With
+// several blocks resident (HATCH_EMULATION_BLOCKS_AT_ONCE) the order runs over all their threads,
+// and shuffled, a block stops at an atomic addition (see launch).
 enum class ThreadOrder { forward, reverse, shuffle };
 inline ThreadOrder thread_order() {
   const char* v = std::getenv("HATCH_EMULATION_THREAD_ORDER");
@@ -290,6 +303,20 @@ inline std::vector<std::unique_ptr<unsigned char[]>>& stack_pool() {
   return pool;
 }
 
+// How many blocks are resident at once, their threads interleaved by one scheduler
+// (HATCH_EMULATION_BLOCKS_AT_ONCE, default 1: one block after another). With several, and threads
+// shuffled, one block's threads run between another's, so a block that reads what another block
+// has not written yet (a missing barrier before a "last block" counter, say) shows it.
+inline unsigned blocks_at_once() {
+  const char* v = std::getenv("HATCH_EMULATION_BLOCKS_AT_ONCE");
+  if (!v || !*v) return 1;
+  char* end = nullptr;
+  const unsigned long n = std::strtoul(v, &end, 10);
+  if (*end != '\0' || n < 1 || n > 32)
+    throw std::invalid_argument(std::string("HATCH_EMULATION_BLOCKS_AT_ONCE=") + v + ": expected 1 to 32");
+  return unsigned(n);
+}
+
 template <class Kernel, class... Args>
 void launch(Kernel kernel, dim3 grid, dim3 block, std::size_t shared_bytes, Args... args) {
   static std::mutex mu;  // one launch at a time: `current` and `running` are process-wide
@@ -298,72 +325,134 @@ void launch(Kernel kernel, dim3 grid, dim3 block, std::size_t shared_bytes, Args
   if (threads == 0) throw std::logic_error("hatch_emulation: a block of no threads");
   auto call = [&] { kernel(args...); };
   using Call = decltype(call);
+  const std::uint64_t blocks = std::uint64_t(grid.x) * grid.y * grid.z;
+  const unsigned slots = unsigned(std::min<std::uint64_t>(blocks_at_once(), blocks));
   auto& pool = stack_pool();
-  while (pool.size() < threads) pool.push_back(std::make_unique<unsigned char[]>(kFiberStack));
-  Block b;
-  b.dim = block;
-  b.grid = grid;
-  b.body = [](void* p) { (*static_cast<Call*>(p))(); };
-  b.body_arg = &call;
-  b.fibers.resize(threads);
-  for (unsigned t = 0; t < threads; ++t) {
-    b.fibers[t].stack = std::move(pool[t]);
-    b.fibers[t].linear = t;
-    b.fibers[t].index = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+  while (pool.size() < std::size_t(slots) * threads) pool.push_back(std::make_unique<unsigned char[]>(kFiberStack));
+  std::vector<Block> res(slots);
+  for (unsigned s = 0; s < slots; ++s) {
+    Block& b = res[s];
+    b.dim = block;
+    b.grid = grid;
+    b.body = [](void* p) { (*static_cast<Call*>(p))(); };
+    b.body_arg = &call;
+    b.fibers.resize(threads);
+    for (unsigned t = 0; t < threads; ++t) {
+      b.fibers[t].stack = std::move(pool[std::size_t(s) * threads + t]);
+      b.fibers[t].linear = t;
+      b.fibers[t].index = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+    }
   }
-  current = &b;
   struct Restore {  // the stacks go back to the pool whatever happens
-    Block& b;
+    std::vector<Block>& res;
     std::vector<std::unique_ptr<unsigned char[]>>& pool;
     ~Restore() {
-      for (std::size_t t = 0; t < b.fibers.size(); ++t) pool[t] = std::move(b.fibers[t].stack);
+      for (std::size_t s = 0; s < res.size(); ++s)
+        for (std::size_t t = 0; t < res[s].fibers.size(); ++t)
+          pool[s * res[s].fibers.size() + t] = std::move(res[s].fibers[t].stack);
       current = nullptr;
       running = nullptr;
     }
-  } restore{b, pool};
-  const std::uint64_t blocks = std::uint64_t(grid.x) * grid.y * grid.z;
+  } restore{res, pool};
   const bool reverse = blocks_in_reverse();
   const ThreadOrder order = thread_order();
-  std::vector<unsigned> turn(threads);  // the order of the fibers in a round of the scheduler
-  for (unsigned t = 0; t < threads; ++t) turn[t] = order == ThreadOrder::reverse ? threads - 1 - t : t;
-  for (std::uint64_t i = 0; i < blocks; ++i) {
-    const std::uint64_t l = reverse ? blocks - 1 - i : i;
-    block_index = dim3(unsigned(l % grid.x), unsigned((l / grid.x) % grid.y),
-                       unsigned(l / (std::uint64_t(grid.x) * grid.y)));  // the same for all its fibers
+  const bool shuffle = order == ThreadOrder::shuffle;
+  std::uint64_t next_block = 0;
+  auto start_block = [&](Block& b) {  // the grid's next block into slot b, if any is left
+    b.live = 0;
+    if (next_block == blocks) return;
+    const std::uint64_t l = reverse ? blocks - 1 - next_block : next_block;
+    ++next_block;
+    b.index = dim3(unsigned(l % grid.x), unsigned((l / grid.x) % grid.y),
+                   unsigned(l / (std::uint64_t(grid.x) * grid.y)));  // the same for all its fibers
     b.all = Barrier{threads};
     b.warps.assign((threads + 31) / 32, Barrier{});
     for (unsigned w = 0; w < b.warps.size(); ++w) b.warps[w].expected = std::min(32u, threads - 32 * w);
     b.exchange.assign(8 * std::size_t(threads), 0);
     b.shared.assign(shared_bytes + 16, 0xff);  // uninitialised, as on the device: NaN as floats
+    current = &b;
+    b.held = 0;
+    b.hold_on_atomic = shuffle && slots > 1;
     for (auto& f : b.fibers) {
       f.done = false;
+      f.idle_at = ~std::uint64_t(0);
       start_fiber(f);
     }
-    unsigned live = threads;
-    while (live > 0) {
-      const std::uint64_t before = b.progress;
-      if (order == ThreadOrder::shuffle)
-        for (unsigned t = threads; t > 1; --t) std::swap(turn[t - 1], turn[next_random() % t]);
-      for (unsigned t : turn) {
-        Fiber& f = b.fibers[t];
-        if (f.done) continue;
-        running = &f;
-        thread_linear = f.linear;
-        thread_index = f.index;
-        switch_context(b.scheduler, f.ctx, f.stack.get(), kFiberStack);
-        if (f.done) --live;
-      }
-      if (live > 0 && b.progress == before) {
+    b.live = threads;
+    ++progress;
+  };
+  for (auto& b : res) start_block(b);
+  // the order of (slot, thread) in a round of the scheduler: slot by slot, threads by index
+  std::vector<std::pair<unsigned, unsigned>> turn;
+  for (unsigned s = 0; s < slots; ++s)
+    for (unsigned t = 0; t < threads; ++t) turn.emplace_back(s, t);
+  if (order == ThreadOrder::reverse) std::reverse(turn.begin(), turn.end());
+  // Shuffled, with several blocks resident: a block whose thread makes an atomic addition stops
+  // there, its other threads wherever they were, until no other resident block can run; then the
+  // one that stopped last goes on first. A "last block" counter raised before the block's sums
+  // were all written then shows: the block that raises it last reads the others' sums first.
+  for (;;) {
+    if (shuffle)
+      for (std::size_t i = turn.size(); i > 1; --i) std::swap(turn[i - 1], turn[next_random() % i]);
+    Block* latest = nullptr;
+    bool others = false;
+    for (auto& b : res) {
+      if (b.live == 0) continue;
+      others = others || b.held == 0;
+      if (b.held > 0 && (!latest || b.held > latest->held)) latest = &b;
+    }
+    if (!others && latest) latest->held = 0;
+    bool any = false;
+    for (const auto& [s, t] : turn) {
+      Block& b = res[s];
+      Fiber& f = b.fibers[t];
+      if (b.live == 0 || f.done) continue;
+      any = true;
+      if (b.held > 0) continue;
+      current = &b;
+      running = &f;
+      thread_linear = f.linear;
+      thread_index = f.index;
+      block_index = b.index;
+      switch_context(b.scheduler, f.ctx, f.stack.get(), kFiberStack);
+      f.idle_at = progress;  // it waits at a barrier (or has returned)
+      if (f.done && --b.live == 0) {
         if (b.error) std::rethrow_exception(b.error);
-        throw std::logic_error("hatch_emulation: deadlock: threads wait at barriers the others never reach");
+        start_block(b);
       }
     }
-    if (b.error) std::rethrow_exception(b.error);
+    if (!any) break;
+    // a deadlock: every waiting thread has run since anything last moved, and none got further
+    bool live = false, stuck = true;
+    for (const auto& b : res) {
+      live = live || b.live > 0;
+      for (const auto& f : b.fibers) stuck = stuck && (b.live == 0 || f.done || f.idle_at == progress);
+    }
+    if (live && stuck) {
+      for (auto& b : res)
+        if (b.error) std::rethrow_exception(b.error);
+      throw std::logic_error("hatch_emulation: deadlock: threads wait at barriers the others never reach");
+    }
   }
+}
+
+// The storage of a HATCH_STATIC_SHARED variable of type A (declared at `key`) for the block of
+// the thread that runs: one per resident block, 0xff bytes (NaN as floats) when first made.
+template <class A>
+A& static_shared(const void* key) {
+  auto& statics = current->statics;
+  for (auto& [k, bytes] : statics)
+    if (k == key) return *reinterpret_cast<A*>(bytes.get());
+  auto bytes = std::make_unique<unsigned char[]>(sizeof(A));  // aligned as operator new[] aligns
+  std::memset(bytes.get(), 0xff, sizeof(A));
+  statics.emplace_back(key, std::move(bytes));
+  return *reinterpret_cast<A*>(statics.back().second.get());
 }
 
 template <class T>
 T atomic_add(T* p, T v) {
+  static std::uint64_t atomics = 0;
+  if (current && current->hold_on_atomic) current->held = ++atomics;
   return std::atomic_ref<T>(*p).fetch_add(v);
 }
 
@@ -384,7 +473,12 @@ inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z,
 #define __global__
 #define __device__
 #define __host__
-#define __shared__ static
+// Static shared memory is declared with HATCH_STATIC_SHARED (backend/cuda_kernels.cuh), so that
+// each resident block has its own; a plain __shared__ variable would be one for all of them.
+#define __shared__ hatch_emulation_declare_static_shared_memory_with_HATCH_STATIC_SHARED
+#define HATCH_STATIC_SHARED(T, name, extents)      \
+  static char name##_hatch_static_shared_key = 0; \
+  auto& name = ::hatch_emulation::static_shared<T extents>(&name##_hatch_static_shared_key)
 #define __forceinline__ inline
 #define __restrict__
 #define threadIdx (::hatch_emulation::thread_index)

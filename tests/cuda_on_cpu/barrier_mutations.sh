@@ -7,10 +7,12 @@
 # (HATCH_EMULATION_THREAD_ORDER): the CUDA suite on the stand-ins (hatch_cuda_on_cpu_tests, less
 # its four slowest cases, which run the same kernels as the parity cases, and those left to a GPU)
 # and the emulated kernel tests of the unit suite (test_emulated_rows.cpp,
-# test_emulated_attention.cpp). Prints a markdown table: "caught" where the run failed.
-# About 35 minutes on two cores.
+# test_emulated_attention.cpp). The three schedules are those of the ctests cuda_on_cpu,
+# cuda_on_cpu.reversed and cuda_on_cpu.shuffled. Prints a markdown table: "caught" where the run
+# failed. About 2 minutes a barrier on two cores (19 barriers in all).
 #
-#   tests/cuda_on_cpu/barrier_mutations.sh [WORKDIR]   # default /tmp/hatch-barrier-mutations
+#   tests/cuda_on_cpu/barrier_mutations.sh [WORKDIR [KERNEL HEADERS...]]
+#   # default /tmp/hatch-barrier-mutations, both headers
 set -euo pipefail
 src=$(cd "$(dirname "$0")/../.." && pwd)
 work=${1:-/tmp/hatch-barrier-mutations}
@@ -26,17 +28,21 @@ build() {
 }
 verdict() { if "$@" >run.log 2>&1; then echo -n "passed"; else echo -n "**caught**"; fi; }
 row() {  # the six verdicts for the tree as it is
-  for o in forward reverse shuffle; do
-    echo -n " | $(HATCH_EMULATION_THREAD_ORDER=$o OMP_NUM_THREADS=2 verdict timeout 600 build/tests/hatch_cuda_on_cpu_tests "-tce=$skip")"
-    echo -n " / $(HATCH_EMULATION_THREAD_ORDER=$o verdict timeout 600 build/emulated)"
+  for schedule in "HATCH_EMULATION_THREAD_ORDER=forward" \
+                  "HATCH_EMULATION_THREAD_ORDER=reverse HATCH_EMULATION_BLOCK_ORDER=reverse" \
+                  "HATCH_EMULATION_THREAD_ORDER=shuffle HATCH_EMULATION_BLOCKS_AT_ONCE=4 HATCH_EMULATION_SEED=1"; do
+    echo -n " | $(env $schedule OMP_NUM_THREADS=2 verdict timeout 600 build/tests/hatch_cuda_on_cpu_tests "-tce=$skip")"
+    echo -n " / $(env $schedule verdict timeout 600 build/emulated)"
   done
   echo " |"
 }
-echo "| barrier taken out (file:line, kernel) | in order: suite / emulated | reversed | shuffled |"
+echo "| barrier taken out (file:line, kernel) | in order: suite / emulated | reversed | shuffled, 4 blocks at once |"
 echo "|---|---|---|---|"
 build || { echo "the unchanged tree does not build: $work/build.log"; exit 1; }
 echo -n "| none (the tree as it is)"; row
-for f in include/hatch/backend/cuda_kernels.cuh include/hatch/backend/cuda_attention.cuh; do
+headers=("${@:2}")
+[ ${#headers[@]} -gt 0 ] || headers=(include/hatch/backend/cuda_kernels.cuh include/hatch/backend/cuda_attention.cuh)
+for f in "${headers[@]}"; do
   for ln in $(grep -n "__syncthreads();\|__syncwarp();" "$f" | cut -d: -f1); do
     # the function the barrier is in: the last kernel or device function declared above it
     fn=$(head -n "$ln" "$f" | grep -E "^(__global__|__device__)|^  *__device__ .*\(" | tail -1 |

@@ -51,6 +51,25 @@ __global__ void read_neighbour_unsynced(float* out, int step) {
   out[threadIdx.x] = s[(threadIdx.x + blockDim.x + step) % blockDim.x];  // __syncthreads() missing
 }
 
+// A grid-wide sum whose last block adds the blocks' partial sums (the pattern of LayerNorm's
+// one-kernel backward), with or without the barrier that makes every thread's partial written
+// before the block is counted.
+__global__ void last_block_sum(float* partial, unsigned* counter, float* out, int cols, bool barrier) {
+  const int tid = int(threadIdx.x);
+  for (int c = tid; c < cols; c += int(blockDim.x)) partial[std::size_t(blockIdx.x) * cols + c] = 1.f;
+  __threadfence();
+  if (barrier) __syncthreads();
+  HATCH_STATIC_SHARED(bool, last, );
+  if (tid == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  for (int c = tid; c < cols; c += int(blockDim.x)) {
+    float s = 0.f;
+    for (unsigned b = 0; b < gridDim.x; ++b) s += partial[std::size_t(b) * cols + c];
+    out[c] = s;
+  }
+}
+
 // Sets an environment variable for a scope, then puts back what was there.
 class ScopedEnv {
  public:
@@ -196,7 +215,8 @@ TEST_CASE("cuda_on_cpu: host code that touches device memory stops with a messag
 #endif
 
 TEST_CASE("cuda_on_cpu: HATCH_EMULATION_BLOCK_ORDER=reverse runs a grid's blocks last to first") {
-  ScopedEnv order_env("HATCH_EMULATION_BLOCK_ORDER");
+  ScopedEnv order_env("HATCH_EMULATION_BLOCK_ORDER"), at_once_env("HATCH_EMULATION_BLOCKS_AT_ONCE");
+  at_once_env.set(nullptr);  // one block after another
   float* out = Cuda::allocate(8);
   std::vector<float> host(8);
   auto run = [&](const char* order) {
@@ -244,6 +264,45 @@ TEST_CASE("cuda_on_cpu: HATCH_EMULATION_THREAD_ORDER runs a block's threads in o
   CHECK(error_of([] { (void)hatch_emulation::thread_order(); }) ==
         "HATCH_EMULATION_THREAD_ORDER=backwards: expected forward, reverse or shuffle");
   Cuda::deallocate(out, kThreads);
+}
+
+// With several blocks resident and threads shuffled, a block stops at its atomic addition until
+// the others cannot go on, and the last to stop goes on first: the last block then reads the
+// other blocks' partial sums before their unsynchronised threads wrote them.
+TEST_CASE("cuda_on_cpu: HATCH_EMULATION_BLOCKS_AT_ONCE interleaves blocks: a last-block sum without its barrier shows") {
+  ScopedEnv order_env("HATCH_EMULATION_THREAD_ORDER"), at_once_env("HATCH_EMULATION_BLOCKS_AT_ONCE"),
+      block_order_env("HATCH_EMULATION_BLOCK_ORDER");
+  constexpr int kBlocks = 3, kThreads = 64, kCols = 100;
+  float* partial = Cuda::allocate(kBlocks * kCols);
+  float* out = Cuda::allocate(kCols);
+  unsigned* counter = nullptr;
+  REQUIRE(cudaMalloc(&counter, sizeof(unsigned)) == cudaSuccess);
+  std::vector<float> host(kCols);
+  auto sums_right = [&](const char* order, const char* at_once, bool barrier) {
+    order_env.set(order);
+    at_once_env.set(at_once);
+    REQUIRE(cudaMemset(counter, 0, sizeof(unsigned)) == cudaSuccess);
+    Cuda::fill(partial, kBlocks * kCols, 0.f);
+    HATCH_CUDA_LAUNCH(last_block_sum, kBlocks, kThreads, partial, counter, out, kCols, barrier);
+    Cuda::download(host.data(), out, kCols);
+    bool right = true;
+    for (float v : host) right = right && v == float(kBlocks);
+    return right;
+  };
+  for (const char* blocks_order : {"forward", "reverse"}) {
+    block_order_env.set(blocks_order);
+    CHECK(sums_right(nullptr, nullptr, false));  // one block after another hides the fault
+    CHECK(sums_right("shuffle", "1", false));
+    CHECK(sums_right("shuffle", "4", true));     // with the barrier: right in every schedule
+    CHECK(sums_right("forward", "4", false));    // interleaved in order: every thread of a round runs
+    for (int i = 0; i < 5; ++i) CHECK_FALSE(sums_right("shuffle", "4", false));  // shown every time
+  }
+  at_once_env.set("0");
+  CHECK(error_of([] { (void)hatch_emulation::blocks_at_once(); }) ==
+        "HATCH_EMULATION_BLOCKS_AT_ONCE=0: expected 1 to 32");
+  REQUIRE(cudaFree(counter) == cudaSuccess);
+  Cuda::deallocate(out, kCols);
+  Cuda::deallocate(partial, kBlocks * kCols);
 }
 
 TEST_CASE("cuda_on_cpu: out of device memory, the caching allocator gives its cached blocks back and tries again") {

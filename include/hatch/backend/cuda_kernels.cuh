@@ -20,6 +20,13 @@
 
 #include "hatch/backend/random.hpp"
 
+// A kernel's statically sized shared memory: HATCH_STATIC_SHARED(float, tile, [32][33]) is
+// `__shared__ float tile[32][33]`. (The emulator of tests/cuda_emulation.hpp gives each block it
+// runs at once its own, which a plain `static` could not.)
+#ifndef HATCH_CUDA_EMULATION
+#define HATCH_STATIC_SHARED(T, name, extents) __shared__ T name extents
+#endif
+
 namespace hatch::cuda_kernels {
 
 inline constexpr int kThreads = 256;      // element kernels
@@ -220,7 +227,7 @@ __device__ inline T column_chunk_sum(F&& value, int rows, int rows_per_chunk, in
 template <class T>
 __global__ void sum_rows_partial(T* out, T* partial, const T* x, int rows, int cols, int ld, T beta,
                                  int rows_per_chunk) {
-  __shared__ T tile[kColLanes][33];
+  HATCH_STATIC_SHARED(T, tile, [kColLanes][33]);
   const int c = int(blockIdx.x) * 32 + int(threadIdx.x);
   const bool in_range = c < cols;
   const T s = column_chunk_sum<T>([&](int r) { return x[std::size_t(r) * ld + c]; }, rows, rows_per_chunk, c,
@@ -246,7 +253,7 @@ __global__ void sum_rows_finish(T* out, const T* partial, int chunks, int cols, 
 template <class T>
 __global__ void layer_norm_param_partial(T* dgamma, T* dbeta, T* partial, const T* dy, const T* x, const T* mean,
                                          const T* rstd, int rows, int cols, int rows_per_chunk) {
-  __shared__ T tile[kColLanes][33];
+  HATCH_STATIC_SHARED(T, tile, [kColLanes][33]);
   const int c = int(blockIdx.x) * 32 + int(threadIdx.x);
   const bool in_range = c < cols;
   T sg = T(0), sb = T(0);
@@ -562,7 +569,8 @@ __global__ void layer_norm_backward_regs(T* dx, T* dgamma, T* dbeta, T* partial,
   }
   if (!params) return;  // the same for every thread of the grid
 
-  __shared__ T sg[kMaxRowRegisterCols], sb[kMaxRowRegisterCols];
+  HATCH_STATIC_SHARED(T, sg, [kMaxRowRegisterCols]);
+  HATCH_STATIC_SHARED(T, sb, [kMaxRowRegisterCols]);
   for (int w = 0; w < kRowsPerBlock; ++w) {  // the block's warps, in order
     if (int(threadIdx.y) == w)
 #pragma unroll
@@ -593,7 +601,7 @@ __global__ void layer_norm_backward_regs(T* dx, T* dgamma, T* dbeta, T* partial,
   }
   __threadfence();  // the sums are visible to every block before this block is counted
   __syncthreads();
-  __shared__ bool last;
+  HATCH_STATIC_SHARED(bool, last, );
   if (tid == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
   __syncthreads();
   if (!last) return;
@@ -798,7 +806,7 @@ inline constexpr unsigned kReduceBlocks = 1024;  // at most this many partial su
 // Every thread of the block must call it, once per kernel.
 template <class V>
 __device__ V block_sum(V v) {
-  __shared__ V warp_sums[32];
+  HATCH_STATIC_SHARED(V, warp_sums, [32]);
   v = warp_sum(v);
   const int lane = int(threadIdx.x) % 32, warp = int(threadIdx.x) / 32;
   if (lane == 0) warp_sums[warp] = v;
