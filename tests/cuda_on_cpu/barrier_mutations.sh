@@ -31,8 +31,8 @@ row() {  # the six verdicts for the tree as it is
   for schedule in "HATCH_EMULATION_THREAD_ORDER=forward" \
                   "HATCH_EMULATION_THREAD_ORDER=reverse HATCH_EMULATION_BLOCK_ORDER=reverse" \
                   "HATCH_EMULATION_THREAD_ORDER=shuffle HATCH_EMULATION_BLOCKS_AT_ONCE=4 HATCH_EMULATION_SEED=1"; do
-    echo -n " | $(env $schedule OMP_NUM_THREADS=2 verdict timeout 600 build/tests/hatch_cuda_on_cpu_tests "-tce=$skip")"
-    echo -n " / $(env $schedule verdict timeout 600 build/emulated)"
+    echo -n " | $(export $schedule OMP_NUM_THREADS=2; verdict timeout 600 build/tests/hatch_cuda_on_cpu_tests "-tce=$skip")"
+    echo -n " / $(export $schedule; verdict timeout 600 build/emulated)"
   done
   echo " |"
 }
