@@ -449,10 +449,10 @@ A& static_shared(const void* key) {
   return *reinterpret_cast<A*>(statics.back().second.get());
 }
 
+inline std::uint64_t atomics_made = 0;  // numbers the atomic additions that stop a block
 template <class T>
 T atomic_add(T* p, T v) {
-  static std::uint64_t atomics = 0;
-  if (current && current->hold_on_atomic) current->held = ++atomics;
+  if (current && current->hold_on_atomic) current->held = ++atomics_made;
   return std::atomic_ref<T>(*p).fetch_add(v);
 }
 
