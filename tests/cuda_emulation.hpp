@@ -141,7 +141,7 @@ struct Block {
   void* body_arg = nullptr;
 };
 inline Block* current = nullptr;  // the block of the thread being run
-inline std::uint64_t progress = 0;  // arrivals and exits: a round without any is a deadlock
+inline std::uint64_t progress = 0;  // arrivals, exits and block starts (see Fiber::idle_at)
 inline thread_local dim3 thread_index, block_index;
 inline thread_local unsigned thread_linear = 0;
 inline Fiber* running = nullptr;
@@ -370,7 +370,6 @@ void launch(Kernel kernel, dim3 grid, dim3 block, std::size_t shared_bytes, Args
     for (unsigned w = 0; w < b.warps.size(); ++w) b.warps[w].expected = std::min(32u, threads - 32 * w);
     b.exchange.assign(8 * std::size_t(threads), 0);
     b.shared.assign(shared_bytes + 16, 0xff);  // uninitialised, as on the device: NaN as floats
-    current = &b;
     b.held = 0;
     b.hold_on_atomic = shuffle && slots > 1;
     for (auto& f : b.fibers) {
