@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The CUDA suite on CPU threads under AddressSanitizer and UBSan, with every device block its
-# tensor's exact size (HATCH_CUDA_ON_CPU_EXACT_BLOCKS), so that a kernel or a copy that touches a
-# byte past a tensor is reported. Not part of ctest (about 3 minutes to build, 3 to run on two
+# The CUDA suite on CPU threads under AddressSanitizer and UBSan, with every device block a heap
+# block (HATCH_CUDA_ON_CPU_EXACT_BLOCKS) of its tensor's exact size and freed with it (hatch's
+# cache off: HATCH_CUDA_CACHING=0), so that a kernel or a copy that touches a byte past a tensor,
+# or a tensor already freed, is reported. Not part of ctest (about 3 minutes to build, 3 to run on two
 # cores). Usage: tests/cuda_on_cpu/asan.sh [build-dir] [doctest options]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -18,4 +19,4 @@ g++ "${flags[@]}" "${dev[@]}" -c tests/cuda_on_cpu/kernel_tests.cpp -o "$out/ker
 wait
 g++ -fsanitize=address,undefined -fopenmp "$out"/backend.o "$out"/kernels.o "$out"/stand_ins.o "$out"/cpu_side.o "$out"/main.o -lz \
   -o "$out/hatch_cuda_on_cpu_asan"
-OMP_NUM_THREADS=2 "$out/hatch_cuda_on_cpu_asan" "-tce=*ViT-B/16 sizes*,*on a GPU only*" "$@"
+HATCH_CUDA_CACHING=0 OMP_NUM_THREADS=2 "$out/hatch_cuda_on_cpu_asan" "-tce=*ViT-B/16 sizes*,*on a GPU only*" "$@"

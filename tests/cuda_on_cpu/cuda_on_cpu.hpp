@@ -155,6 +155,9 @@ inline auto allocation_of(const std::map<std::uintptr_t, std::size_t>& map, cons
   return a < it->first + std::max<std::size_t>(it->second, 1) ? it : map.end();
 }
 
+// How many emulated device operations (kernels, copies, GEMMs) run now: a fault inside the device
+// range while one runs is that operation reaching memory it was not given.
+inline int device_work_running = 0;
 #if !defined(HATCH_CUDA_ON_CPU_EXACT_BLOCKS)
 // Address space reserved for device memory (no memory is committed until used); what may be in
 // use at once is memory_limit().
@@ -171,17 +174,25 @@ inline struct sigaction& previous_segv() {
   static struct sigaction old {};
   return old;
 }
-// A fault inside the device range is host code touching device memory: say so, then let the
+// A fault inside the device range is host code touching device memory, or device work touching
+// memory none of its arguments names (another tensor, a freed one): say which, then let the
 // previous handler (doctest's, which names the test) or the default one report the crash.
 inline void on_segv(int sig, siginfo_t* info, void* ctx) {
   State& s = state();
   const auto a = reinterpret_cast<std::uintptr_t>(info->si_addr), base = reinterpret_cast<std::uintptr_t>(s.arena);
   if (s.arena && a >= base && a < base + kArenaBytes) {
-    char msg[200];
-    const int n = std::snprintf(msg, sizeof msg,
-                                "cuda_on_cpu: host code touched device memory at %p (offset %zu of the device "
-                                "range): on a GPU this is an invalid host access\n",
-                                info->si_addr, std::size_t(a - base));
+    char msg[300];
+    const int n =
+        device_work_running > 0
+            ? std::snprintf(msg, sizeof msg,
+                            "cuda_on_cpu: device work touched device memory at %p (offset %zu of the device range) "
+                            "that none of its arguments names (another tensor, or a freed one): on a GPU this is "
+                            "an illegal address, or a silent read of whatever is there\n",
+                            info->si_addr, std::size_t(a - base))
+            : std::snprintf(msg, sizeof msg,
+                            "cuda_on_cpu: host code touched device memory at %p (offset %zu of the device "
+                            "range): on a GPU this is an invalid host access\n",
+                            info->si_addr, std::size_t(a - base));
     if (n > 0) (void)!write(2, msg, std::size_t(n));
   }
   struct sigaction& old = previous_segv();
@@ -213,8 +224,8 @@ inline void ensure_segv_handler() {
 // pages, and nested or repeated opens of one allocation are counted.
 class DeviceAccess {
  public:
-  DeviceAccess() = default;
-  DeviceAccess(std::initializer_list<const void*> ps) {
+  DeviceAccess() { ++device_work_running; }
+  DeviceAccess(std::initializer_list<const void*> ps) : DeviceAccess() {
     for (const void* p : ps) add(p);
   }
   void add(const void* p) {
@@ -245,6 +256,7 @@ class DeviceAccess {
     }
   }
   ~DeviceAccess() {
+    --device_work_running;
 #if !defined(HATCH_CUDA_ON_CPU_EXACT_BLOCKS)
     if (opened_.empty()) return;
     State& s = state();

@@ -6,11 +6,13 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "hatch/cuda.hpp"
@@ -39,6 +41,11 @@ __global__ void divergent_barriers(float* out) {
 // Wrong on a GPU: each block reads what the block before it wrote (blocks run in no fixed order).
 __global__ void chain_blocks(float* out) {
   if (threadIdx.x == 0) out[blockIdx.x] = blockIdx.x == 0 ? 1.f : out[blockIdx.x - 1] + 1.f;
+}
+
+__global__ void copy_floats(const float* src, float* dst, int n) {
+  const int i = int(blockIdx.x * blockDim.x + threadIdx.x);
+  if (i < n) dst[i] = src[i];
 }
 
 // Wrong on a GPU: no barrier between each thread's write to shared memory and its read of a
@@ -179,9 +186,9 @@ TEST_CASE("cuda_on_cpu: launch limits, barriers no thread can pass, copies, GEMM
 }
 
 #if !defined(HATCH_CUDA_ON_CPU_EXACT_BLOCKS)
-TEST_CASE("cuda_on_cpu: host code that touches device memory stops with a message naming the address") {
-  float* p = Cuda::allocate(16);
-  Cuda::synchronize();
+// Runs `body` in a child process and returns what it wrote to stderr, and whether a signal ended it.
+template <class F>
+std::pair<std::string, bool> in_child(F body) {
   int pipe_fd[2];
   REQUIRE(pipe(pipe_fd) == 0);
   std::fflush(nullptr);
@@ -192,8 +199,7 @@ TEST_CASE("cuda_on_cpu: host code that touches device memory stops with a messag
     close(pipe_fd[0]);
     signal(SIGSEGV, SIG_DFL);  // no test framework's report in the child: the stand-in's message, then the signal
     hatch_cuda_on_cpu::ensure_segv_handler();
-    volatile float* v = p;
-    v[3] = 1.f;  // what a GPU program cannot do
+    body();
     _exit(0);
   }
   close(pipe_fd[1]);
@@ -203,7 +209,17 @@ TEST_CASE("cuda_on_cpu: host code that touches device memory stops with a messag
   close(pipe_fd[0]);
   int status = 0;
   REQUIRE(waitpid(child, &status, 0) == child);
-  CHECK(WIFSIGNALED(status));
+  return {err, WIFSIGNALED(status)};
+}
+
+TEST_CASE("cuda_on_cpu: host code that touches device memory stops with a message naming the address") {
+  float* p = Cuda::allocate(16);
+  Cuda::synchronize();
+  const auto [err, signalled] = in_child([p] {
+    volatile float* v = p;
+    v[3] = 1.f;  // what a GPU program cannot do
+  });
+  CHECK(signalled);
   CHECK(err.find("host code touched device memory") != std::string::npos);
   // device work on the same memory is fine
   Cuda::fill(p, 16, 2.f);
@@ -211,6 +227,31 @@ TEST_CASE("cuda_on_cpu: host code that touches device memory stops with a messag
   Cuda::download(host.data(), p, 16);
   CHECK(host[3] == 2.f);
   Cuda::deallocate(p, 16);
+}
+
+// A kernel handed a tensor already freed reads whatever its block holds now. With the cache (the
+// default) that block is still hatch's, so nothing can tell; without it (HATCH_CUDA_CACHING=0) the
+// block is the driver's again, and the read faults: on a GPU under compute-sanitizer memcheck, here
+// at once.
+TEST_CASE("cuda_on_cpu: without caching, a kernel that reads a freed tensor stops with a message") {
+  const bool was = Cuda::memory_caching();
+  auto read_freed = [](bool caching) {
+    return in_child([caching] {
+      Cuda::set_memory_caching(caching);
+      float* dst = Cuda::allocate(64);
+      float* src = Cuda::allocate(64);
+      Cuda::fill(src, 64, 1.f);
+      Cuda::deallocate(src, 64);
+      HATCH_CUDA_LAUNCH(copy_floats, 1, 64, src, dst, 64);
+      Cuda::synchronize();
+    });
+  };
+  CHECK_FALSE(read_freed(true).second);  // the cache hides it
+  const auto [err, signalled] = read_freed(false);
+  CHECK(signalled);
+  CHECK(err.find("device work touched device memory") != std::string::npos);
+  CHECK(err.find("a freed one") != std::string::npos);
+  CHECK(Cuda::memory_caching() == was);  // (the child's setting stayed there)
 }
 #endif
 
@@ -306,6 +347,8 @@ TEST_CASE("cuda_on_cpu: HATCH_EMULATION_BLOCKS_AT_ONCE interleaves blocks: a las
 }
 
 TEST_CASE("cuda_on_cpu: out of device memory, the caching allocator gives its cached blocks back and tries again") {
+  const bool was = Cuda::memory_caching();
+  Cuda::set_memory_caching(true);
   Cuda::release_cache();
   ScopedEnv memory_env("HATCH_CUDA_ON_CPU_MEMORY_MIB");
   // what hatch holds now, plus 3 MiB: room for a cached 2 MiB block or a new 2.5 MiB one, not both
@@ -324,6 +367,7 @@ TEST_CASE("cuda_on_cpu: out of device memory, the caching allocator gives its ca
         std::string::npos);
   Cuda::deallocate(b, 0);
   Cuda::release_cache();
+  Cuda::set_memory_caching(was);
 }
 
 // Device work runs when the host waits for it, as on a GPU, so reading its results too early shows.

@@ -140,11 +140,26 @@ inline void wait_for_stream() {
   HATCH_CUDA_CHECK(cudaStreamSynchronize(stream()));
 }
 
+// A setting from the environment: unset or empty is `fallback`, "0" is off, anything else on.
+inline bool env_switch(const char* name, bool fallback) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return fallback;
+  return std::strcmp(v, "0") != 0;
+}
+
 // ---- caching allocator -------------------------------------------------------------------------
 // cudaMalloc and cudaFree synchronise the device and cost tens of microseconds, so freed blocks
 // are kept in free lists keyed by (device, rounded size) and handed out again. Rounding: 512-byte
 // steps up to 1 MiB, then eight steps per power of two (at most 12.5% waste). Memory goes back to
 // the driver only on release_cache() or when a cudaMalloc fails for lack of memory.
+//
+// Without caching (HATCH_CUDA_CACHING=0, or Cuda::set_memory_caching(false): PyTorch's
+// PYTORCH_NO_CUDA_MEMORY_CACHING=1), every block is cudaMalloc'ed at its tensor's exact size and
+// cudaFree'd when the tensor lets it go. Slow (every free waits for the device; those waits are
+// not counted in host_waits), but a memory checker then sees what the cache hides from it: an
+// access past a tensor's end that stays inside its rounded block, and an access to a tensor
+// already freed whose block sits in a free list. bench/gpu-sanitize.sh runs compute-sanitizer's
+// memcheck so, and tests/cuda_on_cpu/asan.sh the on-CPU suite under AddressSanitizer.
 class DeviceCache {
  public:
   // Never destroyed: tensors with static storage may free their blocks after every other static
@@ -154,12 +169,8 @@ class DeviceCache {
     return *cache;
   }
 
+  // The size class of a request of `bytes` (what a cached block of it holds).
   static std::size_t round_size(std::size_t bytes) {
-#if defined(HATCH_CUDA_ON_CPU_EXACT_BLOCKS)
-    // (the CUDA suite on CPU threads under AddressSanitizer: every block its tensor's exact size,
-    // so that a kernel reading or writing past a tensor's end is caught; docs/cuda.md)
-    return bytes ? bytes : 1;
-#endif
     constexpr std::size_t kStep = 512, kSmall = std::size_t(1) << 20;
     if (bytes <= kStep) return kStep;
     if (bytes <= kSmall) return (bytes + kStep - 1) / kStep * kStep;
@@ -167,12 +178,22 @@ class DeviceCache {
     return (bytes + step - 1) / step * step;
   }
 
+  // Whether freed blocks are kept for reuse (see above). Turning caching off gives the cached
+  // blocks back to the driver; blocks in use are freed when their tensors let them go.
+  bool caching() const { return caching_.load(); }
+  void set_caching(bool on) {
+    std::lock_guard<std::mutex> lock(mu_);
+    caching_ = on;
+    if (!on) release_locked();
+  }
+
   void* allocate(std::size_t bytes) {
-    const std::size_t size = round_size(bytes);
     int device = 0;
     HATCH_CUDA_CHECK(cudaGetDevice(&device));
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = free_.find({device, size});
+    const bool cache = caching_.load();
+    const std::size_t size = cache ? round_size(bytes) : std::max<std::size_t>(bytes, 1);
+    auto it = cache ? free_.find({device, size}) : free_.end();
     if (it != free_.end() && !it->second.empty()) {
       void* p = it->second.back();
       it->second.pop_back();
@@ -219,6 +240,10 @@ class DeviceCache {
     }
     auto node = live_.extract(it);
     const Block b = node.mapped();
+    if (!caching_.load()) {
+      give_back(p, b);
+      return;
+    }
     try {
       spare_nodes_.push_back(std::move(node));
       free_[{b.device, b.size}].push_back(p);
@@ -282,6 +307,21 @@ class DeviceCache {
     peak_in_use_ = std::max(peak_in_use_, live_bytes_ - cached_bytes_);
     peak_reserved_ = std::max(peak_reserved_, live_bytes_);
   }
+  // Frees one block not in use (uncached mode), on its own device; noexcept like deallocate.
+  void give_back(void* p, Block b) noexcept {
+    int current = 0;
+    cudaError_t e = cudaGetDevice(&current);
+    if (e == cudaSuccess && current != b.device) e = cudaSetDevice(b.device);
+    if (e == cudaSuccess) e = cudaFree(p);
+    if (current != b.device) (void)cudaSetDevice(current);
+    if (e != cudaSuccess) {
+      (void)cudaGetLastError();
+      std::fprintf(stderr, "hatch::Cuda::deallocate: cudaFree(%p) failed: %s (%s)\n", p, cudaGetErrorName(e),
+                   cudaGetErrorString(e));
+      return;  // (the block stays counted as held: nothing says the driver has it back)
+    }
+    live_bytes_ -= b.size;
+  }
   void release_locked() {
     int current = 0;
     HATCH_CUDA_CHECK(cudaGetDevice(&current));
@@ -304,6 +344,7 @@ class DeviceCache {
   std::size_t cached_bytes_ = 0;  // of which in the free lists
   std::size_t peak_in_use_ = 0, peak_reserved_ = 0;
   std::atomic<std::int64_t> mallocs_{0};
+  std::atomic<bool> caching_{env_switch("HATCH_CUDA_CACHING", true)};
 };
 
 // Scratch memory for one primitive call, returned to the cache at scope exit. Reuse by the next
@@ -419,11 +460,6 @@ inline cublasHandle_t cublas_handle() {
 // separate bias kernels); bench/gpu.sh times each switch.
 enum class Epilogue { none, bias, bias_grad };
 
-inline bool env_switch(const char* name, bool fallback) {
-  const char* v = std::getenv(name);
-  if (!v || !*v) return fallback;
-  return std::strcmp(v, "0") != 0;
-}
 inline std::atomic<bool>& lt_flag() {
   static std::atomic<bool> on{env_switch("HATCH_CUDA_LT", true)};
   return on;
@@ -895,6 +931,11 @@ struct Cuda {
   static std::atomic<std::int64_t>& allocation_count() { return cuda_detail::DeviceCache::instance().malloc_count(); }
   // Frees every cached (unused) block back to the driver.
   static void release_cache() { cuda_detail::DeviceCache::instance().release(); }
+  // Whether freed blocks are cached for reuse (on unless HATCH_CUDA_CACHING=0). Off, every block
+  // is its tensor's exact size and freed at once: for memory checkers (compute-sanitizer), not
+  // for speed; see cuda_detail::DeviceCache.
+  static void set_memory_caching(bool on) { cuda_detail::DeviceCache::instance().set_caching(on); }
+  static bool memory_caching() { return cuda_detail::DeviceCache::instance().caching(); }
   static std::size_t cached_bytes() { return cuda_detail::DeviceCache::instance().cached_bytes(); }
   // Device memory through hatch's cache, over all devices: in use, held from the driver, and
   // their peaks since the start or reset_peak_memory() (torch.cuda.max_memory_allocated and
