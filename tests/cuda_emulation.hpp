@@ -19,7 +19,9 @@
 // shows when some thread reads a value before its writer ran; which threads run first is up to
 // HATCH_EMULATION_THREAD_ORDER (forward, reverse, shuffle; below), which blocks, up to
 // HATCH_EMULATION_BLOCK_ORDER, and whether one block's threads run between another's, up to
-// HATCH_EMULATION_BLOCKS_AT_ONCE.
+// HATCH_EMULATION_BLOCKS_AT_ONCE. Two threads writing the same shared memory between two
+// barriers (a lost update on a GPU) show in no order, since a thread runs from one barrier to the
+// next without giving way; HATCH_EMULATION_RACECHECK=1 reports them (racecheck_commit below).
 //
 // Kernel headers written against this subset compile here (backend/cuda_attention.cuh,
 // backend/cuda_kernels.cuh): include this file first, then the kernel header, and call
@@ -120,6 +122,8 @@ struct Barrier {
   std::uint64_t phase = 0;
 };
 
+struct Watched;  // a shared buffer under racecheck (below)
+
 // One block being run: its threads, barriers and shared memory. Several may be resident at once
 // (HATCH_EMULATION_BLOCKS_AT_ONCE); a slot takes the next block of the grid when its block ends.
 struct Block {
@@ -131,7 +135,10 @@ struct Block {
   // HATCH_STATIC_SHARED variables, by declaration; kept for the slot's next block (as
   // uninitialised as the device's)
   std::vector<std::pair<const void*, std::unique_ptr<unsigned char[]>>> statics;
+  std::vector<std::size_t> static_sizes;  // their sizes, in the same order
   std::vector<Fiber> fibers;
+  std::vector<Watched> watched;  // its shared buffers, under HATCH_EMULATION_RACECHECK=1
+  bool racecheck = false;
   unsigned live = 0;  // threads not yet returned; 0: the slot is empty
   std::uint64_t held = 0;       // >0: waits since the held-th atomic (see launch)
   bool hold_on_atomic = false;  // shuffled, several blocks resident
@@ -140,6 +147,66 @@ struct Block {
   void (*body)(void*) = nullptr;
   void* body_arg = nullptr;
 };
+// ---- racecheck (HATCH_EMULATION_RACECHECK=1) ------------------------------------------------------
+// A thread here runs from one barrier to the next without giving way, so two threads that write
+// the same shared memory between two barriers leave the value of whichever ran last, and no order
+// of threads shows the race (a non-atomic `s[0] += v` by every thread adds up right). What the
+// emulator can see is what each thread changed: every time a thread arrives at a barrier or
+// returns, each shared buffer of its block is compared with a copy of it as it was, and every
+// changed byte is recorded with its writer and the barrier phases then (the block's, the writer's
+// warp's). A byte changed by a second thread while those phases are the same (no __syncthreads
+// since, nor a __syncwarp or shuffle both took part in) is a write-after-write hazard, as
+// compute-sanitizer's racecheck reports it: the block ends with an error naming both threads.
+// (A write of the value already there changes nothing and is not seen; neither are reads.)
+struct Watched {
+  unsigned char* data = nullptr;
+  std::size_t size = 0;
+  const char* what = "";       // "dynamic shared memory" or "a static shared variable"
+  std::vector<unsigned char> seen;  // the contents as last compared
+  struct Write {
+    std::uint32_t writer = ~std::uint32_t(0);
+    std::uint64_t block_phase = 0, warp_phase = 0;
+  };
+  std::vector<Write> last;
+  Watched(unsigned char* d, std::size_t n, const char* w) : data(d), size(n), what(w), seen(d, d + n), last(n) {}
+};
+inline bool racecheck_on() {
+  const char* v = std::getenv("HATCH_EMULATION_RACECHECK");
+  if (!v || !*v || std::strcmp(v, "0") == 0) return false;
+  if (std::strcmp(v, "1") == 0) return true;
+  throw std::invalid_argument(std::string("HATCH_EMULATION_RACECHECK=") + v + ": expected 0 or 1");
+}
+inline std::string thread_name(const Block& b, unsigned linear) {
+  const unsigned x = linear % b.dim.x, y = (linear / b.dim.x) % b.dim.y, z = linear / (b.dim.x * b.dim.y);
+  return "(" + std::to_string(x) + "," + std::to_string(y) + "," + std::to_string(z) + ")";
+}
+// What thread `t` of block `b` changed since the last comparison (see above).
+inline void racecheck_commit(Block& b, unsigned t) {
+  const std::uint64_t block_phase = b.all.phase, warp_phase = b.warps[t / 32].phase;
+  for (Watched& w : b.watched) {
+    constexpr std::size_t kChunk = 64;
+    for (std::size_t c = 0; c < w.size; c += kChunk) {
+      const std::size_t n = std::min(kChunk, w.size - c);
+      if (std::memcmp(w.data + c, w.seen.data() + c, n) == 0) continue;
+      for (std::size_t i = c; i < c + n; ++i) {
+        if (w.data[i] == w.seen[i]) continue;
+        Watched::Write& l = w.last[i];
+        const bool synced = l.writer == ~std::uint32_t(0) || l.writer == t || l.block_phase != block_phase ||
+                            (l.writer / 32 == t / 32 && l.warp_phase != warp_phase);
+        if (!synced && !b.error) {
+          b.error = std::make_exception_ptr(std::logic_error(
+              "hatch_emulation: racecheck: threads " + thread_name(b, l.writer) + " and " + thread_name(b, t) +
+              " of block (" + std::to_string(b.index.x) + "," + std::to_string(b.index.y) + "," +
+              std::to_string(b.index.z) + ") both wrote byte " + std::to_string(i) + " of " + w.what +
+              " with no barrier between them (a write-after-write hazard)"));
+        }
+        l = {t, block_phase, warp_phase};
+        w.seen[i] = w.data[i];
+      }
+    }
+  }
+}
+
 inline Block* current = nullptr;  // the block of the thread being run
 inline std::uint64_t progress = 0;  // arrivals, exits and block starts (see Fiber::idle_at)
 inline thread_local dim3 thread_index, block_index;
@@ -179,6 +246,7 @@ inline void yield() {
 }
 
 inline void arrive_and_wait(Barrier& b) {
+  if (current->racecheck) racecheck_commit(*current, running->linear);
   ++progress;
   if (++b.arrived == b.expected) {
     b.arrived = 0;
@@ -223,6 +291,7 @@ inline void fiber_main() {
     if (!b.error) b.error = std::current_exception();
   }
   Fiber* f = running;
+  if (b.racecheck) racecheck_commit(b, f->linear);
   f->done = true;
   ++progress;
   arrive_and_drop(b.warps[f->linear / 32]);
@@ -317,6 +386,12 @@ inline unsigned blocks_at_once() {
   return unsigned(n);
 }
 
+// a block's dynamic shared memory, 16-byte aligned
+inline unsigned char* dynamic_shared_of(Block& b) {
+  auto p = reinterpret_cast<std::uintptr_t>(b.shared.data());
+  return reinterpret_cast<unsigned char*>((p + 15) & ~std::uintptr_t(15));
+}
+
 template <class Kernel, class... Args>
 void launch(Kernel kernel, dim3 grid, dim3 block, std::size_t shared_bytes, Args... args) {
   static std::mutex mu;  // one launch at a time: `current` and `running` are process-wide
@@ -356,6 +431,7 @@ void launch(Kernel kernel, dim3 grid, dim3 block, std::size_t shared_bytes, Args
   } restore{res, pool};
   const bool reverse = blocks_in_reverse();
   const ThreadOrder order = thread_order();
+  const bool racecheck = racecheck_on();
   const bool shuffle = order == ThreadOrder::shuffle;
   std::uint64_t next_block = 0;
   auto start_block = [&](Block& b) {  // the grid's next block into slot b, if any is left
@@ -370,6 +446,13 @@ void launch(Kernel kernel, dim3 grid, dim3 block, std::size_t shared_bytes, Args
     for (unsigned w = 0; w < b.warps.size(); ++w) b.warps[w].expected = std::min(32u, threads - 32 * w);
     b.exchange.assign(8 * std::size_t(threads), 0);
     b.shared.assign(shared_bytes + 16, 0xff);  // uninitialised, as on the device: NaN as floats
+    b.racecheck = racecheck;
+    b.watched.clear();
+    if (racecheck) {
+      if (shared_bytes) b.watched.emplace_back(dynamic_shared_of(b), shared_bytes, "dynamic shared memory");
+      for (std::size_t i = 0; i < b.statics.size(); ++i)
+        b.watched.emplace_back(b.statics[i].second.get(), b.static_sizes[i], "a static shared variable");
+    }
     b.held = 0;
     b.hold_on_atomic = shuffle && slots > 1;
     for (auto& f : b.fibers) {
@@ -439,27 +522,33 @@ void launch(Kernel kernel, dim3 grid, dim3 block, std::size_t shared_bytes, Args
 // the thread that runs: one per resident block, 0xff bytes (NaN as floats) when first made.
 template <class A>
 A& static_shared(const void* key) {
-  auto& statics = current->statics;
-  for (auto& [k, bytes] : statics)
+  Block& b = *current;
+  for (auto& [k, bytes] : b.statics)
     if (k == key) return *reinterpret_cast<A*>(bytes.get());
   auto bytes = std::make_unique<unsigned char[]>(sizeof(A));  // aligned as operator new[] aligns
   std::memset(bytes.get(), 0xff, sizeof(A));
-  statics.emplace_back(key, std::move(bytes));
-  return *reinterpret_cast<A*>(statics.back().second.get());
+  b.statics.emplace_back(key, std::move(bytes));
+  b.static_sizes.push_back(sizeof(A));
+  unsigned char* p = b.statics.back().second.get();
+  if (b.racecheck) b.watched.emplace_back(p, sizeof(A), "a static shared variable");
+  return *reinterpret_cast<A*>(p);
 }
 
 inline std::uint64_t atomics_made = 0;  // numbers the atomic additions that stop a block
 template <class T>
 T atomic_add(T* p, T v) {
   if (current && current->hold_on_atomic) current->held = ++atomics_made;
-  return std::atomic_ref<T>(*p).fetch_add(v);
+  const T old = std::atomic_ref<T>(*p).fetch_add(v);
+  if (current && current->racecheck) {  // an atomic addition to shared memory races with nobody
+    const auto* b = reinterpret_cast<const unsigned char*>(p);
+    for (Watched& w : current->watched)
+      if (b >= w.data && b + sizeof(T) <= w.data + w.size) std::memcpy(w.seen.data() + (b - w.data), b, sizeof(T));
+  }
+  return old;
 }
 
-// the block's dynamic shared memory, 16-byte aligned
-inline unsigned char* dynamic_shared() {
-  auto p = reinterpret_cast<std::uintptr_t>(current->shared.data());
-  return reinterpret_cast<unsigned char*>((p + 15) & ~std::uintptr_t(15));
-}
+// the block's dynamic shared memory
+inline unsigned char* dynamic_shared() { return dynamic_shared_of(*current); }
 
 }  // namespace hatch_emulation
 

@@ -380,6 +380,18 @@ std::uint64_t issue(cudaStream_t s, F&& f) {
   else q.pending.emplace(seq, Queue::Work{s, kind, std::function<void()>(std::forward<F>(f))});
   return seq;
 }
+// Runs one piece of work taken from the queue. If it fails (a kernel's deadlock, a race the
+// emulator's racecheck saw, a GEMM operand out of its allocation), nothing queued runs any more, as
+// on a GPU, where such a fault ends the context: work queued after it would otherwise run at some
+// later wait and write, say, into the host variable of a copy whose caller has long returned.
+inline void run_queued(Queue& q, std::map<std::uint64_t, Queue::Work>::node_type w) {
+  try {
+    w.mapped().run();
+  } catch (...) {
+    q.pending.clear();
+    throw;
+  }
+}
 // Runs work number seq (the host waits for it) and the queued work it depends on, in issue order.
 inline void run_until(std::uint64_t seq) {
   Queue& q = queue();
@@ -401,19 +413,13 @@ inline void run_until(std::uint64_t seq) {
     any_legacy = any_legacy || w.kind == Queue::legacy;
     any_blocking = any_blocking || w.kind == Queue::blocking;
   }
-  for (auto n = needed.rbegin(); n != needed.rend(); ++n) {
-    auto w = q.pending.extract(*n);
-    w.mapped().run();
-  }
+  for (auto n = needed.rbegin(); n != needed.rend(); ++n) run_queued(q, q.pending.extract(*n));
 }
 // Runs everything queued (a device synchronisation).
 inline void run_all() {
   Queue& q = queue();
   std::lock_guard<std::recursive_mutex> lock(q.mu);
-  while (!q.pending.empty()) {
-    auto w = q.pending.extract(q.pending.begin());
-    w.mapped().run();
-  }
+  while (!q.pending.empty()) run_queued(q, q.pending.extract(q.pending.begin()));
 }
 // Drops the queued work that has not run (for a test that checks only that work is accepted and
 // would otherwise wait minutes for its emulation); its results are never written.

@@ -77,6 +77,31 @@ __global__ void last_block_sum(float* partial, unsigned* counter, float* out, in
   }
 }
 
+// Wrong on a GPU: every thread adds to one shared total without an atomic (updates get lost). One
+// thread at a time, as the emulator runs them, adds up right in every order. With `atomic`, right.
+__global__ void count_unsynced(float* out, bool atomic) {
+  HATCH_STATIC_SHARED(float, total, );
+  if (threadIdx.x == 0) total = 0.f;
+  __syncthreads();
+  if (atomic) atomicAdd(&total, 1.f);
+  else total += 1.f;
+  __syncthreads();
+  if (threadIdx.x == 0) out[0] = total;
+}
+
+// Thread 0 writes a shared slot, then thread `second` does, a barrier between them: a block barrier
+// orders them, a warp barrier only if both are in its warp.
+__global__ void write_in_turn(float* out, int second, bool block_barrier) {
+  HATCH_DYNAMIC_SHARED(smem);
+  auto* slot = reinterpret_cast<float*>(smem);
+  if (threadIdx.x == 0) slot[0] = 1.5f;
+  if (block_barrier) __syncthreads();
+  else __syncwarp();
+  if (int(threadIdx.x) == second) slot[0] = 2.75f;
+  __syncthreads();
+  if (threadIdx.x == 0) out[0] = slot[0];
+}
+
 // Sets an environment variable for a scope, then puts back what was there.
 class ScopedEnv {
  public:
@@ -305,6 +330,74 @@ TEST_CASE("cuda_on_cpu: HATCH_EMULATION_THREAD_ORDER runs a block's threads in o
   CHECK(error_of([] { (void)hatch_emulation::thread_order(); }) ==
         "HATCH_EMULATION_THREAD_ORDER=backwards: expected forward, reverse or shuffle");
   Cuda::deallocate(out, kThreads);
+}
+
+// A fault in device work ends a GPU's context: what was queued behind it never runs. Here too, or
+// a copy queued behind a failed kernel would run at some later wait and write into host memory
+// its caller has long given up.
+TEST_CASE("cuda_on_cpu: after device work fails, the work queued behind it never runs") {
+  float* out = Cuda::allocate(32);
+  float* pinned = nullptr;
+  REQUIRE(cudaMallocHost(reinterpret_cast<void**>(&pinned), 32 * sizeof(float)) == cudaSuccess);
+  Cuda::fill(out, 32, 1.f);
+  HATCH_CUDA_LAUNCH(divergent_barriers, 1, 32, out);
+  REQUIRE(cudaMemcpyAsync(pinned, out, 32 * sizeof(float), cudaMemcpyDeviceToHost, Cuda::stream()) == cudaSuccess);
+  CHECK(error_of([] { Cuda::synchronize(); }).find("deadlock") != std::string::npos);
+  // The copy behind the kernel was dropped: its destination keeps what issuing it left there
+  // (0xff bytes, NaN: a copy into pinned memory is not done until it runs), not the 1s of `out`,
+  // also after the next wait.
+  CHECK(std::isnan(pinned[0]));
+  Cuda::synchronize();
+  CHECK(std::isnan(pinned[0]));
+  REQUIRE(cudaFreeHost(pinned) == cudaSuccess);
+  Cuda::deallocate(out, 32);
+}
+
+// Threads run one at a time from barrier to barrier, so a lost update cannot happen here and no
+// order shows it; HATCH_EMULATION_RACECHECK=1 sees two threads change the same shared bytes
+// between barriers and stops the kernel with both named.
+TEST_CASE("cuda_on_cpu: HATCH_EMULATION_RACECHECK=1 reports two threads writing shared memory between barriers") {
+  ScopedEnv race_env("HATCH_EMULATION_RACECHECK"), order_env("HATCH_EMULATION_THREAD_ORDER");
+  float* out = Cuda::allocate(1);
+  auto total = [&](const char* racecheck, bool atomic, const char* order = nullptr) {
+    race_env.set(racecheck);
+    order_env.set(order);
+    HATCH_CUDA_LAUNCH(count_unsynced, 2, 64, out, atomic);
+    float v = 0;
+    Cuda::download(&v, out, 1);
+    return v;
+  };
+  for (const char* order : {"forward", "reverse", "shuffle"}) {
+    CAPTURE(order);
+    CHECK(total(nullptr, false, order) == 64.f);  // the blind spot: right in every order
+    const std::string err = error_of([&] { (void)total("1", false, order); });
+    CHECK(err.find("hatch_emulation: racecheck: threads (") != std::string::npos);
+    CHECK(err.find("of block (") != std::string::npos);
+    CHECK(err.find("both wrote byte") != std::string::npos);
+    CHECK(err.find("of a static shared variable with no barrier between them") != std::string::npos);
+    CHECK(total("1", true, order) == 64.f);  // atomic additions race with nobody
+  }
+  // in order, the last thread to arrive at the barrier goes on first: it adds, then thread 0
+  CHECK(error_of([&] { (void)total("1", false); }).find("threads (63,0,0) and (0,0,0) of block (0,0,0)") !=
+        std::string::npos);
+  auto in_turn = [&](int second, bool block_barrier) {
+    race_env.set("1");
+    order_env.set(nullptr);
+    return error_of([&] {
+      HATCH_CUDA_LAUNCH_SHARED(write_in_turn, 1, 64, sizeof(float), out, second, block_barrier);
+      float v = 0;
+      Cuda::download(&v, out, 1);
+      CHECK(v == 2.75f);
+    });
+  };
+  CHECK(in_turn(1, false) == "");   // one warp: its barrier orders the two writes
+  CHECK(in_turn(32, true) == "");   // two warps, a block barrier
+  CHECK(in_turn(32, false).find("threads (0,0,0) and (32,0,0) of block (0,0,0) both wrote byte") !=
+        std::string::npos);  // a warp barrier does not order two warps
+  CHECK(in_turn(32, false).find("of dynamic shared memory") != std::string::npos);
+  race_env.set("yes");
+  CHECK(error_of([] { (void)hatch_emulation::racecheck_on(); }) == "HATCH_EMULATION_RACECHECK=yes: expected 0 or 1");
+  Cuda::deallocate(out, 1);
 }
 
 // With several blocks resident and threads shuffled, a block stops at its atomic addition until
