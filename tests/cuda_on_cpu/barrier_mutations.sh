@@ -8,7 +8,8 @@
 # its four slowest cases, which run the same kernels as the parity cases, and those left to a GPU)
 # and the emulated kernel tests of the unit suite (hatch_tests -sf=*emulated*, as the ctest
 # unit.emulated_shuffled runs them). The three schedules are those of the ctests cuda_on_cpu,
-# cuda_on_cpu.reversed and cuda_on_cpu.shuffled. Prints a markdown table: "caught" where the run
+# cuda_on_cpu.reversed and cuda_on_cpu.shuffled (the first with the emulator's racecheck, the
+# second without hatch's cache, as there). Prints a markdown table: "caught" where the run
 # failed. The first build (the whole unit suite) takes about 15 minutes on two cores; then about
 # 2 minutes a barrier (only the emulated tests' files are rebuilt; 19 barriers in all).
 #
@@ -25,7 +26,7 @@ skip="*ViT-B/16 sizes*,*on a GPU only*,*waits for the device once*,*four phases*
 build() { cmake --build build --target hatch_cuda_on_cpu_tests hatch_tests -j2 >>build.log 2>&1; }
 verdict() { if "$@" >run.log 2>&1; then echo -n "passed"; else echo -n "**caught**"; fi; }
 row() {  # the six verdicts for the tree as it is
-  for schedule in "HATCH_EMULATION_THREAD_ORDER=forward" \
+  for schedule in "HATCH_EMULATION_THREAD_ORDER=forward HATCH_EMULATION_RACECHECK=1" \
                   "HATCH_EMULATION_THREAD_ORDER=reverse HATCH_EMULATION_BLOCK_ORDER=reverse HATCH_CUDA_CACHING=0" \
                   "HATCH_EMULATION_THREAD_ORDER=shuffle HATCH_EMULATION_BLOCKS_AT_ONCE=4 HATCH_EMULATION_SEED=1"; do
     echo -n " | $(export $schedule OMP_NUM_THREADS=2; verdict timeout 600 build/tests/hatch_cuda_on_cpu_tests "-tce=$skip")"
