@@ -1,7 +1,7 @@
 // The Cuda backend's row kernels (backend/cuda_kernels.cuh: softmax and LayerNorm, the general
 // kernels and the register variants with 1- and 4-wide loads, LayerNorm's backward in one kernel
-// with its last-block sum, the column reductions, the step-scalar kernels and AdamW over an
-// arena), run on CPU threads through
+// with its last-block sum, the column reductions, the step-scalar kernels, AdamW over an arena,
+// and NAC's sparse attention, a warp per row or key), run on CPU threads through
 // tests/cuda_emulation.hpp against a double-precision reference. The launch geometry is the
 // Cuda backend's (blocks of 32 x kRowsPerBlock threads, a warp per row; 32 x kColLanes for the
 // column sums). These kernels are the defaults of the Cuda backend; here they are checked on
@@ -356,4 +356,83 @@ TEST_CASE("Cuda AdamW kernel (emulated on the CPU): one pass over an arena, weig
   CHECK(max_error_vs(w, ww) < 1e-6);
   CHECK(max_error_vs(m, wm) < 1e-6);
   CHECK(max_error_vs(v, wv) < 1e-6);
+}
+
+// NAC's sparse attention (a warp per (example, head, query), or per key on the key side; pairs in
+// CSR order, the key side over the transposed list), against the Cpu backend's definition in
+// double. Rows with no pair, one, and more pairs than a warp has lanes; a head of 40 columns (not
+// a multiple of 32); row strides wider than the heads. Each kernel gets the float image of the
+// reference's inputs, so that every output is checked on its own; outputs start as NaN.
+TEST_CASE("Cuda sparse attention kernels (emulated on the CPU): forward, query side and key side of the backward") {
+  const int batch = 2, n = 40, heads = 2, dh = 40, width = heads * dh;
+  const int ld = width + 8, ld_o = width + 4, ld_dq = width + 12, ld_dkv = width;
+  const int pattern[] = {0, 1, 3, 35, 8};
+  std::vector<std::int32_t> row_ptr{0}, col;
+  std::mt19937 rng(81);
+  for (int u = 0; u < n; ++u) {
+    std::vector<std::int32_t> keys(n);
+    for (int v = 0; v < n; ++v) keys[std::size_t(v)] = v;
+    std::shuffle(keys.begin(), keys.end(), rng);
+    keys.resize(std::size_t(pattern[u % 5]));
+    std::sort(keys.begin(), keys.end());
+    col.insert(col.end(), keys.begin(), keys.end());
+    row_ptr.push_back(std::int32_t(col.size()));
+  }
+  const int nnz = int(col.size());
+  // the transposed list: for each key, its pairs in increasing order, with their queries
+  std::vector<std::int32_t> col_ptr(std::size_t(n) + 1, 0), pair, pair_row;
+  for (int v = 0; v < n; ++v) {
+    for (int u = 0; u < n; ++u)
+      for (std::int32_t p = row_ptr[u]; p < row_ptr[u + 1]; ++p)
+        if (col[std::size_t(p)] == v) {
+          pair.push_back(p);
+          pair_row.push_back(u);
+        }
+    col_ptr[std::size_t(v) + 1] = std::int32_t(pair.size());
+  }
+  REQUIRE(int(pair.size()) == nnz);
+  const float scale = 1.0f / std::sqrt(float(dh));
+  const Vec q = randn(std::size_t(batch) * n * ld, 82), kk = randn(std::size_t(batch) * n * ld, 83),
+            v = randn(std::size_t(batch) * n * ld, 84), bias = randn(std::size_t(batch) * nnz, 85, 0.5),
+            dout = randn(std::size_t(batch) * n * ld_o, 86);
+  auto wide = [](const Vec& x) { return Ref(x.begin(), x.end()); };
+  auto narrow = [](const Ref& x) { return Vec(x.begin(), x.end()); };
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  using C = hatch::Cpu64;
+  const Ref qd = wide(q), kd = wide(kk), vd = wide(v), bd = wide(bias), dd = wide(dout);
+  const dim3 grid = row_grid(batch * heads * n);
+
+  Ref probs_ref(std::size_t(batch) * heads * nnz), o_ref(std::size_t(batch) * n * ld_o, 0.0);
+  C::sparse_attention_forward(probs_ref.data(), o_ref.data(), ld_o, qd.data(), kd.data(), vd.data(), ld,
+                              row_ptr.data(), col.data(), bd.data(), nnz, batch, n, heads, dh, nnz, double(scale));
+  Vec probs(probs_ref.size(), nan), o(o_ref.size(), 0.0f);
+  hatch_emulation::launch(k::sparse_attention_forward<float>, grid, kRowBlock, 0, probs.data(), o.data(), ld_o,
+                          q.data(), kk.data(), v.data(), ld, row_ptr.data(), col.data(), bias.data(), nnz, batch, n,
+                          heads, dh, nnz, scale);
+  CHECK(max_error_vs(probs, probs_ref) < 1e-5);
+  CHECK(max_error_vs(o, o_ref) < 1e-5);
+
+  const Vec probs_in = narrow(probs_ref);
+  Ref ds_ref(probs_ref.size()), dq_ref(std::size_t(batch) * n * ld_dq, 0.0);
+  C::sparse_attention_backward_rows(ds_ref.data(), dq_ref.data(), ld_dq, dd.data(), ld_o, kd.data(), vd.data(), ld,
+                                    wide(probs_in).data(), row_ptr.data(), col.data(), batch, n, heads, dh, nnz,
+                                    double(scale));
+  Vec ds(ds_ref.size(), nan), dq(dq_ref.size(), 0.0f);
+  hatch_emulation::launch(k::sparse_attention_backward_rows<float>, grid, kRowBlock, 0, ds.data(), dq.data(), ld_dq,
+                          dout.data(), ld_o, kk.data(), v.data(), ld, probs_in.data(), row_ptr.data(), col.data(),
+                          batch, n, heads, dh, nnz, scale);
+  CHECK(max_error_vs(ds, ds_ref) < 1e-5);
+  CHECK(max_error_vs(dq, dq_ref) < 1e-5);
+
+  const Vec ds_in = narrow(ds_ref);
+  Ref dk_ref(std::size_t(batch) * n * ld_dkv), dv_ref(dk_ref.size());
+  C::sparse_attention_backward_cols(dk_ref.data(), dv_ref.data(), ld_dkv, qd.data(), ld, dd.data(), ld_o,
+                                    wide(probs_in).data(), wide(ds_in).data(), col_ptr.data(), pair.data(),
+                                    pair_row.data(), batch, n, heads, dh, nnz, double(scale));
+  Vec dk(dk_ref.size(), nan), dv(dv_ref.size(), nan);
+  hatch_emulation::launch(k::sparse_attention_backward_cols<float>, grid, kRowBlock, 0, dk.data(), dv.data(), ld_dkv,
+                          q.data(), ld, dout.data(), ld_o, probs_in.data(), ds_in.data(), col_ptr.data(), pair.data(),
+                          pair_row.data(), batch, n, heads, dh, nnz, scale);
+  CHECK(max_error_vs(dk, dk_ref) < 1e-5);
+  CHECK(max_error_vs(dv, dv_ref) < 1e-5);
 }
