@@ -228,6 +228,47 @@ TEST_CASE("cuda: without caching every block is its tensor's exact size and goes
   Cuda::set_memory_caching(was);
 }
 
+// (no device needed: the parsing of the switches the backend reads from the environment)
+TEST_CASE("cuda: switches from the environment take 0 or 1 (a tile 32 or 64) and refuse anything else by name") {
+  namespace cd = hatch::cuda_detail;
+  const char* name = "HATCH_CUDA_TEST_SWITCH";
+  auto error_of = [](auto&& f) -> std::string {
+    try {
+      (void)f();
+    } catch (const hatch::Error& e) {
+      return e.what();
+    }
+    return "";
+  };
+  unsetenv(name);
+  CHECK(cd::env_switch(name, true));
+  CHECK_FALSE(cd::env_switch(name, false));
+  setenv(name, "", 1);
+  CHECK(cd::env_switch(name, true));
+  setenv(name, "0", 1);
+  CHECK_FALSE(cd::env_switch(name, true));
+  setenv(name, "1", 1);
+  CHECK(cd::env_switch(name, false));
+  for (const char* bad : {"off", "false", "yes", "2", "00"}) {
+    setenv(name, bad, 1);
+    CHECK(error_of([&] { return cd::env_switch(name, false); }) ==
+          std::string("HATCH_CUDA_TEST_SWITCH=") + bad + ": expected 0 or 1");  // (before: "off" was on)
+  }
+  unsetenv(name);
+  const char* tile = std::getenv("HATCH_CUDA_ATTENTION_TILE");
+  const std::string saved = tile ? tile : "";
+  unsetenv("HATCH_CUDA_ATTENTION_TILE");
+  CHECK(cd::env_attention_tile() == hatch::cuda_kernels::attention::kDefaultTile);
+  setenv("HATCH_CUDA_ATTENTION_TILE", "64", 1);
+  CHECK(cd::env_attention_tile() == 64);
+  setenv("HATCH_CUDA_ATTENTION_TILE", "32", 1);
+  CHECK(cd::env_attention_tile() == 32);
+  setenv("HATCH_CUDA_ATTENTION_TILE", "128", 1);  // (before: the default, silently)
+  CHECK(error_of([] { return cd::env_attention_tile(); }) == "HATCH_CUDA_ATTENTION_TILE=128: expected 32 or 64");
+  if (tile) setenv("HATCH_CUDA_ATTENTION_TILE", saved.c_str(), 1);
+  else unsetenv("HATCH_CUDA_ATTENTION_TILE");
+}
+
 TEST_CASE("cuda: memory statistics: in use, held from the driver, and their peaks") {
   HATCH_REQUIRE_CUDA_DEVICE();
   if (!Cuda::memory_caching()) {

@@ -140,11 +140,14 @@ inline void wait_for_stream() {
   HATCH_CUDA_CHECK(cudaStreamSynchronize(stream()));
 }
 
-// A setting from the environment: unset or empty is `fallback`, "0" is off, anything else on.
+// A switch from the environment: unset or empty is `fallback`, "0" off, "1" on, and anything else
+// an error naming the variable (a misspelt "off" or "false" must not turn a switch on).
 inline bool env_switch(const char* name, bool fallback) {
   const char* v = std::getenv(name);
   if (!v || !*v) return fallback;
-  return std::strcmp(v, "0") != 0;
+  if (std::strcmp(v, "0") == 0) return false;
+  if (std::strcmp(v, "1") == 0) return true;
+  throw Error(std::string(name) + "=" + v + ": expected 0 or 1");
 }
 
 // ---- caching allocator -------------------------------------------------------------------------
@@ -798,11 +801,16 @@ inline std::atomic<bool>& fused_attention_flag() {
   static std::atomic<bool> on{env_switch("HATCH_CUDA_FUSED_ATTENTION", false)};
   return on;
 }
+// HATCH_CUDA_ATTENTION_TILE: unset or empty is the default tile; 32 or 64; anything else an error.
+inline int env_attention_tile() {
+  const char* v = std::getenv("HATCH_CUDA_ATTENTION_TILE");
+  if (!v || !*v) return cuda_kernels::attention::kDefaultTile;
+  if (std::strcmp(v, "32") == 0) return 32;
+  if (std::strcmp(v, "64") == 0) return 64;
+  throw Error(std::string("HATCH_CUDA_ATTENTION_TILE=") + v + ": expected 32 or 64");
+}
 inline std::atomic<int>& attention_tile_setting() {
-  static std::atomic<int> tile{[] {
-    const char* v = std::getenv("HATCH_CUDA_ATTENTION_TILE");
-    return v && std::strcmp(v, "64") == 0 ? 64 : cuda_kernels::attention::kDefaultTile;
-  }()};
+  static std::atomic<int> tile{env_attention_tile()};
   return tile;
 }
 inline bool fused_attention_applies(int head_dim) { return fused_attention_flag().load() && head_dim == 64; }
