@@ -11,7 +11,9 @@
 # freed with it, so an access past a tensor's end or to a freed tensor is an access outside every
 # allocation, which memcheck reports (inside a cached, rounded block it could not tell).
 #
-# About 3 minutes; each tool has its own time-out (SANITIZE_TIMEOUT seconds, default 90). Exit status: non-zero if either tool reports.
+# About 3 minutes; each tool has its own time-out (SANITIZE_TIMEOUT seconds, default 90). Exit status: non-zero if any tool reports.
+# SANITIZE_TOOLS picks the tools (default "memcheck racecheck"; also "initcheck", reads of device
+# memory nothing wrote, and "synccheck", barriers misused).
 set -uo pipefail
 die() { echo "gpu-sanitize.sh: $*" >&2; exit 2; }
 bin=""
@@ -21,13 +23,17 @@ case "${1:-}" in
   --build) [[ $# -ge 2 ]] || die "--build needs a directory"; bin="$2/tests/hatch_cuda_tests" ;;
   *) die "usage: gpu-sanitize.sh --bundle DIR | --build DIR" ;;
 esac
+tools=${SANITIZE_TOOLS:-memcheck racecheck}
+for tool in $tools; do
+  case "$tool" in memcheck|racecheck|initcheck|synccheck) ;; *) die "SANITIZE_TOOLS: unknown tool '$tool' (memcheck, racecheck, initcheck, synccheck)" ;; esac
+done
 [[ -x $bin ]] || die "missing $bin"
 sanitizer="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
 [[ -x $sanitizer ]] || die "no compute-sanitizer on PATH or in /usr/local/cuda/bin"
 status=0
-for tool in memcheck racecheck; do
+for tool in $tools; do
   caching=1
-  [[ $tool == memcheck ]] && caching=0
+  [[ $tool == memcheck || $tool == initcheck ]] && caching=0
   echo "== compute-sanitizer --tool $tool (HATCH_CUDA_CACHING=$caching)"
   HATCH_CUDA_CACHING=$caching HATCH_EXPECT_GPU=1 timeout "${SANITIZE_TIMEOUT:-90}" "$sanitizer" --tool "$tool" --error-exitcode 3 "$bin" -tc='cuda: *,cuda kernels*' \
     -tce='*failing*,*ViT-B/16 sizes*' \
