@@ -357,7 +357,10 @@ TEST_CASE("cuda_on_cpu: after device work fails, the work queued behind it never
 // order shows it; HATCH_EMULATION_RACECHECK=1 sees two threads change the same shared bytes
 // between barriers and stops the kernel with both named.
 TEST_CASE("cuda_on_cpu: HATCH_EMULATION_RACECHECK=1 reports two threads writing shared memory between barriers") {
-  ScopedEnv race_env("HATCH_EMULATION_RACECHECK"), order_env("HATCH_EMULATION_THREAD_ORDER");
+  ScopedEnv race_env("HATCH_EMULATION_RACECHECK"), order_env("HATCH_EMULATION_THREAD_ORDER"),
+      block_order_env("HATCH_EMULATION_BLOCK_ORDER"), at_once_env("HATCH_EMULATION_BLOCKS_AT_ONCE");
+  block_order_env.set(nullptr);  // (the threads named below are those of the first block, run first)
+  at_once_env.set(nullptr);
   float* out = Cuda::allocate(1);
   auto total = [&](const char* racecheck, bool atomic, const char* order = nullptr) {
     race_env.set(racecheck);
