@@ -134,8 +134,12 @@ struct Block {
   std::vector<unsigned char> shared;    // dynamic shared memory
   // HATCH_STATIC_SHARED variables, by declaration; kept for the slot's next block (as
   // uninitialised as the device's)
-  std::vector<std::pair<const void*, std::unique_ptr<unsigned char[]>>> statics;
-  std::vector<std::size_t> static_sizes;  // their sizes, in the same order
+  struct Static {
+    const void* key;  // where it is declared
+    std::unique_ptr<unsigned char[]> bytes;
+    std::size_t size;
+  };
+  std::vector<Static> statics;
   std::vector<Fiber> fibers;
   std::vector<Watched> watched;  // its shared buffers, under HATCH_EMULATION_RACECHECK=1
   bool racecheck = false;
@@ -176,9 +180,8 @@ inline bool racecheck_on() {
   if (std::strcmp(v, "1") == 0) return true;
   throw std::invalid_argument(std::string("HATCH_EMULATION_RACECHECK=") + v + ": expected 0 or 1");
 }
-inline std::string thread_name(const Block& b, unsigned linear) {
-  const unsigned x = linear % b.dim.x, y = (linear / b.dim.x) % b.dim.y, z = linear / (b.dim.x * b.dim.y);
-  return "(" + std::to_string(x) + "," + std::to_string(y) + "," + std::to_string(z) + ")";
+inline std::string index_name(const dim3& d) {
+  return "(" + std::to_string(d.x) + "," + std::to_string(d.y) + "," + std::to_string(d.z) + ")";
 }
 // What thread `t` of block `b` changed since the last comparison (see above).
 inline void racecheck_commit(Block& b, unsigned t) {
@@ -195,10 +198,9 @@ inline void racecheck_commit(Block& b, unsigned t) {
                             (l.writer / 32 == t / 32 && l.warp_phase != warp_phase);
         if (!synced && !b.error) {
           b.error = std::make_exception_ptr(std::logic_error(
-              "hatch_emulation: racecheck: threads " + thread_name(b, l.writer) + " and " + thread_name(b, t) +
-              " of block (" + std::to_string(b.index.x) + "," + std::to_string(b.index.y) + "," +
-              std::to_string(b.index.z) + ") both wrote byte " + std::to_string(i) + " of " + w.what +
-              " with no barrier between them (a write-after-write hazard)"));
+              "hatch_emulation: racecheck: threads " + index_name(b.fibers[l.writer].index) + " and " +
+              index_name(b.fibers[t].index) + " of block " + index_name(b.index) + " both wrote byte " + std::to_string(i) +
+              " of " + w.what + " with no barrier between them (a write-after-write hazard)"));
         }
         l = {t, block_phase, warp_phase};
         w.seen[i] = w.data[i];
@@ -450,8 +452,7 @@ void launch(Kernel kernel, dim3 grid, dim3 block, std::size_t shared_bytes, Args
     b.watched.clear();
     if (racecheck) {
       if (shared_bytes) b.watched.emplace_back(dynamic_shared_of(b), shared_bytes, "dynamic shared memory");
-      for (std::size_t i = 0; i < b.statics.size(); ++i)
-        b.watched.emplace_back(b.statics[i].second.get(), b.static_sizes[i], "a static shared variable");
+      for (auto& v : b.statics) b.watched.emplace_back(v.bytes.get(), v.size, "a static shared variable");
     }
     b.held = 0;
     b.hold_on_atomic = shuffle && slots > 1;
@@ -523,13 +524,12 @@ void launch(Kernel kernel, dim3 grid, dim3 block, std::size_t shared_bytes, Args
 template <class A>
 A& static_shared(const void* key) {
   Block& b = *current;
-  for (auto& [k, bytes] : b.statics)
-    if (k == key) return *reinterpret_cast<A*>(bytes.get());
+  for (auto& v : b.statics)
+    if (v.key == key) return *reinterpret_cast<A*>(v.bytes.get());
   auto bytes = std::make_unique<unsigned char[]>(sizeof(A));  // aligned as operator new[] aligns
   std::memset(bytes.get(), 0xff, sizeof(A));
-  b.statics.emplace_back(key, std::move(bytes));
-  b.static_sizes.push_back(sizeof(A));
-  unsigned char* p = b.statics.back().second.get();
+  unsigned char* p = bytes.get();
+  b.statics.push_back({key, std::move(bytes), sizeof(A)});
   if (b.racecheck) b.watched.emplace_back(p, sizeof(A), "a static shared variable");
   return *reinterpret_cast<A*>(p);
 }

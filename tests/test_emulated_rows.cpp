@@ -362,7 +362,9 @@ TEST_CASE("Cuda AdamW kernel (emulated on the CPU): one pass over an arena, weig
 // CSR order, the key side over the transposed list), against the Cpu backend's definition in
 // double. Rows with no pair, one, and more pairs than a warp has lanes; a head of 40 columns (not
 // a multiple of 32); row strides wider than the heads. Each kernel gets the float image of the
-// reference's inputs, so that every output is checked on its own; outputs start as NaN.
+// reference's inputs, so that every output is checked on its own. Probabilities, score gradients,
+// dk and dv start as NaN; o and dq as 0, as on the reference side (their padding columns are
+// nobody's to write).
 TEST_CASE("Cuda sparse attention kernels (emulated on the CPU): forward, query side and key side of the backward") {
   const int batch = 2, n = 40, heads = 2, dh = 40, width = heads * dh;
   const int ld = width + 8, ld_o = width + 4, ld_dq = width + 12, ld_dkv = width;
@@ -413,9 +415,10 @@ TEST_CASE("Cuda sparse attention kernels (emulated on the CPU): forward, query s
   CHECK(max_error_vs(o, o_ref) < 1e-5);
 
   const Vec probs_in = narrow(probs_ref);
+  const Ref probs_in_d = wide(probs_in);
   Ref ds_ref(probs_ref.size()), dq_ref(std::size_t(batch) * n * ld_dq, 0.0);
   C::sparse_attention_backward_rows(ds_ref.data(), dq_ref.data(), ld_dq, dd.data(), ld_o, kd.data(), vd.data(), ld,
-                                    wide(probs_in).data(), row_ptr.data(), col.data(), batch, n, heads, dh, nnz,
+                                    probs_in_d.data(), row_ptr.data(), col.data(), batch, n, heads, dh, nnz,
                                     double(scale));
   Vec ds(ds_ref.size(), nan), dq(dq_ref.size(), 0.0f);
   hatch_emulation::launch(k::sparse_attention_backward_rows<float>, grid, kRowBlock, 0, ds.data(), dq.data(), ld_dq,
@@ -427,7 +430,7 @@ TEST_CASE("Cuda sparse attention kernels (emulated on the CPU): forward, query s
   const Vec ds_in = narrow(ds_ref);
   Ref dk_ref(std::size_t(batch) * n * ld_dkv), dv_ref(dk_ref.size());
   C::sparse_attention_backward_cols(dk_ref.data(), dv_ref.data(), ld_dkv, qd.data(), ld, dd.data(), ld_o,
-                                    wide(probs_in).data(), wide(ds_in).data(), col_ptr.data(), pair.data(),
+                                    probs_in_d.data(), wide(ds_in).data(), col_ptr.data(), pair.data(),
                                     pair_row.data(), batch, n, heads, dh, nnz, double(scale));
   Vec dk(dk_ref.size(), nan), dv(dv_ref.size(), nan);
   hatch_emulation::launch(k::sparse_attention_backward_cols<float>, grid, kRowBlock, 0, dk.data(), dv.data(), ld_dkv,

@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "../error_message.hpp"
 #include "cpu_side.hpp"
 #include "hatch/cuda.hpp"
 #include "layer_runners.hpp"
@@ -232,14 +233,6 @@ TEST_CASE("cuda: without caching every block is its tensor's exact size and goes
 TEST_CASE("cuda: switches from the environment take 0 or 1 (a tile 32 or 64) and refuse anything else by name") {
   namespace cd = hatch::cuda_detail;
   const char* name = "HATCH_CUDA_TEST_SWITCH";
-  auto error_of = [](auto&& f) -> std::string {
-    try {
-      (void)f();
-    } catch (const hatch::Error& e) {
-      return e.what();
-    }
-    return "";
-  };
   unsetenv(name);
   CHECK(cd::env_switch(name, true));
   CHECK_FALSE(cd::env_switch(name, false));
@@ -251,7 +244,7 @@ TEST_CASE("cuda: switches from the environment take 0 or 1 (a tile 32 or 64) and
   CHECK(cd::env_switch(name, false));
   for (const char* bad : {"off", "false", "yes", "2", "00"}) {
     setenv(name, bad, 1);
-    CHECK(error_of([&] { return cd::env_switch(name, false); }) ==
+    CHECK(hatch::test::error_message([&] { (void)cd::env_switch(name, false); }) ==
           std::string("HATCH_CUDA_TEST_SWITCH=") + bad + ": expected 0 or 1");  // (before: "off" was on)
   }
   unsetenv(name);
@@ -264,7 +257,8 @@ TEST_CASE("cuda: switches from the environment take 0 or 1 (a tile 32 or 64) and
   setenv("HATCH_CUDA_ATTENTION_TILE", "32", 1);
   CHECK(cd::env_attention_tile() == 32);
   setenv("HATCH_CUDA_ATTENTION_TILE", "128", 1);  // (before: the default, silently)
-  CHECK(error_of([] { return cd::env_attention_tile(); }) == "HATCH_CUDA_ATTENTION_TILE=128: expected 32 or 64");
+  CHECK(hatch::test::error_message([] { (void)cd::env_attention_tile(); }) ==
+        "HATCH_CUDA_ATTENTION_TILE=128: expected 32 or 64");
   if (tile) setenv("HATCH_CUDA_ATTENTION_TILE", saved.c_str(), 1);
   else unsetenv("HATCH_CUDA_ATTENTION_TILE");
 }

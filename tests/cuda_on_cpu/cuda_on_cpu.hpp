@@ -181,18 +181,13 @@ inline void on_segv(int sig, siginfo_t* info, void* ctx) {
   State& s = state();
   const auto a = reinterpret_cast<std::uintptr_t>(info->si_addr), base = reinterpret_cast<std::uintptr_t>(s.arena);
   if (s.arena && a >= base && a < base + kArenaBytes) {
+    const bool device = device_work_running > 0;
     char msg[300];
-    const int n =
-        device_work_running > 0
-            ? std::snprintf(msg, sizeof msg,
-                            "cuda_on_cpu: device work touched device memory at %p (offset %zu of the device range) "
-                            "that none of its arguments names (another tensor, or a freed one): on a GPU this is "
-                            "an illegal address, or a silent read of whatever is there\n",
-                            info->si_addr, std::size_t(a - base))
-            : std::snprintf(msg, sizeof msg,
-                            "cuda_on_cpu: host code touched device memory at %p (offset %zu of the device "
-                            "range): on a GPU this is an invalid host access\n",
-                            info->si_addr, std::size_t(a - base));
+    const int n = std::snprintf(msg, sizeof msg, "cuda_on_cpu: %s touched device memory at %p (offset %zu of the device range)%s\n",
+                                device ? "device work" : "host code", info->si_addr, std::size_t(a - base),
+                                device ? " that none of its arguments names (another tensor, or a freed one): on a "
+                                         "GPU this is an illegal address, or a silent read of whatever is there"
+                                       : ": on a GPU this is an invalid host access");
     if (n > 0) (void)!write(2, msg, std::size_t(n));
   }
   struct sigaction& old = previous_segv();
