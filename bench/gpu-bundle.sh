@@ -46,7 +46,7 @@ cp "$build/tests/hatch_cuda_tests" "$build/bench/train_step" "$build/bench/cuda_
 strip --strip-unneeded "$out"/bin/*
 cp "$data"/*.gz "$out/data/"
 cp "$here/gpu.sh" "$here/gpu-sanitize.sh" "$here/gpu-profile.sh" "$here/torch_vit_step.py" "$here/torch_fmnist_train.py" \
-  "$here/torch_rows.py" "$out/bench/"
+  "$here/torch_rows.py" "$root/tests/programs_on_cuda.sh" "$out/bench/"
 
 : >"$out/libs.txt"
 for b in "$out"/bin/*; do

@@ -15,6 +15,8 @@
 #   5. trains vit-tiny on Fashion-MNIST for one epoch with `train_e2e --device cuda` (fit: one
 #      wait for the device per step, batches from pinned memory) and with its PyTorch twin
 #      (bench/torch_fmnist_train.py --device cuda), and compares their training seconds,
+#   6. runs train_e2e, incubate and distill with --device cuda against --device cpu on vit-micro
+#      (tests/programs_on_cuda.sh: every phase's losses agree, phases alternate between devices),
 # and prints a markdown table (also written to $OUT/gpu.md when OUT is set), even when a step
 # fails or times out: every step has its own time-out.
 #
@@ -32,7 +34,7 @@ while [[ $# -gt 0 ]]; do
       [[ $# -ge 2 ]] || die "$1 needs a value"
       declare "${1#--}=$2"; shift 2 ;;
     --no-build) no_build=1; shift ;;
-    -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,23p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
@@ -71,7 +73,7 @@ if [[ $no_build == 0 ]]; then
   cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DHATCH_ENABLE_CUDA=ON -DHATCH_BUILD_TESTS=ON \
     -DHATCH_BUILD_EXAMPLES=ON -DHATCH_BUILD_BENCHMARKS=ON >"$build.configure.log" 2>&1 \
     || { tail -30 "$build.configure.log"; die "configure failed (log: $build.configure.log)"; }
-  cmake --build "$build" -j"$jobs" --target hatch_cuda_tests train_step cuda_rows train_e2e >"$build.build.log" 2>&1 \
+  cmake --build "$build" -j"$jobs" --target hatch_cuda_tests train_step cuda_rows train_e2e incubate distill >"$build.build.log" 2>&1 \
     || { grep -m20 -B2 -A6 "error" "$build.build.log"; die "build failed (log: $build.build.log)"; }
   echo "   built in $((SECONDS - start)) s"
 fi
@@ -178,6 +180,21 @@ if [[ -d /usr/share/datasets/fashion-mnist || -n "${HATCH_FMNIST:-}" ]]; then
   twin_acc="$(echo "$twin_out" | sed -n 's/^test_accuracy=//p')"; twin_acc="${twin_acc:-failed}"
 fi
 
+# The programs on the card against the same programs on the host (the bundle carries the script
+# in bench/; a build tree has it in tests/).
+programs_status="-"
+programs_script="$here/programs_on_cuda.sh"
+[[ -f $programs_script ]] || programs_script="$root/tests/programs_on_cuda.sh"
+if [[ -d /usr/share/datasets/fashion-mnist || -n "${HATCH_FMNIST:-}" ]]; then
+  echo "== train_e2e, incubate, distill: --device cuda against --device cpu (vit-micro, programs_on_cuda.sh)"
+  programs_status=passed
+  HATCH_FASHION_MNIST="${HATCH_FMNIST:-/usr/share/datasets/fashion-mnist}" timeout 300 \
+    bash "$programs_script" "$(dirname "$e2e_bin")" "$build/programs-gpu" >"$build/programs-gpu.log" 2>&1 \
+    || programs_status=FAILED
+  tail -12 "$build/programs-gpu.log"
+  [[ -n "${OUT:-}" ]] && cp "$build/programs-gpu.log" "$OUT/" 2>/dev/null
+fi
+
 table="$(cat <<EOT
 | $(date -u +%F), ${card%%,*} | hatch img/s | PyTorch $("$python" -c 'import torch; print(torch.__version__)' 2>/dev/null) twin img/s | timm img/s | hatch / twin | hatch / timm |
 |---|---:|---:|---:|---:|---:|
@@ -189,7 +206,7 @@ table="$(cat <<EOT
 | fp32 | ${MEM[fp32,hatch]:--} | ${MEM[fp32,twin]:--} | ${MEM[fp32,timm]:--} | ${MEM[fp32,ratio]:--} |
 | TF32 | ${MEM[tf32,hatch]:--} | ${MEM[tf32,twin]:--} | ${MEM[tf32,timm]:--} | ${MEM[tf32,ratio]:--} |
 
-CUDA tests: $tests_status. Total $((SECONDS - start)) s.
+CUDA tests: $tests_status. Programs on Cuda against Cpu (train_e2e, incubate, distill): $programs_status. Total $((SECONDS - start)) s.
 
 | vit-tiny, 1 epoch of Fashion-MNIST (60,000 images, batch 128) | training s | test accuracy |
 |---|---:|---:|
@@ -208,4 +225,4 @@ echo; echo "$table"
 if [[ -n "${OUT:-}" ]]; then
   mkdir -p "$OUT" && { echo "$table"; echo; echo '```'; cat "$build/gpu-runs.log"; echo '```'; } >"$OUT/gpu.md"
 fi
-[[ $tests_status == passed ]]
+[[ $tests_status == passed && $programs_status != FAILED ]]

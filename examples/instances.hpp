@@ -5,7 +5,7 @@
 // generated .cu file that includes it (nvcc) for the Cuda backend. The programs' own translation
 // units (train_e2e.cpp, cuda_train_e2e.cu, ...) only declare these functions, so a parallel build
 // compiles the presets side by side, and each preset's model is compiled once for all programs.
-#ifdef __CUDACC__
+#if defined(__CUDACC__) || defined(HATCH_CUDA_ON_CPU)  // (tests/cuda_on_cpu builds vit-micro's on the host)
 #include "cuda_device.cuh"
 #define HATCH_EXAMPLE_BACKEND hatch::Cuda
 #else

@@ -196,14 +196,32 @@ int distill_as(const DistillOptions& a, const Dataset& train, const Dataset& tes
 
 // End-to-end training. Last stdout line: test_accuracy=0.XXXX (with --ood, ood_accuracy=0.XXXX
 // before it).
-template <class B>
+// The presets a program can run, chosen by name: every preset built into the programs. A build
+// that instantiates fewer passes its own set with the same three members as the programs' second
+// template argument (tests/cuda_on_cpu/programs_cuda.cpp: vit-micro alone, on the stand-ins).
+struct BuiltInPresets {
+  template <class F>
+  static int e2e(const std::string& name, F&& f) {
+    return hatch::with_e2e_preset(name, std::forward<F>(f));
+  }
+  template <class F>
+  static int vit(const std::string& name, F&& f) {
+    return hatch::with_preset(name, std::forward<F>(f));
+  }
+  template <class F>
+  static int distill_pair(const std::string& teacher, const std::string& student, F&& f) {
+    return with_distill_pair(teacher, student, std::forward<F>(f));
+  }
+};
+
+template <class B, class Presets = BuiltInPresets>
 int train_e2e(const E2eOptions& a) {
   const auto& c = a.common;
   hatch::require(!c.module_parallel(), "train_e2e",
                  "running as one of " + std::to_string(c.ranks()) +
                      " MPI ranks: pass --distributed to train data-parallel, or run a single process");
   const auto train = c.load(true), test = c.load(false);
-  return hatch::with_e2e_preset(c.preset, [&]<class V>(std::type_identity<V>) {
+  return Presets::e2e(c.preset, [&]<class V>(std::type_identity<V>) {
     c.check_images<V>(train, test);
     return train_e2e_as<B, V>(a, train, test);
   });
@@ -211,24 +229,24 @@ int train_e2e(const E2eOptions& a) {
 
 // Deep Incubation, one phase or all. Last stdout line: test_accuracy=0.XXXX (or, for
 // --phase assemble, where the assembled model went); with --ood, ood_accuracy=0.XXXX before it.
-template <class B>
+template <class B, class Presets = BuiltInPresets>
 int incubate(const IncubateOptions& a) {
   const auto& c = a.common;
   c.check_ood(a.phase);
   const auto train = c.load_for_phase(true, a.phase), test = c.load_for_phase(false, a.phase);
-  return hatch::with_preset(c.preset, [&]<class V>(std::type_identity<V>) {
+  return Presets::vit(c.preset, [&]<class V>(std::type_identity<V>) {
     c.check_images<V>(train, test);
     return incubate_as<B, V>(a, train, test);
   });
 }
 
 // m2mKD (ALGORITHMS.md §2), one phase or all (program_bodies.hpp, distill_as, says what each does).
-template <class B>
+template <class B, class Presets = BuiltInPresets>
 int distill(const DistillOptions& a) {
   const auto& c = a.common;
   c.check_ood(a.phase, /*teacher_phase=*/true);
   const auto train = c.load_for_phase(true, a.phase), test = c.load_for_phase(false, a.phase);
-  return with_distill_pair(c.preset, a.student, [&]<class TV, class SV>(std::type_identity<TV>, std::type_identity<SV>,
+  return Presets::distill_pair(c.preset, a.student, [&]<class TV, class SV>(std::type_identity<TV>, std::type_identity<SV>,
                                                                         const std::string& student) {
     c.check_images<TV>(train, test);
     return distill_as<B, TV, SV>(a, train, test, student);

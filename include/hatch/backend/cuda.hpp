@@ -310,14 +310,19 @@ class DeviceCache {
     peak_in_use_ = std::max(peak_in_use_, live_bytes_ - cached_bytes_);
     peak_reserved_ = std::max(peak_reserved_, live_bytes_);
   }
-  // Frees one block not in use (uncached mode), on its own device; noexcept like deallocate.
-  void give_back(void* p, Block b) noexcept {
+  // cudaFree(p) on the block's own device, the current device restored. Returns the error rather
+  // than throwing: give_back runs inside the noexcept deallocate, release_locked throws it.
+  static cudaError_t free_on_device(void* p, int device) noexcept {
     int current = 0;
     cudaError_t e = cudaGetDevice(&current);
-    if (e == cudaSuccess && current != b.device) e = cudaSetDevice(b.device);
+    if (e == cudaSuccess && current != device) e = cudaSetDevice(device);
     if (e == cudaSuccess) e = cudaFree(p);
-    if (current != b.device) (void)cudaSetDevice(current);
-    if (e != cudaSuccess) {
+    if (current != device) (void)cudaSetDevice(current);
+    return e;
+  }
+  // Frees one block not in use (uncached mode); a failure is reported, like deallocate's.
+  void give_back(void* p, Block b) noexcept {
+    if (const cudaError_t e = free_on_device(p, b.device); e != cudaSuccess) {
       (void)cudaGetLastError();
       std::fprintf(stderr, "hatch::Cuda::deallocate: cudaFree(%p) failed: %s (%s)\n", p, cudaGetErrorName(e),
                    cudaGetErrorString(e));
@@ -325,18 +330,16 @@ class DeviceCache {
     }
     live_bytes_ -= b.size;
   }
+  // Frees every cached block; a failure throws (the blocks not yet freed stay cached).
   void release_locked() {
-    int current = 0;
-    HATCH_CUDA_CHECK(cudaGetDevice(&current));
     for (auto& [key, blocks] : free_) {
-      if (blocks.empty()) continue;
-      HATCH_CUDA_CHECK(cudaSetDevice(key.first));
-      for (void* p : blocks) HATCH_CUDA_CHECK(cudaFree(p));
-      live_bytes_ -= key.second * blocks.size();
-      cached_bytes_ -= key.second * blocks.size();
-      blocks.clear();
+      while (!blocks.empty()) {
+        HATCH_CUDA_CHECK(free_on_device(blocks.back(), key.first));
+        blocks.pop_back();
+        live_bytes_ -= key.second;
+        cached_bytes_ -= key.second;
+      }
     }
-    HATCH_CUDA_CHECK(cudaSetDevice(current));
   }
 
   std::mutex mu_;
