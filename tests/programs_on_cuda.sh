@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The example programs with --device cuda against the same programs with --device cpu, vit-micro
-# on 128 Fashion-MNIST training images and 64 test images, in one work directory:
+# on 64 Fashion-MNIST training images and 32 test images (batches of 32), in one work directory:
 #   [PROGRAMS_TOLERANCE=3e-3] programs_on_cuda.sh <bin dir> <work dir> [suffix]
 # runs <bin dir>/{train_e2e,incubate,distill}<suffix>. CI runs it on the stand-ins for CUDA
 # (suffix _on_cpu: tests/cuda_on_cpu/programs_cuda.cpp, vit-micro alone on Cuda); bench/gpu.sh
@@ -27,8 +27,8 @@ data=${HATCH_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}
 [[ -d "$data" ]] || { echo "$0: skipped: no Fashion-MNIST directory at $data" >&2; exit 77; }
 rm -rf "$work"
 mkdir -p "$work"
-test_images=64
-data_args=(--data "$data" --train-limit 128 --test-limit "$test_images" --batch 64 --no-progress)
+test_images=32
+data_args=(--data "$data" --train-limit 64 --test-limit "$test_images" --batch 32 --no-progress)
 common=("${data_args[@]}" --preset vit-micro)
 status=0
 
