@@ -194,8 +194,6 @@ hatch::FitResult incubation_phases(const IncubateOptions& a, const Dataset& trai
 template <class B, class TV, class SV>
 int distill_as(const DistillOptions& a, const Dataset& train, const Dataset& test, const std::string& student);
 
-// End-to-end training. Last stdout line: test_accuracy=0.XXXX (with --ood, ood_accuracy=0.XXXX
-// before it).
 // The presets a program can run, chosen by name: every preset built into the programs. A build
 // that instantiates fewer passes its own set with the same three members as the programs' second
 // template argument (tests/cuda_on_cpu/programs_cuda.cpp: vit-micro alone, on the stand-ins).
@@ -214,6 +212,8 @@ struct BuiltInPresets {
   }
 };
 
+// End-to-end training. Last stdout line: test_accuracy=0.XXXX (with --ood, ood_accuracy=0.XXXX
+// before it).
 template <class B, class Presets = BuiltInPresets>
 int train_e2e(const E2eOptions& a) {
   const auto& c = a.common;
@@ -247,7 +247,7 @@ int distill(const DistillOptions& a) {
   c.check_ood(a.phase, /*teacher_phase=*/true);
   const auto train = c.load_for_phase(true, a.phase), test = c.load_for_phase(false, a.phase);
   return Presets::distill_pair(c.preset, a.student, [&]<class TV, class SV>(std::type_identity<TV>, std::type_identity<SV>,
-                                                                        const std::string& student) {
+                                                                            const std::string& student) {
     c.check_images<TV>(train, test);
     return distill_as<B, TV, SV>(a, train, test, student);
   });
