@@ -164,7 +164,7 @@ for prec in fp32 tf32; do
   done
 done
 
-acc="-" e2e_s="-" twin_s="-" twin_acc="-"
+acc="-" e2e_s="-" twin_s="-" twin_acc="-" programs_status="-"
 if [[ -d /usr/share/datasets/fashion-mnist || -n "${HATCH_FMNIST:-}" ]]; then
   echo "== train_e2e --device cuda (vit-tiny, 1 epoch, full Fashion-MNIST)"
   e2e_out="$(timeout 120 "$e2e_bin" --device cuda --preset vit-tiny --epochs 1 --no-progress --no-resume \
@@ -178,14 +178,11 @@ if [[ -d /usr/share/datasets/fashion-mnist || -n "${HATCH_FMNIST:-}" ]]; then
   echo "$twin_out" | tail -3
   twin_s="$(echo "$twin_out" | sed -n 's/^train_seconds=//p')"; twin_s="${twin_s:-failed}"
   twin_acc="$(echo "$twin_out" | sed -n 's/^test_accuracy=//p')"; twin_acc="${twin_acc:-failed}"
-fi
 
-# The programs on the card against the same programs on the host (the bundle carries the script
-# in bench/; a build tree has it in tests/).
-programs_status="-"
-programs_script="$here/programs_on_cuda.sh"
-[[ -f $programs_script ]] || programs_script="$root/tests/programs_on_cuda.sh"
-if [[ -d /usr/share/datasets/fashion-mnist || -n "${HATCH_FMNIST:-}" ]]; then
+  # The programs on the card against the same programs on the host (the bundle carries the
+  # script in bench/; a build tree has it in tests/).
+  programs_script="$here/programs_on_cuda.sh"
+  [[ -f $programs_script ]] || programs_script="$root/tests/programs_on_cuda.sh"
   echo "== train_e2e, incubate, distill: --device cuda against --device cpu (vit-micro, programs_on_cuda.sh)"
   programs_status=passed
   HATCH_FASHION_MNIST="${HATCH_FMNIST:-/usr/share/datasets/fashion-mnist}" timeout 300 \
