@@ -55,7 +55,7 @@ if [[ -n $bundle ]]; then
   no_build=1 build="$bundle"
   tests_bin="$bundle/bin/hatch_cuda_tests" step_bin="$bundle/bin/train_step" e2e_bin="$bundle/bin/train_e2e"
   rows_bin="$bundle/bin/cuda_rows"
-  export HATCH_FMNIST="${HATCH_FMNIST:-$bundle/data}"
+  export HATCH_FASHION_MNIST="${HATCH_FASHION_MNIST:-${HATCH_FMNIST:-$bundle/data}}"
   export LD_LIBRARY_PATH="$bundle/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   # cuBLAS and the CUDA runtime are the machine's own: the toolkit's, or the ones PyTorch ships.
   if ldd "$step_bin" | grep -q "not found"; then
@@ -165,16 +165,19 @@ for prec in fp32 tf32; do
 done
 
 acc="-" e2e_s="-" twin_s="-" twin_acc="-" programs_status="-"
-if [[ -d /usr/share/datasets/fashion-mnist || -n "${HATCH_FMNIST:-}" ]]; then
+# Fashion-MNIST: $HATCH_FASHION_MNIST, as in the test scripts (HATCH_FMNIST, its old name here, is
+# still read), the bundle's data/ with --bundle, else Debian's dataset-fashion-mnist.
+fmnist="${HATCH_FASHION_MNIST:-${HATCH_FMNIST:-/usr/share/datasets/fashion-mnist}}"
+if [[ -d $fmnist ]]; then
   echo "== train_e2e --device cuda (vit-tiny, 1 epoch, full Fashion-MNIST)"
   e2e_out="$(timeout 120 "$e2e_bin" --device cuda --preset vit-tiny --epochs 1 --no-progress --no-resume \
-    --out "$build/e2e-gpu" ${HATCH_FMNIST:+--data "$HATCH_FMNIST"} 2>&1)"
+    --out "$build/e2e-gpu" --data "$fmnist" 2>&1)"
   echo "$e2e_out" | tail -3
   acc="$(echo "$e2e_out" | sed -n 's/^test_accuracy=//p')"; acc="${acc:-failed}"
   e2e_s="$(echo "$e2e_out" | sed -n 's/.* seconds=\([0-9.]*\).*/\1/p')"; e2e_s="${e2e_s:-failed}"
   echo "== its PyTorch twin on the GPU (bench/torch_fmnist_train.py --device cuda, same recipe)"
   twin_out="$(timeout 180 "$python" "$here/torch_fmnist_train.py" --device cuda --preset vit-tiny --epochs 1 \
-    --data "${HATCH_FMNIST:-/usr/share/datasets/fashion-mnist}" 2>&1)"
+    --data "$fmnist" 2>&1)"
   echo "$twin_out" | tail -3
   twin_s="$(echo "$twin_out" | sed -n 's/^train_seconds=//p')"; twin_s="${twin_s:-failed}"
   twin_acc="$(echo "$twin_out" | sed -n 's/^test_accuracy=//p')"; twin_acc="${twin_acc:-failed}"
@@ -185,7 +188,7 @@ if [[ -d /usr/share/datasets/fashion-mnist || -n "${HATCH_FMNIST:-}" ]]; then
   [[ -f $programs_script ]] || programs_script="$root/tests/programs_on_cuda.sh"
   echo "== train_e2e, incubate, distill: --device cuda against --device cpu (vit-micro, programs_on_cuda.sh)"
   programs_status=passed
-  HATCH_FASHION_MNIST="${HATCH_FMNIST:-/usr/share/datasets/fashion-mnist}" timeout 300 \
+  HATCH_FASHION_MNIST="$fmnist" timeout 300 \
     bash "$programs_script" "$(dirname "$e2e_bin")" "$build/programs-gpu" >"$build/programs-gpu.log" 2>&1 \
     || programs_status=FAILED
   tail -12 "$build/programs-gpu.log"

@@ -16,6 +16,8 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 #include "hatch/core.hpp"
 #include "hatch/layers/moe.hpp"
 #include "hatch/modular/incubator.hpp"
@@ -272,8 +274,10 @@ template <hatch::Backend B>
 Results run_incubator(std::uint64_t seed) {
   using Target = hatch::Vit<hatch::presets::micro, hatch::Depths<1, 2, 1, 1>>;
   using Meta = hatch::presets::MetaOf<Target>;
+  // The process id too: ctest -j runs the suite's schedules (tests/CMakeLists.txt) side by side.
   const auto dir = std::filesystem::temp_directory_path() /
-                   ("hatch_parity_incubator_" + std::string(B::name) + "_" + std::to_string(seed));
+                   ("hatch_parity_incubator_" + std::string(B::name) + "_" + std::to_string(seed) + "_" +
+                    std::to_string(::getpid()));
   std::filesystem::remove_all(dir);
   const auto train = synthetic_images(seed, 96), test = synthetic_images(seed + 1, 50);
   hatch::Incubator<Meta, Target, B> inc({.dir = dir, .tag = "parity", .seed = seed});

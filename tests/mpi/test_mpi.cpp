@@ -14,6 +14,9 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <string>
+
+#include <unistd.h>
 
 #include "support.hpp"
 
@@ -73,7 +76,10 @@ double max_relative(const std::vector<double>& a, const std::vector<double>& b) 
 TEST_CASE("data-parallel fit equals one process on the same global batches (double), identical on every rank") {
   REQUIRE(g_world->size() > 1);
   const auto one = train<Cpu64>(nullptr);
-  const fs::path out = fs::temp_directory_path() / "hatch_mpi_fit";
+  // Named after rank 0's process, so that jobs run side by side (ctest -j) write apart.
+  long long pid = ::getpid();
+  g_world->broadcast(&pid, sizeof pid);
+  const fs::path out = fs::temp_directory_path() / ("hatch_mpi_fit_" + std::to_string(pid));
   if (g_world->rank() == 0) fs::remove_all(out);
   g_world->barrier();
   const auto many = train<Cpu64>(g_world, out);
