@@ -135,6 +135,7 @@ struct State {
   std::map<std::uintptr_t, std::size_t> device, pinned;  // base -> bytes
   std::size_t device_bytes = 0;
   std::map<const void*, std::size_t> shared_limit;  // kernel -> cudaFuncSetAttribute value
+  int frees_before_failure = -1;  // fail_free_after: cudaFree calls that succeed before one fails
 #if !defined(HATCH_CUDA_ON_CPU_EXACT_BLOCKS)
   std::map<std::uintptr_t, int> open;  // allocations open for device work -> how many holders
   unsigned char* arena = nullptr;  // kArenaBytes reserved, [arena, arena + used) handed out
@@ -145,6 +146,12 @@ struct State {
 inline State& state() {
   static auto* s = new State;
   return *s;
+}
+// The cudaFree after the next n fails (cudaErrorIllegalAddress, the block not freed), once: what a
+// broken context does to the caching allocator's release, which no correct call can provoke.
+inline void fail_free_after(int n) {
+  std::lock_guard<std::mutex> lock(state().mu);
+  state().frees_before_failure = n;
 }
 // The allocation of `map` (base -> bytes) that holds address p, or map.end().
 inline auto allocation_of(const std::map<std::uintptr_t, std::size_t>& map, const void* p) {
@@ -611,6 +618,8 @@ inline cudaError_t cudaFree(void* p) {
   std::lock_guard<std::mutex> lock(s.mu);
   auto it = s.device.find(reinterpret_cast<std::uintptr_t>(p));
   if (it == s.device.end()) return hatch_cuda_on_cpu::fail(cudaErrorInvalidValue);
+  if (s.frees_before_failure >= 0 && s.frees_before_failure-- == 0)
+    return hatch_cuda_on_cpu::fail(cudaErrorIllegalAddress);
   s.device_bytes -= it->second;
   hatch_cuda_on_cpu::free_device_block(s, p, it->second);
   s.device.erase(it);

@@ -8,7 +8,9 @@
 #include <cmath>
 #include <csignal>
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -463,6 +465,42 @@ TEST_CASE("cuda_on_cpu: out of device memory, the caching allocator gives its ca
         std::string::npos);
   Cuda::deallocate(b, 0);
   Cuda::release_cache();
+  Cuda::set_memory_caching(was);
+}
+
+// A cudaFree that fails while the cache gives its blocks back (a broken context) throws, and the
+// cache then lists only the blocks still held: none it freed may be handed out again, or freed twice.
+TEST_CASE("cuda_on_cpu: a cudaFree failing part-way through release_cache leaves only unfreed blocks cached") {
+  const bool was = Cuda::memory_caching();
+  Cuda::set_memory_caching(true);
+  Cuda::release_cache();
+  auto& cache = hatch::cuda_detail::DeviceCache::instance();
+  const std::size_t held = cache.live_bytes(), mib = std::size_t(1) << 20, n = mib / sizeof(float);
+  float* p[3] = {Cuda::allocate(n), Cuda::allocate(n), Cuda::allocate(n)};
+  for (float* q : p) Cuda::deallocate(q, n);
+  REQUIRE(Cuda::cached_bytes() == 3 * mib);
+  hatch_cuda_on_cpu::fail_free_after(1);  // the first block is freed, the second is not
+  const std::string e = error_of([] { Cuda::release_cache(); });
+  CHECK(e.find("cudaErrorIllegalAddress") != std::string::npos);
+  CHECK(e.find("free_on_device") != std::string::npos);
+  CHECK(Cuda::cached_bytes() == 2 * mib);
+  CHECK(cache.live_bytes() == held + 2 * mib);
+  // The two cached blocks come back without a cudaMalloc, and both are still the device's.
+  const std::int64_t before = Cuda::allocation_count();
+  float* a = Cuda::allocate(n);
+  float* b = Cuda::allocate(n);
+  CHECK(Cuda::allocation_count() == before);
+  {
+    auto& s = hatch_cuda_on_cpu::state();
+    std::lock_guard<std::mutex> lock(s.mu);
+    CHECK(s.device.count(reinterpret_cast<std::uintptr_t>(a)) == 1);
+    CHECK(s.device.count(reinterpret_cast<std::uintptr_t>(b)) == 1);
+  }
+  Cuda::deallocate(a, n);
+  Cuda::deallocate(b, n);
+  CHECK_NOTHROW(Cuda::release_cache());  // each block freed once: no cudaErrorInvalidValue
+  CHECK(Cuda::cached_bytes() == 0);
+  CHECK(cache.live_bytes() == held);
   Cuda::set_memory_caching(was);
 }
 
