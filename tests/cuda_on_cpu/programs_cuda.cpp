@@ -1,9 +1,9 @@
 // The example programs' --device cuda paths (what the GPU bundle carries: train_e2e, incubate,
 // distill), compiled by the host compiler against tests/cuda_on_cpu and run on CPU threads, for
 // one preset: vit-micro (and distill's vit-micro > vit-micro), 33 s of CPU for g++ at -O1; the
-// other eight presets are larger models, and CI is near its time budget. This one preset runs
-// the same program bodies (examples/program_bodies.hpp), checkpoints and phases. The Cpu side of
-// these programs is the ordinary presets library, every preset.
+// other eight presets are larger models, each of which every CI build would compile too. This
+// one preset runs the same program bodies (examples/program_bodies.hpp), checkpoints and phases.
+// The Cpu side of these programs is the ordinary presets library, every preset.
 #include "../../examples/presets/vit_micro.cpp"  // vit-micro's programs on hatch::Cuda (instances.hpp)
 
 namespace examples {
