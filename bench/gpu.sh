@@ -50,12 +50,13 @@ jobs="$(nproc)"
 # Where each binary is: the build tree's layout, or the bundle's bin/.
 tests_bin="$build/tests/hatch_cuda_tests" step_bin="$build/bench/train_step" e2e_bin="$build/examples/train_e2e"
 rows_bin="$build/bench/cuda_rows"
+fmnist_default=/usr/share/datasets/fashion-mnist
 if [[ -n $bundle ]]; then
   bundle="$(cd "$bundle" && pwd)" || die "--bundle: no directory '$bundle'"
   no_build=1 build="$bundle"
   tests_bin="$bundle/bin/hatch_cuda_tests" step_bin="$bundle/bin/train_step" e2e_bin="$bundle/bin/train_e2e"
   rows_bin="$bundle/bin/cuda_rows"
-  export HATCH_FASHION_MNIST="${HATCH_FASHION_MNIST:-${HATCH_FMNIST:-$bundle/data}}"
+  fmnist_default="$bundle/data"
   export LD_LIBRARY_PATH="$bundle/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   # cuBLAS and the CUDA runtime are the machine's own: the toolkit's, or the ones PyTorch ships.
   if ldd "$step_bin" | grep -q "not found"; then
@@ -167,7 +168,7 @@ done
 acc="-" e2e_s="-" twin_s="-" twin_acc="-" programs_status="-"
 # Fashion-MNIST: $HATCH_FASHION_MNIST, as in the test scripts (HATCH_FMNIST, its old name here, is
 # still read), the bundle's data/ with --bundle, else Debian's dataset-fashion-mnist.
-fmnist="${HATCH_FASHION_MNIST:-${HATCH_FMNIST:-/usr/share/datasets/fashion-mnist}}"
+fmnist="${HATCH_FASHION_MNIST:-${HATCH_FMNIST:-$fmnist_default}}"
 if [[ -d $fmnist ]]; then
   echo "== train_e2e --device cuda (vit-tiny, 1 epoch, full Fashion-MNIST)"
   e2e_out="$(timeout 120 "$e2e_bin" --device cuda --preset vit-tiny --epochs 1 --no-progress --no-resume \
