@@ -1,7 +1,7 @@
 // Images per second of one full training step (forward, loss, backward, AdamW) of a preset ViT
 // on random data; the peer of bench/torch_vit_step.py. Last line: images_per_second=N.
 //   build/bench/train_step --preset vit-small --batch 128 --threads 2
-//   build/bench/train_step --device cuda --preset vit-b16 --batch 64 [--tf32]
+//   build/bench/train_step --device cuda --preset vit-b16 --batch 64 [--tf32 | --tf32x3]
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <cstdio>
@@ -47,7 +47,10 @@ int main(int argc, char** argv) {
         return names;
       }()));
   app.add_option("--device", device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
-  app.add_flag("--tf32", o.tf32, "with --device cuda: TF32 tensor-core GEMMs");
+  auto* tf32 = app.add_flag("--tf32", o.tf32, "with --device cuda: TF32 tensor-core GEMMs");
+  app.add_flag("--tf32x3", o.tf32x3,
+               "with --device cuda: GEMMs as three TF32 tensor-core products of split operands (near-float accuracy)")
+      ->excludes(tf32);
   app.add_option("--batch", o.batch, "batch size")->check(CLI::Range(1, 1 << 16));
   app.add_option("--threads", threads, "OpenMP threads (cpu)")->check(CLI::Range(1, 1024));
   app.add_option("--steps", o.steps, "timed steps")->check(CLI::Range(1, 1 << 20));
@@ -61,6 +64,7 @@ int main(int argc, char** argv) {
   try {
     if (device == "cuda") return bench::time_train_step_cuda(o);
     hatch::require(!o.tf32, "--tf32", "applies only to --device cuda");
+    hatch::require(!o.tf32x3, "--tf32x3", "applies only to --device cuda");
     o.label = "hatch cpu threads=" + std::to_string(threads);
     if (ceiling) gemm_ceiling();
     const int rc = bench::time_train_step<hatch::Cpu>(o);

@@ -20,7 +20,7 @@ namespace bench {
 struct StepOptions {
   std::string preset = "vit-small";
   int batch = 128, steps = 20, warmup = 3;
-  bool tf32 = false;
+  bool tf32 = false, tf32x3 = false;  // --device cuda: the GEMM precision (neither: the default)
   std::string label = "hatch";  // first word of the report line, e.g. "hatch cuda"
 };
 

@@ -78,7 +78,10 @@ inline void add_common_flags(CLI::App& app, CommonOptions& o, bool e2e_presets =
                      (e2e_presets ? std::string(", ") + hatch::presets::nac_names : std::string()))
       ->check(CLI::IsMember(e2e_presets ? hatch::presets::e2e_name_list() : hatch::presets::name_list()));
   app.add_option("--device", o.device, "cpu, or cuda (the first CUDA device)")->check(CLI::IsMember({"cpu", "cuda"}));
-  app.add_flag("--tf32", o.tf32, "with --device cuda: TF32 tensor-core GEMMs");
+  auto* tf32 = app.add_flag("--tf32", o.tf32, "with --device cuda: TF32 tensor-core GEMMs");
+  app.add_flag("--tf32x3", o.tf32x3,
+               "with --device cuda: GEMMs as three TF32 tensor-core products of split operands (near-float accuracy)")
+      ->excludes(tf32);
   app.add_option("--data", o.data, "directory with the Fashion-MNIST IDX files (.gz or plain)")->check(kNotEmpty);
   app.add_option("--out", o.out, "output directory: checkpoints, training states, metrics.jsonl")->check(kNotEmpty);
   app.add_option("--batch", o.batch, "batch size")->check(integer_in(1, 65536));
@@ -152,6 +155,7 @@ int on_device(const Options& o, CpuRun cpu, CudaRun cuda) {
   omp_set_num_threads(threads);  // host threads: data, and the Cpu backend
   if (o.common.device == "cuda") return cuda(o);
   hatch::require(!o.common.tf32, "--tf32", "applies only to --device cuda");
+  hatch::require(!o.common.tf32x3, "--tf32x3", "applies only to --device cuda");
   return cpu(o);
 }
 

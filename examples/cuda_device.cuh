@@ -9,9 +9,12 @@ namespace examples {
 
 inline void select_device(const CommonOptions& c) {
   hatch::require(hatch::Cuda::device_available(), "--device cuda", "no CUDA device is visible to this process");
-  hatch::Cuda::set_tf32(c.tf32);
+  // --tf32 or --tf32x3; neither leaves the backend's default (HATCH_CUDA_GEMM, else fp32)
+  if (c.tf32) hatch::Cuda::set_gemm_precision(hatch::Cuda::GemmPrecision::tf32);
+  if (c.tf32x3) hatch::Cuda::set_gemm_precision(hatch::Cuda::GemmPrecision::tf32x3);
   if (!c.no_progress && c.rank() == 0)
-    std::fprintf(stderr, "device: %s%s\n", hatch::Cuda::device_name().c_str(), c.tf32 ? " (TF32 GEMMs)" : "");
+    std::fprintf(stderr, "device: %s (%s GEMMs)\n", hatch::Cuda::device_name().c_str(),
+                 hatch::cuda_detail::name(hatch::Cuda::gemm_precision()));
 }
 
 }  // namespace examples

@@ -28,7 +28,7 @@ struct CommonOptions {
   double lr = 2e-3, min_lr = 1e-5, warmup_epochs = 1, weight_decay = 0.05, clip = 0;
   double label_smoothing = 0.1, drop_path = 0, mixup = 0, cutmix = 0, mix_prob = 1.0;
   int crop_padding = 0;
-  bool hflip = false, no_progress = false, no_resume = false, tf32 = false, lr_per_epoch = false;
+  bool hflip = false, no_progress = false, no_resume = false, tf32 = false, tf32x3 = false, lr_per_epoch = false;
   bool balanced = false;  // --train-limit N takes the first N / 10 images of each class
   bool distributed = false;  // data-parallel over the MPI job's ranks
   bool ood = false;          // the final model also on data::shifted(test): ood_accuracy=

@@ -36,6 +36,7 @@
 #include <initializer_list>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <unordered_map>
@@ -394,10 +395,33 @@ auto thrust_call(const char* what, const char* file, int line, F&& f) {
 }
 
 // ---- cuBLAS handles ------------------------------------------------------------------------------
-inline std::atomic<bool>& tf32_flag() {
-  static std::atomic<bool> on{false};
-  return on;
+// How gemm, gemm_batched and the Linear layers' GEMMs multiply floats (Cuda::set_gemm_precision):
+//  - fp32: IEEE float products (cuBLAS's SIMT kernels on the CUDA cores), the default; results
+//    match the Cpu backend to float rounding;
+//  - tf32: TF32 tensor cores, inputs rounded to 10 mantissa bits (about 1e-3 relative per product);
+//  - tf32x3: three TF32 tensor-core GEMMs on split operands, x = hi + lo with hi = x rounded to
+//    TF32: A B ~ hi_A hi_B + hi_A lo_B + lo_A hi_B (the dropped lo_A lo_B and the rounding of lo
+//    are about 2^-21 of a product), so near-float accuracy at tensor-core speed, for a pass
+//    that splits both operands into scratch (twice their size, held for the call).
+// The default comes from HATCH_CUDA_GEMM (fp32, tf32 or tf32x3), else fp32.
+enum class GemmPrecision { fp32, tf32, tf32x3 };
+inline const char* name(GemmPrecision p) {
+  return p == GemmPrecision::tf32 ? "tf32" : p == GemmPrecision::tf32x3 ? "tf32x3" : "fp32";
 }
+// HATCH_CUDA_GEMM: unset or empty is fp32; fp32, tf32 or tf32x3; anything else an error.
+inline GemmPrecision env_gemm_precision() {
+  const char* v = std::getenv("HATCH_CUDA_GEMM");
+  if (!v || !*v) return GemmPrecision::fp32;
+  for (const GemmPrecision p : {GemmPrecision::fp32, GemmPrecision::tf32, GemmPrecision::tf32x3})
+    if (std::strcmp(v, name(p)) == 0) return p;
+  throw Error(std::string("HATCH_CUDA_GEMM=") + v + ": expected fp32, tf32 or tf32x3");
+}
+inline std::atomic<GemmPrecision>& gemm_precision_setting() {
+  static std::atomic<GemmPrecision> p{env_gemm_precision()};
+  return p;
+}
+// Whether GEMMs run on TF32 tensor cores (tf32 and tf32x3).
+inline bool tensor_cores() { return gemm_precision_setting().load() != GemmPrecision::fp32; }
 
 // The GEMM workspace of a device: 32 MiB from the cache (NVIDIA's recommendation for Hopper),
 // allocated on first use and never freed, shared by the cuBLAS handle and the cuBLASLt calls
@@ -428,7 +452,7 @@ inline cublasHandle_t cublas_handle() {
   std::lock_guard<std::mutex> lock(mu);
   if (std::size_t(device) >= entries->size()) entries->resize(std::size_t(device) + 1);
   Entry& e = (*entries)[std::size_t(device)];
-  const bool want = tf32_flag().load();
+  const bool want = tensor_cores();
   if (!e.handle) {
     void* ws = gemm_workspace(device);
     cublasHandle_t h = nullptr;
@@ -502,7 +526,7 @@ class LtPlans {
     void* vector = epi == Epilogue::bias ? const_cast<float*>(bias)
                    : epi == Epilogue::bias_grad ? static_cast<void*>(vector_buffer(device, std::size_t(n)))
                                                 : nullptr;
-    const Key key{device, int(ta), int(tb), m, n, k, lda, ldb, ldd, int(epi), tf32_flag().load(),
+    const Key key{device, int(ta), int(tb), m, n, k, lda, ldb, ldd, int(epi), tensor_cores(),
                   autotune_flag().load(), alignment_of(a), alignment_of(b), alignment_of(d),
                   epi == Epilogue::none || alignment_of(vector) >= 16};
     // A trial reads the real operands (and bias) and writes only scratch. The bias pointer must
@@ -732,6 +756,49 @@ inline const dim3 kRowBlock{32, cuda_kernels::kRowsPerBlock};
 inline const dim3 kColBlock{32, cuda_kernels::kColLanes};
 // Column reductions split the rows into chunks of at least 256 and at most 64 chunks.
 inline int rows_per_chunk(int rows) { return std::max(256, (rows + 63) / 64); }
+
+// One GEMM D = alpha A B + beta D at the gemm precision: issue(a, b, beta, last) issues a GEMM of
+// the same shape on the operands given. Once on A and B, or under GemmPrecision::tf32x3 three
+// times on their TF32 splits (cuda_kernels::split_tf32 into scratch, each operand as the flat
+// range of `span` floats that it and its leading dimension or batch strides cover, so pointers,
+// strides and leading dimensions stay valid relative to the copies; overlapping operands, such
+// as attention's queries and keys read in place from one qkv buffer, are split once over their
+// union): lo_A hi_B + beta D, then hi_A lo_B and hi_A hi_B added (the small terms first; `last`
+// marks the pass for an epilogue).
+template <class Issue>
+void gemm_passes(const float* a, std::size_t a_span, const float* b, std::size_t b_span, float beta, Issue&& issue) {
+  if (gemm_precision_setting().load() != GemmPrecision::tf32x3 || !a_span || !b_span) return issue(a, b, beta, true);
+  // Each split of n floats: hi in the first padded(n) floats of its scratch, lo in the next; both
+  // start at a multiple of 64 floats (256 bytes), as cuBLASLt picks algorithms by alignment.
+  const auto padded = [](std::size_t n) { return (n + 63) / 64 * 64; };
+  const auto split = [&](Scratch<float>& s, const float* x, std::size_t n) {
+    HATCH_CUDA_LAUNCH(cuda_kernels::split_tf32<float>, element_blocks(n), cuda_kernels::kThreads, s.get(),
+                      s.get() + padded(n), x, n);
+  };
+  const auto at = [](const float* p) { return reinterpret_cast<std::uintptr_t>(p); };
+  const bool overlap = at(a) < at(b + b_span) && at(b) < at(a + a_span);
+  const float* const base_a = overlap ? std::min(a, b) : a;
+  const float* const base_b = overlap ? base_a : b;
+  const std::size_t span_a = overlap ? std::size_t(std::max(a + a_span, b + b_span) - base_a) : a_span;
+  Scratch<float> sa(2 * padded(span_a));
+  split(sa, base_a, span_a);
+  std::optional<Scratch<float>> sb;
+  if (!overlap) split(sb.emplace(2 * padded(b_span)), b, b_span);
+  float* const pa = sa.get();
+  float* const pb = overlap ? pa : sb->get();
+  const std::size_t lo_a = padded(span_a), lo_b = overlap ? lo_a : padded(b_span);
+  const float* const a_hi = pa + (a - base_a);
+  const float* const b_hi = pb + (b - base_b);
+  issue(a_hi + lo_a, b_hi, beta, false);
+  issue(a_hi, b_hi + lo_b, 1.f, false);
+  issue(a_hi, b_hi, 1.f, true);
+}
+// The floats a row-major operand covers: op(X) is rows x cols, X stored transposed when t.
+inline std::size_t operand_span(bool t, int rows, int cols, int ld) {
+  if (rows <= 0 || cols <= 0) return 0;
+  return t ? std::size_t(ld) * std::size_t(cols - 1) + std::size_t(rows)
+           : std::size_t(ld) * std::size_t(rows - 1) + std::size_t(cols);
+}
 // Row kernels that also sum across rows (LayerNorm's parameter gradients) run one wave: as many
 // blocks of kRowBlock as the device holds at once (multiprocessors x resident blocks of this
 // kernel), so every warp takes several rows and the last block adds few partial sums. Asked once
@@ -901,10 +968,17 @@ struct Cuda {
     HATCH_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
     return prop.name;
   }
-  // TF32 tensor cores for gemm/gemm_batched: ~10 mantissa bits per product, much faster on
-  // Ampere and later. Off by default so that results match the Cpu backend to float rounding.
-  static void set_tf32(bool on) { cuda_detail::tf32_flag() = on; }
-  static bool tf32() { return cuda_detail::tf32_flag().load(); }
+  // How gemm, gemm_batched and the Linear layers' GEMMs multiply floats: fp32 (the default,
+  // results match the Cpu backend to float rounding), tf32 (TF32 tensor cores: ~10 mantissa bits
+  // per product, several times faster on Ampere and later), or tf32x3 (three TF32 GEMMs on split
+  // operands: near-float accuracy on the tensor cores); see cuda_detail::GemmPrecision. The
+  // default comes from HATCH_CUDA_GEMM.
+  using GemmPrecision = cuda_detail::GemmPrecision;
+  static void set_gemm_precision(GemmPrecision p) { cuda_detail::gemm_precision_setting() = p; }
+  static GemmPrecision gemm_precision() { return cuda_detail::gemm_precision_setting().load(); }
+  // set_tf32(true) is set_gemm_precision(tf32), set_tf32(false) fp32.
+  static void set_tf32(bool on) { set_gemm_precision(on ? GemmPrecision::tf32 : GemmPrecision::fp32); }
+  static bool tf32() { return gemm_precision() == GemmPrecision::tf32; }
   // GEMMs through cuBLASLt plans with fused bias epilogues (on unless HATCH_CUDA_LT=0), and the
   // plans' algorithms autotuned (off unless HATCH_CUDA_AUTOTUNE=1); see cuda_detail::LtPlans.
   static void set_cublaslt(bool on) { cuda_detail::lt_flag() = on; }
@@ -1084,16 +1158,14 @@ struct Cuda {
   static void gemm(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb, T beta,
                    T* c, int ldc) {
     if (m <= 0 || n <= 0) return;
-    using cuda_detail::op;
-    // Valid leading dimensions go through a cuBLASLt plan; invalid ones to cublasSgemm, which
-    // names the bad argument in its error.
+    // Valid leading dimensions go through a cuBLASLt plan (at the gemm precision); invalid ones
+    // to cublasSgemm, which names the bad argument in its error.
     const bool valid = k > 0 && lda >= std::max(1, ta ? m : k) && ldb >= std::max(1, tb ? k : n) && ldc >= std::max(1, n);
-    if (valid && cuda_detail::lt_enabled() &&
-        cuda_detail::LtPlans::instance().run(op(tb), op(ta), n, m, k, alpha, b, ldb, a, lda, beta, c, ldc,
-                                             cuda_detail::Epilogue::none))
-      return;
-    HATCH_CUBLAS_CHECK(cublasSgemm(cuda_detail::cublas_handle(), op(tb), op(ta), n, m, k, &alpha, b, ldb, a, lda,
-                                   &beta, c, ldc));
+    if (!valid) return gemm_once(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, false);
+    cuda_detail::gemm_passes(a, cuda_detail::operand_span(ta, m, k, lda), b, cuda_detail::operand_span(tb, k, n, ldb),
+                             beta, [&](const T* a_, const T* b_, T beta_, bool) {
+                               gemm_once(ta, tb, m, n, k, alpha, a_, lda, b_, ldb, beta_, c, ldc, true);
+                             });
   }
 
   // outer x inner GEMMs; matrix (o, i) of X starts at x + o * sx_outer + i * sx_inner. When the two
@@ -1107,41 +1179,39 @@ struct Cuda {
                            std::size_t sb_inner, T beta, T* c, int ldc, std::size_t sc_outer,
                            std::size_t sc_inner, int outer, int inner) {
     if (m <= 0 || n <= 0 || outer <= 0 || inner <= 0) return;
-    using cuda_detail::op;
-    const cublasHandle_t h = cuda_detail::cublas_handle();
-    auto strided = [&](std::size_t sa, std::size_t sb, std::size_t sc, int count) {
-      HATCH_CUBLAS_CHECK(cublasSgemmStridedBatched(h, op(tb), op(ta), n, m, k, &alpha, b, ldb, (long long)sb, a, lda,
-                                                   (long long)sa, &beta, c, ldc, (long long)sc, count));
+    // Under tf32x3 each operand is split over the whole range its matrices cover.
+    const auto span = [&](bool t, int rows, int cols, int ld, std::size_t s_outer, std::size_t s_inner) {
+      const std::size_t one = cuda_detail::operand_span(t, rows, cols, ld);
+      return one ? std::size_t(outer - 1) * s_outer + std::size_t(inner - 1) * s_inner + one : 0;
     };
-    if (outer == 1) return strided(sa_inner, sb_inner, sc_inner, inner);
-    if (inner == 1) return strided(sa_outer, sb_outer, sc_outer, outer);
-    const std::size_t in = std::size_t(inner);
-    if (sa_outer == in * sa_inner && sb_outer == in * sb_inner && sc_outer == in * sc_inner)
-      return strided(sa_inner, sb_inner, sc_inner, outer * inner);
-    const std::size_t total = std::size_t(outer) * in;
-    cuda_detail::Scratch<const T*> ab(2 * total);
-    cuda_detail::Scratch<T*> cs(total);
-    const T** pa = ab.get();
-    const T** pb = ab.get() + total;
-    T** pc = cs.get();
-    HATCH_CUDA_LAUNCH(cuda_kernels::batched_pointers<T>, cuda_detail::element_blocks(total), cuda_kernels::kThreads,
-                      pa, pb, pc, a, sa_outer, sa_inner, b, sb_outer, sb_inner, c, sc_outer, sc_inner, outer, inner);
-    HATCH_CUBLAS_CHECK(cublasSgemmBatched(h, op(tb), op(ta), n, m, k, &alpha, pb, ldb, pa, lda, &beta, pc, ldc,
-                                          int(total)));
+    cuda_detail::gemm_passes(a, span(ta, m, k, lda, sa_outer, sa_inner), b, span(tb, k, n, ldb, sb_outer, sb_inner),
+                             beta, [&](const T* a_, const T* b_, T beta_, bool) {
+                               gemm_batched_once(ta, tb, m, n, k, alpha, a_, lda, sa_outer, sa_inner, b_, ldb,
+                                                 sb_outer, sb_inner, beta_, c, ldc, sc_outer, sc_inner, outer, inner);
+                             });
   }
 
   // ---- fused operations (backend/fused.hpp): cuBLASLt epilogues, else the unfused sequence --------
   static void linear_forward(T* y, const T* x, const T* w, const T* bias, int rows, int in, int out) {
     if (rows <= 0 || out <= 0) return;
-    // Column-major: y^T (out x rows) = W (stored as in x out, transposed) x^T (in x rows) + bias.
-    if (bias && in > 0 && cuda_detail::lt_enabled() &&
-        cuda_detail::LtPlans::instance().run(CUBLAS_OP_T, CUBLAS_OP_N, out, rows, in, 1.f, w, in, x, in, 0.f, y, out,
-                                             cuda_detail::Epilogue::bias, bias))
-      return;
-    fused::linear_forward_unfused<Cuda>(y, x, w, bias, rows, in, out);
+    if (!bias || in <= 0 || !cuda_detail::lt_enabled()) return fused::linear_forward_unfused<Cuda>(y, x, w, bias, rows, in, out);
+    // Column-major: y^T (out x rows) = W (stored as in x out, transposed) x^T (in x rows) + bias,
+    // the bias added by the (last) GEMM's epilogue, or after it where cuBLASLt has no plan for that.
+    cuda_detail::gemm_passes(
+        w, std::size_t(in) * std::size_t(out), x, std::size_t(in) * std::size_t(rows), 0.f,
+        [&](const T* w_, const T* x_, T beta, bool last) {
+          if (last && cuda_detail::LtPlans::instance().run(CUBLAS_OP_T, CUBLAS_OP_N, out, rows, in, 1.f, w_, in, x_, in,
+                                                           beta, y, out, cuda_detail::Epilogue::bias, bias))
+            return;
+          gemm_once(false, true, rows, out, in, 1.f, x_, in, w_, in, beta, y, out, true);
+          if (last) add_bias_rows(y, bias, rows, out);
+        });
   }
+  // Under tf32x3 the bias gradient is summed in float by sum_rows rather than by the TF32 GEMM's
+  // epilogue (whose sums of dy would carry TF32's rounding).
   static void linear_backward_params(T* dw, T* dbias, const T* dy, const T* x, int rows, int in, int out) {
-    if (dw && dbias && rows > 0 && in > 0 && out > 0 && cuda_detail::lt_enabled()) {
+    if (dw && dbias && rows > 0 && in > 0 && out > 0 && cuda_detail::lt_enabled() &&
+        gemm_precision() != GemmPrecision::tf32x3) {
       // Column-major: dW^T (in x out) += x^T (in x rows) dy (stored as out x rows, transposed); the
       // epilogue writes the sums of dy over rows to the plans' buffer, then added to dbias.
       auto& plans = cuda_detail::LtPlans::instance();
@@ -1442,6 +1512,44 @@ struct Cuda {
   }
 
  private:
+  // One GEMM as the caller asked it (gemm, gemm_passes' passes): through a cuBLASLt plan where
+  // `planned` and one exists, else cublasSgemm; either at the precision's TF32 setting.
+  static void gemm_once(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda, const T* b, int ldb,
+                        T beta, T* c, int ldc, bool planned) {
+    using cuda_detail::op;
+    if (planned && cuda_detail::lt_enabled() &&
+        cuda_detail::LtPlans::instance().run(op(tb), op(ta), n, m, k, alpha, b, ldb, a, lda, beta, c, ldc,
+                                             cuda_detail::Epilogue::none))
+      return;
+    HATCH_CUBLAS_CHECK(cublasSgemm(cuda_detail::cublas_handle(), op(tb), op(ta), n, m, k, &alpha, b, ldb, a, lda,
+                                   &beta, c, ldc));
+  }
+  static void gemm_batched_once(bool ta, bool tb, int m, int n, int k, T alpha, const T* a, int lda,
+                                std::size_t sa_outer, std::size_t sa_inner, const T* b, int ldb, std::size_t sb_outer,
+                                std::size_t sb_inner, T beta, T* c, int ldc, std::size_t sc_outer,
+                                std::size_t sc_inner, int outer, int inner) {
+    using cuda_detail::op;
+    const cublasHandle_t h = cuda_detail::cublas_handle();
+    auto strided = [&](std::size_t sa, std::size_t sb, std::size_t sc, int count) {
+      HATCH_CUBLAS_CHECK(cublasSgemmStridedBatched(h, op(tb), op(ta), n, m, k, &alpha, b, ldb, (long long)sb, a, lda,
+                                                   (long long)sa, &beta, c, ldc, (long long)sc, count));
+    };
+    if (outer == 1) return strided(sa_inner, sb_inner, sc_inner, inner);
+    if (inner == 1) return strided(sa_outer, sb_outer, sc_outer, outer);
+    const std::size_t in = std::size_t(inner);
+    if (sa_outer == in * sa_inner && sb_outer == in * sb_inner && sc_outer == in * sc_inner)
+      return strided(sa_inner, sb_inner, sc_inner, outer * inner);
+    const std::size_t total = std::size_t(outer) * in;
+    cuda_detail::Scratch<const T*> ab(2 * total);
+    cuda_detail::Scratch<T*> cs(total);
+    const T** pa = ab.get();
+    const T** pb = ab.get() + total;
+    T** pc = cs.get();
+    HATCH_CUDA_LAUNCH(cuda_kernels::batched_pointers<T>, cuda_detail::element_blocks(total), cuda_kernels::kThreads,
+                      pa, pb, pc, a, sa_outer, sa_inner, b, sb_outer, sb_inner, c, sc_outer, sc_inner, outer, inner);
+    HATCH_CUBLAS_CHECK(cublasSgemmBatched(h, op(tb), op(ta), n, m, k, &alpha, pb, ldb, pa, lda, &beta, pc, ldc,
+                                          int(total)));
+  }
   // From pageable memory: waits until the copy is done, so the caller may reuse src at once
   // whatever the driver does with pageable memory (staged uploads use upload_async instead).
   static void upload_bytes(void* dst, const void* src, std::size_t bytes) {

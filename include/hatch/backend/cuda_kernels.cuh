@@ -17,6 +17,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "hatch/backend/random.hpp"
 
@@ -96,6 +97,29 @@ __global__ void copy_2d(T* dst, int ld_dst, const T* src, int ld_src, std::size_
 template <class T>
 __global__ void scale_rows(T* y, const T* x, const T* s, std::size_t total, int cols) {
   for (std::size_t j = global_index(); j < total; j += global_stride()) y[j] = x[j] * s[j / cols];
+}
+// Splits each float into hi = x rounded to TF32 (10 mantissa bits, to nearest) and lo = x - hi
+// (exact in float), for GEMMs as three TF32 products (Cuda::GemmPrecision::tf32x3). A tensor
+// core takes hi unchanged whether it rounds or truncates its inputs; lo loses at most 2^-10 of
+// itself, 2^-21 of x. Where rounding would overflow, hi is x truncated; infinities and NaNs go
+// whole into hi, with lo = 0. (T is float; a template like every kernel here.)
+template <class T>
+__global__ void split_tf32(T* hi, T* lo, const T* x, std::size_t n) {
+  static_assert(sizeof(T) == sizeof(std::uint32_t));
+  for (std::size_t j = global_index(); j < n; j += global_stride()) {
+    const T v = x[j];
+    std::uint32_t u;
+    memcpy(&u, &v, sizeof u);
+    std::uint32_t h = u;
+    if ((u & 0x7f800000u) != 0x7f800000u) {
+      h = (u + 0x1000u) & ~0x1fffu;
+      if ((h & 0x7f800000u) == 0x7f800000u) h = u & ~0x1fffu;  // rounded past the largest float
+    }
+    T hv;
+    memcpy(&hv, &h, sizeof hv);
+    hi[j] = hv;
+    lo[j] = h == u ? T(0) : v - hv;
+  }
 }
 template <class T>
 __device__ inline T gelu_value(T v) {
