@@ -92,6 +92,8 @@ tail -25 "$build/gpu-tests.log"
 echo "   measured parity margins (Cpu vs Cuda):"
 grep -o "parity .*tolerance .*" "$build/gpu-tests.log" | sed 's/^/     /'
 grep -o "fused: .*" "$build/gpu-tests.log" | sort | uniq -c | sed 's/^/     /'
+echo "   GEMM precision (fp32, tf32, tf32x3 against a double reference; how TF32 takes its inputs):"
+grep -o -e "gemm .*relative error against double.*" -e "TF32 GEMM inputs: .*" "$build/gpu-tests.log" | sed 's/^/     /'
 [[ -n "${OUT:-}" ]] && cp "$build/gpu-tests.log" "$OUT/" 2>/dev/null
 
 echo "== row kernels at ViT-B/16's shapes: each variant, and PyTorch's (cuda_rows, torch_rows.py)"

@@ -444,6 +444,22 @@ TEST_CASE("cuda: gemm in tf32x3 (three TF32 products of split operands) is as ac
                   << ", tf32x3 " << x3);
   CHECK(x3 <= 4 * fp32 + 1e-7);
   CHECK(tf32 >= 20 * x3);
+  {
+    // How this card's TF32 GEMMs take a float, for the record (tf32x3 is right either way: hi is a
+    // TF32 value already): x = 1 + 2^-11 + 2^-12 is 1 + 2^-10 rounded to nearest, 1 truncated.
+    // A 128^3 product of x and ones (large enough for tensor-core kernels) is 128 x that.
+    PrecisionGuard tf32(P::tf32);
+    const int s = 128;
+    Dev dx = dev(HostVec(std::size_t(s) * s, 1.f + 0x1.8p-11f)), d1 = dev(HostVec(std::size_t(s) * s, 1.f)),
+        dc = dev(HostVec(std::size_t(s) * s));
+    Cuda::gemm(false, false, s, s, s, 1.f, dx.data(), s, d1.data(), s, 0.f, dc.data(), s);
+    const float r = dc.to_host()[0];
+    const std::string how = r == 128.f        ? "truncated"
+                            : r == 128.125f   ? "rounded to nearest"
+                            : r == 128.09375f ? "kept whole (not TF32)"
+                                              : "other";
+    MESSAGE("TF32 GEMM inputs: " << how << " (128 x 1.00146484375 came out as " << r << ")");
+  }
   // Non-finite inputs go through whole: an infinity in A gives infinities (and NaNs) where
   // float would, not NaN from a split inf - inf.
   HostVec a_inf(std::size_t(4) * 4, 1.f), b_one(std::size_t(4) * 4, 1.f);
