@@ -2,12 +2,8 @@
 // Helpers shared by the tests of the modular methods (test_incubator.cpp, test_distiller.cpp):
 // a temporary run directory, synthetic data, a quick fit recipe, bitwise parameter snapshots and
 // file contents (error messages: error_message.hpp).
-#include <unistd.h>
-
 #include <cstring>
 #include <filesystem>
-#include <fstream>
-#include <iterator>
 #include <map>
 #include <random>
 #include <string>
@@ -17,22 +13,12 @@
 #include <hatch/train/fit.hpp>
 
 #include "support.hpp"
+#include "files.hpp"
 
 namespace hatch::test {
 
-struct TempRunDir {
-  std::filesystem::path path;
-  TempRunDir() {
-    static int counter = 0;
-    path = std::filesystem::temp_directory_path() /
-           ("hatch_modular_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    std::filesystem::remove_all(path);
-    std::filesystem::create_directories(path);
-  }
-  ~TempRunDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
+struct TempRunDir : hatch_test::TempDir {
+  TempRunDir() : hatch_test::TempDir("hatch_modular") {}
 };
 
 
@@ -97,11 +83,7 @@ inline TensorBytes file_tensors(const std::filesystem::path& file) {
   for (const auto& n : f.names()) out[n] = f.at(n).bytes;
   return out;
 }
-inline Bytes file_bytes(const std::filesystem::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  REQUIRE(in);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
+using hatch_test::file_bytes;
 inline std::string meta_entry(const std::filesystem::path& file, const std::string& key) {
   const auto m = read_metadata(file);
   auto it = m.find(key);

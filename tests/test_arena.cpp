@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "support.hpp"
+#include "files.hpp"
 
 using namespace hatch;
 using test::error_message;
@@ -19,18 +20,8 @@ namespace fs = std::filesystem;
 namespace {
 using Micro = Model<presets::VitMicro, Cpu>;
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() / ("hatch_arena_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
+struct TempDir : hatch_test::TempDir {
+  TempDir() : hatch_test::TempDir("hatch_arena") {}
 };
 
 template <class M>

@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "support.hpp"
+#include "files.hpp"
 
 #ifndef HATCH_FIXTURE_DIR
 #define HATCH_FIXTURE_DIR "tests/fixtures"
@@ -27,25 +28,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() / ("hatch_ckpt_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::permissions(path, fs::perms::owner_all, fs::perm_options::add, ec);
-    fs::remove_all(path, ec);
-  }
-  std::vector<std::string> entries() const {
-    std::vector<std::string> out;
-    for (const auto& e : fs::directory_iterator(path)) out.push_back(e.path().filename().string());
-    std::sort(out.begin(), out.end());
-    return out;
-  }
+struct TempDir : hatch_test::TempDir {
+  TempDir() : hatch_test::TempDir("hatch_ckpt") {}
 };
 
 

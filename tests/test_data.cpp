@@ -3,7 +3,6 @@
 #include <zlib.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -18,6 +17,7 @@
 #include "hatch/data/batcher.hpp"
 #include "hatch/data/fashion_mnist.hpp"
 #include "hatch/data/idx.hpp"
+#include "files.hpp"
 
 namespace fs = std::filesystem;
 using namespace hatch::data;
@@ -38,20 +38,8 @@ const Dataset& real_train() {
 }
 
 // A fresh directory under the system temp dir, removed with everything in it.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           ("hatch_test_data_" +
-            std::to_string(std::chrono::steady_clock::now().time_since_epoch().count()) + "_" +
-            std::to_string(counter++));
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
+struct TempDir : hatch_test::TempDir {
+  TempDir() : hatch_test::TempDir("hatch_test_data") {}
   fs::path write(const std::string& name, const Bytes& bytes) const {
     std::ofstream out(path / name, std::ios::binary);
     out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));

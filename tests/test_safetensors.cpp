@@ -10,12 +10,11 @@
 #include <string>
 #include <vector>
 
-#include <unistd.h>
-
 #include <nlohmann/json.hpp>
 
 #include "error_message.hpp"
 #include "hatch/io/safetensors.hpp"
+#include "files.hpp"
 
 #ifndef HATCH_FIXTURE_DIR
 #define HATCH_FIXTURE_DIR "tests/fixtures"
@@ -31,24 +30,8 @@ using hatch::io::SafeTensorsWriter;
 namespace {
 
 // A fresh directory per test case, removed afterwards, so tests can count its entries.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static int counter = 0;
-    path = fs::temp_directory_path() /
-           ("hatch_st_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::vector<std::string> entries() const {
-    std::vector<std::string> out;
-    for (const auto& e : fs::directory_iterator(path)) out.push_back(e.path().filename().string());
-    return out;
-  }
+struct TempDir : hatch_test::TempDir {
+  TempDir() : hatch_test::TempDir("hatch_st") {}
 };
 
 

@@ -8,20 +8,18 @@
 // all zero), and gradients start from non-zero values (so accumulation is checked too).
 #include <cstdint>
 #include <filesystem>
-#include <fstream>
-#include <iterator>
 #include <map>
 #include <memory>
 #include <random>
 #include <string>
 #include <vector>
 
-#include <unistd.h>
-
 #include "hatch/core.hpp"
 #include "hatch/layers/moe.hpp"
 #include "hatch/modular/incubator.hpp"
 #include "hatch/train/fit.hpp"
+
+#include "../files.hpp"
 
 namespace hatch_test {
 
@@ -238,11 +236,6 @@ inline hatch::FitOptions small_fit(int epochs) {
   return o;
 }
 
-inline std::string file_bytes(const std::filesystem::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-
 template <hatch::Backend B, class M>
 void record_parameters(Results& r, M& model, const std::string& prefix) {
   model.visit([&](const std::string& name, hatch::Parameter<B>& p) { r[prefix + name] = as_float(p.value.to_host()); },
@@ -274,13 +267,9 @@ template <hatch::Backend B>
 Results run_incubator(std::uint64_t seed) {
   using Target = hatch::Vit<hatch::presets::micro, hatch::Depths<1, 2, 1, 1>>;
   using Meta = hatch::presets::MetaOf<Target>;
-  // The process id too: ctest -j runs the suite's schedules (tests/CMakeLists.txt) side by side.
-  const auto dir = std::filesystem::temp_directory_path() /
-                   ("hatch_parity_incubator_" + std::string(B::name) + "_" + std::to_string(seed) + "_" +
-                    std::to_string(::getpid()));
-  std::filesystem::remove_all(dir);
+  const hatch_test::TempDir dir("hatch_parity_incubator_" + std::string(B::name) + "_" + std::to_string(seed));
   const auto train = synthetic_images(seed, 96), test = synthetic_images(seed + 1, 50);
-  hatch::Incubator<Meta, Target, B> inc({.dir = dir, .tag = "parity", .seed = seed});
+  hatch::Incubator<Meta, Target, B> inc({.dir = dir.path, .tag = "parity", .seed = seed});
   auto o = small_fit(1);
   o.seed = seed;
   o.augment = {};
@@ -295,7 +284,6 @@ Results run_incubator(std::uint64_t seed) {
   r["changed.meta_file"] = {file_bytes(meta_file) == meta_before ? 0.0f : 1.0f};
   r["test_loss"] = {float(result.test.loss)};
   record_parameters<B>(r, *target, "value.");
-  std::filesystem::remove_all(dir);
   return r;
 }
 

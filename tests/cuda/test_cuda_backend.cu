@@ -485,7 +485,8 @@ TEST_CASE("cuda: gemm_batched over two levels, collapsed and pointer-array paths
     };
     for (const Layout l : {Layout{"attention layout", 3, 4, false}, Layout{"contiguous", 3, 4, true},
                            Layout{"outer 1", 1, 5, false}, Layout{"inner 1", 4, 1, false},
-                           Layout{"more heads than batch", 2, 20, false}, Layout{"more batch than heads", 20, 3, false}})
+                           Layout{"more heads than batch", 2, 20, false},
+                           Layout{"more batch than heads", 20, 3, false}})
       for (bool ta : {false, true})
         for (bool tb : {false, true}) {
           CAPTURE(l.what);
@@ -520,8 +521,8 @@ TEST_CASE("cuda: gemm_batched over two levels, collapsed and pointer-array paths
                      c.data() + o * sco + i * sci, ref.data() + o * sco + i * sci, ldc);
           }
           Dev da = dev(a), db = dev(b), dc = dev(c);
-          Cuda::gemm_batched(ta, tb, m, n, k, 0.5f, da.data(), lda, sao, sai, db.data(), ldb, sbo, sbi, 0.25f, dc.data(),
-                             ldc, sco, sci, l.outer, l.inner);
+          Cuda::gemm_batched(ta, tb, m, n, k, 0.5f, da.data(), lda, sao, sai, db.data(), ldb, sbo, sbi, 0.25f,
+                             dc.data(), ldc, sco, sci, l.outer, l.inner);
           CHECK_CLOSE(dc.to_host(), ref, kTol);
         }
   }
@@ -1635,8 +1636,9 @@ void check_parity(const std::string& name, double tol = kLayerTol, std::uint64_t
     }
   }
   // The measured margin, for calibrating the tolerances on a real device (bench/gpu.sh lists these).
-  MESSAGE("parity " << name << " (GEMMs " << std::string(hatch::cuda_detail::name(Cuda::gemm_precision())) << ")" << ": max relative error " << worst << " ("
-                    << worst_key << "), tolerance " << tol);
+  const std::string precision = hatch::cuda_detail::name(Cuda::gemm_precision());
+  MESSAGE("parity " << name << " (GEMMs " << precision << "): max relative error " << worst << " (" << worst_key
+                    << "), tolerance " << tol);
 }
 }  // namespace
 

@@ -1194,7 +1194,8 @@ struct Cuda {
   // ---- fused operations (backend/fused.hpp): cuBLASLt epilogues, else the unfused sequence --------
   static void linear_forward(T* y, const T* x, const T* w, const T* bias, int rows, int in, int out) {
     if (rows <= 0 || out <= 0) return;
-    if (!bias || in <= 0 || !cuda_detail::lt_enabled()) return fused::linear_forward_unfused<Cuda>(y, x, w, bias, rows, in, out);
+    if (!bias || in <= 0 || !cuda_detail::lt_enabled())
+      return fused::linear_forward_unfused<Cuda>(y, x, w, bias, rows, in, out);
     // Column-major: y^T (out x rows) = W (stored as in x out, transposed) x^T (in x rows) + bias,
     // the bias added by the (last) GEMM's epilogue, or after it where cuBLASLt has no plan for that.
     cuda_detail::gemm_passes(
