@@ -19,11 +19,10 @@ namespace hatch_test {
 // the object goes (also when the test throws). Its name is the prefix, the process id (ctest -j
 // runs the test programs, and the schedules of one program, side by side) and a count within
 // the process.
-
 struct TempDir {
   std::filesystem::path path;
 
-  explicit TempDir(const std::string& prefix) {
+  explicit TempDir(const std::string& prefix = "hatch_test") {
     static int counter = 0;
     path = std::filesystem::temp_directory_path() /
            (prefix + "_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));

@@ -17,9 +17,7 @@
 
 namespace hatch::test {
 
-struct TempRunDir : hatch_test::TempDir {
-  TempRunDir() : hatch_test::TempDir("hatch_modular") {}
-};
+using TempRunDir = hatch_test::TempDir;
 
 
 // The names a module's visit gives, in order.

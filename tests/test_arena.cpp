@@ -20,9 +20,7 @@ namespace fs = std::filesystem;
 namespace {
 using Micro = Model<presets::VitMicro, Cpu>;
 
-struct TempDir : hatch_test::TempDir {
-  TempDir() : hatch_test::TempDir("hatch_arena") {}
-};
+using hatch_test::TempDir;
 
 template <class M>
 Parameter<Cpu>& param(M& model, const std::string& name) {

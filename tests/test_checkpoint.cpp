@@ -28,9 +28,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-struct TempDir : hatch_test::TempDir {
-  TempDir() : hatch_test::TempDir("hatch_ckpt") {}
-};
+using hatch_test::TempDir;
 
 
 // Every parameter's bytes, by name: equality is bitwise.

@@ -37,9 +37,8 @@ const Dataset& real_train() {
   return d;
 }
 
-// A fresh directory under the system temp dir, removed with everything in it.
+// A temporary directory (tests/files.hpp) that also writes files into itself.
 struct TempDir : hatch_test::TempDir {
-  TempDir() : hatch_test::TempDir("hatch_test_data") {}
   fs::path write(const std::string& name, const Bytes& bytes) const {
     std::ofstream out(path / name, std::ios::binary);
     out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));

@@ -29,10 +29,7 @@ using hatch::io::SafeTensorsWriter;
 
 namespace {
 
-// A fresh directory per test case, removed afterwards, so tests can count its entries.
-struct TempDir : hatch_test::TempDir {
-  TempDir() : hatch_test::TempDir("hatch_st") {}
-};
+using hatch_test::TempDir;
 
 
 std::vector<std::uint8_t> raw_file(const std::string& header, std::size_t data_bytes,

@@ -777,18 +777,16 @@ void gemm_passes(const float* a, std::size_t a_span, const float* b, std::size_t
   };
   const auto at = [](const float* p) { return reinterpret_cast<std::uintptr_t>(p); };
   const bool overlap = at(a) < at(b + b_span) && at(b) < at(a + a_span);
-  const float* const base_a = overlap ? std::min(a, b) : a;
-  const float* const base_b = overlap ? base_a : b;
-  const std::size_t span_a = overlap ? std::size_t(std::max(a + a_span, b + b_span) - base_a) : a_span;
-  Scratch<float> sa(2 * padded(span_a));
-  split(sa, base_a, span_a);
+  // The first split covers A, or the union of A and B where they overlap; the second B otherwise.
+  const float* const first = overlap ? std::min(a, b) : a;
+  const std::size_t first_n = overlap ? std::size_t(std::max(a + a_span, b + b_span) - first) : a_span;
+  Scratch<float> sa(2 * padded(first_n));
+  split(sa, first, first_n);
   std::optional<Scratch<float>> sb;
   if (!overlap) split(sb.emplace(2 * padded(b_span)), b, b_span);
-  float* const pa = sa.get();
-  float* const pb = overlap ? pa : sb->get();
-  const std::size_t lo_a = padded(span_a), lo_b = overlap ? lo_a : padded(b_span);
-  const float* const a_hi = pa + (a - base_a);
-  const float* const b_hi = pb + (b - base_b);
+  const float* const a_hi = sa.get() + (a - first);
+  const float* const b_hi = overlap ? sa.get() + (b - first) : sb->get();
+  const std::size_t lo_a = padded(first_n), lo_b = overlap ? lo_a : padded(b_span);  // lo = hi + this
   issue(a_hi + lo_a, b_hi, beta, false);
   issue(a_hi, b_hi + lo_b, 1.f, false);
   issue(a_hi, b_hi, 1.f, true);
