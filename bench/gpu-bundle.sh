@@ -12,8 +12,9 @@
 # folder OUT and the archive OUT.tar.xz (the binaries are about 65 MiB, 10 compressed; the
 # device tool carries 64 MiB in all, so the archive is what travels). Then, there:
 #
-#   tar xJf gpu-bundle.tar.xz && gpu-bundle/bench/gpu.sh --bundle gpu-bundle
-#   (without xz: python3 -m tarfile -e gpu-bundle.tar.xz .)
+#   tar xJf gpu-bundle.tar.xz && gpu-bundle/bench/gpu-run.sh --bundle gpu-bundle
+#   (without xz: python3 -m tarfile -e gpu-bundle.tar.xz .; gpu-run.sh runs gpu.sh, then
+#   gpu-sanitize.sh, within one time budget)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -23,7 +24,7 @@ die() { echo "gpu-bundle.sh: $*" >&2; exit 2; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --build|--out) [[ $# -ge 2 ]] || die "$1 needs a value"; declare "${1#--}=$2"; shift 2 ;;
-    -h|--help) sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
@@ -45,7 +46,7 @@ cp "$build/tests/hatch_cuda_tests" "$build/bench/train_step" "$build/bench/cuda_
   "$out/bin/"
 strip --strip-unneeded "$out"/bin/*
 cp "$data"/*.gz "$out/data/"
-cp "$here/gpu.sh" "$here/gpu-sanitize.sh" "$here/gpu-profile.sh" "$here/torch_vit_step.py" "$here/torch_fmnist_train.py" \
+cp "$here/gpu.sh" "$here/gpu-run.sh" "$here/gpu-sanitize.sh" "$here/gpu-profile.sh" "$here/torch_vit_step.py" "$here/torch_fmnist_train.py" \
   "$here/torch_rows.py" "$root/tests/programs_on_cuda.sh" "$out/bench/"
 
 : >"$out/libs.txt"
