@@ -535,6 +535,111 @@ TEST_CASE("cuda: gemm_batched over two levels, collapsed and pointer-array paths
   }
 }
 
+TEST_CASE("cuda: tf32x3 splits each operand once per Linear backward and unfused attention call, to the same values") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  namespace cd = hatch::cuda_detail;
+  FusedAttentionGuard gemm_path(false);
+  const auto splits = [] { return Cuda::tf32_split_launches(); };
+  for (const P precision : {P::fp32, P::tf32x3}) {
+    CAPTURE(cd::name(precision));
+    PrecisionGuard guard(precision);
+    const bool x3 = precision == P::tf32x3;
+    {
+      // Linear: dW += dy^T x, db += column sums of dy, dx = dy W. Per GEMM, dy is split for both
+      // GEMMs (4 splits: dy, x, dy, W); in one linear_backward call once (3).
+      const int rows = 97, in = 64, out = 40;
+      const HostVec x = randn(std::size_t(rows) * in, 41), w = randn(std::size_t(out) * in, 42),
+                    dy = randn(std::size_t(rows) * out, 43), dw0 = randn(std::size_t(out) * in, 44),
+                    db0 = randn(std::size_t(out), 45);
+      Dev dX = dev(x), dW = dev(w), dDy = dev(dy);
+      Dev gw1 = dev(dw0), gb1 = dev(db0), dx1 = dev(HostVec(x.size())), gw2 = dev(dw0), gb2 = dev(db0),
+          dx2 = dev(HostVec(x.size()));
+      const auto s0 = splits();
+      hatch::fused::linear_backward_params<Cuda>(gw1.data(), gb1.data(), dDy.data(), dX.data(), rows, in, out);
+      Cuda::gemm(false, false, rows, in, out, 1.f, dDy.data(), out, dW.data(), in, 0.f, dx1.data(), in);
+      const auto s1 = splits();
+      hatch::fused::linear_backward<Cuda>(dx2.data(), gw2.data(), gb2.data(), dDy.data(), dX.data(), dW.data(), rows,
+                                          in, out);
+      const auto s2 = splits();
+      CHECK(s1 - s0 == (x3 ? 4 : 0));
+      CHECK(s2 - s1 == (x3 ? 3 : 0));
+      CHECK_CLOSE(dx2.to_host(), dx1.to_host(), kTol);
+      CHECK_CLOSE(gw2.to_host(), gw1.to_host(), kTol);
+      CHECK_CLOSE(gb2.to_host(), gb1.to_host(), kTol);
+      // and against the host: dx = dy W
+      RefVec ref(x.size());
+      gemm_ref(false, false, rows, in, out, 1, dy.data(), out, w.data(), in, 0, nullptr, ref.data(), in);
+      CHECK_CLOSE(dx2.to_host(), ref, kTol);
+      // Without dx (the first layer): the parameter gradients alone, dy split once.
+      Dev gw3 = dev(dw0), gb3 = dev(db0);
+      hatch::fused::linear_backward<Cuda>(nullptr, gw3.data(), gb3.data(), dDy.data(), dX.data(), dW.data(), rows, in,
+                                          out);
+      CHECK(splits() - s2 == (x3 ? 2 : 0));
+      CHECK_CLOSE(gw3.to_host(), gw1.to_host(), kTol);
+    }
+    {
+      // Attention on the GEMM path (heads read in place from qkv): per GEMM the forward splits the
+      // union of Q and K, then the probabilities and V (3); the backward dout and V, P and dout,
+      // dS and K, dS and Q (8). Cuda's members split qkv whole once: 2 and 4.
+      const int batch = 2, n = 13, heads = 2, dh = 32, d = heads * dh;
+      const float scale = 1.f / std::sqrt(float(dh));
+      const HostVec qkv = randn(std::size_t(batch) * n * 3 * d, 46), dout = randn(std::size_t(batch) * n * d, 47);
+      const std::size_t probs = std::size_t(batch) * heads * n * n;
+      Dev dQkv = dev(qkv), dDout = dev(dout);
+      Dev out1 = dev(HostVec(dout.size())), p1 = dev(HostVec(probs)), out2 = dev(HostVec(dout.size())),
+          p2 = dev(HostVec(probs));
+      const auto s0 = splits();
+      hatch::fused::attention_forward_unfused<Cuda>(out1.data(), p1.data(), dQkv.data(), batch, n, heads, dh, scale);
+      const auto s1 = splits();
+      Cuda::attention_forward(out2.data(), p2.data(), dQkv.data(), batch, n, heads, dh, scale);
+      const auto s2 = splits();
+      CHECK(s1 - s0 == (x3 ? 3 : 0));
+      CHECK(s2 - s1 == (x3 ? 2 : 0));
+      CHECK_CLOSE(out2.to_host(), out1.to_host(), kTol);
+      Dev g1 = dev(HostVec(qkv.size())), g2 = dev(HostVec(qkv.size())), t1 = dev(HostVec(probs)),
+          t2 = dev(HostVec(probs));
+      hatch::fused::attention_backward_unfused<Cuda>(g1.data(), t1.data(), dDout.data(), dQkv.data(), p1.data(), batch,
+                                                     n, heads, dh, scale);
+      const auto s3 = splits();
+      Cuda::attention_backward(g2.data(), t2.data(), dDout.data(), dQkv.data(), out2.data(), p2.data(), batch, n, heads,
+                               dh, scale);
+      CHECK(s3 - s2 == (x3 ? 8 : 0));
+      CHECK(splits() - s3 == (x3 ? 4 : 0));
+      CHECK_CLOSE(g2.to_host(), g1.to_host(), kTol);
+    }
+  }
+  {
+    // Inside a scope: an operand found inside a kept split is read at its offset; a GEMM's output
+    // drops the kept splits it overlaps, so a range written after its split is split again.
+    PrecisionGuard guard(P::tf32x3);
+    const int m = 24, k = 32, nn = 16;
+    const HostVec a = randn(std::size_t(m + 4) * k, 51), b = randn(std::size_t(k) * nn, 52),
+                  a2 = randn(std::size_t(m + 4) * k, 53);
+    RefVec ref(std::size_t(m) * nn), ref2(ref.size());
+    gemm_ref(false, false, m, nn, k, 1, a.data() + 3 * k, k, b.data(), nn, 0, nullptr, ref.data(), nn);
+    Dev dA = dev(a), dB = dev(b), dA2 = dev(a2), dc = dev(HostVec(ref.size())), eye = dev([&] {
+      HostVec e(std::size_t(k) * k, 0.f);
+      for (int i = 0; i < k; ++i) e[std::size_t(i) * k + i] = 1.f;
+      return e;
+    }());
+    cd::SplitReuse scope;
+    scope.presplit(dA.data(), a.size());
+    const auto s0 = splits();
+    Cuda::gemm(false, false, m, nn, k, 1.f, dA.data() + 3 * k, k, dB.data(), nn, 0.f, dc.data(), nn);
+    CHECK(splits() - s0 == 1);  // B only: A lies inside the presplit buffer
+    CHECK_CLOSE(dc.to_host(), ref, kTol);
+    CHECK(scope.kept() == 2);
+    // Overwrite A's rows (A := A2 I, a GEMM whose output covers the kept split of A): dropped.
+    Cuda::gemm(false, false, m + 4, k, k, 1.f, dA2.data(), k, eye.data(), k, 0.f, dA.data(), k);
+    const auto s1 = splits();
+    Cuda::gemm(false, false, m, nn, k, 1.f, dA.data() + 3 * k, k, dB.data(), nn, 0.f, dc.data(), nn);
+    CHECK(splits() - s1 == 1);  // A again; B's split still kept
+    gemm_ref(false, false, m, nn, k, 1, a2.data() + 3 * k, k, b.data(), nn, 0, nullptr, ref2.data(), nn);
+    CHECK_CLOSE(dc.to_host(), ref2, kTol);
+  }
+  CHECK(cd::SplitReuse::active() == nullptr);  // the scope above closed
+}
+
 TEST_CASE("cuda: fused Linear forward and parameter gradients (cuBLASLt epilogues) match the host reference") {
   HATCH_REQUIRE_CUDA_DEVICE();
   struct Shape {

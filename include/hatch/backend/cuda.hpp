@@ -35,8 +35,8 @@
 #include <cstring>
 #include <initializer_list>
 #include <map>
+#include <memory>
 #include <mutex>
-#include <optional>
 #include <string>
 #include <type_traits>
 #include <unordered_map>
@@ -757,39 +757,119 @@ inline const dim3 kColBlock{32, cuda_kernels::kColLanes};
 // Column reductions split the rows into chunks of at least 256 and at most 64 chunks.
 inline int rows_per_chunk(int rows) { return std::max(256, (rows + 63) / 64); }
 
+// ---- tf32x3 splits (GemmPrecision::tf32x3) -----------------------------------------------------
+// A split of the n floats at x: hi = x rounded to TF32 at `hi`, lo = x - hi at hi + lo (both start
+// at a multiple of 64 floats, 256 bytes, as cuBLASLt picks algorithms by alignment).
+struct SplitView {
+  const float* hi = nullptr;
+  std::size_t lo = 0;
+  explicit operator bool() const { return hi != nullptr; }
+  SplitView at(std::size_t offset) const { return {hi + offset, lo}; }  // the split of x + offset
+};
+inline std::atomic<std::int64_t>& split_launches() {  // split_tf32 launches so far (tests)
+  static std::atomic<std::int64_t> n{0};
+  return n;
+}
+// Splits x[0, n) into new scratch, which `owner` then holds.
+inline SplitView split_into(std::unique_ptr<Scratch<float>>& owner, const float* x, std::size_t n) {
+  const std::size_t padded = (n + 63) / 64 * 64;
+  owner = std::make_unique<Scratch<float>>(2 * padded);
+  HATCH_CUDA_LAUNCH(cuda_kernels::split_tf32<float>, element_blocks(n), cuda_kernels::kThreads, owner->get(),
+                    owner->get() + padded, x, n);
+  ++split_launches();
+  return {owner->get(), padded};
+}
+
+// Splits kept for the GEMMs that follow, while a scope of this type is open on the host thread: a
+// Cuda member whose GEMMs read one operand more than once (a Linear's dy in its weight- and
+// input-gradient GEMMs; attention's qkv, dout and dscores) opens one, and each range is split once
+// instead of once per GEMM. A GEMM finds an operand inside any kept split (an operand is a flat
+// range: attention's Q, K and V all lie inside a split of the whole qkv buffer) and its output
+// drops every kept split it overlaps. The scope's owner promises that nothing else writes a kept
+// range while it is open. The splits are freed (to the cache) when the outermost scope closes;
+// inner scopes add to the outermost's.
+class SplitReuse {
+ public:
+  SplitReuse() : outer_(current()) {
+    if (!outer_) current() = this;
+  }
+  ~SplitReuse() {
+    if (!outer_) current() = nullptr;
+  }
+  SplitReuse(const SplitReuse&) = delete;
+  SplitReuse& operator=(const SplitReuse&) = delete;
+
+  // The open scope's store of splits (the outermost scope), or null.
+  static SplitReuse* active() { return current(); }
+  // Splits x[0, n) now (under tf32x3, unless a kept split holds it already), for later GEMMs that
+  // read parts of it: attention splits its whole qkv buffer.
+  void presplit(const float* x, std::size_t n) {
+    if (gemm_precision_setting().load() == GemmPrecision::tf32x3 && n && !find(x, n)) keep(x, n);
+  }
+  SplitView find(const float* x, std::size_t n) const {
+    for (const Entry& e : entries_)
+      if (x >= e.x && x + n <= e.x + e.n) return e.split.at(std::size_t(x - e.x));
+    return {};
+  }
+  SplitView keep(const float* x, std::size_t n) {
+    Entry& e = entries_.emplace_back();
+    e.x = x, e.n = n;
+    e.split = split_into(e.owner, x, n);
+    return e.split;
+  }
+  // A GEMM wrote y[0, n): a kept split of an overlapping range no longer holds what is there.
+  void written(const float* y, std::size_t n) {
+    std::erase_if(entries_, [&](const Entry& e) { return y < e.x + e.n && e.x < y + n; });
+  }
+  std::size_t kept() const { return entries_.size(); }
+
+ private:
+  struct Entry {
+    const float* x = nullptr;
+    std::size_t n = 0;
+    std::unique_ptr<Scratch<float>> owner;
+    SplitView split;
+  };
+  static SplitReuse*& current() {
+    thread_local SplitReuse* open = nullptr;
+    return open;
+  }
+  SplitReuse* outer_;
+  std::vector<Entry> entries_;
+};
+
 // One GEMM D = alpha A B + beta D at the gemm precision: issue(a, b, beta, last) issues a GEMM of
 // the same shape on the operands given. Once on A and B, or under GemmPrecision::tf32x3 three
-// times on their TF32 splits (cuda_kernels::split_tf32 into scratch, each operand as the flat
-// range of `span` floats that it and its leading dimension or batch strides cover, so pointers,
-// strides and leading dimensions stay valid relative to the copies; overlapping operands, such
-// as attention's queries and keys read in place from one qkv buffer, are split once over their
-// union): lo_A hi_B + beta D, then hi_A lo_B and hi_A hi_B added (the small terms first; `last`
-// marks the pass for an epilogue).
+// times on their TF32 splits (each operand split as the flat range of `span` floats that it and
+// its leading dimension or batch strides cover, so pointers, strides and leading dimensions stay
+// valid relative to the copies; overlapping operands, such as attention's queries and keys read
+// in place from one qkv buffer, are split once over their union; inside a SplitReuse scope the
+// splits are looked up and kept there, and D's range, d_span floats at d, drops those it
+// overlaps): lo_A hi_B + beta D, then hi_A lo_B and hi_A hi_B added (the small terms first;
+// `last` marks the pass for an epilogue).
 template <class Issue>
-void gemm_passes(const float* a, std::size_t a_span, const float* b, std::size_t b_span, float beta, Issue&& issue) {
+void gemm_passes(const float* a, std::size_t a_span, const float* b, std::size_t b_span, float beta, const float* d,
+                 std::size_t d_span, Issue&& issue) {
   if (gemm_precision_setting().load() != GemmPrecision::tf32x3 || !a_span || !b_span) return issue(a, b, beta, true);
-  // Each split of n floats: hi in the first padded(n) floats of its scratch, lo in the next; both
-  // start at a multiple of 64 floats (256 bytes), as cuBLASLt picks algorithms by alignment.
-  const auto padded = [](std::size_t n) { return (n + 63) / 64 * 64; };
-  const auto split = [&](Scratch<float>& s, const float* x, std::size_t n) {
-    HATCH_CUDA_LAUNCH(cuda_kernels::split_tf32<float>, element_blocks(n), cuda_kernels::kThreads, s.get(),
-                      s.get() + padded(n), x, n);
+  SplitReuse* const reuse = SplitReuse::active();
+  SplitView sa = reuse ? reuse->find(a, a_span) : SplitView{};
+  SplitView sb = reuse ? reuse->find(b, b_span) : SplitView{};
+  std::unique_ptr<Scratch<float>> own_a, own_b;  // splits of this GEMM alone (no scope open)
+  const auto split = [&](std::unique_ptr<Scratch<float>>& owner, const float* x, std::size_t n) {
+    return reuse ? reuse->keep(x, n) : split_into(owner, x, n);
   };
   const auto at = [](const float* p) { return reinterpret_cast<std::uintptr_t>(p); };
-  const bool overlap = at(a) < at(b + b_span) && at(b) < at(a + a_span);
-  // The first split covers A, or the union of A and B where they overlap; the second B otherwise.
-  const float* const first = overlap ? std::min(a, b) : a;
-  const std::size_t first_n = overlap ? std::size_t(std::max(a + a_span, b + b_span) - first) : a_span;
-  Scratch<float> sa(2 * padded(first_n));
-  split(sa, first, first_n);
-  std::optional<Scratch<float>> sb;
-  if (!overlap) split(sb.emplace(2 * padded(b_span)), b, b_span);
-  const float* const a_hi = sa.get() + (a - first);
-  const float* const b_hi = overlap ? sa.get() + (b - first) : sb->get();
-  const std::size_t lo_a = padded(first_n), lo_b = overlap ? lo_a : padded(b_span);  // lo = hi + this
-  issue(a_hi + lo_a, b_hi, beta, false);
-  issue(a_hi, b_hi + lo_b, 1.f, false);
-  issue(a_hi, b_hi, 1.f, true);
+  if (!sa && !sb && at(a) < at(b + b_span) && at(b) < at(a + a_span)) {  // overlapping: split the union once
+    const float* const first = std::min(a, b);
+    const SplitView u = split(own_a, first, std::size_t(std::max(a + a_span, b + b_span) - first));
+    sa = u.at(std::size_t(a - first)), sb = u.at(std::size_t(b - first));
+  }
+  if (!sa) sa = split(own_a, a, a_span);
+  if (!sb) sb = split(own_b, b, b_span);
+  issue(sa.hi + sa.lo, sb.hi, beta, false);
+  issue(sa.hi, sb.hi + sb.lo, 1.f, false);
+  issue(sa.hi, sb.hi, 1.f, true);
+  if (reuse && d_span) reuse->written(d, d_span);
 }
 // The floats a row-major operand covers: op(X) is rows x cols, X stored transposed when t.
 inline std::size_t operand_span(bool t, int rows, int cols, int ld) {
@@ -1161,7 +1241,7 @@ struct Cuda {
     const bool valid = k > 0 && lda >= std::max(1, ta ? m : k) && ldb >= std::max(1, tb ? k : n) && ldc >= std::max(1, n);
     if (!valid) return gemm_once(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, false);
     cuda_detail::gemm_passes(a, cuda_detail::operand_span(ta, m, k, lda), b, cuda_detail::operand_span(tb, k, n, ldb),
-                             beta, [&](const T* a_, const T* b_, T beta_, bool) {
+                             beta, c, cuda_detail::operand_span(false, m, n, ldc), [&](const T* a_, const T* b_, T beta_, bool) {
                                gemm_once(ta, tb, m, n, k, alpha, a_, lda, b_, ldb, beta_, c, ldc, true);
                              });
   }
@@ -1183,7 +1263,7 @@ struct Cuda {
       return one ? std::size_t(outer - 1) * s_outer + std::size_t(inner - 1) * s_inner + one : 0;
     };
     cuda_detail::gemm_passes(a, span(ta, m, k, lda, sa_outer, sa_inner), b, span(tb, k, n, ldb, sb_outer, sb_inner),
-                             beta, [&](const T* a_, const T* b_, T beta_, bool) {
+                             beta, c, span(false, m, n, ldc, sc_outer, sc_inner), [&](const T* a_, const T* b_, T beta_, bool) {
                                gemm_batched_once(ta, tb, m, n, k, alpha, a_, lda, sa_outer, sa_inner, b_, ldb,
                                                  sb_outer, sb_inner, beta_, c, ldc, sc_outer, sc_inner, outer, inner);
                              });
@@ -1197,8 +1277,8 @@ struct Cuda {
     // Column-major: y^T (out x rows) = W (stored as in x out, transposed) x^T (in x rows) + bias,
     // the bias added by the (last) GEMM's epilogue, or after it where cuBLASLt has no plan for that.
     cuda_detail::gemm_passes(
-        w, std::size_t(in) * std::size_t(out), x, std::size_t(in) * std::size_t(rows), 0.f,
-        [&](const T* w_, const T* x_, T beta, bool last) {
+        w, std::size_t(in) * std::size_t(out), x, std::size_t(in) * std::size_t(rows), 0.f, y,
+        std::size_t(rows) * std::size_t(out), [&](const T* w_, const T* x_, T beta, bool last) {
           if (last && cuda_detail::LtPlans::instance().run(CUBLAS_OP_T, CUBLAS_OP_N, out, rows, in, 1.f, w_, in, x_, in,
                                                            beta, y, out, cuda_detail::Epilogue::bias, bias))
             return;
@@ -1222,6 +1302,14 @@ struct Cuda {
     }
     fused::linear_backward_params_unfused<Cuda>(dw, dbias, dy, x, rows, in, out);
   }
+  // A Linear layer's whole backward: its parameter gradients and, unless dx is null, its input
+  // gradient dx (rows x in) = dy W. Under tf32x3 dy is split once for both GEMMs.
+  static void linear_backward(T* dx, T* dw, T* dbias, const T* dy, const T* x, const T* w, int rows, int in, int out) {
+    cuda_detail::SplitReuse reuse;
+    fused::linear_backward_unfused<Cuda>(dx, dw, dbias, dy, x, w, rows, in, out);
+  }
+  // split_tf32 launches so far: each a split of one operand range for tf32x3 GEMMs (tests).
+  static std::int64_t tf32_split_launches() { return cuda_detail::split_launches().load(); }
   // Calls that ran fused so far: linear_forward with the bias epilogue, linear_backward_params
   // with the bias-gradient epilogue (tests, and bench/gpu.sh's A/B check).
   static std::int64_t fused_bias_calls() { return cuda_detail::LtPlans::instance().calls(cuda_detail::Epilogue::bias); }
@@ -1389,8 +1477,12 @@ struct Cuda {
   }
   static void attention_forward(T* out, T* saved, const T* qkv, int batch, int n, int heads, int dh, T scale) {
     if (batch <= 0 || n <= 0) return;
-    if (!cuda_detail::fused_attention_applies(dh))
+    if (!cuda_detail::fused_attention_applies(dh)) {
+      // Under tf32x3 the whole qkv buffer is split once for the queries, keys and values.
+      cuda_detail::SplitReuse reuse;
+      reuse.presplit(qkv, std::size_t(batch) * n * 3 * heads * dh);
       return fused::attention_forward_unfused<Cuda>(out, saved, qkv, batch, n, heads, dh, scale);
+    }
     cuda_detail::with_attention_tile([&](auto tile) {
       cuda_detail::attention_forward_fused<T, 64, decltype(tile)::value>(out, saved, qkv, batch, n, heads, scale);
     });
@@ -1398,8 +1490,13 @@ struct Cuda {
   static void attention_backward(T* dqkv, T* scratch, const T* dout, const T* qkv, const T* out, const T* saved,
                                  int batch, int n, int heads, int dh, T scale) {
     if (batch <= 0 || n <= 0) return;
-    if (!cuda_detail::fused_attention_applies(dh))
+    if (!cuda_detail::fused_attention_applies(dh)) {
+      // Under tf32x3 qkv, dout and the score gradients are each split once (each is read by two GEMMs;
+      // the score gradients are written, by a GEMM and the softmax, before their first read).
+      cuda_detail::SplitReuse reuse;
+      reuse.presplit(qkv, std::size_t(batch) * n * 3 * heads * dh);
       return fused::attention_backward_unfused<Cuda>(dqkv, scratch, dout, qkv, saved, batch, n, heads, dh, scale);
+    }
     cuda_detail::with_attention_tile([&](auto tile) {
       cuda_detail::attention_backward_fused<T, 64, decltype(tile)::value>(dqkv, scratch, dout, qkv, out, saved, batch,
                                                                          n, heads, scale);

@@ -5,10 +5,11 @@
 // is complete with the concept's primitives alone, and a fast path is one static member.
 //
 // Cuda has all of them (cuBLASLt epilogues; AdamW in one launch; attention in fused kernels when
-// switched on, backend/cuda_attention.cuh). Cpu has the two linear ones, each
-// one parallel region (Cpu::gemm_panels): linear_forward writes the bias where each thread's GEMM
-// accumulates, and linear_backward_params sums the bias gradient on each thread right after its
-// panel of dW.
+// switched on, backend/cuda_attention.cuh; under tf32x3 GEMMs, linear_backward and the unfused
+// attention split each operand once per call rather than once per GEMM). Cpu has linear_forward
+// and linear_backward_params, each one parallel region (Cpu::gemm_panels): linear_forward writes
+// the bias where each thread's GEMM accumulates, and linear_backward_params sums the bias
+// gradient on each thread right after its panel of dW.
 #include <cstddef>
 
 #include "hatch/backend/concept.hpp"
@@ -45,6 +46,24 @@ void linear_backward_params(S<B>* dw, S<B>* dbias, const S<B>* dy, const S<B>* x
     B::linear_backward_params(dw, dbias, dy, x, rows, in, out);
   else
     linear_backward_params_unfused<B>(dw, dbias, dy, x, rows, in, out);
+}
+
+// A Linear layer's whole backward: the parameter gradients as linear_backward_params, and the
+// input gradient dx (rows x in) = dy W unless dx is null. A backend's member may share work
+// between the two GEMMs that read dy (Cuda: under tf32x3, dy's split).
+template <Backend B>
+void linear_backward_unfused(S<B>* dx, S<B>* dw, S<B>* dbias, const S<B>* dy, const S<B>* x, const S<B>* w, int rows,
+                             int in, int out) {
+  linear_backward_params<B>(dw, dbias, dy, x, rows, in, out);
+  if (dx) B::gemm(false, false, rows, in, out, S<B>(1), dy, out, w, in, S<B>(0), dx, in);
+}
+template <Backend B>
+void linear_backward(S<B>* dx, S<B>* dw, S<B>* dbias, const S<B>* dy, const S<B>* x, const S<B>* w, int rows, int in,
+                     int out) {
+  if constexpr (requires { B::linear_backward(dx, dw, dbias, dy, x, w, rows, in, out); })
+    B::linear_backward(dx, dw, dbias, dy, x, w, rows, in, out);
+  else
+    linear_backward_unfused<B>(dx, dw, dbias, dy, x, w, rows, in, out);
 }
 
 // AdamW over [0, n) with weight decay on [0, decay_end) only, as over a ParameterArena (decayed

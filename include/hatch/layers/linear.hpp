@@ -34,12 +34,10 @@ class LinearLayer : public LeafLayer<LinearLayer<B, In, Out, Bias>, B, In, Out> 
     typename B::Scalar* dbias = nullptr;
     if constexpr (Bias)
       if (wants_grad(bias, ctx)) dbias = bias.grad.data();
-    fused::linear_backward_params<B>(wants_grad(weight, ctx) ? weight.grad.data() : nullptr, dbias, dy.data(),
-                                     x_->data(), rows, In, Out);
-    if (!ctx.input_grad) return dx_;
-    Tensor<B>& dx = grad_buffer(ctx, dx_, x_->shape());
-    B::gemm(false, false, rows, In, Out, 1, dy.data(), Out, weight.value.data(), In, 0, dx.data(), In);
-    return dx;
+    Tensor<B>* dx = ctx.input_grad ? &grad_buffer(ctx, dx_, x_->shape()) : nullptr;
+    fused::linear_backward<B>(dx ? dx->data() : nullptr, wants_grad(weight, ctx) ? weight.grad.data() : nullptr, dbias,
+                              dy.data(), x_->data(), weight.value.data(), rows, In, Out);
+    return dx ? *dx : dx_;
   }
   template <class F>
   void visit(F&& f, const std::string& prefix) {

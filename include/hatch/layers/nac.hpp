@@ -148,13 +148,13 @@ class ModFcLayer : public LeafLayer<ModFcLayer<B, In, Out, CodeDim>, B, In, Out>
   const Tensor<B>& backward(const Tensor<B>& dy, Context& ctx) {
     const std::size_t ui = std::size_t(u_) * In;
     const int nb = rows_ / u_;
-    fused::linear_backward_params<B>(wants_grad(weight, ctx) ? weight.grad.data() : nullptr,
-                                     wants_grad(bias, ctx) ? bias.grad.data() : nullptr, dy.data(), xm_.data(), rows_,
-                                     In, Out);
     const bool code_path = wants_grad(scale, ctx) || wants_grad(code_proj, ctx) || wants_grad(*codes_, ctx);
-    if (!ctx.input_grad && !code_path) return dx_;
-    dxm_.resize({rows_, In});  // d/d xm = dy W
-    B::gemm(false, false, rows_, In, Out, T(1), dy.data(), Out, weight.value.data(), In, T(0), dxm_.data(), In);
+    const bool to_xm = ctx.input_grad || code_path;
+    if (to_xm) dxm_.resize({rows_, In});  // d/d xm = dy W
+    fused::linear_backward<B>(to_xm ? dxm_.data() : nullptr, wants_grad(weight, ctx) ? weight.grad.data() : nullptr,
+                              wants_grad(bias, ctx) ? bias.grad.data() : nullptr, dy.data(), xm_.data(),
+                              weight.value.data(), rows_, In, Out);
+    if (!to_xm) return dx_;
     if (ctx.input_grad) {
       dx_.resize(x_->shape());
       for (int b = 0; b < nb; ++b) B::mul(dx_.data() + b * ui, dxm_.data() + b * ui, g_.data(), ui);
