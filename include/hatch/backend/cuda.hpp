@@ -808,7 +808,7 @@ class SplitReuse {
   }
   SplitView find(const float* x, std::size_t n) const {
     for (const Entry& e : entries_)
-      if (x >= e.x && x + n <= e.x + e.n) return e.split.at(std::size_t(x - e.x));
+      if (addr(x) >= addr(e.x) && addr(x + n) <= addr(e.x + e.n)) return e.split.at(std::size_t(x - e.x));
     return {};
   }
   SplitView keep(const float* x, std::size_t n) {
@@ -819,7 +819,7 @@ class SplitReuse {
   }
   // A GEMM wrote y[0, n): a kept split of an overlapping range no longer holds what is there.
   void written(const float* y, std::size_t n) {
-    std::erase_if(entries_, [&](const Entry& e) { return y < e.x + e.n && e.x < y + n; });
+    std::erase_if(entries_, [&](const Entry& e) { return addr(y) < addr(e.x + e.n) && addr(e.x) < addr(y + n); });
   }
   std::size_t kept() const { return entries_.size(); }
 
@@ -834,6 +834,7 @@ class SplitReuse {
     thread_local SplitReuse* open = nullptr;
     return open;
   }
+  static std::uintptr_t addr(const float* p) { return reinterpret_cast<std::uintptr_t>(p); }
   SplitReuse* outer_;
   std::vector<Entry> entries_;
 };
