@@ -11,7 +11,8 @@
 #      at the start, never NaN), PyTorch's matmul precision setting, and each one's peak device
 #      memory (hatch's cache and PyTorch's caching allocator: in use, and held from the driver);
 #      also hatch with --tf32x3 (GEMMs as three TF32 products of split operands, near-float
-#      accuracy) against PyTorch's float32, as a row of its own,
+#      accuracy) against PyTorch's float32, as a row of its own (and, among the variants, with
+#      each operand split per GEMM, HATCH_CUDA_SPLIT_REUSE=0),
 #   4. times the row kernels (LayerNorm, softmax) at ViT-B/16's shapes, each variant the launcher
 #      can pick, against PyTorch's in the same run (cuda_rows, torch_rows.py),
 #   5. trains vit-tiny on Fashion-MNIST for one epoch with `train_e2e --device cuda` (fit: one
@@ -40,7 +41,7 @@ while [[ $# -gt 0 ]]; do
       [[ $# -ge 2 ]] || die "$1 needs a value"
       declare "${1#--}=$2"; shift 2 ;;
     --no-build) no_build=1; shift ;;
-    -h|--help) sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,31p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
@@ -242,8 +243,14 @@ for prec in fp32 tf32; do
     done
   done
 done
+echo "== ViT-B/16 training step, batch $batch, --tf32x3 with each operand split per GEMM (HATCH_CUDA_SPLIT_REUSE=0)"
+for ((round = 1; round <= rounds; ++round)); do
+  read -r r _ _ <<<"$(ips env HATCH_CUDA_SPLIT_REUSE=0 "$step_bin" --device cuda --preset vit-b16 --batch "$batch" --steps "$steps" --warmup 5 --tf32x3 2>/dev/null)"
+  echo "   round $round: $r images/s"
+  H[x3split]="$(better "${H[x3split]:-}" "$r")"
+done
 for v in "${!VARIANTS[@]}"; do
-  [[ ${A[fp32,$v]} == skipped || ${A[tf32,$v]} == skipped ]] && { skips+="${skips:+; }step variants"; break; }
+  [[ ${A[fp32,$v]} == skipped || ${A[tf32,$v]} == skipped || ${H[x3split]} == skipped ]] && { skips+="${skips:+; }step variants"; break; }
 done
 
 echo "== row kernels at ViT-B/16's shapes: each variant, and PyTorch's (cuda_rows, torch_rows.py)"
@@ -269,6 +276,7 @@ table="$(cat <<EOT
 | ViT-B/16 step, batch $batch, fp32 | ${H[fp32]} | ${T[fp32]} | ${M[fp32]} | $(ratio "${H[fp32]}" "${T[fp32]}") | $(ratio "${H[fp32]}" "${M[fp32]}") |
 | ViT-B/16 step, batch $batch, TF32 | ${H[tf32]} | ${T[tf32]} | ${M[tf32]} | $(ratio "${H[tf32]}" "${T[tf32]}") | $(ratio "${H[tf32]}" "${M[tf32]}") |
 | ViT-B/16 step, batch $batch, hatch --tf32x3 against PyTorch fp32 | ${H[x3]:--} | ${T[fp32]} | ${M[fp32]} | $(ratio "${H[x3]:-}" "${T[fp32]}") | $(ratio "${H[x3]:-}" "${M[fp32]}") |
+| ViT-B/16 step, batch $batch, hatch --tf32x3, each operand split per GEMM (HATCH_CUDA_SPLIT_REUSE=0), against PyTorch fp32 | ${H[x3split]:--} | ${T[fp32]} | ${M[fp32]} | $(ratio "${H[x3split]:-}" "${T[fp32]}") | $(ratio "${H[x3split]:-}" "${M[fp32]}") |
 
 | ViT-B/16 step, batch $batch: peak device memory, MiB in use (held) | hatch | PyTorch twin | timm | hatch / twin (in use) |
 |---|---:|---:|---:|---:|

@@ -638,6 +638,28 @@ TEST_CASE("cuda: tf32x3 splits each operand once per Linear backward and unfused
     CHECK_CLOSE(dc.to_host(), ref2, kTol);
   }
   CHECK(cd::SplitReuse::active() == nullptr);  // the scope above closed
+  {
+    // Switched off (HATCH_CUDA_SPLIT_REUSE=0, for A/B timing): every GEMM splits its own operands,
+    // and a scope keeps nothing.
+    PrecisionGuard guard(P::tf32x3);
+    const bool was = Cuda::split_reuse();
+    Cuda::set_split_reuse(false);
+    const int rows = 33, in = 16, out = 8;
+    Dev dX = dev(randn(std::size_t(rows) * in, 61)), dW = dev(randn(std::size_t(out) * in, 62)),
+        dDy = dev(randn(std::size_t(rows) * out, 63)), gw = dev(HostVec(std::size_t(out) * in)),
+        gb = dev(HostVec(std::size_t(out))), dx = dev(HostVec(std::size_t(rows) * in));
+    const auto s0 = splits();
+    hatch::fused::linear_backward<Cuda>(dx.data(), gw.data(), gb.data(), dDy.data(), dX.data(), dW.data(), rows, in,
+                                        out);
+    CHECK(splits() - s0 == 4);
+    {
+      cd::SplitReuse scope;
+      CHECK(cd::SplitReuse::active() == nullptr);
+      scope.presplit(dX.data(), std::size_t(rows) * in);
+      CHECK(splits() - s0 == 4);
+    }
+    Cuda::set_split_reuse(was);
+  }
 }
 
 TEST_CASE("cuda: fused Linear forward and parameter gradients (cuBLASLt epilogues) match the host reference") {

@@ -5,9 +5,12 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -106,6 +109,55 @@ void with_lane_values(int cols, F&& f) {
 // LayerNorm's one-kernel backward also sums dgamma and dbeta across rows: on one block, on three
 // (several rows per warp, the last block adds the blocks' sums) and on one block per 8 rows,
 // against the column-reduction kernels.
+TEST_CASE("cuda kernels: split_tf32 (scalar and 128-bit): hi a TF32 value nearest x, lo = x - hi exactly") {
+  if (!have_device()) return;
+  const auto bits = [](float f) {
+    std::uint32_t u;
+    std::memcpy(&u, &f, sizeof u);
+    return u;
+  };
+  const float inf = std::numeric_limits<float>::infinity(), big = std::numeric_limits<float>::max();
+  std::vector<float> x = {0.f, -0.f, 1.f, 1.f + 0x1p-12f, 1.f + 0x1.8p-11f, -(1.f + 0x1.8p-11f), 1.f + 0x1p-11f,
+                          3.14159265f, -2.71828183e-20f, 1e-40f /* subnormal */, big, -big, inf, -inf,
+                          std::numeric_limits<float>::quiet_NaN(), 6.5e4f};
+  for (int i = 0; i < 1000; ++i) x.push_back(std::ldexp(float(std::sin(0.37 * i + 0.1)), (i % 61) - 30));
+  REQUIRE(x.size() % 4 == 0);
+  const std::size_t n = x.size();
+  Dev dx = dev(x), hi1 = dev(std::vector<float>(n)), lo1 = dev(std::vector<float>(n)), hi4 = dev(std::vector<float>(n)),
+      lo4 = dev(std::vector<float>(n));
+  HATCH_CUDA_LAUNCH(hatch::cuda_kernels::split_tf32<float>, 2, 64, hi1.data(), lo1.data(), dx.data(), n);
+  HATCH_CUDA_LAUNCH(hatch::cuda_kernels::split_tf32_4<float4>, 2, 64, reinterpret_cast<float4*>(hi4.data()),
+                    reinterpret_cast<float4*>(lo4.data()), reinterpret_cast<const float4*>(dx.data()), n / 4);
+  Cuda::synchronize();
+  const std::vector<float> hi = hi1.to_host(), lo = lo1.to_host(), h4 = hi4.to_host(), l4 = lo4.to_host();
+  for (std::size_t j = 0; j < n; ++j) {
+    CAPTURE(j);
+    CAPTURE(x[j]);
+    CHECK(bits(h4[j]) == bits(hi[j]));  // the 128-bit kernel is the scalar one, four at a time
+    CHECK(bits(l4[j]) == bits(lo[j]));
+    if (!std::isfinite(x[j])) {  // infinities and NaN whole in hi
+      CHECK(bits(hi[j]) == bits(x[j]));
+      CHECK(lo[j] == 0.f);
+      continue;
+    }
+    CHECK((bits(hi[j]) & 0x1fffu) == 0u);  // a TF32 value: 10 mantissa bits
+    CHECK(hi[j] + lo[j] == x[j]);          // exact
+    CHECK(std::isfinite(hi[j]));
+    // nearest: no TF32 neighbour of hi is closer to x (except past the largest float, truncated)
+    if (std::abs(x[j]) < 0x1.ffep127f) {
+      const float up = std::bit_cast<float>(bits(hi[j]) + 0x2000u), down = std::bit_cast<float>(bits(hi[j]) - 0x2000u);
+      if (hi[j] != 0.f) {
+        CHECK(std::abs(double(x[j]) - hi[j]) <= std::abs(double(x[j]) - up));
+        CHECK(std::abs(double(x[j]) - hi[j]) <= std::abs(double(x[j]) - down));
+      }
+    }
+  }
+  CHECK(hi[3] == 1.f);               // 1 + 2^-12 rounds down
+  CHECK(hi[4] == 1.f + 0x1p-10f);    // 1 + 2^-11 + 2^-12 rounds up
+  CHECK(hi[5] == -(1.f + 0x1p-10f)); // and symmetrically
+  CHECK(bits(hi[10]) == (bits(big) & ~0x1fffu));  // rounding would overflow: truncated
+}
+
 TEST_CASE("cuda kernels: row-in-registers softmax and LayerNorm agree with the general kernels") {
   if (!have_device()) return;
   namespace k = hatch::cuda_kernels;

@@ -770,14 +770,29 @@ inline std::atomic<std::int64_t>& split_launches() {  // split_tf32 launches so 
   static std::atomic<std::int64_t> n{0};
   return n;
 }
+// Launches the split of x[0, n) into hi[0, n) and lo[0, n): 128-bit loads and stores where n is a
+// multiple of 4 and the pointers are 16-byte aligned.
+inline void launch_split_tf32(float* hi, float* lo, const float* x, std::size_t n) {
+  if (vectorizable(n, hi, lo, x))
+    HATCH_CUDA_LAUNCH(cuda_kernels::split_tf32_4<float4>, element_blocks(n / 4), cuda_kernels::kThreads,
+                      reinterpret_cast<float4*>(hi), reinterpret_cast<float4*>(lo), reinterpret_cast<const float4*>(x),
+                      n / 4);
+  else
+    HATCH_CUDA_LAUNCH(cuda_kernels::split_tf32<float>, element_blocks(n), cuda_kernels::kThreads, hi, lo, x, n);
+  ++split_launches();
+}
 // Splits x[0, n) into new scratch, which `owner` then holds.
 inline SplitView split_into(std::unique_ptr<Scratch<float>>& owner, const float* x, std::size_t n) {
   const std::size_t padded = (n + 63) / 64 * 64;
   owner = std::make_unique<Scratch<float>>(2 * padded);
-  HATCH_CUDA_LAUNCH(cuda_kernels::split_tf32<float>, element_blocks(n), cuda_kernels::kThreads, owner->get(),
-                    owner->get() + padded, x, n);
-  ++split_launches();
+  launch_split_tf32(owner->get(), owner->get() + padded, x, n);
   return {owner->get(), padded};
+}
+// Whether SplitReuse scopes keep splits (HATCH_CUDA_SPLIT_REUSE, default on; Cuda::set_split_reuse):
+// off, every GEMM splits its own operands, as before session 22 (for A/B timing).
+inline std::atomic<bool>& split_reuse_flag() {
+  static std::atomic<bool> on{env_switch("HATCH_CUDA_SPLIT_REUSE", true)};
+  return on;
 }
 
 // Splits kept for the GEMMs that follow, while a scope of this type is open on the host thread: a
@@ -790,11 +805,11 @@ inline SplitView split_into(std::unique_ptr<Scratch<float>>& owner, const float*
 // inner scopes add to the outermost's.
 class SplitReuse {
  public:
-  SplitReuse() : outer_(current()) {
-    if (!outer_) current() = this;
+  SplitReuse() : outer_(current()), owner_(!outer_ && split_reuse_flag().load()) {
+    if (owner_) current() = this;
   }
   ~SplitReuse() {
-    if (!outer_) current() = nullptr;
+    if (owner_) current() = nullptr;
   }
   SplitReuse(const SplitReuse&) = delete;
   SplitReuse& operator=(const SplitReuse&) = delete;
@@ -804,7 +819,8 @@ class SplitReuse {
   // Splits x[0, n) now (under tf32x3, unless a kept split holds it already), for later GEMMs that
   // read parts of it: attention splits its whole qkv buffer.
   void presplit(const float* x, std::size_t n) {
-    if (gemm_precision_setting().load() == GemmPrecision::tf32x3 && n && !find(x, n)) keep(x, n);
+    SplitReuse* const store = active();
+    if (store && gemm_precision_setting().load() == GemmPrecision::tf32x3 && n && !store->find(x, n)) store->keep(x, n);
   }
   SplitView find(const float* x, std::size_t n) const {
     for (const Entry& e : entries_)
@@ -836,6 +852,7 @@ class SplitReuse {
   }
   static std::uintptr_t addr(const float* p) { return reinterpret_cast<std::uintptr_t>(p); }
   SplitReuse* outer_;
+  bool owner_;  // the outermost scope, with reuse switched on: the store
   std::vector<Entry> entries_;
 };
 
@@ -1311,6 +1328,10 @@ struct Cuda {
   }
   // split_tf32 launches so far: each a split of one operand range for tf32x3 GEMMs (tests).
   static std::int64_t tf32_split_launches() { return cuda_detail::split_launches().load(); }
+  // Whether one call's GEMMs share the splits of an operand they all read (tf32x3; on by default,
+  // HATCH_CUDA_SPLIT_REUSE=0 turns it off for A/B timing). Takes effect at the next call.
+  static void set_split_reuse(bool on) { cuda_detail::split_reuse_flag() = on; }
+  static bool split_reuse() { return cuda_detail::split_reuse_flag().load(); }
   // Calls that ran fused so far: linear_forward with the bias epilogue, linear_backward_params
   // with the bias-gradient epilogue (tests, and bench/gpu.sh's A/B check).
   static std::int64_t fused_bias_calls() { return cuda_detail::LtPlans::instance().calls(cuda_detail::Epilogue::bias); }

@@ -102,23 +102,36 @@ __global__ void scale_rows(T* y, const T* x, const T* s, std::size_t total, int 
 // (exact in float), for GEMMs as three TF32 products (Cuda::GemmPrecision::tf32x3). A tensor
 // core takes hi unchanged whether it rounds or truncates its inputs; lo loses at most 2^-10 of
 // itself, 2^-21 of x. Where rounding would overflow, hi is x truncated; infinities and NaNs go
-// whole into hi, with lo = 0. (T is float; a template like every kernel here.)
+// whole into hi, with lo = 0. (T is float; templates like every kernel here. split_tf32_4 is the
+// 128-bit form, four floats per load and store, for n a multiple of 4 and aligned pointers.)
+template <class T>
+__device__ inline void split_tf32_value(T v, T& hi, T& lo) {
+  static_assert(sizeof(T) == sizeof(std::uint32_t));
+  std::uint32_t u;
+  memcpy(&u, &v, sizeof u);
+  std::uint32_t h = u;
+  if ((u & 0x7f800000u) != 0x7f800000u) {
+    h = (u + 0x1000u) & ~0x1fffu;
+    if ((h & 0x7f800000u) == 0x7f800000u) h = u & ~0x1fffu;  // rounded past the largest float
+  }
+  memcpy(&hi, &h, sizeof hi);
+  lo = h == u ? T(0) : v - hi;
+}
 template <class T>
 __global__ void split_tf32(T* hi, T* lo, const T* x, std::size_t n) {
-  static_assert(sizeof(T) == sizeof(std::uint32_t));
-  for (std::size_t j = global_index(); j < n; j += global_stride()) {
-    const T v = x[j];
-    std::uint32_t u;
-    memcpy(&u, &v, sizeof u);
-    std::uint32_t h = u;
-    if ((u & 0x7f800000u) != 0x7f800000u) {
-      h = (u + 0x1000u) & ~0x1fffu;
-      if ((h & 0x7f800000u) == 0x7f800000u) h = u & ~0x1fffu;  // rounded past the largest float
-    }
-    T hv;
-    memcpy(&hv, &h, sizeof hv);
-    hi[j] = hv;
-    lo[j] = h == u ? T(0) : v - hv;
+  for (std::size_t j = global_index(); j < n; j += global_stride()) split_tf32_value(x[j], hi[j], lo[j]);
+}
+template <class V>
+__global__ void split_tf32_4(V* hi, V* lo, const V* x, std::size_t n4) {
+  for (std::size_t j = global_index(); j < n4; j += global_stride()) {
+    const V v = x[j];
+    V h, l;
+    split_tf32_value(v.x, h.x, l.x);
+    split_tf32_value(v.y, h.y, l.y);
+    split_tf32_value(v.z, h.z, l.z);
+    split_tf32_value(v.w, h.w, l.w);
+    hi[j] = h;
+    lo[j] = l;
   }
 }
 template <class T>
