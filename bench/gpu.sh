@@ -132,7 +132,7 @@ ips() {
   if ((t == 0)); then echo "skipped - -"; return; fi
   if out="$(timeout "$t" "$@" 2>&1)"; then
     echo "$out" >>"$build/gpu-runs.log"
-    echo "$out" | grep -E "^first_loss=|^host_waits_per_step=|^peak_device_mib=|matmul precision" | sed 's/^/     /' >&2
+    echo "$out" | grep -E "^first_loss=|^host_waits_per_step=|^peak_device_mib=|^tf32x3_split|matmul precision" | sed 's/^/     /' >&2
     i="$(echo "$out" | sed -n 's/^images_per_second=//p' | tail -1)"
     m="$(echo "$out" | sed -n 's/^peak_device_mib=\([0-9.]*\) reserved_device_mib=\([0-9.]*\).*/\1 \2/p' | tail -1)"
     echo "${i:-failed} ${m:-- -}"

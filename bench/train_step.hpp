@@ -86,12 +86,18 @@ int time_train_step(const StepOptions& o) {
       step_flops = double(gemm_flops<B>() - before);
     }
     std::vector<double> times;
-    std::int64_t waits = 0;
+    std::int64_t waits = 0, split = 0;
     if constexpr (requires { B::host_waits(); }) waits = -B::host_waits();
+    if constexpr (requires { B::tf32_split_floats(); }) split = -B::tf32_split_floats();
     for (int i = 0; i < o.steps; ++i) {
       const auto t0 = std::chrono::steady_clock::now();
       step();
       times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    if constexpr (requires { B::tf32_split_floats(); }) {
+      // tf32x3: the operand floats split for the GEMMs (each read once and written twice)
+      split += B::tf32_split_floats();
+      if (split > 0) std::printf("tf32x3_split_mfloats_per_step=%.1f\n", double(split) / 1e6 / std::max(1, o.steps));
     }
     if constexpr (requires { B::host_waits(); }) {
       waits += B::host_waits();

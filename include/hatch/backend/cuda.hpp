@@ -770,6 +770,10 @@ inline std::atomic<std::int64_t>& split_launches() {  // split_tf32 launches so 
   static std::atomic<std::int64_t> n{0};
   return n;
 }
+inline std::atomic<std::int64_t>& split_floats() {  // the floats they split (bench/train_step)
+  static std::atomic<std::int64_t> n{0};
+  return n;
+}
 // Launches the split of x[0, n) into hi[0, n) and lo[0, n): 128-bit loads and stores where n is a
 // multiple of 4 and the pointers are 16-byte aligned.
 inline void launch_split_tf32(float* hi, float* lo, const float* x, std::size_t n) {
@@ -780,6 +784,7 @@ inline void launch_split_tf32(float* hi, float* lo, const float* x, std::size_t 
   else
     HATCH_CUDA_LAUNCH(cuda_kernels::split_tf32<float>, element_blocks(n), cuda_kernels::kThreads, hi, lo, x, n);
   ++split_launches();
+  split_floats() += std::int64_t(n);
 }
 // Splits x[0, n) into new scratch, which `owner` then holds.
 inline SplitView split_into(std::unique_ptr<Scratch<float>>& owner, const float* x, std::size_t n) {
@@ -1328,6 +1333,8 @@ struct Cuda {
   }
   // split_tf32 launches so far: each a split of one operand range for tf32x3 GEMMs (tests).
   static std::int64_t tf32_split_launches() { return cuda_detail::split_launches().load(); }
+  // The floats those launches split (each read once, written twice: hi and lo).
+  static std::int64_t tf32_split_floats() { return cuda_detail::split_floats().load(); }
   // Whether one call's GEMMs share the splits of an operand they all read (tf32x3; on by default,
   // HATCH_CUDA_SPLIT_REUSE=0 turns it off for A/B timing). Takes effect at the next call.
   static void set_split_reuse(bool on) { cuda_detail::split_reuse_flag() = on; }
