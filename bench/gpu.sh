@@ -93,14 +93,16 @@ done
 # `reserve` seconds. limit WANT [NEED] prints the time-out for a step that wants WANT seconds:
 # WANT or what is left, whichever is less, and 0 (skip the step) when that is under NEED.
 deadline=$((SECONDS + budget)) reserve=15 skips=""
+left() { local l=$((deadline - reserve - SECONDS)); echo $((l > 0 ? l : 0)); }
 limit() {
-  local want=$1 need=${2:-10} left=$((deadline - reserve - SECONDS))
-  ((left < want)) && want=$left
+  local want=$1 need=${2:-10} l
+  l=$(left)
+  ((l < want)) && want=$l
   ((want < need)) && want=0
   echo "$want"
 }
 skip() {  # a step left out for want of time: said where it would have run, and under the table
-  echo "   skipped: $1 ($((deadline - reserve - SECONDS > 0 ? deadline - reserve - SECONDS : 0)) s of the budget left)"
+  echo "   skipped: $1 ($(left) s of the budget left)"
   skips+="${skips:+; }$1"
 }
 # What a step's exit status says: passed, FAILED, or TIMED OUT (its time-out was the budget's).

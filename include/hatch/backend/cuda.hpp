@@ -500,10 +500,12 @@ inline std::atomic<bool>& autotune_flag() {
 }
 inline bool lt_enabled() { return lt_flag().load(); }
 
+// A pointer as an integer: ordering and overlap tests between ranges of different allocations.
+inline std::uintptr_t address(const void* p) { return reinterpret_cast<std::uintptr_t>(p); }
 // The largest power of two (at most 256) that divides the address: cuBLASLt picks algorithms
 // for the alignment it is told, and tensors bound into a parameter arena start at any float.
 inline int alignment_of(const void* p) {
-  const auto a = reinterpret_cast<std::uintptr_t>(p);
+  const auto a = address(p);
   return a == 0 ? 256 : int(std::min<std::uintptr_t>(256, a & (~a + 1)));
 }
 
@@ -810,7 +812,7 @@ inline std::atomic<bool>& split_reuse_flag() {
 // inner scopes add to the outermost's.
 class SplitReuse {
  public:
-  SplitReuse() : outer_(current()), owner_(!outer_ && split_reuse_flag().load()) {
+  SplitReuse() : owner_(!current() && split_reuse_flag().load()) {
     if (owner_) current() = this;
   }
   ~SplitReuse() {
@@ -829,7 +831,7 @@ class SplitReuse {
   }
   SplitView find(const float* x, std::size_t n) const {
     for (const Entry& e : entries_)
-      if (addr(x) >= addr(e.x) && addr(x + n) <= addr(e.x + e.n)) return e.split.at(std::size_t(x - e.x));
+      if (address(x) >= address(e.x) && address(x + n) <= address(e.x + e.n)) return e.split.at(std::size_t(x - e.x));
     return {};
   }
   SplitView keep(const float* x, std::size_t n) {
@@ -840,7 +842,8 @@ class SplitReuse {
   }
   // A GEMM wrote y[0, n): a kept split of an overlapping range no longer holds what is there.
   void written(const float* y, std::size_t n) {
-    std::erase_if(entries_, [&](const Entry& e) { return addr(y) < addr(e.x + e.n) && addr(e.x) < addr(y + n); });
+    std::erase_if(entries_,
+                  [&](const Entry& e) { return address(y) < address(e.x + e.n) && address(e.x) < address(y + n); });
   }
   std::size_t kept() const { return entries_.size(); }
 
@@ -855,8 +858,6 @@ class SplitReuse {
     thread_local SplitReuse* open = nullptr;
     return open;
   }
-  static std::uintptr_t addr(const float* p) { return reinterpret_cast<std::uintptr_t>(p); }
-  SplitReuse* outer_;
   bool owner_;  // the outermost scope, with reuse switched on: the store
   std::vector<Entry> entries_;
 };
@@ -881,8 +882,8 @@ void gemm_passes(const float* a, std::size_t a_span, const float* b, std::size_t
   const auto split = [&](std::unique_ptr<Scratch<float>>& owner, const float* x, std::size_t n) {
     return reuse ? reuse->keep(x, n) : split_into(owner, x, n);
   };
-  const auto at = [](const float* p) { return reinterpret_cast<std::uintptr_t>(p); };
-  if (!sa && !sb && at(a) < at(b + b_span) && at(b) < at(a + a_span)) {  // overlapping: split the union once
+  // Overlapping operands (neither kept): split their union once.
+  if (!sa && !sb && address(a) < address(b + b_span) && address(b) < address(a + a_span)) {
     const float* const first = std::min(a, b);
     const SplitView u = split(own_a, first, std::size_t(std::max(a + a_span, b + b_span) - first));
     sa = u.at(std::size_t(a - first)), sb = u.at(std::size_t(b - first));
