@@ -8,7 +8,6 @@
 #include <iterator>
 #include <random>
 
-#include <unistd.h>
 
 #include "support.hpp"
 #include "files.hpp"
@@ -316,7 +315,8 @@ TEST_CASE("arena: a training state saved over the arena is byte-identical and lo
 
 TEST_CASE("checkpoints hold a shared parameter once, under its first name, and load it back") {
   namespace fs = std::filesystem;
-  const fs::path file = fs::temp_directory_path() / ("hatch_tied_" + std::to_string(::getpid()) + ".safetensors");
+  const TempDir dir("hatch_tied");
+  const fs::path file = dir.path / "tied.safetensors";
   Tied a;
   a.w.value.from_host(std::vector<float>{1, 2, 3, 4, 5, 6});
   a.b.value.from_host(std::vector<float>{7, 8});
@@ -327,5 +327,4 @@ TEST_CASE("checkpoints hold a shared parameter once, under its first name, and l
   load_parameters(b, file);
   CHECK(b.w.value.to_host() == a.w.value.to_host());
   CHECK(b.b.value.to_host() == a.b.value.to_host());
-  fs::remove(file);
 }

@@ -12,6 +12,7 @@
 #include <fstream>
 #include <random>
 
+#include "files.hpp"
 #include "support.hpp"
 
 using namespace hatch;
@@ -231,8 +232,8 @@ FitRun<B> fit_micro(int train_n, const std::string& name, bool distill = false, 
   o.progress = false;
   o.seed = 4;
   o.augment = {.crop_padding = 2, .hflip = true, .mixup_alpha = 0.8f, .mix_prob = 0.5f, .label_smoothing = 0.1f};
-  o.out = std::filesystem::temp_directory_path() / ("hatch_test_async_" + name + "_" + std::to_string(::getpid()));
-  std::filesystem::remove_all(o.out);
+  const hatch_test::TempDir tmp("hatch_test_async_" + name);
+  o.out = tmp.path;
   FitRun<B> run;
   DeviceLikeCpu::waits = 0;
   DeviceLikeCpu::losses = 0;
@@ -254,7 +255,6 @@ FitRun<B> fit_micro(int train_n, const std::string& name, bool distill = false, 
   std::ifstream metrics(o.out / "metrics.jsonl");
   for (std::string line; std::getline(metrics, line);)
     run.train_losses.push_back(nlohmann::json::parse(line).at("train_loss").get<double>());
-  std::filesystem::remove_all(o.out);
   return run;
 }
 }  // namespace

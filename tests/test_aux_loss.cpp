@@ -9,6 +9,7 @@
 #include <fstream>
 #include <limits>
 
+#include "files.hpp"
 #include "support.hpp"
 
 using namespace hatch;
@@ -179,8 +180,8 @@ TEST_CASE("FrozenExcept: only the trainable stage's terms count, frozen stages a
 
 TEST_CASE("fit: the term is in the reported loss and in metrics.jsonl, evaluation leaves it out") {
   const auto train = learnable_set(128, 1), test_set = learnable_set(64, 2);
-  const auto dir = std::filesystem::temp_directory_path() / ("hatch_test_aux_" + std::to_string(::getpid()));
-  std::filesystem::remove_all(dir);
+  const hatch_test::TempDir tmp("hatch_test_aux");
+  const auto& dir = tmp.path;
   Model<Classifier<0.05>, Cpu> model;
   Initializer init(3);
   model.reset_parameters(init);
@@ -217,7 +218,6 @@ TEST_CASE("fit: the term is in the reported loss and in metrics.jsonl, evaluatio
   const auto e = evaluate(plain, test_set, 64);
   CHECK(r.test.loss == doctest::Approx(e.loss).epsilon(1e-6));
   CHECK(evaluate(model, test_set, 64).loss == doctest::Approx(e.loss).epsilon(1e-6));
-  std::filesystem::remove_all(dir);
 }
 
 TEST_CASE("fit: training moves the penalised activations down") {

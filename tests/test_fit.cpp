@@ -5,18 +5,13 @@
 #include <fstream>
 #include <set>
 
+#include "files.hpp"
 #include "support.hpp"
 
 using namespace hatch;
 using test::learnable_set;
 
 namespace {
-
-std::filesystem::path fresh_dir(const std::string& name) {
-  auto p = std::filesystem::temp_directory_path() / ("hatch_test_fit_" + name + "_" + std::to_string(::getpid()));
-  std::filesystem::remove_all(p);
-  return p;
-}
 
 template <class M>
 std::vector<float> all_values(M& m) {
@@ -48,7 +43,8 @@ TEST_CASE("fit learns a learnable task and writes one metrics line per epoch") {
   Model<presets::VitMicro, Cpu> model;
   Initializer init(3);
   model.reset_parameters(init);
-  const auto dir = fresh_dir("learn");
+  const hatch_test::TempDir tmp("hatch_test_fit_learn");
+  const auto& dir = tmp.path;
   auto o = options(dir);
   o.augment = {};
   o.epochs = 4;
@@ -58,7 +54,6 @@ TEST_CASE("fit learns a learnable task and writes one metrics line per epoch") {
   int lines = 0;
   for (std::string l; std::getline(log, l); ++lines) CHECK(nlohmann::json::parse(l).contains("test_accuracy"));
   CHECK(lines == 4);
-  std::filesystem::remove_all(dir);
 }
 
 TEST_CASE("fit: eval_every evaluates every N-th epoch and the last; lr_per_epoch holds the rate for an epoch") {
@@ -73,7 +68,8 @@ TEST_CASE("fit: eval_every evaluates every N-th epoch and the last; lr_per_epoch
     Model<presets::VitMicro, Cpu> model;
     Initializer init(23);
     model.reset_parameters(init);
-    const auto dir = fresh_dir(name);
+    const hatch_test::TempDir tmp("hatch_test_fit_" + name);
+    const auto& dir = tmp.path;
     auto o = options(dir);
     o.augment = {};
     o.epochs = 5;
@@ -82,7 +78,6 @@ TEST_CASE("fit: eval_every evaluates every N-th epoch and the last; lr_per_epoch
     o.lr_per_epoch = per_epoch;
     const auto r = fit(model, train, test, o);
     auto lines = lines_of(dir);
-    std::filesystem::remove_all(dir);
     return std::make_pair(r, lines);
   };
   const auto [every, all_lines] = run("every1", 1, false);
@@ -113,7 +108,8 @@ TEST_CASE("a run killed after an epoch and resumed ends with the same weights") 
     set_drop_path(*m, 0.1);
     return m;
   };
-  const auto dir_a = fresh_dir("a"), dir_b = fresh_dir("b");
+  const hatch_test::TempDir tmp_a("hatch_test_fit_a"), tmp_b("hatch_test_fit_b");
+  const auto &dir_a = tmp_a.path, &dir_b = tmp_b.path;
   auto a = fresh_model();
   fit(*a, train, test, options(dir_a));
 
@@ -129,8 +125,6 @@ TEST_CASE("a run killed after an epoch and resumed ends with the same weights") 
   const auto r = fit(*resumed, train, test, o);
   CHECK(r.epochs == 3);
   CHECK(all_values(*resumed) == all_values(*a));
-  std::filesystem::remove_all(dir_a);
-  std::filesystem::remove_all(dir_b);
 }
 
 TEST_CASE("a diverging run stops with a clear message") {
@@ -172,7 +166,8 @@ std::unique_ptr<Model<presets::VitMicro, Cpu>> micro_model(std::uint64_t seed = 
 
 TEST_CASE("fit resumes only a run of the same recipe, and says so") {
   const auto train = learnable_set(128, 7), test = learnable_set(32, 8);
-  const auto dir = fresh_dir("recipe");
+  const hatch_test::TempDir tmp("hatch_test_fit_recipe");
+  const auto& dir = tmp.path;
   auto o = options(dir);
   o.epochs = 1;
   o.recipe["preset"] = "vit-micro";
@@ -214,12 +209,12 @@ TEST_CASE("fit resumes only a run of the same recipe, and says so") {
     again.lr = 1e-4;
     CHECK_NOTHROW(fit(*micro_model(), train, test, again));  // the state is the new run's now
   }
-  std::filesystem::remove_all(dir);
 }
 
 TEST_CASE("fit refuses a hand-edited training state with the file's name") {
   const auto train = learnable_set(64, 9), test = learnable_set(32, 10);
-  const auto dir = fresh_dir("state");
+  const hatch_test::TempDir tmp("hatch_test_fit_state");
+  const auto& dir = tmp.path;
   auto o = options(dir);
   o.epochs = 1;
   fit(*micro_model(), train, test, o);
@@ -250,12 +245,12 @@ TEST_CASE("fit refuses a hand-edited training state with the file's name") {
     CHECK(test::error_message([&] { fit(*micro_model(), train, test, o); }) ==
           file.string() + ": the training state has no 'epoch' entry");
   }
-  std::filesystem::remove_all(dir);
 }
 
 TEST_CASE("metrics.jsonl holds one line per epoch of the run that made the model") {
   const auto train = learnable_set(64, 11), test = learnable_set(32, 12);
-  const auto dir = fresh_dir("metrics");
+  const hatch_test::TempDir tmp("hatch_test_fit_metrics");
+  const auto& dir = tmp.path;
   auto o = options(dir);
   o.epochs = 3;
   auto other = o;
@@ -293,7 +288,6 @@ TEST_CASE("metrics.jsonl holds one line per epoch of the run that made the model
   fit(*micro_model(), train, test, o);
   CHECK(epochs_of("train") == std::vector<int>{1, 2});
   CHECK(epochs_of("meta") == std::vector<int>{1});
-  std::filesystem::remove_all(dir);
 }
 
 TEST_CASE("fit refuses a test set whose images differ from the training set's before training") {

@@ -7,9 +7,9 @@
 #include <hatch/layers/moe.hpp>
 #include <hatch/testing/gradcheck.hpp>
 
+#include "files.hpp"
 #include "support.hpp"
 
-#include <unistd.h>
 
 #include <cmath>
 #include <filesystem>
@@ -212,8 +212,8 @@ TEST_CASE("fit writes each expert layer's load and dropped fraction into metrics
                          Named<"moe1", Residual<Moe<16, 4, VmoeRouter<2>, Mlp<16, 32>>>>,
                          Named<"moe2", Residual<Moe<16, 3, TopKGate<2>, Mlp<16, 32>>>>, Named<"head", Linear<16, 10>>>;
   const auto train = test::learnable_set(256, 1), test_set = test::learnable_set(128, 2);
-  const auto dir = std::filesystem::temp_directory_path() / ("hatch_test_moe_fit_" + std::to_string(::getpid()));
-  std::filesystem::remove_all(dir);
+  const hatch_test::TempDir tmp("hatch_test_moe_fit");
+  const auto& dir = tmp.path;
   Model<Net, Cpu> model;
   Initializer init(3);
   model.reset_parameters(init);
@@ -248,5 +248,4 @@ TEST_CASE("fit writes each expert layer's load and dropped fraction into metrics
     CHECK(j.at("aux_loss").get<double>() > 0.0);  // V-MoE's balance losses
   }
   CHECK(lines == 3);
-  std::filesystem::remove_all(dir);
 }

@@ -5,10 +5,10 @@
 // forward maths written out, the graphs' properties and the signatures' realised edges. The
 // blocks (nac_blocks.hpp: position grid, read-in, propagator, read-out) and the model Nac<spec>
 // (models/nac.hpp): finite differences, tables stored once, Cpu against Cpu64, the graph prior.
-#include <unistd.h>
 
 #include <filesystem>
 
+#include "files.hpp"
 #include "support.hpp"
 #include "hatch/models/nac.hpp"
 
@@ -182,14 +182,14 @@ TEST_CASE("nac: two ModFc on shared codes: gradients add up, the table is stored
     CHECK(total == 3 * 4 + (30 + 6 + 20 + 1) + (18 + 3 + 24 + 1));
     CHECK(arena.size() == total);
   }
-  const auto file = std::filesystem::temp_directory_path() / ("hatch_nac_shared_" + std::to_string(::getpid()) + ".safetensors");
+  const hatch_test::TempDir dir("hatch_nac_shared");
+  const auto file = dir.path / "model.safetensors";
   save_parameters(model, file);
   const auto st = io::SafeTensorsFile::read(file.string());
   int codes_tensors = 0;
   for (const auto& n : st.names()) codes_tensors += n.ends_with("codes");
   CHECK(codes_tensors == 1);
   CHECK(st.names().size() == 9);
-  std::filesystem::remove(file);
 }
 
 TEST_CASE("nac: Kmdpa gradients in evaluation and training (q, k, v, signatures, bandwidth)") {
@@ -1128,7 +1128,8 @@ TEST_CASE("nac: the Nac model: 4 stages, tables wired and stored once, gradients
   CHECK(tr.max_rel <= 1e-6);
 
   // save / load: each table once, under the model's name; a round trip restores every value
-  const auto file = std::filesystem::temp_directory_path() / ("hatch_nac_model_" + std::to_string(::getpid()) + ".safetensors");
+  const hatch_test::TempDir dir("hatch_nac_model");
+  const auto file = dir.path / "model.safetensors";
   save_parameters(model, file);
   const auto st = io::SafeTensorsFile::read(file.string());
   int codes_tensors = 0, sig_tensors = 0;
@@ -1148,7 +1149,6 @@ TEST_CASE("nac: the Nac model: 4 stages, tables wired and stored once, gradients
   const auto a = model.forward(x, ctx).to_host();
   const auto b = loaded->forward(x, ctx).to_host();
   CHECK(a == b);
-  std::filesystem::remove(file);
 }
 
 TEST_CASE("nac: the Nac model on Cpu agrees with Cpu64 and a steady-state training step allocates no backend buffer") {
