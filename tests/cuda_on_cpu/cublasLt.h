@@ -3,6 +3,7 @@
 // heuristic (up to three candidates) and cublasLtMatmul with the DEFAULT, BIAS and BGRADB epilogues.
 // As the library does, it refuses a bias pointer on a plan without a bias epilogue, and a bias
 // epilogue without a pointer.
+#include <atomic>
 #include <cstdint>
 
 #include "cublas_v2.h"
@@ -139,6 +140,13 @@ inline bool shapes_agree(cublasLtMatmulDesc_t d, cublasLtMatrixLayout_t a, cubla
   const std::uint64_t bk = d->tb == CUBLAS_OP_N ? b->rows : b->cols, bn = d->tb == CUBLAS_OP_N ? b->cols : b->rows;
   return am == m && bn == n && ak == bk && c->rows == m && c->cols == n;
 }
+// Tests: cublasLtMatmul refuses (CUBLAS_STATUS_NOT_SUPPORTED) every call with this epilogue,
+// although the heuristic offered an algorithm for it, as a real library may at the call (the
+// heuristic does not see the bias pointer); -1, the default, refuses nothing.
+inline std::atomic<int>& refused_epilogue() {
+  static std::atomic<int> epilogue{-1};
+  return epilogue;
+}
 }  // namespace hatch_cuda_on_cpu
 
 // Candidates when the shapes agree and the epilogue is one this emulation runs. A bias
@@ -179,6 +187,7 @@ inline cublasStatus_t cublasLtMatmul(cublasLtHandle_t h, cublasLtMatmulDesc_t d,
   const bool wants_vector = d->epilogue != CUBLASLT_EPILOGUE_DEFAULT;
   if (wants_vector != (d->bias != nullptr)) return CUBLAS_STATUS_INVALID_VALUE;
   if (wants_vector && reinterpret_cast<std::uintptr_t>(d->bias) % 16) return CUBLAS_STATUS_NOT_SUPPORTED;
+  if (int(d->epilogue) == hatch_cuda_on_cpu::refused_epilogue().load()) return CUBLAS_STATUS_NOT_SUPPORTED;
   const int m = int(dl->rows), n = int(dl->cols), k = int(d->ta == CUBLAS_OP_N ? al->cols : al->rows);
   const bool ta = d->ta == CUBLAS_OP_T, tb = d->tb == CUBLAS_OP_T;
   const float al_v = *static_cast<const float*>(alpha), be_v = *static_cast<const float*>(beta);

@@ -49,9 +49,12 @@ inline cublasStatus_t cublasDestroy(cublasHandle_t h) {
   delete h;
   return CUBLAS_STATUS_SUCCESS;
 }
+// As cuBLAS documents: setting the stream also resets the workspace to the library's own pool.
 inline cublasStatus_t cublasSetStream(cublasHandle_t h, cudaStream_t s) {
   if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
   h->stream = s;
+  h->workspace = nullptr;
+  h->workspace_bytes = 0;
   return CUBLAS_STATUS_SUCCESS;
 }
 inline cublasStatus_t cublasGetStream(cublasHandle_t h, cudaStream_t* s) {
@@ -73,9 +76,16 @@ inline cublasStatus_t cublasSetWorkspace(cublasHandle_t h, void* ws, std::size_t
 }
 
 namespace hatch_cuda_on_cpu {
+// A GEMM on a handle without a workspace of the caller's would run, on a GPU, on memory cuBLAS
+// allocates itself, outside hatch's cache (uncounted, never given back on out-of-memory): hatch
+// gives every handle its device's GEMM workspace, so here that is refused.
 inline cublasStatus_t check_gemm(cublasHandle_t h, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
                                  int lda, int ldb, int ldc) {
   if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
+  if (!h->workspace)
+    throw std::runtime_error(
+        "cuda_on_cpu: a cuBLAS GEMM on a handle without the caller's workspace (cuBLAS would allocate its own; "
+        "cublasSetStream resets it)");
   if (m < 0 || n < 0 || k < 0) return CUBLAS_STATUS_INVALID_VALUE;
   if ((ta != CUBLAS_OP_N && ta != CUBLAS_OP_T) || (tb != CUBLAS_OP_N && tb != CUBLAS_OP_T))
     return CUBLAS_STATUS_INVALID_VALUE;

@@ -135,6 +135,7 @@ struct State {
   std::map<std::uintptr_t, std::size_t> device, pinned;  // base -> bytes
   std::size_t device_bytes = 0;
   std::map<const void*, std::size_t> shared_limit;  // kernel -> cudaFuncSetAttribute value
+  std::map<const void*, int> resident_blocks;       // kernel -> occupancy answer (tests: set_resident_blocks)
   int frees_before_failure = -1;  // fail_free_after: cudaFree calls that succeed before one fails
 #if !defined(HATCH_CUDA_ON_CPU_EXACT_BLOCKS)
   std::map<std::uintptr_t, int> open;  // allocations open for device work -> how many holders
@@ -805,12 +806,26 @@ cudaError_t cudaFuncSetAttribute(Kernel kernel, cudaFuncAttribute attr, int valu
   s.shared_limit[reinterpret_cast<const void*>(kernel)] = std::size_t(value);
   return cudaSuccess;
 }
+// Blocks of a kernel resident on one multiprocessor: what set_resident_blocks said for this kernel
+// (a GPU's answer differs between kernels, by their registers and shared memory), else as many as
+// 2,048 threads allow, at most 32.
 template <class Kernel>
-cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel, int block_size, std::size_t) {
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* blocks, Kernel kernel, int block_size, std::size_t) {
   if (block_size <= 0 || block_size > 1024) return hatch_cuda_on_cpu::fail(cudaErrorInvalidValue);
   *blocks = std::max(1, std::min(32, 2048 / block_size));
+  auto& s = hatch_cuda_on_cpu::state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (auto it = s.resident_blocks.find(reinterpret_cast<const void*>(kernel)); it != s.resident_blocks.end())
+    *blocks = it->second;
   return cudaSuccess;
 }
+namespace hatch_cuda_on_cpu {
+template <class Kernel>
+void set_resident_blocks(Kernel kernel, int blocks) {
+  std::lock_guard<std::mutex> lock(state().mu);
+  state().resident_blocks[reinterpret_cast<const void*>(kernel)] = blocks;
+}
+}  // namespace hatch_cuda_on_cpu
 
 // ---- the library-type enum cuBLAS and cuBLASLt take ------------------------------------------------
 enum cudaDataType_t { CUDA_R_32F = 0, CUDA_R_64F = 1 };

@@ -175,16 +175,30 @@ TEST_CASE("cuda_on_cpu: launch limits, barriers no thread can pass, copies, GEMM
   CHECK(cudaMemcpy(out, out + 100, 16, cudaMemcpyHostToDevice) == cudaErrorInvalidValue);  // the source is device memory
   (void)cudaGetLastError();
 
-  // a GEMM whose C, 32 x 64 with ld 32, does not fit the 2048 floats it starts in at out + 1
+  // a GEMM on a handle without a workspace of the caller's (cuBLAS would allocate one itself), and
+  // cublasSetStream taking the workspace away again, as cuBLAS documents (what hatch's handle met)
   cublasHandle_t h = nullptr;
   REQUIRE(cublasCreate(&h) == CUBLAS_STATUS_SUCCESS);
   const float one = 1.f, zero = 0.f;
+  const auto gemm_8x8 = [&] {
+    (void)cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, 8, 8, 8, &one, out, 8, out + 64, 8, &zero, out + 128, 8);
+  };
+  CHECK(error_of(gemm_8x8).find("without the caller's workspace") != std::string::npos);
+  float* workspace = Cuda::allocate(1024);
+  REQUIRE(cublasSetWorkspace(h, workspace, 1024 * sizeof(float)) == CUBLAS_STATUS_SUCCESS);
+  CHECK(error_of(gemm_8x8).empty());
+  REQUIRE(cublasSetStream(h, Cuda::stream()) == CUBLAS_STATUS_SUCCESS);
+  CHECK(error_of(gemm_8x8).find("without the caller's workspace") != std::string::npos);
+  REQUIRE(cublasSetWorkspace(h, workspace, 1024 * sizeof(float)) == CUBLAS_STATUS_SUCCESS);
+  Cuda::synchronize();
+  // a GEMM whose C, 32 x 64 with ld 32, does not fit the 2048 floats it starts in at out + 1
   CHECK(error_of([&] {
           (void)cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, 32, 64, 1, &one, out, 32, out, 1, &zero, out + 1, 32);
         }).find("GEMM operand C") != std::string::npos);
   CHECK(cublasSgemm(h, CUBLAS_OP_N, CUBLAS_OP_N, 32, 64, 1, &one, out, 16, out, 1, &zero, out, 32) ==
         CUBLAS_STATUS_INVALID_VALUE);  // lda < m
   (void)cublasDestroy(h);
+  Cuda::deallocate(workspace, 1024);
 
   // cuBLASLt: a bias pointer on a plan without a bias epilogue is refused (what run 3a hit on an H200)
   cublasLtHandle_t lt = nullptr;
@@ -634,4 +648,74 @@ TEST_CASE("cuda_on_cpu: work on a non-blocking stream is not ordered before the 
   (void)cudaStreamDestroy(bl);
   Cuda::deallocate_pinned(pinned, 2);
   Cuda::deallocate(d, 64);
+}
+
+TEST_CASE("cuda_on_cpu: a cuBLASLt plan refused at its first call falls back to the unfused path; later, it is an error") {
+  // Shapes no other test plans: the plan is new, so its first call here is its first call at all.
+  constexpr int rows = 13, in = 44, out = 28;
+  std::vector<float> x(rows * in), w(out * in), bias(out), dy(rows * out);
+  for (std::size_t i = 0; i < x.size(); ++i) x[i] = float(int(i % 7) - 3) / 4;
+  for (std::size_t i = 0; i < w.size(); ++i) w[i] = float(int(i % 5) - 2) / 8;
+  for (std::size_t i = 0; i < bias.size(); ++i) bias[i] = float(i) / 16;
+  for (std::size_t i = 0; i < dy.size(); ++i) dy[i] = float(int(i % 9) - 4) / 8;
+  // The references, exact in float (small multiples of powers of two).
+  std::vector<float> y(rows * out), dw(out * in, 0.f), db(out, 0.f);
+  for (int r = 0; r < rows; ++r)
+    for (int o = 0; o < out; ++o) {
+      float s = bias[o];
+      for (int i = 0; i < in; ++i) s += x[r * in + i] * w[o * in + i];
+      y[r * out + o] = s;
+      db[o] += dy[r * out + o];
+      for (int i = 0; i < in; ++i) dw[o * in + i] += dy[r * out + o] * x[r * in + i];
+    }
+  hatch::Tensor<Cuda> tx, tw, tb, tdy, ty({rows, out}), tdw({out, in}), tdb({out});
+  tx.from_host(x, {rows, in});
+  tw.from_host(w, {out, in});
+  tb.from_host(bias, {out});
+  tdy.from_host(dy, {rows, out});
+  auto& refused = hatch_cuda_on_cpu::refused_epilogue();
+  const auto forward = [&] {
+    hatch::fused::linear_forward<Cuda>(ty.data(), tx.data(), tw.data(), tb.data(), rows, in, out);
+    return ty.to_host();
+  };
+  const auto backward = [&] {
+    Cuda::fill(tdw.data(), tdw.numel(), 0.f);
+    Cuda::fill(tdb.data(), tdb.numel(), 0.f);
+    hatch::fused::linear_backward_params<Cuda>(tdw.data(), tdb.data(), tdy.data(), tx.data(), rows, in, out);
+    return std::make_pair(tdw.to_host(), tdb.to_host());
+  };
+  const auto fwd0 = Cuda::fused_bias_calls(), bwd0 = Cuda::fused_bias_grad_calls();
+  refused = int(CUBLASLT_EPILOGUE_BIAS);
+  CHECK(forward() == y);  // the separate bias kernel ran instead
+  refused = int(CUBLASLT_EPILOGUE_BGRADB);
+  CHECK(backward() == std::make_pair(dw, db));
+  refused = -1;
+  CHECK(Cuda::fused_bias_calls() == fwd0);
+  CHECK(Cuda::fused_bias_grad_calls() == bwd0);
+  CHECK(forward() == y);  // the plan stays marked as having no algorithm
+  CHECK(Cuda::fused_bias_calls() == fwd0);
+
+  // A plan that has run once and is refused later: that is a fault to report, not to hide.
+  constexpr int rows2 = 11;
+  hatch::Tensor<Cuda> y2({rows2, out});
+  hatch::fused::linear_forward<Cuda>(y2.data(), tx.data(), tw.data(), tb.data(), rows2, in, out);
+  Cuda::synchronize();
+  CHECK(Cuda::fused_bias_calls() == fwd0 + 1);
+  refused = int(CUBLASLT_EPILOGUE_BIAS);
+  CHECK(error_of([&] { hatch::fused::linear_forward<Cuda>(y2.data(), tx.data(), tw.data(), tb.data(), rows2, in, out); })
+            .find("CUBLAS_STATUS_NOT_SUPPORTED") != std::string::npos);
+  refused = -1;
+}
+
+TEST_CASE("cuda_on_cpu: each LayerNorm backward kernel runs as many blocks as the device holds of it, whichever asked first") {
+  // Two instantiations no other test launches (their residency is asked here first), with the
+  // different answers a GPU gives kernels of different registers. Before, the first kernel's
+  // answer was kept for every instantiation (they share one type).
+  const auto narrow = hatch::cuda_kernels::layer_norm_backward_regs<float, 1, 3>;
+  const auto wide = hatch::cuda_kernels::layer_norm_backward_regs<float, 1, 5>;
+  hatch_cuda_on_cpu::set_resident_blocks(narrow, 3);
+  hatch_cuda_on_cpu::set_resident_blocks(wide, 5);
+  CHECK(hatch::cuda_detail::resident_row_blocks(narrow) == 3u * hatch_cuda_on_cpu::kSms);
+  CHECK(hatch::cuda_detail::resident_row_blocks(wide) == 5u * hatch_cuda_on_cpu::kSms);
+  CHECK(hatch::cuda_detail::resident_row_blocks(narrow) == 3u * hatch_cuda_on_cpu::kSms);
 }

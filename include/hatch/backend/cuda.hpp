@@ -438,7 +438,9 @@ inline void* gemm_workspace(int device) {
 }
 
 // One handle per device, created on first use and never destroyed (see DeviceCache::instance).
-// It gets the device's GEMM workspace, so cuBLAS does not allocate behind the allocator's back.
+// It gets the device's GEMM workspace, so cuBLAS does not allocate behind the allocator's back,
+// and gets it again after every cublasSetStream, which resets a handle's workspace to cuBLAS's
+// own pool (cuBLAS documentation, cublasSetStream; memory the cache would neither count nor free).
 inline cublasHandle_t cublas_handle() {
   struct Entry {
     cublasHandle_t handle = nullptr;
@@ -454,10 +456,9 @@ inline cublasHandle_t cublas_handle() {
   Entry& e = (*entries)[std::size_t(device)];
   const bool want = tensor_cores();
   if (!e.handle) {
-    void* ws = gemm_workspace(device);
     cublasHandle_t h = nullptr;
     HATCH_CUBLAS_CHECK(cublasCreate(&h));
-    HATCH_CUBLAS_CHECK(cublasSetWorkspace(h, ws, kGemmWorkspace));
+    HATCH_CUBLAS_CHECK(cublasSetWorkspace(h, gemm_workspace(device), kGemmWorkspace));
     HATCH_CUBLAS_CHECK(cublasSetMathMode(h, want ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
     e.handle = h;
     e.tf32 = want;
@@ -467,6 +468,7 @@ inline cublasHandle_t cublas_handle() {
   }
   if (const cudaStream_t s = stream(); s != e.stream) {  // a new handle is on stream 0 until set
     HATCH_CUBLAS_CHECK(cublasSetStream(e.handle, s));
+    HATCH_CUBLAS_CHECK(cublasSetWorkspace(e.handle, gemm_workspace(device), kGemmWorkspace));
     e.stream = s;
   }
   return e.handle;
@@ -518,10 +520,15 @@ class LtPlans {
 
   // Column-major D = alpha op(A) op(B) + beta D (m x n, inner k) with the epilogue. For
   // Epilogue::bias, `bias` (length m) is added to every column; for Epilogue::bias_grad the sums
-  // of op(B) over k (length n) are written to bias_grad_out(n) (read it before the next call).
-  // Returns false, having done nothing, when cuBLASLt has no algorithm for the call.
+  // of op(B) over k (length n) are written to a buffer of the plans' and `sums(buffer)` is called
+  // to take them, while no other thread can issue a call that writes the buffer again.
+  // Returns false, having done nothing, when cuBLASLt has no algorithm for the call, or when a
+  // plan's first call is refused (the heuristic does not see the bias pointer, for one): the plan
+  // is then marked as having none, and the caller takes its unfused path.
+  template <class Sums = void (*)(const float*)>
   bool run(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, float alpha, const float* a, int lda,
-           const float* b, int ldb, float beta, float* d, int ldd, Epilogue epi, const float* bias = nullptr) {
+           const float* b, int ldb, float beta, float* d, int ldd, Epilogue epi, const float* bias = nullptr,
+           Sums&& sums = nullptr) {
     int device = 0;
     HATCH_CUDA_CHECK(cudaGetDevice(&device));
     std::lock_guard<std::mutex> lock(mu_);
@@ -538,17 +545,16 @@ class LtPlans {
       return matmul(device, p, algo, alpha, a, b, beta, scratch_d, trial_vector);
     });
     if (!plan.ok) return false;
-    HATCH_CUBLAS_CHECK(matmul(device, plan, plan.algo, alpha, a, b, beta, d, vector));
+    const cublasStatus_t status = matmul(device, plan, plan.algo, alpha, a, b, beta, d, vector);
+    if (status != CUBLAS_STATUS_SUCCESS && !plan.proven) {
+      plan.ok = false;
+      return false;
+    }
+    HATCH_CUBLAS_CHECK(status);
+    plan.proven = true;
     ++calls_[int(epi)];
+    if (epi == Epilogue::bias_grad) sums(static_cast<const float*>(vector));
     return true;
-  }
-
-  // Where Epilogue::bias_grad wrote its sums (device memory of the current device, n floats).
-  float* bias_grad_out(std::size_t n) {
-    int device = 0;
-    HATCH_CUDA_CHECK(cudaGetDevice(&device));
-    std::lock_guard<std::mutex> lock(mu_);
-    return vector_buffer(device, n);
   }
 
   // Calls run through cuBLASLt so far, per epilogue (tests: the fast path is taken).
@@ -568,7 +574,8 @@ class LtPlans {
     auto operator<=>(const Key&) const = default;
   };
   struct Plan {
-    bool ok = false;
+    bool ok = false;      // an algorithm was found
+    bool proven = false;  // and a call with it succeeded
     cublasLtMatmulDesc_t op = nullptr;
     cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
     cublasLtMatmulAlgo_t algo{};
@@ -904,20 +911,22 @@ inline std::size_t operand_span(bool t, int rows, int cols, int ld) {
 // Row kernels that also sum across rows (LayerNorm's parameter gradients) run one wave: as many
 // blocks of kRowBlock as the device holds at once (multiprocessors x resident blocks of this
 // kernel), so every warp takes several rows and the last block adds few partial sums. Asked once
-// per device and kernel. The order of the sums, and so the last bits, depend on the shapes and
-// the card, never on the run.
+// per device and kernel (keyed by the kernel itself: the instantiations for each width share one
+// type, and each has its own registers and so its own residency). The order of the sums, and so
+// the last bits, depend on the shapes and the card, never on the run or on which ran first.
 template <class Kernel>
 unsigned resident_row_blocks(Kernel kernel) {
   static std::mutex mu;
-  static std::map<int, unsigned> blocks;
+  static std::map<std::pair<int, const void*>, unsigned> blocks;
   int device = 0;
   HATCH_CUDA_CHECK(cudaGetDevice(&device));
+  const std::pair<int, const void*> key{device, reinterpret_cast<const void*>(kernel)};
   std::lock_guard<std::mutex> lock(mu);
-  if (auto it = blocks.find(device); it != blocks.end()) return it->second;
+  if (auto it = blocks.find(key); it != blocks.end()) return it->second;
   int sms = 0, per_sm = 0;
   HATCH_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   HATCH_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, 32 * cuda_kernels::kRowsPerBlock, 0));
-  return blocks[device] = unsigned(std::max(1, sms * per_sm));
+  return blocks[key] = unsigned(std::max(1, sms * per_sm));
 }
 
 // LayerNorm backward's two forms (Cuda::layer_norm_backward picks one; bench/cuda_rows and the
@@ -1317,12 +1326,10 @@ struct Cuda {
         gemm_precision() != GemmPrecision::tf32x3) {
       // Column-major: dW^T (in x out) += x^T (in x rows) dy (stored as out x rows, transposed); the
       // epilogue writes the sums of dy over rows to the plans' buffer, then added to dbias.
-      auto& plans = cuda_detail::LtPlans::instance();
-      if (plans.run(CUBLAS_OP_N, CUBLAS_OP_T, in, out, rows, 1.f, x, in, dy, out, 1.f, dw, in,
-                    cuda_detail::Epilogue::bias_grad)) {
-        axpy(dbias, T(1), plans.bias_grad_out(std::size_t(out)), std::size_t(out));
+      if (cuda_detail::LtPlans::instance().run(
+              CUBLAS_OP_N, CUBLAS_OP_T, in, out, rows, 1.f, x, in, dy, out, 1.f, dw, in, cuda_detail::Epilogue::bias_grad,
+              nullptr, [&](const float* sums) { axpy(dbias, T(1), sums, std::size_t(out)); }))
         return;
-      }
     }
     fused::linear_backward_params_unfused<Cuda>(dw, dbias, dy, x, rows, in, out);
   }
