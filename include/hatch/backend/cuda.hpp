@@ -197,12 +197,14 @@ class DeviceCache {
     std::lock_guard<std::mutex> lock(mu_);
     const bool cache = caching_.load();
     const std::size_t size = cache ? round_size(bytes) : std::max<std::size_t>(bytes, 1);
+    const std::size_t counted = cache ? counted_size(bytes) : size;
     auto it = cache ? free_.find({device, size}) : free_.end();
     if (it != free_.end() && !it->second.empty()) {
       void* p = it->second.back();
       it->second.pop_back();
       cached_bytes_ -= size;
-      track(p, Block{device, size});
+      track(p, Block{device, size, counted});
+      in_use_bytes_ += counted;
       note_peaks();
       return p;
     }
@@ -222,12 +224,13 @@ class DeviceCache {
     }
     ++mallocs_;
     try {
-      track(p, Block{device, size});
+      track(p, Block{device, size, counted});
     } catch (...) {
       (void)cudaFree(p);
       throw;
     }
     live_bytes_ += size;
+    in_use_bytes_ += counted;
     note_peaks();
     return p;
   }
@@ -244,6 +247,7 @@ class DeviceCache {
     }
     auto node = live_.extract(it);
     const Block b = node.mapped();
+    in_use_bytes_ -= b.counted;
     if (!caching_.load()) {
       give_back(p, b);
       return;
@@ -271,26 +275,34 @@ class DeviceCache {
     std::lock_guard<std::mutex> lock(mu_);
     return live_bytes_;
   }
-  // Bytes in blocks handed out (in use), held from the driver (in use or cached), and the
-  // largest of each since the start or the last reset_peaks(): PyTorch's memory_allocated,
-  // memory_reserved and their max_ forms, counted the same way (block sizes as rounded).
+  // Bytes handed out (in use), held from the driver (in use or cached), and the largest of each
+  // since the start or the last reset_peaks(): PyTorch's memory_allocated, memory_reserved and
+  // their max_ forms, counted as PyTorch counts them by default: in use, each request rounded up
+  // to 512 bytes (counted_size), not to the size class of its block, which is up to 12.5% more;
+  // held, the blocks themselves. Over all devices (PyTorch's are per device).
   struct Stats {
     std::size_t in_use = 0, reserved = 0, peak_in_use = 0, peak_reserved = 0;
   };
   Stats stats() {
     std::lock_guard<std::mutex> lock(mu_);
-    return {live_bytes_ - cached_bytes_, live_bytes_, peak_in_use_, peak_reserved_};
+    return {in_use_bytes_, live_bytes_, peak_in_use_, peak_reserved_};
   }
   void reset_peaks() {
     std::lock_guard<std::mutex> lock(mu_);
-    peak_in_use_ = live_bytes_ - cached_bytes_;
+    peak_in_use_ = in_use_bytes_;
     peak_reserved_ = live_bytes_;
+  }
+  // What a request of `bytes` counts as in use: rounded up to 512 bytes, as PyTorch rounds.
+  static std::size_t counted_size(std::size_t bytes) {
+    constexpr std::size_t kStep = 512;
+    return std::max<std::size_t>(1, (bytes + kStep - 1) / kStep) * kStep;
   }
 
  private:
   struct Block {
     int device;
-    std::size_t size;
+    std::size_t size;     // the block held (its size class when caching)
+    std::size_t counted;  // what it counts as in use (counted_size of the request)
   };
   using LiveMap = std::unordered_map<void*, Block>;
 
@@ -308,7 +320,7 @@ class DeviceCache {
     live_.insert(std::move(node));
   }
   void note_peaks() {  // after a block is handed out (the only time either count grows)
-    peak_in_use_ = std::max(peak_in_use_, live_bytes_ - cached_bytes_);
+    peak_in_use_ = std::max(peak_in_use_, in_use_bytes_);
     peak_reserved_ = std::max(peak_reserved_, live_bytes_);
   }
   // cudaFree(p) on the block's own device, the current device restored. Returns the error rather
@@ -349,6 +361,7 @@ class DeviceCache {
   std::vector<LiveMap::node_type> spare_nodes_;
   std::size_t live_bytes_ = 0;    // held from the driver, in use or cached
   std::size_t cached_bytes_ = 0;  // of which in the free lists
+  std::size_t in_use_bytes_ = 0;  // the handed-out blocks' counted sizes (Stats::in_use)
   std::size_t peak_in_use_ = 0, peak_reserved_ = 0;
   std::atomic<std::int64_t> mallocs_{0};
   std::atomic<bool> caching_{env_switch("HATCH_CUDA_CACHING", true)};
