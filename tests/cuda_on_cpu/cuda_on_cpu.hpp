@@ -136,6 +136,9 @@ struct State {
   std::size_t device_bytes = 0;
   std::map<const void*, std::size_t> shared_limit;  // kernel -> cudaFuncSetAttribute value
   std::map<const void*, int> resident_blocks;       // kernel -> occupancy answer (tests: set_resident_blocks)
+  // Queued copies to or from pinned memory: (work number, pinned address, bytes), so that freeing
+  // pinned memory a queued copy still uses is caught (cudaFreeHost).
+  std::vector<std::tuple<std::uint64_t, std::uintptr_t, std::size_t>> pinned_in_flight;
   int frees_before_failure = -1;  // fail_free_after: cudaFree calls that succeed before one fails
 #if !defined(HATCH_CUDA_ON_CPU_EXACT_BLOCKS)
   std::map<std::uintptr_t, int> open;  // allocations open for device work -> how many holders
@@ -626,6 +629,36 @@ inline cudaError_t cudaFree(void* p) {
   s.device.erase(it);
   return cudaSuccess;
 }
+namespace hatch_cuda_on_cpu {
+inline void note_pinned_in_flight(std::uint64_t seq, const void* p, std::size_t bytes) {
+  std::vector<std::tuple<std::uint64_t, std::uintptr_t, std::size_t>> pending;
+  {
+    std::lock_guard<std::mutex> lock(state().mu);
+    pending.swap(state().pinned_in_flight);
+  }
+  std::erase_if(pending, [](const auto& c) { return ran(std::get<0>(c)); });  // (keeps the list short)
+  pending.emplace_back(seq, reinterpret_cast<std::uintptr_t>(p), bytes);
+  std::lock_guard<std::mutex> lock(state().mu);
+  state().pinned_in_flight.insert(state().pinned_in_flight.end(), pending.begin(), pending.end());
+}
+inline void require_no_pinned_in_flight(const void* p, std::size_t bytes) {
+  std::vector<std::tuple<std::uint64_t, std::uintptr_t, std::size_t>> pending;
+  {
+    std::lock_guard<std::mutex> lock(state().mu);
+    pending = state().pinned_in_flight;
+  }
+  const auto lo = reinterpret_cast<std::uintptr_t>(p), hi = lo + bytes;
+  for (const auto& [seq, at, n] : pending)
+    if (at < hi && lo < at + n && !ran(seq)) {
+      std::fprintf(stderr,
+                   "cuda_on_cpu: cudaFreeHost(%p) while a queued copy still uses %zu bytes at %p of it "
+                   "(wait for the stream, or an event after the copy, before freeing pinned memory)\n",
+                   p, n, reinterpret_cast<void*>(at));
+      std::fflush(stderr);
+      std::abort();
+    }
+}
+}  // namespace hatch_cuda_on_cpu
 inline cudaError_t cudaMallocHost(void** p, std::size_t bytes) {
   auto& s = hatch_cuda_on_cpu::state();
   std::lock_guard<std::mutex> lock(s.mu);
@@ -638,14 +671,23 @@ template <class T>
 cudaError_t cudaMallocHost(T** p, std::size_t bytes) {
   return cudaMallocHost(reinterpret_cast<void**>(p), bytes);
 }
+// CUDA does not promise that cudaFreeHost waits for queued copies that use the memory (it does in
+// practice, but a caller that relies on that reads or writes freed memory where it does not). Here
+// it does not wait: freeing pinned memory that a queued copy still reads or writes stops the
+// program with a message, as a host access to device memory does.
 inline cudaError_t cudaFreeHost(void* p) {
   if (!p) return cudaSuccess;
-  hatch_cuda_on_cpu::run_all();  // as cudaFree
   auto& s = hatch_cuda_on_cpu::state();
+  std::size_t bytes = 0;
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    auto it = s.pinned.find(reinterpret_cast<std::uintptr_t>(p));
+    if (it == s.pinned.end()) return hatch_cuda_on_cpu::fail(cudaErrorInvalidValue);
+    bytes = it->second;
+  }
+  hatch_cuda_on_cpu::require_no_pinned_in_flight(p, bytes);
   std::lock_guard<std::mutex> lock(s.mu);
-  auto it = s.pinned.find(reinterpret_cast<std::uintptr_t>(p));
-  if (it == s.pinned.end()) return hatch_cuda_on_cpu::fail(cudaErrorInvalidValue);
-  s.pinned.erase(it);
+  s.pinned.erase(reinterpret_cast<std::uintptr_t>(p));
   std::free(p);
   return cudaSuccess;
 }
@@ -709,7 +751,8 @@ inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, std::size_t bytes
     c::issue(stream, [dst, taken] { c::copy_now(dst, taken->data(), taken->size()); });
   } else {
     if (e.dst_pinned) std::memset(dst, 0xff, bytes);  // not there yet
-    c::issue(stream, [dst, src, bytes] { c::copy_now(dst, src, bytes); });
+    const std::uint64_t seq = c::issue(stream, [dst, src, bytes] { c::copy_now(dst, src, bytes); });
+    if (e.dst_pinned || e.src_pinned) c::note_pinned_in_flight(seq, e.dst_pinned ? dst : src, bytes);
   }
   return cudaSuccess;
 }

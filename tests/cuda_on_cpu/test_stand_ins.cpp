@@ -719,3 +719,27 @@ TEST_CASE("cuda_on_cpu: each LayerNorm backward kernel runs as many blocks as th
   CHECK(hatch::cuda_detail::resident_row_blocks(wide) == 5u * hatch_cuda_on_cpu::kSms);
   CHECK(hatch::cuda_detail::resident_row_blocks(narrow) == 3u * hatch_cuda_on_cpu::kSms);
 }
+
+TEST_CASE("cuda_on_cpu: pinned memory freed while a queued copy uses it stops the program; hatch's staging waits first") {
+  // The stand-in's rule, in a child process: an upload from pinned memory, queued, then cudaFreeHost.
+  const auto [err, signalled] = in_child([] {
+    signal(SIGABRT, SIG_DFL);  // the stand-in's message, then the signal (no test framework's report)
+    float* pinned = nullptr;
+    (void)cudaMallocHost(&pinned, 256 * sizeof(float));
+    float* d = Cuda::allocate(256);
+    (void)cudaMemcpyAsync(d, pinned, 256 * sizeof(float), cudaMemcpyHostToDevice, Cuda::stream());
+    (void)cudaFreeHost(pinned);
+  });
+  CHECK(signalled);
+  CHECK(err.find("while a queued copy still uses") != std::string::npos);
+  // hatch's staging buffer dropped (and grown) right after an upload: the uploads land intact.
+  hatch::Tensor<Cuda> a, b;
+  const std::vector<float> small(100, 2.f), large(5000, 3.f);
+  {
+    hatch::HostStaging<Cuda> staging;
+    staging.upload(small.begin(), small.end(), a, {100});
+    staging.upload(large.begin(), large.end(), b, {5000});  // grows: the first buffer goes while its copy is queued
+  }
+  CHECK(a.to_host() == small);
+  CHECK(b.to_host() == large);
+}

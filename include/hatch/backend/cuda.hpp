@@ -1190,8 +1190,12 @@ struct Cuda {
     HATCH_CUDA_CHECK(cudaMallocHost(&p, (n ? n : 1) * sizeof(T)));
     return static_cast<T*>(p);
   }
+  // Waits for the device first: an upload from the buffer may still be queued (a staging buffer
+  // grown or dropped right after its upload), and CUDA does not promise that cudaFreeHost waits.
   static void deallocate_pinned(T* p, std::size_t) noexcept {
-    if (p) (void)cudaFreeHost(p);
+    if (!p) return;
+    (void)cudaDeviceSynchronize();
+    (void)cudaFreeHost(p);
   }
   // src must be pinned (allocate_pinned) and must not change until the stream has passed the copy.
   static void upload_async(T* dst, const T* src, std::size_t n) {

@@ -91,14 +91,17 @@ class NcclCollective final : public Collective {
   std::chrono::seconds timeout() const { return timeout_; }
 
   bool allreduce_sum_device(float* data, std::size_t n) override {
+    const OnDevice on(device_);
     run(ncclAllReduce(data, data, n, ncclFloat, ncclSum, comm_, stream_), "all-reduce", n, "floats");
     return true;
   }
   bool allreduce_sum_device(double* data, std::size_t n) override {
+    const OnDevice on(device_);
     run(ncclAllReduce(data, data, n, ncclDouble, ncclSum, comm_, stream_), "all-reduce", n, "doubles");
     return true;
   }
   bool broadcast_device(void* data, std::size_t bytes) override {
+    const OnDevice on(device_);
     run(ncclBroadcast(data, data, bytes, ncclChar, 0, comm_, stream_), "broadcast", bytes, "bytes");
     return true;
   }
@@ -121,6 +124,23 @@ class NcclCollective final : public Collective {
     if (!problem.empty()) throw Error("NcclCollective: rank " + std::to_string(rank()) + ": " + problem);
     require(failed == 0, "NcclCollective", std::to_string(int(failed)) + " other rank(s) could not set up NCCL");
   }
+
+  // The communicator's device current for the scope of a call (restored after): a stream of 0 is
+  // the legacy stream of the current device, so the wait below would otherwise ask another
+  // device's stream (done at once) after the caller switched devices.
+  struct OnDevice {
+    int previous = -1;
+    explicit OnDevice(int device) {
+      if (cudaGetDevice(&previous) == cudaSuccess && previous != device && cudaSetDevice(device) != cudaSuccess)
+        throw Error("NcclCollective: cannot make device " + std::to_string(device) + " current");
+    }
+    ~OnDevice() {
+      int now = -1;
+      if (previous >= 0 && cudaGetDevice(&now) == cudaSuccess && now != previous) (void)cudaSetDevice(previous);
+    }
+    OnDevice(const OnDevice&) = delete;
+    OnDevice& operator=(const OnDevice&) = delete;
+  };
 
   // Waits for an enqueued NCCL call to finish on the stream, within the time-out.
   void run(ncclResult_t enqueued, const char* op, std::size_t count, const char* unit) {
