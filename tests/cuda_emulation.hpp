@@ -266,12 +266,61 @@ inline void arrive_and_drop(Barrier& b) {
   }
 }
 
-inline void syncthreads() { arrive_and_wait(current->all); }
-inline void syncwarp() { arrive_and_wait(current->warps[thread_linear / 32]); }
+// What a GPU leaves undefined and a fiber would get away with, refused (std::logic_error, reported
+// by launch as the kernel's failure): a __syncthreads that some of the block's threads can never
+// reach because they returned (legal only when the whole block returns, which never meets the
+// barrier), and a warp-wide __syncwarp or shuffle in a warp that lacks lanes (one returned, or the
+// block is not a whole number of warps) or, for the shuffle, whose mask leaves lanes out (hatch's
+// kernels use full warps only; the emulator models nothing else).
+inline unsigned block_threads(const Block& b) { return b.dim.x * b.dim.y * b.dim.z; }
+inline std::string block_name(const Block& b) {
+  return "block (" + std::to_string(b.index.x) + ", " + std::to_string(b.index.y) + ", " + std::to_string(b.index.z) +
+         ")";
+}
+inline void require_whole_block(const char* what) {
+  const Block& b = *current;
+  if (b.all.expected != block_threads(b))
+    throw std::logic_error(std::string("hatch_emulation: ") + what + " in " + block_name(b) + " after " +
+                           std::to_string(block_threads(b) - b.all.expected) + " of its " +
+                           std::to_string(block_threads(b)) +
+                           " threads returned: undefined on a GPU unless the whole block returns");
+}
+inline void require_whole_warp(const char* what, unsigned mask) {
+  const Barrier& w = current->warps[thread_linear / 32];
+  if (mask != 0xffffffffu || w.expected != 32)
+    throw std::logic_error(std::string("hatch_emulation: ") + what + " in " + block_name(*current) + ", warp " +
+                           std::to_string(thread_linear / 32) + " with " + std::to_string(w.expected) +
+                           " of 32 lanes present and mask " + std::to_string(mask) +
+                           ": undefined on a GPU (full warps and the full mask only: a lane that returned, or a "
+                           "block that is not a whole number of warps, never arrives)");
+}
+// A thread returning while others of its warp or block wait at a barrier it will never reach.
+inline void require_no_waiters(const Block& b, unsigned linear) {
+  const Barrier &warp = b.warps[linear / 32], &all = b.all;
+  if (warp.arrived == 0 && all.arrived == 0) return;
+  throw std::logic_error("hatch_emulation: thread " + std::to_string(linear) + " of " + block_name(b) +
+                         ", warp " + std::to_string(linear / 32) + " returned while " +
+                         (warp.arrived ? std::to_string(warp.arrived) + " threads of its warp wait at a __syncwarp "
+                                                                         "or __shfl_xor_sync"
+                                       : std::to_string(all.arrived) + " threads of its block wait at a "
+                                                                        "__syncthreads") +
+                         ": undefined on a GPU (a barrier that threads which returned never reach)");
+}
+// Checked on arrival (a thread returned before) and when a thread returns (threads wait for it at
+// a barrier: fiber_main), so whichever order the threads run in.
+inline void syncthreads() {
+  require_whole_block("__syncthreads");
+  arrive_and_wait(current->all);
+}
+inline void syncwarp() {
+  require_whole_warp("__syncwarp", 0xffffffffu);
+  arrive_and_wait(current->warps[thread_linear / 32]);
+}
 
 template <class T>
-T shfl_xor(T v, int lane_mask) {
+T shfl_xor(unsigned mask, T v, int lane_mask) {
   static_assert(sizeof(T) <= 8, "hatch_emulation: shuffles of at most 8 bytes");
+  require_whole_warp("__shfl_xor_sync", mask);
   const unsigned t = thread_linear, warp = t / 32, partner = warp * 32 + ((t % 32) ^ unsigned(lane_mask));
   std::memcpy(current->exchange.data() + 8 * t, &v, sizeof(T));
   arrive_and_wait(current->warps[warp]);
@@ -294,6 +343,13 @@ inline void fiber_main() {
   }
   Fiber* f = running;
   if (b.racecheck) racecheck_commit(b, f->linear);
+  if (!b.error) {
+    try {
+      require_no_waiters(b, f->linear);
+    } catch (...) {
+      b.error = std::current_exception();
+    }
+  }
   f->done = true;
   ++progress;
   arrive_and_drop(b.warps[f->linear / 32]);
@@ -575,7 +631,7 @@ inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z,
 #define gridDim (::hatch_emulation::current->grid)
 #define __syncthreads() ::hatch_emulation::syncthreads()
 #define __syncwarp() ::hatch_emulation::syncwarp()
-#define __shfl_xor_sync(mask, v, lane_mask) ::hatch_emulation::shfl_xor((v), (lane_mask))
+#define __shfl_xor_sync(mask, v, lane_mask) ::hatch_emulation::shfl_xor(unsigned(mask), (v), (lane_mask))
 #define __threadfence() std::atomic_thread_fence(std::memory_order_seq_cst)
 #define __ldcg(p) (*(p))
 #define atomicAdd(p, v) ::hatch_emulation::atomic_add((p), (v))

@@ -40,6 +40,32 @@ __global__ void divergent_barriers(float* out) {
   out[threadIdx.x] = 1.f;
 }
 
+// Undefined on a GPU, and refused by the emulator: a shuffle whose warp lost a lane that returned,
+// a shuffle whose mask leaves lanes out, a __syncthreads after some (not all) threads returned,
+// and a __syncwarp in a warp of fewer than 32 threads.
+__global__ void shuffle_after_return(float* out) {
+  if (threadIdx.x == 5) return;
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, float(threadIdx.x), 1);
+}
+__global__ void shuffle_half_mask(float* out) { out[threadIdx.x] = __shfl_xor_sync(0x0000ffffu, float(threadIdx.x), 1); }
+__global__ void barrier_after_return(float* out) {
+  if (threadIdx.x >= 40) return;
+  __syncthreads();
+  out[threadIdx.x] = 1.f;
+}
+__global__ void syncwarp_partial(float* out) {
+  __syncwarp();
+  out[threadIdx.x] = 1.f;
+}
+// Defined: a whole block returns before a barrier (its threads never meet it), whole warps return
+// before a shuffle.
+__global__ void uniform_returns(float* out) {
+  if (blockIdx.x == 1) return;
+  if (threadIdx.x >= 32) return;
+  __syncwarp();
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, float(threadIdx.x), 1);
+}
+
 // Wrong on a GPU: each block reads what the block before it wrote (blocks run in no fixed order).
 __global__ void chain_blocks(float* out) {
   if (threadIdx.x == 0) out[blockIdx.x] = blockIdx.x == 0 ? 1.f : out[blockIdx.x - 1] + 1.f;
@@ -165,6 +191,26 @@ TEST_CASE("cuda_on_cpu: launch limits, barriers no thread can pass, copies, GEMM
           HATCH_CUDA_LAUNCH(divergent_barriers, 1, 32, out);
           Cuda::synchronize();
         }).find("deadlock") != std::string::npos);
+
+  // shuffles and barriers that lanes which returned (or never existed) cannot join
+  const auto launched = [&](auto kernel, unsigned blocks, unsigned threads) {
+    return error_of([&] {
+      HATCH_CUDA_LAUNCH(kernel, blocks, threads, out);
+      Cuda::synchronize();
+    });
+  };
+  // (which message depends on the order the threads ran in: a shuffle reached after the lane
+  // returned, or the lane returning while others wait at the shuffle)
+  const auto undefined_in = [](const std::string& err, const std::string& where) {
+    return err.find("undefined on a GPU") != std::string::npos && err.find(where) != std::string::npos;
+  };
+  CHECK(undefined_in(launched(shuffle_after_return, 1, 64), "block (0, 0, 0), warp 0"));
+  CHECK(launched(shuffle_half_mask, 1, 64).find("with 32 of 32 lanes present and mask 65535") != std::string::npos);
+  CHECK(undefined_in(launched(barrier_after_return, 1, 64), "__syncthreads"));
+  CHECK(launched(syncwarp_partial, 1, 48).find("__syncwarp in block (0, 0, 0), warp 1 with 16 of 32 lanes") !=
+        std::string::npos);
+  CHECK(launched(uniform_returns, 2, 64).empty());
+  CHECK(launched(syncwarp_partial, 1, 64).empty());
 
   std::vector<float> host(2048, 1.f);
   // a copy "to the device" whose destination is host memory, and one that runs past its block
