@@ -138,7 +138,8 @@ struct State {
   std::map<const void*, int> resident_blocks;       // kernel -> occupancy answer (tests: set_resident_blocks)
   // Queued copies to or from pinned memory: (work number, pinned address, bytes), so that freeing
   // pinned memory a queued copy still uses is caught (cudaFreeHost).
-  std::vector<std::tuple<std::uint64_t, std::uintptr_t, std::size_t>> pinned_in_flight;
+  using PinnedCopy = std::tuple<std::uint64_t, std::uintptr_t, std::size_t>;
+  std::vector<PinnedCopy> pinned_in_flight;
   int frees_before_failure = -1;  // fail_free_after: cudaFree calls that succeed before one fails
 #if !defined(HATCH_CUDA_ON_CPU_EXACT_BLOCKS)
   std::map<std::uintptr_t, int> open;  // allocations open for device work -> how many holders
@@ -630,8 +631,10 @@ inline cudaError_t cudaFree(void* p) {
   return cudaSuccess;
 }
 namespace hatch_cuda_on_cpu {
+// (ran() takes the queue's lock, and queued work takes the state's while the queue's is held: the
+// list is therefore read under the state's lock and asked about outside it, never both at once.)
 inline void note_pinned_in_flight(std::uint64_t seq, const void* p, std::size_t bytes) {
-  std::vector<std::tuple<std::uint64_t, std::uintptr_t, std::size_t>> pending;
+  std::vector<State::PinnedCopy> pending;
   {
     std::lock_guard<std::mutex> lock(state().mu);
     pending.swap(state().pinned_in_flight);
@@ -642,7 +645,7 @@ inline void note_pinned_in_flight(std::uint64_t seq, const void* p, std::size_t 
   state().pinned_in_flight.insert(state().pinned_in_flight.end(), pending.begin(), pending.end());
 }
 inline void require_no_pinned_in_flight(const void* p, std::size_t bytes) {
-  std::vector<std::tuple<std::uint64_t, std::uintptr_t, std::size_t>> pending;
+  std::vector<State::PinnedCopy> pending;
   {
     std::lock_guard<std::mutex> lock(state().mu);
     pending = state().pinned_in_flight;

@@ -173,13 +173,19 @@ class DeviceCache {
     return *cache;
   }
 
-  // The size class of a request of `bytes` (what a cached block of it holds).
+  // The size class of a request of `bytes` (what a cached block of it holds): up to 1 MiB, the
+  // request as counted in use (512-byte steps); above, eight steps per power of two.
   static std::size_t round_size(std::size_t bytes) {
-    constexpr std::size_t kStep = 512, kSmall = std::size_t(1) << 20;
-    if (bytes <= kStep) return kStep;
-    if (bytes <= kSmall) return (bytes + kStep - 1) / kStep * kStep;
+    constexpr std::size_t kSmall = std::size_t(1) << 20;
+    if (bytes <= kSmall) return counted_size(bytes);
     const std::size_t step = std::bit_floor(bytes) / 8;
     return (bytes + step - 1) / step * step;
+  }
+  // What a request of `bytes` counts as in use: rounded up to 512 bytes (at least 512), as
+  // PyTorch rounds.
+  static std::size_t counted_size(std::size_t bytes) {
+    constexpr std::size_t kStep = 512;
+    return std::max<std::size_t>(1, (bytes + kStep - 1) / kStep) * kStep;
   }
 
   // Whether freed blocks are kept for reuse (see above). Turning caching off gives the cached
@@ -291,11 +297,6 @@ class DeviceCache {
     std::lock_guard<std::mutex> lock(mu_);
     peak_in_use_ = in_use_bytes_;
     peak_reserved_ = live_bytes_;
-  }
-  // What a request of `bytes` counts as in use: rounded up to 512 bytes, as PyTorch rounds.
-  static std::size_t counted_size(std::size_t bytes) {
-    constexpr std::size_t kStep = 512;
-    return std::max<std::size_t>(1, (bytes + kStep - 1) / kStep) * kStep;
   }
 
  private:
