@@ -37,7 +37,9 @@ Dev dev(const std::vector<float>& h) {
 
 TEST_CASE("cuda kernels: the column-reduction finish kernels cover every column on a capped grid") {
   if (!have_device()) return;
-  constexpr int chunks = 3, cols = 1000;  // one block of 32 threads: each thread owns ~31 columns
+  // One block: sum_rows_finish of 32 threads (each owns ~31 columns), layer_norm_param_finish of
+  // 32 columns x kColLanes chunk lanes (~31 column groups, each lane 2 or 3 of the 40 chunks).
+  constexpr int chunks = 40, cols = 1000;
   std::vector<float> partial(2 * chunks * cols), start(cols, 1.0f);
   for (std::size_t i = 0; i < partial.size(); ++i) partial[i] = float(i % 7) - 3.0f;
   std::vector<float> sum_ref(cols), g_ref(cols), b_ref(cols);
@@ -53,8 +55,8 @@ TEST_CASE("cuda kernels: the column-reduction finish kernels cover every column 
   }
   Dev p = dev(partial), out = dev(start), dg = dev(start), db = dev(start);
   HATCH_CUDA_LAUNCH(hatch::cuda_kernels::sum_rows_finish<float>, 1, 32, out.data(), p.data(), chunks, cols, 2.0f);
-  HATCH_CUDA_LAUNCH(hatch::cuda_kernels::layer_norm_param_finish<float>, 1, 32, dg.data(), db.data(), p.data(),
-                    chunks, cols);
+  HATCH_CUDA_LAUNCH(hatch::cuda_kernels::layer_norm_param_finish<float>, 1, hatch::cuda_detail::kColBlock, dg.data(),
+                    db.data(), p.data(), chunks, cols);
   Cuda::synchronize();
   CHECK(out.to_host() == sum_ref);
   CHECK(dg.to_host() == g_ref);

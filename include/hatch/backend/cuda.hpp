@@ -924,7 +924,7 @@ inline std::size_t operand_span(bool t, int rows, int cols, int ld) {
 }
 // Row kernels that also sum across rows (LayerNorm's parameter gradients) run one wave: as many
 // blocks of kRowBlock as the device holds at once (multiprocessors x resident blocks of this
-// kernel), so every warp takes several rows and the last block adds few partial sums. Asked once
+// kernel), so every warp takes several rows and there are no more blocks' sums to add than that. Asked once
 // per device and kernel (keyed by the kernel itself: the instantiations for each width share one
 // type, and each has its own registers and so its own residency). The order of the sums, and so
 // the last bits, depend on the shapes and the card, never on the run or on which ran first.
@@ -943,31 +943,35 @@ unsigned resident_row_blocks(Kernel kernel) {
   return blocks[key] = unsigned(std::max(1, sms * per_sm));
 }
 
+// The chunks' sums of LayerNorm's parameter gradients ([dgamma's chunks][dbeta's chunks], each
+// chunk `cols` wide) added into dgamma and dbeta (either may be null): 32 columns a block.
+template <class T>
+void layer_norm_param_finish(T* dgamma, T* dbeta, const T* partial, int chunks, int cols) {
+  HATCH_CUDA_LAUNCH(cuda_kernels::layer_norm_param_finish<T>, unsigned((cols + 31) / 32), kColBlock, dgamma, dbeta,
+                    partial, chunks, cols);
+}
 // LayerNorm backward's two forms (Cuda::layer_norm_backward picks one; bench/cuda_rows and the
 // kernel tests call each directly). Either of dgamma, dbeta may be null; they accumulate.
-// In one kernel (rows of at most kMaxRowRegisterCols, cuda_kernels::layer_norm_backward_regs):
+// In one pass over dy and x (rows of at most kMaxRowRegisterCols, cuda_kernels::layer_norm_backward_regs):
 // with parameter gradients on `blocks` blocks (0: one wave, resident_row_blocks), each block's
-// sums and the counter of finished blocks (zeroed here, on the stream) in scratch memory; without,
-// a warp per row.
+// sums in scratch memory, added by layer_norm_param_finish; without, a warp per row.
 template <class T, int W, int N>
 void layer_norm_backward_one_kernel(T* dx, T* dgamma, T* dbeta, const T* dy, const T* x, const T* mean,
                                     const T* rstd, const T* gamma, int rows, int cols, unsigned blocks = 0) {
   const auto kernel = cuda_kernels::layer_norm_backward_regs<T, W, N>;
   if (!dgamma && !dbeta) {
-    HATCH_CUDA_LAUNCH(kernel, row_blocks(rows), kRowBlock, dx, nullptr, nullptr, nullptr, nullptr, dy, x, mean, rstd,
-                      gamma, rows, cols);
+    HATCH_CUDA_LAUNCH(kernel, row_blocks(rows), kRowBlock, dx, nullptr, nullptr, nullptr, dy, x, mean, rstd, gamma,
+                      rows, cols);
     return;
   }
   if (!blocks) blocks = std::min(row_blocks(rows), resident_row_blocks(kernel));
-  const std::size_t sums = 2 * std::size_t(blocks) * std::size_t(cols);
-  Scratch<T> partial(blocks > 1 ? sums + 1 : 0);
-  unsigned* counter = blocks > 1 ? reinterpret_cast<unsigned*>(partial.get() + sums) : nullptr;
-  if (counter) HATCH_CUDA_CHECK(cudaMemsetAsync(counter, 0, sizeof(unsigned), stream()));
-  HATCH_CUDA_LAUNCH(kernel, blocks, kRowBlock, dx, dgamma, dbeta, partial.get(), counter, dy, x, mean, rstd, gamma,
-                    rows, cols);
+  Scratch<T> partial(blocks > 1 ? 2 * std::size_t(blocks) * std::size_t(cols) : 0);
+  HATCH_CUDA_LAUNCH(kernel, blocks, kRowBlock, dx, dgamma, dbeta, partial.get(), dy, x, mean, rstd, gamma, rows,
+                    cols);
+  if (blocks > 1) layer_norm_param_finish(dgamma, dbeta, partial.get(), int(blocks), cols);
 }
-// The parameter gradients alone, by columns (any row length): chunks of rows per block, then a
-// second kernel adds the chunks in order. dx, if wanted, comes from layer_norm_backward_dx.
+// The parameter gradients alone, by columns (any row length): chunks of rows per block, then
+// layer_norm_param_finish adds the chunks. dx, if wanted, comes from layer_norm_backward_dx.
 template <class T>
 void layer_norm_params_by_columns(T* dgamma, T* dbeta, const T* dy, const T* x, const T* mean, const T* rstd,
                                   int rows, int cols) {
@@ -982,8 +986,7 @@ void layer_norm_params_by_columns(T* dgamma, T* dbeta, const T* dy, const T* x, 
   Scratch<T> partial(2 * std::size_t(chunks) * cols);
   HATCH_CUDA_LAUNCH(cuda_kernels::layer_norm_param_partial<T>, grid, kColBlock, dgamma, dbeta, partial.get(), dy, x,
                     mean, rstd, rows, cols, rpc);
-  HATCH_CUDA_LAUNCH(cuda_kernels::layer_norm_param_finish<T>, element_blocks(std::size_t(cols)), cuda_kernels::kThreads,
-                    dgamma, dbeta, partial.get(), chunks, cols);
+  layer_norm_param_finish(dgamma, dbeta, partial.get(), chunks, cols);
 }
 
 // ---- fused attention (kernels in cuda_attention.cuh) -------------------------------------------

@@ -315,16 +315,32 @@ __global__ void layer_norm_param_partial(T* dgamma, T* dbeta, T* partial, const 
     partial[(chunks + blockIdx.y) * cols + c] = sb;
   }
 }
+// Adds the chunks' sums: dgamma[c] += sum_k partial[k * cols + c], dbeta[c] += sum_k partial[(chunks
+// + k) * cols + c] (either may be null). Launched on kColBlock blocks: 32 columns a block, its
+// kColLanes row lanes taking every kColLanes-th chunk (column_chunk_sum with the whole range as
+// one chunk), so many chunks (LayerNorm's one-kernel backward has one per block of a wave, some
+// hundreds) are read by many threads at once, not one column by one thread. Grid-stride over the
+// columns (the same count for a whole block: its barriers are reached by every thread).
 template <class T>
 __global__ void layer_norm_param_finish(T* dgamma, T* dbeta, const T* partial, int chunks, int cols) {
-  for (std::size_t c = global_index(); c < std::size_t(cols); c += global_stride()) {  // grid-stride, as above
-    T sg = T(0), sb = T(0);
-    for (int k = 0; k < chunks; ++k) {
-      sg += partial[std::size_t(k) * cols + c];
-      sb += partial[(std::size_t(chunks) + k) * cols + c];
+  HATCH_STATIC_SHARED(T, tile, [kColLanes][33]);
+  for (int c0 = int(blockIdx.x) * 32; c0 < cols; c0 += int(gridDim.x) * 32) {
+    const int c = c0 + int(threadIdx.x);
+    const bool in_range = c < cols;
+    const auto sum = [&](const T* chunk0) {
+      return column_chunk_sum<T>([&](int k) { return chunk0[std::size_t(k) * cols + c]; }, chunks, chunks, c,
+                                 in_range, tile);
+    };
+    if (dgamma) {
+      const T s = sum(partial);
+      if (threadIdx.y == 0 && in_range) dgamma[c] += s;
+      __syncthreads();  // the tile is reused
     }
-    if (dgamma) dgamma[c] += sg;
-    if (dbeta) dbeta[c] += sb;
+    if (dbeta) {
+      const T s = sum(partial + std::size_t(chunks) * cols);
+      if (threadIdx.y == 0 && in_range) dbeta[c] += s;
+      __syncthreads();
+    }
   }
 }
 
@@ -553,16 +569,16 @@ __global__ void layer_norm_forward_regs(T* y, T* mean, T* rstd, const T* x, cons
 // gradients dgamma += sum_r dy xhat, dbeta += sum_r dy, each of the three optional.
 // Warp w of the grid takes rows w, w + warps, ... and sums its share of the parameter gradients
 // in registers (a lane owns the same columns in every row); the warps of a block add theirs in
-// shared memory in warp order, each block writes its sums to partial[block][2][cols], and the
-// block that finishes last (counter, zero at launch) adds the blocks' sums in block order into
-// dgamma and dbeta. Every sum has a fixed order for a given grid: deterministic, no atomics on
-// values. With one block the block adds its sums directly. dx may alias dy (a lane reads its
-// packs of a row before it writes them).
+// shared memory in warp order, and each block writes its sums to partial (dgamma's block sums at
+// partial[block * cols], dbeta's at partial[(blocks + block) * cols]), which layer_norm_param_finish
+// then adds into dgamma and dbeta, many threads at once (a last block adding hundreds of blocks'
+// sums alone, as before, kept one multiprocessor busy while the others idled). Every sum has a
+// fixed order for a given grid: deterministic, no atomics. With one block the block adds its sums
+// directly. dx may alias dy (a lane reads its packs of a row before it writes them).
 inline constexpr int kMaxRowRegisterCols = 1024;  // the longest row a register kernel takes (N = 32)
 template <class T, int W, int N>
-__global__ void layer_norm_backward_regs(T* dx, T* dgamma, T* dbeta, T* partial, unsigned* counter, const T* dy,
-                                         const T* x, const T* mean, const T* rstd, const T* gamma, int rows,
-                                         int cols) {
+__global__ void layer_norm_backward_regs(T* dx, T* dgamma, T* dbeta, T* partial, const T* dy, const T* x,
+                                         const T* mean, const T* rstd, const T* gamma, int rows, int cols) {
   constexpr int P = N / W;
   const int lane = int(threadIdx.x), packs = cols / W;
   const bool params = dgamma != nullptr || dbeta != nullptr;
@@ -631,26 +647,11 @@ __global__ void layer_norm_backward_regs(T* dx, T* dgamma, T* dbeta, T* partial,
     }
     return;
   }
-  T* mine = partial + std::size_t(blockIdx.x) * 2 * cols;
+  T* gamma_sums = partial + std::size_t(blockIdx.x) * cols;
+  T* beta_sums = partial + (std::size_t(gridDim.x) + blockIdx.x) * cols;
   for (int col = tid; col < cols; col += threads) {
-    mine[col] = sg[col];
-    mine[cols + col] = sb[col];
-  }
-  __threadfence();  // the sums are visible to every block before this block is counted
-  __syncthreads();
-  HATCH_STATIC_SHARED(bool, last, );
-  if (tid == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  for (int col = tid; col < 2 * cols; col += threads) {
-    T s = T(0);
-    for (unsigned b = 0; b < gridDim.x; ++b) s += __ldcg(partial + std::size_t(b) * 2 * cols + col);
-    if (col < cols) {
-      if (dgamma) dgamma[col] += s;
-    } else if (dbeta) {
-      dbeta[col - cols] += s;
-    }
+    gamma_sums[col] = sg[col];
+    beta_sums[col] = sb[col];
   }
 }
 
