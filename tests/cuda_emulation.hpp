@@ -42,6 +42,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -330,6 +331,29 @@ T shfl_xor(unsigned mask, T v, int lane_mask) {
   return r;
 }
 
+// A vector access (HATCH_ALIGNED_ACCESS in the kernels), or a kernel's pointer argument, that is
+// not aligned to its size: a misaligned address on a GPU, which ends the context; on the host
+// the access would just work. The error names the kernel's thread and the address.
+inline void require_aligned(const void* p, std::size_t bytes, const char* file, int line) {
+  const auto a = reinterpret_cast<std::uintptr_t>(p);
+  if (a % bytes == 0) return;
+  throw std::logic_error("hatch_emulation: misaligned address: a " + std::to_string(bytes) + "-byte access at " +
+                         std::to_string(a) + " (" + std::to_string(a % bytes) + " bytes past a multiple) by thread " +
+                         index_name(thread_index) + " of block " + index_name(block_index) + ", " + file + ":" +
+                         std::to_string(line) + ": a GPU stops the context there");
+}
+template <class A>
+void require_aligned_argument(const A& a, std::size_t index) {
+  if constexpr (std::is_pointer_v<A> && !std::is_void_v<std::remove_pointer_t<A>>) {
+    constexpr std::size_t align = alignof(std::remove_cv_t<std::remove_pointer_t<A>>);
+    const auto v = reinterpret_cast<std::uintptr_t>(a);
+    if (v % align != 0)
+      throw std::logic_error("hatch_emulation: misaligned address: kernel argument " + std::to_string(index) +
+                             " points to a type aligned to " + std::to_string(align) + " bytes at " +
+                             std::to_string(v) + ": a GPU stops the context at its first access");
+  }
+}
+
 // Where every fiber starts: runs the kernel for its thread, then leaves both barriers for good.
 inline void fiber_main() {
   Block& b = *current;
@@ -456,6 +480,10 @@ void launch(Kernel kernel, dim3 grid, dim3 block, std::size_t shared_bytes, Args
   std::lock_guard<std::mutex> lock(mu);
   const unsigned threads = block.x * block.y * block.z;
   if (threads == 0) throw std::logic_error("hatch_emulation: a block of no threads");
+  {
+    std::size_t index = 0;
+    (require_aligned_argument(args, index++), ...);
+  }
   auto call = [&] { kernel(args...); };
   using Call = decltype(call);
   const std::uint64_t blocks = std::uint64_t(grid.x) * grid.y * grid.z;
@@ -634,6 +662,7 @@ inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z,
 #define __shfl_xor_sync(mask, v, lane_mask) ::hatch_emulation::shfl_xor(unsigned(mask), (v), (lane_mask))
 #define __threadfence() std::atomic_thread_fence(std::memory_order_seq_cst)
 #define __ldcg(p) (*(p))
+#define HATCH_ALIGNED_ACCESS(p, bytes) ::hatch_emulation::require_aligned((p), (bytes), __FILE__, __LINE__)
 #define atomicAdd(p, v) ::hatch_emulation::atomic_add((p), (v))
 
 #define HATCH_DYNAMIC_SHARED(name) unsigned char* name = ::hatch_emulation::dynamic_shared()

@@ -212,6 +212,40 @@ TEST_CASE("cuda_on_cpu: launch limits, barriers no thread can pass, copies, GEMM
   CHECK(launched(uniform_returns, 2, 64).empty());
   CHECK(launched(syncwarp_partial, 1, 64).empty());
 
+  // 128-bit accesses at addresses that are not multiples of 16 (a GPU stops the context there;
+  // the host would just read): hatch's own kernels, given misaligned pointers on purpose. The
+  // launchers never do this: they pick 4-wide forms only for aligned pointers (below).
+  const auto misaligned = [](const std::string& err) { return err.find("misaligned address") != std::string::npos; };
+  const auto as4 = [](float* p) { return reinterpret_cast<float4*>(p); };
+  CHECK(misaligned(error_of([&] {
+    HATCH_CUDA_LAUNCH(hatch::cuda_kernels::add4<float4>, 1, 32, as4(out + 1), as4(out + 512), as4(out + 1024),
+                      std::size_t(64));
+    Cuda::synchronize();
+  })));
+  CHECK(misaligned(error_of([&] {  // a row kernel's packs: the row itself misaligned
+    HATCH_CUDA_LAUNCH((hatch::cuda_kernels::layer_norm_forward_regs<float, 4, 4>), 1, hatch::cuda_detail::kRowBlock,
+                      out + 1, out + 600, out + 700, out + 801, out + 900, out + 1000, 4, 64, 1e-6f);
+    Cuda::synchronize();
+  })));
+  CHECK(error_of([&] {  // the same launches, aligned: no complaint
+          HATCH_CUDA_LAUNCH(hatch::cuda_kernels::add4<float4>, 1, 32, as4(out), as4(out + 512), as4(out + 1024),
+                            std::size_t(64));
+          HATCH_CUDA_LAUNCH((hatch::cuda_kernels::layer_norm_forward_regs<float, 4, 4>), 1,
+                            hatch::cuda_detail::kRowBlock, out, out + 600, out + 700, out + 800, out + 900, out + 1000,
+                            4, 64, 1e-6f);
+          Cuda::synchronize();
+        }).empty());
+  // what the launchers do with misaligned pointers: the 1-wide forms, and right values
+  {
+    const std::vector<float> a(257, 1.5f), b(257, 2.f);
+    (void)cudaMemcpy(out + 1, a.data(), 257 * sizeof(float), cudaMemcpyHostToDevice);
+    (void)cudaMemcpy(out + 513, b.data(), 257 * sizeof(float), cudaMemcpyHostToDevice);
+    Cuda::add(out + 1025, out + 1, out + 513, 256);  // a multiple of 4, every pointer 4 bytes past 16
+    std::vector<float> sum(256);
+    (void)cudaMemcpy(sum.data(), out + 1025, 256 * sizeof(float), cudaMemcpyDeviceToHost);
+    CHECK(sum == std::vector<float>(256, 3.5f));
+  }
+
   std::vector<float> host(2048, 1.f);
   // a copy "to the device" whose destination is host memory, and one that runs past its block
   CHECK(error_of([&] { (void)cudaMemcpy(host.data(), host.data() + 1024, 16, cudaMemcpyHostToDevice); })

@@ -71,10 +71,12 @@ struct alignas(N * sizeof(T) < 16 ? N * sizeof(T) : 16) Vec {
 };
 template <int N, class T>
 __device__ __forceinline__ Vec<T, N> load(const T* p) {
+  HATCH_ALIGNED_ACCESS(p, alignof(Vec<T, N>));
   return *reinterpret_cast<const Vec<T, N>*>(p);
 }
 template <int N, class T>
 __device__ __forceinline__ void store(T* p, const Vec<T, N>& v) {
+  HATCH_ALIGNED_ACCESS(p, alignof(Vec<T, N>));
   *reinterpret_cast<Vec<T, N>*>(p) = v;
 }
 

@@ -27,6 +27,12 @@
 #ifndef HATCH_CUDA_EMULATION
 #define HATCH_STATIC_SHARED(T, name, extents) __shared__ T name extents
 #endif
+// A vector access of `bytes` bytes at p (a float4, an attention Vec) must be aligned to them: on a
+// GPU a misaligned one ends the context. The launchers pick vector widths by alignment; the
+// emulator checks every such access (tests/cuda_emulation.hpp), the device nothing.
+#ifndef HATCH_CUDA_EMULATION
+#define HATCH_ALIGNED_ACCESS(p, bytes) ((void)0)
+#endif
 
 namespace hatch::cuda_kernels {
 
@@ -436,6 +442,7 @@ __device__ inline Pack<T, W> load_pack(const T* row, int k) {
   Pack<T, W> p;
   if constexpr (W == 4) {
     static_assert(sizeof(T) == 4, "128-bit packs are four floats");
+    HATCH_ALIGNED_ACCESS(row + 4 * k, 16);
     const float4 f = reinterpret_cast<const float4*>(row)[k];
     p.v[0] = f.x;
     p.v[1] = f.y;
@@ -449,10 +456,12 @@ __device__ inline Pack<T, W> load_pack(const T* row, int k) {
 }
 template <int W, class T>
 __device__ inline void store_pack(T* row, int k, const Pack<T, W>& p) {
-  if constexpr (W == 4)
+  if constexpr (W == 4) {
+    HATCH_ALIGNED_ACCESS(row + 4 * k, 16);
     reinterpret_cast<float4*>(row)[k] = make_float4(p.v[0], p.v[1], p.v[2], p.v[3]);
-  else
+  } else {
     row[k] = p.v[0];
+  }
 }
 
 template <class T, int W, int N>
