@@ -27,7 +27,8 @@
 //
 // The file compiles without nvcc too (tests/cuda_emulation.hpp runs these kernels on CPU threads
 // to test them where no GPU is), so it uses only threadIdx, blockIdx, __syncthreads,
-// __shfl_xor_sync, dynamic shared memory through HATCH_DYNAMIC_SHARED and hatch::hd maths.
+// __shfl_xor_sync, dynamic shared memory through HATCH_DYNAMIC_SHARED, HATCH_ALIGNED_ACCESS (a
+// vector access's alignment, which the emulator checks) and hatch::hd maths.
 #include <cmath>
 #include <cstddef>
 
@@ -35,6 +36,7 @@
 
 #ifndef HATCH_CUDA_EMULATION
 #define HATCH_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#define HATCH_ALIGNED_ACCESS(p, bytes) ((void)0)  // as in cuda_kernels.cuh: checked by the emulator only
 #endif
 
 namespace hatch::cuda_kernels::attention {
