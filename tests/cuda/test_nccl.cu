@@ -3,7 +3,8 @@
 //   - in-place device all-reduce of floats and doubles, and a device broadcast, against the
 //     sums computed on the host;
 //   - allreduce_sum<Cuda> / broadcast<Cuda> (what fit calls) take the device path with NCCL
-//     (the staging vector stays empty) and the host path with the plain MPI collective;
+//     (the staging vector stays empty; one host wait counted) and the host path with the plain
+//     MPI collective;
 //   - data-parallel fit on Cuda (2 ranks or more): every gradient all-reduce reaches NCCL in device memory (none
 //     goes through a host float all-reduce), and the weights equal those of the same fit whose
 //     gradients are staged through host memory and MPI, to float tolerance;
@@ -79,9 +80,14 @@ void backend_helpers(Collective& nccl, Collective& host) {
     for (std::size_t i = 0; i < h.size(); ++i) h[i] = float(i % 13) + float(nccl.rank());
     t.from_host(h, {int(h.size())});
     std::vector<float> staging;
+    const std::int64_t waits = Cuda::host_waits();
     allreduce_sum<Cuda>(*c, t.data(), h.size(), staging);
     NCCL_TEST_CHECK(staging.empty() == device, "%s: staging holds %zu values", device ? "nccl" : "mpi",
                     staging.size());
+    // NCCL's all-reduce waits for the device once (the poll for its result), and says so
+    if (device)
+      NCCL_TEST_CHECK(Cuda::host_waits() == waits + 1, "the NCCL all-reduce counted %lld host waits, expected 1",
+                      (long long)(Cuda::host_waits() - waits));
     const auto back = t.to_host();
     std::size_t wrong = 0;
     for (std::size_t i = 0; i < h.size(); ++i)

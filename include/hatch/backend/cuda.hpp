@@ -48,6 +48,7 @@
 #include "hatch/backend/cuda_attention.cuh"
 #include "hatch/backend/cuda_kernels.cuh"
 #include "hatch/backend/fused.hpp"
+#include "hatch/backend/host_waits.hpp"
 #include "hatch/backend/random.hpp"
 #include "hatch/core/error.hpp"
 
@@ -129,13 +130,7 @@ inline cudaStream_t stream() {
   return own;
 }
 
-// Every time the host waits for the device (a stream or device synchronisation, a copy to
-// pageable host memory, a reduction returned to the host). A training step through fit waits
-// once; tests count.
-inline std::atomic<std::int64_t>& host_waits() {
-  static std::atomic<std::int64_t> n{0};
-  return n;
-}
+// Every time the host waits for the device: host_waits() (backend/host_waits.hpp).
 inline void wait_for_stream() {
   ++host_waits();
   HATCH_CUDA_CHECK(cudaStreamSynchronize(stream()));

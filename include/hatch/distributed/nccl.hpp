@@ -29,6 +29,7 @@
 #include <optional>
 #include <string>
 
+#include "hatch/backend/host_waits.hpp"
 #include "hatch/core/error.hpp"
 #include "hatch/distributed/collective.hpp"
 
@@ -142,9 +143,11 @@ class NcclCollective final : public Collective {
     OnDevice& operator=(const OnDevice&) = delete;
   };
 
-  // Waits for an enqueued NCCL call to finish on the stream, within the time-out.
+  // Waits for an enqueued NCCL call to finish on the stream, within the time-out (a host wait
+  // for the device, counted as the Cuda backend counts its own: Cuda::host_waits()).
   void run(ncclResult_t enqueued, const char* op, std::size_t count, const char* unit) {
     if (enqueued != ncclSuccess) fail(op, count, unit, std::string("failed: ") + ncclGetErrorString(enqueued));
+    ++cuda_detail::host_waits();
     std::string error;
     const bool done = detail::poll_until([&] {
       const cudaError_t e = cudaStreamQuery(stream_);
