@@ -1449,6 +1449,43 @@ TEST_CASE("cuda: fit waits for the device once per training step") {
   CHECK(longer - shorter == 4);
 }
 
+TEST_CASE("cuda: evaluate waits once per batch, and with kept buffers page-locks no memory again") {
+  HATCH_REQUIRE_CUDA_DEVICE();
+  const auto set = hatch_test::synthetic_images(44, 100);
+  hatch::Model<hatch::presets::VitMicro, Cuda> model;
+  hatch::Initializer init(45);
+  model.reset_parameters(init);
+  hatch::EvalBuffers<Cuda> buffers;
+  const auto first = hatch::evaluate(model, set, 32, buffers);  // page-locks its staging
+  const auto before = Cuda::host_waits();
+#if defined(HATCH_CUDA_ON_CPU)
+  const auto pinned = hatch_cuda_on_cpu::pinned_allocations();
+#endif
+  const auto again = hatch::evaluate(model, set, 32, buffers);
+  CHECK(Cuda::host_waits() - before == 4);  // 100 images in batches of 32: 4 batches, a wait each
+#if defined(HATCH_CUDA_ON_CPU)
+  CHECK(hatch_cuda_on_cpu::pinned_allocations() == pinned);
+#endif
+  CHECK(again.loss == first.loss);
+  CHECK(again.accuracy == first.accuracy);
+  // The one-off form: the same result, and its buffers' release waits for the device (counted).
+  const auto w = Cuda::host_waits();
+  const auto once = hatch::evaluate(model, set, 32);
+  CHECK(Cuda::host_waits() - w > 4);
+  CHECK(once.loss == first.loss);
+#if defined(HATCH_CUDA_ON_CPU)
+  // fit keeps one set for all its evaluations: a second epoch (and its evaluation) page-locks
+  // nothing that the first did not.
+  const auto train = hatch_test::synthetic_images(46, 64);
+  auto allocations = [&](int epochs) {
+    const auto at = hatch_cuda_on_cpu::pinned_allocations();
+    (void)hatch::fit(model, train, set, hatch_test::small_fit(epochs));
+    return hatch_cuda_on_cpu::pinned_allocations() - at;
+  };
+  CHECK(allocations(2) == allocations(1));
+#endif
+}
+
 // ---- normalisation and softmax -----------------------------------------------------------------------
 TEST_CASE("cuda: layer_norm forward and backward, with every output optional") {
   HATCH_REQUIRE_CUDA_DEVICE();

@@ -133,6 +133,7 @@ inline int device_count() {
 struct State {
   std::mutex mu;
   std::map<std::uintptr_t, std::size_t> device, pinned;  // base -> bytes
+  std::uint64_t pinned_allocations = 0;                    // cudaMallocHost calls that succeeded
   std::size_t device_bytes = 0;
   std::map<const void*, std::size_t> shared_limit;  // kernel -> cudaFuncSetAttribute value
   std::map<const void*, int> resident_blocks;       // kernel -> occupancy answer (tests: set_resident_blocks)
@@ -633,6 +634,12 @@ inline cudaError_t cudaFree(void* p) {
 namespace hatch_cuda_on_cpu {
 // (ran() takes the queue's lock, and queued work takes the state's while the queue's is held: the
 // list is therefore read under the state's lock and asked about outside it, never both at once.)
+// Pinned allocations so far (tests: how often a path page-locks memory, which costs milliseconds
+// and a wait for the device on a GPU).
+inline std::uint64_t pinned_allocations() {
+  std::lock_guard<std::mutex> lock(state().mu);
+  return state().pinned_allocations;
+}
 inline void note_pinned_in_flight(std::uint64_t seq, const void* p, std::size_t bytes) {
   std::vector<State::PinnedCopy> pending;
   {
@@ -668,6 +675,7 @@ inline cudaError_t cudaMallocHost(void** p, std::size_t bytes) {
   *p = std::aligned_alloc(256, (std::max<std::size_t>(bytes, 1) + 255) / 256 * 256);
   if (!*p) return hatch_cuda_on_cpu::fail(cudaErrorMemoryAllocation);
   s.pinned[reinterpret_cast<std::uintptr_t>(*p)] = bytes;
+  ++s.pinned_allocations;
   return cudaSuccess;
 }
 template <class T>

@@ -1193,6 +1193,7 @@ struct Cuda {
   // grown or dropped right after its upload), and CUDA does not promise that cudaFreeHost waits.
   static void deallocate_pinned(T* p, std::size_t) noexcept {
     if (!p) return;
+    ++cuda_detail::host_waits();  // a wait like any other (evaluate keeps its buffers to avoid it)
     (void)cudaDeviceSynchronize();
     (void)cudaFreeHost(p);
   }

@@ -177,23 +177,31 @@ inline std::uint64_t step_seed(std::uint64_t seed, std::int64_t step) {
   return mix64(seed * 0x9e3779b97f4a7c15ULL + std::uint64_t(step));
 }
 
+// What evaluate() stages its batches in and reads its sums through: page-locked host memory on a
+// GPU, whose allocation and release cost milliseconds and a wait for the device each. One kept
+// across evaluations (fit keeps one for all of its own) allocates once.
+template <Backend B>
+struct EvalBuffers {
+  HostStaging<B> images, targets;
+  StepScalars<B> scalars{2};  // the batch's mean loss and its correct predictions
+};
+
 template <class M>
-EvalResult evaluate(M& model, const data::Dataset& set, int batch) {
+EvalResult evaluate(M& model, const data::Dataset& set, int batch, EvalBuffers<typename M::backend>& buffers) {
   using B = typename M::backend;
   data::Batcher batches(set, batch, false, 0);
   data::Batch b;
   Tensor<B> x, t;
   SoftTargetCrossEntropy<B> ce;
-  // One wait per batch, as in fit: the loss and the correct predictions are read together.
-  // Without augmentation a batch's targets are its labels one-hot (smoothed at most), so their
-  // argmax is the label.
-  HostStaging<B> stage_x, stage_t;
-  StepScalars<B> scalars(2);
+  // One wait per batch, as in fit: the loss and the correct predictions are read together (so
+  // the staging is free again at the next batch). Without augmentation a batch's targets are its
+  // labels one-hot (smoothed at most), so their argmax is the label.
+  StepScalars<B>& scalars = buffers.scalars;
   double loss = 0;
   std::int64_t correct = 0;
   while (batches.next(b)) {
-    stage_x.upload(b.images.begin(), b.images.end(), x, {b.size, set.channels, set.height, set.width});
-    stage_t.upload(b.targets.begin(), b.targets.end(), t, {b.size, set.classes});
+    buffers.images.upload(b.images.begin(), b.images.end(), x, {b.size, set.channels, set.height, set.width});
+    buffers.targets.upload(b.targets.begin(), b.targets.end(), t, {b.size, set.classes});
     Context ctx;
     ctx.training = false;
     const auto& logits = model.forward(x, ctx);
@@ -204,6 +212,11 @@ EvalResult evaluate(M& model, const data::Dataset& set, int batch) {
     correct += std::int64_t(v[1]);
   }
   return {loss / set.n, double(correct) / set.n};
+}
+template <class M>
+EvalResult evaluate(M& model, const data::Dataset& set, int batch) {
+  EvalBuffers<typename M::backend> buffers;
+  return evaluate(model, set, batch, buffers);
 }
 
 // What fit minimises. An objective maps the model's logits for a training batch to a loss and
@@ -263,9 +276,9 @@ inline std::pair<int, int> share(int n, int rank, int ranks) {
 // in one all-reduce. `share` is this rank's part of `set` (detail::share), made once by the caller.
 template <class M>
 EvalResult evaluate_shared(M& model, const data::Dataset& set, const data::Dataset& share, int batch,
-                           Collective* c) {
-  if (!c || c->size() == 1) return evaluate(model, set, batch);
-  const EvalResult mine = share.n > 0 ? evaluate(model, share, batch) : EvalResult{};
+                           Collective* c, EvalBuffers<typename M::backend>& buffers) {
+  if (!c || c->size() == 1) return evaluate(model, set, batch, buffers);
+  const EvalResult mine = share.n > 0 ? evaluate(model, share, batch, buffers) : EvalResult{};
   double sums[2] = {mine.loss * share.n, mine.accuracy * share.n};
   c->allreduce_sum(sums, 2);
   return set.n > 0 ? EvalResult{sums[0] / set.n, sums[1] / set.n} : EvalResult{};
@@ -340,6 +353,7 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
   MetricsLog log(writer ? o.out : std::filesystem::path(), o.phase, first_epoch);
   std::vector<T> staging;
   data::Dataset test_share, ood_share;
+  EvalBuffers<B> eval_buffers;  // every evaluation of this fit stages through the same buffers
   if (coll) {
     // One set of weights for every rank: rank 0's. (The optimizer's moments are zero, or read
     // from the one state file every rank resumed from.)
@@ -352,7 +366,7 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
     }
   }
   auto evaluate_ood = [&] {
-    if (o.ood) result.ood = evaluate_shared(model, *o.ood, ood_share, o.evaluation_batch(), coll);
+    if (o.ood) result.ood = evaluate_shared(model, *o.ood, ood_share, o.evaluation_batch(), coll, eval_buffers);
   };
 
   data::Batch b;
@@ -478,7 +492,7 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
     result.seconds += train_secs;
     result.images += seen;
     const bool evaluated = (epoch + 1) % o.eval_every == 0 || epoch + 1 == o.epochs;
-    if (evaluated) result.test = evaluate_shared(model, test, test_share, o.evaluation_batch(), coll);
+    if (evaluated) result.test = evaluate_shared(model, test, test_share, o.evaluation_batch(), coll, eval_buffers);
     if (epoch + 1 == o.epochs) evaluate_ood();
     result.epochs = epoch + 1;
     char extra[128];
@@ -525,7 +539,7 @@ FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, c
     if (o.on_epoch_end) o.on_epoch_end(epoch + 1, result.test);
   }
   if (result.epochs == 0 || first_epoch == o.epochs) {
-    result.test = evaluate_shared(model, test, test_share, o.evaluation_batch(), coll);
+    result.test = evaluate_shared(model, test, test_share, o.evaluation_batch(), coll, eval_buffers);
     evaluate_ood();
     result.epochs = o.epochs;
   }
