@@ -283,6 +283,12 @@ EvalResult evaluate_shared(M& model, const data::Dataset& set, const data::Datas
   c->allreduce_sum(sums, 2);
   return set.n > 0 ? EvalResult{sums[0] / set.n, sums[1] / set.n} : EvalResult{};
 }
+template <class M>
+EvalResult evaluate_shared(M& model, const data::Dataset& set, const data::Dataset& share, int batch,
+                           Collective* c) {
+  EvalBuffers<typename M::backend> buffers;
+  return evaluate_shared(model, set, share, batch, c, buffers);
+}
 
 template <class M, class Objective>
 FitResult fit(M& model, const data::Dataset& train, const data::Dataset& test, const FitOptions& o,
