@@ -632,14 +632,14 @@ inline cudaError_t cudaFree(void* p) {
   return cudaSuccess;
 }
 namespace hatch_cuda_on_cpu {
-// (ran() takes the queue's lock, and queued work takes the state's while the queue's is held: the
-// list is therefore read under the state's lock and asked about outside it, never both at once.)
 // Pinned allocations so far (tests: how often a path page-locks memory, which costs milliseconds
 // and a wait for the device on a GPU).
 inline std::uint64_t pinned_allocations() {
   std::lock_guard<std::mutex> lock(state().mu);
   return state().pinned_allocations;
 }
+// (ran() takes the queue's lock, and queued work takes the state's while the queue's is held: the
+// list is therefore read under the state's lock and asked about outside it, never both at once.)
 inline void note_pinned_in_flight(std::uint64_t seq, const void* p, std::size_t bytes) {
   std::vector<State::PinnedCopy> pending;
   {

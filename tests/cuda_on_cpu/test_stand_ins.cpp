@@ -216,25 +216,27 @@ TEST_CASE("cuda_on_cpu: launch limits, barriers no thread can pass, copies, GEMM
   // the host would just read): hatch's own kernels, given misaligned pointers on purpose. The
   // launchers never do this: they pick 4-wide forms only for aligned pointers (below).
   const auto misaligned = [](const std::string& err) { return err.find("misaligned address") != std::string::npos; };
-  const auto as4 = [](float* p) { return reinterpret_cast<float4*>(p); };
-  CHECK(misaligned(error_of([&] {
-    HATCH_CUDA_LAUNCH(hatch::cuda_kernels::add4<float4>, 1, 32, as4(out + 1), as4(out + 512), as4(out + 1024),
-                      std::size_t(64));
-    Cuda::synchronize();
-  })));
-  CHECK(misaligned(error_of([&] {  // a row kernel's packs: the row itself misaligned
-    HATCH_CUDA_LAUNCH((hatch::cuda_kernels::layer_norm_forward_regs<float, 4, 4>), 1, hatch::cuda_detail::kRowBlock,
-                      out + 1, out + 600, out + 700, out + 801, out + 900, out + 1000, 4, 64, 1e-6f);
-    Cuda::synchronize();
-  })));
-  CHECK(error_of([&] {  // the same launches, aligned: no complaint
-          HATCH_CUDA_LAUNCH(hatch::cuda_kernels::add4<float4>, 1, 32, as4(out), as4(out + 512), as4(out + 1024),
-                            std::size_t(64));
-          HATCH_CUDA_LAUNCH((hatch::cuda_kernels::layer_norm_forward_regs<float, 4, 4>), 1,
-                            hatch::cuda_detail::kRowBlock, out, out + 600, out + 700, out + 800, out + 900, out + 1000,
-                            4, 64, 1e-6f);
-          Cuda::synchronize();
-        }).empty());
+  // add4 with its output `skew` floats past a multiple of 4; a register LayerNorm (128-bit packs)
+  // with its output and input rows so
+  const auto add4_skewed = [&](int skew) {
+    const auto as4 = [](float* p) { return reinterpret_cast<float4*>(p); };
+    return error_of([&] {
+      HATCH_CUDA_LAUNCH(hatch::cuda_kernels::add4<float4>, 1, 32, as4(out + skew), as4(out + 512), as4(out + 1024),
+                        std::size_t(64));
+      Cuda::synchronize();
+    });
+  };
+  const auto layer_norm_skewed = [&](int skew) {
+    return error_of([&] {
+      HATCH_CUDA_LAUNCH((hatch::cuda_kernels::layer_norm_forward_regs<float, 4, 4>), 1, hatch::cuda_detail::kRowBlock,
+                        out + skew, out + 600, out + 700, out + 800 + skew, out + 900, out + 1000, 4, 64, 1e-6f);
+      Cuda::synchronize();
+    });
+  };
+  CHECK(misaligned(add4_skewed(1)));
+  CHECK(misaligned(layer_norm_skewed(1)));
+  CHECK(add4_skewed(0).empty());  // the same launches, aligned: no complaint
+  CHECK(layer_norm_skewed(0).empty());
   // what the launchers do with misaligned pointers: the 1-wide forms, and right values
   {
     const std::vector<float> a(257, 1.5f), b(257, 2.f);
